@@ -1,0 +1,169 @@
+"""Training throughput, three ways, in one run on the same data and model:
+
+1. naive: the user's first loop (`../shared/bench/naive_reference.py`: PIL + torchvision transforms in
+   DataLoader workers), run as a subprocess;
+2. ours: `src.training.train.run` end to end (augmentation, ArcFace head, optimizer, validation);
+3. ceiling: the same model, head and optimizer on one batch already on the device: no data at all.
+
+  python -m src.bench.train_speed                       # GPU: resnet18 and resnet50 at 224 px
+  python -m src.bench.train_speed --device cpu --arch resnet18 --size 112 --individuals 10 --images 24
+
+Prints img/s for each and the ratios, with the device named, and one JSON line to keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from src.config import config_from_dict
+from src.data import prepare, standin
+from src.training.train import build_model_and_optimizer, make_runtime, run, seed_everything, wrap_for_training
+
+REPO = Path(__file__).resolve().parents[2]
+NAIVE = REPO.parent / "shared" / "bench" / "naive_reference.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.bench.train_speed", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of our loop; the first (compile, warm-up) is not timed")
+    parser.add_argument("--naive-epochs", type=int, default=2)
+    parser.add_argument("--individuals", type=int, default=87)
+    parser.add_argument("--images", type=int, default=82, help="per individual (87 x 82 ~ the 7,150 of min10)")
+    parser.add_argument("--workers", type=int, default=16, help="DataLoader workers of the naive loop")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile (default: on for CUDA)")
+    parser.add_argument("--naive-script", type=Path, default=NAIVE)
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep data here (default: a temp dir)")
+    return parser.parse_args(argv)
+
+
+def make_data(work: Path, args) -> Path:
+    root = work / "data"
+    if not (root / "annotations" / "prepared.json").is_file():
+        started = time.perf_counter()
+        standin.main(["--out", str(root / "raw"), "--individuals", str(args.individuals),
+                      "--images", str(args.images), "--size", str(round(args.size * 1.15)), "--seed", "0"])
+        prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images", "10", "--seed", "0"])
+        print(f"stand-in data: {args.individuals} x {args.images} images in {time.perf_counter() - started:.0f} s",
+              flush=True)
+    return root
+
+
+def bench_config(arch: str, data_root: Path, work: Path, args, epochs: int):
+    num_classes = len((data_root / "annotations" / f"kept_ids_min10.txt").read_text().split())
+    return config_from_dict({
+        "name": f"bench_{arch}",
+        "data": {"root": str(data_root), "num_classes": num_classes, "image_size": args.size,
+                 "cache_dir": str(work / "cache"), "workers": min(16, max(1, args.workers))},
+        "model": {"backbone": arch, "head": "arcface"},
+        "trainer": {"max_epochs": epochs, "batch_size": args.batch_size, "device": args.device,
+                    "amp": args.device == "cuda", "amp_dtype": "bf16", "compile": args.compile,
+                    "output_dir": str(work / "artifacts"), "progress": "never", "warmup_epochs": 0},
+    })
+
+
+def naive_throughput(arch: str, data_root: Path, args) -> float | None:
+    if not args.naive_script.is_file():
+        print(f"naive reference not found at {args.naive_script}; skipped", flush=True)
+        return None
+    raw_dir = json.loads((data_root / "annotations" / "prepared.json").read_text())["raw_dir"]
+    command = [sys.executable, str(args.naive_script), "--list", str(data_root / "annotations" / "train.txt"),
+               "--root", raw_dir, "--arch", arch, "--epochs", str(args.naive_epochs),
+               "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--size", str(args.size)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    epochs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    timed = epochs[1:] or epochs  # the first epoch starts the workers
+    return statistics.median(e["img_per_s"] for e in timed)
+
+
+def ours_throughput(arch: str, data_root: Path, work: Path, args) -> tuple[float, dict]:
+    config = bench_config(arch, data_root, work, args, args.epochs)
+    state = run(config)
+    train_images = len((data_root / "annotations" / "train.txt").read_text().splitlines())
+    batches = train_images // args.batch_size
+    timed = state.history[1:] or state.history  # epoch 1 pays for compilation and cudnn autotuning
+    seconds = statistics.median(row["seconds"] for row in timed)
+    return batches * args.batch_size / seconds, state.history[-1]
+
+
+def ceiling_throughput(arch: str, data_root: Path, work: Path, args, steps: int) -> float:
+    """The model alone: one fixed batch already on the device, same head, optimizer and precision."""
+    config = bench_config(arch, data_root, work, args, 1)
+    runtime = make_runtime(config)
+    seed_everything(0, False)
+    model, optimizer, _, _ = build_model_and_optimizer(config, config.data.num_classes, runtime, steps)
+    runner = wrap_for_training(model, config, runtime)
+    images = torch.randn(args.batch_size, 3, args.size, args.size, device=runtime.device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, config.data.num_classes, (args.batch_size,), device=runtime.device)
+
+    def step():
+        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp_dtype is not None):
+            _, _, loss_logits = runner(images, labels)
+        loss = F.cross_entropy(loss_logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    for _ in range(max(3, steps // 5)):
+        step()
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return steps * args.batch_size / (time.perf_counter() - started)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.compile is None:
+        args.compile = args.device == "cuda"
+    with tempfile.TemporaryDirectory() as temp:
+        work = args.work_dir or Path(temp)
+        data_root = make_data(work, args)
+        print(f"device: {device_name(args.device)}; torch {torch.__version__}; {args.size} px, batch "
+              f"{args.batch_size}, compile={args.compile}", flush=True)
+        results = []
+        for arch in args.arch:
+            naive = naive_throughput(arch, data_root, args)
+            ours, last = ours_throughput(arch, data_root, work, args)
+            steps = 50 if args.device == "cuda" else 5
+            ceiling = ceiling_throughput(arch, data_root, work, args, steps)
+            result = {"arch": arch, "device": device_name(args.device), "size": args.size,
+                      "naive_img_s": naive and round(naive, 1), "ours_img_s": round(ours, 1),
+                      "ceiling_img_s": round(ceiling, 1), "ours_vs_ceiling": round(ours / ceiling, 3),
+                      "ours_vs_naive": naive and round(ours / naive, 2), "final_val_top1": round(last["val_top1"], 4)}
+            results.append(result)
+            naive_text = f"naive {naive:8.1f} img/s | " if naive else ""
+            print(f"{arch:>9}: {naive_text}ours {ours:8.1f} img/s | ceiling {ceiling:8.1f} img/s | "
+                  f"ours/ceiling {ours / ceiling:.1%}" + (f" | ours/naive {ours / naive:.2f}x" if naive else ""),
+                  flush=True)
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

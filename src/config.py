@@ -1,0 +1,150 @@
+"""The one schema for every config key, its type and its default.
+
+`load_config(path)` validates a YAML file before any work starts; anything wrong is a `ConfigError`
+whose message is one line naming the key, which the command-line entry points print and exit 2 on.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line and names the offending key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: Path = Path("data/chimpanzee_faces")
+    """The `--out-dir` of `python -m src.data.prepare` (holds `annotations/prepared.json`)."""
+    num_classes: int = Field(87, gt=1)
+    """Must equal the number of individuals in the prepared training split."""
+    open_set: bool = False
+    """Train on the open-set split (held-out individuals excluded) instead of the closed set."""
+    image_size: int = Field(224, ge=32, le=1024)
+    pipeline: Literal["cached", "plain"] = "cached"
+    """`cached`: decode once into a uint8 cache, augment whole batches on the device (fast).
+    `plain`: decode and augment every image every epoch in DataLoader workers (huge datasets)."""
+    cache_dir: Path | None = None
+    """Where the decoded-image cache lives; default `<root>/cache`."""
+    cache_on_device: bool = True
+    """Keep the uint8 cache in GPU memory when training on CUDA (else pinned host memory)."""
+    workers: int = Field(4, ge=0)
+    """DataLoader workers for the plain pipeline and for building the cache."""
+
+
+class AugmentConfig(_Section):
+    crop_scale_min: float = Field(0.7, gt=0, le=1)
+    """Random resized crop: smallest fraction of the image area kept."""
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: float = Field(0.2, ge=0, le=1)
+    """Strength of brightness, contrast and saturation jitter."""
+    rotation_degrees: float = Field(10.0, ge=0, le=180)
+    random_erasing: float = Field(0.25, ge=0, le=1)
+    """Probability of erasing one random rectangle (occlusion by branches, hands)."""
+
+
+class ModelConfig(_Section):
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    pretrained: bool | Path = False
+    """`true`: torchvision's ImageNet weights (must be downloadable or cached); a path: a local
+    weights file for the backbone; `false`: random initialisation."""
+    embedding_dim: int = Field(512, gt=0)
+    head: Literal["arcface", "linear"] = "arcface"
+    arcface_margin: float = Field(0.5, ge=0, lt=math.pi / 2)
+    """Additive angular margin in radians."""
+    arcface_scale: float = Field(30.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainerConfig(_Section):
+    max_epochs: int = Field(50, gt=0)
+    batch_size: int = Field(64, gt=0)
+    """Global batch size: split evenly across processes under torchrun."""
+    lr: float = Field(4e-4, gt=0)
+    """Peak learning rate for the global batch size (not scaled automatically with processes)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(None, gt=0)
+    device: Literal["cuda", "cpu"] = "cuda"
+    amp: bool = True
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+    """torch.compile the model (CUDA; costs a minute of compilation, pays off on long runs)."""
+    sync_batchnorm: bool = False
+    """Under torchrun: convert BatchNorm layers to SyncBatchNorm."""
+    seed: int = 0
+    deterministic: bool = False
+    """Ask cuDNN/cuBLAS for deterministic kernels (slower). CPU runs are deterministic anyway."""
+    output_dir: Path = Path("artifacts")
+    progress: Literal["auto", "always", "never"] = "auto"
+    """Progress bar within an epoch: `auto` shows it only on an interactive terminal."""
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    name: str | None = None
+    """Run name for artifact files; default: the config file's stem."""
+
+    @model_validator(mode="after")
+    def _cache_dir_default(self) -> "Config":
+        if self.data.cache_dir is None:
+            self.data.cache_dir = self.data.root / "cache"
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-safe dict (stored inside checkpoints, loadable with weights_only)."""
+        return self.model_dump(mode="json")
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    return f"'{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def config_from_dict(raw: dict, name: str | None = None) -> Config:
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    if config.name is None:
+        config.name = name or "run"
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Parse and validate a YAML config. Raises ConfigError (one line) on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, trainer, ...)")
+    return config_from_dict(raw, name=path.stem)

@@ -1,0 +1,412 @@
+"""Read every input `prepare` accepts into one kind of record, and apply a user's label fixes.
+
+Three inputs end up as the same `Record` list, so that everything after reading (label fixes, image
+checks, filtering, splits, reports) is written once:
+
+- the cvjena release (`cvjena/chimpanzee_faces`): `annotations_czoo.txt` and `annotations_ctai.txt`,
+  one face per line, in either of the two published spellings (see `parse_cvjena_line`);
+- a list file, `<relative path> <individual>` per line (`src/data/lists.py`);
+- a folder per individual, `root/<individual>/<image>`.
+
+Names are kept exactly as published here; `LabelsFix` (aliases and exclusions from a user-editable
+file) is the only place that changes them, so the default run reproduces the published counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from src.data.io import IMAGE_EXTENSIONS
+from src.data.lists import ListFormatError, read_list
+
+
+class AnnotationError(ValueError):
+    """Input that cannot be read; the message is one line naming the file (and line)."""
+
+
+KEYPOINT_NAMES = ("RightEye", "LeftEye", "MouthCenter", "LeftEarlobe", "RightEarlobe")
+SINGLE_FIELDS = ("Name", "Age", "Age_group", "Gender")
+# The current public release spells the age-group key `Age_Group`; the older revision `Age_group`.
+FIELD_SPELLINGS = {"Age_Group": "Age_group"}
+
+RELEASE_FOLDER = "datasets_cropped_chimpanzee_faces"
+# (source, folder, annotation file) in merge order: CZoo first, as in the published merged list.
+CVJENA_SOURCES = (("CZoo", "data_CZoo", "annotations_czoo.txt"),
+                  ("CTai", "data_CTai", "annotations_ctai.txt"))
+
+Keypoint = tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of one individual, with every field the input carries.
+
+    `path` is relative to the raw folder (POSIX separators) and is what the list files store.
+    `origin` (`file:line`, or the path for folder input) is unique per record and says where to
+    look when something about the record is reported.
+    """
+    path: str
+    individual: str
+    source: str
+    origin: str
+    published_name: str = ""
+    age: float | None = None
+    age_group: str | None = None
+    gender: str | None = None
+    keypoints: tuple[Keypoint, ...] = field(default=(None,) * len(KEYPOINT_NAMES))
+
+    def __post_init__(self) -> None:
+        if not self.published_name:
+            object.__setattr__(self, "published_name", self.individual)
+
+
+# --- the cvjena release ---------------------------------------------------------------------------
+
+def parse_cvjena_line(line: str, where: str) -> dict:
+    """Fields of one annotation line, in either published spelling.
+
+    Older revision: `face_images/x.png Name N Age 5 Age_group Adult Gender Male RightEye x y ...`;
+    current release: the same with a leading `Filename ` and `Age_Group`. Age may be `NaN`, gender
+    and age group `Unknown`, a keypoint `Inf Inf` (not visible) or negative (outside the crop).
+    A name of several words is returned joined by single spaces, so that the caller decides what to
+    do about it (refuse, alias, or replace spaces) instead of a misleading "malformed line".
+    """
+    tokens = line.split()
+    if tokens and tokens[0] == "Filename":
+        tokens = tokens[1:]
+    if not tokens:
+        raise AnnotationError(f"{where}: empty annotation")
+    values = _group_by_key(tokens[1:], where)
+    missing = [k for k in (*SINGLE_FIELDS, *KEYPOINT_NAMES) if k not in values]
+    if missing:
+        raise AnnotationError(f"{where}: missing field(s) {', '.join(missing)} in {line.strip()!r}")
+    for key in SINGLE_FIELDS[1:]:
+        if len(values[key]) != 1:
+            raise AnnotationError(f"{where}: {key} needs one value, got {values[key]}")
+    return {
+        "path": tokens[0],
+        "name": " ".join(values["Name"]),
+        "age": _parse_age(values["Age"][0], where),
+        "age_group": values["Age_group"][0],
+        "gender": values["Gender"][0],
+        "keypoints": tuple(_parse_keypoint(k, values[k], where) for k in KEYPOINT_NAMES),
+    }
+
+
+def _group_by_key(tokens: list[str], where: str) -> dict[str, list[str]]:
+    """`Key v v Key v ...` -> {Key: [v, v]}; refuses unknown or repeated keys."""
+    known = {*SINGLE_FIELDS, *KEYPOINT_NAMES, *FIELD_SPELLINGS}
+    if not tokens or tokens[0] not in known:
+        raise AnnotationError(f"{where}: expected '<image> Name <name> Age ...', got "
+                              f"{' '.join(tokens[:3])!r}")
+    values: dict[str, list[str]] = {}
+    current = ""
+    for token in tokens:
+        if token in known:
+            current = FIELD_SPELLINGS.get(token, token)
+            if current in values:
+                raise AnnotationError(f"{where}: field {current} appears twice")
+            values[current] = []
+        else:
+            values[current].append(token)
+    if not values.get("Name"):
+        raise AnnotationError(f"{where}: empty Name")
+    return values
+
+
+def _parse_age(text: str, where: str) -> float | None:
+    try:
+        age = float(text)
+    except ValueError:
+        raise AnnotationError(f"{where}: Age {text!r} is not a number or NaN") from None
+    return age if math.isfinite(age) else None
+
+
+def _parse_keypoint(key: str, values: list[str], where: str) -> Keypoint:
+    if len(values) != 2:
+        raise AnnotationError(f"{where}: {key} needs two coordinates, got {values}")
+    try:
+        x, y = float(values[0]), float(values[1])
+    except ValueError:
+        raise AnnotationError(f"{where}: {key} coordinates {values} are not numbers or Inf") from None
+    return (x, y) if math.isfinite(x) and math.isfinite(y) else None
+
+
+def parse_annotation_file(path: str | Path, source: str, prefix: str = "") -> list[Record]:
+    """Records of one cvjena annotation file. Image paths become `prefix/<path in the file>`.
+
+    `prefix` is the annotation file's folder relative to the raw folder, because the file's own paths
+    (`face_images/...`) are relative to the file. Error messages name the file as given; a record's
+    `origin` names it relative to the raw folder when `prefix` is given.
+    """
+    path = Path(path)
+    lines = _read_text(path).splitlines()
+    short = f"{prefix}/{path.name}" if prefix else str(path)  # origin: relative to the raw folder
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        fields = parse_cvjena_line(line, where)
+        records.append(Record(
+            path=_relative_image_path(fields["path"], prefix, where),
+            individual=fields["name"], source=source, origin=f"{short}:{lineno}",
+            age=fields["age"], age_group=fields["age_group"], gender=fields["gender"],
+            keypoints=fields["keypoints"]))
+    return records
+
+
+def find_release_base(raw_dir: str | Path) -> Path:
+    """The folder that holds `data_CZoo/` and `data_CTai/`.
+
+    Accepts the repository root of the public clone (holding `datasets_cropped_chimpanzee_faces/`)
+    or that folder itself.
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise AnnotationError(f"raw folder {raw_dir} not found (--download fetches the public release; "
+                              f"--folder or --list read your own photos)")
+    nested = raw_dir / RELEASE_FOLDER
+    return nested if nested.is_dir() else raw_dir
+
+
+def read_cvjena(raw_dir: str | Path) -> list[Record]:
+    """Both annotation files of the release under `raw_dir`, merged (CZoo first)."""
+    raw_dir = Path(raw_dir)
+    base = find_release_base(raw_dir)
+    records = []
+    for source, folder, filename in CVJENA_SOURCES:
+        annotation_file = base / folder / filename
+        if not annotation_file.is_file():
+            raise AnnotationError(f"missing annotation file {annotation_file}")
+        prefix = (base / folder).relative_to(raw_dir).as_posix()
+        records += parse_annotation_file(annotation_file, source, prefix)
+    return records
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise AnnotationError(f"missing annotation file {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _relative_image_path(text: str, prefix: str, where: str) -> str:
+    """Validated `prefix/text` in POSIX form; refuses absolute paths and non-image extensions."""
+    rel = PurePosixPath(text.replace("\\", "/"))
+    if rel.is_absolute() or (rel.parts and rel.parts[0].endswith(":")):
+        raise AnnotationError(f"{where}: image path {text!r} must be relative")
+    if rel.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise AnnotationError(f"{where}: unknown image format {rel.suffix or '(no extension)'!r} in "
+                              f"{text!r}; supported: {' '.join(IMAGE_EXTENSIONS)}")
+    return (PurePosixPath(prefix) / rel).as_posix() if prefix and prefix != "." else rel.as_posix()
+
+
+# --- generic inputs: a list file and a folder per individual ------------------------------------
+
+def read_list_file(list_file: str | Path) -> list[Record]:
+    """Records of a `<relative path> <individual>` list; paths are relative to the raw folder."""
+    try:
+        rows = read_list(list_file)
+    except ListFormatError as exc:
+        raise AnnotationError(str(exc)) from None
+    if not rows:
+        raise AnnotationError(f"{list_file}: no images listed")
+    source = Path(list_file).name
+    return [Record(path=_relative_image_path(rel, "", f"{list_file}: {rel}"), individual=name,
+                   source=source, origin=f"{list_file}: entry {i}")
+            for i, (rel, name) in enumerate(rows, 1)]
+
+
+# Files a file manager or OS leaves in photo folders; anything else that is not an image is refused.
+IGNORED_FILES = {"Thumbs.db", "desktop.ini"}
+
+
+def read_folder(root: str | Path) -> list[Record]:
+    """Records of `root/<individual>/<image>`; images in sub-folders belong to that individual.
+
+    Sub-folders are included (photos sorted by date or camera under an individual's folder are common)
+    rather than ignored, because silently dropping images is worse than a surprising count. Hidden files,
+    OS clutter and non-image files directly under `root` (a README) are skipped; an image directly under
+    `root` or a file of an unknown format in an individual's folder is an error, since either usually
+    means the wrong folder was given.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise AnnotationError(f"folder {root} not found")
+    records = []
+    for entry in sorted(root.iterdir()):
+        if _hidden(entry.name):
+            continue
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            raise AnnotationError(f"{entry}: image directly under {root}; expected "
+                                  f"{root}/<individual>/<image> (is --folder one individual's folder?)")
+        if entry.is_dir():
+            records += _read_individual_folder(root, entry)
+    if not records:
+        raise AnnotationError(f"empty folder {root}: no images in {root}/<individual>/ sub-folders")
+    return records
+
+
+def _read_individual_folder(root: Path, folder: Path) -> list[Record]:
+    records = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or any(_hidden(part) for part in rel.parts):
+            continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise AnnotationError(f"{path}: unknown image format {path.suffix or '(no extension)'!r}; "
+                                  f"supported: {' '.join(IMAGE_EXTENSIONS)}")
+        records.append(Record(path=rel.as_posix(), individual=folder.name, source="folder",
+                              origin=rel.as_posix()))
+    return records
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_FILES
+
+
+# --- names with whitespace --------------------------------------------------------------------------
+
+def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Record]:
+    """Refuse individual names with whitespace, or replace each run of it by '_' when asked.
+
+    The list format is space-separated, so such a name cannot be written; refusing is the default
+    because a silent rename would make the written lists disagree with the user's folders. Two names
+    that become the same after the replacement are refused too (they would merge two individuals).
+    """
+    renamed: dict[str, str] = {}
+    for record in records:
+        name = record.individual
+        if name in renamed or not any(c.isspace() for c in name):
+            continue
+        if not spaces_to_underscores:
+            raise AnnotationError(
+                f"{record.origin}: individual name {name!r} contains whitespace; rename it "
+                f"(e.g. {'_'.join(name.split())!r}), alias it in --labels-fix, or pass "
+                f"--spaces-to-underscores")
+        renamed[name] = "_".join(name.split())
+    existing = {r.individual for r in records} - set(renamed)
+    clashes = sorted(old for old, new in renamed.items()
+                     if new in existing or list(renamed.values()).count(new) > 1)
+    if clashes:
+        raise AnnotationError(f"--spaces-to-underscores would merge {clashes[0]!r} into an existing "
+                              f"individual {renamed[clashes[0]]!r}; rename one of them")
+    return [dataclasses.replace(r, individual=renamed.get(r.individual, r.individual)) for r in records]
+
+
+# --- aliases and exclusions (--labels-fix) ----------------------------------------------------------
+
+@dataclass
+class LabelsFix:
+    """User-editable label corrections, applied before any filtering.
+
+    `aliases` rename individuals (`Old -> New`), `exclude_names` drop every image of an individual
+    (e.g. a placeholder name), `exclude_images` drop single images by their path relative to the raw
+    folder (e.g. a face labelled with the wrong sex).
+    """
+    aliases: dict[str, str] = field(default_factory=dict)
+    exclude_names: set[str] = field(default_factory=set)
+    exclude_images: set[str] = field(default_factory=set)
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelsFix:
+        """YAML (`.yaml`/`.yml`: keys aliases, exclude_names, exclude_images) or text lines
+        (`Old -> New`, `exclude-name <name>`, `exclude-image <path>`, `#` comments)."""
+        path = Path(path)
+        if not path.is_file():
+            raise AnnotationError(f"labels-fix file {path} not found")
+        text = path.read_text(encoding="utf-8-sig")
+        fix = cls._from_yaml(text, path) if path.suffix.lower() in (".yaml", ".yml") \
+            else cls._from_text(text, path)
+        fix.source = str(path)
+        fix._check(path)
+        return fix
+
+    @classmethod
+    def _from_yaml(cls, text: str, path: Path) -> LabelsFix:
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", -1) + 1
+            raise AnnotationError(f"{path}:{line}: not valid YAML") from None
+        unknown = set(data) - {"aliases", "exclude_names", "exclude_images"} \
+            if isinstance(data, dict) else {"(not a mapping)"}
+        if unknown:
+            raise AnnotationError(f"{path}: unknown key(s) {sorted(map(str, unknown))}; expected "
+                                  f"aliases, exclude_names, exclude_images")
+        aliases = data.get("aliases") or {}
+        if not isinstance(aliases, dict):
+            raise AnnotationError(f"{path}: aliases must map old name -> new name")
+        return cls(aliases={str(k): str(v) for k, v in aliases.items()},
+                   exclude_names=_string_set(data, "exclude_names", path),
+                   exclude_images=_string_set(data, "exclude_images", path))
+
+    @classmethod
+    def _from_text(cls, text: str, path: Path) -> LabelsFix:
+        fix = cls()
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            keyword, _, rest = line.partition(" ")
+            if "->" in line:
+                old, _, new = line.partition("->")
+                fix.aliases[old.strip()] = new.strip()
+            elif keyword == "exclude-name" and rest.strip():
+                fix.exclude_names.add(rest.strip())
+            elif keyword == "exclude-image" and rest.strip():
+                fix.exclude_images.add(rest.strip())
+            else:
+                raise AnnotationError(f"{path}:{lineno}: expected 'Old -> New', 'exclude-name <name>' "
+                                      f"or 'exclude-image <path>', got {line!r}")
+        return fix
+
+    def _check(self, path: Path) -> None:
+        for old, new in self.aliases.items():
+            if not old or not new or any(c.isspace() for c in new):
+                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name must be "
+                                      f"non-empty without whitespace")
+            if new in self.aliases:
+                raise AnnotationError(f"{path}: alias chain {old!r} -> {new!r} -> "
+                                      f"{self.aliases[new]!r}; point {old!r} at the final name")
+
+    def apply(self, records: list[Record]) -> tuple[list[Record], list[tuple[Record, str]], list[str]]:
+        """(kept records with aliases applied, (excluded record, reason) pairs, unused entries).
+
+        Exclusions match the published name or the alias target; unused entries are reported so a
+        typo in the fix file does not pass unnoticed.
+        """
+        kept, excluded = [], []
+        used: set[str] = set()
+        for record in records:
+            name = self.aliases.get(record.individual, record.individual)
+            if name != record.individual:
+                used.add(f"alias {record.individual}")
+            hit = next((n for n in (record.individual, name) if n in self.exclude_names), None)
+            if hit is not None:
+                used.add(f"exclude-name {hit}")
+                excluded.append((record, f"name {hit} excluded"))
+            elif record.path in self.exclude_images:
+                used.add(f"exclude-image {record.path}")
+                excluded.append((record, "image excluded"))
+            else:
+                kept.append(dataclasses.replace(record, individual=name))
+        entries = [f"alias {old}" for old in self.aliases] + \
+            [f"exclude-name {n}" for n in sorted(self.exclude_names)] + \
+            [f"exclude-image {p}" for p in sorted(self.exclude_images)]
+        return kept, excluded, [e for e in entries if e not in used]
+
+
+def _string_set(data: dict, key: str, path: Path) -> set[str]:
+    values = data.get(key) or []
+    if not isinstance(values, list):
+        raise AnnotationError(f"{path}: {key} must be a list")
+    return {str(v) for v in values}

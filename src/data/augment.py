@@ -1,0 +1,264 @@
+"""Augment whole batches on the device: crop, flip, rotation, colour jitter and erasing.
+
+torchvision.transforms.v2 has every one of these, but per sample: a batch with a different random
+crop, angle and jitter per image becomes a Python loop of small ops, tolerable in DataLoader
+workers and slow on a GPU. Here each sample's crop, flip and rotation become one affine matrix,
+resampled for the whole batch by one `grid_sample`; jitter and normalisation become one 3x3 colour
+matrix per sample; erasing is a broadcast mask. Every random number comes from the caller's
+generator on the batch's device, and nothing reads a value back to the host, so a training step
+never waits for the GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from src.config import AugmentConfig
+from src.data.cache import cache_size_for
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601 luma, as torchvision's rgb_to_grayscale; the weights sum to 1.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+ERASE_AREA = (0.02, 0.2)
+ERASE_LOG_RATIO = (math.log(0.3), math.log(3.3))  # torchvision RandomErasing's default ratio
+# Pixel values 0 and 1 after normalisation, per channel: the clipping bounds of colour jitter.
+NORMALISED_RANGE = tuple((-m / s, (1 - m) / s) for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+# On the CPU a batch is processed in slices whose float input stays under this size: glibc hands
+# blocks over 32 MB back to the OS when freed, so full-batch temporaries at 224 px (38-50 MB) would
+# be page-faulted in afresh at every step, ~2.5x the cost of the arithmetic. GPUs take the whole
+# batch at once (the caching allocator reuses memory, and fewer launches is what counts there).
+CPU_SLICE_BYTES = 8 << 20
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample random parameters of one batch (all tensors of length N on the batch's device)."""
+
+    area: torch.Tensor
+    """Crop area as a fraction of the input image, in [crop_scale_min, 1]."""
+    log_ratio: torch.Tensor
+    """log(crop width / crop height), within log(3/4)..log(4/3)."""
+    centre: torch.Tensor
+    """N x 2 crop centre (x, y) in grid_sample coordinates (-1..1); the crop stays inside."""
+    angle: torch.Tensor
+    """Rotation in radians."""
+    flip: torch.Tensor
+    """bool: mirror left-right."""
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    erase: torch.Tensor
+    """bool: erase one rectangle."""
+    erase_box: torch.Tensor
+    """N x 4 (top, left, height, width) of the rectangle as fractions of the output side."""
+
+    def __getitem__(self, index: slice) -> AugmentParams:
+        return AugmentParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+class BatchAugment:
+    """Training augmentation and eval preprocessing of uint8 `N x H x W x 3` batches on any device.
+
+    A plain class, not an nn.Module: it has no parameters, and its `train` / `eval` would shadow
+    the module methods of the same names.
+    """
+
+    def __init__(self, augment: AugmentConfig, image_size: int):
+        self.augment = augment
+        self.image_size = image_size
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    # --- public --------------------------------------------------------------------------------
+
+    def sample_params(self, n: int, generator: torch.Generator,
+                      device: torch.device | str) -> AugmentParams:
+        """Draw every random number of a batch in one call on `device` (no host round trip)."""
+        a = self.augment
+        u = torch.rand(n, 14, generator=generator, device=device)
+        area = a.crop_scale_min + (1 - a.crop_scale_min) * u[:, 0]
+        # torchvision's RandomResizedCrop rejects crops that do not fit and retries; instead the
+        # aspect ratio is drawn from the range that fits at this area (w = sqrt(area * r) <= 1 and
+        # h = sqrt(area / r) <= 1), so the area stays exactly uniform and no loop is needed.
+        low = area.log().clamp(min=CROP_LOG_RATIO[0])
+        high = (-area.log()).clamp(max=CROP_LOG_RATIO[1])
+        log_ratio = low + (high - low) * u[:, 1]
+        width, height = _crop_sides(area, log_ratio)
+        centre = torch.stack([1 - width, 1 - height], dim=1) * (2 * u[:, 2:4] - 1)
+        jitter = 1 + a.color_jitter * (2 * u[:, 6:9] - 1)
+        erase_area = ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * u[:, 9]
+        erase_log_ratio = ERASE_LOG_RATIO[0] + (ERASE_LOG_RATIO[1] - ERASE_LOG_RATIO[0]) * u[:, 10]
+        erase_w, erase_h = _crop_sides(erase_area, erase_log_ratio)  # both <= sqrt(0.2 * 3.3) < 1
+        erase_box = torch.stack([(1 - erase_h) * u[:, 12], (1 - erase_w) * u[:, 13],
+                                 erase_h, erase_w], dim=1)
+        return AugmentParams(
+            area=area, log_ratio=log_ratio, centre=centre,
+            angle=math.radians(a.rotation_degrees) * (2 * u[:, 4] - 1),
+            flip=u[:, 5] < a.hflip,
+            brightness=jitter[:, 0], contrast=jitter[:, 1], saturation=jitter[:, 2],
+            erase=u[:, 11] < a.random_erasing, erase_box=erase_box)
+
+    def train(self, batch_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augmented float32 `N x 3 x image_size x image_size`, normalised, channels_last."""
+        params = self.sample_params(batch_u8.shape[0], generator, batch_u8.device)
+        return self.apply(batch_u8, params)
+
+    def apply(self, batch_u8: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """`train` with given parameters."""
+        return self._sliced(batch_u8, lambda part: self._augment(batch_u8[part], params[part]))
+
+    def eval(self, batch_u8: torch.Tensor) -> torch.Tensor:
+        """Deterministic: the centre image_size/cache_size of the image, resized to image_size.
+
+        On a cache made for this image_size the crop already has the output size, so this is a
+        crop and a normalisation, no resampling (as ImageNet's Resize(256) + CenterCrop(224)).
+        """
+        height, width = batch_u8.shape[1:3]
+        side = round(min(height, width) * self.image_size / cache_size_for(self.image_size))
+        # torchvision's center_crop offsets, so eval matches it pixel for pixel.
+        top, left = int(round((height - side) / 2)), int(round((width - side) / 2))
+        crop = batch_u8[:, top:top + side, left:left + side]
+        return self._sliced(batch_u8, lambda part: self._centre(crop[part]))
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _sliced(self, batch_u8: torch.Tensor,
+                compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """float32 channels_last output, filled by `compute` one slice of the batch at a time.
+
+        Copying each NCHW slice into the channels_last output does the layout change on the way.
+        """
+        _check_batch(batch_u8)
+        n, height, width = batch_u8.shape[:3]
+        out = torch.empty((n, 3, self.image_size, self.image_size), device=batch_u8.device,
+                          memory_format=torch.channels_last)
+        step = n
+        if batch_u8.device.type == "cpu":
+            step = max(1, CPU_SLICE_BYTES // (3 * height * width * 4))
+        # Autocast would run the colour matmul in bf16 and change the result; it is cheap in fp32.
+        with torch.autocast(batch_u8.device.type, enabled=False):
+            for start in range(0, n, step):
+                out[start:start + step] = compute(slice(start, start + step))
+        return out
+
+    def _augment(self, batch_u8: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        sampled = self._resample(_to_float_nchw(batch_u8), params)
+        return self._erase(self._colour_and_normalise(sampled, params), params)
+
+    def _centre(self, crop_u8: torch.Tensor) -> torch.Tensor:
+        pixels = _to_float_nchw(crop_u8)
+        if pixels.shape[-1] != self.image_size:
+            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size),
+                                   mode="bilinear", antialias=True, align_corners=False)
+        _, _, scale, shift = self._device_constants(crop_u8.device)
+        return torch.addcmul(shift.view(1, 3, 1, 1), pixels, scale.view(1, 3, 1, 1))
+
+    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(gray weights, 1/std, 1/(255 std), -mean/std) on `device`, copied there once."""
+        if device not in self._constants:
+            gray = torch.tensor(GRAY_WEIGHTS, device=device)
+            mean = torch.tensor(IMAGENET_MEAN, device=device)
+            std = torch.tensor(IMAGENET_STD, device=device)
+            self._constants[device] = (gray, 1 / std, 1 / (255 * std), -mean / std)
+        return self._constants[device]
+
+    def _resample(self, pixels: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Crop, flip and rotate every sample with one affine grid and one bilinear grid_sample.
+
+        The cache is ~8/7 of the output side, so the largest downscale is ~1.14x and bilinear
+        sampling barely aliases; with a cache much larger than the output (e.g. 512 to 112) it
+        would, and an antialiasing resize should come first.
+        """
+        height, width = pixels.shape[2:]
+        grid = affine_grid(crop_affine(params, height, width), self.image_size)
+        # Reflection fills the corners a rotation uncovers with face-like texture, not a flat edge.
+        return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection",
+                             align_corners=False)
+
+    def _colour_and_normalise(self, sampled: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Brightness, contrast, saturation, /255 and ImageNet normalisation as one 3x3 matrix.
+
+        With factors b, c, s, luma weights g and the image's mean luma m:
+        brightness x -> b x; contrast -> c b x + (1 - c) b m; saturation blends with the luma.
+        Together: x -> c b (s I + (1 - s) 1 g^T) x + (1 - c) b m, linear per sample. torchvision
+        applies the three in random order and clips to [0, 1] after each; here the order is fixed
+        and the result is clipped once, which makes them one batched matmul. It runs on the
+        contiguous N x 3 x H x W planes grid_sample returns: the same matmul, clip and mask over
+        channels_last pixels (an innermost dimension of 3) are 2-6x slower on the CPU.
+        """
+        gray, inv_std, _, shift = self._device_constants(sampled.device)
+        b, c, s = params.brightness, params.contrast, params.saturation
+        n, _, h, w = sampled.shape
+        planes = sampled.reshape(n, 3, h * w)
+        mean_luma = planes.mean(dim=2) @ gray / 255  # N, in 0..1
+        eye = torch.eye(3, device=sampled.device)
+        colour = (c * b)[:, None, None] * (s[:, None, None] * eye
+                                           + (1 - s)[:, None, None] * gray.expand(3, 3))
+        matrix = colour * (inv_std / 255)[None, :, None]  # row i scaled by output channel i's 1/std
+        offset = ((1 - c) * b * mean_luma)[:, None] * inv_std + shift  # N x 3
+        out = torch.baddbmm(offset[:, :, None], matrix, planes).view(n, 3, h, w)
+        for channel, (low, high) in enumerate(NORMALISED_RANGE):
+            out[:, channel].clamp_(low, high)  # scalar bounds: ~5x faster than tensor bounds on CPU
+        return out
+
+    def _erase(self, out: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Zero one rectangle (the mean colour after normalisation) in each selected sample."""
+        size = self.image_size
+        centres = (torch.arange(size, device=out.device) + 0.5) / size  # pixel centres, 0..1
+        top, left, height, width = params.erase_box.unbind(1)
+        rows = (centres >= top[:, None]) & (centres < (top + height)[:, None])  # N x size
+        cols = (centres >= left[:, None]) & (centres < (left + width)[:, None])
+        erased = params.erase[:, None, None] & rows[:, :, None] & cols[:, None, :]
+        # Multiplying by a float mask is several times faster on the CPU than masked_fill_.
+        return out.mul_((~erased).to(out.dtype)[:, None])
+
+
+def crop_affine(params: AugmentParams, height: int, width: int) -> torch.Tensor:
+    """N x 2 x 3 matrices mapping output grid coordinates (-1..1) to input ones (F.affine_grid).
+
+    Output point u maps to centre + D^-1 R D S u: S scales to the crop's half sides (negative x
+    for a flip), D converts grid units to pixels so that R is a true rotation on a non-square
+    image. On a square image |det| of the 2 x 2 part is the crop's area fraction.
+    """
+    crop_w, crop_h = _crop_sides(params.area, params.log_ratio)
+    crop_w = torch.where(params.flip, -crop_w, crop_w)
+    cos, sin = params.angle.cos(), params.angle.sin()
+    return torch.stack([
+        torch.stack([cos * crop_w, -sin * crop_h * (height / width), params.centre[:, 0]], dim=1),
+        torch.stack([sin * crop_w * (width / height), cos * crop_h, params.centre[:, 1]], dim=1),
+    ], dim=1)
+
+
+def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """`F.affine_grid(theta, (N, C, size, size), align_corners=False)`, computed separably.
+
+    F.affine_grid fills a base grid per sample and runs a batched matmul over it; since the grid is
+    x-part + y-part, two small per-sample tables and one broadcast add give the same in one pass
+    (on the CPU at 112 px: ~1.2 ms for 64 samples instead of ~5 ms).
+    """
+    steps = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
+    along_x = steps[None, :, None] * theta[:, None, :, 0] + theta[:, None, :, 2]  # N x size x 2
+    along_y = steps[None, :, None] * theta[:, None, :, 1]
+    return along_y[:, :, None, :] + along_x[:, None, :, :]  # N x size(y) x size(x) x 2
+
+
+def _crop_sides(area: torch.Tensor, log_ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(width, height) as fractions of the image side for a given area fraction and log aspect."""
+    ratio = log_ratio.exp()
+    return (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+
+
+def _check_batch(batch_u8: torch.Tensor) -> None:
+    if batch_u8.dtype != torch.uint8 or batch_u8.dim() != 4 or batch_u8.shape[3] != 3:
+        raise ValueError(f"expected a uint8 N x H x W x 3 batch, got {batch_u8.dtype} "
+                         f"{tuple(batch_u8.shape)}")
+
+
+def _to_float_nchw(batch_u8: torch.Tensor) -> torch.Tensor:
+    """float32 N x 3 x H x W view of an NHWC batch: a channels_last tensor, no transpose copy."""
+    return batch_u8.permute(0, 3, 1, 2).float()

@@ -1,0 +1,191 @@
+"""What training, evaluation and inference read: the prepared split lists, as labelled RGB images.
+
+`python -m src.data.prepare` writes list files of `<path relative to the raw folder> <individual>` and
+records the raw folder in `prepared.json`. This module finds those files (`PreparedData`), turns
+individual names into class ids (`ClassIndex`, saved inside checkpoints so that a model's outputs keep
+their meaning when the lists change) and loads the images (`ImageListDataset`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .io import ImageLoadError, load_rgb
+from .lists import ListFormatError, read_list
+
+FORMAT_VERSION = 1
+Row = tuple[str, str]  # (path relative to the raw folder, individual)
+_REQUIRED_KEYS = ("raw_dir", "min_images", "seed", "num_classes", "format_version")
+_RERUN = "run `python -m src.data.prepare` to (re)create it"
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(Exception):
+    """A problem with the prepared dataset, in one line that says what to do about it."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The output of `prepare` under `root`: where the images are and which split lists exist."""
+
+    root: Path
+    raw_dir: Path
+    min_images: int
+    seed: int
+    num_classes: int
+    format_version: int
+
+    @classmethod
+    def load(cls, root: str | Path) -> PreparedData:
+        """Read `<root>/annotations/prepared.json`; a relative raw_dir is taken relative to root."""
+        root = Path(root)
+        path = root / "annotations" / "prepared.json"
+        if not path.is_file():
+            raise DatasetError(f"{path} not found: {_RERUN} (e.g. --out-dir {root})")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{path}: not valid JSON ({exc}); {_RERUN}") from None
+        missing = [key for key in _REQUIRED_KEYS if not isinstance(meta, dict) or key not in meta]
+        if missing:
+            raise DatasetError(f"{path}: missing {', '.join(missing)}; {_RERUN}")
+        if meta["format_version"] != FORMAT_VERSION:
+            raise DatasetError(f"{path}: format_version {meta['format_version']!r}, this code reads "
+                               f"{FORMAT_VERSION}; {_RERUN}")
+        try:
+            return cls(root=root, raw_dir=root / meta["raw_dir"], min_images=int(meta["min_images"]),
+                       seed=int(meta["seed"]), num_classes=int(meta["num_classes"]),
+                       format_version=FORMAT_VERSION)
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{path}: a value has the wrong type ({exc}); {_RERUN}") from None
+
+    def split(self, name: str, open_set: bool = False) -> list[Row]:
+        """Rows of `annotations/<name>.txt`, or of `annotations/open_set/<name>.txt` when open_set."""
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise DatasetError(f"split name {name!r} must be a plain name such as 'train'")
+        folder = self.root / "annotations" / ("open_set" if open_set else "")
+        path = folder / f"{name}.txt"
+        if not path.is_file():
+            raise DatasetError(f"{path}: split file not found; {_RERUN}")
+        try:
+            return read_list(path)
+        except ListFormatError as exc:
+            raise DatasetError(str(exc)) from None
+
+
+class ClassIndex:
+    """Individual name <-> class id, where the id is the name's position in `names`.
+
+    `from_rows` sorts the names (plain code-point order, the same on every machine and locale), so the
+    same individuals always get the same ids. A checkpoint stores `to_list()`; `from_list` restores
+    exactly that order, whatever lists exist when the checkpoint is loaded.
+    """
+
+    def __init__(self, names: Iterable[str]):
+        names = tuple(names)
+        for name in names:
+            if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+                raise DatasetError(f"class name {name!r} must be a non-empty string without whitespace")
+        if len(set(names)) != len(names):
+            duplicate = next(n for i, n in enumerate(names) if n in names[:i])
+            raise DatasetError(f"class name {duplicate!r} appears twice")
+        self._names = names
+        self._ids = {name: i for i, name in enumerate(names)}
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Row]) -> ClassIndex:
+        """The sorted individuals of a list, e.g. of the train split."""
+        return cls(sorted({name for _, name in rows}))
+
+    @classmethod
+    def from_list(cls, names: Sequence[str]) -> ClassIndex:
+        """Inverse of `to_list` (a checkpoint's `classes`): keeps the given order."""
+        return cls(names)
+
+    def to_list(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    def index(self, name: str) -> int:
+        try:
+            return self._ids[name]
+        except KeyError:
+            raise DatasetError(f"individual {name!r} is not one of the {len(self)} classes") from None
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ids
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassIndex) and self._names == other._names
+
+    def __hash__(self) -> int:
+        return hash(self._names)
+
+    def __repr__(self) -> str:
+        more = ", ..." if len(self) > 3 else ""
+        return f"ClassIndex({len(self)} classes: {', '.join(self._names[:3])}{more})"
+
+
+class ImageListDataset(Dataset):
+    """`(image, label)` for each row; the image is `transform(PIL RGB)` or, without a transform, a
+    uint8 CHW tensor (lossless and cheap; normalisation belongs to the loader).
+
+    With `skip_unreadable`, an image that fails to load yields None instead of raising, with one
+    warning per path per process; pass `collate_skip_none` to the DataLoader to drop those.
+    """
+
+    def __init__(self, rows: Iterable[Row], raw_dir: str | Path, class_index: ClassIndex,
+                 transform: Callable[[Any], Any] | None = None, skip_unreadable: bool = False):
+        self.rows = list(rows)
+        self.raw_dir = Path(raw_dir)
+        self.labels = [class_index.index(name) for _, name in self.rows]  # unknown names fail here, early
+        self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+        rel = self.rows[i][0]
+        try:
+            img = load_rgb(self.raw_dir / rel)
+        except ImageLoadError as exc:
+            if not self.skip_unreadable:
+                raise
+            if rel not in self._warned:
+                self._warned.add(rel)
+                log.warning("skipping unreadable image %s", exc)
+            return None
+        sample = self.transform(img) if self.transform else torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        return sample, self.labels[i]
+
+
+def collate_skip_none(batch: list[tuple[Any, int] | None]) -> tuple[Any, torch.Tensor, int]:
+    """`(images, labels, n_skipped)`: the batch without the None samples of unreadable images.
+
+    DataLoader workers are separate processes, so a counter on the dataset never reaches the training
+    loop; the count travels with the batch instead. A batch with nothing left gives an empty image
+    tensor and empty labels. The kept images must share a shape (resize in the transform).
+    """
+    kept = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), skipped
+    images, labels = default_collate(kept)
+    return images, labels, skipped

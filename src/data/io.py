@@ -1,0 +1,58 @@
+"""Decode any common image file to an RGB PIL image, or fail with a reason a user can act on."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Decompression-bomb guard: 64 megapixels is ~8000x8000, far above any face crop or camera-trap frame
+# we expect; anything larger is refused rather than allowed to exhaust memory.
+MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+class ImageLoadError(Exception):
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / 32-bit grayscale: PIL's convert("RGB") clips instead of rescaling, so scale by hand.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Fully decoded RGB image with EXIF orientation applied. Raises ImageLoadError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > max_pixels:
+                    raise ImageLoadError(
+                        path, f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")
+                img.load()  # decodes everything now, so truncation is caught here
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image in a known format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None

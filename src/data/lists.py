@@ -1,0 +1,43 @@
+"""The image-list format shared by every stage: one `<relative path> <individual>` per line.
+
+Paths may contain spaces (the folder layout of user photos often does); individual names may not,
+so a line splits on its *last* run of whitespace.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ListFormatError(ValueError):
+    """A list file that cannot be read; the message names the file and line."""
+
+
+def read_list(path: str | Path) -> list[tuple[str, str]]:
+    """Rows of `(relative_path, individual)` in file order; blank lines and `#` comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ListFormatError(f"{path}: list file not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>', got {line!r}")
+        rows.append((parts[0], parts[1]))
+    return rows
+
+
+def write_list(path: str | Path, rows) -> None:
+    """Write `(relative_path, individual)` rows; refuses names that would not read back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for rel, name in rows:
+        if not name or any(c.isspace() for c in name):
+            raise ListFormatError(f"individual name {name!r} is empty or contains whitespace")
+        lines.append(f"{rel} {name}\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(path)

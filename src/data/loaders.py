@@ -1,0 +1,179 @@
+"""Batch sources: what the training loop iterates, for both data pipelines.
+
+A source yields `(images, labels)` already on the training device: images float32, normalised,
+channels_last; labels int64. Both pipelines share everything but where the uint8 pixels come from:
+
+- `cached`: every image is decoded once into a memory-mapped uint8 cache (`src/data/cache.py`), kept
+  in GPU memory on CUDA; a step is one gather plus batch augmentation on the device.
+- `plain`: DataLoader workers decode and resize every image every epoch (for datasets too large
+  to cache); the uint8 batch then goes through the same device augmentation.
+
+The order of images and every augmentation draw are functions of (seed, epoch, step, rank) alone,
+never of a global RNG, the number of workers or where a run was resumed: a run interrupted at any
+step and resumed sees exactly the batches an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from src.config import Config
+from src.data.augment import BatchAugment
+from src.data.cache import cache_size_for, decode_for_cache, load_or_build_cache
+from src.data.dataset import ClassIndex
+from src.data.io import ImageLoadError
+
+log = logging.getLogger(__name__)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (SplitMix-style mixing keeps nearby tuples unrelated)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (part + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**64 - 1)
+        value = (value * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return value >> 1
+
+
+def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoch: int,
+               rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """Index batches for one rank and epoch.
+
+    Training: a seeded permutation cut into global batches of `batch_size` (the last partial one
+    dropped, so BatchNorm never sees a batch of one and compiled shapes stay fixed); each rank takes
+    its contiguous slice of every global batch, so the images in a global step do not depend on the
+    number of processes. Evaluation: every image exactly once, ranks taking interleaved shares.
+    """
+    if train:
+        generator = torch.Generator().manual_seed(_seed(seed, epoch))
+        order = torch.randperm(num_images, generator=generator)
+        per_rank = batch_size // world_size
+        return [order[start + rank * per_rank: start + (rank + 1) * per_rank]
+                for start in range(0, num_images - batch_size + 1, batch_size)]
+    mine = torch.arange(rank, num_images, world_size)
+    return list(mine.split(max(1, batch_size // world_size)))
+
+
+@dataclass
+class BatchSource:
+    """One split as batches on the device; `skipped` counts unreadable images of the last epoch."""
+
+    labels: torch.Tensor
+    augment: BatchAugment
+    train: bool
+    batch_size: int
+    seed: int
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    skipped: int = 0
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def plan(self, epoch: int) -> list[torch.Tensor]:
+        return batch_plan(self.num_images, self.batch_size, train=self.train, seed=self.seed,
+                          epoch=epoch, rank=self.rank, world_size=self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.plan(0))
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.skipped = 0
+        for step, (pixels, labels) in enumerate(self._pixels(self.plan(epoch)[start_step:]), start_step):
+            if self.train:
+                generator = torch.Generator(self.device).manual_seed(
+                    _seed(self.seed, epoch, step, self.rank))
+                yield self.augment.train(pixels, generator), labels
+            else:
+                yield self.augment.eval(pixels), labels
+
+    def _pixels(self, plan: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+@dataclass
+class CachedSource(BatchSource):
+    images: torch.Tensor = None  # N x S x S x 3 uint8, on the device or memory-mapped on the host
+
+    def _pixels(self, plan):
+        if not plan:
+            return
+        # One host-to-device copy of the epoch's indices, not one per step.
+        all_indices = torch.cat(plan).to(self.images.device)
+        for indices in all_indices.split([len(batch) for batch in plan]):
+            pixels = self.images[indices].to(self.device, non_blocking=True)
+            yield pixels, self.labels[indices.to(self.labels.device)]
+
+
+class _DecodeDataset(Dataset):
+    """Decodes one image per item to the cache resolution; failures come back as None."""
+
+    def __init__(self, paths: list[Path], cache_size: int):
+        self.paths, self.cache_size = paths, cache_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return index, torch.from_numpy(decode_for_cache(self.paths[index], self.cache_size))
+        except ImageLoadError as exc:
+            return index, exc.reason
+
+
+def _collate_readable(items):
+    """Stack the decoded images of a batch; report the failed ones instead of raising."""
+    ok = [(i, pixels) for i, pixels in items if isinstance(pixels, torch.Tensor)]
+    failed = [(i, reason) for i, reason in items if not isinstance(reason, torch.Tensor)]
+    indices = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    pixels = torch.stack([p for _, p in ok]) if ok else torch.empty(0, dtype=torch.uint8)
+    return indices, pixels, failed
+
+
+@dataclass
+class PlainSource(BatchSource):
+    paths: list[Path] = None
+    cache_size: int = 0
+    workers: int = 0
+
+    def _pixels(self, plan):
+        loader = DataLoader(_DecodeDataset(self.paths, self.cache_size), batch_sampler=plan,
+                            num_workers=self.workers, collate_fn=_collate_readable,
+                            pin_memory=self.device.type == "cuda")
+        for indices, pixels, failed in loader:
+            for index, reason in failed:
+                log.warning("skipping unreadable image %s: %s", self.paths[index], reason)
+            self.skipped += len(failed)
+            if len(indices) == 0:
+                continue
+            yield pixels.to(self.device, non_blocking=True), self.labels[indices.to(self.labels.device)]
+
+
+def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,
+                 train: bool, device: torch.device, rank: int = 0, world_size: int = 1) -> BatchSource:
+    """The batch source for one split, as `data.pipeline` asks."""
+    cache_size = cache_size_for(config.data.image_size)
+    common = dict(augment=BatchAugment(config.augment, config.data.image_size), train=train,
+                  batch_size=config.trainer.batch_size, seed=config.trainer.seed, device=device,
+                  rank=rank, world_size=world_size)
+    if config.data.pipeline == "plain":
+        labels = torch.tensor([classes.index(name) for _, name in rows], dtype=torch.long, device=device)
+        return PlainSource(labels=labels, paths=[raw_dir / rel for rel, _ in rows],
+                           cache_size=cache_size, workers=config.data.workers, **common)
+    cached = load_or_build_cache(rows, raw_dir, config.data.cache_dir, cache_size, config.data.workers)
+    kept = np.asarray(cached.kept, dtype=np.int64)
+    labels = torch.tensor([classes.index(rows[i][1]) for i in kept], dtype=torch.long, device=device)
+    images = cached.images
+    if device.type == "cuda":
+        images = images.to(device) if config.data.cache_on_device else images.pin_memory()
+    source = CachedSource(labels=labels, images=images, **common)
+    source.skipped = len(cached.failed)
+    return source

@@ -1,0 +1,431 @@
+"""`python -m src.data.prepare`: from raw images and labels to the prepared dataset every stage reads.
+
+Stages, one function each, in this order:
+
+1. `read_input`      the cvjena release, a list file or a folder per individual -> records
+2. `apply_labels_fix` the user's aliases and exclusions (`--labels-fix`), before any filtering
+3. `check_names`     individual names must not contain whitespace (the list format splits on it)
+4. `check_images`    decode every image; missing, unreadable, repeated and duplicate images are excluded
+5. `filter_min_images` keep individuals with at least `--min-images` usable images
+6. `make_splits`     stratified train/val/test and the open-set hold-out (`src/data/splits.py`)
+7. `build_report`, `write_lists`, `write_metadata`, `prepared_info`: the validation report, the lists,
+   `metadata.csv` and `prepared.json` (removed first and written last, so its presence means the
+   rest is complete and current)
+
+The file layout under `<out-dir>/annotations/` is the contract in docs/DESIGN.md. The function
+`prepare` runs everything and returns a `PrepareResult`, so tests and other stages need no subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
+                                  read_cvjena, read_folder, read_list_file)
+from src.data.download import DEFAULT_URL, DownloadError, fetch_release
+from src.data.lists import write_list
+from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, Row, SplitError,
+                             choose_unknown, open_set_split, split_counts, stratified_split)
+from src.data.validate import (LABELS_FIX, Exclusion, ImageCheck, check_images, count_problems,
+                               label_quality, write_report)
+
+DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
+DEFAULT_OUT_DIR = Path("data/chimpanzee_faces")
+DEFAULT_MIN_IMAGES = 10
+DEFAULT_OPEN_SET_INDIVIDUALS = 10
+FORMAT_VERSION = 1
+OPEN_SET_FILES = ("train.txt", "val.txt", "test.txt", "unknown_ids.txt", "unknown_val.txt",
+                  "unknown_test.txt")
+
+log = logging.getLogger("src.data.prepare")  # not __name__: that is __main__ under -m
+
+
+class PrepareError(Exception):
+    """The dataset cannot be prepared; the message is one line a user can act on."""
+
+
+@dataclass
+class PrepareResult:
+    """What a run wrote: the annotations folder, `prepared.json`'s content and the report."""
+    annotations_dir: Path
+    prepared: dict
+    report: dict
+
+    @property
+    def problems(self) -> int:
+        return self.report["problems"]
+
+
+# --- 1. input -----------------------------------------------------------------------------------
+
+def read_input(raw_dir: Path | None, folder: Path | None,
+               list_file: Path | None) -> tuple[Path, str, list[Record]]:
+    """(raw folder, input kind, records) for whichever input was given.
+
+    The raw folder is what list paths are relative to: the folder itself for `--folder`, `--raw-dir`
+    (default: the list file's folder) for `--list`, `--raw-dir` for the cvjena release.
+    """
+    if folder is not None:
+        if raw_dir is not None:
+            raise PrepareError("--folder is the raw folder itself; drop --raw-dir")
+        return folder.resolve(), "folder", read_folder(folder)
+    if list_file is not None:
+        raw = (raw_dir or list_file.parent).resolve()
+        if not raw.is_dir():
+            raise PrepareError(f"raw folder {raw} not found")
+        return raw, "list", read_list_file(list_file)
+    raw = (raw_dir or DEFAULT_RAW_DIR).resolve()
+    return raw, "cvjena", read_cvjena(raw)
+
+
+# --- 2. labels fix ------------------------------------------------------------------------------
+
+def apply_labels_fix(records: list[Record], fix: LabelsFix | None
+                     ) -> tuple[list[Record], list[Exclusion], dict | None]:
+    """(records after the fix, exclusions it made, a summary for the report); no fix, no change."""
+    if fix is None:
+        return records, [], None
+    kept, excluded, unused = fix.apply(records)
+    renamed = Counter(f"{r.published_name} -> {r.individual}" for r in kept
+                      if r.individual != r.published_name)
+    info = {"file": fix.source, "aliases_applied": dict(sorted(renamed.items())),
+            "excluded_images": len(excluded), "unused": unused}
+    log.info("labels fix %s: %d alias(es) applied, %s image(s) excluded%s", fix.source, len(renamed),
+             f"{len(excluded):,}", f"; unused entries: {', '.join(unused)}" if unused else "")
+    return kept, [Exclusion(r, LABELS_FIX, reason) for r, reason in excluded], info
+
+
+# --- 5. filtering and counting ------------------------------------------------------------------
+
+def filter_min_images(records: Sequence[Record], min_images: int) -> tuple[list[Record], dict[str, int]]:
+    """(records of individuals with at least `min_images` records, {individual below: count})."""
+    counts = Counter(r.individual for r in records)
+    kept = [r for r in records if counts[r.individual] >= min_images]
+    below = {name: n for name, n in sorted(counts.items()) if n < min_images}
+    return kept, below
+
+
+def count_summary(records: Sequence[Record]) -> dict:
+    """{"images", "individuals", "per_source": {source: images}}; sources in first-seen order."""
+    per_source: dict[str, int] = {}
+    for record in records:
+        per_source[record.source] = per_source.get(record.source, 0) + 1
+    return {"images": len(records), "individuals": len({r.individual for r in records}),
+            "per_source": per_source}
+
+
+def describe(records: Sequence[Record]) -> str:
+    """'7,150 images / 87 individuals (CZoo 2,109, CTai 5,041)'."""
+    s = count_summary(records)
+    sources = ", ".join(f"{src} {n:,}" for src, n in s["per_source"].items())
+    return f"{s['images']:,} images / {s['individuals']:,} individuals" + (f" ({sources})" if sources else "")
+
+
+# --- 6. splits ----------------------------------------------------------------------------------
+
+def make_splits(rows: list[Row], fractions: Sequence[float], seed: int,
+                open_set_individuals: int) -> tuple[dict[str, list[Row]], dict[str, list[Row]] | None,
+                                                    list[str]]:
+    """(closed-set splits, open-set splits or None when disabled, held-out individuals)."""
+    closed = stratified_split(rows, fractions, seed)
+    if open_set_individuals == 0:
+        return closed, None, []
+    unknown = choose_unknown([name for _, name in rows], open_set_individuals, seed)
+    return closed, open_set_split(closed, unknown), unknown
+
+
+# --- 7. outputs ---------------------------------------------------------------------------------
+
+def _keypoint_column(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()  # RightEye -> right_eye
+
+
+METADATA_COLUMNS = ["path", "individual", "published_name", "source", "origin", "age", "age_group",
+                    "gender", *[f"{_keypoint_column(k)}_{axis}" for k in KEYPOINT_NAMES for axis in "xy"],
+                    "width", "height", "excluded", "split", "open_set"]
+
+
+def write_metadata(path: Path, parsed: Sequence[Record], fixed: Sequence[Record],
+                   exclusions: Sequence[Exclusion], checks: dict[str, ImageCheck],
+                   closed: dict[str, list[Row]], open_set: dict[str, list[Row]] | None) -> None:
+    """One row per parsed image with every field, why it was excluded and where it went.
+
+    Keypoints that are not visible (`Inf` in the release) and unknown ages are empty cells.
+    """
+    current = {r.origin: r for r in fixed}
+    reasons = {e.record.origin: e.category + (f": {e.detail}" if e.detail else "") for e in exclusions}
+    split_of = {path: split for split, rows in closed.items() for path, _ in rows}
+    open_of = {path: ("known" if split in ("train", "val", "test") else split)
+               for split, rows in (open_set or {}).items() for path, _ in rows}
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(METADATA_COLUMNS)
+        for record in parsed:
+            r = current.get(record.origin, record)
+            excluded = reasons.get(r.origin, "")
+            size = checks[r.path].size if r.path in checks and checks[r.path].size else ("", "")
+            coordinates = [_number(v) for point in r.keypoints for v in (point or (None, None))]
+            writer.writerow([r.path, r.individual, r.published_name, r.source, r.origin, _number(r.age),
+                             r.age_group or "", r.gender or "", *coordinates, *size, excluded,
+                             "" if excluded else split_of.get(r.path, ""),
+                             "" if excluded else open_of.get(r.path, "")])
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _write_names(path: Path, names: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+
+
+def write_lists(annotations_dir: Path, min_images: int, usable: Sequence[Record], kept: Sequence[Record],
+                closed: dict[str, list[Row]], open_set: dict[str, list[Row]] | None,
+                unknown: Sequence[str]) -> None:
+    """The list files of docs/DESIGN.md; stale open-set files are removed when it is disabled."""
+    write_list(annotations_dir / "annotations_merged_all.txt", [(r.path, r.individual) for r in usable])
+    write_list(annotations_dir / f"annotations_merged_min{min_images}.txt",
+               [(r.path, r.individual) for r in kept])
+    _write_names(annotations_dir / f"kept_ids_min{min_images}.txt", sorted({r.individual for r in kept}))
+    for split, rows in closed.items():
+        write_list(annotations_dir / f"{split}.txt", rows)
+    open_dir = annotations_dir / "open_set"
+    if open_set is None:
+        for name in OPEN_SET_FILES:
+            (open_dir / name).unlink(missing_ok=True)
+        return
+    for split, rows in open_set.items():
+        write_list(open_dir / f"{split}.txt", rows)
+    _write_names(open_dir / "unknown_ids.txt", unknown)
+
+
+def prepared_info(raw_dir: Path, input_kind: str, min_images: int, seed: int, fractions: Sequence[float],
+                  kept: Sequence[Record], closed: dict[str, list[Row]],
+                  open_set: dict[str, list[Row]] | None, unknown: Sequence[str], fix: LabelsFix | None,
+                  problems: int) -> dict:
+    """The content of `prepared.json`: the DESIGN.md keys first, then counts a reader may check."""
+    num_classes = len({r.individual for r in kept})
+    info = {"raw_dir": str(raw_dir), "min_images": min_images, "seed": seed, "num_classes": num_classes,
+            "num_images": len(kept), "format_version": FORMAT_VERSION, "input": input_kind,
+            "fractions": list(fractions), "splits": {s: len(rows) for s, rows in closed.items()},
+            "sources": count_summary(kept)["per_source"], "labels_fix": fix.source if fix else None,
+            "problems": problems, "open_set": None}
+    if open_set is not None:
+        info["open_set"] = {
+            "num_classes": num_classes - len(unknown), "num_unknown": len(unknown),
+            "unknown_val_individuals": len({n for _, n in open_set["unknown_val"]}),
+            "unknown_test_individuals": len({n for _, n in open_set["unknown_test"]}),
+            "splits": {s: len(rows) for s, rows in open_set.items()}}
+    return info
+
+
+def build_report(raw_dir: Path, input_kind: str, min_images: int, parsed: Sequence[Record],
+                 fixed: Sequence[Record], exclusions: Sequence[Exclusion], usable: Sequence[Record],
+                 kept: Sequence[Record], fix_info: dict | None) -> dict:
+    """The validation report's content (rendered by `src.data.validate.write_report`)."""
+    annotated = Counter(r.individual for r in fixed)
+    usable_counts = Counter(r.individual for r in usable)
+    below = [{"name": name, "images": usable_counts.get(name, 0), "annotated": n,
+              "sources": sorted({r.source for r in fixed if r.individual == name})}
+             for name, n in sorted(annotated.items()) if usable_counts.get(name, 0) < min_images]
+    return {"format_version": FORMAT_VERSION, "raw_dir": str(raw_dir), "input": input_kind,
+            "min_images": min_images, "problems": count_problems(exclusions),
+            "counts": _source_counts(parsed, exclusions, usable, kept),
+            "excluded": [e.as_dict() for e in exclusions], "below_threshold": below,
+            "label_quality": label_quality(fixed), "labels_fix": fix_info}
+
+
+def _source_counts(parsed: Sequence[Record], exclusions: Sequence[Exclusion], usable: Sequence[Record],
+                   kept: Sequence[Record]) -> dict[str, dict]:
+    def per(records: Sequence[Record], source: str | None) -> list[Record]:
+        return [r for r in records if source is None or r.source == source]
+
+    excluded = [e.record for e in exclusions]
+    sources = list(dict.fromkeys(r.source for r in parsed))
+    return {source or "all": {
+        "parsed_images": len(per(parsed, source)),
+        "parsed_individuals": len({r.individual for r in per(parsed, source)}),
+        "excluded": len(per(excluded, source)), "usable_images": len(per(usable, source)),
+        "kept_images": len(per(kept, source)),
+        "kept_individuals": len({r.individual for r in per(kept, source)})}
+        for source in [*sources, None]}
+
+
+# --- the whole run ------------------------------------------------------------------------------
+
+def check_parameters(min_images: int, fractions: Sequence[float], open_set_individuals: int) -> None:
+    """Refuse parameters that can only fail later, before any work is done."""
+    if min_images < MIN_IMAGES_PER_INDIVIDUAL:
+        raise PrepareError(f"--min-images {min_images}: at least {MIN_IMAGES_PER_INDIVIDUAL} are needed "
+                           f"so that every individual is in train, val and test")
+    split_counts(MIN_IMAGES_PER_INDIVIDUAL, fractions)  # raises SplitError for bad fractions
+    if open_set_individuals < 0 or open_set_individuals == 1:
+        raise PrepareError(f"--open-set-individuals {open_set_individuals}: use 0 (no open-set split) "
+                           f"or at least 2 (one for unknown_val, one for unknown_test)")
+
+
+def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR, *,
+            folder: str | Path | None = None, list_file: str | Path | None = None,
+            min_images: int = DEFAULT_MIN_IMAGES, seed: int = 0,
+            fractions: Sequence[float] = DEFAULT_FRACTIONS,
+            open_set_individuals: int = DEFAULT_OPEN_SET_INDIVIDUALS,
+            labels_fix: str | Path | LabelsFix | None = None, spaces_to_underscores: bool = False,
+            workers: int | None = None) -> PrepareResult:
+    """Run every stage and write `<out_dir>/annotations/`; see the module doc.
+
+    Raises AnnotationError, SplitError or PrepareError with a one-line message. The validation report
+    is written even when no individual is left, so that the reason can be read.
+    """
+    check_parameters(min_images, fractions, open_set_individuals)
+    fix = LabelsFix.load(labels_fix) if isinstance(labels_fix, (str, Path)) else labels_fix
+    raw, input_kind, parsed = read_input(_path(raw_dir), _path(folder), _path(list_file))
+    log.info("input      %s: %s", input_kind, raw)
+    log.info("parsed     %s", describe(parsed))
+    fixed, fix_exclusions, fix_info = apply_labels_fix(parsed, fix)
+    fixed = check_names(fixed, spaces_to_underscores)
+    log.info("min%-7d %s by the annotations alone", min_images,
+             describe(filter_min_images(fixed, min_images)[0]))
+
+    problems, checks = check_images(fixed, raw, workers)
+    problem_origins = {e.record.origin for e in problems}
+    usable = [r for r in fixed if r.origin not in problem_origins]
+    kept, _ = filter_min_images(usable, min_images)
+    exclusions = fix_exclusions + problems
+    _log_exclusions(exclusions)
+    log.info("usable     %s", describe(usable))
+
+    annotations_dir = Path(out_dir) / "annotations"
+    (annotations_dir / "prepared.json").unlink(missing_ok=True)  # a failed run leaves none behind
+    report = build_report(raw, input_kind, min_images, parsed, fixed, exclusions, usable, kept, fix_info)
+    md_path, _ = write_report(report, annotations_dir)
+    kept_individuals = len({r.individual for r in kept})
+    if kept_individuals < 2:
+        raise PrepareError(f"{kept_individuals} individual(s) with at least {min_images} usable images; "
+                           f"identification needs 2 or more ({len(exclusions):,} of {len(parsed):,} "
+                           f"images excluded, see {md_path})")
+    log.info("kept       %s -> num_classes %d", describe(kept), kept_individuals)
+
+    closed, open_set, unknown = make_splits([(r.path, r.individual) for r in kept], fractions, seed,
+                                            open_set_individuals)
+    prepared = prepared_info(raw, input_kind, min_images, seed, fractions, kept, closed, open_set,
+                             unknown, fix, report["problems"])
+    write_lists(annotations_dir, min_images, usable, kept, closed, open_set, unknown)
+    write_metadata(annotations_dir / "metadata.csv", parsed, fixed, exclusions, checks, closed, open_set)
+    (annotations_dir / "prepared.json").write_text(json.dumps(prepared, indent=2) + "\n", encoding="utf-8")
+    _log_splits(prepared)
+    log.info("wrote      %s (report: %s)", annotations_dir, md_path.name)
+    return PrepareResult(annotations_dir, prepared, report)
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _log_exclusions(exclusions: Sequence[Exclusion]) -> None:
+    by_category = Counter(e.category for e in exclusions)
+    detail = ", ".join(f"{n:,} {category}" for category, n in by_category.most_common())
+    log.info("excluded   %s image(s)%s", f"{len(exclusions):,}", f": {detail}" if detail else "")
+
+
+def _log_splits(prepared: dict) -> None:
+    log.info("split      %s", " / ".join(f"{s} {n:,}" for s, n in prepared["splits"].items()))
+    if prepared["open_set"]:
+        o = prepared["open_set"]
+        log.info("open set   %d known, %d held out (%d in unknown_val, %d in unknown_test)",
+                 o["num_classes"], o["num_unknown"], o["unknown_val_individuals"],
+                 o["unknown_test_individuals"])
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m src.data.prepare",
+        description="Prepare the dataset: merged and min-N lists, splits, metadata, validation report.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--folder", type=Path, metavar="ROOT",
+                        help="a folder per individual: <root>/<individual>/<image>")
+    source.add_argument("--list", dest="list_file", type=Path, metavar="FILE",
+                        help="a '<relative path> <individual>' list; paths relative to --raw-dir")
+    p.add_argument("--raw-dir", type=Path, metavar="DIR",
+                   help=f"the cvjena release (default {DEFAULT_RAW_DIR}), or the folder --list paths are "
+                        f"relative to (default: the list's folder)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, metavar="DIR",
+                   help=f"outputs go to <out-dir>/annotations/ (default {DEFAULT_OUT_DIR})")
+    p.add_argument("--min-images", type=int, default=DEFAULT_MIN_IMAGES, metavar="N",
+                   help="keep individuals with at least this many usable images (default 10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the splits (default 0)")
+    p.add_argument("--fractions", type=float, nargs=3, default=list(DEFAULT_FRACTIONS),
+                   metavar=("TRAIN", "VAL", "TEST"), help="split fractions (default 0.7 0.15 0.15)")
+    p.add_argument("--open-set-individuals", type=int, default=DEFAULT_OPEN_SET_INDIVIDUALS, metavar="K",
+                   help="individuals held out for the open-set split (default 10; 0 disables it)")
+    p.add_argument("--labels-fix", type=Path, metavar="FILE",
+                   help="aliases and exclusions (YAML or text), applied before filtering")
+    p.add_argument("--spaces-to-underscores", action="store_true",
+                   help="replace whitespace in individual names by '_' instead of refusing them")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 if any image problem was found (missing, unreadable, duplicate)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the public release into --raw-dir first (resumes, then verifies)")
+    p.add_argument("--url", default=DEFAULT_URL, help="archive to download (default: the public release)")
+    p.add_argument("--workers", type=int, metavar="N", help="threads for decoding images (default: up to 8)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 on success, 1 when --strict found problems, 2 with one `error:` line for bad input."""
+    args = build_parser().parse_args(argv)
+    with _progress_on_stdout():
+        try:
+            result = _run(args)
+        except (AnnotationError, SplitError, PrepareError, DownloadError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.strict and result.problems:
+        print(f"error: --strict: {result.problems} image problem(s); see "
+              f"{result.annotations_dir / 'validation_report.md'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> PrepareResult:
+    if args.download:
+        if args.folder or args.list_file:
+            raise PrepareError("--download fetches the cvjena release; it cannot be combined with "
+                               "--folder or --list")
+        fetch_release(args.raw_dir or DEFAULT_RAW_DIR, args.url)
+    return prepare(args.raw_dir, args.out_dir, folder=args.folder, list_file=args.list_file,
+                   min_images=args.min_images, seed=args.seed, fractions=args.fractions,
+                   open_set_individuals=args.open_set_individuals, labels_fix=args.labels_fix,
+                   spaces_to_underscores=args.spaces_to_underscores, workers=args.workers)
+
+
+@contextmanager
+def _progress_on_stdout() -> Iterator[None]:
+    """Progress lines of this module and `src.data.download` on stdout while the command runs
+    (errors go to stderr); removed afterwards, so that calling `main` twice does not print twice."""
+    parent = logging.getLogger("src.data")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = parent.level
+    parent.addHandler(handler)
+    parent.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        parent.removeHandler(handler)
+        parent.setLevel(level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

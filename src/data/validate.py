@@ -1,0 +1,388 @@
+"""What is wrong with a dataset before it is trained on: image problems and suspect labels.
+
+Two kinds of findings, treated differently on purpose:
+
+- *Problems* (an image listed twice, a missing file, an image that does not decode, an exact duplicate)
+  make an image unusable or leak it across splits. The image is excluded, its reason listed in the
+  report, and `prepare --strict` fails.
+- *Label-quality flags* (placeholder names, near-duplicate names, one individual with both sexes or
+  ages years apart) are suspicions about the published labels. They are reported with image counts
+  and the images involved so that a user can write a `--labels-fix` file; they never change the data
+  on their own, so the default run reproduces the published counts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.data.annotations import Record
+from src.data.io import ImageLoadError, load_rgb
+
+PROBLEM_CATEGORIES = ("listed twice", "missing file", "unreadable", "duplicate")
+LABELS_FIX = "labels-fix"
+
+# Names that identify no animal: the dataset's age-group words (the published C-Tai labels use
+# 'Adult' for faces nobody identified) and the usual words for "no name". Compared after lowercasing
+# and dropping punctuation, so '?', '-' and 'n/a' match too.
+PLACEHOLDER_WORDS = {"infant", "juvenile", "subadult", "adult", "elderly", "unknown", "unidentified",
+                     "unnamed", "noname", "none", "na", "nan", ""}
+AGE_GROUP_ORDER = ("infant", "juvenile", "subadult", "adult", "elderly")
+# Photos of one individual span a few years at most, so a recorded age that differs by more than this
+# from the individual's usual age is suspect (C-Tai has ages 11 years apart for one name).
+AGE_SPAN_YEARS = 2.0
+# Near-duplicate names: edit distance at most 1 (2 for names of 8+ letters), case-insensitive, and the
+# rarer name at most this share of the other's images. Rarity separates a one-off typo ('Woodstiock',
+# 1 image, beside 'Woodstock', 87) from two real animals with similar names ('Tita' 41, 'Zita' 42).
+RARER_SHARE = 0.2
+# An age seen on at most this share of an individual's images, far from its other ages, is an outlier.
+OUTLIER_SHARE = 0.1
+MARKDOWN_LIST_LIMIT = 40
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """An image left out of every list, and why."""
+    record: Record
+    category: str
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        r = self.record
+        return {"path": r.path, "individual": r.individual, "source": r.source, "origin": r.origin,
+                "category": self.category, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """Outcome of decoding one image: a reason when it failed, else its size and a pixel digest."""
+    reason: str = ""
+    missing: bool = False
+    size: tuple[int, int] | None = None
+    digest: str = ""
+
+
+# --- image problems -----------------------------------------------------------------------------
+
+def check_image(path: Path) -> ImageCheck:
+    """Decode fully with `load_rgb` (truncation shows only on a full decode) and hash the pixels.
+
+    Hashing decoded pixels rather than file bytes also catches the same face saved twice in
+    different files or containers.
+    """
+    if not path.is_file():
+        return ImageCheck(reason="file not found", missing=True)
+    try:
+        img = load_rgb(path)
+    except ImageLoadError as exc:
+        return ImageCheck(reason=exc.reason)
+    digest = hashlib.blake2b(img.tobytes(), digest_size=16)
+    digest.update(f"{img.width}x{img.height}".encode())
+    return ImageCheck(size=img.size, digest=digest.hexdigest())
+
+
+def check_images(records: Sequence[Record], raw_dir: Path,
+                 workers: int | None = None) -> tuple[list[Exclusion], dict[str, ImageCheck]]:
+    """(exclusions for every problem found, {path: check}) for the records' images.
+
+    Decoding runs in threads: Pillow releases the GIL while decoding, and thousands of small crops
+    would otherwise take minutes on one core.
+    """
+    exclusions = listed_twice(records)
+    twice = {e.record.origin for e in exclusions}
+    paths = sorted({r.path for r in records})
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        checks = dict(zip(paths, pool.map(lambda p: check_image(raw_dir / p), paths)))
+    remaining = [r for r in records if r.origin not in twice]
+    for record in remaining:
+        check = checks[record.path]
+        if check.reason:
+            exclusions.append(Exclusion(record, "missing file") if check.missing
+                              else Exclusion(record, "unreadable", check.reason))
+    readable = [r for r in remaining if not checks[r.path].reason]
+    exclusions += exact_duplicates(readable, checks)
+    return exclusions, checks
+
+
+def listed_twice(records: Sequence[Record]) -> list[Exclusion]:
+    """Repeated paths: later copies when the label agrees, every copy when the labels disagree
+    (nothing says which label is right)."""
+    by_path: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_path[record.path].append(record)
+    exclusions = []
+    for copies in by_path.values():
+        if len(copies) == 1:
+            continue
+        names = sorted({r.individual for r in copies})
+        if len(names) == 1:
+            exclusions += [Exclusion(r, "listed twice", f"first listed at {copies[0].origin}")
+                           for r in copies[1:]]
+        else:
+            exclusions += [Exclusion(r, "listed twice", f"listed as {', '.join(names)}") for r in copies]
+    return exclusions
+
+
+def exact_duplicates(records: Sequence[Record], checks: dict[str, ImageCheck]) -> list[Exclusion]:
+    """Identical pixels under different paths: keep the first copy (in input order) when all copies
+    carry the same individual, exclude every copy when they disagree. A duplicate left in would land
+    in train and test alike and inflate accuracy."""
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        groups[checks[record.path].digest].append(record)
+    exclusions = []
+    for copies in groups.values():
+        if len(copies) == 1:
+            continue
+        names = sorted({r.individual for r in copies})
+        if len(names) == 1:
+            exclusions += [Exclusion(r, "duplicate", f"same pixels as {copies[0].path}") for r in copies[1:]]
+        else:
+            exclusions += [Exclusion(r, "duplicate", f"same pixels labelled {', '.join(names)}: "
+                                     f"{', '.join(c.path for c in copies if c is not r)}") for r in copies]
+    return exclusions
+
+
+# --- label quality ------------------------------------------------------------------------------
+
+def label_quality(records: Sequence[Record]) -> dict[str, list[dict]]:
+    """Every label-quality flag over the records, each with image counts; see the module doc."""
+    return {
+        "placeholder_names": placeholder_names(records),
+        "near_duplicate_names": near_duplicate_names(records),
+        "sex_inconsistent": sex_inconsistencies(records),
+        "age_inconsistent": age_inconsistencies(records),
+        "names_in_several_sources": names_in_several_sources(records),
+    }
+
+
+def _normalise(word: str | None) -> str:
+    return "".join(c for c in (word or "").lower() if c.isalnum())
+
+
+def _by_individual(records: Iterable[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        groups[record.individual].append(record)
+    return groups
+
+
+def _sources(records: Iterable[Record]) -> list[str]:
+    return sorted({r.source for r in records})
+
+
+def placeholder_names(records: Sequence[Record]) -> list[dict]:
+    """Names that are an age-group word (including every age group the data uses) or 'unknown'."""
+    words = PLACEHOLDER_WORDS | {_normalise(r.age_group) for r in records if r.age_group}
+    flags = [{"name": name, "images": len(group), "sources": _sources(group)}
+             for name, group in _by_individual(records).items() if _normalise(name) in words]
+    return sorted(flags, key=lambda f: -f["images"])
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions), two-row dynamic programme."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def near_duplicate_names(records: Sequence[Record], rarer_share: float = RARER_SHARE) -> list[dict]:
+    """Pairs of names that look like one name misspelled, compared across all sources."""
+    groups = _by_individual(records)
+    counts = {name: len(group) for name, group in groups.items()}
+    names = sorted(counts)
+    flags = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            limit = 2 if min(len(a), len(b)) >= 8 else 1
+            if abs(len(a) - len(b)) > limit:  # cheap test first: the distance is at least this
+                continue
+            distance = levenshtein(a.lower(), b.lower())
+            if distance > limit:
+                continue
+            rare, common = sorted((a, b), key=lambda n: (counts[n], n))
+            if distance == 0 or counts[rare] <= rarer_share * counts[common]:
+                flags.append({"name": rare, "images": counts[rare], "sources": _sources(groups[rare]),
+                              "similar_to": common, "similar_images": counts[common],
+                              "similar_sources": _sources(groups[common]), "edit_distance": distance})
+    return sorted(flags, key=lambda f: (-f["similar_images"], f["name"]))
+
+
+def sex_inconsistencies(records: Sequence[Record]) -> list[dict]:
+    """Individuals with both sexes recorded; `outliers` are the images that disagree with the
+    majority, ready to paste into `exclude_images`."""
+    flags = []
+    for name, group in _by_individual(records).items():
+        known = Counter(r.gender for r in group if _normalise(r.gender) in ("male", "female"))
+        if len(known) < 2:
+            continue
+        majority = known.most_common(1)[0][0]
+        flags.append({"name": name, "images": len(group), "sources": _sources(group),
+                      "sexes": dict(Counter(r.gender for r in group).most_common()),
+                      "outliers": [r.path for r in group if r.gender in known and r.gender != majority]})
+    return sorted(flags, key=lambda f: -f["images"])
+
+
+def age_inconsistencies(records: Sequence[Record], span: float = AGE_SPAN_YEARS,
+                        outlier_share: float = OUTLIER_SHARE) -> list[dict]:
+    """Individuals whose recorded ages lie more than `span` years apart, or whose age groups are
+    more than one step apart (Infant and Adult, say).
+
+    Large groups of ages years apart can be photos taken years apart; a few images far from every
+    large group are more likely label errors. So `outliers` lists only the images whose age (or age
+    group) is rare (at most `outlier_share` of the individual's images) and more than `span` years
+    (one age-group step) from every common one.
+    """
+    flags = []
+    for name, group in _by_individual(records).items():
+        ages = Counter(r.age for r in group if r.age is not None)
+        ranks = Counter(_age_rank(r) for r in group if _age_rank(r) is not None)
+        if not (_spread(ages) > span or _spread(ranks) > 1):
+            continue
+        odd_ages = _isolated(ages, span, outlier_share * len(group))
+        odd_ranks = _isolated(ranks, 1, outlier_share * len(group))
+        flags.append({"name": name, "images": len(group), "sources": _sources(group),
+                      "ages": {f"{a:g}": n for a, n in sorted(ages.items())},
+                      "age_groups": dict(Counter(r.age_group for r in group).most_common()),
+                      "outliers": [r.path for r in group if r.age in odd_ages or _age_rank(r) in odd_ranks]})
+    return sorted(flags, key=lambda f: -f["images"])
+
+
+def _spread(counts: Counter) -> float:
+    return max(counts) - min(counts) if counts else 0
+
+
+def _isolated(counts: Counter, distance: float, rare: float) -> set:
+    """Values seen at most `rare` times and more than `distance` from every more common value."""
+    common = [v for v, n in counts.items() if n > rare]
+    return {v for v, n in counts.items()
+            if n <= rare and common and all(abs(v - c) > distance for c in common)}
+
+
+def _age_rank(record: Record) -> int | None:
+    word = _normalise(record.age_group)
+    return AGE_GROUP_ORDER.index(word) if word in AGE_GROUP_ORDER else None
+
+
+def names_in_several_sources(records: Sequence[Record]) -> list[dict]:
+    """One name in several sources is merged into one individual; C-Zoo and C-Tai animals cannot be
+    the same, so such a name needs an alias for one of them."""
+    flags = []
+    for name, group in _by_individual(records).items():
+        per_source = Counter(r.source for r in group)
+        if len(per_source) > 1:
+            flags.append({"name": name, "images": len(group), "sources": dict(sorted(per_source.items()))})
+    return flags
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def count_problems(exclusions: Iterable[Exclusion]) -> int:
+    return sum(e.category in PROBLEM_CATEGORIES for e in exclusions)
+
+
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    """`validation_report.json` (everything) and `validation_report.md` (the same, lists capped)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "validation_report.json", out_dir / "validation_report.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    return md_path, json_path
+
+
+def render_markdown(report: dict) -> str:
+    """A readable report: counts per source, problems, thresholds, label flags, labels fix."""
+    n = report["min_images"]
+    lines = ["# Validation report", "",
+             f"Raw folder: `{report['raw_dir']}`; input: {report['input']}; minimum images per "
+             f"individual: {n}.", "",
+             f"**{report['problems']:,} problem(s)**; images excluded: {len(report['excluded']):,}.", "",
+             "## Counts per source", "",
+             f"| source | parsed images | individuals | excluded | usable | min{n} images | "
+             f"min{n} individuals |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for source, c in report["counts"].items():
+        lines.append(f"| {source} | {c['parsed_images']:,} | {c['parsed_individuals']:,} | "
+                     f"{c['excluded']:,} | {c['usable_images']:,} | {c['kept_images']:,} | "
+                     f"{c['kept_individuals']:,} |")
+    lines += ["", "## Excluded images", ""]
+    lines += _markdown_exclusions(report["excluded"])
+    lines += ["", f"## Individuals below {n} usable images", ""]
+    lines += _capped([f"- {b['name']} ({', '.join(b['sources'])}): {b['images']} usable of "
+                      f"{b['annotated']} annotated" for b in report["below_threshold"]]) or ["None."]
+    lines += ["", "## Label quality (suspicions, nothing changed)", ""]
+    lines += _markdown_flags(report["label_quality"])
+    lines += ["", "## Labels fix", ""]
+    lines += _markdown_labels_fix(report["labels_fix"])
+    return "\n".join(lines) + "\n"
+
+
+def _capped(items: list[str]) -> list[str]:
+    if len(items) <= MARKDOWN_LIST_LIMIT:
+        return items
+    return items[:MARKDOWN_LIST_LIMIT] + [f"- ... and {len(items) - MARKDOWN_LIST_LIMIT:,} more "
+                                          f"(all in validation_report.json)"]
+
+
+def _markdown_exclusions(excluded: list[dict]) -> list[str]:
+    if not excluded:
+        return ["None."]
+    by_category = Counter(e["category"] for e in excluded)
+    lines = [f"- {category}: {count:,}" for category, count in by_category.most_common()]
+    lines += ["", "| path | individual | reason |", "| --- | --- | --- |"]
+    rows = [f"| `{e['path']}` | {e['individual']} | {e['category']}"
+            f"{': ' + e['detail'] if e['detail'] else ''} |" for e in excluded]
+    return lines + _capped(rows)
+
+
+def _markdown_flags(flags: dict[str, list[dict]]) -> list[str]:
+    sections = {
+        "placeholder_names": ("Placeholder names (an age-group word or 'unknown', not an animal)",
+                              lambda f: f"- {f['name']} ({', '.join(f['sources'])}): {f['images']} images"),
+        "near_duplicate_names": ("Near-duplicate names (probably one name misspelled)",
+                                 lambda f: f"- {f['name']} ({f['images']}, {', '.join(f['sources'])}) ~ "
+                                           f"{f['similar_to']} ({f['similar_images']}, "
+                                           f"{', '.join(f['similar_sources'])}), edit distance "
+                                           f"{f['edit_distance']}"),
+        "sex_inconsistent": ("Both sexes recorded for one individual",
+                             lambda f: f"- {f['name']}: {f['images']} images, {_pairs(f['sexes'])}; "
+                                       f"{len(f['outliers'])} against the majority"),
+        "age_inconsistent": (f"Ages more than {AGE_SPAN_YEARS:g} years or age groups more than one "
+                             f"step apart for one individual",
+                             lambda f: f"- {f['name']}: {f['images']} images, ages "
+                                       f"{_pairs(f['ages'])}; age groups {_pairs(f['age_groups'])}; "
+                                       f"{len(f['outliers'])} outlier(s)"),
+        "names_in_several_sources": ("One name in several sources (merged into one individual)",
+                                     lambda f: f"- {f['name']}: {_pairs(f['sources'])}"),
+    }
+    lines = []
+    for key, (title, line) in sections.items():
+        lines += [f"### {title}", ""] + (_capped([line(f) for f in flags[key]]) or ["None."]) + [""]
+    lines.append("`outliers` in validation_report.json lists those images (paths relative to the raw "
+                 "folder, ready for `exclude_images` in a labels-fix file). Two large groups of ages years "
+                 "apart may be photos taken years apart; rare outliers are more likely label errors.")
+    return lines
+
+
+def _pairs(counts: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in counts.items())
+
+
+def _markdown_labels_fix(info: dict | None) -> list[str]:
+    if not info:
+        return ["None applied (names as published)."]
+    lines = [f"File: `{info['file']}`.", "",
+             f"- aliases applied: {_pairs(info['aliases_applied']) or 'none'}",
+             f"- images excluded: {info['excluded_images']:,}"]
+    if info["unused"]:
+        lines.append(f"- entries that matched nothing: {', '.join(info['unused'])}")
+    return lines

@@ -1,0 +1,74 @@
+"""Training curves of a run, finished or still going: loss, top-1, top-5 and learning rate per epoch.
+
+    python -m src.evaluation.curves artifacts/<name>_metrics.csv [--out artifacts/<name>_curves.png]
+
+Training rewrites `<name>_metrics.csv` after every epoch, so running this again redraws the curves
+up to the last finished epoch. A line that cannot be read (a file being written by another tool, an
+epoch cut short) is skipped rather than failing the plot.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from src.evaluation.plots import plot_training_curves
+from src.training.artifacts import METRICS_COLUMNS
+
+METRICS_SUFFIX = "_metrics.csv"
+
+
+class CurvesError(ValueError):
+    """A metrics file that cannot be plotted; one line naming the file."""
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """Every complete epoch row of a metrics CSV, one array per column of METRICS_COLUMNS."""
+    path = Path(path)
+    if not path.is_file():
+        raise CurvesError(f"{path}: metrics file not found")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {missing})")
+        rows = []
+        for row in reader:
+            try:
+                rows.append([float(row[column]) for column in METRICS_COLUMNS])
+            except (TypeError, ValueError):  # a short or half-written line: None or '' cells
+                continue
+    if not rows:
+        raise CurvesError(f"{path}: no finished epoch yet")
+    table = np.array(rows, dtype=np.float64)
+    return {column: table[:, i] for i, column in enumerate(METRICS_COLUMNS)}
+
+
+def default_output(csv_path: Path) -> Path:
+    """`artifacts/<name>_metrics.csv` -> `artifacts/<name>_curves.png`."""
+    name = csv_path.name.removesuffix(METRICS_SUFFIX) if csv_path.name.endswith(METRICS_SUFFIX) else csv_path.stem
+    return csv_path.with_name(f"{name}_curves.png")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.evaluation.curves", description=__doc__.split("\n")[0])
+    parser.add_argument("metrics_csv", type=Path, help="artifacts/<name>_metrics.csv written by training")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="PNG to write (default: <name>_curves.png beside the CSV)")
+    args = parser.parse_args(argv)
+    try:
+        history = read_metrics_csv(args.metrics_csv)
+    except CurvesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or default_output(args.metrics_csv)
+    plot_training_curves(history, out, title=f"{args.metrics_csv.name}: {len(history['epoch'])} epochs")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""Evaluate a trained checkpoint in one command and write a report a reviewer can check.
+
+    python -m src.evaluation.evaluate --checkpoint artifacts/<name>_best.pt [--split test]
+        [--data-root DIR] [--out DIR] [--device cpu|cuda] [--batch-size N]
+
+Read top to bottom: `load_run` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
+`embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier)
+-> `retrieval_section` (embeddings against the train gallery) -> `open_set_section` or
+`closed_set_threshold` -> `write_outputs` (report.json, report.md, figures, threshold sidecar).
+
+The run folder (default `runs/eval/<checkpoint stem>_<split>`) gets `report.json` with every number,
+`report.md` with the tables and figures, `confusion_matrix.png/.csv`, `cmc.png` and, when the
+training metrics CSV is beside the checkpoint, `training_curves.png`. The rejection threshold for
+inference goes into the report and into `<checkpoint>.threshold.json`; the checkpoint itself is
+never rewritten. Same inputs give the same report.json (floats rounded to 6 decimals, sorted keys).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from src.config import Config, ConfigError, config_from_dict
+from src.data.dataset import ClassIndex, DatasetError, PreparedData
+from src.data.loaders import build_source
+from src.evaluation import metrics
+from src.evaluation.curves import CurvesError, read_metrics_csv
+from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
+from src.models.backbones import ModelError
+from src.models.factory import IdentificationModel, create_model
+from src.training.artifacts import RunPaths
+from src.training.checkpoint import CheckpointError, load_checkpoint
+from src.training.resume import data_fingerprint
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+DECIMALS = 6
+SPLITS = ("val", "test")
+
+
+CLOSED_MODEL_NOTE = (
+    "Not evaluated: this model was trained on the closed set, so every individual of the open-set 'unknown' "
+    "lists was in its training data. An honest open-set evaluation needs a model trained with "
+    "`data.open_set: true`. The threshold below is a heuristic chosen on the closed val split.")
+
+
+class EvaluationError(ValueError):
+    """Inputs that cannot be evaluated together; one line saying what does not match."""
+
+
+@dataclass
+class Run:
+    """A checkpoint ready to evaluate: its model in eval mode on the device, and what it was trained on."""
+
+    sha256: str
+    checkpoint: dict
+    config: Config
+    classes: ClassIndex
+    model: IdentificationModel
+    device: torch.device
+
+
+@dataclass
+class Embedded:
+    """One split through the model: the rows that could be read, with their embeddings and logits."""
+
+    rows: list[tuple[str, str]]
+    embeddings: np.ndarray  # N x D, L2-normalised
+    logits: np.ndarray      # N x C
+    skipped: int            # unreadable images left out
+
+    @property
+    def names(self) -> np.ndarray:
+        return np.array([name for _, name in self.rows])
+
+    def labels(self, classes: ClassIndex) -> np.ndarray:
+        return np.array([classes.index(name) for name in self.names], dtype=np.int64)
+
+    def subset(self, mask: np.ndarray) -> "Embedded":
+        return Embedded([row for row, keep in zip(self.rows, mask) if keep], self.embeddings[mask],
+                        self.logits[mask], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.evaluation.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="artifacts/<name>_best.pt")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="prepared dataset (default: data.root of the checkpoint's config)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder (default: runs/eval/<checkpoint stem>_<split>)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def pick_device(wanted: str | None) -> torch.device:
+    """The device, set up for reproducible numbers: no cuDNN autotuning and no TF32 (both change the
+    arithmetic from run to run or from fp32), which costs little for a single pass over the data."""
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    device = torch.device(wanted or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_run(path: Path, device: torch.device) -> Run:
+    """The checkpoint's model with its weights. The backbone is built without pretrained weights
+    (they would be downloaded only to be overwritten by the checkpoint's)."""
+    checkpoint = load_checkpoint(path)
+    config = config_from_dict(checkpoint["config"])
+    classes = ClassIndex.from_list(checkpoint["classes"])
+    model = create_model(config.model.model_copy(update={"pretrained": False}), len(classes))
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise EvaluationError(f"{path}: weights do not fit the model its config describes ({first})") from None
+    return Run(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
+
+
+def evaluation_config(config: Config, data_root: Path | None, batch_size: int) -> Config:
+    """The checkpoint's config with the command line's changes: batch size and, for `--data-root`, the
+    data root and its default cache folder. Everything that shapes the pixels stays as trained."""
+    config = config.model_copy(deep=True)
+    config.trainer.batch_size = batch_size
+    if data_root is not None:
+        config.data.root, config.data.cache_dir = data_root, data_root / "cache"
+    return config
+
+
+def read_splits(data: PreparedData, split: str, open_set: bool) -> dict[str, list[tuple[str, str]]]:
+    """The lists the evaluation needs, keyed by how the report names them.
+
+    Closed set: `train` (gallery), `val` (threshold), the evaluated split. Open set: the same over the
+    known individuals, plus `unknown_val` (threshold) and `unknown_<split>` (measured).
+    """
+    names = ["train", "val", split]
+    if open_set:
+        names += ["unknown_val", f"unknown_{split}"]
+    return {name: data.split(name, open_set=open_set) for name in dict.fromkeys(names)}
+
+
+def check_individuals(splits: dict[str, list[tuple[str, str]]], classes: ClassIndex) -> None:
+    """Known splits must hold only individuals the checkpoint knows; unknown splits none of them.
+
+    A mismatch means a checkpoint evaluated on another prepared dataset (or one re-prepared since),
+    where the numbers would be meaningless."""
+    known = set(classes.names)
+    for name, rows in splits.items():
+        individuals = {individual for _, individual in rows}
+        wrong = sorted(individuals & known if name.startswith("unknown_") else individuals - known)
+        if wrong:
+            what = "seen in training" if name.startswith("unknown_") else "unknown to the checkpoint"
+            raise EvaluationError(f"split '{name}' has {len(wrong)} individuals {what} (e.g. "
+                                  f"{', '.join(wrong[:3])}): checkpoint and prepared dataset do not match")
+
+
+def read_sources(root: Path) -> dict[str, str]:
+    """Image path -> source (CZoo, CTai, ...) from `annotations/metadata.csv`; empty when absent."""
+    path = Path(root) / "annotations" / "metadata.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        return {row["path"]: row["source"] or "unknown" for row in csv.DictReader(handle)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding
+
+
+@torch.no_grad()
+def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: Path, desc: str) -> Embedded:
+    """Every readable image of `rows` through the model, with exactly training's validation pipeline
+    (`build_source(train=False)`: the same cache, decoding and `BatchAugment.eval`).
+
+    The source is given each row's index as its "individual", so the labels it yields say which rows
+    were read (unreadable images are skipped inside it) and any individual can be embedded, also one
+    the checkpoint never saw. The image cache ignores labels, so training's caches are reused. One
+    forward gives both outputs: the embedding, L2-normalised as `model.embed` does, and the logits.
+    A split without any readable image is an EvaluationError: every split has a role in the report.
+    """
+    row_ids = ClassIndex([str(i) for i in range(len(rows))])
+    source = build_source(config, [(path, str(i)) for i, (path, _) in enumerate(rows)], raw_dir, row_ids,
+                          train=False, device=run.device)
+    kept, embeddings, logits = [], [], []
+    bar = tqdm(total=len(source), desc=desc, leave=False, file=sys.stderr, disable=not sys.stderr.isatty(),
+               dynamic_ncols=True)
+    for images, labels in source.batches(0):
+        features, batch_logits, _ = run.model(images)
+        embeddings.append(F.normalize(features.float(), dim=1).cpu().numpy())
+        logits.append(batch_logits.float().cpu().numpy())
+        kept += [rows[i] for i in labels.tolist()]
+        bar.update()
+    bar.close()
+    if not kept:
+        raise EvaluationError(f"{desc}: none of its {len(rows)} images could be read")
+    return Embedded(kept, np.concatenate(embeddings), np.concatenate(logits), len(rows) - len(kept))
+
+
+def similarity(queries: Embedded, gallery: Embedded) -> np.ndarray:
+    """Cosine similarity (embeddings are unit vectors), in float64 so that ties are real ties."""
+    return queries.embeddings.astype(np.float64) @ gallery.embeddings.astype(np.float64).T
+
+
+def check_gallery(embedded: dict[str, Embedded], split: str) -> None:
+    """Every known query individual needs a readable gallery image, or retrieval could not find it."""
+    in_gallery = set(embedded["train"].names)
+    for name in dict.fromkeys(["val", split]):
+        missing = sorted(set(embedded[name].names) - in_gallery)
+        if missing:
+            raise EvaluationError(f"split '{name}': individuals with no readable train image to retrieve "
+                                  f"(e.g. {', '.join(missing[:3])})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections of the report
+
+
+def closed_set_section(query: Embedded, classes: ClassIndex) -> tuple[dict, np.ndarray]:
+    """Classifier metrics on the evaluated split, the per-individual table and the confusion matrix."""
+    labels = query.labels(classes)
+    matrix = metrics.confusion(labels, query.logits.argmax(axis=1), len(classes))
+    section = metrics.classification_metrics(labels, query.logits)
+    section["per_individual"] = metrics.per_individual(matrix, list(classes.names))
+    return section, matrix
+
+
+def retrieval_section(query: Embedded, gallery: Embedded) -> dict:
+    """1-NN accuracy, mAP@R and CMC of the evaluated split against the train gallery."""
+    section = metrics.retrieval_metrics(similarity(query, gallery), query.names, gallery.names)
+    section["gallery_images"] = len(gallery.rows)
+    return section
+
+
+def by_source_section(query: Embedded, gallery: Embedded, classes: ClassIndex, sources: dict[str, str]) -> dict:
+    """The closed-set and retrieval headline numbers per image source: published results differ a lot
+    between CZoo (zoo, good light) and CTai (wild, Taï forest), so one average can hide either."""
+    per_image = np.array([sources.get(path, "unknown") for path, _ in query.rows])
+    section = {}
+    for source in sorted(set(per_image)):
+        subset = query.subset(per_image == source)
+        scores = similarity(subset, gallery)
+        section[source] = {**metrics.classification_metrics(subset.labels(classes), subset.logits),
+                           "one_nn_accuracy": metrics.one_nn_accuracy(scores, subset.names, gallery.names),
+                           "map_at_r": metrics.map_at_r(scores, subset.names, gallery.names)}
+    return section
+
+
+def open_set_scores(query: Embedded, gallery: Embedded) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's 1-NN individual and best gallery similarity (the score a threshold is applied to)."""
+    return metrics.nearest_neighbour(similarity(query, gallery), gallery.names)
+
+
+@dataclass
+class OpenSetSide:
+    """Known and unknown images of one side (threshold choice or measurement) against the gallery."""
+
+    known_labels: np.ndarray
+    known_correct: np.ndarray  # 1-NN individual is the true one
+    known_scores: np.ndarray   # best gallery similarity
+    unknown_labels: np.ndarray
+    unknown_scores: np.ndarray
+
+    @classmethod
+    def score(cls, known: Embedded, unknown: Embedded, gallery: Embedded) -> "OpenSetSide":
+        predicted, known_scores = open_set_scores(known, gallery)
+        return cls(known.names, predicted == known.names, known_scores, unknown.names,
+                   open_set_scores(unknown, gallery)[1])
+
+    def choose_threshold(self) -> float:
+        return metrics.choose_open_set_threshold(self.known_labels, self.known_correct, self.known_scores,
+                                                 self.unknown_labels, self.unknown_scores)
+
+    def at(self, threshold: float) -> dict:
+        return {"baks": metrics.baks(self.known_labels, self.known_correct, self.known_scores >= threshold),
+                "baus": metrics.baus(self.unknown_labels, self.unknown_scores >= threshold)}
+
+    def auroc(self) -> float:
+        is_unknown = np.r_[np.zeros(len(self.known_scores), bool), np.ones(len(self.unknown_scores), bool)]
+        return metrics.unknown_auroc(np.r_[self.known_scores, self.unknown_scores], is_unknown)
+
+
+def open_set_section(embedded: dict[str, Embedded], split: str) -> dict:
+    """Unknown-individual detection for a model trained without the held-out individuals.
+
+    The threshold is chosen on `val` + `unknown_val` (maximising the mean of BAKS and BAUS) and then
+    measured on `<split>` + `unknown_<split>`, whose unknown individuals the threshold never saw.
+    """
+    gallery = embedded["train"]
+    validation = OpenSetSide.score(embedded["val"], embedded["unknown_val"], gallery)
+    measured = OpenSetSide.score(embedded[split], embedded[f"unknown_{split}"], gallery)
+    threshold = validation.choose_threshold()
+    result = measured.at(threshold)
+    return {**result, "evaluated": True, "auroc": measured.auroc(),
+            "balanced_mean": (result["baks"] + result["baus"]) / 2, "threshold": threshold,
+            "known_images": len(measured.known_scores), "unknown_images": len(measured.unknown_scores),
+            "known_individuals": len(set(measured.known_labels)),
+            "unknown_individuals": len(set(measured.unknown_labels)),
+            "validation": validation.at(threshold),
+            "threshold_chosen_on": ["val", "unknown_val"], "measured_on": [split, f"unknown_{split}"]}
+
+
+def threshold_section(embedded: dict[str, Embedded], open_section: dict, checkpoint: Path) -> dict:
+    """The threshold inference applies to the best gallery similarity, and how it was chosen.
+
+    Open-set model: the threshold of `open_set_section`. Closed-set model: the similarity that keeps 95%
+    of the val split's correct 1-NN matches; nothing tells how unknown animals would score, so this
+    heuristic only bounds what rejection costs on known ones.
+    """
+    if open_section["evaluated"]:
+        value, split, method = (open_section["threshold"], "open_set/val + open_set/unknown_val",
+                                "maximises (BAKS + BAUS) / 2 on the validation side")
+    else:
+        predicted, scores = open_set_scores(embedded["val"], embedded["train"])
+        value = metrics.keep_fraction_threshold(scores[predicted == embedded["val"].names])
+        split = "val"
+        method = ("keeps 95% of the correct 1-NN matches of the val split (closed-set heuristic)" if value is not None
+                  else "no correct 1-NN match on the val split to calibrate on")
+    return {"threshold": value, "split": split, "method": method, "sidecar": str(threshold_sidecar_path(checkpoint))}
+
+
+def data_warnings(splits: dict[str, list[tuple[str, str]]], run: Run, split: str, open_set: bool) -> list[str]:
+    """What makes the numbers less trustworthy without making them wrong to compute."""
+    warnings = []
+    if data_fingerprint(splits["train"], run.classes) != run.checkpoint.get("data_fingerprint"):
+        warnings.append("the train split differs from the one this checkpoint was trained on (re-prepared "
+                        "or another dataset): evaluated images may have been training images")
+    if open_set and split == "val":
+        warnings.append("open set measured on the split its threshold was chosen on: optimistic")
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def rounded(value):
+    """JSON-ready copy with floats rounded (and NaN as null), so reruns give byte-identical files."""
+    if isinstance(value, dict):
+        return {str(key): rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else round(float(value), DECIMALS)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def threshold_sidecar_path(checkpoint: Path) -> Path:
+    """`artifacts/x_best.pt` -> `artifacts/x_best.pt.threshold.json` (read by inference)."""
+    return checkpoint.with_name(checkpoint.name + ".threshold.json")
+
+
+def confusion_csv(matrix: np.ndarray, names: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *names])
+    for name, counts in zip(names, matrix):
+        writer.writerow([name, *counts.tolist()])
+    return buffer.getvalue()
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: the same numbers as report.json, as tables a reviewer reads, figures linked."""
+    ckpt, data, closed, retrieval = report["checkpoint"], report["data"], report["closed_set"], report["retrieval"]
+    open_set, threshold = report["open_set"], report["threshold"]
+    lines = [f"# Evaluation of `{Path(ckpt['path']).name}` on the {data['split']} split", "",
+             f"- checkpoint: `{ckpt['path']}` (sha256 `{ckpt['sha256'][:16]}…`), epoch {ckpt['epoch']}, "
+             f"{ckpt['backbone']} + {ckpt['head']}, {ckpt['num_classes']} individuals, trained on the "
+             f"{'open-set' if ckpt['open_set'] else 'closed-set'} split",
+             f"- data: `{data['root']}`, lists in `{data['lists']}`; evaluated: {data['images'][data['split']]} "
+             f"images; gallery (train): {data['images']['train']} images; unreadable images skipped: "
+             f"{sum(data['skipped'].values())}", ""]
+    lines += [f"> **Warning:** {warning}" for warning in report["warnings"]] + ([""] if report["warnings"] else [])
+    lines += ["## Closed set (classifier)", "", "| top-1 | top-5 | balanced accuracy | macro-F1 |", "|---|---|---|---|",
+              f"| {_number(closed['top1'])} | {_number(closed['top5'])} | {_number(closed['balanced_accuracy'])} | "
+              f"{_number(closed['macro_f1'])} |", "", "### By source", "",
+              "| source | images | top-1 | top-5 | balanced acc. | macro-F1 | 1-NN | mAP@R |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {source} | {row['num_images']} | {_number(row['top1'])} | {_number(row['top5'])} | "
+              f"{_number(row['balanced_accuracy'])} | {_number(row['macro_f1'])} | {_number(row['one_nn_accuracy'])} | "
+              f"{_number(row['map_at_r'])} |" for source, row in report["by_source"].items()]
+    lines += ["", "### Per individual (lowest accuracy first)", "",
+              "| individual | support | accuracy | most confused with |", "|---|---|---|---|"]
+    for row in sorted(closed["per_individual"], key=lambda r: (r["accuracy"], r["individual"])):
+        confused = f"{row['most_confused_with']} ({row['confused_count']})" if row["most_confused_with"] else "–"
+        lines.append(f"| {row['individual']} | {row['support']} | {_number(row['accuracy'])} | {confused} |")
+    lines += ["", "![Confusion matrix](confusion_matrix.png)", "",
+              "Counts: [confusion_matrix.csv](confusion_matrix.csv) (rows: true individual).", "",
+              "## Retrieval (gallery = train split, cosine similarity of embeddings)", "",
+              "| 1-NN accuracy | mAP@R | CMC rank 1 | rank 5 | rank 10 |", "|---|---|---|---|---|",
+              f"| {_number(retrieval['one_nn_accuracy'])} | {_number(retrieval['map_at_r'])} | "
+              f"{_number(retrieval['cmc'][0])} | {_number(retrieval['cmc'][4])} | {_number(retrieval['cmc'][9])} |", "",
+              "![CMC curve](cmc.png)", "", "## Open set (individuals the model never saw)", ""]
+    if open_set["evaluated"]:
+        lines += [f"Threshold chosen on {' + '.join(open_set['threshold_chosen_on'])}, measured on "
+                  f"{' + '.join(open_set['measured_on'])}: {open_set['known_images']} images of "
+                  f"{open_set['known_individuals']} known and {open_set['unknown_images']} images of "
+                  f"{open_set['unknown_individuals']} unknown individuals.", "",
+                  "| AUROC (unknown detection) | BAKS | BAUS | mean | threshold |", "|---|---|---|---|---|",
+                  f"| {_number(open_set['auroc'])} | {_number(open_set['baks'])} | {_number(open_set['baus'])} | "
+                  f"{_number(open_set['balanced_mean'])} | {_number(open_set['threshold'])} |"]
+    else:
+        lines.append(open_set["note"])
+    lines += ["", "## Threshold for inference", ""]
+    if threshold["threshold"] is None:
+        lines.append(f"No threshold: {threshold['method']}.")
+    else:
+        lines.append(f"An image is accepted as a known individual when its best gallery similarity is at least "
+                     f"**{threshold['threshold']:.4f}**, chosen on {threshold['split']}: {threshold['method']}. "
+                     f"Stored for inference in `{threshold['sidecar']}`.")
+    lines += ["", "## Training curves", ""]
+    lines.append("![Training curves](training_curves.png)" if report["figures"]["training_curves"]
+                 else "No metrics CSV beside the checkpoint: no training curves.")
+    lines += ["", "## Definitions", "", *[f"- {text}" for text in DEFINITIONS], ""]
+    return "\n".join(lines)
+
+
+DEFINITIONS = (
+    "top-1 / top-5: the true individual is the classifier's first / among its five highest logits.",
+    "balanced accuracy: recall averaged over the individuals of the evaluated split (each counts the same "
+    "whatever its number of photos); macro-F1: F1 averaged over the same individuals.",
+    "1-NN accuracy: the most similar train image (cosine similarity) shows the same individual, as "
+    "MegaDescriptor / wildlife-tools report CZoo and CTai (their splits differ from ours).",
+    "mAP@R: mean average precision over the first R retrieved train images, R = the individual's number "
+    "of train images (Musgrave et al. 2020).",
+    "CMC rank k: the true individual is among the k individuals with the most similar train images "
+    "(each individual scored by its best image; ties count against the model).",
+    "AUROC: detecting an unknown individual with score 1 - best gallery similarity (unknown = positive).",
+    "BAKS / BAUS (AnimalCLEF): per-individual mean, over known individuals, of images accepted and "
+    "correctly identified by 1-NN / over unknown individuals, of images rejected.",
+)
+
+
+def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_csv: Path, out: Path) -> dict:
+    """Figures, CSV, report.json and report.md in `out`; returns the report as written."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
+    write_text_atomic(out / "confusion_matrix.csv", confusion_csv(matrix, names))
+    plot_cmc(report["retrieval"]["cmc"], out / "cmc.png")
+    report["figures"] = {"confusion_matrix": "confusion_matrix.png", "cmc": "cmc.png", "training_curves": None}
+    try:
+        plot_training_curves(read_metrics_csv(metrics_csv), out / "training_curves.png", title=metrics_csv.name)
+        report["figures"]["training_curves"] = "training_curves.png"
+    except CurvesError as exc:
+        log.info("no training curves: %s", exc)
+    report = rounded(report)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text_atomic(out / "report.md", render_markdown(report))
+    return report
+
+
+def write_threshold_sidecar(run: Run, threshold: dict) -> None:
+    """`<checkpoint>.threshold.json` for inference; the checksum ties it to these exact weights."""
+    if threshold["threshold"] is None:
+        return
+    payload = {"threshold": threshold["threshold"], "method": threshold["method"], "split": threshold["split"],
+               "checkpoint_sha256": run.sha256}
+    write_text_atomic(Path(threshold["sidecar"]), json.dumps(rounded(payload), indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def default_out(checkpoint: Path, split: str) -> Path:
+    """`runs/eval/<checkpoint stem>_<split>`: the stem keeps `_best` and `_last` evaluations apart."""
+    return Path("runs") / "eval" / f"{checkpoint.stem}_{split}"
+
+
+def evaluate(checkpoint: Path, out: Path, split: str = "test", data_root: Path | None = None,
+             device: str | None = None, batch_size: int = 64) -> dict:
+    """Evaluate as described at the top of this module; returns the report as written. Raises
+    EvaluationError, CheckpointError, DatasetError, ConfigError or ModelError on unusable input."""
+    run = load_run(checkpoint, pick_device(device))
+    config = evaluation_config(run.config, data_root, batch_size)
+    open_set, root = config.data.open_set, config.data.root
+    data = PreparedData.load(root)
+    splits = read_splits(data, split, open_set)
+    check_individuals(splits, run.classes)
+    embedded = {name: embed_split(run, config, rows, data.raw_dir, f"split '{name}'")
+                for name, rows in splits.items()}
+    check_gallery(embedded, split)
+
+    closed, matrix = closed_set_section(embedded[split], run.classes)
+    open_section = open_set_section(embedded, split) if open_set else {"evaluated": False, "note": CLOSED_MODEL_NOTE}
+    warnings = data_warnings(splits, run, split, open_set)
+
+    report = {
+        "report_version": REPORT_VERSION,
+        "checkpoint": {"path": str(checkpoint), "sha256": run.sha256, "epoch": run.checkpoint["epoch"],
+                       "name": config.name, "backbone": config.model.backbone, "head": config.model.head,
+                       "num_classes": len(run.classes), "open_set": open_set,
+                       "best_val_top1": run.checkpoint.get("best_val_top1")},
+        "data": {"root": str(root), "split": split,
+                 "lists": "annotations/open_set" if open_set else "annotations",
+                 "images": {name: len(e.rows) for name, e in embedded.items()},
+                 "skipped": {name: e.skipped for name, e in embedded.items()}},
+        "closed_set": closed,
+        "retrieval": retrieval_section(embedded[split], embedded["train"]),
+        "by_source": by_source_section(embedded[split], embedded["train"], run.classes, read_sources(root)),
+        "open_set": open_section,
+        "threshold": threshold_section(embedded, open_section, checkpoint),
+        "warnings": warnings,
+    }
+    metrics_csv = RunPaths(checkpoint.parent, config.name).metrics
+    report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out)
+    write_threshold_sidecar(run, report["threshold"])
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    out = args.out or default_out(args.checkpoint, args.split)
+    try:
+        report = evaluate(args.checkpoint, out, args.split, args.data_root, args.device, args.batch_size)
+    except (EvaluationError, CheckpointError, DatasetError, ConfigError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    closed, retrieval = report["closed_set"], report["retrieval"]
+    print(f"{args.split}: top1={closed['top1']:.4f} top5={closed['top5']:.4f} "
+          f"balanced={closed['balanced_accuracy']:.4f} 1-NN={retrieval['one_nn_accuracy']:.4f} "
+          f"mAP@R={retrieval['map_at_r']:.4f}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

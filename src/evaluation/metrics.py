@@ -1,0 +1,194 @@
+"""Evaluation metrics as pure functions on numpy arrays.
+
+Labels are integer ids (an individual's index). Classification takes a score matrix (`N x C`,
+higher = more likely; logits work). Retrieval takes a similarity matrix (`queries x gallery`, cosine
+similarity of L2-normalised embeddings) and assumes every query's individual has at least one gallery
+image (the caller checks that). Open-set functions take each query's best gallery similarity.
+
+scikit-learn computes what it has (balanced accuracy, macro-F1, the confusion matrix, AUROC); written
+here by hand, with the definition in each docstring, are top-k accuracy (one line, checked against
+`sklearn.metrics.top_k_accuracy_score` in the tests), mAP@R, the CMC curve, BAKS/BAUS and the
+threshold choices, which scikit-learn does not have.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+CMC_RANKS = 10
+CLOSED_SET_KEEP = 0.95
+
+
+# --- closed set: the classifier --------------------------------------------------------------------
+
+def top_k_accuracy(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """Fraction of images whose label is among the `k` highest scores (ties: lower class id first)."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """Top-1, top-5, balanced accuracy and macro-F1 of the classifier's scores.
+
+    Balanced accuracy is the mean per-individual recall over the individuals in `labels`; macro-F1
+    averages F1 over the same individuals (an individual never in `labels` has no recall to average,
+    but predicting it still costs the true individual its recall).
+    """
+    predictions = scores.argmax(axis=1)
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected, those classes are left out on purpose.
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(labels, predictions)
+    return {"num_images": int(len(labels)),
+            "top1": top_k_accuracy(labels, scores, 1),
+            "top5": top_k_accuracy(labels, scores, min(5, scores.shape[1])),
+            "balanced_accuracy": float(balanced),
+            "macro_f1": float(f1_score(labels, predictions, labels=np.unique(labels), average="macro",
+                                       zero_division=0))}
+
+
+def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """`C x C` counts, row = true individual, column = predicted individual."""
+    return confusion_matrix(labels, predictions, labels=np.arange(num_classes))
+
+
+def per_individual(matrix: np.ndarray, names: list[str]) -> list[dict]:
+    """Support, accuracy and the most frequent wrong prediction of every individual with images.
+
+    `most_confused_with` is None when no image of the individual was misclassified; ties between
+    wrong predictions go to the lower class id.
+    """
+    rows = []
+    for index, counts in enumerate(matrix):
+        support = int(counts.sum())
+        if support == 0:
+            continue
+        wrong = counts.copy()
+        wrong[index] = 0
+        other = int(wrong.argmax())
+        rows.append({"individual": names[index], "support": support,
+                     "accuracy": float(counts[index] / support),
+                     "most_confused_with": names[other] if wrong[other] else None,
+                     "confused_count": int(wrong[other])})
+    return rows
+
+
+# --- retrieval: embeddings against a gallery -------------------------------------------------------
+
+def nearest_neighbour(similarity: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label and similarity of each query's most similar gallery image (ties: first in the gallery)."""
+    best = similarity.argmax(axis=1)
+    return gallery_labels[best], similarity[np.arange(len(similarity)), best]
+
+
+def one_nn_accuracy(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> float:
+    """Fraction of queries whose most similar gallery image shows the same individual."""
+    predicted, _ = nearest_neighbour(similarity, gallery_labels)
+    return float((predicted == query_labels).mean())
+
+
+def map_at_r(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> float:
+    """Mean average precision at R (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", 2020).
+
+    For a query with R gallery images of its individual: AP@R = (1/R) * sum_{i<=R} P(i) * rel(i), where
+    rel(i) says whether the i-th most similar gallery image is of the query's individual and P(i) is the
+    precision among the first i. Unlike 1-NN accuracy it rewards ranking *all* of an individual's images
+    first, so it separates embeddings that 1-NN rates the same. Ties: gallery order.
+    """
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    relevant = gallery_labels[order] == query_labels[:, None]
+    r = (gallery_labels[None, :] == query_labels[:, None]).sum(axis=1)
+    ranks = np.arange(1, similarity.shape[1] + 1)
+    precision = np.cumsum(relevant, axis=1) / ranks
+    within_r = ranks[None, :] <= r[:, None]
+    return float(((precision * relevant * within_r).sum(axis=1) / r).mean())
+
+
+def individual_scores(similarity: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(individuals, scores)`: each query's best similarity to each gallery individual, `Q x I`."""
+    order = np.argsort(gallery_labels, kind="stable")
+    individuals, starts = np.unique(gallery_labels[order], return_index=True)
+    return individuals, np.maximum.reduceat(similarity[:, order], starts, axis=1)
+
+
+def cmc(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+        max_rank: int = CMC_RANKS) -> np.ndarray:
+    """Cumulative match characteristic over individuals, ranks 1..`max_rank`.
+
+    Each gallery individual is scored by its most similar image; entry k-1 is the fraction of queries
+    whose individual is among the k best-scored ones, i.e. "is the right chimpanzee among the k
+    suggestions", comparable with the classifier's top-k (rank 1 equals 1-NN accuracy). Counting
+    individuals rather than images keeps several images of one wrong individual from filling the list.
+    Ties count against the model: an individual scored equal to the true one ranks before it.
+    """
+    individuals, scores = individual_scores(similarity, gallery_labels)
+    true_scores = scores[np.arange(len(scores)), np.searchsorted(individuals, query_labels)]
+    rank = (scores >= true_scores[:, None]).sum(axis=1)
+    return np.array([(rank <= k).mean() for k in range(1, max_rank + 1)], dtype=np.float64)
+
+
+def retrieval_metrics(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> dict:
+    return {"num_queries": int(len(query_labels)),
+            "one_nn_accuracy": one_nn_accuracy(similarity, query_labels, gallery_labels),
+            "map_at_r": map_at_r(similarity, query_labels, gallery_labels),
+            "cmc": cmc(similarity, query_labels, gallery_labels).tolist()}
+
+
+# --- open set: rejecting individuals the gallery does not hold -------------------------------------
+
+def unknown_auroc(best_similarity: np.ndarray, is_unknown: np.ndarray) -> float:
+    """AUROC of detecting an unknown individual with score `1 - best gallery similarity` (unknown =
+    positive): the chance that a random unknown image is less similar to the gallery than a random
+    known one, whatever the threshold."""
+    return float(roc_auc_score(is_unknown, 1.0 - best_similarity))
+
+
+def _mean_per_individual(labels: np.ndarray, values: np.ndarray) -> float:
+    """Mean over individuals of the mean of `values` over each individual's images."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return float((np.bincount(inverse, weights=values) / counts).mean())
+
+
+def baks(labels: np.ndarray, correct: np.ndarray, accepted: np.ndarray) -> float:
+    """Balanced accuracy on known samples (AnimalCLEF): per known individual, the fraction of its images
+    that are both accepted (best similarity >= threshold) and correctly identified; then the mean over
+    individuals, so that individuals with many photos do not dominate."""
+    return _mean_per_individual(labels, (correct & accepted).astype(np.float64))
+
+
+def baus(labels: np.ndarray, accepted: np.ndarray) -> float:
+    """Balanced accuracy on unknown samples (AnimalCLEF): per unknown individual, the fraction of its
+    images rejected as "new individual"; then the mean over individuals."""
+    return _mean_per_individual(labels, (~accepted).astype(np.float64))
+
+
+def choose_open_set_threshold(known_labels: np.ndarray, known_correct: np.ndarray, known_scores: np.ndarray,
+                              unknown_labels: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """The similarity threshold (accept iff best similarity >= t) maximising (BAKS + BAUS) / 2.
+
+    The objective only changes at observed scores, so the candidates are the lowest score (accept
+    all), the midpoints between consecutive distinct scores (a margin on both sides, as far from
+    either image as possible) and just above the highest score (reject all). Among equally good
+    candidates the lowest wins, so that as few known images as possible are rejected.
+    """
+    scores = np.unique(np.concatenate([known_scores, unknown_scores]).astype(np.float64))
+    candidates = np.concatenate([scores[:1], (scores[1:] + scores[:-1]) / 2, [np.nextafter(scores[-1], np.inf)]])
+    objective = [(baks(known_labels, known_correct, known_scores >= t) + baus(unknown_labels, unknown_scores >= t)) / 2
+                 for t in candidates]
+    return float(candidates[int(np.argmax(objective))])
+
+
+def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET_KEEP) -> float | None:
+    """The highest similarity that still accepts at least `keep` of the given (correct-match) scores.
+
+    A heuristic for a model trained without held-out individuals: nothing tells how unknown animals
+    score, so the threshold only bounds how many correct matches a rejection rule may lose.
+    None when there are no scores.
+    """
+    if len(correct_scores) == 0:
+        return None
+    ordered = np.sort(np.asarray(correct_scores, dtype=np.float64))
+    may_lose = int(round((1.0 - keep) * len(ordered), 9))  # round: 0.05 * 20 is 1.0000000000000009
+    return float(ordered[may_lose])

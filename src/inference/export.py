@@ -1,0 +1,199 @@
+"""Export a checkpoint for deployment as ONNX and TorchScript, each checked against PyTorch.
+
+    python -m src.inference.export --checkpoint artifacts/chimp_best.pt --out exported/ \
+        [--format onnx torchscript] [--runs 30]
+
+Writes into `--out`, named after the checkpoint:
+
+- `<stem>.onnx` (opset 17): input `images`, float32 `N x 3 x S x S` normalised as training's eval
+  path (`BatchAugment.eval`); outputs `embeddings` (`N x D`, L2-normalised) and `logits` (`N x C`);
+  the batch axis is dynamic. `predict --onnx` runs it with ONNX Runtime alone.
+- `<stem>.torchscript.pt`: the same module traced (`torch.jit.load`, no project code needed).
+- `<stem>.json`: the class names, the training config (preprocessing, head), the checkpoint's sha256
+  (galleries are tied to it), the threshold evaluation stored (export again after re-evaluating), and
+  the checks below.
+
+Checks, on real inputs: stand-in face images (`src.data.standin`) decoded and normalised exactly as
+`predict` does go through PyTorch and each export as a batch of 8, not the traced batch of 2, so the
+dynamic batch axis is exercised too. The largest absolute differences are printed and stored; above
+1e-4 the command exits 1. Then the CPU latency per image: median over `--runs` single-image calls,
+PyTorch eager included for comparison.
+
+The ONNX file comes from PyTorch's TorchScript-based exporter (`dynamo=False`): the torch.export-based
+one needs the onnxscript package, which this project does not depend on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from src.data.standin import individual_name, render
+from src.inference.gallery import write_atomic
+from src.inference.identify import (EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, USAGE_ERRORS, Identifier,
+                                    OnnxBackend, export_info_path)
+
+FORMATS = ("onnx", "torchscript")
+OPSET = 17
+TOLERANCE = 1e-4
+CHECK_IMAGES = 8
+TRACE_BATCH = 2
+WARMUP_RUNS = 3
+
+Runner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.inference.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="folder for the exported files")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats")
+    parser.add_argument("--runs", type=int, default=30, help="timed single-image runs per format (default 30)")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+def standin_batch(identifier: Identifier, count: int) -> torch.Tensor:
+    """`count` stand-in face images as PNG files, through predict's own decoding and normalisation:
+    real inputs, unlike random tensors, exercise the ranges a deployed model sees."""
+    size = identifier.preprocess.cache_size
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(count):
+            path = Path(folder) / f"standin{i}.png"
+            render(individual_name(i), f"export-check/{i}", size, seed=0)[0].save(path)
+            paths.append(path)
+        pixels = [identifier.preprocess.decode(path) for path in paths]
+    return identifier.preprocess.normalise(pixels, torch.device("cpu")).contiguous()
+
+
+def _write_via_temporary(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` to a temporary name in the same folder, then rename: never a half-written export."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Runner:
+    """Write the ONNX file; returns a runner on it in ONNX Runtime (CPU)."""
+    def write(target: Path) -> None:
+        with warnings.catch_warnings():  # the exporter's notice that it is the legacy one (see above)
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            torch.onnx.export(module, (example,), str(target), dynamo=False, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                              dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
+
+    _write_via_temporary(path, write)
+    return OnnxBackend(path, "cpu")
+
+
+def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Runner:
+    """Write the traced module; returns a runner on the file loaded back."""
+    def write(target: Path) -> None:
+        torch.jit.save(torch.jit.trace(module, example), str(target))
+
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream, yet TorchScript is what is asked for
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        _write_via_temporary(path, write)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+
+    @torch.inference_mode()
+    def run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        embeddings, logits = loaded(images)
+        return embeddings.numpy(), logits.numpy()
+
+    return run
+
+
+def max_differences(reference: tuple[np.ndarray, np.ndarray], outputs: tuple[np.ndarray, np.ndarray]) -> dict:
+    return {name: float(np.abs(ref - out).max()) for name, ref, out in zip(OUTPUT_NAMES, reference, outputs)}
+
+
+def median_latency_ms(runner: Runner, image: torch.Tensor, runs: int) -> float:
+    """Median wall time of one single-image call, after a few untimed warm-up calls."""
+    for _ in range(WARMUP_RUNS):
+        runner(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner(image)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def export(checkpoint: Path, out: Path, formats: Sequence[str], runs: int) -> dict:
+    """Export, check and time each format; write the JSON beside them. Returns the checks."""
+    identifier = Identifier.from_checkpoint(checkpoint, "cpu")
+    module = identifier.backend.module
+    batch = standin_batch(identifier, CHECK_IMAGES)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = checkpoint.stem
+    paths = {"onnx": out / f"{stem}.onnx", "torchscript": out / f"{stem}.torchscript.pt"}
+    exporters = {"onnx": export_onnx, "torchscript": export_torchscript}
+
+    runners: dict[str, Runner] = {"pytorch": identifier.backend}
+    for name in formats:
+        runners[name] = exporters[name](module, batch[:TRACE_BATCH], paths[name])
+    reference = identifier.backend(batch)
+    checks = {"check_images": CHECK_IMAGES, "traced_batch": TRACE_BATCH, "tolerance": TOLERANCE, "opset": OPSET,
+              "files": {name: paths[name].name for name in formats},
+              "description": export_info_path(paths["onnx"]).name,
+              "max_abs_diff": {name: max_differences(reference, runners[name](batch)) for name in formats},
+              "latency_ms_per_image": {name: median_latency_ms(runner, batch[:1], runs)
+                                       for name, runner in runners.items()},
+              "latency": f"CPU, batch 1, median of {runs} runs, {torch.get_num_threads()} threads",
+              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
+    threshold = identifier.threshold
+    info = {"format_version": EXPORT_FORMAT_VERSION, "model": identifier.info.to_json(),
+            "threshold": {"value": threshold.value, "origin": threshold.origin}, "checks": checks}
+    write_atomic(export_info_path(paths["onnx"]), (json.dumps(info, indent=2) + "\n").encode())
+    return checks
+
+
+def format_checks(checks: dict) -> str:
+    rows = [("format", "file", "max|diff| embeddings", "max|diff| logits", "ms/image")]
+    latency = checks["latency_ms_per_image"]
+    rows.append(("pytorch", "(reference)", "-", "-", f"{latency['pytorch']:.2f}"))
+    for name, diff in checks["max_abs_diff"].items():
+        rows.append((name, checks["files"][name], f"{diff['embeddings']:.2e}", f"{diff['logits']:.2e}",
+                     f"{latency[name]:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + [f"latency: {checks['latency']}"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        checks = export(args.checkpoint, args.out, args.formats, args.runs)
+    except USAGE_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_checks(checks))
+    worst = max(max(diff.values()) for diff in checks["max_abs_diff"].values())
+    if worst > TOLERANCE:
+        print(f"error: an export differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}); do not use it",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join([*checks['files'].values(), checks['description']])} into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Galleries: recognise individuals the model never saw in training, without retraining it.
+
+    python -m src.inference.gallery enroll --gallery g.npz --checkpoint c.pt --name Zuri photos/zuri/
+    python -m src.inference.gallery enroll --gallery g.npz --checkpoint c.pt --from-split data/chimpanzee_faces train
+    python -m src.inference.gallery list --gallery g.npz
+    python -m src.inference.gallery remove --gallery g.npz Zuri
+
+A gallery holds, for every enrolled photo, its L2-normalised embedding, its individual and the file
+it came from, plus the sha256 of the checkpoint that computed the embeddings. Embeddings of other
+weights live in another space, so a gallery refuses any other checkpoint (and exports of one). It
+holds only what was enrolled; `--from-split <prepared root> train` enrolls the training individuals
+from the prepared data, so one gallery can cover known and new individuals alike.
+
+Matching (`Gallery.scores`, `identify.MATCH_MODES`): `nearest` scores an individual by its most
+similar enrolled photo (the 1-NN similarity that evaluation reports and calibrates its threshold
+on); `prototype` by the individual's mean embedding, renormalised. docs/readme/inference.md has
+both measured.
+
+Storage: one `.npz` written by numpy and read with `allow_pickle=False`: plain arrays only, so a
+crafted file cannot run code. Every write goes to a temporary file in the same folder, is fsynced
+and renamed over the old file, so a crash never leaves half a gallery.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import zipfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from src.evaluation.metrics import individual_scores
+from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images
+
+FORMAT_VERSION = 1
+ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 starts with
+
+
+class GalleryError(ValueError):
+    """A gallery that cannot be used as asked; one line (the command lines exit 2)."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a same-folder temporary file, fsync and rename: readers see the old or the new
+    file, never a torn one, whatever happens during the write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def check_name(name: str) -> None:
+    """Names follow the list format (no whitespace); `unknown` is what rejected photos are called."""
+    if not name or any(c.isspace() for c in name):
+        raise GalleryError(f"individual name {name!r} must be non-empty and without whitespace")
+    if name.lower() == "unknown":
+        raise GalleryError("'unknown' is the label of rejected photos; choose another name")
+
+
+@dataclass
+class Gallery:
+    """Enrolled embeddings. Invariant: every name has at least one embedding, and `labels` index
+    `names`, so that column i of `scores` is `names[i]`."""
+
+    checkpoint_sha256: str
+    names: list[str]
+    embeddings: np.ndarray  # M x D float32, unit rows
+    labels: np.ndarray      # M int64
+    sources: list[str]      # M absolute paths of the enrolled photos
+
+    @classmethod
+    def new(cls, checkpoint_sha256: str, dim: int) -> Gallery:
+        return cls(checkpoint_sha256, [], np.zeros((0, dim), np.float32), np.zeros(0, np.int64), [])
+
+    # --- storage --------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> Gallery:
+        """Read and validate a gallery file. Raises GalleryError (pickled content included)."""
+        path = Path(path)
+        if not path.is_file():
+            raise GalleryError(f"{path}: gallery file not found")
+        with open(path, "rb") as handle:
+            magic = handle.read(len(ZIP_MAGIC))
+        if magic.startswith(PICKLE_MAGIC):
+            raise GalleryError(f"{path}: refused: it is a pickle (loading it could run code); galleries are .npz")
+        if magic != ZIP_MAGIC:
+            raise GalleryError(f"{path}: not a gallery file (.npz written by `gallery enroll`)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except ValueError as exc:  # numpy's refusal of object arrays (pickles) under allow_pickle=False
+            raise GalleryError(f"{path}: refused: it holds pickled Python objects ({exc})") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
+        return cls._validated(arrays, path)
+
+    @classmethod
+    def _validated(cls, arrays: dict[str, np.ndarray], path: Path) -> Gallery:
+        missing = [key for key in ARRAYS if key not in arrays]
+        if missing:
+            raise GalleryError(f"{path}: not a gallery file (missing {', '.join(missing)})")
+        version = int(arrays["format_version"])
+        if version > FORMAT_VERSION:
+            raise GalleryError(f"{path}: gallery format {version} is newer than this code reads ({FORMAT_VERSION})")
+        names, embeddings, labels, sources = (arrays[k] for k in ("names", "embeddings", "labels", "sources"))
+        problems = [
+            (names.ndim != 1 or names.dtype.kind != "U", "names must be a 1-D array of strings"),
+            (len(set(names.tolist())) != len(names), "names must be unique"),
+            (embeddings.ndim != 2 or embeddings.dtype.kind != "f", "embeddings must be a 2-D float array"),
+            (labels.shape != embeddings.shape[:1] or labels.dtype.kind not in "iu", "labels must be one integer per embedding"),
+            (sources.shape != labels.shape or sources.dtype.kind != "U", "sources must be one string per embedding"),
+            (not np.array_equal(np.unique(labels), np.arange(len(names))), "every individual needs an embedding, and labels must index names"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise GalleryError(f"{path}: corrupt gallery: {message}")
+        return cls(str(arrays["checkpoint_sha256"]), names.tolist(), embeddings.astype(np.float32),
+                   labels.astype(np.int64), sources.tolist())
+
+    def save(self, path: str | Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, format_version=np.int64(FORMAT_VERSION), checkpoint_sha256=np.str_(self.checkpoint_sha256),
+                 names=np.array(self.names, dtype=np.str_), embeddings=self.embeddings, labels=self.labels,
+                 sources=np.array(self.sources, dtype=np.str_))
+        write_atomic(Path(path), buffer.getvalue())
+
+    # --- contents -------------------------------------------------------------------------------
+
+    def check_checkpoint(self, checkpoint_sha256: str) -> None:
+        if checkpoint_sha256 != self.checkpoint_sha256:
+            raise GalleryError(
+                f"the gallery was enrolled with another checkpoint (sha256 {self.checkpoint_sha256[:12]}..., "
+                f"this one is {checkpoint_sha256[:12]}...): its embeddings do not compare with this model's; "
+                "enroll the individuals again with this checkpoint")
+
+    def counts(self) -> dict[str, int]:
+        return dict(zip(self.names, np.bincount(self.labels, minlength=len(self.names)).tolist()))
+
+    def owners(self) -> dict[str, str]:
+        """Enrolled file -> its individual, to skip files enrolled before."""
+        return {source: self.names[label] for source, label in zip(self.sources, self.labels.tolist())}
+
+    def add(self, name: str, embeddings: np.ndarray, sources: Sequence[str]) -> None:
+        """Enroll photos of `name`: a new individual, or more photos of an enrolled one."""
+        check_name(name)
+        if name not in self.names:
+            self.names.append(name)
+        label = self.names.index(name)
+        self.embeddings = np.concatenate([self.embeddings, embeddings.astype(np.float32)])
+        self.labels = np.concatenate([self.labels, np.full(len(embeddings), label, np.int64)])
+        self.sources += list(sources)
+
+    def remove(self, name: str) -> None:
+        if name not in self.names:
+            raise GalleryError(f"no individual {name!r} in the gallery")
+        label = self.names.index(name)
+        keep = self.labels != label
+        self.embeddings, self.sources = self.embeddings[keep], [s for s, k in zip(self.sources, keep) if k]
+        self.labels = self.labels[keep] - (self.labels[keep] > label)
+        del self.names[label]
+
+    # --- matching -------------------------------------------------------------------------------
+
+    def prototypes(self) -> np.ndarray:
+        """Each individual's mean embedding, renormalised to unit length (`len(names) x D`)."""
+        sums = np.zeros((len(self.names), self.embeddings.shape[1]))
+        np.add.at(sums, self.labels, self.embeddings.astype(np.float64))
+        return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+
+    def scores(self, queries: np.ndarray, match: str) -> np.ndarray:
+        """Cosine similarity of each query (unit rows) to each individual, `N x len(names)`, by its
+        nearest enrolled photo or by its prototype."""
+        queries = queries.astype(np.float64)
+        if match == "prototype":
+            return queries @ self.prototypes().T
+        return individual_scores(queries @ self.embeddings.astype(np.float64).T, self.labels)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.inference.gallery", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    enroll = commands.add_parser("enroll", help="add photos of a new or enrolled individual")
+    enroll.add_argument("--gallery", required=True, type=Path, help="gallery file (.npz); created if absent")
+    enroll.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint predictions will use")
+    source = enroll.add_mutually_exclusive_group(required=True)
+    source.add_argument("--name", help="the individual the images show")
+    source.add_argument("--from-split", nargs=2, metavar=("ROOT", "SPLIT"),
+                        help="every image of a prepared split under its own individual, e.g. "
+                             "data/chimpanzee_faces train")
+    enroll.add_argument("--open-set", action="store_true", help="with --from-split: the open_set/ lists")
+    enroll.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    enroll.add_argument("images", nargs="*", help="with --name: images, folders or glob patterns")
+
+    listing = commands.add_parser("list", help="the enrolled individuals and their photo counts")
+    listing.add_argument("--gallery", required=True, type=Path)
+
+    remove = commands.add_parser("remove", help="remove individuals with all their photos")
+    remove.add_argument("--gallery", required=True, type=Path)
+    remove.add_argument("names", nargs="+")
+
+    args = parser.parse_args(argv)
+    if args.command == "enroll":
+        if args.name is not None and not args.images:
+            parser.error("enroll --name needs images, folders or glob patterns")
+        if args.from_split is not None and args.images:
+            parser.error("enroll --from-split takes its images from the split; drop the image arguments")
+        if args.open_set and args.from_split is None:
+            parser.error("--open-set goes with --from-split")
+    return args
+
+
+def split_jobs(root: str, split: str, open_set: bool) -> list[tuple[Path, str]]:
+    """(image path, individual) for every row of a prepared split."""
+    from src.data.dataset import DatasetError, PreparedData
+
+    try:
+        data = PreparedData.load(root)
+        return [(data.raw_dir / rel, name) for rel, name in data.split(split, open_set=open_set)]
+    except DatasetError as exc:
+        raise GalleryError(str(exc)) from None
+
+
+def enroll(args: argparse.Namespace) -> int:
+    """Embed the images and add them; the gallery is written once, after every image is done."""
+    if args.name is not None:
+        check_name(args.name)
+        files, skipped = collect_images(args.images)
+        jobs = [(path, args.name) for path in files]
+    else:
+        jobs, skipped = split_jobs(*args.from_split, args.open_set), []
+    identifier = Identifier.from_checkpoint(args.checkpoint, args.device)
+    info = identifier.info
+    gallery = (Gallery.load(args.gallery) if args.gallery.exists()
+               else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))
+    gallery.check_checkpoint(info.checkpoint_sha256)
+
+    owners = gallery.owners()
+    todo = []
+    for path, name in jobs:
+        key = str(Path(path).resolve())
+        if key in owners:  # not a failure: enrolling a folder again adds only its new photos
+            print(f"already enrolled as {owners[key]}: {path}")
+        else:
+            todo.append((path, name, key))
+    enrolled: dict[str, tuple[list[np.ndarray], list[str]]] = defaultdict(lambda: ([], []))
+    results = (item for batch in identifier.embed([path for path, _, _ in todo]) for item in batch)
+    for (_, name, key), item in zip(todo, results):
+        if isinstance(item, Embedded):
+            enrolled[name][0].append(item.embedding)
+            enrolled[name][1].append(key)
+        else:
+            skipped.append(item)
+
+    for item in skipped:
+        print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
+    before = gallery.counts()
+    for name, (embeddings, sources) in enrolled.items():
+        gallery.add(name, np.stack(embeddings), sources)
+    if enrolled:
+        gallery.save(args.gallery)
+    after = gallery.counts()
+    for name in enrolled:
+        status = f"{before[name]} before" if name in before else "new individual"
+        print(f"{name}: +{after[name] - before.get(name, 0)} images ({status}, {after[name]} now)")
+    print(f"{args.gallery}: {len(after)} individuals, {sum(after.values())} images"
+          + ("" if enrolled else " (unchanged: nothing enrolled)"))
+    return 1 if skipped else 0
+
+
+def list_gallery(args: argparse.Namespace) -> int:
+    gallery = Gallery.load(args.gallery)
+    counts = gallery.counts()
+    print(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; "
+          f"checkpoint sha256 {gallery.checkpoint_sha256}")
+    width = max([len("individual"), *map(len, counts)])
+    print(f"{'individual':<{width}}  images")
+    for name, count in counts.items():
+        print(f"{name:<{width}}  {count}")
+    return 0
+
+
+def remove_individuals(args: argparse.Namespace) -> int:
+    """All names must be enrolled, else nothing is removed."""
+    gallery = Gallery.load(args.gallery)
+    counts = gallery.counts()
+    for name in args.names:
+        gallery.remove(name)
+    gallery.save(args.gallery)
+    for name in args.names:
+        print(f"removed {name} ({counts[name]} images)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = {"enroll": enroll, "list": list_gallery, "remove": remove_individuals}[args.command]
+    try:
+        return command(args)
+    except (GalleryError, *USAGE_ERRORS) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Name the individual in new photos: the Python API behind `python -m src.inference.predict`.
+
+    from src.inference.identify import Identifier
+    identifier = Identifier.from_checkpoint("artifacts/chimp_best.pt")  # gallery=Gallery.load(...)
+    for prediction in identifier.identify(["a.jpg", "b.png"], top_k=3):
+        print(prediction.source, prediction.label, prediction.names, prediction.scores)
+
+Stages, one function each:
+
+1. `Preprocess.decode`: `decode_for_cache`, the very decoding training cached (format handling, EXIF
+   orientation, the `MAX_PIXELS` decompression-bomb limit), so a photo reaches the model as the
+   training images did;
+2. `Preprocess.normalise`: `BatchAugment.eval`, training's validation transform;
+3. a backend maps normalised images to (L2-normalised embeddings, logits): `TorchBackend` runs the
+   checkpoint's model, `OnnxBackend` an exported file with ONNX Runtime (no model code needed);
+4. `Identifier.scores`: each individual's score, from the classifier (`class_scores`) or, with a
+   gallery, from the embeddings against the enrolled individuals (`Gallery.scores`);
+5. `Identifier.decide`: the top k, and `unknown` when the best score is below the threshold.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from src.config import Config, ConfigError, ModelConfig, config_from_dict
+from src.data.augment import BatchAugment
+from src.data.cache import cache_size_for, decode_for_cache
+from src.data.io import ImageLoadError
+from src.models.backbones import ModelError
+from src.training.checkpoint import CheckpointError
+
+if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
+    from src.inference.gallery import Gallery
+
+UNKNOWN = "unknown"
+# How a gallery matches a photo (see gallery.py): `nearest` enrolled photo, or the individual's mean.
+MATCH_MODES = ("nearest", "prototype")
+DEFAULT_MATCH = "nearest"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("embeddings", "logits")
+EXPORT_FORMAT_VERSION = 1
+DEFAULT_BATCH_SIZE = 32
+# Decoding threads: PIL releases the GIL while it decompresses, so a few threads overlap the files.
+DECODE_THREADS = min(4, os.cpu_count() or 1)
+
+ImageInput = str | Path | Image.Image
+
+
+class InferenceError(RuntimeError):
+    """A model, export or option that cannot be used; one line (the command line exits 2)."""
+
+
+# What the command lines report as one line and exit 2 on (with gallery.GalleryError).
+USAGE_ERRORS = (InferenceError, CheckpointError, ConfigError, ModelError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k individuals of one image, best first; `unknown` when the best is below threshold."""
+
+    source: str
+    names: tuple[str, ...]
+    scores: tuple[float, ...]
+    unknown: bool
+
+    @property
+    def label(self) -> str:
+        return UNKNOWN if self.unknown else self.names[0]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was not processed, and why (unreadable file, pixel limit, no match, ...)."""
+
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One readable image through the network: unit-length embedding and the classifier's logits."""
+
+    source: str
+    embedding: np.ndarray
+    logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Reject as unknown below `value` (None: never). `origin` is printed with every run, so that a
+    reader knows what `unknown` means and where the number came from."""
+
+    value: float | None
+    origin: str
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"no unknown rejection: {self.origin}"
+        return f"unknown below {self.value:.4f} ({self.origin})"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model needs besides its weights
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The individuals, the training config (preprocessing, head) and the checkpoint's sha256 that
+    galleries are tied to. `export` writes it next to the .onnx file, so that an export predicts
+    without the checkpoint."""
+
+    classes: tuple[str, ...]
+    config: Config
+    checkpoint_sha256: str
+
+    def to_json(self) -> dict:
+        return {"classes": list(self.classes), "config": self.config.to_dict(),
+                "checkpoint_sha256": self.checkpoint_sha256}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ModelInfo:
+        return cls(tuple(raw["classes"]), config_from_dict(raw["config"]), raw["checkpoint_sha256"])
+
+
+def export_info_path(onnx_path: Path) -> Path:
+    """`out/x_best.onnx` -> `out/x_best.json`: what `export` writes and `predict --onnx` reads."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def read_export_info(onnx_path: Path) -> tuple[ModelInfo, Threshold]:
+    """The model info and threshold stored by `export` beside an ONNX file."""
+    path = export_info_path(onnx_path)
+    if not path.is_file():
+        raise InferenceError(f"{path} not found: predict --onnx needs the JSON that export writes "
+                             "beside the .onnx file (class names, preprocessing, threshold)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("format_version") != EXPORT_FORMAT_VERSION:
+            raise InferenceError(f"{path}: export format {raw.get('format_version')!r}, this code "
+                                 f"reads {EXPORT_FORMAT_VERSION}; export again")
+        threshold = raw["threshold"]
+        return ModelInfo.from_json(raw["model"]), Threshold(threshold["value"], threshold["origin"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
+
+
+def stored_threshold(checkpoint: Path, checkpoint_sha256: str) -> Threshold:
+    """The open-set threshold evaluation stored in `<checkpoint>.threshold.json`.
+
+    It is ignored (and the output says so) when absent, or when its checksum names other weights:
+    training overwrites `_best.pt`, and a threshold chosen for the old weights would be arbitrary
+    for the new ones.
+    """
+    from src.evaluation.evaluate import threshold_sidecar_path
+
+    path = threshold_sidecar_path(Path(checkpoint))
+    if not path.is_file():
+        return Threshold(None, f"no stored threshold ({path.name} absent: run "
+                               "`python -m src.evaluation.evaluate`) and no --threshold given")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        value, method = float(raw["threshold"]), str(raw.get("method", "method not recorded"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InferenceError(f"{path}: not a valid threshold file ({type(exc).__name__}: {exc}); "
+                             "re-run evaluation or pass --threshold") from None
+    if not math.isfinite(value):
+        raise InferenceError(f"{path}: threshold {value} is not a finite number")
+    if raw.get("checkpoint_sha256", checkpoint_sha256) != checkpoint_sha256:
+        return Threshold(None, f"{path.name} was chosen for other weights of this file (re-run "
+                               "evaluation) and no --threshold given")
+    return Threshold(value, f"stored in {path.name}: {method}")
+
+
+def given_threshold(value: float) -> Threshold:
+    if not math.isfinite(value):
+        raise InferenceError(f"--threshold {value} is not a finite number")
+    return Threshold(value, "--threshold")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 1-2: decode and normalise exactly as training's evaluation does
+
+
+class Preprocess:
+    """Training's eval path: `decode_for_cache` at the cache size, then `BatchAugment.eval`."""
+
+    def __init__(self, config: Config):
+        self.cache_size = cache_size_for(config.data.image_size)
+        self.augment = BatchAugment(config.augment, config.data.image_size)
+
+    def decode(self, image: ImageInput) -> np.ndarray:
+        """uint8 `S x S x 3` at the cache size. Raises ImageLoadError."""
+        if isinstance(image, Image.Image):
+            return self._decode_in_memory(image)
+        return decode_for_cache(image, self.cache_size)
+
+    def _decode_in_memory(self, image: Image.Image) -> np.ndarray:
+        """An in-memory image goes through a lossless temporary TIFF (every PIL mode fits), so it
+        takes decode_for_cache's own path (mode conversion, pixel limit) rather than a copy of it.
+        Passing a path is faster."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "image.tif"
+            try:
+                image.save(path, format="TIFF")
+            except (OSError, ValueError) as exc:
+                raise ImageLoadError("<in-memory image>", f"cannot be encoded ({exc})") from None
+            return decode_for_cache(path, self.cache_size)
+
+    def normalise(self, pixels: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+        """float32 `N x 3 x image_size x image_size`, ImageNet-normalised, on `device`."""
+        return self.augment.eval(torch.from_numpy(np.stack(pixels)).to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: the network, in PyTorch or ONNX Runtime
+
+
+class InferenceModule(nn.Module):
+    """Normalised images -> (L2-normalised embeddings, logits): what export writes and what the
+    PyTorch backend runs, so the parity check compares exactly the graph that predictions use."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings, logits, _ = self.model(images)
+        return F.normalize(embeddings.float(), dim=1), logits.float()
+
+
+class TorchBackend:
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.device = device
+        self.module = InferenceModule(model).to(device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        embeddings, logits = self.module(images)
+        return embeddings.cpu().numpy(), logits.cpu().numpy()
+
+
+class OnnxBackend:
+    """An exported model in ONNX Runtime; preprocessing stays on the CPU (the session copies)."""
+
+    def __init__(self, path: Path, device: str):
+        provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
+        if provider not in onnxruntime.get_available_providers():
+            raise InferenceError(f"--device {device}: this onnxruntime has no {provider} "
+                                 f"(it has {', '.join(onnxruntime.get_available_providers())})")
+        if not Path(path).is_file():
+            raise InferenceError(f"{path}: ONNX file not found")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=[provider])
+        except Exception as exc:  # onnxruntime raises its own exception types, not exported by name
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InferenceError(f"{path}: not a loadable ONNX model ({first})") from None
+        self.device = torch.device("cpu")
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        embeddings, logits = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.contiguous().numpy()})
+        return embeddings, logits
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: scores per individual
+
+
+def class_scores(logits: np.ndarray, model: ModelConfig) -> np.ndarray:
+    """Scores over the training individuals, higher = more likely.
+
+    ArcFace logits are `scale * cosine(embedding, class centre)`, so dividing by the scale gives a
+    cosine similarity in [-1, 1], on the same footing as gallery similarities. A linear head's
+    logits have no such meaning; their softmax (a probability) is reported instead.
+    """
+    if model.head == "arcface":
+        return logits / model.arcface_scale
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: paths, folders and glob patterns
+
+
+def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
+    """Files named by paths, folders (recursively, hidden files left out) or glob patterns, in
+    order and without repeats; plus a Skipped for each pattern that yields nothing (missing path,
+    empty folder, glob without a match). Whether a file is an image is decided by decoding it."""
+    files, problems = [], []
+    for pattern in map(str, patterns):
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            reason = "empty folder: no files in it"
+        elif path.exists():
+            found, reason = [path], ""
+        elif glob.has_magic(pattern):
+            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            reason = "no file matches this pattern"
+        else:
+            found, reason = [], "file not found"
+        if not found:
+            problems.append(Skipped(pattern, reason))
+        files += found
+    return list(dict.fromkeys(files)), problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The identifier
+
+
+class Identifier:
+    """Preprocessing, a backend, the individuals to score against and the threshold, together.
+
+    Build it with `from_checkpoint` or `from_onnx`. `identify` is the simple call (raises on an
+    unreadable image); `predict` streams `Prediction`s and `Skipped`s for many files; `embed` gives
+    the embeddings that a gallery stores.
+    """
+
+    def __init__(self, backend: TorchBackend | OnnxBackend, info: ModelInfo, threshold: Threshold,
+                 gallery: Gallery | None = None, match: str = DEFAULT_MATCH):
+        if match not in MATCH_MODES:
+            raise InferenceError(f"match must be one of {', '.join(MATCH_MODES)}, not {match!r}")
+        if gallery is not None:
+            gallery.check_checkpoint(info.checkpoint_sha256)
+            if not gallery.names:
+                raise InferenceError("the gallery holds no individuals: enroll some first")
+        self.backend, self.info, self.threshold = backend, info, threshold
+        self.gallery, self.match = gallery, match
+        self.preprocess = Preprocess(info.config)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", gallery: Gallery | None = None,
+                        threshold: float | None = None, match: str = DEFAULT_MATCH) -> Identifier:
+        """The model of a training checkpoint; with a gallery (`Gallery.load(path)`), predictions
+        name its individuals. `threshold` overrides the one evaluation stored. Raises one of
+        USAGE_ERRORS, or GalleryError for a gallery of other weights."""
+        # Imported here: the ONNX path needs neither torchvision nor the model code.
+        from src.evaluation.evaluate import EvaluationError, load_run
+
+        torch_device = pick_device(device)
+        try:
+            run = load_run(Path(path), torch_device)
+        except EvaluationError as exc:
+            raise InferenceError(str(exc)) from None
+        info = ModelInfo(tuple(run.classes.names), run.config, run.sha256)
+        chosen = stored_threshold(Path(path), run.sha256) if threshold is None else given_threshold(threshold)
+        return cls(TorchBackend(run.model, torch_device), info, chosen, gallery, match)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, device: str = "cpu", gallery: Gallery | None = None,
+                  threshold: float | None = None, match: str = DEFAULT_MATCH) -> Identifier:
+        """An exported model; classes, preprocessing and threshold come from the JSON beside it."""
+        info, stored = read_export_info(Path(path))
+        chosen = stored if threshold is None else given_threshold(threshold)
+        return cls(OnnxBackend(Path(path), device), info, chosen, gallery, match)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The individuals predictions choose from: the gallery's, else the checkpoint's."""
+        return tuple(self.gallery.names) if self.gallery is not None else self.info.classes
+
+    def describe(self) -> str:
+        """One line: what predictions are scored against and when they are `unknown`."""
+        if self.gallery is None:
+            what = f"{len(self.names)} training individuals (classifier)"
+        else:
+            what = (f"gallery of {len(self.names)} individuals, {len(self.gallery.labels)} images "
+                    f"({self.match} matching)")
+        return f"{what}; {self.threshold.describe()}"
+
+    # --- running --------------------------------------------------------------------------------
+
+    def embed(self, inputs: Sequence[ImageInput], batch_size: int = DEFAULT_BATCH_SIZE,
+              progress: Callable[[int], None] | None = None) -> Iterator[list[Embedded | Skipped]]:
+        """Per batch, in input order: an Embedded for each readable input, a Skipped otherwise.
+        `progress(n)` is called with the number of inputs each batch consumed."""
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            for start in range(0, len(inputs), batch_size):
+                chunk = inputs[start:start + batch_size]
+                sources = [_source_name(item, start + i) for i, item in enumerate(chunk)]
+                decoded = list(pool.map(self._decode_or_reason, chunk))
+                readable = [pixels for pixels in decoded if isinstance(pixels, np.ndarray)]
+                outputs = iter(zip(*self._forward(readable))) if readable else iter(())
+                yield [Embedded(source, *next(outputs)) if isinstance(pixels, np.ndarray)
+                       else Skipped(source, pixels) for source, pixels in zip(sources, decoded)]
+                if progress is not None:
+                    progress(len(chunk))
+
+    def predict(self, inputs: Sequence[ImageInput], top_k: int = 5, batch_size: int = DEFAULT_BATCH_SIZE,
+                progress: Callable[[int], None] | None = None) -> Iterator[Prediction | Skipped]:
+        """A Prediction or a Skipped for every input, in input order."""
+        for batch in self.embed(inputs, batch_size, progress):
+            done = [item for item in batch if isinstance(item, Embedded)]
+            predictions = iter(self.decide(done, top_k)) if done else iter(())
+            yield from (next(predictions) if isinstance(item, Embedded) else item for item in batch)
+
+    def identify(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:
+        """Predictions for one image (a path or a PIL image) or a list of them.
+        Raises ImageLoadError for the first unreadable one."""
+        inputs = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        predictions = []
+        for item in self.predict(inputs, top_k, batch_size):
+            if isinstance(item, Skipped):
+                raise ImageLoadError(item.source, item.reason)
+            predictions.append(item)
+        return predictions
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def _decode_or_reason(self, image: ImageInput) -> np.ndarray | str:
+        try:
+            return self.preprocess.decode(image)
+        except ImageLoadError as exc:
+            return exc.reason
+
+    def _forward(self, pixels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.backend(self.preprocess.normalise(pixels, self.backend.device))
+
+    def scores(self, embeddings: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """`N x len(self.names)`: similarity to each gallery individual, else the classifier's score."""
+        if self.gallery is not None:
+            return self.gallery.scores(embeddings, self.match)
+        return class_scores(logits, self.info.config.model)
+
+    def decide(self, embedded: Sequence[Embedded], top_k: int) -> list[Prediction]:
+        """Top-k names and scores per image; `unknown` when the best score is below the threshold."""
+        scores = self.scores(np.stack([e.embedding for e in embedded]), np.stack([e.logits for e in embedded]))
+        k = min(top_k, scores.shape[1])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        names, threshold = self.names, self.threshold.value
+        return [Prediction(item.source, tuple(names[i] for i in row), tuple(float(s) for s in scores[n, row]),
+                           threshold is not None and bool(scores[n, row[0]] < threshold))
+                for n, (item, row) in enumerate(zip(embedded, order))]
+
+
+def _source_name(image: ImageInput, index: int) -> str:
+    return f"<image {index}>" if isinstance(image, Image.Image) else str(image)

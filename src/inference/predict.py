@@ -1,0 +1,146 @@
+"""Identify the individuals in photos from the command line.
+
+    python -m src.inference.predict --checkpoint artifacts/chimp_best.pt photos/ more/*.jpg
+        [--top-k 5] [--threshold T] [--gallery g.npz [--match nearest|prototype]]
+        [--output out.csv|out.json] [--device cpu|cuda] [--batch-size N]
+    python -m src.inference.predict --onnx exported/chimp_best.onnx photos/   # ONNX Runtime, no model code
+
+Inputs are images, folders (searched recursively; hidden files left out) and glob patterns. Every
+file is decoded as training decodes images; one that is not an image, is corrupt or truncated, or
+is larger than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapixels) is skipped
+with its reason, as are missing paths, empty folders and patterns without a match, and the rest is
+processed. A table goes to the terminal; `--output` writes every input (skipped ones with their
+reason) as CSV or JSON. A progress bar shows for folders when stderr is a terminal.
+
+Exit codes: 0 every input identified; 1 some input skipped; 2 unusable options, checkpoint, export or
+gallery.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from src.inference.gallery import Gallery, GalleryError
+from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
+                                    Prediction, Skipped, collect_images)
+
+OUTPUT_FORMATS = (".csv", ".json")
+Result = Prediction | Skipped
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.inference.predict", description=__doc__.split("\n")[0])
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="training checkpoint, e.g. artifacts/<name>_best.pt")
+    model.add_argument("--onnx", type=Path, help="exported model (python -m src.inference.export); "
+                                                 "runs with ONNX Runtime")
+    parser.add_argument("inputs", nargs="+", help="images, folders or glob patterns")
+    parser.add_argument("--top-k", type=int, default=5, help="individuals listed per image (default 5)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="call an image unknown when its best score is below this (default: the "
+                             "threshold evaluation stored beside the checkpoint, if any)")
+    parser.add_argument("--gallery", type=Path, default=None,
+                        help="name the individuals of this gallery (python -m src.inference.gallery) "
+                             "instead of the training individuals")
+    parser.add_argument("--match", choices=MATCH_MODES, default=DEFAULT_MATCH,
+                        help=f"with --gallery: score an individual by its nearest enrolled photo or by "
+                             f"its prototype (default {DEFAULT_MATCH})")
+    parser.add_argument("--output", type=Path, default=None, help="also write the results to .csv or .json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be at least 1")
+    if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
+        parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, not {args.output.name!r}")
+    return args
+
+
+def build_identifier(args: argparse.Namespace) -> Identifier:
+    gallery = Gallery.load(args.gallery) if args.gallery is not None else None
+    if args.onnx is not None:
+        return Identifier.from_onnx(args.onnx, args.device, gallery, args.threshold, args.match)
+    return Identifier.from_checkpoint(args.checkpoint, args.device, gallery, args.threshold, args.match)
+
+
+def run(identifier: Identifier, files: list[Path], args: argparse.Namespace) -> list[Result]:
+    """Every file's Prediction or Skipped, in order; a progress bar for folders on a terminal."""
+    show = sys.stderr.isatty() and any(Path(p).is_dir() for p in args.inputs)
+    with tqdm(total=len(files), desc="identify", unit="img", file=sys.stderr, disable=not show,
+              leave=False, dynamic_ncols=True) as bar:
+        return list(identifier.predict(files, args.top_k, args.batch_size, progress=bar.update))
+
+
+def format_table(predictions: Sequence[Prediction]) -> str:
+    """One row per image: prediction, its score and the top-k list."""
+    rows = [("image", "prediction", "score", "top-k")]
+    rows += [(p.source, p.label, f"{p.scores[0]:.4f}",
+              ", ".join(f"{name} {score:.4f}" for name, score in zip(p.names, p.scores)))
+             for p in predictions]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows)
+
+
+def write_csv(path: Path, results: Sequence[Result], top_k: int) -> None:
+    """Columns: image, prediction, score, unknown, skipped (the reason), then name_i, score_i."""
+    header = ["image", "prediction", "score", "unknown", "skipped"]
+    header += [f"{field}_{i}" for i in range(1, top_k + 1) for field in ("name", "score")]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for item in results:
+            if isinstance(item, Skipped):
+                writer.writerow([item.source, "", "", "", item.reason])
+            else:
+                ranked = [value for name, score in zip(item.names, item.scores) for value in (name, f"{score:.6f}")]
+                writer.writerow([item.source, item.label, f"{item.scores[0]:.6f}", item.unknown, "", *ranked])
+
+
+def write_json(path: Path, results: Sequence[Result], identifier: Identifier, model: Path) -> None:
+    def entry(item: Result) -> dict:
+        if isinstance(item, Skipped):
+            return {"image": item.source, "skipped": item.reason}
+        return {"image": item.source, "prediction": item.label, "score": item.scores[0], "unknown": item.unknown,
+                "top_k": [{"name": n, "score": s} for n, s in zip(item.names, item.scores)]}
+
+    payload = {"model": str(model), "scored_against": identifier.describe(),
+               "threshold": identifier.threshold.value, "threshold_origin": identifier.threshold.origin,
+               "results": [entry(item) for item in results]}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        identifier = build_identifier(args)
+    except (GalleryError, *USAGE_ERRORS) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    files, problems = collect_images(args.inputs)
+    results = [*problems, *run(identifier, files, args)]
+    predictions = [item for item in results if isinstance(item, Prediction)]
+    skipped = [item for item in results if isinstance(item, Skipped)]
+
+    if predictions:
+        print(format_table(predictions))
+    for item in skipped:
+        print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
+    print(f"{len(predictions)} identified, {len(skipped)} skipped; scored against {identifier.describe()}",
+          file=sys.stderr)
+    if args.output is not None:
+        if args.output.suffix.lower() == ".csv":
+            write_csv(args.output, results, args.top_k)
+        else:
+            write_json(args.output, results, identifier, args.onnx or args.checkpoint)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The guide's artifacts: file names, the epoch line and the metrics CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    output_dir: Path
+    name: str
+
+    @property
+    def best(self) -> Path:
+        return Path(self.output_dir) / f"{self.name}_best.pt"
+
+    @property
+    def last(self) -> Path:
+        return Path(self.output_dir) / f"{self.name}_last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return Path(self.output_dir) / f"{self.name}_metrics.csv"
+
+
+def epoch_line(row: dict, max_epochs: int) -> str:
+    """`[Epoch 1/200] lr=0.00040 | train_loss=4.1234 top1=0.0567 | val_loss=3.9876 top1=0.0890`"""
+    return (f"[Epoch {row['epoch']}/{max_epochs}] lr={row['lr']:.5f} | "
+            f"train_loss={row['train_loss']:.4f} top1={row['train_top1']:.4f} | "
+            f"val_loss={row['val_loss']:.4f} top1={row['val_top1']:.4f}")
+
+
+def _format(column: str, value) -> str:
+    if column == "epoch":
+        return str(int(value))
+    if column == "lr":
+        return f"{value:.6g}"
+    return f"{value:.4f}"
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """Rewrite the whole CSV from the run's history (kept in every checkpoint), atomically: after a
+    resume the file holds each epoch exactly once, whatever happened to the previous file."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(METRICS_COLUMNS)
+    for row in history:
+        writer.writerow([_format(column, row[column]) for column in METRICS_COLUMNS])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)

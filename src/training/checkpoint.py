@@ -1,0 +1,72 @@
+"""Checkpoints that are safe to load and impossible to half-write.
+
+Loading never unpickles arbitrary objects: `torch.load(weights_only=True)` accepts only tensors and
+plain containers, so a crafted file is refused instead of running code. Saving writes a temporary
+file in the same folder, fsyncs it and renames it over the target: a crash or a full disk during a
+save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model_state", "epoch", "config", "classes")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; one-line message naming the file."""
+
+
+def safe_torch_load(path: str | Path, map_location="cpu"):
+    """`torch.load` restricted to tensors and plain containers, with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
+            reason = "it holds Python objects other than tensors and plain data (refused: loading it could run code)"
+        raise CheckpointError(f"{path}: not a safe checkpoint: {reason}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A training checkpoint of this project, validated. Raises CheckpointError."""
+    state = safe_torch_load(path, map_location)
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (missing "
+                              f"{[k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]})")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {state['format_version']} is newer than this "
+                              f"code understands ({FORMAT_VERSION}); update the project")
+    return state
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to `path` via a same-folder temporary file, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)

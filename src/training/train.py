@@ -1,0 +1,454 @@
+"""Train an identification model from a config: `python -m src.training.train --config <yaml>`.
+
+Read top to bottom: `load_data` -> `build_model_and_optimizer` -> per epoch `train_one_epoch` and
+`evaluate` -> `save_epoch`. Works unchanged under `torchrun --nproc_per_node N`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from src.config import Config, ConfigError, load_config
+from src.data.dataset import ClassIndex, DatasetError, PreparedData
+from src.data.loaders import BatchSource, build_source
+from src.models.backbones import ModelError
+from src.models.factory import create_model
+from src.training import distributed as dist_utils
+from src.training.artifacts import RunPaths, epoch_line, write_metrics_csv
+from src.training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint
+from src.training.resume import check_resume_compatible, data_fingerprint
+
+# Non-finite losses are detected on the device and checked every this many steps: one host sync per
+# 50 steps costs nothing measurable, while a sync every step would stall the GPU queue.
+NONFINITE_CHECK_EVERY = 50
+
+
+class TrainingStopped(Exception):
+    """Raised to end a run early with a message and an exit code (after saving what can be saved)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dist: dist_utils.DistInfo
+    amp_dtype: torch.dtype | None  # None: fp32
+
+    def print(self, *args, **kwargs) -> None:
+        if self.dist.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+@dataclass
+class EpochSums:
+    """Running sums kept on the device, so no step waits for the GPU to report a number."""
+
+    loss: torch.Tensor
+    top1: torch.Tensor
+    top5: torch.Tensor
+    count: torch.Tensor
+    steps: int = 0
+    lr: float = 0.0
+
+    @classmethod
+    def zeros(cls, device) -> "EpochSums":
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(4)))
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = topk == labels[:, None]
+        self.loss += loss.detach().double() * n
+        self.top1 += hits[:, 0].sum()
+        self.top5 += hits.any(dim=1).sum()
+        self.count += n
+        self.steps += 1
+
+    def reduced_state(self, runtime: Runtime) -> torch.Tensor:
+        """The sums over all ranks, on the CPU (what a mid-epoch checkpoint stores)."""
+        stacked = torch.stack([self.loss, self.top1, self.top5, self.count])
+        return dist_utils.all_reduce_sum(stacked, runtime.dist).cpu()
+
+    @classmethod
+    def from_state(cls, state: torch.Tensor, steps: int, device) -> "EpochSums":
+        return cls(*(v.to(device) for v in state.double()), steps=steps)
+
+    def means(self, runtime: Runtime) -> dict[str, float]:
+        totals = dist_utils.all_reduce_sum(torch.stack([self.loss, self.top1, self.top5, self.count]),
+                                           runtime.dist).tolist()
+        loss, top1, top5, count = totals
+        count = max(count, 1.0)
+        return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count}
+
+
+@dataclass
+class RunState:
+    """Everything that continues across epochs and must survive a resume."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed steps of epoch `epoch + 1` when stopped mid-epoch
+    partial: torch.Tensor | None = None  # EpochSums.state() of that partial epoch
+    best_val_top1: float = -1.0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.training.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--resume", default=None, metavar="CHECKPOINT|auto",
+                        help="continue from a checkpoint; 'auto' takes artifacts/<name>_last.pt if present")
+    return parser.parse_args(argv)
+
+
+def make_runtime(config: Config) -> Runtime:
+    wanted = config.trainer.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'cuda' requested but no CUDA GPU is available; set trainer.device: cpu")
+    info = dist_utils.init_distributed(wanted)
+    device = torch.device(wanted, info.local_rank) if wanted == "cuda" else torch.device("cpu")
+    if config.trainer.batch_size % info.world_size:
+        raise ConfigError(f"trainer.batch_size: {config.trainer.batch_size} is not divisible by the "
+                          f"{info.world_size} processes")
+    amp_dtype = None
+    if config.trainer.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if config.trainer.amp_dtype == "bf16" else torch.float16
+    runtime = Runtime(device, info, amp_dtype)
+    if config.trainer.amp and device.type == "cpu":
+        runtime.print("note: trainer.amp applies to CUDA only; training in fp32 on the CPU")
+    return runtime
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def load_data(config: Config, runtime: Runtime) -> tuple[ClassIndex, BatchSource, BatchSource, str]:
+    data = PreparedData.load(config.data.root)
+    train_rows = data.split("train", open_set=config.data.open_set)
+    val_rows = data.split("val", open_set=config.data.open_set)
+    classes = ClassIndex.from_rows(train_rows)
+    if len(classes) != config.data.num_classes:
+        raise ConfigError(f"data.num_classes: config says {config.data.num_classes} but the prepared "
+                          f"training split under {config.data.root} has {len(classes)} individuals")
+    unknown = sorted({name for _, name in val_rows} - set(classes.names))
+    if unknown:
+        raise DatasetError(f"validation split has individuals absent from training: {unknown[:5]}")
+    common = dict(device=runtime.device, rank=runtime.dist.rank, world_size=runtime.dist.world_size)
+    train = build_source(config, train_rows, data.raw_dir, classes, train=True, **common)
+    val = build_source(config, val_rows, data.raw_dir, classes, train=False, **common)
+    if len(train) == 0:
+        raise ConfigError(f"trainer.batch_size: {config.trainer.batch_size} is larger than the "
+                          f"{train.num_images} training images")
+    return classes, train, val, data_fingerprint(train_rows, classes)
+
+
+def lr_lambda(config: Config, steps_per_epoch: int):
+    """Multiplier of trainer.lr at a step: linear warm-up, then cosine decay (or constant)."""
+    warmup = int(config.trainer.warmup_epochs * steps_per_epoch)
+    total = config.trainer.max_epochs * steps_per_epoch
+    floor = config.trainer.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.trainer.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_model_and_optimizer(config: Config, num_classes: int, runtime: Runtime, steps_per_epoch: int):
+    model = create_model(config.model, num_classes)
+    if config.trainer.sync_batchnorm and runtime.dist.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
+    model = model.to(runtime.device, memory_format=memory_format)
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        # Norm layers and biases are not weight-decayed (standard for ResNets and AdamW).
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.trainer.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.trainer.optimizer == "adamw":
+        # fused: one kernel for the whole update on CUDA instead of a few per parameter tensor.
+        optimizer = torch.optim.AdamW(groups, lr=config.trainer.lr, fused=runtime.device.type == "cuda")
+    else:
+        optimizer = torch.optim.SGD(groups, lr=config.trainer.lr, momentum=config.trainer.momentum, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    return model, optimizer, scheduler, scaler
+
+
+def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime) -> torch.nn.Module:
+    """The callable that runs a step: DDP around the model, torch.compile around that."""
+    runner = model
+    if runtime.dist.enabled:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        runner = DistributedDataParallel(model, device_ids=device_ids)
+    if config.trainer.compile:
+        runner = torch.compile(runner)
+    return runner
+
+
+# ---------------------------------------------------------------------------------------------
+# Epochs
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self, step: int, runtime: Runtime) -> bool:
+        """Single process: checked every step. Under torchrun the ranks agree every 10 steps, so all
+        of them stop at the same step (a signal may reach them at slightly different times)."""
+        if not runtime.dist.enabled:
+            return self.signal_name is not None
+        return (step + 1) % 10 == 0 and dist_utils.any_rank(self.signal_name is not None, runtime.dist,
+                                                             runtime.device)
+
+
+def _progress(total: int, initial: int, config: Config, runtime: Runtime, desc: str):
+    show = config.trainer.progress == "always" or (config.trainer.progress == "auto" and sys.stderr.isatty())
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr,
+                disable=not (show and runtime.dist.is_main), dynamic_ncols=True)
+
+
+def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, scaler, epoch: int,
+                    state: RunState, config: Config, runtime: Runtime, stop: StopRequest) -> EpochSums:
+    """Runs epoch `epoch` from `state.step`; returns its sums. On a stop request, returns early with
+    `state.step` < len(source) so the caller can save a mid-epoch checkpoint."""
+    model.train()
+    start = state.step
+    sums = EpochSums.zeros(runtime.device)
+    if start and state.partial is not None:  # resumed mid-epoch: rank 0 carries the sums so far
+        sums = EpochSums.from_state(state.partial, start, runtime.device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)
+    check_every = NONFINITE_CHECK_EVERY if runtime.device.type == "cuda" else 1
+    bar = _progress(len(source), start, config, runtime, f"epoch {epoch}")
+    for step, (images, labels) in enumerate(source.batches(epoch, start), start):
+        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
+                            enabled=runtime.amp_dtype is not None):
+            _, logits, loss_logits = runner(images, labels)
+        loss = F.cross_entropy(loss_logits, labels, label_smoothing=config.trainer.label_smoothing)
+        nonfinite |= ~torch.isfinite(loss)
+        if (step + 1) % check_every == 0 and dist_utils.any_rank(bool(nonfinite), runtime.dist, runtime.device):
+            raise TrainingStopped(
+                f"non-finite loss in epoch {epoch} near step {step + 1}; stopped without saving this "
+                f"epoch (the last good checkpoint is kept). Try a lower trainer.lr or trainer.amp_dtype: bf16",
+                exit_code=3)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.trainer.grad_clip_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.trainer.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        sums.lr = optimizer.param_groups[0]["lr"]  # the rate this step used, shown in the epoch line
+        scheduler.step()
+        sums.add(loss, logits.detach(), labels)
+        bar.update()
+        state.step = step + 1
+        if stop.requested(step, runtime):
+            break
+    bar.close()
+    if dist_utils.any_rank(bool(nonfinite), runtime.dist, runtime.device):
+        raise TrainingStopped(f"non-finite loss in epoch {epoch}; stopped without saving this epoch "
+                              "(the last good checkpoint is kept). Try a lower trainer.lr", exit_code=3)
+    return sums
+
+
+@torch.no_grad()
+def evaluate(runner, model, source: BatchSource, config: Config, runtime: Runtime) -> EpochSums:
+    model.eval()
+    sums = EpochSums.zeros(runtime.device)
+    bar = _progress(len(source), 0, config, runtime, "validate")
+    for images, labels in source.batches(0):
+        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
+                            enabled=runtime.amp_dtype is not None):
+            _, logits, loss_logits = runner(images, labels)
+        sums.add(F.cross_entropy(loss_logits, labels), logits, labels)
+        bar.update()
+    bar.close()
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": random.getstate()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config: Config,
+                    classes: ClassIndex, fingerprint: str) -> dict:
+    return {"format_version": FORMAT_VERSION, "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
+            "scaler_state": scaler.state_dict(), "epoch": state.epoch, "step": state.step,
+            "partial": state.partial, "best_val_top1": state.best_val_top1, "best_epoch": state.best_epoch,
+            "history": state.history, "config": config.to_dict(), "classes": classes.to_list(),
+            "data_fingerprint": fingerprint, "rng": rng_state()}
+
+
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler, runtime: Runtime) -> RunState:
+    model.load_state_dict(checkpoint["model_state"])
+    optimizer.load_state_dict(checkpoint["optimizer_state"])
+    scheduler.load_state_dict(checkpoint["scheduler_state"])
+    scaler.load_state_dict(checkpoint["scaler_state"])
+    restore_rng(checkpoint["rng"])
+    return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0), partial=checkpoint.get("partial") if runtime.dist.is_main else None,
+                    best_val_top1=checkpoint["best_val_top1"], best_epoch=checkpoint["best_epoch"],
+                    history=list(checkpoint["history"]))
+
+
+def resolve_resume(argument: str | None, paths: RunPaths) -> Path | None:
+    if argument is None:
+        return None
+    if argument == "auto":
+        return paths.last if paths.last.is_file() else None
+    return Path(argument)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def run(config: Config, resume: str | None = None) -> RunState:
+    """Train as configured; returns the final state. Raises ConfigError, DatasetError, ModelError,
+    CheckpointError or TrainingStopped."""
+    runtime = make_runtime(config)
+    seed_everything(config.trainer.seed, config.trainer.deterministic)
+    paths = RunPaths(config.trainer.output_dir, config.name)
+    resume_path = resolve_resume(resume, paths)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    classes, train_source, val_source, fingerprint = load_data(config, runtime)
+    if checkpoint is not None:
+        check_resume_compatible(checkpoint, config, classes, fingerprint, resume_path)
+    model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source))
+    state = restore(checkpoint, model, optimizer, scheduler, scaler, runtime) if checkpoint else RunState()
+    if checkpoint is not None:
+        runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
+                      + (f", step {state.step}" if state.step else ""))
+    runner = wrap_for_training(model, config, runtime)
+    stop = StopRequest()
+    stop.install()
+
+    def save(to_best: bool) -> None:
+        if runtime.dist.is_main:
+            ckpt = checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint)
+            if to_best:
+                atomic_save(ckpt, paths.best)
+            atomic_save(ckpt, paths.last)
+            write_metrics_csv(paths.metrics, state.history)
+        dist_utils.barrier(runtime.dist)
+
+    max_epochs = config.trainer.max_epochs
+    for epoch in range(state.epoch + 1, max_epochs + 1):
+        started = time.perf_counter()
+        sums = train_one_epoch(runner, model, train_source, optimizer, scheduler, scaler, epoch,
+                               state, config, runtime, stop)
+        if state.step < len(train_source):
+            state.partial = sums.reduced_state(runtime)
+            save(to_best=False)
+            raise TrainingStopped(
+                f"stopped by {stop.signal_name} in epoch {epoch} after step {state.step}/{len(train_source)}; "
+                f"saved {paths.last}. Resume with: python -m src.training.train --config <config> --resume auto",
+                exit_code=130 if stop.signal_name == "SIGINT" else 143)
+        train = sums.means(runtime)
+        val = evaluate(runner, model, val_source, config, runtime).means(runtime)
+        row = {"epoch": epoch, "lr": sums.lr, "train_loss": train["loss"], "train_top1": train["top1"],
+               "train_top5": train["top5"], "val_loss": val["loss"], "val_top1": val["top1"],
+               "val_top5": val["top5"], "seconds": time.perf_counter() - started,
+               "skipped_images": train_source.skipped + val_source.skipped}
+        state.history.append(row)
+        state.epoch, state.step, state.partial = epoch, 0, None
+        improved = val["top1"] > state.best_val_top1
+        if improved:
+            state.best_val_top1, state.best_epoch = val["top1"], epoch
+        save(to_best=improved)
+        runtime.print(epoch_line(row, max_epochs))
+        if row["skipped_images"]:
+            runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
+        if stop.signal_name is not None:
+            raise TrainingStopped(f"stopped by {stop.signal_name} after epoch {epoch}; saved {paths.last}. "
+                                  "Resume with: python -m src.training.train --config <config> --resume auto",
+                                  exit_code=130 if stop.signal_name == "SIGINT" else 143)
+    runtime.print(f"done: best val top1={state.best_val_top1:.4f} at epoch {state.best_epoch}; "
+                  f"{paths.best}, {paths.last}, {paths.metrics}")
+    return state
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+        run(config, args.resume)
+    except (ConfigError, DatasetError, ModelError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingStopped as exc:
+        print(f"error: {exc}".replace("<config>", args.config), file=sys.stderr)
+        return exc.exit_code
+    finally:
+        dist_utils.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny prepared stand-in dataset and a config to train on it in seconds."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+TINY_INDIVIDUALS = 6
+TINY_IMAGES = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared dataset of stand-in images: 6 individuals x 16 images of 40 px, cvjena layout."""
+    from src.data import prepare, standin
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    assert standin.main(["--out", str(root / "raw"), "--individuals", str(TINY_INDIVIDUALS),
+                         "--images", str(TINY_IMAGES), "--size", "40", "--seed", "0", "--workers", "1"]) == 0
+    assert prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images", "10",
+                         "--seed", "0", "--open-set-individuals", "2"]) == 0
+    return root
+
+
+def write_config(directory: Path, data_root: Path, name: str = "tiny", **overrides) -> Path:
+    """A CPU config for the tiny dataset; `overrides` maps 'section.key' to a value."""
+    raw = {
+        "data": {"root": str(data_root), "num_classes": TINY_INDIVIDUALS, "image_size": 32,
+                 "workers": 0, "cache_dir": str(directory / "cache")},
+        "model": {"backbone": "resnet18", "embedding_dim": 32, "head": "arcface"},
+        "trainer": {"max_epochs": 2, "batch_size": 16, "lr": 0.002, "warmup_epochs": 0.5,
+                    "device": "cpu", "amp": False, "output_dir": str(directory / "artifacts"),
+                    "progress": "never"},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        raw.setdefault(section, {})[key] = value
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> dict:
+    """A finished 3-epoch training run on `tiny_data`: its config, checkpoints and metrics."""
+    from src.training.train import run
+
+    directory = tmp_path_factory.mktemp("tiny_run")
+    config_path = write_config(directory, tiny_data, **{"trainer.max_epochs": 3})
+    config = load_config(config_path)
+    run(config)
+    artifacts = Path(config.trainer.output_dir)
+    return {"config_path": config_path, "config": config, "data_root": tiny_data,
+            "best": artifacts / "tiny_best.pt", "last": artifacts / "tiny_last.pt",
+            "metrics": artifacts / "tiny_metrics.csv"}
+
+
+@pytest.fixture
+def fresh_copy(tmp_path):
+    """Copy a file tree into tmp_path (tests that modify a shared fixture work on a copy)."""
+    def copy(source: Path) -> Path:
+        target = tmp_path / source.name
+        shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+        return target
+    return copy

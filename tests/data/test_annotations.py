@@ -1,0 +1,231 @@
+"""Parsing every input format, on the real annotation files where they are available."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from src.data.annotations import (AnnotationError, LabelsFix, Record, check_names, parse_annotation_file,
+                                  parse_cvjena_line, read_cvjena, read_folder, read_list_file)
+from src.data.prepare import count_summary, filter_min_images
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+REAL = SHARED / "chimpanzee_faces" / "annotations"
+needs_real = pytest.mark.skipif(not (REAL / "raw" / "annotations_ctai.txt").is_file(),
+                                reason=f"real annotation files not found under {REAL}")
+
+OLD_LINE = ("face_images/img-id2-object-1.png Name Victor Age 3 Age_group Infant Gender Male "
+            "RightEye 48 55 LeftEye 99 73 MouthCenter 20 125 LeftEarlobe 152 146 RightEarlobe Inf Inf ")
+
+
+def _line(name: str = "Victor", path: str = "face_images/a.png", age: str = "3", gender: str = "Male",
+          current: bool = False) -> str:
+    group_key = "Age_Group" if current else "Age_group"
+    prefix = "Filename " if current else ""
+    return (f"{prefix}{path} Name {name} Age {age} {group_key} Infant Gender {gender} RightEye 1 2 "
+            f"LeftEye 3 4 MouthCenter 5 -6 LeftEarlobe Inf Inf RightEarlobe 9 10")
+
+
+@needs_real
+def test_real_annotation_counts():
+    czoo = parse_annotation_file(REAL / "raw" / "annotations_czoo.txt", "CZoo")
+    ctai = parse_annotation_file(REAL / "raw" / "annotations_ctai.txt", "CTai")
+    merged = czoo + ctai
+    assert count_summary(merged) == {"images": 7187, "individuals": 102,
+                                     "per_source": {"CZoo": 2109, "CTai": 5078}}
+    kept, below = filter_min_images(merged, 10)
+    assert count_summary(kept) == {"images": 7150, "individuals": 87,
+                                   "per_source": {"CZoo": 2109, "CTai": 5041}}
+    assert sum(below.values()) == 37 and len(below) == 15
+
+
+@needs_real
+def test_real_fields_are_kept():
+    records = parse_annotation_file(REAL / "raw" / "annotations_ctai.txt", "CTai", "data_CTai")
+    first = records[0]
+    assert first.path == "data_CTai/face_images/img-id1-object-1.png"
+    assert (first.individual, first.age, first.age_group, first.gender) == ("Fredy", 32, "Adult", "Male")
+    assert first.keypoints == ((81, 82), (159, 102), (70, 193), (244, 177), None)
+    assert first.origin == "data_CTai/annotations_ctai.txt:1"
+    assert sum(r.age is None for r in records) > 0
+    assert {r.gender for r in records} == {"Male", "Female", "Unknown"}
+
+
+@needs_real
+def test_current_release_format_matches_older_revision():
+    """The excerpt of the current release (`Filename ` prefix, `Age_Group`) parses to the same fields
+    as the same images in the older revision."""
+    current = parse_annotation_file(REAL / "format-current-release-excerpt.txt", "CTai")
+    older = {r.path: r for r in parse_annotation_file(REAL / "raw" / "annotations_ctai.txt", "CTai")}
+    assert len(current) == 5
+    for record in current:
+        same = older[record.path]
+        assert (record.individual, record.age, record.age_group, record.gender, record.keypoints) == \
+            (same.individual, same.age, same.age_group, same.gender, same.keypoints)
+
+
+def test_both_spellings_and_special_values():
+    old = parse_cvjena_line(_line(age="NaN", gender="Unknown"), "f:1")
+    new = parse_cvjena_line(_line(age="NaN", gender="Unknown", current=True), "f:2")
+    assert old == new
+    assert old["age"] is None and old["gender"] == "Unknown"
+    assert old["keypoints"] == ((1, 2), (3, 4), (5, -6), None, (9, 10))
+    assert parse_cvjena_line(OLD_LINE, "f:3")["keypoints"][4] is None
+
+
+@pytest.mark.parametrize("line, message", [
+    (_line().replace(" Gender Male", ""), "f:7: missing field(s) Gender"),
+    (_line(age="three"), "f:7: Age 'three' is not a number"),
+    (_line().replace("RightEye 1 2", "RightEye 1"), "f:7: RightEye needs two coordinates"),
+    (_line().replace("LeftEye 3 4", "LeftEye 3 x"), "f:7: LeftEye coordinates"),
+    ("face_images/a.png Victor Age 3", "f:7: expected '<image> Name <name> Age ...'"),
+    (_line() + " Name Again", "f:7: field Name appears twice"),
+])
+def test_malformed_lines_name_file_and_line(line, message):
+    with pytest.raises(AnnotationError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        parse_cvjena_line(line, "f:7")
+
+
+def test_malformed_line_in_file_names_its_line_number(tmp_path):
+    f = tmp_path / "annotations_czoo.txt"
+    f.write_text(_line() + "\n\n" + _line(age="x") + "\n")
+    with pytest.raises(AnnotationError, match=r"annotations_czoo.txt:3: Age 'x'"):
+        parse_annotation_file(f, "CZoo")
+
+
+def test_unknown_image_format_and_absolute_path_are_refused(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text(_line(path="face_images/a.xyz") + "\n")
+    with pytest.raises(AnnotationError, match=r"a.txt:1: unknown image format '.xyz'"):
+        parse_annotation_file(f, "CZoo")
+    f.write_text(_line(path="/abs/a.png") + "\n")
+    with pytest.raises(AnnotationError, match="must be relative"):
+        parse_annotation_file(f, "CZoo")
+
+
+def _release(root: Path) -> Path:
+    base = root / "datasets_cropped_chimpanzee_faces"
+    for folder, filename in (("data_CZoo", "annotations_czoo.txt"), ("data_CTai", "annotations_ctai.txt")):
+        (base / folder).mkdir(parents=True)
+        (base / folder / filename).write_text(_line(name=folder[5:]) + "\n")
+    return base
+
+
+def test_read_cvjena_accepts_repository_root_or_release_folder(tmp_path):
+    base = _release(tmp_path)
+    from_root = read_cvjena(tmp_path)
+    assert [(r.path, r.individual, r.source) for r in from_root] == [
+        ("datasets_cropped_chimpanzee_faces/data_CZoo/face_images/a.png", "CZoo", "CZoo"),
+        ("datasets_cropped_chimpanzee_faces/data_CTai/face_images/a.png", "CTai", "CTai")]
+    assert [r.path for r in read_cvjena(base)] == ["data_CZoo/face_images/a.png", "data_CTai/face_images/a.png"]
+
+
+def test_read_cvjena_missing_annotation_file_or_folder(tmp_path):
+    base = _release(tmp_path)
+    (base / "data_CTai" / "annotations_ctai.txt").unlink()
+    with pytest.raises(AnnotationError, match="^missing annotation file .*annotations_ctai.txt"):
+        read_cvjena(tmp_path)
+    with pytest.raises(AnnotationError, match="raw folder .* not found"):
+        read_cvjena(tmp_path / "nowhere")
+
+
+def test_names_with_whitespace_are_refused_or_replaced():
+    line = _line(name="Mr  Bean")
+    assert parse_cvjena_line(line, "f:1")["name"] == "Mr Bean"
+    records = [Record("a.png", "Mr Bean", "CZoo", "f:1"), Record("b.png", "Kofi", "CZoo", "f:2")]
+    with pytest.raises(AnnotationError, match=r"f:1: individual name 'Mr Bean' contains whitespace; "
+                                              r"rename it \(e.g. 'Mr_Bean'\)"):
+        check_names(records, spaces_to_underscores=False)
+    fixed = check_names(records, spaces_to_underscores=True)
+    assert [(r.individual, r.published_name) for r in fixed] == [("Mr_Bean", "Mr Bean"), ("Kofi", "Kofi")]
+    clash = records + [Record("c.png", "Mr_Bean", "CZoo", "f:3")]
+    with pytest.raises(AnnotationError, match="would merge 'Mr Bean' into an existing individual"):
+        check_names(clash, spaces_to_underscores=True)
+
+
+def test_list_file(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("# my photos\nphotos/a b.jpg Kofi\n\nphotos/c.PNG Lome\n")
+    records = read_list_file(f)
+    assert [(r.path, r.individual, r.source) for r in records] == [
+        ("photos/a b.jpg", "Kofi", "mine.txt"), ("photos/c.PNG", "Lome", "mine.txt")]
+    f.write_text("photos/a.jpg Kofi\nphotos/b.jpg\n")
+    with pytest.raises(AnnotationError, match=r"mine.txt:2: expected '<path> <individual>'"):
+        read_list_file(f)
+    f.write_text("photos/a.doc Kofi\n")
+    with pytest.raises(AnnotationError, match="unknown image format '.doc'"):
+        read_list_file(f)
+    f.write_text("\n")
+    with pytest.raises(AnnotationError, match="no images listed"):
+        read_list_file(f)
+
+
+def test_folder_layout(tmp_path):
+    for rel in ("Kofi/a.png", "Kofi/2019/b.JPG", "Lome/c.pgm", "Lome/.hidden.png", "Lome/Thumbs.db",
+                ".git/config", "README.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    records = read_folder(tmp_path)
+    assert [(r.path, r.individual, r.source) for r in records] == [
+        ("Kofi/2019/b.JPG", "Kofi", "folder"), ("Kofi/a.png", "Kofi", "folder"),
+        ("Lome/c.pgm", "Lome", "folder")]
+
+
+@pytest.mark.parametrize("files, message", [
+    ([], "^empty folder"),
+    (["Kofi/notes.docx"], "notes.docx: unknown image format '.docx'"),
+    (["a.png"], "a.png: image directly under"),
+])
+def test_folder_layout_errors(tmp_path, files, message):
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "Empty").mkdir()
+    with pytest.raises(AnnotationError, match=message):
+        read_folder(tmp_path)
+
+
+def _records(*names: str) -> list[Record]:
+    return [Record(f"img{i}.png", name, "CTai", f"f:{i}") for i, name in enumerate(names, 1)]
+
+
+def test_labels_fix_yaml(tmp_path):
+    f = tmp_path / "fix.yaml"
+    f.write_text("aliases:\n  Woodstiock: Woodstock\n  Nobody: Somebody\n"
+                 "exclude_names: [Adult]\nexclude_images: [img2.png]\n")
+    fix = LabelsFix.load(f)
+    kept, excluded, unused = fix.apply(_records("Woodstiock", "Woodstock", "Adult", "Woodstock"))
+    assert [(r.path, r.individual, r.published_name) for r in kept] == [
+        ("img1.png", "Woodstock", "Woodstiock"), ("img4.png", "Woodstock", "Woodstock")]
+    assert [(r.path, reason) for r, reason in excluded] == [
+        ("img2.png", "image excluded"), ("img3.png", "name Adult excluded")]
+    assert unused == ["alias Nobody"]
+
+
+def test_labels_fix_text_matches_yaml(tmp_path):
+    yaml_file, text_file = tmp_path / "fix.yml", tmp_path / "fix.txt"
+    yaml_file.write_text("aliases: {Freddy: Fredy}\nexclude_names: [Adult]\nexclude_images: [x.png]\n")
+    text_file.write_text("# cleanup\nFreddy -> Fredy\nexclude-name Adult  # placeholder\nexclude-image x.png\n")
+    a, b = LabelsFix.load(yaml_file), LabelsFix.load(text_file)
+    assert (a.aliases, a.exclude_names, a.exclude_images) == (b.aliases, b.exclude_names, b.exclude_images)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("fix.txt", "Freddy Fredy\n", r"fix.txt:1: expected 'Old -> New'"),
+    ("fix.txt", "A -> B\nB -> C\n", "alias chain 'A' -> 'B' -> 'C'"),
+    ("fix.txt", "A -> B C\n", "without whitespace"),
+    ("fix.yaml", "aliases: [A, B]\n", "aliases must map"),
+    ("fix.yaml", "alias: {A: B}\n", r"unknown key\(s\) \['alias'\]"),
+    ("fix.yaml", "exclude_names: Adult\n", "exclude_names must be a list"),
+    ("fix.yaml", "aliases: {A: B\n", r"fix.yaml:\d+: not valid YAML"),
+])
+def test_labels_fix_errors(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(AnnotationError, match=message):
+        LabelsFix.load(tmp_path / name)
+
+
+def test_example_labels_fix_loads():
+    fix = LabelsFix.load(Path(__file__).resolve().parents[2] / "configs" / "labels_fix_example.yaml")
+    assert fix.aliases["Woodstiock"] == "Woodstock" and fix.exclude_names == {"Adult"}
+    assert not fix.exclude_images

@@ -1,0 +1,164 @@
+"""Batch augmentation: layout, determinism, and statistics that match the config."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+from src.config import AugmentConfig
+from src.data.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, crop_affine
+from src.data.cache import cache_size_for
+
+NO_AUGMENT = dict(crop_scale_min=1.0, hflip=0.0, color_jitter=0.0, rotation_degrees=0.0,
+                  random_erasing=0.0)
+
+
+def _batch(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _normalise(image01: torch.Tensor) -> torch.Tensor:
+    return TF.normalize(image01, list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def _binomial_ok(count: int, n: int, p: float) -> bool:
+    """Within 4.5 standard deviations: a false failure about once in 150,000 runs."""
+    return abs(count - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)) + 1
+
+
+@pytest.mark.parametrize("image_size", [32, 48])
+def test_outputs_are_normalised_float_channels_last(image_size):
+    aug = BatchAugment(AugmentConfig(), image_size)
+    batch = _batch(6, cache_size_for(image_size))
+    for out in (aug.train(batch, _generator(0)), aug.eval(batch)):
+        assert out.shape == (6, 3, image_size, image_size)
+        assert out.dtype == torch.float32
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert out.min() >= min(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)) - 1e-5
+
+
+def test_train_is_deterministic_given_the_generator_seed():
+    aug = BatchAugment(AugmentConfig(), 32)
+    batch = _batch(8, 37)
+    first = aug.train(batch, _generator(1))
+    assert torch.equal(first, aug.train(batch, _generator(1)))
+    assert not torch.allclose(first, aug.train(batch, _generator(2)))
+
+
+def test_output_dtype_is_float32_under_autocast():
+    aug = BatchAugment(AugmentConfig(), 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = aug.train(_batch(4, 37), _generator(0))
+    assert out.dtype == torch.float32
+
+
+def test_without_augmentation_train_is_a_plain_bilinear_resize():
+    aug = BatchAugment(AugmentConfig(**NO_AUGMENT), 32)
+    batch = _batch(4, 37)
+    expected = F.interpolate(batch.permute(0, 3, 1, 2).float() / 255, size=(32, 32),
+                             mode="bilinear", align_corners=False)
+    torch.testing.assert_close(aug.train(batch, _generator(0)), _normalise(expected),
+                               atol=1e-4, rtol=0)
+
+
+def test_flip_rate_matches_config():
+    hflip, n = 0.3, 400
+    aug = BatchAugment(AugmentConfig(**{**NO_AUGMENT, "hflip": hflip}), 16)
+    image = _batch(1, 16)
+    params = aug.sample_params(n, _generator(3), "cpu")
+    # Same size in and out, no crop or rotation: the resampling is the identity.
+    out = aug.apply(image.expand(n, -1, -1, -1), params)
+    plain = _normalise(image.permute(0, 3, 1, 2).float() / 255)
+    is_plain = (out - plain).abs().amax(dim=(1, 2, 3)) < 1e-4
+    is_flipped = (out - plain.flip(3)).abs().amax(dim=(1, 2, 3)) < 1e-4
+    assert torch.all(is_plain ^ is_flipped)  # every output is exactly one of the two
+    assert torch.equal(is_flipped, params.flip)
+    assert _binomial_ok(int(is_flipped.sum()), n, hflip)
+
+
+def test_crop_scale_and_aspect_stay_in_range():
+    crop_scale_min, n = 0.6, 20_000
+    aug = BatchAugment(AugmentConfig(crop_scale_min=crop_scale_min, rotation_degrees=10), 32)
+    params = aug.sample_params(n, _generator(4), "cpu")
+    # The area of the affine actually applied: |det| of its linear part on a square image.
+    area = crop_affine(params, 37, 37)[:, :, :2].det().abs()
+    assert area.min() >= crop_scale_min - 1e-5 and area.max() <= 1 + 1e-5
+    torch.testing.assert_close(area, params.area, atol=1e-5, rtol=0)
+    assert abs(area.mean().item() - (1 + crop_scale_min) / 2) < 0.01  # uniform in [min, 1]
+    assert area.min() < crop_scale_min + 0.01 and area.max() > 0.99  # the whole range is used
+    ratio = params.log_ratio.exp()
+    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+    # The crop rectangle (before rotation) lies inside the image.
+    width, height = (params.area * ratio).sqrt(), (params.area / ratio).sqrt()
+    assert torch.all(params.centre[:, 0].abs() + width <= 1 + 1e-5)
+    assert torch.all(params.centre[:, 1].abs() + height <= 1 + 1e-5)
+    assert params.angle.abs().max() <= math.radians(10) + 1e-6
+
+
+def test_colour_jitter_matches_torchvision_brightness_contrast_saturation():
+    jitter = 0.2
+    aug = BatchAugment(AugmentConfig(**{**NO_AUGMENT, "color_jitter": jitter}), 16)
+    # Mid-range pixels: no factor in [0.8, 1.2] pushes them out of [0, 1], where torchvision
+    # clips after every step and this clips once at the end.
+    batch = (torch.rand(32, 16, 16, 3, generator=_generator(5)) * 100 + 80).to(torch.uint8)
+    params = aug.sample_params(32, _generator(6), "cpu")
+    out = aug.apply(batch, params)
+    for i in range(32):
+        image = batch[i].permute(2, 0, 1).float() / 255
+        image = TF.adjust_brightness(image, params.brightness[i].item())
+        image = TF.adjust_contrast(image, params.contrast[i].item())
+        image = TF.adjust_saturation(image, params.saturation[i].item())
+        torch.testing.assert_close(out[i], _normalise(image), atol=1e-4, rtol=0)
+    factors = torch.stack([params.brightness, params.contrast, params.saturation])
+    assert factors.min() >= 1 - jitter and factors.max() <= 1 + jitter
+
+
+def test_erasing_rate_and_rectangle_area_match_config():
+    p, n, size = 0.4, 300, 48
+    aug = BatchAugment(AugmentConfig(**{**NO_AUGMENT, "random_erasing": p}), size)
+    batch = torch.full((n, size, size, 3), 200, dtype=torch.uint8)  # never 0 once normalised
+    params = aug.sample_params(n, _generator(7), "cpu")
+    erased = (aug.apply(batch, params) == 0).all(dim=1)  # N x size x size
+    assert torch.equal(erased.any(dim=(1, 2)), params.erase)
+    assert _binomial_ok(int(params.erase.sum()), n, p)
+    # The sampled rectangles cover 2-20% of the image...
+    top, left, height, width = params.erase_box.unbind(1)
+    area = height * width
+    assert area.min() >= 0.02 - 1e-6 and area.max() <= 0.2 + 1e-6
+    assert top.min() >= 0 and (top + height).max() <= 1 + 1e-6
+    assert left.min() >= 0 and (left + width).max() <= 1 + 1e-6
+    # ...and each erased region is that rectangle, up to one pixel of rounding per side.
+    for i in torch.nonzero(params.erase).flatten().tolist():
+        rows, cols = erased[i].any(dim=1), erased[i].any(dim=0)
+        assert torch.equal(erased[i], rows[:, None] & cols[None, :])
+        assert abs(rows.sum().item() - height[i].item() * size) < 1
+        assert abs(cols.sum().item() - width[i].item() * size) < 1
+
+
+@pytest.mark.parametrize("input_size", [37, 50])
+def test_eval_is_the_torchvision_centre_crop_and_resize(input_size):
+    image_size = 32
+    aug = BatchAugment(AugmentConfig(), image_size)
+    batch = _batch(3, input_size, seed=8)
+    out = aug.eval(batch)
+    assert torch.equal(out, aug.eval(batch))
+    side = round(input_size * image_size / cache_size_for(image_size))  # 32 of 37, 43 of 50
+    reference = TF.center_crop(batch.permute(0, 3, 1, 2).float(), [side, side])
+    reference = TF.resize(reference, [image_size, image_size], antialias=True)
+    # Same interpolation kernel (identity when side == image_size), so only float32 rounding
+    # differs: 1e-4 after normalisation is 0.006 grey levels, far below one level (0.017).
+    torch.testing.assert_close(out, _normalise(reference / 255), atol=1e-4, rtol=0)
+
+
+def test_rejects_batches_that_are_not_uint8_nhwc():
+    aug = BatchAugment(AugmentConfig(), 32)
+    with pytest.raises(ValueError, match="uint8"):
+        aug.eval(torch.zeros(2, 3, 37, 37))

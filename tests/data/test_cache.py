@@ -1,0 +1,192 @@
+"""The decoded-image cache: same pixels as a fresh decode, reused, invalidated and repaired."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.data.cache import cache_size_for, decode_for_cache, load_or_build_cache
+from src.data.io import ImageLoadError
+
+CACHE_SIZE = 24
+
+
+def _write_png(path, seed: int, size=(40, 30)) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Raw dir with five PNGs: landscape, portrait, square, smaller than the cache, larger."""
+    raw = tmp_path / "raw"
+    sizes = [(40, 30), (30, 50), (32, 32), (16, 20), (64, 48)]
+    rows = []
+    for i, size in enumerate(sizes):
+        rel = f"face_images/img {i}.png"  # a space, as user folders often have
+        _write_png(raw / rel, seed=i, size=size)
+        rows.append((rel, f"chimp{i % 2}"))
+    return raw, tmp_path / "cache", rows
+
+
+def _build(dataset, cache_size=CACHE_SIZE, workers=0, rows=None):
+    raw, cache_dir, default_rows = dataset
+    return load_or_build_cache(rows or default_rows, raw, cache_dir, cache_size, workers)
+
+
+def _assert_matches_fresh_decode(cached, raw, rows, cache_size=CACHE_SIZE):
+    assert cached.images.dtype == torch.uint8
+    assert tuple(cached.images.shape) == (len(cached.kept), cache_size, cache_size, 3)
+    for row, index in enumerate(cached.kept):
+        fresh = decode_for_cache(raw / rows[index][0], cache_size)
+        np.testing.assert_array_equal(cached.images[row].numpy(), fresh)
+
+
+def test_cache_size_adds_the_imagenet_margin():
+    assert cache_size_for(224) == 256
+    assert cache_size_for(112) == 128
+
+
+def test_decode_for_cache_takes_the_centre_square(tmp_path):
+    # A wide image: red | green | blue thirds; the centre square is the green third.
+    pixels = np.zeros((30, 90, 3), np.uint8)
+    pixels[:, :30, 0] = pixels[:, 30:60, 1] = pixels[:, 60:, 2] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    out = decode_for_cache(tmp_path / "wide.png", 20)
+    assert out.shape == (20, 20, 3) and out.dtype == np.uint8 and out.flags.writeable
+    # Pure green away from the left and right edges, where the bicubic kernel reaches the sides.
+    np.testing.assert_array_equal(out[:, 3:-3], np.broadcast_to([0, 255, 0], (20, 14, 3)))
+
+
+def test_decode_for_cache_raises_image_load_error(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ImageLoadError):
+        decode_for_cache(tmp_path / "bad.png", 16)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cached_pixels_equal_fresh_decode(dataset, workers):
+    cached = _build(dataset, workers=workers)
+    assert cached.built and cached.kept == list(range(5)) and cached.failed == []
+    _assert_matches_fresh_decode(cached, dataset[0], dataset[2])
+    assert cached.path.name == f"{cached.key}.u8"
+    assert (cached.path.parent / f"{cached.key}.json").is_file()
+
+
+def test_cache_is_reused_when_nothing_changed(dataset):
+    first = _build(dataset)
+    mtime = first.path.stat().st_mtime_ns
+    second = _build(dataset)
+    assert not second.built and second.key == first.key
+    assert second.path.stat().st_mtime_ns == mtime
+    _assert_matches_fresh_decode(second, dataset[0], dataset[2])
+
+
+def test_relabelling_reuses_the_cache(dataset):
+    first = _build(dataset)
+    relabelled = [(rel, "someone_else") for rel, _ in dataset[2]]
+    second = _build(dataset, rows=relabelled)
+    assert not second.built and second.key == first.key
+
+
+def test_changed_image_bytes_rebuild_and_prune_the_old_cache(dataset):
+    raw, cache_dir, rows = dataset
+    first = _build(dataset)
+    _write_png(raw / rows[2][0], seed=99, size=(32, 32))  # same name and size, new pixels
+    second = _build(dataset)
+    assert second.built and second.key != first.key
+    _assert_matches_fresh_decode(second, raw, rows)
+    # Same list at the same size: the stale cache can never be valid again, so it is removed.
+    assert not first.path.exists()
+    assert sorted(p.name for p in cache_dir.glob("*.u8")) == [second.path.name]
+
+
+def test_changed_cache_size_rebuilds_and_keeps_the_other_size(dataset):
+    first = _build(dataset, cache_size=CACHE_SIZE)
+    second = _build(dataset, cache_size=CACHE_SIZE + 8)
+    assert second.built and second.key != first.key
+    _assert_matches_fresh_decode(second, dataset[0], dataset[2], cache_size=CACHE_SIZE + 8)
+    assert first.path.exists()  # runs at two resolutions may alternate
+    assert not _build(dataset, cache_size=CACHE_SIZE).built
+
+
+def _flip_bytes(data_path, meta_path):
+    with open(data_path, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _truncate(data_path, meta_path):
+    with open(data_path, "r+b") as f:
+        f.truncate(data_path.stat().st_size - 7)
+
+
+def _garble_meta(data_path, meta_path):
+    meta_path.write_text("{not json", encoding="utf-8")
+
+
+def _wrong_shape_meta(data_path, meta_path):
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["shape"][1] += 1
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _remove_meta(data_path, meta_path):
+    meta_path.unlink()
+
+
+@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _garble_meta, _wrong_shape_meta,
+                                    _remove_meta])
+def test_corrupt_cache_is_detected_and_rebuilt(dataset, damage, caplog):
+    first = _build(dataset)
+    damage(first.path, first.path.with_suffix(".json"))
+    del first  # release the memory map before the file is replaced
+    with caplog.at_level(logging.WARNING, logger="src.data.cache"):
+        second = _build(dataset)
+    assert second.built
+    assert "corrupt" in caplog.text
+    _assert_matches_fresh_decode(second, dataset[0], dataset[2])
+    assert not _build(dataset).built
+
+
+def test_unreadable_images_are_excluded_and_reported(dataset, caplog):
+    raw, _, rows = dataset
+    (raw / "face_images/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rows = rows[:2] + [("face_images/broken.png", "x"), ("face_images/missing.png", "y")] + rows[2:]
+    with caplog.at_level(logging.WARNING, logger="src.data.cache"):
+        cached = _build(dataset, rows=rows, workers=2)
+    assert cached.kept == [0, 1, 4, 5, 6]
+    assert [path for path, _ in cached.failed] == ["face_images/broken.png",
+                                                   "face_images/missing.png"]
+    assert all(reason for _, reason in cached.failed)
+    assert "2 of 7 images could not be read" in caplog.text
+    _assert_matches_fresh_decode(cached, raw, rows)
+    # The failures are remembered with the cache, and a file that appears changes the key.
+    assert _build(dataset, rows=rows).failed == cached.failed
+    _write_png(raw / "face_images/missing.png", seed=7)
+    assert _build(dataset, rows=rows).kept == [0, 1, 3, 4, 5, 6]
+
+
+def test_writing_to_the_tensor_leaves_the_cache_file_intact(dataset):
+    cached = _build(dataset)
+    cached.images[0].fill_(7)  # copy-on-write mapping: only this process's view changes
+    reloaded = _build(dataset)
+    assert not reloaded.built
+    _assert_matches_fresh_decode(reloaded, dataset[0], dataset[2])
+
+
+def test_interrupted_build_leftovers_are_removed(dataset):
+    raw, cache_dir, rows = dataset
+    cache_dir.mkdir(parents=True)
+    leftover = cache_dir / "0123.u8.999.tmp"
+    leftover.write_bytes(b"partial")
+    _build(dataset)
+    assert not leftover.exists()

@@ -1,0 +1,149 @@
+"""PreparedData, ClassIndex and ImageListDataset on a hand-made prepared folder (no prepare run needed)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from src.data.dataset import ClassIndex, DatasetError, ImageListDataset, PreparedData, collate_skip_none
+from src.data.io import ImageLoadError
+from src.data.lists import write_list
+
+ROWS = [("faces/b/1.png", "Bako"), ("faces/a/1.png", "Abeni"), ("faces/c/1.png", "Chiku"),
+        ("faces/a/2.png", "Abeni"), ("faces/b/2.png", "Bako"), ("faces/c/2.png", "Chiku")]
+MODES = ("RGB", "L", "RGBA")  # every image must come out as 3-channel RGB
+
+
+def _write_images(raw: Path) -> None:
+    for i, (rel, _) in enumerate(ROWS):
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new(MODES[i % 3], (20 + i, 16), color=(10 * i,) * len(MODES[i % 3])).save(raw / rel)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """A prepared folder: prepared.json, a train list and an open-set list, images under raw/."""
+    raw = tmp_path / "raw"
+    _write_images(raw)
+    annotations = tmp_path / "prepared" / "annotations"
+    write_list(annotations / "train.txt", ROWS)
+    write_list(annotations / "open_set" / "unknown_test.txt", ROWS[:2])
+    (annotations / "prepared.json").write_text(json.dumps({
+        "raw_dir": str(raw.resolve()), "min_images": 2, "seed": 7, "num_classes": 3,
+        "num_images": 6, "format_version": 1}))
+    return tmp_path / "prepared"
+
+
+def _resize16(img: Image.Image) -> torch.Tensor:
+    """A transform that makes images stackable, as a training transform would."""
+    return torch.from_numpy(np.array(img.resize((16, 16)))).permute(2, 0, 1)
+
+
+def test_prepared_data_reads_json_and_splits(root, tmp_path):
+    data = PreparedData.load(root)
+    assert (data.raw_dir, data.min_images, data.seed, data.num_classes) == (tmp_path / "raw", 2, 7, 3)
+    assert data.split("train") == ROWS
+    assert data.split("unknown_test", open_set=True) == ROWS[:2]
+
+
+def test_relative_raw_dir_is_relative_to_root(root, tmp_path):
+    meta = json.loads((root / "annotations" / "prepared.json").read_text())
+    meta["raw_dir"] = "../raw"
+    (root / "annotations" / "prepared.json").write_text(json.dumps(meta))
+    assert PreparedData.load(root).raw_dir.resolve() == (tmp_path / "raw").resolve()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.unlink(), "python -m src.data.prepare"),
+    (lambda p: p.write_text("{"), "not valid JSON"),
+    (lambda p: p.write_text(json.dumps({"raw_dir": "/x"})), "missing min_images"),
+    (lambda p: p.write_text(json.dumps({"raw_dir": "/x", "min_images": 1, "seed": 0, "num_classes": 1,
+                                        "format_version": 2})), "format_version 2"),
+    (lambda p: p.write_text(json.dumps({"raw_dir": "/x", "min_images": "ten", "seed": 0, "num_classes": 1,
+                                        "format_version": 1})), "wrong type"),
+    (lambda p: p.write_text("[]"), "missing raw_dir"),
+])
+def test_unusable_prepared_json_is_a_one_line_error(root, change, message):
+    change(root / "annotations" / "prepared.json")
+    with pytest.raises(DatasetError, match=message) as exc:
+        PreparedData.load(root)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_split_file_names_the_file(root):
+    data = PreparedData.load(root)
+    with pytest.raises(DatasetError, match=r"val\.txt: split file not found"):
+        data.split("val")
+    with pytest.raises(DatasetError, match=r"open_set.train\.txt"):
+        data.split("train", open_set=True)
+    with pytest.raises(DatasetError, match="plain name"):
+        data.split("../train")
+
+
+def test_class_index_is_sorted_stable_and_round_trips():
+    classes = ClassIndex.from_rows(ROWS)
+    assert classes.names == ("Abeni", "Bako", "Chiku") and len(classes) == 3
+    assert [classes.index(n) for n in ("Abeni", "Bako", "Chiku")] == [0, 1, 2]
+    assert ClassIndex.from_rows(list(reversed(ROWS))) == classes
+    assert ClassIndex.from_list(classes.to_list()) == classes
+    saved_order = ClassIndex.from_list(["Chiku", "Abeni"])  # a checkpoint's order is kept, not re-sorted
+    assert saved_order.index("Chiku") == 0 and saved_order != ClassIndex(["Abeni", "Chiku"])
+    assert "Bako" in classes and "Zuri" not in classes
+    with pytest.raises(DatasetError, match="'Zuri' is not one of the 3 classes"):
+        classes.index("Zuri")
+
+
+@pytest.mark.parametrize("names, message", [(["A", "B", "A"], "appears twice"), (["A B"], "whitespace"),
+                                            ([""], "non-empty")])
+def test_class_index_refuses_bad_names(names, message):
+    with pytest.raises(DatasetError, match=message):
+        ClassIndex(names)
+
+
+def test_dataset_returns_rgb_uint8_tensors_and_labels(root):
+    data = PreparedData.load(root)
+    classes = ClassIndex.from_rows(ROWS)
+    dataset = ImageListDataset(data.split("train"), data.raw_dir, classes)
+    assert len(dataset) == 6
+    for i, (rel, name) in enumerate(ROWS):
+        image, label = dataset[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 20 + i)
+        assert label == classes.index(name)
+    image, _ = ImageListDataset(ROWS, data.raw_dir, classes, transform=_resize16)[0]
+    assert image.shape == (3, 16, 16)
+
+
+def test_dataset_refuses_individuals_outside_the_class_index(root):
+    with pytest.raises(DatasetError, match="Chiku"):
+        ImageListDataset(ROWS, root, ClassIndex(["Abeni", "Bako"]))
+
+
+def test_skip_unreadable_drops_missing_images_and_counts_them(root, caplog):
+    data = PreparedData.load(root)
+    classes = ClassIndex.from_rows(ROWS)
+    (data.raw_dir / ROWS[0][0]).unlink()
+    with pytest.raises(ImageLoadError, match="file not found"):
+        ImageListDataset(ROWS, data.raw_dir, classes)[0]
+
+    dataset = ImageListDataset(ROWS, data.raw_dir, classes, transform=_resize16, skip_unreadable=True)
+    with caplog.at_level(logging.WARNING, logger="src.data.dataset"):
+        assert dataset[0] is None and dataset[0] is None
+    assert len([r for r in caplog.records if ROWS[0][0] in r.getMessage()]) == 1  # once per path
+
+    for workers in (0, 2):  # the count travels with the batch, so worker processes report it too
+        loader = DataLoader(dataset, batch_size=3, num_workers=workers, collate_fn=collate_skip_none)
+        batches = list(loader)
+        assert sum(skipped for _, _, skipped in batches) == 1
+        assert sum(len(labels) for _, labels, _ in batches) == 5
+        assert batches[0][0].shape == (2, 3, 16, 16) and batches[0][1].dtype == torch.int64
+
+
+def test_collate_of_an_all_unreadable_batch_is_empty():
+    images, labels, skipped = collate_skip_none([None, None])
+    assert images.numel() == 0 and labels.numel() == 0 and skipped == 2

@@ -1,0 +1,190 @@
+"""`--download` against a loopback HTTP server with Range support that can drop a connection."""
+from __future__ import annotations
+
+import io
+import threading
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.data.download import DownloadError, download, fetch_release
+from src.data.prepare import main
+
+TOP = "chimpanzee_faces-master/datasets_cropped_chimpanzee_faces"
+SOURCES = (("data_CZoo", "annotations_czoo.txt", "Kofi"), ("data_CTai", "annotations_ctai.txt", "Fredy"))
+
+
+def _png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, "PNG")  # noisy pixels: the archive cannot compress them away
+    return buffer.getvalue()
+
+
+def release_zip(images_per_source: int = 4, leave_out: str | None = None) -> bytes:
+    """A stand-in of the public archive: top folder, both annotation files, their images."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("chimpanzee_faces-master/README.md", "stand-in\n")
+        seed = 0
+        for folder, filename, name in SOURCES:
+            lines = []
+            for i in range(images_per_source):
+                image = f"img-{name}-{i}.png"
+                lines.append(f"face_images/{image} Name {name} Age 5 Age_group Adult Gender Male RightEye 1 2 "
+                             f"LeftEye 3 4 MouthCenter 5 6 LeftEarlobe Inf Inf RightEarlobe Inf Inf \n")
+                if image != leave_out:
+                    seed += 1
+                    zf.writestr(f"{TOP}/{folder}/face_images/{image}", _png_bytes(seed))
+            zf.writestr(f"{TOP}/{folder}/{filename}", "".join(lines))
+    return buffer.getvalue()
+
+
+class Server:
+    """Serves one payload at /release.zip. `drop_after` bytes: the first response stops there and
+    closes the connection; `ranges=False`: Range headers are ignored (200 with the whole file)."""
+
+    def __init__(self, payload: bytes, drop_after: int | None = None, ranges: bool = True, status: int = 200):
+        self.payload, self.drop_after, self.ranges, self.status = payload, drop_after, ranges, status
+        self.requests: list[str | None] = []  # the Range header of each request
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                server.requests.append(self.headers.get("Range"))
+                server.respond(self)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/release.zip"
+
+    def respond(self, handler: BaseHTTPRequestHandler) -> None:
+        if self.status != 200:
+            handler.send_error(self.status)
+            return
+        total, start = len(self.payload), 0
+        asked = handler.headers.get("Range")
+        if asked and self.ranges:
+            start = int(asked.removeprefix("bytes=").split("-")[0])
+            if start >= total:
+                handler.send_response(416)
+                handler.send_header("Content-Range", f"bytes */{total}")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
+        else:
+            handler.send_response(200)
+        handler.send_header("Content-Length", str(total - start))
+        handler.end_headers()
+        body = self.payload[start:]
+        if self.drop_after is not None and len(self.requests) == 1:
+            handler.wfile.write(body[: self.drop_after])
+            handler.wfile.flush()
+            handler.close_connection = True
+            return
+        handler.wfile.write(body)
+
+
+@pytest.fixture
+def serve(monkeypatch) -> Iterator:
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    servers: list[Server] = []
+
+    def start(*args, **kwargs) -> Server:
+        server = Server(*args, **kwargs)
+        threading.Thread(target=server.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+
+
+def test_interrupted_download_resumes_and_verifies(tmp_path, serve):
+    payload = release_zip()
+    server = serve(payload, drop_after=5000)
+    raw = tmp_path / "raw"
+    counts = fetch_release(raw, server.url, wait_s=0)
+    assert counts == {"CZoo": 4, "CTai": 4}
+    assert server.requests == [None, "bytes=5000-"]
+    faces = raw / "datasets_cropped_chimpanzee_faces" / "data_CTai" / "face_images"
+    assert (faces / "img-Fredy-3.png").is_file()
+    assert (raw / "README.md").is_file()
+    assert not (tmp_path / "raw.zip").exists() and not (tmp_path / "raw.zip.part").exists()
+    assert fetch_release(raw, server.url) == counts and len(server.requests) == 2  # nothing fetched again
+
+
+def test_download_resumes_a_part_left_by_a_killed_run(tmp_path, serve):
+    payload = release_zip()
+    server = serve(payload)
+    (tmp_path / "release.zip.part").write_bytes(payload[:3000])
+    download(server.url, tmp_path / "release.zip", wait_s=0)
+    assert server.requests == ["bytes=3000-"]
+    assert (tmp_path / "release.zip").read_bytes() == payload
+
+
+def test_server_without_range_support_starts_over(tmp_path, serve):
+    payload = release_zip()
+    server = serve(payload, drop_after=4000, ranges=False)
+    download(server.url, tmp_path / "release.zip", wait_s=0)
+    assert server.requests == [None, "bytes=4000-"]
+    assert (tmp_path / "release.zip").read_bytes() == payload
+
+
+def test_complete_part_is_recognised_by_416(tmp_path, serve):
+    payload = release_zip()
+    server = serve(payload)
+    (tmp_path / "release.zip.part").write_bytes(payload)
+    download(server.url, tmp_path / "release.zip", wait_s=0)
+    assert server.requests == [f"bytes={len(payload)}-"]
+    assert (tmp_path / "release.zip").read_bytes() == payload
+
+
+def test_incomplete_release_fails_verification_and_keeps_the_archive(tmp_path, serve):
+    server = serve(release_zip(leave_out="img-Kofi-2.png"))
+    with pytest.raises(DownloadError, match="incomplete: images present CZoo 3 of 4, CTai 4 of 4"):
+        fetch_release(tmp_path / "raw", server.url, wait_s=0)
+    assert (tmp_path / "raw.zip").is_file()
+
+
+def test_corrupt_archive_is_deleted(tmp_path, serve):
+    payload = bytearray(release_zip())
+    payload[len(payload) // 2] ^= 0xFF  # inside some member's data: its CRC no longer matches
+    server = serve(bytes(payload))
+    with pytest.raises(DownloadError, match="corrupt"):
+        download(server.url, tmp_path / "release.zip", wait_s=0)
+    assert not (tmp_path / "release.zip").exists() and not (tmp_path / "release.zip.part").exists()
+
+
+def test_http_errors(tmp_path, serve):
+    missing = serve(b"", status=404)
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(missing.url, tmp_path / "release.zip", wait_s=0)
+    assert len(missing.requests) == 1
+    failing = serve(b"", status=503)
+    with pytest.raises(DownloadError, match="failed 2 times .*HTTP 503"):
+        download(failing.url, tmp_path / "release.zip", attempts=2, wait_s=0)
+    assert len(failing.requests) == 2
+
+
+def test_prepare_download_cli(tmp_path, serve, capsys, monkeypatch):
+    monkeypatch.setattr("src.data.download.time.sleep", lambda seconds: None)
+    server = serve(release_zip(images_per_source=3), drop_after=2000)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    code = main(["--download", "--url", server.url, "--raw-dir", str(raw), "--out-dir", str(out),
+                 "--min-images", "3", "--open-set-individuals", "0"])
+    assert code == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "non-commercial" in stdout and "verified" in stdout
+    assert (out / "annotations" / "train.txt").read_text().count("\n") == 2
+    assert main(["--download", "--folder", str(raw)]) == 2

@@ -1,0 +1,297 @@
+"""`prepare` end to end on tiny generated images: outputs, exclusions, inputs, errors, the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.data.annotations import AnnotationError
+from src.data.lists import read_list
+from src.data.prepare import PrepareError, main, prepare
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_RAW = REPO.parent / "shared" / "chimpanzee_faces" / "annotations" / "raw"
+RELEASE = "datasets_cropped_chimpanzee_faces"
+_seeds = count()
+
+
+def _png(path: Path) -> None:
+    """A tiny image with unique pixels (identical images would be excluded as duplicates)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(next(_seeds)).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _line(filename: str, name: str, current: bool) -> str:
+    head = f"Filename face_images/{filename} Name {name} Age 5 Age_Group" if current else \
+        f"face_images/{filename} Name {name} Age NaN Age_group"
+    return f"{head} Adult Gender Male RightEye 1 2 LeftEye 3 4 MouthCenter 5 6 LeftEarlobe Inf Inf " \
+           f"RightEarlobe -1 9 \n"
+
+
+def make_release(root: Path, czoo: dict[str, int], ctai: dict[str, int], images: bool = True) -> Path:
+    """The cvjena layout under `root`: CZoo in the older format, CTai in the current one."""
+    for folder, filename, sizes, current in (("data_CZoo", "annotations_czoo.txt", czoo, False),
+                                             ("data_CTai", "annotations_ctai.txt", ctai, True)):
+        base = root / RELEASE / folder
+        lines = []
+        for name, n in sizes.items():
+            for i in range(n):
+                filename_i = f"img-{name}-{i}.png"
+                lines.append(_line(filename_i, name, current))
+                if images:
+                    _png(base / "face_images" / filename_i)
+        base.mkdir(parents=True, exist_ok=True)
+        (base / filename).write_text("".join(lines))
+    return root
+
+
+CZOO = {"Kofi": 12, "Lome": 10}
+CTAI = {"Fredy": 20, "Freddy": 2, "Adult": 10, "Wapi": 10, "Tita": 11, "Zita": 9}
+
+
+def _quiet(**kwargs) -> dict:
+    return {"open_set_individuals": 2, "workers": 2, **kwargs}
+
+
+def test_prepare_writes_the_design_layout(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    result = prepare(raw, tmp_path / "out", **_quiet())
+    ann = tmp_path / "out" / "annotations"
+    assert result.annotations_dir == ann
+    prepared = json.loads((ann / "prepared.json").read_text())
+    assert prepared == result.prepared
+    assert {k: prepared[k] for k in ("raw_dir", "min_images", "seed", "num_classes", "num_images",
+                                     "format_version")} == {
+        "raw_dir": str(raw.resolve()), "min_images": 10, "seed": 0, "num_classes": 6, "num_images": 73,
+        "format_version": 1}
+    assert prepared["open_set"]["num_classes"] == 4 and prepared["open_set"]["num_unknown"] == 2
+    assert prepared["sources"] == {"CZoo": 22, "CTai": 51}
+
+    merged = read_list(ann / "annotations_merged_all.txt")
+    assert len(merged) == 84 and merged[0] == (f"{RELEASE}/data_CZoo/face_images/img-Kofi-0.png", "Kofi")
+    assert all((raw / path).is_file() for path, _ in merged)
+    kept = read_list(ann / "annotations_merged_min10.txt")
+    assert {n for _, n in kept} == {"Kofi", "Lome", "Fredy", "Adult", "Wapi", "Tita"}
+    kept_ids = (ann / "kept_ids_min10.txt").read_text().split()
+    assert kept_ids == ["Adult", "Fredy", "Kofi", "Lome", "Tita", "Wapi"]
+    splits = {s: read_list(ann / f"{s}.txt") for s in ("train", "val", "test")}
+    assert sorted(r for rows in splits.values() for r in rows) == sorted(kept)
+    assert all({n for _, n in rows} == {n for _, n in kept} for rows in splits.values())
+    assert {s: len(rows) for s, rows in splits.items()} == prepared["splits"]
+
+    unknown = (ann / "open_set" / "unknown_ids.txt").read_text().split()
+    assert len(unknown) == 2
+    known_train = read_list(ann / "open_set" / "train.txt")
+    assert known_train == [r for r in splits["train"] if r[1] not in unknown]
+    held = read_list(ann / "open_set" / "unknown_val.txt") + read_list(ann / "open_set" / "unknown_test.txt")
+    assert {n for _, n in held} == set(unknown)
+
+    with (ann / "metadata.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 84
+    first = rows[0]
+    assert (first["source"], first["age"], first["age_group"], first["gender"]) == ("CZoo", "", "Adult", "Male")
+    assert (first["right_eye_x"], first["left_earlobe_x"], first["right_earlobe_x"]) == ("1", "", "-1")
+    assert (first["width"], first["height"], first["excluded"]) == ("8", "8", "")
+    assert {r["split"] for r in rows if r["individual"] == "Freddy"} == {""}
+    assert {r["split"] for r in rows if r["individual"] == "Kofi"} == {"train", "val", "test"}
+    ctai_row = next(r for r in rows if r["source"] == "CTai")
+    assert ctai_row["age"] == "5"
+
+    report = json.loads((ann / "validation_report.json").read_text())
+    assert report["problems"] == 0 and report["excluded"] == []
+    assert [b["name"] for b in report["below_threshold"]] == ["Freddy", "Zita"]
+    assert [f["name"] for f in report["label_quality"]["placeholder_names"]] == ["Adult"]
+    assert (ann / "validation_report.md").is_file()
+
+
+def test_prepare_is_deterministic_and_seeded(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    lists = []
+    for out, seed in (("a", 0), ("b", 0), ("c", 1)):
+        prepare(raw, tmp_path / out, seed=seed, **_quiet())
+        lists.append([(tmp_path / out / "annotations" / f).read_text()
+                      for f in ("train.txt", "val.txt", "test.txt", "open_set/unknown_ids.txt")])
+    assert lists[0] == lists[1] and lists[0] != lists[2]
+
+
+def test_raw_dir_may_be_the_release_folder(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    result = prepare(raw / RELEASE, tmp_path / "out", **_quiet())
+    rows = read_list(result.annotations_dir / "annotations_merged_all.txt")
+    assert rows[0][0] == "data_CZoo/face_images/img-Kofi-0.png"
+    assert result.prepared["raw_dir"] == str((raw / RELEASE).resolve())
+
+
+def test_problem_images_are_excluded_and_reported(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    faces = raw / RELEASE / "data_CTai" / "face_images"
+    (faces / "img-Tita-0.png").unlink()
+    (faces / "img-Tita-1.png").write_bytes(b"not an image")
+    shutil.copy(faces / "img-Wapi-0.png", faces / "img-Wapi-1.png")
+    result = prepare(raw, tmp_path / "out", **_quiet())
+    excluded = {(e["path"].rsplit("/", 1)[1], e["category"]) for e in result.report["excluded"]}
+    assert excluded == {("img-Tita-0.png", "missing file"), ("img-Tita-1.png", "unreadable"),
+                        ("img-Wapi-1.png", "duplicate")}
+    assert result.problems == 3
+    # Tita falls to 9 usable images and Wapi to 9: both below the threshold now
+    kept_ids = (result.annotations_dir / "kept_ids_min10.txt").read_text().split()
+    assert kept_ids == ["Adult", "Fredy", "Kofi", "Lome"]
+    below = {b["name"]: (b["images"], b["annotated"]) for b in result.report["below_threshold"]}
+    assert below["Tita"] == (9, 11) and below["Wapi"] == (9, 10)
+    report_md = (result.annotations_dir / "validation_report.md").read_text()
+    assert "img-Tita-1.png" in report_md and "unreadable" in report_md
+
+
+def test_strict_exits_1_on_problems(tmp_path, capsys):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    (raw / RELEASE / "data_CZoo" / "face_images" / "img-Kofi-0.png").unlink()
+    args = ["--raw-dir", str(raw), "--out-dir", str(tmp_path / "out"), "--open-set-individuals", "2"]
+    assert main(args) == 0
+    assert main(args + ["--strict"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: --strict: 1 image problem(s)")
+
+
+def test_labels_fix_is_applied_before_filtering(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    fix = tmp_path / "fix.txt"
+    fix.write_text("Freddy -> Fredy\nexclude-name Adult\n"
+                   f"exclude-image {RELEASE}/data_CTai/face_images/img-Tita-0.png\nNobody -> Somebody\n")
+    result = prepare(raw, tmp_path / "out", labels_fix=fix, **_quiet())
+    kept = read_list(result.annotations_dir / "annotations_merged_min10.txt")
+    assert sum(n == "Fredy" for _, n in kept) == 22
+    assert {n for _, n in kept} == {"Kofi", "Lome", "Fredy", "Wapi", "Tita"}
+    assert result.prepared["labels_fix"] == str(fix)
+    assert result.report["problems"] == 0
+    info = result.report["labels_fix"]
+    assert info["aliases_applied"] == {"Freddy -> Fredy": 2}
+    assert info["excluded_images"] == 11 and info["unused"] == ["alias Nobody"]
+    with (result.annotations_dir / "metadata.csv").open() as f:
+        rows = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(f)}
+    freddy = rows["img-Freddy-0.png"]
+    assert (freddy["individual"], freddy["published_name"]) == ("Fredy", "Freddy")
+    assert rows["img-Adult-0.png"]["excluded"] == "labels-fix: name Adult excluded"
+
+
+@pytest.mark.skipif(not (REAL_RAW / "annotations_ctai.txt").is_file(),
+                    reason=f"no real annotations in {REAL_RAW}")
+def test_real_annotations_without_images(tmp_path, caplog):
+    """The real files with no images: counts by the annotations are logged, every image is reported
+    missing, and the run stops with a one-line reason after writing the report."""
+    for folder, filename in (("data_CZoo", "annotations_czoo.txt"), ("data_CTai", "annotations_ctai.txt")):
+        (tmp_path / "raw" / RELEASE / folder).mkdir(parents=True)
+        shutil.copy(REAL_RAW / filename, tmp_path / "raw" / RELEASE / folder / filename)
+    caplog.set_level("INFO", logger="src.data.prepare")
+    with pytest.raises(PrepareError, match="0 individual.*7,187 of 7,187 images excluded"):
+        prepare(tmp_path / "raw", tmp_path / "out", workers=2)
+    assert "7,187 images / 102 individuals (CZoo 2,109, CTai 5,078)" in caplog.text
+    assert "7,150 images / 87 individuals (CZoo 2,109, CTai 5,041) by the annotations alone" in caplog.text
+    report = json.loads((tmp_path / "out" / "annotations" / "validation_report.json").read_text())
+    assert report["counts"]["all"]["parsed_images"] == 7187 and report["problems"] == 7187
+    assert not (tmp_path / "out" / "annotations" / "prepared.json").exists()
+
+
+def _folder(root: Path, sizes: dict[str, int]) -> Path:
+    for name, n in sizes.items():
+        for i in range(n):
+            _png(root / name / f"{i}.png")
+    return root
+
+
+def test_folder_input_with_many_formats(tmp_path):
+    root = _folder(tmp_path / "photos", {"Kofi": 5, "Lome": 5, "Pia": 5})
+    rgb = np.random.default_rng(99).integers(0, 256, (16, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(root / "Kofi" / "rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(rgb[:, :, 0]).save(root / "Kofi" / "gray.pgm")
+    Image.fromarray(rgb[:, :, 1].astype(np.uint16) * 200).save(root / "Lome" / "deep.png")
+    Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(root / "Lome" / "alpha.png")
+    (root / "Pia" / "2019").mkdir()
+    Image.fromarray(rgb[::2]).save(root / "Pia" / "2019" / "nested.tif")
+    result = prepare(folder=root, out_dir=tmp_path / "out", min_images=5, open_set_individuals=0)
+    assert result.problems == 0 and result.prepared["num_images"] == 20
+    assert result.prepared["input"] == "folder" and result.prepared["open_set"] is None
+    rows = read_list(result.annotations_dir / "annotations_merged_all.txt")
+    assert ("Pia/2019/nested.tif", "Pia") in rows and ("Kofi/rotated.jpg", "Kofi") in rows
+    with (result.annotations_dir / "metadata.csv").open() as f:
+        sizes = {r["path"]: (r["width"], r["height"]) for r in csv.DictReader(f)}
+    assert sizes["Kofi/rotated.jpg"] == ("16", "10")  # EXIF orientation applied
+    assert not (result.annotations_dir / "open_set").exists()
+
+
+def test_folder_names_with_spaces(tmp_path):
+    root = _folder(tmp_path / "photos", {"Mr Bean": 3, "Kofi": 3})
+    with pytest.raises(AnnotationError, match="individual name 'Mr Bean' contains whitespace"):
+        prepare(folder=root, out_dir=tmp_path / "out", min_images=3, open_set_individuals=0)
+    result = prepare(folder=root, out_dir=tmp_path / "out", min_images=3, open_set_individuals=0,
+                     spaces_to_underscores=True)
+    rows = read_list(result.annotations_dir / "annotations_merged_all.txt")
+    assert sorted(rows)[-3:] == [(f"Mr Bean/{i}.png", "Mr_Bean") for i in range(3)]
+
+
+def test_list_input(tmp_path):
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
+    listing = tmp_path / "photos" / "mine.txt"
+    listing.write_text("".join(f"{n}/{i}.png {n}\n" for n in ("Kofi", "Lome") for i in range(3)))
+    result = prepare(list_file=listing, out_dir=tmp_path / "out", min_images=3, open_set_individuals=0)
+    assert result.prepared["raw_dir"] == str(root.resolve()) and result.prepared["num_images"] == 6
+    elsewhere = tmp_path / "mine.txt"
+    shutil.copy(listing, elsewhere)
+    result = prepare(root, tmp_path / "out2", list_file=elsewhere, min_images=3, open_set_individuals=0)
+    assert result.prepared["num_classes"] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_images": 2}, "--min-images 2: at least 3"),
+    ({"open_set_individuals": 1}, "--open-set-individuals 1: use 0"),
+    ({"fractions": (0.8, 0.2, 0.2)}, "summing to 1"),
+    ({"open_set_individuals": 10}, "cannot hold out 10 of 6 individuals"),
+])
+def test_bad_parameters(tmp_path, kwargs, message):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    with pytest.raises(Exception, match=message):
+        prepare(raw, tmp_path / "out", **kwargs)
+
+
+@pytest.mark.parametrize("ctai_text, message", [
+    (None, "error: missing annotation file .*annotations_ctai.txt"),
+    ("face_images/a.png Name Kofi Age 3\n", r"error: .*annotations_ctai.txt:1: missing field\(s\) Age_group"),
+    (_line("a.bmpx", "Kofi", current=False), r"error: .*annotations_ctai.txt:1: unknown image format '.bmpx'"),
+])
+def test_cli_bad_cvjena_input_is_one_line(tmp_path, capsys, ctai_text, message):
+    make_release(tmp_path / "raw", CZOO, {}, images=False)
+    ctai = tmp_path / "raw" / RELEASE / "data_CTai" / "annotations_ctai.txt"
+    if ctai_text is None:
+        ctai.unlink()
+    else:
+        ctai.write_text(ctai_text)
+    assert main(["--raw-dir", str(tmp_path / "raw"), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(message, err), err
+
+
+def test_cli_subprocess_success_and_errors(tmp_path):
+    """The real entry point: counts on stdout and exit 0; bad input gives one `error:` line and exit 2."""
+    root = _folder(tmp_path / "photos", {"Kofi": 4, "Lome": 4, "Pia": 4, "Riet": 4})
+    run = [sys.executable, "-m", "src.data.prepare", "--out-dir", str(tmp_path / "out")]
+    ok = subprocess.run(run + ["--folder", str(root), "--min-images", "4", "--open-set-individuals", "2"],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "parsed     16 images / 4 individuals (folder 16)" in ok.stdout
+    assert "open set   2 known, 2 held out (1 in unknown_val, 1 in unknown_test)" in ok.stdout
+    (root / "Kofi" / "notes.txt").write_text("x")
+    bad = subprocess.run(run + ["--folder", str(root)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert "notes.txt: unknown image format '.txt'" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,216 @@
+"""The evaluation command end to end on the tiny stand-in run: report, figures, threshold, bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.config import load_config
+from src.data.dataset import ClassIndex, PreparedData
+from src.evaluation import evaluate
+from src.models.factory import create_model
+from src.training.checkpoint import atomic_save
+from src.training.resume import data_fingerprint
+from src.training.train import RunState, checkpoint_dict
+from tests.conftest import REPO, write_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPORT_KEYS = {"report_version", "checkpoint", "data", "closed_set", "retrieval", "by_source", "open_set",
+               "threshold", "warnings", "figures"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def evaluate_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "src.evaluation.evaluate", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+
+
+def run_main(capsys, *args) -> tuple[int, list[str]]:
+    code = evaluate.main([*map(str, args), "--device", "cpu"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run, tmp_path_factory) -> Path:
+    """tiny_run's best checkpoint and metrics CSV in a folder of their own, where the sidecar goes."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    for key in ("best", "metrics"):
+        shutil.copy2(tiny_run[key], folder)
+    return folder / tiny_run["best"].name
+
+
+@pytest.fixture(scope="module")
+def closed_report(checkpoint, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("eval") / "tiny_test"
+    result = evaluate_cli("--checkpoint", checkpoint, "--out", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def unit_values(report: dict):
+    """Every number that must lie in [0, 1]: the metrics of every section."""
+    closed, retrieval = report["closed_set"], report["retrieval"]
+    yield from (closed[k] for k in ("top1", "top5", "balanced_accuracy", "macro_f1"))
+    yield from (row["accuracy"] for row in closed["per_individual"])
+    yield from (retrieval["one_nn_accuracy"], retrieval["map_at_r"], *retrieval["cmc"])
+    for row in report["by_source"].values():
+        yield from (row[k] for k in ("top1", "top5", "balanced_accuracy", "macro_f1", "one_nn_accuracy", "map_at_r"))
+    if report["open_set"]["evaluated"]:
+        yield from (report["open_set"][k] for k in ("auroc", "baks", "baus", "balanced_mean"))
+
+
+def test_report_keys_and_value_ranges(closed_report, tiny_run):
+    out, result = closed_report
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert all(0.0 <= value <= 1.0 for value in unit_values(report))
+    closed, retrieval = report["closed_set"], report["retrieval"]
+    assert closed["top1"] <= closed["top5"]
+    assert len(retrieval["cmc"]) == 10 and retrieval["cmc"] == sorted(retrieval["cmc"])
+    assert retrieval["cmc"][0] == pytest.approx(retrieval["one_nn_accuracy"])
+    test_rows = PreparedData.load(tiny_run["data_root"]).split("test")
+    assert closed["num_images"] == retrieval["num_queries"] == len(test_rows)
+    assert sum(row["support"] for row in closed["per_individual"]) == len(test_rows)
+    assert set(report["by_source"]) == {"CZoo", "CTai"}  # from annotations/metadata.csv
+    assert sum(row["num_images"] for row in report["by_source"].values()) == len(test_rows)
+    assert report["open_set"]["evaluated"] is False and "data.open_set: true" in report["open_set"]["note"]
+    assert report["warnings"] == []
+    assert result.stdout.splitlines()[-1] == f"report: {out / 'report.md'}"
+    assert "\r" not in result.stderr  # no progress bar outside a terminal
+
+
+def test_figures_csv_and_markdown(closed_report, tiny_run):
+    out, _ = closed_report
+    for name in ("confusion_matrix.png", "cmc.png", "training_curves.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
+    rows = (out / "confusion_matrix.csv").read_text().splitlines()
+    classes = torch.load(tiny_run["best"], weights_only=True)["classes"]
+    assert rows[0].split(",")[1:] == classes and len(rows) == len(classes) + 1
+    markdown = (out / "report.md").read_text()
+    for link in ("(confusion_matrix.png)", "(cmc.png)", "(training_curves.png)", "(confusion_matrix.csv)"):
+        assert link in markdown
+    assert "## Closed set" in markdown and "## Retrieval" in markdown and "## Open set" in markdown
+
+
+def test_threshold_is_stored_beside_the_checkpoint(closed_report, checkpoint, tiny_run):
+    out, _ = closed_report
+    report = json.loads((out / "report.json").read_text())
+    sidecar = json.loads(evaluate.threshold_sidecar_path(checkpoint).read_text())
+    assert set(sidecar) == {"threshold", "method", "split", "checkpoint_sha256"}
+    assert sidecar["threshold"] == report["threshold"]["threshold"] and -1.0 <= sidecar["threshold"] <= 1.0
+    assert sidecar["split"] == "val" and "95%" in sidecar["method"]
+    # the checksum is the original checkpoint's: evaluation never rewrites it
+    assert sidecar["checkpoint_sha256"] == sha256(tiny_run["best"]) == report["checkpoint"]["sha256"]
+
+
+def test_same_inputs_give_an_identical_report(closed_report, checkpoint, tmp_path, capsys):
+    out, _ = closed_report
+    assert run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "again")[0] == 0
+    assert (tmp_path / "again" / "report.json").read_bytes() == (out / "report.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def open_set_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """An untrained model in a checkpoint of an open-set run (the layout train.py saves); evaluation
+    does not care whether it learned anything, and skipping training keeps the test fast."""
+    folder = tmp_path_factory.mktemp("open_set")
+    config = load_config(write_config(folder, tiny_data, name="open", **{"data.open_set": True,
+                                                                         "data.num_classes": 4}))
+    train_rows = PreparedData.load(tiny_data).split("train", open_set=True)
+    classes = ClassIndex.from_rows(train_rows)
+    torch.manual_seed(0)
+    model = create_model(config.model, len(classes))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    path = folder / "open_best.pt"
+    atomic_save(checkpoint_dict(model, optimizer, scheduler, scaler, RunState(), config, classes,
+                                data_fingerprint(train_rows, classes)), path)
+    return path
+
+
+def test_open_set_evaluation(open_set_checkpoint, tiny_data, tmp_path, capsys):
+    code, _ = run_main(capsys, "--checkpoint", open_set_checkpoint, "--out", tmp_path)
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    open_set, data = report["open_set"], PreparedData.load(tiny_data)
+    assert open_set["evaluated"] is True
+    assert all(0.0 <= value <= 1.0 for value in unit_values(report))
+    assert open_set["measured_on"] == ["test", "unknown_test"]
+    assert open_set["known_images"] == len(data.split("test", open_set=True))
+    assert open_set["unknown_images"] == len(data.split("unknown_test", open_set=True))
+    assert open_set["balanced_mean"] == pytest.approx((open_set["baks"] + open_set["baus"]) / 2, abs=1e-6)
+    assert report["data"]["lists"] == "annotations/open_set"
+    sidecar = json.loads(evaluate.threshold_sidecar_path(open_set_checkpoint).read_text())
+    assert sidecar["threshold"] == open_set["threshold"] == report["threshold"]["threshold"]
+    assert "BAKS" in sidecar["method"] and "unknown_val" in sidecar["split"]
+    assert "| AUROC" in (tmp_path / "report.md").read_text()
+
+
+@pytest.fixture
+def data_copy(tiny_data, tmp_path) -> Path:
+    """A prepared dataset whose lists can be edited; prepared.json still points at the same images."""
+    shutil.copytree(tiny_data / "annotations", tmp_path / "data" / "annotations")
+    return tmp_path / "data"
+
+
+def test_a_changed_train_split_is_reported(checkpoint, data_copy, tmp_path, capsys):
+    train = data_copy / "annotations" / "train.txt"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
+    assert code == 0
+    assert any(line.startswith("warning: the train split differs") for line in err)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["warnings"]
+
+
+def break_split(data_copy: Path) -> str:
+    (data_copy / "annotations" / "test.txt").unlink()
+    return "test.txt: split file not found"
+
+
+def add_stranger(data_copy: Path) -> str:
+    test = data_copy / "annotations" / "test.txt"
+    first_path = test.read_text().splitlines()[0].rsplit(maxsplit=1)[0]
+    test.write_text(test.read_text() + f"{first_path} Stranger\n")
+    return "unknown to the checkpoint (e.g. Stranger)"
+
+
+@pytest.mark.parametrize("damage", [break_split, add_stranger])
+def test_data_that_does_not_match_fails_in_one_line(damage, checkpoint, data_copy, tmp_path, capsys):
+    expected = damage(data_copy)
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def newer_format(path: Path) -> str:
+    torch.save({"format_version": 99, "model_state": {}, "epoch": 1, "config": {}, "classes": []}, path)
+    return "newer"
+
+
+def truncated(path: Path) -> str:
+    torch.save({"weights": torch.zeros(10_000)}, path)
+    path.write_bytes(path.read_bytes()[:20_000])
+    return "truncated"
+
+
+def missing(path: Path) -> str:
+    return "checkpoint file not found"
+
+
+@pytest.mark.parametrize("make", [newer_format, truncated, missing])
+def test_unusable_checkpoints_fail_in_one_line(make, tmp_path, capsys):
+    path = tmp_path / "x_best.pt"
+    expected = make(path)
+    code, err = run_main(capsys, "--checkpoint", path, "--out", tmp_path / "out")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0]

@@ -1,0 +1,162 @@
+"""Each metric on a case small enough to compute by hand, and against scikit-learn where it has one."""
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score, top_k_accuracy_score
+
+from src.evaluation import metrics
+
+
+@pytest.fixture
+def random_case():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, size=200)
+    scores = rng.normal(size=(200, 7)) + 1.5 * np.eye(7)[labels]
+    return labels, scores
+
+
+def test_top_k_by_hand():
+    labels = np.array([0, 1, 2])
+    scores = np.array([[0.9, 0.1, 0.0],    # right at rank 1
+                       [0.5, 0.2, 0.3],    # right at rank 3
+                       [0.1, 0.3, 0.6]])   # right at rank 1
+    assert metrics.top_k_accuracy(labels, scores, 1) == pytest.approx(2 / 3)
+    assert metrics.top_k_accuracy(labels, scores, 2) == pytest.approx(2 / 3)
+    assert metrics.top_k_accuracy(labels, scores, 3) == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_top_k_matches_sklearn(random_case, k):
+    labels, scores = random_case
+    expected = top_k_accuracy_score(labels, scores, k=k, labels=np.arange(7))
+    assert metrics.top_k_accuracy(labels, scores, k) == pytest.approx(expected)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_classification_metrics_by_hand_and_against_sklearn():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    predictions = np.array([0, 0, 0, 1, 1, 0, 2, 3])  # class 3 is never true: it only costs recall
+    scores = np.eye(4)[predictions]
+    result = metrics.classification_metrics(labels, scores)
+    assert result["top1"] == pytest.approx(5 / 8)
+    assert result["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 1 / 2) / 3)
+    # F1 per class: 0: p=3/4 r=3/4; 1: p=1/2 r=1/2; 2: p=1 r=1/2 -> 2/3
+    assert result["macro_f1"] == pytest.approx((3 / 4 + 1 / 2 + 2 / 3) / 3)
+    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predictions))
+    assert result["macro_f1"] == pytest.approx(f1_score(labels, predictions, labels=[0, 1, 2], average="macro"))
+    assert result["num_images"] == 8
+
+
+def test_confusion_and_per_individual_table():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predictions = np.array([0, 2, 2, 1, 1, 0])
+    matrix = metrics.confusion(labels, predictions, 4)
+    assert matrix.tolist() == [[1, 0, 2, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    table = metrics.per_individual(matrix, ["a", "b", "c", "d"])
+    assert [row["individual"] for row in table] == ["a", "b", "c"]  # d has no image
+    assert table[0] == {"individual": "a", "support": 3, "accuracy": pytest.approx(1 / 3),
+                        "most_confused_with": "c", "confused_count": 2}
+    assert table[1]["most_confused_with"] is None and table[1]["accuracy"] == 1.0
+    assert table[2]["most_confused_with"] == "a" and table[2]["accuracy"] == 0.0
+
+
+def ranked_similarity(gallery_order_labels: list[int]) -> np.ndarray:
+    """One query whose similarity to gallery image i decreases with i."""
+    return np.linspace(1.0, 0.0, len(gallery_order_labels))[None, :]
+
+
+def test_one_nn_and_map_at_r_by_hand():
+    # Gallery ranked A B A A B C for a query of A: R = 3, AP@R = (1/3) * (1/1 + 0 + 2/3) = 5/9
+    gallery = np.array([0, 1, 0, 0, 1, 2])
+    similarity = ranked_similarity(gallery.tolist())
+    query = np.array([0])
+    assert metrics.one_nn_accuracy(similarity, query, gallery) == 1.0
+    assert metrics.map_at_r(similarity, query, gallery) == pytest.approx(5 / 9)
+    # a query of B: R = 2, ranked B at 2 only within the first 2 -> (1/2) * (1/2) = 1/4
+    assert metrics.map_at_r(similarity, np.array([1]), gallery) == pytest.approx(1 / 4)
+    assert metrics.one_nn_accuracy(similarity, np.array([1]), gallery) == 0.0
+    # two queries average
+    both = np.vstack([similarity, similarity])
+    assert metrics.map_at_r(both, np.array([0, 1]), gallery) == pytest.approx((5 / 9 + 1 / 4) / 2)
+
+
+def test_cmc_counts_individuals_not_images():
+    # Gallery ranked B B B C A for a query of A: image rank 5, individual rank 3.
+    gallery = np.array([1, 1, 1, 2, 0])
+    similarity = ranked_similarity(gallery.tolist())
+    curve = metrics.cmc(similarity, np.array([0]), gallery, max_rank=4)
+    assert curve.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_cmc_is_monotone_and_starts_at_one_nn(random_case):
+    labels, _ = random_case
+    rng = np.random.default_rng(1)
+    gallery = np.repeat(np.arange(7), 5)
+    similarity = rng.normal(size=(len(labels), len(gallery))) + (labels[:, None] == gallery[None, :])
+    curve = metrics.cmc(similarity, labels, gallery)
+    assert len(curve) == metrics.CMC_RANKS
+    assert np.all(np.diff(curve) >= 0) and curve[-1] == 1.0  # 7 individuals: all found by rank 7
+    assert curve[0] == pytest.approx(metrics.one_nn_accuracy(similarity, labels, gallery))
+
+
+def test_cmc_ties_count_against_the_model():
+    similarity = np.array([[0.5, 0.5]])
+    assert metrics.cmc(similarity, np.array([1]), np.array([0, 1]), max_rank=2).tolist() == [0.0, 1.0]
+
+
+def test_unknown_auroc_matches_sklearn():
+    rng = np.random.default_rng(2)
+    best = rng.uniform(size=50)
+    unknown = rng.uniform(size=50) < 0.4
+    assert metrics.unknown_auroc(best, unknown) == pytest.approx(roc_auc_score(unknown, 1 - best))
+    # unknown images all less similar than known ones: perfect detection
+    assert metrics.unknown_auroc(np.array([0.9, 0.8, 0.3, 0.2]), np.array([False, False, True, True])) == 1.0
+
+
+def test_baks_and_baus_by_hand():
+    # Known: individual 0 has 4 images (2 accepted and right, 1 accepted but wrong, 1 rejected),
+    # individual 1 has 1 image (accepted, right): BAKS = (2/4 + 1/1) / 2 = 0.75, while plain
+    # accuracy would be 3/5.
+    labels = np.array([0, 0, 0, 0, 1])
+    correct = np.array([True, True, False, True, True])
+    accepted = np.array([True, True, True, False, True])
+    assert metrics.baks(labels, correct, accepted) == pytest.approx(0.75)
+    # Unknown: individual 5 has 3 images, 1 rejected; individual 6 has 1 image, rejected: (1/3 + 1) / 2
+    assert metrics.baus(np.array([5, 5, 5, 6]), np.array([True, True, False, False])) == pytest.approx(2 / 3)
+
+
+def test_open_set_threshold_separates_known_from_unknown():
+    known_labels, known_correct = np.array([0, 1, 1]), np.array([True, True, False])
+    known_scores = np.array([0.9, 0.8, 0.65])
+    unknown_labels, unknown_scores = np.array([7, 7, 8]), np.array([0.5, 0.6, 0.3])
+    threshold = metrics.choose_open_set_threshold(known_labels, known_correct, known_scores,
+                                                  unknown_labels, unknown_scores)
+    # Rejecting the wrong known image (0.65) costs nothing and the two correct ones must stay accepted:
+    # the lowest best interval is (0.6, 0.65], whose midpoint is chosen.
+    assert threshold == pytest.approx(0.625)
+    accepted_known, accepted_unknown = known_scores >= threshold, unknown_scores >= threshold
+    assert metrics.baks(known_labels, known_correct, accepted_known) == pytest.approx(0.75)
+    assert metrics.baus(unknown_labels, accepted_unknown) == 1.0
+
+
+def test_open_set_threshold_is_optimal_on_random_scores():
+    rng = np.random.default_rng(3)
+    known_labels, unknown_labels = rng.integers(0, 5, 60), rng.integers(10, 13, 30)
+    known_correct = rng.uniform(size=60) < 0.8
+    known_scores, unknown_scores = rng.uniform(0.3, 1.0, 60), rng.uniform(0.0, 0.7, 30)
+    threshold = metrics.choose_open_set_threshold(known_labels, known_correct, known_scores,
+                                                  unknown_labels, unknown_scores)
+
+    def objective(t):
+        return (metrics.baks(known_labels, known_correct, known_scores >= t)
+                + metrics.baus(unknown_labels, unknown_scores >= t)) / 2
+
+    best = max(objective(t) for t in np.linspace(-0.01, 1.01, 2000))
+    assert objective(threshold) == pytest.approx(best) or objective(threshold) > best
+
+
+def test_keep_fraction_threshold():
+    scores = np.arange(1, 21) / 20  # 0.05 .. 1.0
+    threshold = metrics.keep_fraction_threshold(scores, keep=0.95)
+    assert threshold == pytest.approx(0.10)
+    assert (scores >= threshold).mean() == 0.95
+    assert metrics.keep_fraction_threshold(np.array([])) is None

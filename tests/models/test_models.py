@@ -1,0 +1,71 @@
+"""Heads and the model factory."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from pytorch_metric_learning.losses import ArcFaceLoss
+
+from src.config import ModelConfig
+from src.models.backbones import ModelError
+from src.models.factory import create_model
+from src.models.heads import ArcFaceHead
+
+
+def test_arcface_head_matches_pytorch_metric_learning():
+    torch.manual_seed(0)
+    head = ArcFaceHead(16, 7, margin=0.5, scale=30.0)
+    reference = ArcFaceLoss(num_classes=7, embedding_size=16, margin=math.degrees(0.5), scale=30.0)
+    with torch.no_grad():
+        reference.W.copy_(head.weight.t())
+    embeddings = torch.randn(64, 16)
+    labels = torch.randint(0, 7, (64,))
+    # Force some targets past pi - m, where both switch to the monotonic fallback.
+    embeddings[:4] = -head.weight[labels[:4]].detach()
+    logits, loss_logits = head(embeddings, labels)
+    assert torch.allclose(F.cross_entropy(loss_logits, labels), reference(embeddings, labels), atol=1e-5)
+    assert torch.allclose(logits, reference.get_logits(embeddings), atol=1e-4)
+
+
+def test_arcface_margin_lowers_only_the_target_logit():
+    head = ArcFaceHead(8, 5)
+    embeddings, labels = torch.randn(10, 8), torch.arange(10) % 5
+    logits, loss_logits = head(embeddings, labels)
+    target = F.one_hot(labels, 5).bool()
+    assert torch.equal(logits[~target], loss_logits[~target])
+    assert (loss_logits[target] < logits[target]).all()
+
+
+@pytest.mark.parametrize("head", ["arcface", "linear"])
+def test_model_outputs(head):
+    model = create_model(ModelConfig(backbone="resnet18", head=head, embedding_dim=32), 6).eval()
+    images = torch.randn(3, 3, 64, 64)
+    embeddings, logits, _ = model(images)
+    assert embeddings.shape == (3, 32) and logits.shape == (3, 6)
+    assert torch.allclose(model.embed(images).norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_pretrained_from_a_local_file(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    model = create_model(ModelConfig(backbone="resnet18", pretrained=tmp_path / "r18.pth"), 4)
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_pretrained_file_for_another_architecture_is_refused(tmp_path):
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ModelError, match="do not fit resnet18"):
+        create_model(ModelConfig(backbone="resnet18", pretrained=tmp_path / "r50.pth"), 4)
+
+
+def test_pretrained_imagenet_unavailable_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ModelError, match="cannot get torchvision's ImageNet weights"):
+        create_model(ModelConfig(backbone="resnet18", pretrained=True), 4)

@@ -1,0 +1,60 @@
+"""The config schema: the guide's keys, defaults, and one-line errors naming the key."""
+from pathlib import Path
+
+import pytest
+
+from src.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE_CONFIGS = {
+    "train_chimp_min10": ("resnet18", 50, None),
+    "train_chimp_min10_resnet50_arc": ("resnet50", 30, 128),
+    "train_chimp_min10_resnet50_arc_full": ("resnet50", 200, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_CONFIGS))
+def test_guide_configs_match_the_guide(name):
+    backbone, epochs, batch = GUIDE_CONFIGS[name]
+    config = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert config.name == name
+    assert config.model.backbone == backbone and config.model.head == "arcface"
+    assert config.trainer.max_epochs == epochs
+    assert config.data.num_classes == 87
+    if batch:
+        assert config.trainer.batch_size == batch
+
+
+def test_defaults_fill_missing_sections(tmp_path):
+    path = tmp_path / "mini.yaml"
+    path.write_text("trainer:\n  max_epochs: 3\n")
+    config = load_config(path)
+    assert config.trainer.max_epochs == 3
+    assert config.trainer.lr == Config().trainer.lr
+    assert config.data.cache_dir == config.data.root / "cache"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("trainer:\n  max_epoch: 3\n", "trainer.max_epoch"),
+    ("trainer:\n  lr: fast\n", "trainer.lr"),
+    ("model:\n  head: softmax\n", "model.head"),
+    ("trainer:\n  device: tpu\n", "trainer.device"),
+    ("data:\n  num_classes: 0\n", "data.num_classes"),
+    ("optimiser: {}\n", "optimiser"),
+])
+def test_bad_values_name_the_key(tmp_path, text, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_unparseable_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("trainer: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")

@@ -1,0 +1,171 @@
+"""Resume and faults: kill -9, SIGTERM, bad checkpoints, incompatible configs, non-finite losses."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from src.config import load_config
+from src.training import train as train_module
+from src.training.checkpoint import CheckpointError, load_checkpoint
+from src.training.train import TrainingStopped, run
+from tests.conftest import REPO, write_config
+from tests.training.test_train import train_cli
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    """Reference: the same config run from start to end without interruption."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    run(load_config(write_config(directory, tiny_data, **{"trainer.max_epochs": EPOCHS})))
+    return directory / "artifacts"
+
+
+def start_training(config_path):
+    return subprocess.Popen([sys.executable, "-m", "src.training.train", "--config", str(config_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epoch_line(process, epoch: int, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith(f"[Epoch {epoch}/"):
+            return
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError(f"no epoch {epoch} line; stderr: {process.stderr.read()}")
+
+
+def assert_same_run(artifacts, reference):
+    assert (artifacts / "tiny_metrics.csv").read_text() == (reference / "tiny_metrics.csv").read_text()
+    for kind in ("best", "last"):
+        ours = load_checkpoint(artifacts / f"tiny_{kind}.pt")
+        theirs = load_checkpoint(reference / f"tiny_{kind}.pt")
+        assert ours["epoch"] == theirs["epoch"]
+        for key, value in theirs["model_state"].items():
+            assert torch.equal(ours["model_state"][key], value), key
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, uninterrupted):
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": EPOCHS})
+    process = start_training(config_path)
+    wait_for_epoch_line(process, 1)
+    time.sleep(0.3)  # into epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"] >= 1
+    result = train_cli(config_path, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout
+    assert_same_run(tmp_path / "artifacts", uninterrupted)
+
+
+def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninterrupted):
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": EPOCHS})
+    process = start_training(config_path)
+    wait_for_epoch_line(process, 1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert "--resume auto" in stderr and "Traceback" not in stderr
+    result = train_cli(config_path, "--resume", str(tmp_path / "artifacts" / "tiny_last.pt"))
+    assert result.returncode == 0, result.stderr
+    assert_same_run(tmp_path / "artifacts", uninterrupted)
+
+
+def test_extending_a_finished_run(tiny_data, tmp_path):
+    run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})))
+    result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2}), "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert [line[:11] for line in result.stdout.splitlines() if line.startswith("[Epoch")] == ["[Epoch 2/2]"]
+    csv_lines = (tmp_path / "artifacts" / "tiny_metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in csv_lines] == ["epoch", "1", "2"]
+
+
+def test_incompatible_config_is_refused_listing_differences(tiny_run, tmp_path):
+    changed = write_config(tmp_path, tiny_run["data_root"],
+                           **{"model.embedding_dim": 64, "trainer.lr": 0.1, "trainer.max_epochs": 3})
+    result = train_cli(changed, "--resume", str(tiny_run["last"]))
+    assert result.returncode == 2
+    assert "model.embedding_dim: 32 -> 64" in result.stderr and "trainer.lr" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_data, tmp_path):
+    result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}), "--resume", "auto")
+    assert result.returncode == 0 and "resumed" not in result.stdout
+
+
+def test_truncated_and_random_checkpoints_give_one_line_errors(tiny_run, tmp_path):
+    data = tiny_run["last"].read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    for path in (truncated, garbage):
+        result = train_cli(tiny_run["config_path"], "--resume", str(path))
+        assert result.returncode == 2, result.stderr
+        assert str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+class _CreatesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_is_refused_without_running_code(tiny_run, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as handle:
+        pickle.dump({"format_version": 1, "payload": _CreatesAFile(str(marker))}, handle)
+    torch.save({"model_state": _CreatesAFile(str(marker))}, tmp_path / "evil_zip.pt")
+    for path in (evil, tmp_path / "evil_zip.pt"):
+        with pytest.raises(CheckpointError, match="not a safe checkpoint|not a PyTorch checkpoint"):
+            load_checkpoint(path)
+        result = train_cli(tiny_run["config_path"], "--resume", str(path))
+        assert result.returncode == 2
+    assert not marker.exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3}))
+    run(config.model_copy(update={"trainer": config.trainer.model_copy(update={"max_epochs": 1})}))
+    last = tmp_path / "artifacts" / "tiny_last.pt"
+    good = last.read_bytes()
+    real_cross_entropy = train_module.F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        return real_cross_entropy(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingStopped, match="non-finite loss") as info:
+        run(config, resume="auto")
+    assert info.value.exit_code == 3
+    assert last.read_bytes() == good
+
+
+def test_an_image_deleted_mid_run_is_skipped_and_counted(tiny_data, tmp_path, fresh_copy):
+    data = fresh_copy(tiny_data)
+    prepared = (data / "annotations" / "prepared.json").read_text()
+    (data / "annotations" / "prepared.json").write_text(prepared.replace(str(tiny_data), str(data)))
+    config_path = write_config(tmp_path, data, **{"trainer.max_epochs": 3, "data.pipeline": "plain"})
+    victim_rel = (data / "annotations" / "train.txt").read_text().split()[0]
+    process = start_training(config_path)
+    wait_for_epoch_line(process, 1)
+    (data / "raw" / victim_rel).unlink()
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr
+    assert "unreadable images skipped" in stdout
+    assert "skipping unreadable image" in stderr and victim_rel.split("/")[-1] in stderr

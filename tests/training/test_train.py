@@ -1,0 +1,105 @@
+"""The guide's contract end to end on a tiny stand-in set: epoch line, CSV, checkpoints, errors."""
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from src.config import load_config
+from src.training.artifacts import METRICS_COLUMNS
+from src.training.checkpoint import load_checkpoint
+from src.training.train import run
+from tests.conftest import REPO, TINY_INDIVIDUALS, write_config
+
+EPOCH_LINE = re.compile(r"^\[Epoch (\d+)/(\d+)\] lr=\d\.\d{5} \| train_loss=\d+\.\d{4} top1=[01]\.\d{4} "
+                        r"\| val_loss=\d+\.\d{4} top1=[01]\.\d{4}$")
+
+
+def train_cli(config_path, *extra, timeout=240):
+    return subprocess.run([sys.executable, "-m", "src.training.train", "--config", str(config_path), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_prints_the_guides_epoch_line_and_writes_the_artifacts(tiny_data, tmp_path):
+    config_path = write_config(tmp_path, tiny_data)
+    result = train_cli(config_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[Epoch")]
+    assert [EPOCH_LINE.match(line).groups() for line in lines] == [("1", "2"), ("2", "2")]
+    assert "\r" not in result.stdout + result.stderr  # no progress bar outside a terminal
+    artifacts = tmp_path / "artifacts"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["tiny_best.pt", "tiny_last.pt", "tiny_metrics.csv"]
+    header = (artifacts / "tiny_metrics.csv").read_text().splitlines()[0]
+    assert header == "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5"
+
+
+def test_metrics_rows_best_checkpoint_and_contents(tiny_run):
+    rows = read_rows(tiny_run["metrics"])
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert set(row) == set(METRICS_COLUMNS)
+        for key in ("train_top1", "train_top5", "val_top1", "val_top5"):
+            assert 0.0 <= float(row[key]) <= 1.0
+        assert float(row["train_top1"]) <= float(row["train_top5"])
+    val_top1 = [float(r["val_top1"]) for r in rows]
+    best = load_checkpoint(tiny_run["best"])
+    last = load_checkpoint(tiny_run["last"])
+    assert best["epoch"] == val_top1.index(max(val_top1)) + 1
+    assert last["epoch"] == 3
+    for checkpoint in (best, last):
+        assert {"model_state", "optimizer_state", "epoch", "config", "classes"} <= set(checkpoint)
+        assert len(checkpoint["classes"]) == TINY_INDIVIDUALS
+        assert checkpoint["config"]["model"]["backbone"] == "resnet18"
+
+
+def test_training_learns_on_the_tiny_set(tiny_run):
+    rows = read_rows(tiny_run["metrics"])
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_same_seed_same_metrics(tiny_data, tmp_path):
+    for run_dir in (tmp_path / "a", tmp_path / "b"):
+        run_dir.mkdir()
+        run(load_config(write_config(run_dir, tiny_data)))
+    a = (tmp_path / "a" / "artifacts" / "tiny_metrics.csv").read_text()
+    b = (tmp_path / "b" / "artifacts" / "tiny_metrics.csv").read_text()
+    assert a == b
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"trainer.max_epoch": 3}, "unknown key 'trainer.max_epoch'"),
+    ({"trainer.batch_size": "many"}, "'trainer.batch_size'"),
+    ({"data.num_classes": 87}, "data.num_classes: config says 87"),
+    ({"model.head": "cosface"}, "'model.head'"),
+])
+def test_config_errors_exit_2_with_one_line(tiny_data, tmp_path, override, needle):
+    result = train_cli(write_config(tmp_path, tiny_data, **override))
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_config_error(tiny_data, tmp_path):
+    result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.device": "cuda"}))
+    assert result.returncode == 2 and "trainer.device" in result.stderr
+
+
+def test_plain_pipeline_trains_like_the_cached_one(tiny_data, tmp_path):
+    (tmp_path / "cached").mkdir()
+    (tmp_path / "plain").mkdir()
+    cached = run(load_config(write_config(tmp_path / "cached", tiny_data, **{"trainer.max_epochs": 1})))
+    plain = run(load_config(write_config(tmp_path / "plain", tiny_data, **{"trainer.max_epochs": 1,
+                                                                             "data.pipeline": "plain"})))
+    # Same pixels, same order, same augmentation draws: the two pipelines compute the same epoch.
+    assert cached.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], abs=1e-6)
+    assert cached.history[0]["val_top1"] == plain.history[0]["val_top1"]
