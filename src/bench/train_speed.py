@@ -55,9 +55,12 @@ def make_data(work: Path, args) -> Path:
     root = work / "data"
     if not (root / "annotations" / "prepared.json").is_file():
         started = time.perf_counter()
-        standin.main(["--out", str(root / "raw"), "--individuals", str(args.individuals),
-                      "--images", str(args.images), "--size", str(round(args.size * 1.15)), "--seed", "0"])
-        prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images", "10", "--seed", "0"])
+        made = standin.main(["--out", str(root / "raw"), "--individuals", str(args.individuals),
+                             "--images", str(args.images), "--size", str(round(args.size * 1.15)), "--seed", "0"])
+        prepared = made or prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images",
+                                         "10", "--seed", "0", "--open-set-individuals", "0"])
+        if prepared:
+            raise SystemExit("could not make the stand-in data (see above)")
         print(f"stand-in data: {args.individuals} x {args.images} images in {time.perf_counter() - started:.0f} s",
               flush=True)
     return root

@@ -9,7 +9,7 @@ channels_last; labels int64. Both pipelines share everything but where the uint8
   to cache); the uint8 batch then goes through the same device augmentation.
 
 The order of images and every augmentation draw are functions of (seed, epoch, step, rank) alone,
-never of a global RNG, the number of workers or where a run was resumed: a run interrupted at any
+never of a global RNG, the number of workers or processes, or where a run was resumed: a run interrupted at any
 step and resumed sees exactly the batches an uninterrupted run sees.
 """
 from __future__ import annotations
@@ -89,9 +89,12 @@ class BatchSource:
         self.skipped = 0
         for step, (pixels, labels) in enumerate(self._pixels(self.plan(epoch)[start_step:]), start_step):
             if self.train:
-                generator = torch.Generator(self.device).manual_seed(
-                    _seed(self.seed, epoch, step, self.rank))
-                yield self.augment.train(pixels, generator), labels
+                # Draw for the whole global batch and keep this rank's slice: a sample's
+                # augmentation does not depend on the number of processes.
+                generator = torch.Generator(self.device).manual_seed(_seed(self.seed, epoch, step))
+                params = self.augment.sample_params(self.batch_size, generator, self.device)
+                start = self.rank * (self.batch_size // self.world_size)
+                yield self.augment.apply(pixels, params[start:start + len(pixels)]), labels
             else:
                 yield self.augment.eval(pixels), labels
 

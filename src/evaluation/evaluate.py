@@ -4,9 +4,9 @@
         [--data-root DIR] [--out DIR] [--device cpu|cuda] [--batch-size N]
 
 Read top to bottom: `load_run` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
-`embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier)
--> `retrieval_section` (embeddings against the train gallery) -> `open_set_section` or
-`closed_set_threshold` -> `write_outputs` (report.json, report.md, figures, threshold sidecar).
+`embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier),
+`retrieval_section` (embeddings against the train gallery), `by_source_section`, `open_set_section`,
+`threshold_section` -> `write_outputs` (report.json, report.md, figures) and the threshold sidecar.
 
 The run folder (default `runs/eval/<checkpoint stem>_<split>`) gets `report.json` with every number,
 `report.md` with the tables and figures, `confusion_matrix.png/.csv`, `cmc.png` and, when the
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 REPORT_VERSION = 1
 DECIMALS = 6
 SPLITS = ("val", "test")
-
-
 CLOSED_MODEL_NOTE = (
     "Not evaluated: this model was trained on the closed set, so every individual of the open-set 'unknown' "
     "lists was in its training data. An honest open-set evaluation needs a model trained with "
@@ -130,11 +128,8 @@ def pick_device(wanted: str | None) -> torch.device:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load_run(path: Path, device: torch.device) -> Run:

@@ -1,9 +1,10 @@
 """Evaluation metrics as pure functions on numpy arrays.
 
-Labels are integer ids (an individual's index). Classification takes a score matrix (`N x C`,
-higher = more likely; logits work). Retrieval takes a similarity matrix (`queries x gallery`, cosine
-similarity of L2-normalised embeddings) and assumes every query's individual has at least one gallery
-image (the caller checks that). Open-set functions take each query's best gallery similarity.
+Classification takes integer labels (the class id) and a score matrix (`N x C`, higher = more
+likely; logits work). Retrieval and open-set labels may be ids or names (anything numpy compares with
+`==` and sorts). Retrieval takes a similarity matrix (`queries x gallery`, cosine similarity of
+L2-normalised embeddings) and assumes every query's individual has at least one gallery image (the
+caller checks that). Open-set functions take each query's best gallery similarity.
 
 scikit-learn computes what it has (balanced accuracy, macro-F1, the confusion matrix, AUROC); written
 here by hand, with the definition in each docstring, are top-k accuracy (one line, checked against

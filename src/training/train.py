@@ -27,7 +27,7 @@ from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line, write_metrics_csv
-from src.training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint
+from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointWriter, load_checkpoint
 from src.training.resume import check_resume_compatible, data_fingerprint
 
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
@@ -132,6 +132,8 @@ def make_runtime(config: Config) -> Runtime:
     amp_dtype = None
     if config.trainer.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if config.trainer.amp_dtype == "bf16" else torch.float16
+    if config.trainer.sync_batchnorm and info.enabled and device.type != "cuda":
+        raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only; set it to false on the CPU")
     runtime = Runtime(device, info, amp_dtype)
     if config.trainer.amp and device.type == "cpu":
         runtime.print("note: trainer.amp applies to CUDA only; training in fp32 on the CPU")
@@ -217,7 +219,9 @@ def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime) 
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         runner = DistributedDataParallel(model, device_ids=device_ids)
     if config.trainer.compile:
-        runner = torch.compile(runner)
+        # dynamic=False: training batches have one shape; the last, smaller validation batch costs
+        # one extra compilation instead of making every kernel shape-generic.
+        runner = torch.compile(runner, dynamic=False)
     return runner
 
 
@@ -389,14 +393,14 @@ def run(config: Config, resume: str | None = None) -> RunState:
     stop = StopRequest()
     stop.install()
 
+    writer = CheckpointWriter()
+
     def save(to_best: bool) -> None:
         if runtime.dist.is_main:
-            ckpt = checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint)
-            if to_best:
-                atomic_save(ckpt, paths.best)
-            atomic_save(ckpt, paths.last)
-            write_metrics_csv(paths.metrics, state.history)
-        dist_utils.barrier(runtime.dist)
+            history = list(state.history)
+            writer.save(checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint),
+                        [paths.best, paths.last] if to_best else [paths.last],
+                        after=lambda: write_metrics_csv(paths.metrics, history))
 
     max_epochs = config.trainer.max_epochs
     for epoch in range(state.epoch + 1, max_epochs + 1):
@@ -406,6 +410,7 @@ def run(config: Config, resume: str | None = None) -> RunState:
         if state.step < len(train_source):
             state.partial = sums.reduced_state(runtime)
             save(to_best=False)
+            writer.wait()
             raise TrainingStopped(
                 f"stopped by {stop.signal_name} in epoch {epoch} after step {state.step}/{len(train_source)}; "
                 f"saved {paths.last}. Resume with: python -m src.training.train --config <config> --resume auto",
@@ -426,9 +431,11 @@ def run(config: Config, resume: str | None = None) -> RunState:
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
         if stop.signal_name is not None:
+            writer.wait()
             raise TrainingStopped(f"stopped by {stop.signal_name} after epoch {epoch}; saved {paths.last}. "
                                   "Resume with: python -m src.training.train --config <config> --resume auto",
                                   exit_code=130 if stop.signal_name == "SIGINT" else 143)
+    writer.wait()
     runtime.print(f"done: best val top1={state.best_val_top1:.4f} at epoch {state.best_epoch}; "
                   f"{paths.best}, {paths.last}, {paths.metrics}")
     return state

@@ -169,8 +169,13 @@ def test_unreadable_images_are_excluded_and_reported(dataset, caplog):
     assert all(reason for _, reason in cached.failed)
     assert "2 of 7 images could not be read" in caplog.text
     _assert_matches_fresh_decode(cached, raw, rows)
-    # The failures are remembered with the cache, and a file that appears changes the key.
-    assert _build(dataset, rows=rows).failed == cached.failed
+    # The failures are remembered with the cache (and warned about again), and a file that
+    # appears changes the key.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="src.data.cache"):
+        reused = _build(dataset, rows=rows)
+    assert not reused.built and reused.failed == cached.failed
+    assert "2 of 7 images could not be read" in caplog.text
     _write_png(raw / "face_images/missing.png", seed=7)
     assert _build(dataset, rows=rows).kept == [0, 1, 3, 4, 5, 6]
 

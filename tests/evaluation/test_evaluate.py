@@ -15,7 +15,7 @@ from src.config import load_config
 from src.data.dataset import ClassIndex, PreparedData
 from src.evaluation import evaluate
 from src.models.factory import create_model
-from src.training.checkpoint import atomic_save
+from src.training.checkpoint import atomic_save, load_checkpoint
 from src.training.resume import data_fingerprint
 from src.training.train import RunState, checkpoint_dict
 from tests.conftest import REPO, write_config
@@ -94,7 +94,7 @@ def test_figures_csv_and_markdown(closed_report, tiny_run):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
     rows = (out / "confusion_matrix.csv").read_text().splitlines()
-    classes = torch.load(tiny_run["best"], weights_only=True)["classes"]
+    classes = load_checkpoint(tiny_run["best"])["classes"]
     assert rows[0].split(",")[1:] == classes and len(rows) == len(classes) + 1
     markdown = (out / "report.md").read_text()
     for link in ("(confusion_matrix.png)", "(cmc.png)", "(training_curves.png)", "(confusion_matrix.csv)"):
