@@ -90,6 +90,11 @@ class TrainerConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     """Ask cuDNN/cuBLAS for deterministic kernels (slower). CPU runs are deterministic anyway."""
+    checkpoint_interval_s: float = Field(0.0, ge=0)
+    """Write the checkpoints at most this often (seconds); the run's end and a stop signal always
+    write, and the best epoch is kept in memory until then. 0: after every epoch. A crash loses at
+    most this much training; on a fast GPU, writing a few hundred MB every second-long epoch costs
+    more than the epoch."""
     output_dir: Path = Path("artifacts")
     progress: Literal["auto", "always", "never"] = "auto"
     """Progress bar within an epoch: `auto` shows it only on an interactive terminal."""

@@ -73,39 +73,38 @@ def atomic_save(obj, path: str | Path) -> None:
         os.close(directory)
 
 
-def _cpu_copy(tree):
+def snapshot(tree):
     """A snapshot of a checkpoint: every tensor copied to the CPU, so training can go on mutating
     the originals while the copy is written."""
     if isinstance(tree, torch.Tensor):
         return tree.detach().to("cpu", copy=True)
     if isinstance(tree, dict):
-        return {key: _cpu_copy(value) for key, value in tree.items()}
+        return {key: snapshot(value) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_cpu_copy(value) for value in tree)
+        return type(tree)(snapshot(value) for value in tree)
     return tree
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a background thread: the snapshot is taken at once (a device-to-host
-    copy), the serialisation and fsync of a few hundred MB overlap the next epoch. One write is in
-    flight at a time; an error of a write is raised by the next `save` or `wait`."""
+    """Writes checkpoints on a background thread: the caller takes a `snapshot` at once (a
+    device-to-host copy), the serialisation and fsync of a few hundred MB overlap the next epoch.
+    One write is in flight at a time; an error of a write is raised by the next `save` or `wait`."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, checkpoint: dict, paths: list[Path], after=None) -> None:
-        """Write `checkpoint` to each of `paths` (atomically), then call `after()`."""
+    def save(self, items: list[tuple[dict, Path]], after=None) -> None:
+        """Write each `(snapshot, path)` atomically, in order, then call `after()`."""
         self.wait()
-        snapshot = _cpu_copy(checkpoint)
-        self._thread = threading.Thread(target=self._write, args=(snapshot, paths, after),
+        self._thread = threading.Thread(target=self._write, args=(items, after),
                                         name="checkpoint-writer", daemon=False)
         self._thread.start()
 
-    def _write(self, snapshot: dict, paths: list[Path], after) -> None:
+    def _write(self, items: list[tuple[dict, Path]], after) -> None:
         try:
-            for path in paths:
-                atomic_save(snapshot, path)
+            for checkpoint, path in items:
+                atomic_save(checkpoint, path)
             if after is not None:
                 after()
         except BaseException as exc:  # reported to the training thread by wait()

@@ -27,7 +27,7 @@ from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line, write_metrics_csv
-from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointWriter, load_checkpoint
+from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointWriter, load_checkpoint, snapshot
 from src.training.resume import check_resume_compatible, data_fingerprint
 
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
@@ -394,13 +394,25 @@ def run(config: Config, resume: str | None = None) -> RunState:
     stop.install()
 
     writer = CheckpointWriter()
+    pending_best: dict | None = None  # snapshot of a best epoch not yet written
+    last_write = time.monotonic()
 
-    def save(to_best: bool) -> None:
-        if runtime.dist.is_main:
+    def save(improved: bool, force: bool) -> None:
+        """Snapshot now; write now if forced or due, else keep a new best in memory until then."""
+        nonlocal pending_best, last_write
+        if not runtime.dist.is_main:
+            return
+        due = force or time.monotonic() - last_write >= config.trainer.checkpoint_interval_s
+        if not (due or improved):
+            return
+        current = snapshot(checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint))
+        if improved:
+            pending_best = current
+        if due:
+            items = ([(pending_best, paths.best)] if pending_best is not None else []) + [(current, paths.last)]
             history = list(state.history)
-            writer.save(checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint),
-                        [paths.best, paths.last] if to_best else [paths.last],
-                        after=lambda: write_metrics_csv(paths.metrics, history))
+            writer.save(items, after=lambda: write_metrics_csv(paths.metrics, history))
+            pending_best, last_write = None, time.monotonic()
 
     max_epochs = config.trainer.max_epochs
     for epoch in range(state.epoch + 1, max_epochs + 1):
@@ -409,7 +421,7 @@ def run(config: Config, resume: str | None = None) -> RunState:
                                state, config, runtime, stop)
         if state.step < len(train_source):
             state.partial = sums.reduced_state(runtime)
-            save(to_best=False)
+            save(improved=False, force=True)
             writer.wait()
             raise TrainingStopped(
                 f"stopped by {stop.signal_name} in epoch {epoch} after step {state.step}/{len(train_source)}; "
@@ -426,7 +438,7 @@ def run(config: Config, resume: str | None = None) -> RunState:
         improved = val["top1"] > state.best_val_top1
         if improved:
             state.best_val_top1, state.best_epoch = val["top1"], epoch
-        save(to_best=improved)
+        save(improved, force=epoch == max_epochs or stop.signal_name is not None)
         runtime.print(epoch_line(row, max_epochs))
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")

@@ -59,10 +59,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, un
     config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": EPOCHS})
     process = start_training(config_path)
     wait_for_epoch_line(process, 1)
-    time.sleep(0.3)  # into epoch 2
-    process.send_signal(signal.SIGKILL)
+    last = tmp_path / "artifacts" / "tiny_last.pt"
+    deadline = time.monotonic() + 60
+    while not last.exists() and time.monotonic() < deadline:  # written in the background
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # during epoch 2 (or the write of epoch 1's checkpoint)
     process.wait()
-    assert load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"] >= 1
+    assert load_checkpoint(last)["epoch"] >= 1
     result = train_cli(config_path, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout

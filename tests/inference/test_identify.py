@@ -1,0 +1,132 @@
+"""The Python API: new individuals enrolled and recognised, unknown rejection, thresholds, and the
+same pixels and embeddings as training's evaluation path."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.data.dataset import PreparedData
+from src.data.io import ImageLoadError
+from src.evaluation.evaluate import embed_split, evaluation_config, load_run, threshold_sidecar_path
+from src.evaluation.metrics import choose_open_set_threshold
+from src.inference import gallery as gallery_cli
+from src.inference.gallery import Gallery
+from src.inference.identify import DEFAULT_MATCH, MATCH_MODES, UNKNOWN, Identifier, InferenceError
+
+SHOTS = 4  # photos enrolled per new individual; the other 6 are queries
+
+
+@pytest.fixture(scope="module")
+def enrolled(learned, unseen, tmp_path_factory):
+    """A gallery of the unseen individuals, enrolled through the command line from SHOTS photos each."""
+    path = tmp_path_factory.mktemp("gallery") / "unseen.npz"
+    for name, paths in unseen.items():
+        argv = ["enroll", "--gallery", str(path), "--checkpoint", str(learned.checkpoint), "--name", name]
+        assert gallery_cli.main(argv + [str(p) for p in paths[:SHOTS]]) == 0
+    return path
+
+
+def queries(individuals: dict) -> tuple[list, list[str]]:
+    paths = [p for ps in individuals.values() for p in ps[SHOTS:]]
+    return paths, [name for name, ps in individuals.items() for _ in ps[SHOTS:]]
+
+
+@pytest.mark.parametrize("match", MATCH_MODES)
+def test_unseen_individuals_enrolled_from_a_few_photos_are_identified_well_above_chance(learned, enrolled, unseen,
+                                                                                         match):
+    identifier = Identifier.from_checkpoint(learned.checkpoint, gallery=Gallery.load(enrolled), match=match)
+    paths, truth = queries(unseen)
+    predictions = identifier.identify(paths, top_k=3)
+    accuracy = np.mean([p.label == t for p, t in zip(predictions, truth)])
+    chance = 1 / len(unseen)
+    assert accuracy >= 2 * chance, f"{match}: {accuracy:.2f} vs chance {chance:.2f}"
+    assert all(set(p.names) <= set(unseen) and len(p.names) == 3 for p in predictions)
+
+
+def test_held_out_individuals_are_rejected_as_unknown(learned, enrolled, unseen, strangers):
+    """Threshold chosen as evaluation chooses it (BAKS + BAUS) on the enrolled individuals' odd queries
+    and half of the strangers; measured on the even queries and the other strangers."""
+    identifier = Identifier.from_checkpoint(learned.checkpoint, gallery=Gallery.load(enrolled))
+    paths, truth = queries(unseen)
+    known = identifier.identify(paths)
+    stranger_names = list(strangers)
+    calibration = {n: strangers[n] for n in stranger_names[::2]}
+    measured = {n: strangers[n] for n in stranger_names[1::2]}
+    calibration_scores = [p.scores[0] for p in identifier.identify([p for ps in calibration.values() for p in ps])]
+    odd = np.arange(len(known)) % 2 == 1
+    threshold = choose_open_set_threshold(
+        np.array(truth)[odd], np.array([p.names[0] == t for p, t in zip(known, truth)])[odd],
+        np.array([p.scores[0] for p in known])[odd],
+        np.repeat(np.arange(len(calibration)), 6), np.array(calibration_scores))
+
+    rejecting = Identifier.from_checkpoint(learned.checkpoint, gallery=Gallery.load(enrolled), threshold=threshold)
+    strangers_rejected = np.mean([p.unknown for p in rejecting.identify([p for ps in measured.values() for p in ps])])
+    known_rejected = np.mean([p.unknown for p in rejecting.identify(list(np.array(paths, dtype=object)[~odd]))])
+    assert strangers_rejected >= 0.5
+    assert strangers_rejected >= known_rejected + 0.2, (strangers_rejected, known_rejected)
+
+
+def test_identify_takes_a_path_a_pil_image_or_a_list(learned, unseen):
+    identifier = Identifier.from_checkpoint(learned.checkpoint)
+    path = next(iter(unseen.values()))[0]
+    [by_path] = identifier.identify(path, top_k=2)
+    with Image.open(path) as image:
+        [by_image] = identifier.identify(image.copy(), top_k=2)
+    assert by_image.names == by_path.names
+    assert np.allclose(by_image.scores, by_path.scores, atol=1e-6)
+    assert by_image.source == "<image 0>" and by_path.source == str(path)
+    assert len(identifier.identify([path, path, path], top_k=2, batch_size=2)) == 3
+
+
+def test_identify_raises_for_an_unreadable_image(learned, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        Identifier.from_checkpoint(learned.checkpoint).identify(tmp_path / "notes.txt")
+
+
+def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, tmp_path):
+    checkpoint = shutil.copy(learned.checkpoint, tmp_path / "model.pt")
+    identifier = Identifier.from_checkpoint(checkpoint)
+    assert identifier.threshold.value is None and "no stored threshold" in identifier.describe()
+
+    sidecar = threshold_sidecar_path(checkpoint)
+    sidecar.write_text(json.dumps({"threshold": 1.5, "method": "test rule",
+                                   "checkpoint_sha256": identifier.info.checkpoint_sha256}))
+    stored = Identifier.from_checkpoint(checkpoint)
+    assert stored.threshold.value == 1.5 and "test rule" in stored.describe()
+    image = next(iter(unseen.values()))[0]
+    [prediction] = stored.identify(image)  # softmax scores never reach 1.5
+    assert prediction.unknown and prediction.label == UNKNOWN and prediction.names
+
+    [accepted] = Identifier.from_checkpoint(checkpoint, threshold=0.0).identify(image)
+    assert not accepted.unknown and accepted.label == accepted.names[0]
+
+
+def test_a_threshold_for_other_weights_is_ignored_and_a_broken_one_refused(learned, tmp_path):
+    checkpoint = shutil.copy(learned.checkpoint, tmp_path / "model.pt")
+    sidecar = threshold_sidecar_path(checkpoint)
+    sidecar.write_text(json.dumps({"threshold": 0.5, "method": "m", "checkpoint_sha256": "0" * 64}))
+    identifier = Identifier.from_checkpoint(checkpoint)
+    assert identifier.threshold.value is None and "other weights" in identifier.describe()
+    sidecar.write_text("{not json")
+    with pytest.raises(InferenceError, match="not a valid threshold file"):
+        Identifier.from_checkpoint(checkpoint)
+
+
+def test_embeddings_equal_those_of_evaluation_on_the_same_images(tiny_run):
+    """predict decodes and normalises as training's eval pipeline does: evaluation embeds the val
+    split through `build_source(train=False)` (the image cache), inference from the files."""
+    run = load_run(tiny_run["best"], torch.device("cpu"))
+    data = PreparedData.load(tiny_run["data_root"])
+    rows = data.split("val")
+    expected = embed_split(run, evaluation_config(run.config, None, 8), rows, data.raw_dir, "val")
+    identifier = Identifier.from_checkpoint(tiny_run["best"])
+    embedded = [item for batch in identifier.embed([data.raw_dir / rel for rel, _ in rows]) for item in batch]
+    assert np.abs(np.stack([e.embedding for e in embedded]) - expected.embeddings).max() < 1e-5
+    assert np.abs(np.stack([e.logits for e in embedded]) - expected.logits).max() < 1e-4
+    assert identifier.match == DEFAULT_MATCH
