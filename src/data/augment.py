@@ -25,6 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale; the weights sum to 1.
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+UNIFORMS_PER_SAMPLE = 14  # the random numbers one sample's augmentation consumes
 ERASE_AREA = (0.02, 0.2)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(3.3))  # torchvision RandomErasing's default ratio
 # Pixel values 0 and 1 after normalisation, per channel: the clipping bounds of colour jitter.
@@ -76,11 +77,17 @@ class BatchAugment:
 
     # --- public --------------------------------------------------------------------------------
 
+    def draw(self, n: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+        """Every random number of a batch, N x UNIFORMS_PER_SAMPLE, in one call on `device`."""
+        return torch.rand(n, UNIFORMS_PER_SAMPLE, generator=generator, device=device)
+
     def sample_params(self, n: int, generator: torch.Generator,
                       device: torch.device | str) -> AugmentParams:
-        """Draw every random number of a batch in one call on `device` (no host round trip)."""
+        return self.params_from_uniform(self.draw(n, generator, device))
+
+    def params_from_uniform(self, u: torch.Tensor) -> AugmentParams:
+        """Per-sample parameters from a row of uniforms each (deterministic, no host round trip)."""
         a = self.augment
-        u = torch.rand(n, 14, generator=generator, device=device)
         area = a.crop_scale_min + (1 - a.crop_scale_min) * u[:, 0]
         # torchvision's RandomResizedCrop rejects crops that do not fit and retries; instead the
         # aspect ratio is drawn from the range that fits at this area (w = sqrt(area * r) <= 1 and
@@ -105,8 +112,12 @@ class BatchAugment:
 
     def train(self, batch_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augmented float32 `N x 3 x image_size x image_size`, normalised, channels_last."""
-        params = self.sample_params(batch_u8.shape[0], generator, batch_u8.device)
-        return self.apply(batch_u8, params)
+        return self.apply_uniform(batch_u8, self.draw(batch_u8.shape[0], generator, batch_u8.device))
+
+    def apply_uniform(self, batch_u8: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """`train` from the batch's rows of `draw`: the training loop calls this (one graph when
+        compiled, the random draw outside it, since torch.compile does not take generators)."""
+        return self.apply(batch_u8, self.params_from_uniform(uniform))
 
     def apply(self, batch_u8: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """`train` with given parameters."""

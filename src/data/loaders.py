@@ -92,9 +92,9 @@ class BatchSource:
                 # Draw for the whole global batch and keep this rank's slice: a sample's
                 # augmentation does not depend on the number of processes.
                 generator = torch.Generator(self.device).manual_seed(_seed(self.seed, epoch, step))
-                params = self.augment.sample_params(self.batch_size, generator, self.device)
+                uniform = self.augment.draw(self.batch_size, generator, self.device)
                 start = self.rank * (self.batch_size // self.world_size)
-                yield self.augment.apply(pixels, params[start:start + len(pixels)]), labels
+                yield self.augment.apply_uniform(pixels, uniform[start:start + len(pixels)]), labels
             else:
                 yield self.augment.eval(pixels), labels
 
@@ -168,7 +168,7 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
     if config.trainer.compile and device.type == "cuda":
         # Fuses the ~70 small kernels of a batch's augmentation into a few: on a fast GPU their
         # launches cost about as much host time as a resnet18 step.
-        augment.apply = torch.compile(augment.apply, dynamic=False)
+        augment.apply_uniform = torch.compile(augment.apply_uniform, dynamic=False)
         augment.eval = torch.compile(augment.eval, dynamic=False)
     common = dict(augment=augment, train=train,
                   batch_size=config.trainer.batch_size, seed=config.trainer.seed, device=device,

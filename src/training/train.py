@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,20 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[loss x n, top-1 hits, top-5 hits, n] of one batch, float64, on the device."""
+    n = labels.shape[0]
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    count = loss.new_full((), n, dtype=torch.float64)  # a fill on the device, not a host-to-device copy
+    return torch.stack([loss.double() * n, hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), count])
+
+
 @dataclass
 class Runtime:
     device: torch.device
     dist: dist_utils.DistInfo
     amp_dtype: torch.dtype | None  # None: fp32
+    batch_stats: Callable = batch_stats
 
     def print(self, *args, **kwargs) -> None:
         if self.dist.is_main:
@@ -56,42 +66,35 @@ class Runtime:
 
 @dataclass
 class EpochSums:
-    """Running sums kept on the device, so no step waits for the GPU to report a number."""
+    """Running sums kept on the device, so no step waits for the GPU to report a number. A
+    non-finite loss makes the loss sum non-finite, which is how the loop detects it."""
 
-    loss: torch.Tensor
-    top1: torch.Tensor
-    top5: torch.Tensor
-    count: torch.Tensor
+    totals: torch.Tensor  # [loss x n, top-1 hits, top-5 hits, n], float64
     steps: int = 0
     lr: float = 0.0
 
     @classmethod
     def zeros(cls, device) -> "EpochSums":
-        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(4)))
+        return cls(torch.zeros(4, dtype=torch.float64, device=device))
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        n = labels.shape[0]
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = topk == labels[:, None]
-        self.loss += loss.detach().double() * n
-        self.top1 += hits[:, 0].sum()
-        self.top5 += hits.any(dim=1).sum()
-        self.count += n
+    def add(self, stats: torch.Tensor) -> None:
+        self.totals += stats
         self.steps += 1
+
+    def finite(self, runtime: Runtime) -> bool:
+        """True unless the loss sum is non-finite on any rank (a host sync: call it sparingly)."""
+        return not dist_utils.any_rank(not bool(torch.isfinite(self.totals[0])), runtime.dist, runtime.device)
 
     def reduced_state(self, runtime: Runtime) -> torch.Tensor:
         """The sums over all ranks, on the CPU (what a mid-epoch checkpoint stores)."""
-        stacked = torch.stack([self.loss, self.top1, self.top5, self.count])
-        return dist_utils.all_reduce_sum(stacked, runtime.dist).cpu()
+        return dist_utils.all_reduce_sum(self.totals.clone(), runtime.dist).cpu()
 
     @classmethod
     def from_state(cls, state: torch.Tensor, steps: int, device) -> "EpochSums":
-        return cls(*(v.to(device) for v in state.double()), steps=steps)
+        return cls(state.double().to(device), steps=steps)
 
     def means(self, runtime: Runtime) -> dict[str, float]:
-        totals = dist_utils.all_reduce_sum(torch.stack([self.loss, self.top1, self.top5, self.count]),
-                                           runtime.dist).tolist()
-        loss, top1, top5, count = totals
+        loss, top1, top5, count = dist_utils.all_reduce_sum(self.totals.clone(), runtime.dist).tolist()
         count = max(count, 1.0)
         return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count}
 
@@ -102,7 +105,7 @@ class RunState:
 
     epoch: int = 0  # completed epochs
     step: int = 0  # completed steps of epoch `epoch + 1` when stopped mid-epoch
-    partial: torch.Tensor | None = None  # EpochSums.state() of that partial epoch
+    partial: torch.Tensor | None = None  # EpochSums.reduced_state() of that partial epoch
     best_val_top1: float = -1.0
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
@@ -134,7 +137,9 @@ def make_runtime(config: Config) -> Runtime:
         amp_dtype = torch.bfloat16 if config.trainer.amp_dtype == "bf16" else torch.float16
     if config.trainer.sync_batchnorm and info.enabled and device.type != "cuda":
         raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only; set it to false on the CPU")
-    runtime = Runtime(device, info, amp_dtype)
+    # Compiled, a dozen small metric kernels per step become one (launches are what cost on a GPU).
+    stats = torch.compile(batch_stats, dynamic=False) if config.trainer.compile and device.type == "cuda" else batch_stats
+    runtime = Runtime(device, info, amp_dtype, stats)
     if config.trainer.amp and device.type == "cpu":
         runtime.print("note: trainer.amp applies to CUDA only; training in fp32 on the CPU")
     return runtime
@@ -266,7 +271,6 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
     sums = EpochSums.zeros(runtime.device)
     if start and state.partial is not None:  # resumed mid-epoch: rank 0 carries the sums so far
         sums = EpochSums.from_state(state.partial, start, runtime.device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)
     check_every = NONFINITE_CHECK_EVERY if runtime.device.type == "cuda" else 1
     bar = _progress(len(source), start, config, runtime, f"epoch {epoch}")
     for step, (images, labels) in enumerate(source.batches(epoch, start), start):
@@ -274,8 +278,8 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
                             enabled=runtime.amp_dtype is not None):
             _, logits, loss_logits = runner(images, labels)
         loss = F.cross_entropy(loss_logits, labels, label_smoothing=config.trainer.label_smoothing)
-        nonfinite |= ~torch.isfinite(loss)
-        if (step + 1) % check_every == 0 and dist_utils.any_rank(bool(nonfinite), runtime.dist, runtime.device):
+        sums.add(runtime.batch_stats(loss.detach(), logits.detach(), labels))
+        if (step + 1) % check_every == 0 and not sums.finite(runtime):
             raise TrainingStopped(
                 f"non-finite loss in epoch {epoch} near step {step + 1}; stopped without saving this "
                 f"epoch (the last good checkpoint is kept). Try a lower trainer.lr or trainer.amp_dtype: bf16",
@@ -289,13 +293,12 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
         scaler.update()
         sums.lr = optimizer.param_groups[0]["lr"]  # the rate this step used, shown in the epoch line
         scheduler.step()
-        sums.add(loss, logits.detach(), labels)
         bar.update()
         state.step = step + 1
         if stop.requested(step, runtime):
             break
     bar.close()
-    if dist_utils.any_rank(bool(nonfinite), runtime.dist, runtime.device):
+    if not sums.finite(runtime):
         raise TrainingStopped(f"non-finite loss in epoch {epoch}; stopped without saving this epoch "
                               "(the last good checkpoint is kept). Try a lower trainer.lr", exit_code=3)
     return sums
@@ -310,7 +313,7 @@ def evaluate(runner, model, source: BatchSource, config: Config, runtime: Runtim
         with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
                             enabled=runtime.amp_dtype is not None):
             _, logits, loss_logits = runner(images, labels)
-        sums.add(F.cross_entropy(loss_logits, labels), logits, labels)
+        sums.add(runtime.batch_stats(F.cross_entropy(loss_logits, labels), logits, labels))
         bar.update()
     bar.close()
     return sums

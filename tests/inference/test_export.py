@@ -1,0 +1,70 @@
+"""ONNX and TorchScript exports: parity with PyTorch, dynamic batch, and predict --onnx."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from src.inference import export
+from src.inference.gallery import Gallery
+from src.inference.identify import Identifier
+
+
+@pytest.fixture(scope="module")
+def exported(learned, tmp_path_factory):
+    """The command line's output folder and the JSON it wrote beside the .onnx file."""
+    out = tmp_path_factory.mktemp("exported")
+    assert export.main(["--checkpoint", str(learned.checkpoint), "--out", str(out), "--runs", "3"]) == 0
+    return out, json.loads((out / "learned_best.json").read_text())
+
+
+def test_exports_match_pytorch_on_stand_in_images(exported):
+    out, info = exported
+    checks = info["checks"]
+    assert sorted(p.name for p in out.iterdir()) == ["learned_best.json", "learned_best.onnx",
+                                                     "learned_best.torchscript.pt"]
+    for name in ("onnx", "torchscript"):
+        assert checks["max_abs_diff"][name]["embeddings"] < 1e-4
+        assert checks["max_abs_diff"][name]["logits"] < 1e-4
+    assert checks["check_images"] > checks["traced_batch"]  # the dynamic batch axis was exercised
+    assert all(ms > 0 for ms in checks["latency_ms_per_image"].values())
+    assert len(info["model"]["classes"]) == 16 and info["threshold"]["value"] is None
+
+
+def test_predict_from_onnx_matches_the_checkpoint(learned, exported, unseen):
+    out, _ = exported
+    photos = [p for ps in unseen.values() for p in ps[:2]]
+    from_checkpoint = Identifier.from_checkpoint(learned.checkpoint).identify(photos, top_k=3)
+    from_onnx = Identifier.from_onnx(out / "learned_best.onnx").identify(photos, top_k=3, batch_size=5)
+    assert [p.names for p in from_onnx] == [p.names for p in from_checkpoint]
+    assert np.allclose([p.scores for p in from_onnx], [p.scores for p in from_checkpoint], atol=1e-5)
+
+    onnx = Identifier.from_onnx(out / "learned_best.onnx")
+    gallery = Gallery.new(onnx.info.checkpoint_sha256, 64)  # the checkpoint's sha256 travels with the export
+    for name, paths in unseen.items():
+        embedded = [item.embedding for batch in onnx.embed(paths[:3]) for item in batch]
+        gallery.add(name, np.stack(embedded), [str(p) for p in paths[:3]])
+    with_gallery = Identifier.from_onnx(out / "learned_best.onnx", gallery=gallery, threshold=0.5)
+    assert with_gallery.names == tuple(unseen) and len(with_gallery.identify(photos)) == len(photos)
+
+
+def test_torchscript_file_runs_alone_at_any_batch_size(learned, exported):
+    out, _ = exported
+    identifier = Identifier.from_checkpoint(learned.checkpoint)
+    images = torch.randn(5, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(out / "learned_best.torchscript.pt"))
+    embeddings, logits = loaded(images)
+    reference = identifier.backend(images)
+    assert embeddings.shape == (5, 64) and torch.allclose(embeddings.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert np.abs(embeddings.detach().numpy() - reference[0]).max() < 1e-4
+    assert np.abs(logits.detach().numpy() - reference[1]).max() < 1e-4
+
+
+def test_export_of_a_bad_checkpoint_exits_2(tmp_path, capsys):
+    assert export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+"""Galleries: the command line, matching arithmetic, safe and atomic storage, checkpoint binding."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src.inference import gallery as gallery_cli
+from src.inference import predict
+from src.inference.gallery import Gallery, GalleryError
+from src.inference.identify import Identifier, InferenceError
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that a loader ran code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def enroll(gallery: Path, checkpoint: Path, name: str, *images) -> int:
+    return gallery_cli.main(["enroll", "--gallery", str(gallery), "--checkpoint", str(checkpoint),
+                             "--name", name, *map(str, images)])
+
+
+def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
+    gallery = tmp_path / "g.npz"
+    (first, first_photos), (second, second_photos) = list(unseen.items())[:2]
+    assert enroll(gallery, learned.checkpoint, first, *first_photos[:3]) == 0
+    assert enroll(gallery, learned.checkpoint, second, second_photos[0]) == 0
+    # More photos of an enrolled individual; the one enrolled before is recognised and not repeated.
+    assert enroll(gallery, learned.checkpoint, first, *first_photos[2:5]) == 0
+    out = capsys.readouterr().out
+    assert f"already enrolled as {first}: {first_photos[2]}" in out
+    assert f"{first}: +2 images (3 before, 5 now)" in out
+
+    assert gallery_cli.main(["list", "--gallery", str(gallery)]) == 0
+    listing = capsys.readouterr().out
+    assert "2 individuals, 6 images" in listing and Identifier.from_checkpoint(learned.checkpoint).info.checkpoint_sha256 in listing
+    assert gallery_cli.main(["remove", "--gallery", str(gallery), first]) == 0
+    loaded = Gallery.load(gallery)
+    assert loaded.counts() == {second: 1} and loaded.labels.tolist() == [0]
+    assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]  # no temporary file left behind
+
+    assert gallery_cli.main(["remove", "--gallery", str(gallery), "Nobody"]) == 2
+    assert "no individual 'Nobody'" in capsys.readouterr().err
+
+
+def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, tmp_path, capsys):
+    gallery = tmp_path / "g.npz"
+    (tmp_path / "notes.txt").write_text("not a photo")
+    name, photos = next(iter(unseen.items()))
+    assert enroll(gallery, learned.checkpoint, name, photos[0], tmp_path / "notes.txt") == 1
+    assert "skipped" in capsys.readouterr().err and Gallery.load(gallery).counts() == {name: 1}
+    for bad in ("unknown", "two words"):
+        assert enroll(gallery, learned.checkpoint, bad, photos[1]) == 2
+    assert Gallery.load(gallery).counts() == {name: 1}
+
+
+def test_enroll_from_a_prepared_split(tiny_run, tmp_path, capsys):
+    from src.data.dataset import PreparedData
+
+    gallery = tmp_path / "g.npz"
+    argv = ["enroll", "--gallery", str(gallery), "--checkpoint", str(tiny_run["best"]),
+            "--from-split", str(tiny_run["data_root"]), "train"]
+    assert gallery_cli.main(argv) == 0
+    rows = PreparedData.load(tiny_run["data_root"]).split("train")
+    counts = Gallery.load(gallery).counts()
+    assert sum(counts.values()) == len(rows) and set(counts) == {name for _, name in rows}
+
+
+def test_scores_nearest_and_prototype():
+    gallery = Gallery.new("sha", 2)
+    gallery.add("a", np.array([[1.0, 0.0], [0.0, 1.0]]), ["a1", "a2"])
+    gallery.add("b", np.array([[0.6, 0.8]]), ["b1"])
+    query = np.array([[1.0, 0.0]])
+    assert np.allclose(gallery.scores(query, "nearest"), [[1.0, 0.6]])
+    assert np.allclose(gallery.scores(query, "prototype"), [[np.sqrt(0.5), 0.6]])
+
+
+def test_a_gallery_of_another_checkpoint_is_refused(learned, tiny_run, unseen, tmp_path, capsys):
+    gallery = tmp_path / "g.npz"
+    name, photos = next(iter(unseen.items()))
+    assert enroll(gallery, learned.checkpoint, name, photos[0]) == 0
+    with pytest.raises(GalleryError, match="another checkpoint"):
+        Identifier.from_checkpoint(tiny_run["best"], gallery=Gallery.load(gallery))
+    assert predict.main(["--checkpoint", str(tiny_run["best"]), "--gallery", str(gallery), str(photos[1])]) == 2
+    assert enroll(gallery, tiny_run["best"], name, photos[1]) == 2
+    assert "another checkpoint" in capsys.readouterr().err
+    assert Gallery.load(gallery).counts() == {name: 1}
+
+
+def test_an_empty_gallery_is_refused_for_predictions(learned, tmp_path):
+    sha = Identifier.from_checkpoint(learned.checkpoint).info.checkpoint_sha256
+    Gallery.new(sha, 64).save(tmp_path / "empty.npz")
+    with pytest.raises(InferenceError, match="no individuals"):
+        Identifier.from_checkpoint(learned.checkpoint, gallery=Gallery.load(tmp_path / "empty.npz"))
+
+
+def test_pickled_galleries_are_refused_without_running_them(tmp_path):
+    marker = tmp_path / "ran"
+    raw = tmp_path / "raw.npz"
+    raw.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(GalleryError, match="pickle"):
+        Gallery.load(raw)
+    buffer = io.BytesIO()  # a real .npz whose names array is a pickled object array
+    np.savez(buffer, format_version=np.int64(1), checkpoint_sha256=np.str_("x"),
+             names=np.array([Payload(marker)], dtype=object), embeddings=np.zeros((1, 2), np.float32),
+             labels=np.zeros(1, np.int64), sources=np.array(["s"]))
+    (tmp_path / "objects.npz").write_bytes(buffer.getvalue())
+    with pytest.raises(GalleryError, match="pickled"):
+        Gallery.load(tmp_path / "objects.npz")
+    assert not marker.exists()
+
+
+def test_pickled_checkpoints_are_refused_without_running_them(tmp_path, unseen, capsys):
+    marker = tmp_path / "ran"
+    torch.save({"format_version": 1, "model_state": {}, "epoch": 1, "config": {}, "classes": [],
+                "payload": Payload(marker)}, tmp_path / "evil.pt")
+    photo = next(iter(unseen.values()))[0]
+    assert predict.main(["--checkpoint", str(tmp_path / "evil.pt"), str(photo)]) == 2
+    assert "not a safe checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_failed_save_leaves_the_previous_gallery_intact(tmp_path, monkeypatch):
+    path = tmp_path / "g.npz"
+    gallery = Gallery.new("sha", 2)
+    gallery.add("a", np.array([[1.0, 0.0]]), ["a1"])
+    gallery.save(path)
+    before = path.read_bytes()
+    gallery.add("b", np.array([[0.0, 1.0]]), ["b1"])
+
+    def crash(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        gallery.save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.npz"]

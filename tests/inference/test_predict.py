@@ -1,0 +1,110 @@
+"""The predict command line: bad input skipped with reasons, exit codes, table, CSV and JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.data.io import MAX_PIXELS
+from src.inference import predict
+from tests.conftest import REPO
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height but holds almost no pixel data: enough to trip the pixel
+    limit, which is checked before anything is decoded (so the test allocates nothing)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def mixed_folder(unseen, tmp_path) -> tuple[Path, Path]:
+    """A folder holding a valid photo, a truncated PNG and a text file; returns (folder, valid)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    valid = Path(shutil.copy(next(iter(unseen.values()))[0], folder / "valid.png"))
+    (folder / "corrupt.png").write_bytes(valid.read_bytes()[:150])
+    (folder / "notes.txt").write_text("field notes, not a photo\n")
+    return folder, valid
+
+
+def test_cli_on_a_folder_with_a_corrupt_png_and_a_text_file(learned, mixed_folder, tmp_path):
+    """As a user runs it: `python -m`, a subprocess, no terminal (so no progress bar)."""
+    folder, valid = mixed_folder
+    result = subprocess.run([sys.executable, "-m", "src.inference.predict", "--checkpoint", str(learned.checkpoint),
+                             str(folder), "--top-k", "3", "--output", str(tmp_path / "out.csv")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].split()[:3] == ["image", "prediction", "score"] and len(table) == 2
+    assert table[1].startswith(str(valid))
+    assert f"skipped {folder / 'corrupt.png'}: corrupt or truncated image" in result.stderr
+    assert f"skipped {folder / 'notes.txt'}: not an image in a known format" in result.stderr
+    assert "1 identified, 2 skipped" in result.stderr and "no unknown rejection" in result.stderr
+    assert "\r" not in result.stderr
+    with open(tmp_path / "out.csv", newline="") as handle:
+        rows = {row["image"]: row for row in csv.DictReader(handle)}
+    assert rows[str(valid)]["prediction"] == rows[str(valid)]["name_1"] and rows[str(valid)]["skipped"] == ""
+    assert rows[str(folder / "notes.txt")]["skipped"] == "not an image in a known format"
+
+
+def test_json_output_and_inputs_that_name_nothing(learned, mixed_folder, tmp_path, capsys):
+    folder, valid = mixed_folder
+    (tmp_path / "empty").mkdir()
+    png_header_only(folder / "huge.png", 8_500, 8_500)  # 72 Mpx: over MAX_PIXELS, under PIL's own limit
+    argv = ["--checkpoint", str(learned.checkpoint), str(valid), str(tmp_path / "empty"), str(tmp_path / "missing.jpg"),
+            str(tmp_path / "*.nothing"), str(folder / "huge.png"), "--threshold", "0.0", "--output",
+            str(tmp_path / "out.json")]
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "empty folder" in err and "file not found" in err and "no file matches" in err
+    assert f"exceeds the {MAX_PIXELS:,}-pixel limit" in err
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["threshold"] == 0.0 and report["threshold_origin"] == "--threshold"
+    [done] = [r for r in report["results"] if "prediction" in r]
+    assert done["image"] == str(valid) and not done["unknown"] and len(done["top_k"]) == 5
+    assert len([r for r in report["results"] if "skipped" in r]) == 4
+
+
+def test_all_readable_inputs_exit_0_and_globs_expand(learned, unseen, capsys):
+    photos = next(iter(unseen.values()))
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(photos[0].parent / "unseen_*_1.png")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + len(unseen)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--checkpoint", "{tmp}/missing.pt", "x.png"], "checkpoint file not found"),
+    (["--checkpoint", "{tmp}/text.pt", "x.png"], "text.pt: not a"),
+    (["--onnx", "{tmp}/missing.onnx", "x.png"], "missing.json not found"),
+    (["--checkpoint", "{checkpoint}", "--gallery", "{tmp}/text.pt", "x.png"], "not a gallery file"),
+])
+def test_unusable_models_and_galleries_exit_2(learned, tmp_path, capsys, argv, needle):
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    argv = [a.format(tmp=tmp_path, checkpoint=learned.checkpoint) for a in argv]
+    assert predict.main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--output", "out.txt"], ["--top-k", "0"], ["--batch-size", "0"], []])
+def test_bad_options_exit_2(learned, argv):
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--checkpoint", str(learned.checkpoint), "x.png", *argv][: None if argv else 2])
+    assert stop.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_without_a_gpu_exits_2(learned, capsys):
+    assert predict.main(["--checkpoint", str(learned.checkpoint), "--device", "cuda", "x.png"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
