@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of our loop; the first (compile, warm-up) is not timed")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of our loop; the first (compile, warm-up) is not timed")
     parser.add_argument("--naive-epochs", type=int, default=2)
     parser.add_argument("--individuals", type=int, default=87)
     parser.add_argument("--images", type=int, default=82, help="per individual (87 x 82 ~ the 7,150 of min10)")
@@ -67,7 +67,7 @@ def make_data(work: Path, args) -> Path:
 
 
 def bench_config(arch: str, data_root: Path, work: Path, args, epochs: int):
-    num_classes = len((data_root / "annotations" / f"kept_ids_min10.txt").read_text().split())
+    num_classes = len((data_root / "annotations" / "kept_ids_min10.txt").read_text().split())
     return config_from_dict({
         "name": f"bench_{arch}",
         "data": {"root": str(data_root), "num_classes": num_classes, "image_size": args.size,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src import atomic
 from src.data.io import ImageLoadError, load_rgb
 
 try:
@@ -267,12 +268,6 @@ def _decode_all(paths: Sequence[Path], cache_size: int, workers: int
         yield from pool.imap(decode, paths, chunksize=DECODE_CHUNKSIZE)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], cache_size: int,
            workers: int) -> None:
     """Decode every row into `<key>.u8` and describe it in `<key>.json`, both renamed into place.
@@ -301,7 +296,7 @@ def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], c
             "shape": [len(kept), cache_size, cache_size, 3], "kept": kept, "failed": failed,
             "checksum": "crc32", "checksum_chunk_bytes": CHECKSUM_CHUNK_BYTES,
             "checksums": checksums, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_atomically(_meta_path(cache_dir, key), json.dumps(meta))
+    atomic.write_text(_meta_path(cache_dir, key), json.dumps(meta))
 
 
 # --- housekeeping -------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from src import atomic
+
 
 class ListFormatError(ValueError):
     """A list file that cannot be read; the message names the file and line."""
@@ -38,6 +40,4 @@ def write_list(path: str | Path, rows) -> None:
         if not name or any(c.isspace() for c in name):
             raise ListFormatError(f"individual name {name!r} is empty or contains whitespace")
         lines.append(f"{rel} {name}\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, "".join(lines))

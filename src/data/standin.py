@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from src import atomic
 from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAMES, RELEASE_FOLDER,
                                   AnnotationError, parse_cvjena_line)
 
@@ -388,10 +389,7 @@ def to_older_format(line: str, where: str) -> tuple[str, str, str]:
 
 def _write_text(path: Path, lines: Iterable[str]) -> None:
     """Atomic write, so an interrupted run never leaves a half annotation file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, "".join(lines))
 
 
 def _source_dir(out: Path, folder: str) -> Path:

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from src import atomic
 from src.config import Config, ConfigError, config_from_dict
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
@@ -376,13 +376,6 @@ def rounded(value):
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def threshold_sidecar_path(checkpoint: Path) -> Path:
     """`artifacts/x_best.pt` -> `artifacts/x_best.pt.threshold.json` (read by inference)."""
     return checkpoint.with_name(checkpoint.name + ".threshold.json")
@@ -477,7 +470,7 @@ def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_cs
     """Figures, CSV, report.json and report.md in `out`; returns the report as written."""
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
-    write_text_atomic(out / "confusion_matrix.csv", confusion_csv(matrix, names))
+    atomic.write_text(out / "confusion_matrix.csv", confusion_csv(matrix, names))
     plot_cmc(report["retrieval"]["cmc"], out / "cmc.png")
     report["figures"] = {"confusion_matrix": "confusion_matrix.png", "cmc": "cmc.png", "training_curves": None}
     try:
@@ -486,8 +479,8 @@ def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_cs
     except CurvesError as exc:
         log.info("no training curves: %s", exc)
     report = rounded(report)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    write_text_atomic(out / "report.md", render_markdown(report))
+    atomic.write_text(out / "report.json", json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    atomic.write_text(out / "report.md", render_markdown(report))
     return report
 
 
@@ -497,7 +490,7 @@ def write_threshold_sidecar(run: Run, threshold: dict) -> None:
         return
     payload = {"threshold": threshold["threshold"], "method": threshold["method"], "split": threshold["split"],
                "checkpoint_sha256": run.sha256}
-    write_text_atomic(Path(threshold["sidecar"]), json.dumps(rounded(payload), indent=2, sort_keys=True) + "\n")
+    atomic.write_text(Path(threshold["sidecar"]), json.dumps(rounded(payload), indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

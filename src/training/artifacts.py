@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from src import atomic
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5")
 
@@ -51,7 +52,4 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
     writer.writerow(METRICS_COLUMNS)
     for row in history:
         writer.writerow([_format(column, row[column]) for column in METRICS_COLUMNS])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, buffer.getvalue())

@@ -7,13 +7,14 @@ save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 import zipfile
 from pathlib import Path
 
 import torch
+
+from src.atomic import atomic_destination
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_state", "epoch", "config", "classes")
@@ -54,23 +55,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to `path` via a same-folder temporary file, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    with atomic_destination(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def snapshot(tree):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from src.data import standin
-from src.data.annotations import KEYPOINT_NAMES, read_cvjena
+from src.data.annotations import read_cvjena
 
 SHARED_RAW = Path(__file__).resolve().parents[3] / "shared" / "chimpanzee_faces" / "annotations" / "raw"
 CURRENT_EXCERPT = SHARED_RAW.parent / "format-current-release-excerpt.txt"

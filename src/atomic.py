@@ -1,0 +1,42 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
+
+Every output of the project that another stage or a later run reads goes through here: write to a
+temporary file in the same folder (same file system, so the rename is atomic), flush and fsync it,
+rename it over the target, fsync the folder so the rename itself survives a power cut.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_destination(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write; on success it replaces `path` durably, on
+    an exception it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_destination(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
