@@ -61,7 +61,11 @@ def decode_for_cache(path: str | Path, cache_size: int) -> np.ndarray:
     Also what the plain pipeline runs in DataLoader workers every epoch, so both pipelines see the
     same pixels. Raises ImageLoadError.
     """
-    image = load_rgb(path)
+    return square_resize(load_rgb(path), cache_size)
+
+
+def square_resize(image: Image.Image, cache_size: int) -> np.ndarray:
+    """The centre square of an RGB image, resized to `cache_size` (what `decode_for_cache` stores)."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2

@@ -34,6 +34,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def as_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "<in-memory image>") -> Image.Image:
+    """An already opened image as RGB, with the same pixel limit and EXIF handling as `load_rgb`."""
+    if image.width * image.height > max_pixels:
+        raise ImageLoadError(name, f"{image.width}x{image.height} exceeds the {max_pixels:,}-pixel limit")
+    try:
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(name, f"cannot be converted to RGB ({exc})") from None
+
+
 def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Fully decoded RGB image with EXIF orientation applied. Raises ImageLoadError."""
     path = Path(path)

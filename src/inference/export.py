@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -39,8 +38,9 @@ import numpy as np
 import onnxruntime
 import torch
 
+from src import atomic
+from src.atomic import atomic_destination
 from src.data.standin import individual_name, render
-from src.inference.gallery import write_atomic
 from src.inference.identify import (EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, USAGE_ERRORS, Identifier,
                                     OnnxBackend, export_info_path)
 
@@ -80,37 +80,22 @@ def standin_batch(identifier: Identifier, count: int) -> torch.Tensor:
     return identifier.preprocess.normalise(pixels, torch.device("cpu")).contiguous()
 
 
-def _write_via_temporary(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` to a temporary name in the same folder, then rename: never a half-written export."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Runner:
     """Write the ONNX file; returns a runner on it in ONNX Runtime (CPU)."""
-    def write(target: Path) -> None:
-        with warnings.catch_warnings():  # the exporter's notice that it is the legacy one (see above)
-            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-            torch.onnx.export(module, (example,), str(target), dynamo=False, opset_version=OPSET,
-                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                              dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
-
-    _write_via_temporary(path, write)
+    with atomic_destination(path) as target, warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # "legacy exporter" (see above)
+        torch.onnx.export(module, (example,), str(target), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
     return OnnxBackend(path, "cpu")
 
 
 def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Runner:
     """Write the traced module; returns a runner on the file loaded back."""
-    def write(target: Path) -> None:
-        torch.jit.save(torch.jit.trace(module, example), str(target))
-
     with warnings.catch_warnings():  # torch.jit is deprecated upstream, yet TorchScript is what is asked for
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        _write_via_temporary(path, write)
+        with atomic_destination(path) as target:
+            torch.jit.save(torch.jit.trace(module, example), str(target))
         loaded = torch.jit.load(str(path), map_location="cpu")
 
     @torch.inference_mode()
@@ -162,7 +147,7 @@ def export(checkpoint: Path, out: Path, formats: Sequence[str], runs: int) -> di
     threshold = identifier.threshold
     info = {"format_version": EXPORT_FORMAT_VERSION, "model": identifier.info.to_json(),
             "threshold": {"value": threshold.value, "origin": threshold.origin}, "checks": checks}
-    write_atomic(export_info_path(paths["onnx"]), (json.dumps(info, indent=2) + "\n").encode())
+    atomic.write_text(export_info_path(paths["onnx"]), json.dumps(info, indent=2) + "\n")
     return checks
 
 

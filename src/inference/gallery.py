@@ -11,10 +11,11 @@ weights live in another space, so a gallery refuses any other checkpoint (and ex
 holds only what was enrolled; `--from-split <prepared root> train` enrolls the training individuals
 from the prepared data, so one gallery can cover known and new individuals alike.
 
-Matching (`Gallery.scores`, `identify.MATCH_MODES`): `nearest` scores an individual by its most
-similar enrolled photo (the 1-NN similarity that evaluation reports and calibrates its threshold
-on); `prototype` by the individual's mean embedding, renormalised. docs/readme/inference.md has
-both measured.
+Matching (`Gallery.scores`, `identify.MATCH_MODES`): `prototype` (the default) scores an individual
+by the cosine similarity to its mean embedding, renormalised; `nearest` by its most similar enrolled
+photo (the 1-NN similarity that evaluation reports and calibrates its threshold on). Averaging
+cancels the pose and lighting of single photos, which is why prototypes identified new individuals
+better in the measurements of docs/readme/inference.md.
 
 Storage: one `.npz` written by numpy and read with `allow_pickle=False`: plain arrays only, so a
 crafted file cannot run code. Every write goes to a temporary file in the same folder, is fsynced
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import zipfile
 from collections import defaultdict
@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from src import atomic
+from src.data.dataset import DatasetError, PreparedData
 from src.evaluation.metrics import individual_scores
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images
 
@@ -45,28 +47,6 @@ PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 star
 
 class GalleryError(ValueError):
     """A gallery that cannot be used as asked; one line (the command lines exit 2)."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a same-folder temporary file, fsync and rename: readers see the old or the new
-    file, never a torn one, whatever happens during the write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def check_name(name: str) -> None:
@@ -143,7 +123,7 @@ class Gallery:
         np.savez(buffer, format_version=np.int64(FORMAT_VERSION), checkpoint_sha256=np.str_(self.checkpoint_sha256),
                  names=np.array(self.names, dtype=np.str_), embeddings=self.embeddings, labels=self.labels,
                  sources=np.array(self.sources, dtype=np.str_))
-        write_atomic(Path(path), buffer.getvalue())
+        atomic.write_bytes(path, buffer.getvalue())
 
     # --- contents -------------------------------------------------------------------------------
 
@@ -235,47 +215,61 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def split_jobs(root: str, split: str, open_set: bool) -> list[tuple[Path, str]]:
-    """(image path, individual) for every row of a prepared split."""
-    from src.data.dataset import DatasetError, PreparedData
-
+def enroll_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[Skipped]]:
+    """(image, individual) pairs to enroll: the given images under --name, or a prepared split's rows;
+    plus the arguments that named no file."""
+    if args.name is not None:
+        check_name(args.name)
+        files, skipped = collect_images(args.images)
+        return [(path, args.name) for path in files], skipped
+    root, split = args.from_split
     try:
         data = PreparedData.load(root)
-        return [(data.raw_dir / rel, name) for rel, name in data.split(split, open_set=open_set)]
+        return [(data.raw_dir / rel, name) for rel, name in data.split(split, open_set=args.open_set)], []
     except DatasetError as exc:
         raise GalleryError(str(exc)) from None
 
 
+def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tuple[str, str]]:
+    """(absolute path, individual) of the files the gallery does not hold yet. Enrolling a folder
+    again is not a failure: only its new photos are added."""
+    owners = gallery.owners()
+    todo = []
+    for path, name in jobs:
+        key = str(Path(path).resolve())
+        if key in owners:
+            print(f"already enrolled as {owners[key]}: {path}")
+        else:
+            todo.append((key, name))
+    return todo
+
+
+def embed_jobs(identifier: Identifier, todo: list[tuple[str, str]]
+               ) -> tuple[dict[str, tuple[list[np.ndarray], list[str]]], list[Skipped]]:
+    """Per individual, the embeddings and files of its readable photos; and the unreadable ones."""
+    enrolled: dict[str, tuple[list[np.ndarray], list[str]]] = defaultdict(lambda: ([], []))
+    skipped = []
+    results = (item for batch in identifier.embed([path for path, _ in todo]) for item in batch)
+    for (path, name), item in zip(todo, results):
+        if isinstance(item, Embedded):
+            enrolled[name][0].append(item.embedding)
+            enrolled[name][1].append(path)
+        else:
+            skipped.append(item)
+    return enrolled, skipped
+
+
 def enroll(args: argparse.Namespace) -> int:
-    """Embed the images and add them; the gallery is written once, after every image is done."""
-    if args.name is not None:
-        check_name(args.name)
-        files, skipped = collect_images(args.images)
-        jobs = [(path, args.name) for path in files]
-    else:
-        jobs, skipped = split_jobs(*args.from_split, args.open_set), []
+    """Embed the photos and add them; the gallery is written once, after every photo is done, and
+    not at all when none could be read."""
+    jobs, skipped = enroll_jobs(args)
     identifier = Identifier.from_checkpoint(args.checkpoint, args.device)
     info = identifier.info
     gallery = (Gallery.load(args.gallery) if args.gallery.exists()
                else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))
     gallery.check_checkpoint(info.checkpoint_sha256)
-
-    owners = gallery.owners()
-    todo = []
-    for path, name in jobs:
-        key = str(Path(path).resolve())
-        if key in owners:  # not a failure: enrolling a folder again adds only its new photos
-            print(f"already enrolled as {owners[key]}: {path}")
-        else:
-            todo.append((path, name, key))
-    enrolled: dict[str, tuple[list[np.ndarray], list[str]]] = defaultdict(lambda: ([], []))
-    results = (item for batch in identifier.embed([path for path, _, _ in todo]) for item in batch)
-    for (_, name, key), item in zip(todo, results):
-        if isinstance(item, Embedded):
-            enrolled[name][0].append(item.embedding)
-            enrolled[name][1].append(key)
-        else:
-            skipped.append(item)
+    enrolled, unreadable = embed_jobs(identifier, not_yet_enrolled(gallery, jobs))
+    skipped += unreadable
 
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)

@@ -23,7 +23,6 @@ import glob
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,9 +38,8 @@ from torch import nn
 
 from src.config import Config, ConfigError, ModelConfig, config_from_dict
 from src.data.augment import BatchAugment
-from src.data.cache import cache_size_for, decode_for_cache
-from src.data.io import ImageLoadError
-from src.models.backbones import ModelError
+from src.data.cache import cache_size_for, decode_for_cache, square_resize
+from src.data.io import ImageLoadError, as_rgb
 from src.training.checkpoint import CheckpointError
 
 if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
@@ -50,7 +48,7 @@ if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is 
 UNKNOWN = "unknown"
 # How a gallery matches a photo (see gallery.py): `nearest` enrolled photo, or the individual's mean.
 MATCH_MODES = ("nearest", "prototype")
-DEFAULT_MATCH = "nearest"
+DEFAULT_MATCH = "prototype"  # measured better for new individuals: docs/readme/inference.md
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "logits")
 EXPORT_FORMAT_VERSION = 1
@@ -66,7 +64,7 @@ class InferenceError(RuntimeError):
 
 
 # What the command lines report as one line and exit 2 on (with gallery.GalleryError).
-USAGE_ERRORS = (InferenceError, CheckpointError, ConfigError, ModelError)
+USAGE_ERRORS = (InferenceError, CheckpointError, ConfigError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +113,7 @@ class Threshold:
     def describe(self) -> str:
         if self.value is None:
             return f"no unknown rejection: {self.origin}"
-        return f"unknown below {self.value:.4f} ({self.origin})"
+        return f"unknown below {self.value:.6g} ({self.origin})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,20 +208,8 @@ class Preprocess:
     def decode(self, image: ImageInput) -> np.ndarray:
         """uint8 `S x S x 3` at the cache size. Raises ImageLoadError."""
         if isinstance(image, Image.Image):
-            return self._decode_in_memory(image)
+            return square_resize(as_rgb(image), self.cache_size)
         return decode_for_cache(image, self.cache_size)
-
-    def _decode_in_memory(self, image: Image.Image) -> np.ndarray:
-        """An in-memory image goes through a lossless temporary TIFF (every PIL mode fits), so it
-        takes decode_for_cache's own path (mode conversion, pixel limit) rather than a copy of it.
-        Passing a path is faster."""
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "image.tif"
-            try:
-                image.save(path, format="TIFF")
-            except (OSError, ValueError) as exc:
-                raise ImageLoadError("<in-memory image>", f"cannot be encoded ({exc})") from None
-            return decode_for_cache(path, self.cache_size)
 
     def normalise(self, pixels: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
         """float32 `N x 3 x image_size x image_size`, ImageNet-normalised, on `device`."""
@@ -363,11 +349,12 @@ class Identifier:
         USAGE_ERRORS, or GalleryError for a gallery of other weights."""
         # Imported here: the ONNX path needs neither torchvision nor the model code.
         from src.evaluation.evaluate import EvaluationError, load_run
+        from src.models.backbones import ModelError
 
         torch_device = pick_device(device)
         try:
             run = load_run(Path(path), torch_device)
-        except EvaluationError as exc:
+        except (EvaluationError, ModelError) as exc:
             raise InferenceError(str(exc)) from None
         info = ModelInfo(tuple(run.classes.names), run.config, run.sha256)
         chosen = stored_threshold(Path(path), run.sha256) if threshold is None else given_threshold(threshold)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pickle
 import threading
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,15 +30,18 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
-        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
-            reason = "it holds Python objects other than tensors and plain data (refused: loading it could run code)"
-        raise CheckpointError(f"{path}: not a safe checkpoint: {reason}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+            raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
+                                  "and plain data (refused: loading it could run code)") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
+    except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint "
+                              f"({type(exc).__name__}: {first})") from None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -1,0 +1,207 @@
+"""The measurement behind docs/readme/inference.md: nearest-neighbour against prototype matching for
+individuals enrolled after training, and the stored open-set threshold at work.
+
+    python -m tests.inference.gallery_study --out /tmp/study --device cuda       # a few minutes on one GPU
+    python -m tests.inference.gallery_study --out /tmp/smoke --device cpu \
+        --individuals 12 --images 12 --held-out 4 --epochs 2 --image-size 32 --size 48   # smoke run
+
+Stages: stand-in images (`src.data.standin`) -> `prepare` with held-out individuals -> training on
+the known ones only (`data.open_set: true`) -> `evaluate` (stores the threshold) -> three studies on
+the embeddings of every image, each decided by `Identifier.decide` as `predict` decides:
+
+1. new individuals: each held-out individual enrolled from k photos (k = 1, 3, 5; three draws), its
+   other photos identified among all held-out individuals, with each matching rule;
+2. one gallery for known and new: the training split enrolled with `gallery enroll --from-split`,
+   plus the held-out individuals from 5 photos; queries: the known test photos and the other photos
+   of the new individuals;
+3. open set: the gallery holds the training split only, the threshold is the one evaluation stored
+   (chosen on val + unknown_val); known test photos should be accepted and named correctly, photos of
+   the unknown_test individuals rejected. The classifier (no gallery) is shown for comparison.
+
+Prints markdown tables and writes `<out>/study.json`. Stand-ins are not chimpanzees: the numbers
+compare the rules with each other, they say nothing about accuracy on real faces.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from src.config import config_from_dict
+from src.data import prepare, standin
+from src.data.dataset import PreparedData
+from src.evaluation.evaluate import evaluate
+from src.inference import gallery as gallery_cli
+from src.inference.gallery import Gallery
+from src.inference.identify import MATCH_MODES, Embedded, Identifier, Threshold
+from src.training.train import run
+
+SHOTS = (1, 3, 5)
+DRAWS = 3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.inference.gallery_study", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument("--individuals", type=int, default=100)
+    parser.add_argument("--images", type=int, default=30, help="per individual")
+    parser.add_argument("--held-out", type=int, default=30, help="individuals never trained on")
+    parser.add_argument("--size", type=int, default=128, help="stand-in image side")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=8)
+    return parser.parse_args(argv)
+
+
+def make_data(args: argparse.Namespace) -> Path:
+    root = args.out / "data"
+    assert standin.main(["--out", str(root / "raw"), "--individuals", str(args.individuals), "--images",
+                         str(args.images), "--size", str(args.size), "--workers", str(args.workers)]) == 0
+    assert prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images", "10",
+                         "--open-set-individuals", str(args.held_out)]) == 0
+    return root
+
+
+def train_model(args: argparse.Namespace, root: Path) -> Path:
+    config = config_from_dict({
+        "name": "study",
+        "data": {"root": str(root), "num_classes": args.individuals - args.held_out, "open_set": True,
+                 "image_size": args.image_size, "workers": args.workers},
+        "model": {"backbone": "resnet18", "pretrained": False, "head": "arcface"},
+        "trainer": {"max_epochs": args.epochs, "batch_size": 64, "lr": 0.002, "warmup_epochs": 2,
+                    "device": args.device, "amp": args.device == "cuda", "output_dir": str(args.out / "artifacts"),
+                    "progress": "never"}})
+    run(config)
+    return args.out / "artifacts" / "study_best.pt"
+
+
+def embed_split(identifier: Identifier, data: PreparedData, split: str) -> tuple[list[Embedded], np.ndarray]:
+    rows = data.split(split, open_set=True)
+    items = [item for batch in identifier.embed([data.raw_dir / rel for rel, _ in rows], batch_size=128)
+             for item in batch]
+    assert all(isinstance(item, Embedded) for item in items), "an image could not be read"
+    return items, np.array([name for _, name in rows])
+
+
+def gallery_of(sha: str, items: list[Embedded], names: np.ndarray) -> Gallery:
+    gallery = Gallery.new(sha, len(items[0].embedding))
+    for name in dict.fromkeys(names):
+        chosen = [item for item, n in zip(items, names) if n == name]
+        gallery.add(name, np.stack([item.embedding for item in chosen]), [item.source for item in chosen])
+    return gallery
+
+
+def accuracy(identifier: Identifier, items: list[Embedded], names: np.ndarray) -> float:
+    return float(np.mean([p.label == n for p, n in zip(identifier.decide(items, 1), names)]))
+
+
+def split_shots(names: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Boolean mask of `shots` randomly drawn photos per individual (the enrolled ones)."""
+    rng = np.random.default_rng(seed)
+    enrolled = np.zeros(len(names), bool)
+    for name in np.unique(names):
+        enrolled[rng.choice(np.flatnonzero(names == name), shots, replace=False)] = True
+    return enrolled
+
+
+def study_new_individuals(base: Identifier, items, names) -> dict:
+    """Accuracy per matching rule and k, mean over DRAWS random choices of the enrolled photos."""
+    result = {}
+    for shots in SHOTS:
+        for match in MATCH_MODES:
+            values = []
+            for seed in range(DRAWS):
+                enrolled = split_shots(names, shots, seed)
+                gallery = gallery_of(base.info.checkpoint_sha256, [i for i, e in zip(items, enrolled) if e], names[enrolled])
+                identifier = Identifier(base.backend, base.info, Threshold(None, "study"), gallery, match)
+                values.append(accuracy(identifier, [i for i, e in zip(items, enrolled) if not e], names[~enrolled]))
+            result[f"{match}@{shots}"] = float(np.mean(values))
+    return result
+
+
+def study_known_and_new(base: Identifier, train_gallery: Path, new_items, new_names, test_items, test_names) -> dict:
+    enrolled = split_shots(new_names, 5, 0)
+    result = {}
+    for match in MATCH_MODES:
+        gallery = Gallery.load(train_gallery)
+        for name in dict.fromkeys(new_names[enrolled]):
+            chosen = [i for i, n, e in zip(new_items, new_names, enrolled) if e and n == name]
+            gallery.add(name, np.stack([i.embedding for i in chosen]), [i.source for i in chosen])
+        identifier = Identifier(base.backend, base.info, Threshold(None, "study"), gallery, match)
+        result[match] = {"known": accuracy(identifier, test_items, test_names),
+                         "new": accuracy(identifier, [i for i, e in zip(new_items, enrolled) if not e], new_names[~enrolled]),
+                         "individuals": len(gallery.names)}
+    return result
+
+
+def study_open_set(base: Identifier, train_gallery: Path, test_items, test_names, unknown_items) -> dict:
+    """With the stored threshold: known photos accepted and right, unknown individuals' photos rejected."""
+    result = {"threshold": base.threshold.value, "origin": base.threshold.origin}
+    for match in (*MATCH_MODES, "classifier"):
+        gallery = None if match == "classifier" else Gallery.load(train_gallery)
+        identifier = Identifier(base.backend, base.info, base.threshold, gallery,
+                                match if gallery is not None else MATCH_MODES[0])
+        known = identifier.decide(test_items, 1)
+        unknown = identifier.decide(unknown_items, 1)
+        result[match] = {"known_accepted_and_right": float(np.mean([p.label == n for p, n in zip(known, test_names)])),
+                         "known_accuracy_without_threshold": float(np.mean([p.names[0] == n for p, n in zip(known, test_names)])),
+                         "unknown_rejected": float(np.mean([p.unknown for p in unknown]))}
+    return result
+
+
+def markdown(report: dict) -> str:
+    new = report["new_individuals"]
+    lines = ["| rule | " + " | ".join(f"{k} photo{'s' * (k > 1)}" for k in SHOTS) + " |", "|---|" + "---|" * len(SHOTS)]
+    for match in MATCH_MODES:
+        lines.append(f"| {match} | " + " | ".join(f"{new[f'{match}@{k}']:.3f}" for k in SHOTS) + " |")
+    lines += ["", "| rule | known test photos | new individuals' photos | individuals |", "|---|---|---|---|"]
+    for match, row in report["known_and_new"].items():
+        lines.append(f"| {match} | {row['known']:.3f} | {row['new']:.3f} | {row['individuals']} |")
+    open_set = report["open_set"]
+    lines += ["", f"threshold {open_set['threshold']} ({open_set['origin']})", "",
+              "| scored against | known: right without threshold | known: accepted and right | unknown: rejected |",
+              "|---|---|---|---|"]
+    for match in (*MATCH_MODES, "classifier"):
+        row = open_set[match]
+        lines.append(f"| {match} | {row['known_accuracy_without_threshold']:.3f} | {row['known_accepted_and_right']:.3f} "
+                     f"| {row['unknown_rejected']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    root = make_data(args)
+    checkpoint = train_model(args, root)
+    evaluation = evaluate(checkpoint, args.out / "eval", "test", device=args.device)
+    base = Identifier.from_checkpoint(checkpoint, args.device)
+    data = PreparedData.load(root)
+    train_gallery = args.out / "train_gallery.npz"
+    assert gallery_cli.main(["enroll", "--gallery", str(train_gallery), "--checkpoint", str(checkpoint),
+                             "--from-split", str(root), "train", "--open-set", "--device", args.device]) == 0
+    test_items, test_names = embed_split(base, data, "test")
+    unknown = {split: embed_split(base, data, split) for split in ("unknown_val", "unknown_test")}
+    new_items = unknown["unknown_val"][0] + unknown["unknown_test"][0]
+    new_names = np.concatenate([unknown["unknown_val"][1], unknown["unknown_test"][1]])
+    report = {
+        "setup": {**vars(args), "out": str(args.out), "known_individuals": len(base.info.classes),
+                  "new_individuals": len(set(new_names))},
+        "evaluation": {"top1": evaluation["closed_set"]["top1"], "one_nn": evaluation["retrieval"]["one_nn_accuracy"],
+                       "open_set": {k: evaluation["open_set"].get(k) for k in ("auroc", "baks", "baus", "threshold")}},
+        "new_individuals": study_new_individuals(base, new_items, new_names),
+        "known_and_new": study_known_and_new(base, train_gallery, new_items, new_names, test_items, test_names),
+        "open_set": study_open_set(base, train_gallery, test_items, test_names, unknown["unknown_test"][0]),
+        "seconds": time.perf_counter() - started,
+    }
+    (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["evaluation"]))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
