@@ -202,7 +202,7 @@ def build_model_and_optimizer(config: Config, num_classes: int, runtime: Runtime
     memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format)
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         # Norm layers and biases are not weight-decayed (standard for ResNets and AdamW).
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.trainer.weight_decay},
@@ -235,7 +235,8 @@ def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime) 
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves."""
+    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves. A second
+    signal ends the process at once (a user pressing Ctrl-C twice means it)."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -245,6 +246,8 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if self.signal_name is not None:
+            raise SystemExit(128 + signum)
         self.signal_name = signal.Signals(signum).name
 
     def requested(self, step: int, runtime: Runtime) -> bool:
