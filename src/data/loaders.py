@@ -14,22 +14,19 @@ step and resumed sees exactly the batches an uninterrupted run sees.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from src.config import Config
 from src.data.augment import BatchAugment
-from src.data.cache import cache_size_for, decode_for_cache, load_or_build_cache
-from src.data.dataset import ClassIndex
-from src.data.io import ImageLoadError
-
-log = logging.getLogger(__name__)
+from src.data.cache import cache_size_for, load_or_build_cache, square_resize
+from src.data.dataset import ClassIndex, ImageListDataset, collate_skip_none
 
 
 def _seed(*parts: int) -> int:
@@ -116,48 +113,23 @@ class CachedSource(BatchSource):
             yield pixels, self.labels[indices.to(self.labels.device)]
 
 
-class _DecodeDataset(Dataset):
-    """Decodes one image per item to the cache resolution; failures come back as None."""
-
-    def __init__(self, paths: list[Path], cache_size: int):
-        self.paths, self.cache_size = paths, cache_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        try:
-            return index, torch.from_numpy(decode_for_cache(self.paths[index], self.cache_size))
-        except ImageLoadError as exc:
-            return index, exc.reason
-
-
-def _collate_readable(items):
-    """Stack the decoded images of a batch; report the failed ones instead of raising."""
-    ok = [(i, pixels) for i, pixels in items if isinstance(pixels, torch.Tensor)]
-    failed = [(i, reason) for i, reason in items if not isinstance(reason, torch.Tensor)]
-    indices = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    pixels = torch.stack([p for _, p in ok]) if ok else torch.empty(0, dtype=torch.uint8)
-    return indices, pixels, failed
+def _to_cache_tensor(image, cache_size: int) -> torch.Tensor:
+    """A decoded RGB image as the cache stores it (a module function: DataLoader workers pickle it)."""
+    return torch.from_numpy(square_resize(image, cache_size))
 
 
 @dataclass
 class PlainSource(BatchSource):
-    paths: list[Path] = None
-    cache_size: int = 0
+    dataset: ImageListDataset = None  # decodes with the cache's own resize, unreadable images -> None
     workers: int = 0
 
     def _pixels(self, plan):
-        loader = DataLoader(_DecodeDataset(self.paths, self.cache_size), batch_sampler=plan,
-                            num_workers=self.workers, collate_fn=_collate_readable,
-                            pin_memory=self.device.type == "cuda")
-        for indices, pixels, failed in loader:
-            for index, reason in failed:
-                log.warning("skipping unreadable image %s: %s", self.paths[index], reason)
-            self.skipped += len(failed)
-            if len(indices) == 0:
-                continue
-            yield pixels.to(self.device, non_blocking=True), self.labels[indices.to(self.labels.device)]
+        loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers,
+                            collate_fn=collate_skip_none, pin_memory=self.device.type == "cuda")
+        for pixels, labels, skipped in loader:
+            self.skipped += skipped
+            if len(labels):
+                yield pixels.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
 def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,
@@ -174,9 +146,10 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
                   batch_size=config.trainer.batch_size, seed=config.trainer.seed, device=device,
                   rank=rank, world_size=world_size)
     if config.data.pipeline == "plain":
-        labels = torch.tensor([classes.index(name) for _, name in rows], dtype=torch.long, device=device)
-        return PlainSource(labels=labels, paths=[raw_dir / rel for rel, _ in rows],
-                           cache_size=cache_size, workers=config.data.workers, **common)
+        dataset = ImageListDataset(rows, raw_dir, classes, partial(_to_cache_tensor, cache_size=cache_size),
+                                   skip_unreadable=True)
+        labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
+        return PlainSource(labels=labels, dataset=dataset, workers=config.data.workers, **common)
     cached = load_or_build_cache(rows, raw_dir, config.data.cache_dir, cache_size, config.data.workers)
     kept = np.asarray(cached.kept, dtype=np.int64)
     labels = torch.tensor([classes.index(rows[i][1]) for i in kept], dtype=torch.long, device=device)
