@@ -61,6 +61,13 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics): what the checkpoint holds."""
+    if info.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 from pathlib import Path
 
@@ -217,17 +218,21 @@ def build_model_and_optimizer(config: Config, num_classes: int, runtime: Runtime
     return model, optimizer, scheduler, scaler
 
 
-def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime) -> torch.nn.Module:
-    """The callable that runs a step: DDP around the model, torch.compile around that."""
-    runner = model
-    if runtime.dist.enabled:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        runner = DistributedDataParallel(model, device_ids=device_ids)
-    if config.trainer.compile:
-        # dynamic=False: training batches have one shape; the last, smaller validation batch costs
-        # one extra compilation instead of making every kernel shape-generic.
-        runner = torch.compile(runner, dynamic=False)
-    return runner
+def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime):
+    """The callables that run a training step and an evaluation step.
+
+    Training: DDP around the model, torch.compile around that. Evaluation bypasses DDP, which may
+    run collectives in a forward, while ranks can hold different numbers of validation batches;
+    `evaluate` shares rank 0's buffers once instead.
+    dynamic=False: training batches have one shape; the last, smaller validation batch costs one
+    extra compilation instead of making every kernel shape-generic.
+    """
+    compile_ = partial(torch.compile, dynamic=False) if config.trainer.compile else (lambda module: module)
+    if not runtime.dist.enabled:
+        runner = compile_(model)
+        return runner, runner
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return compile_(DistributedDataParallel(model, device_ids=device_ids)), compile_(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +315,7 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
 @torch.no_grad()
 def evaluate(runner, model, source: BatchSource, config: Config, runtime: Runtime) -> EpochSums:
     model.eval()
+    dist_utils.broadcast_buffers(model, runtime.dist)  # evaluate the model rank 0 saves
     sums = EpochSums.zeros(runtime.device)
     bar = _progress(len(source), 0, config, runtime, "validate")
     for images, labels in source.batches(0):
@@ -395,7 +401,7 @@ def run(config: Config, resume: str | None = None) -> RunState:
     if checkpoint is not None:
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
-    runner = wrap_for_training(model, config, runtime)
+    train_runner, eval_runner = wrap_for_training(model, config, runtime)
     stop = StopRequest()
     stop.install()
 
@@ -423,7 +429,7 @@ def run(config: Config, resume: str | None = None) -> RunState:
     max_epochs = config.trainer.max_epochs
     for epoch in range(state.epoch + 1, max_epochs + 1):
         started = time.perf_counter()
-        sums = train_one_epoch(runner, model, train_source, optimizer, scheduler, scaler, epoch,
+        sums = train_one_epoch(train_runner, model, train_source, optimizer, scheduler, scaler, epoch,
                                state, config, runtime, stop)
         if state.step < len(train_source):
             state.partial = sums.reduced_state(runtime)
@@ -434,7 +440,7 @@ def run(config: Config, resume: str | None = None) -> RunState:
                 f"saved {paths.last}. Resume with: python -m src.training.train --config <config> --resume auto",
                 exit_code=130 if stop.signal_name == "SIGINT" else 143)
         train = sums.means(runtime)
-        val = evaluate(runner, model, val_source, config, runtime).means(runtime)
+        val = evaluate(eval_runner, model, val_source, config, runtime).means(runtime)
         row = {"epoch": epoch, "lr": sums.lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "train_top5": train["top5"], "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"], "seconds": time.perf_counter() - started,

@@ -83,3 +83,16 @@ def test_a_failing_process_ends_the_job_with_its_error(tiny_data, tmp_path):
     assert result.returncode != 0
     assert "simulated failure on rank 1" in result.stderr
     assert time.monotonic() - started < 120
+
+
+def test_uneven_validation_shards_do_not_hang(tiny_data, tmp_path, fresh_copy):
+    """17 validation images on 2 processes with 8 per batch: rank 0 evaluates 2 batches, rank 1 one.
+    Evaluation must not run collectives per batch (DDP's forward would wait for the other rank)."""
+    data = fresh_copy(tiny_data)
+    prepared = data / "annotations" / "prepared.json"
+    prepared.write_text(prepared.read_text().replace(str(tiny_data), str(data)))
+    val = data / "annotations" / "val.txt"
+    val.write_text("".join(val.read_text().splitlines(keepends=True)[:-1]))
+    result = torchrun(write_config(tmp_path, data, **{"trainer.max_epochs": 1}), timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("[Epoch 1/1]") == 1
