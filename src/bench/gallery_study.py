@@ -1,8 +1,8 @@
-"""The measurement behind docs/readme/inference.md: nearest-neighbour against prototype matching for
+"""The measurement behind the README's gallery tables: nearest-neighbour against prototype matching for
 individuals enrolled after training, and the stored open-set threshold at work.
 
-    python -m tests.inference.gallery_study --out /tmp/study --device cuda       # a few minutes on one GPU
-    python -m tests.inference.gallery_study --out /tmp/smoke --device cpu \
+    python -m src.bench.gallery_study --out /tmp/study --device cuda       # a few minutes on one GPU
+    python -m src.bench.gallery_study --out /tmp/smoke --device cpu \
         --individuals 12 --images 12 --held-out 4 --epochs 2 --image-size 32 --size 48   # smoke run
 
 Stages: stand-in images (`src.data.standin`) -> `prepare` with held-out individuals -> training on
@@ -44,7 +44,7 @@ DRAWS = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.inference.gallery_study", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m src.bench.gallery_study", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--individuals", type=int, default=100)
