@@ -1,7 +1,8 @@
 """torchrun support: process group set-up, rank-aware printing and metric reduction.
 
-Without torchrun (no WORLD_SIZE in the environment, or WORLD_SIZE=1) every helper here is a no-op,
-so the single-process path runs the same code.
+Without torchrun (no RANK / WORLD_SIZE in the environment) every helper here is a no-op, so the
+single-process path runs the same code. Under torchrun the process group is set up even for one
+process, so `torchrun --nproc_per_node 1` exercises the real NCCL / gloo path.
 """
 from __future__ import annotations
 
@@ -18,10 +19,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    enabled: bool = False  # launched by torchrun: a process group exists
 
     @property
     def is_main(self) -> bool:
@@ -29,10 +27,10 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     # A short timeout turns a peer that died mid-collective into an error instead of a long hang;

@@ -141,6 +141,9 @@ def make_runtime(config: Config) -> Runtime:
     # Compiled, a dozen small metric kernels per step become one (launches are what cost on a GPU).
     stats = torch.compile(batch_stats, dynamic=False) if config.trainer.compile and device.type == "cuda" else batch_stats
     runtime = Runtime(device, info, amp_dtype, stats)
+    if info.enabled:
+        runtime.print(f"torchrun: {info.world_size} process(es), {torch.distributed.get_backend()}, global batch "
+                      f"{config.trainer.batch_size} ({config.trainer.batch_size // info.world_size} per process)")
     if config.trainer.amp and device.type == "cpu":
         runtime.print("note: trainer.amp applies to CUDA only; training in fp32 on the CPU")
     return runtime

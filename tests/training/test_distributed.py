@@ -12,12 +12,12 @@ from tests.conftest import REPO, write_config
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun on gloo, tested on Linux")
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 
 
-def torchrun(config_path, *extra, module="src.training.train", timeout=300):
-    return subprocess.run([*TORCHRUN, "-m", module, "--config", str(config_path), *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def torchrun(config_path, *extra, processes=2, timeout=300):
+    command = [*TORCHRUN, str(processes), "-m", "src.training.train", "--config", str(config_path), *extra]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(path):
@@ -30,6 +30,7 @@ def test_two_processes_train_write_once_and_resume(tiny_data, tmp_path):
     first = torchrun(config_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("[Epoch 1/1]") == 1  # rank 0 alone prints
+    assert "torchrun: 2 process(es), gloo, global batch 16 (8 per process)" in first.stdout
     artifacts = tmp_path / "artifacts"
     assert sorted(p.name for p in artifacts.iterdir()) == ["tiny_best.pt", "tiny_last.pt", "tiny_metrics.csv"]
     extended = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})
@@ -77,7 +78,7 @@ def test_a_failing_process_ends_the_job_with_its_error(tiny_data, tmp_path):
     script.write_text(FAIL_ON_RANK_1)
     config_path = write_config(tmp_path, tiny_data)
     started = time.monotonic()
-    result = subprocess.run([*TORCHRUN, str(script), "--config", str(config_path)], cwd=REPO,
+    result = subprocess.run([*TORCHRUN, "2", str(script), "--config", str(config_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=240, env={"PYTHONPATH": str(REPO),
                                                                               "PATH": "/usr/bin:/bin"})
     assert result.returncode != 0
@@ -96,3 +97,11 @@ def test_uneven_validation_shards_do_not_hang(tiny_data, tmp_path, fresh_copy):
     result = torchrun(write_config(tmp_path, data, **{"trainer.max_epochs": 1}), timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("[Epoch 1/1]") == 1
+
+
+def test_one_process_under_torchrun_uses_the_process_group(tiny_data, tmp_path):
+    """`torchrun --nproc_per_node 1` is the cheapest check of the NCCL path on one GPU: it must set up
+    the process group and DDP, not fall back to the plain single-process path."""
+    result = torchrun(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}), processes=1)
+    assert result.returncode == 0, result.stderr
+    assert "torchrun: 1 process(es), gloo" in result.stdout
