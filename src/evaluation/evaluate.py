@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from src import atomic
-from src.config import Config, ConfigError, config_from_dict
+from src.config import Config, ConfigError, ModelConfig, config_from_dict
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.evaluation import metrics
@@ -53,7 +54,13 @@ SPLITS = ("val", "test")
 CLOSED_MODEL_NOTE = (
     "Not evaluated: this model was trained on the closed set, so every individual of the open-set 'unknown' "
     "lists was in its training data. An honest open-set evaluation needs a model trained with "
-    "`data.open_set: true`. The threshold below is a heuristic chosen on the closed val split.")
+    "`data.open_set: true`. The thresholds below are a heuristic chosen on the closed val split.")
+# How inference scores a photo: the classifier (no gallery), or a gallery by its most similar photo
+# or by its prototypes. Each has its own scale, so each gets its own threshold.
+SCORE_KINDS = ("classifier", "nearest", "prototype")
+SCORE_DESCRIPTIONS = {"classifier": "the classifier (predict without --gallery)",
+                      "nearest": "a gallery, most similar photo (--match nearest)",
+                      "prototype": "a gallery, prototypes (--match prototype)"}
 
 
 class EvaluationError(ValueError):
@@ -275,9 +282,21 @@ def by_source_section(query: Embedded, gallery: Embedded, classes: ClassIndex, s
     return section
 
 
-def open_set_scores(query: Embedded, gallery: Embedded) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's 1-NN individual and best gallery similarity (the score a threshold is applied to)."""
-    return metrics.nearest_neighbour(similarity(query, gallery), gallery.names)
+def best_scores(query: Embedded, gallery: Embedded, kind: str, classes: ClassIndex,
+                model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's predicted individual and its score, computed as inference computes it for `kind`
+    (SCORE_KINDS): the classifier, the most similar gallery image, or the gallery prototypes."""
+    if kind == "classifier":
+        individuals = np.array(classes.names)
+        scores = metrics.classifier_scores(query.logits, model.head, model.arcface_scale)
+    elif kind == "nearest":
+        individuals, scores = metrics.individual_scores(similarity(query, gallery), gallery.names)
+    else:
+        individuals, labels = np.unique(gallery.names, return_inverse=True)
+        centres = metrics.prototypes(gallery.embeddings, labels, len(individuals))
+        scores = query.embeddings.astype(np.float64) @ centres.T
+    best = scores.argmax(axis=1)
+    return individuals[best], scores[np.arange(len(scores)), best]
 
 
 @dataclass
@@ -291,10 +310,10 @@ class OpenSetSide:
     unknown_scores: np.ndarray
 
     @classmethod
-    def score(cls, known: Embedded, unknown: Embedded, gallery: Embedded) -> "OpenSetSide":
-        predicted, known_scores = open_set_scores(known, gallery)
-        return cls(known.names, predicted == known.names, known_scores, unknown.names,
-                   open_set_scores(unknown, gallery)[1])
+    def score(cls, known: Embedded, unknown: Embedded, scorer) -> "OpenSetSide":
+        """`scorer(embedded) -> (predicted individuals, best scores)`, one of `best_scores`' kinds."""
+        predicted, known_scores = scorer(known)
+        return cls(known.names, predicted == known.names, known_scores, unknown.names, scorer(unknown)[1])
 
     def choose_threshold(self) -> float:
         return metrics.choose_open_set_threshold(self.known_labels, self.known_correct, self.known_scores,
@@ -309,15 +328,15 @@ class OpenSetSide:
         return metrics.unknown_auroc(np.r_[self.known_scores, self.unknown_scores], is_unknown)
 
 
-def open_set_section(embedded: dict[str, Embedded], split: str) -> dict:
-    """Unknown-individual detection for a model trained without the held-out individuals.
+def open_set_section(embedded: dict[str, Embedded], split: str, scorer) -> dict:
+    """Unknown-individual detection for a model trained without the held-out individuals, on the
+    1-NN similarity to the train gallery (`scorer`), as retrieval papers report it.
 
     The threshold is chosen on `val` + `unknown_val` (maximising the mean of BAKS and BAUS) and then
     measured on `<split>` + `unknown_<split>`, whose unknown individuals the threshold never saw.
     """
-    gallery = embedded["train"]
-    validation = OpenSetSide.score(embedded["val"], embedded["unknown_val"], gallery)
-    measured = OpenSetSide.score(embedded[split], embedded[f"unknown_{split}"], gallery)
+    validation = OpenSetSide.score(embedded["val"], embedded["unknown_val"], scorer)
+    measured = OpenSetSide.score(embedded[split], embedded[f"unknown_{split}"], scorer)
     threshold = validation.choose_threshold()
     result = measured.at(threshold)
     return {**result, "evaluated": True, "auroc": measured.auroc(),
@@ -329,23 +348,27 @@ def open_set_section(embedded: dict[str, Embedded], split: str) -> dict:
             "threshold_chosen_on": ["val", "unknown_val"], "measured_on": [split, f"unknown_{split}"]}
 
 
-def threshold_section(embedded: dict[str, Embedded], open_section: dict, checkpoint: Path) -> dict:
-    """The threshold inference applies to the best gallery similarity, and how it was chosen.
+def threshold_section(embedded: dict[str, Embedded], open_set: bool, scorers: dict, checkpoint: Path) -> dict:
+    """The thresholds inference applies, one per way it scores a photo (SCORE_KINDS: the scales
+    differ, a classifier cosine is not a gallery similarity), and how they were chosen.
 
-    Open-set model: the threshold of `open_set_section`. Closed-set model: the similarity that keeps 95%
-    of the val split's correct 1-NN matches; nothing tells how unknown animals would score, so this
-    heuristic only bounds what rejection costs on known ones.
+    Open-set model: each maximises (BAKS + BAUS) / 2 on `val` + `unknown_val`. Closed-set model: each
+    keeps 95% of the val split's correct predictions; nothing tells how unknown animals would score,
+    so this heuristic only bounds what rejection costs on known ones.
     """
-    if open_section["evaluated"]:
-        value, split, method = (open_section["threshold"], "open_set/val + open_set/unknown_val",
-                                "maximises (BAKS + BAUS) / 2 on the validation side")
+    thresholds = {}
+    for kind, scorer in scorers.items():
+        if open_set:
+            thresholds[kind] = OpenSetSide.score(embedded["val"], embedded["unknown_val"], scorer).choose_threshold()
+        else:
+            predicted, scores = scorer(embedded["val"])
+            thresholds[kind] = metrics.keep_fraction_threshold(scores[predicted == embedded["val"].names])
+    if open_set:
+        split, method = "open_set/val + open_set/unknown_val", "maximises (BAKS + BAUS) / 2 on the validation side"
     else:
-        predicted, scores = open_set_scores(embedded["val"], embedded["train"])
-        value = metrics.keep_fraction_threshold(scores[predicted == embedded["val"].names])
-        split = "val"
-        method = ("keeps 95% of the correct 1-NN matches of the val split (closed-set heuristic)" if value is not None
-                  else "no correct 1-NN match on the val split to calibrate on")
-    return {"threshold": value, "split": split, "method": method, "sidecar": str(threshold_sidecar_path(checkpoint))}
+        split, method = "val", "keeps 95% of the correct predictions of the val split (closed-set heuristic)"
+    return {"thresholds": thresholds, "split": split, "method": method,
+            "sidecar": str(threshold_sidecar_path(checkpoint))}
 
 
 def data_warnings(splits: dict[str, list[tuple[str, str]]], run: Run, split: str, open_set: bool) -> list[str]:
@@ -436,13 +459,11 @@ def render_markdown(report: dict) -> str:
                   f"{_number(open_set['balanced_mean'])} | {_number(open_set['threshold'])} |"]
     else:
         lines.append(open_set["note"])
-    lines += ["", "## Threshold for inference", ""]
-    if threshold["threshold"] is None:
-        lines.append(f"No threshold: {threshold['method']}.")
-    else:
-        lines.append(f"An image is accepted as a known individual when its best gallery similarity is at least "
-                     f"**{threshold['threshold']:.4f}**, chosen on {threshold['split']}: {threshold['method']}. "
-                     f"Stored for inference in `{threshold['sidecar']}`.")
+    lines += ["", "## Thresholds for inference", "",
+              f"A photo is accepted as a known individual when its best score is at least the threshold of the "
+              f"way it is scored, chosen on {threshold['split']}: {threshold['method']}. Stored for inference "
+              f"in `{threshold['sidecar']}`.", "", "| scored by | threshold |", "|---|---|"]
+    lines += [f"| {SCORE_DESCRIPTIONS[kind]} | {_number(value)} |" for kind, value in threshold["thresholds"].items()]
     lines += ["", "## Training curves", ""]
     lines.append("![Training curves](training_curves.png)" if report["figures"]["training_curves"]
                  else "No metrics CSV beside the checkpoint: no training curves.")
@@ -486,9 +507,7 @@ def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_cs
 
 def write_threshold_sidecar(run: Run, threshold: dict) -> None:
     """`<checkpoint>.threshold.json` for inference; the checksum ties it to these exact weights."""
-    if threshold["threshold"] is None:
-        return
-    payload = {"threshold": threshold["threshold"], "method": threshold["method"], "split": threshold["split"],
+    payload = {"thresholds": threshold["thresholds"], "method": threshold["method"], "split": threshold["split"],
                "checkpoint_sha256": run.sha256}
     atomic.write_text(Path(threshold["sidecar"]), json.dumps(rounded(payload), indent=2, sort_keys=True) + "\n")
 
@@ -517,7 +536,10 @@ def evaluate(checkpoint: Path, out: Path, split: str = "test", data_root: Path |
     check_gallery(embedded, split)
 
     closed, matrix = closed_set_section(embedded[split], run.classes)
-    open_section = open_set_section(embedded, split) if open_set else {"evaluated": False, "note": CLOSED_MODEL_NOTE}
+    scorers = {kind: partial(best_scores, gallery=embedded["train"], kind=kind, classes=run.classes,
+                             model=config.model) for kind in SCORE_KINDS}
+    open_section = (open_set_section(embedded, split, scorers["nearest"]) if open_set
+                    else {"evaluated": False, "note": CLOSED_MODEL_NOTE})
     warnings = data_warnings(splits, run, split, open_set)
 
     report = {
@@ -534,7 +556,7 @@ def evaluate(checkpoint: Path, out: Path, split: str = "test", data_root: Path |
         "retrieval": retrieval_section(embedded[split], embedded["train"]),
         "by_source": by_source_section(embedded[split], embedded["train"], run.classes, read_sources(root)),
         "open_set": open_section,
-        "threshold": threshold_section(embedded, open_section, checkpoint),
+        "threshold": threshold_section(embedded, open_set, scorers, checkpoint),
         "warnings": warnings,
     }
     metrics_csv = RunPaths(checkpoint.parent, config.name).metrics

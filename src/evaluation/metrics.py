@@ -107,6 +107,26 @@ def map_at_r(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: n
     return float(((precision * relevant * within_r).sum(axis=1) / r).mean())
 
 
+def prototypes(embeddings: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """Each individual's mean embedding (labels 0..count-1), renormalised to unit length."""
+    sums = np.zeros((count, embeddings.shape[1]))
+    np.add.at(sums, labels, embeddings.astype(np.float64))
+    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+
+
+def classifier_scores(logits: np.ndarray, head: str, arcface_scale: float) -> np.ndarray:
+    """Scores over the training individuals, higher = more likely.
+
+    ArcFace logits are `scale * cosine(embedding, class centre)`, so dividing by the scale gives a
+    cosine similarity in [-1, 1], on the same footing as gallery similarities. A linear head's
+    logits have no such meaning; their softmax (a probability) is used instead.
+    """
+    if head == "arcface":
+        return logits / arcface_scale
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def individual_scores(similarity: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`(individuals, scores)`: each query's best similarity to each gallery individual, `Q x I`."""
     order = np.argsort(gallery_labels, kind="stable")

@@ -42,7 +42,7 @@ from src import atomic
 from src.atomic import atomic_destination
 from src.data.standin import individual_name, render
 from src.inference.identify import (EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, USAGE_ERRORS, Identifier,
-                                    OnnxBackend, export_info_path)
+                                    OnnxBackend, export_info_path, stored_thresholds)
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -144,9 +144,9 @@ def export(checkpoint: Path, out: Path, formats: Sequence[str], runs: int) -> di
                                        for name, runner in runners.items()},
               "latency": f"CPU, batch 1, median of {runs} runs, {torch.get_num_threads()} threads",
               "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
-    threshold = identifier.threshold
+    stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
     info = {"format_version": EXPORT_FORMAT_VERSION, "model": identifier.info.to_json(),
-            "threshold": {"value": threshold.value, "origin": threshold.origin}, "checks": checks}
+            "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
     atomic.write_text(export_info_path(paths["onnx"]), json.dumps(info, indent=2) + "\n")
     return checks
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from src import atomic
 from src.data.dataset import DatasetError, PreparedData
-from src.evaluation.metrics import individual_scores
+from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images
 
 FORMAT_VERSION = 1
@@ -164,9 +164,7 @@ class Gallery:
 
     def prototypes(self) -> np.ndarray:
         """Each individual's mean embedding, renormalised to unit length (`len(names) x D`)."""
-        sums = np.zeros((len(self.names), self.embeddings.shape[1]))
-        np.add.at(sums, self.labels, self.embeddings.astype(np.float64))
-        return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        return prototypes(self.embeddings, self.labels, len(self.names))
 
     def scores(self, queries: np.ndarray, match: str) -> np.ndarray:
         """Cosine similarity of each query (unit rows) to each individual, `N x len(names)`, by its

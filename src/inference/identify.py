@@ -40,6 +40,7 @@ from src.config import Config, ConfigError, ModelConfig, config_from_dict
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
+from src.evaluation.metrics import classifier_scores
 from src.training.checkpoint import CheckpointError
 
 if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
@@ -144,8 +145,30 @@ def export_info_path(onnx_path: Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
-def read_export_info(onnx_path: Path) -> tuple[ModelInfo, Threshold]:
-    """The model info and threshold stored by `export` beside an ONNX file."""
+@dataclass(frozen=True)
+class StoredThresholds:
+    """The thresholds evaluation chose, one per way of scoring (`SCORE_KINDS` of evaluate.py: the
+    classifier, a gallery's nearest photo, a gallery's prototypes), and where they come from."""
+
+    values: dict[str, float | None]
+    origin: str
+
+    def for_kind(self, kind: str) -> Threshold:
+        value = self.values.get(kind)
+        if value is None:
+            return Threshold(None, self.origin if not self.values else f"{self.origin}, but none for {kind} scores")
+        if not math.isfinite(value):
+            raise InferenceError(f"{self.origin}: threshold {value} is not a finite number")
+        return Threshold(float(value), self.origin)
+
+
+def score_kind(gallery: Gallery | None, match: str) -> str:
+    """How a photo is scored: by the classifier without a gallery, else by the gallery's match rule."""
+    return "classifier" if gallery is None else match
+
+
+def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds]:
+    """The model info and thresholds stored by `export` beside an ONNX file."""
     path = export_info_path(onnx_path)
     if not path.is_file():
         raise InferenceError(f"{path} not found: predict --onnx needs the JSON that export writes "
@@ -155,14 +178,14 @@ def read_export_info(onnx_path: Path) -> tuple[ModelInfo, Threshold]:
         if raw.get("format_version") != EXPORT_FORMAT_VERSION:
             raise InferenceError(f"{path}: export format {raw.get('format_version')!r}, this code "
                                  f"reads {EXPORT_FORMAT_VERSION}; export again")
-        threshold = raw["threshold"]
-        return ModelInfo.from_json(raw["model"]), Threshold(threshold["value"], threshold["origin"])
+        thresholds = raw["thresholds"]
+        return ModelInfo.from_json(raw["model"]), StoredThresholds(dict(thresholds["values"]), thresholds["origin"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
 
 
-def stored_threshold(checkpoint: Path, checkpoint_sha256: str) -> Threshold:
-    """The open-set threshold evaluation stored in `<checkpoint>.threshold.json`.
+def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresholds:
+    """The thresholds evaluation stored in `<checkpoint>.threshold.json`.
 
     It is ignored (and the output says so) when absent, or when its checksum names other weights:
     training overwrites `_best.pt`, and a threshold chosen for the old weights would be arbitrary
@@ -172,20 +195,19 @@ def stored_threshold(checkpoint: Path, checkpoint_sha256: str) -> Threshold:
 
     path = threshold_sidecar_path(Path(checkpoint))
     if not path.is_file():
-        return Threshold(None, f"no stored threshold ({path.name} absent: run "
-                               "`python -m src.evaluation.evaluate`) and no --threshold given")
+        return StoredThresholds({}, f"no stored threshold ({path.name} absent: run "
+                                    "`python -m src.evaluation.evaluate`) and no --threshold given")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        value, method = float(raw["threshold"]), str(raw.get("method", "method not recorded"))
-    except (ValueError, KeyError, TypeError) as exc:
+        values = {str(kind): None if value is None else float(value) for kind, value in raw["thresholds"].items()}
+        method = str(raw.get("method", "method not recorded"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InferenceError(f"{path}: not a valid threshold file ({type(exc).__name__}: {exc}); "
                              "re-run evaluation or pass --threshold") from None
-    if not math.isfinite(value):
-        raise InferenceError(f"{path}: threshold {value} is not a finite number")
     if raw.get("checkpoint_sha256", checkpoint_sha256) != checkpoint_sha256:
-        return Threshold(None, f"{path.name} was chosen for other weights of this file (re-run "
-                               "evaluation) and no --threshold given")
-    return Threshold(value, f"stored in {path.name}: {method}")
+        return StoredThresholds({}, f"{path.name} was chosen for other weights of this file (re-run "
+                                    "evaluation) and no --threshold given")
+    return StoredThresholds(values, f"stored in {path.name}: {method}")
 
 
 def given_threshold(value: float) -> Threshold:
@@ -277,16 +299,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def class_scores(logits: np.ndarray, model: ModelConfig) -> np.ndarray:
-    """Scores over the training individuals, higher = more likely.
-
-    ArcFace logits are `scale * cosine(embedding, class centre)`, so dividing by the scale gives a
-    cosine similarity in [-1, 1], on the same footing as gallery similarities. A linear head's
-    logits have no such meaning; their softmax (a probability) is reported instead.
-    """
-    if model.head == "arcface":
-        return logits / model.arcface_scale
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    """Scores over the training individuals (see `metrics.classifier_scores`)."""
+    return classifier_scores(logits, model.head, model.arcface_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +371,8 @@ class Identifier:
         except (EvaluationError, ModelError) as exc:
             raise InferenceError(str(exc)) from None
         info = ModelInfo(tuple(run.classes.names), run.config, run.sha256)
-        chosen = stored_threshold(Path(path), run.sha256) if threshold is None else given_threshold(threshold)
+        chosen = (stored_thresholds(Path(path), run.sha256).for_kind(score_kind(gallery, match))
+                  if threshold is None else given_threshold(threshold))
         return cls(TorchBackend(run.model, torch_device), info, chosen, gallery, match)
 
     @classmethod
@@ -365,7 +380,7 @@ class Identifier:
                   threshold: float | None = None, match: str = DEFAULT_MATCH) -> Identifier:
         """An exported model; classes, preprocessing and threshold come from the JSON beside it."""
         info, stored = read_export_info(Path(path))
-        chosen = stored if threshold is None else given_threshold(threshold)
+        chosen = stored.for_kind(score_kind(gallery, match)) if threshold is None else given_threshold(threshold)
         return cls(OnnxBackend(Path(path), device), info, chosen, gallery, match)
 
     @property

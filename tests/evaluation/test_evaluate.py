@@ -106,8 +106,11 @@ def test_threshold_is_stored_beside_the_checkpoint(closed_report, checkpoint, ti
     out, _ = closed_report
     report = json.loads((out / "report.json").read_text())
     sidecar = json.loads(evaluate.threshold_sidecar_path(checkpoint).read_text())
-    assert set(sidecar) == {"threshold", "method", "split", "checkpoint_sha256"}
-    assert sidecar["threshold"] == report["threshold"]["threshold"] and -1.0 <= sidecar["threshold"] <= 1.0
+    assert set(sidecar) == {"thresholds", "method", "split", "checkpoint_sha256"}
+    # one threshold per way inference scores a photo; ArcFace's classifier score is a cosine too
+    assert sidecar["thresholds"] == report["threshold"]["thresholds"]
+    assert set(sidecar["thresholds"]) == set(evaluate.SCORE_KINDS)
+    assert all(-1.0 <= value <= 1.0 for value in sidecar["thresholds"].values())
     assert sidecar["split"] == "val" and "95%" in sidecar["method"]
     # the checksum is the original checkpoint's: evaluation never rewrites it
     assert sidecar["checkpoint_sha256"] == sha256(tiny_run["best"]) == report["checkpoint"]["sha256"]
@@ -152,7 +155,9 @@ def test_open_set_evaluation(open_set_checkpoint, tiny_data, tmp_path, capsys):
     assert open_set["balanced_mean"] == pytest.approx((open_set["baks"] + open_set["baus"]) / 2, abs=1e-6)
     assert report["data"]["lists"] == "annotations/open_set"
     sidecar = json.loads(evaluate.threshold_sidecar_path(open_set_checkpoint).read_text())
-    assert sidecar["threshold"] == open_set["threshold"] == report["threshold"]["threshold"]
+    thresholds = sidecar["thresholds"]
+    assert thresholds["nearest"] == open_set["threshold"] == report["threshold"]["thresholds"]["nearest"]
+    assert set(thresholds) == set(evaluate.SCORE_KINDS)
     assert "BAKS" in sidecar["method"] and "unknown_val" in sidecar["split"]
     assert "| AUROC" in (tmp_path / "report.md").read_text()
 

@@ -16,7 +16,8 @@ from src.evaluation.evaluate import embed_split, evaluation_config, load_run, th
 from src.evaluation.metrics import choose_open_set_threshold
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
-from src.inference.identify import DEFAULT_MATCH, MATCH_MODES, UNKNOWN, Identifier, InferenceError
+from src.inference.identify import (DEFAULT_MATCH, MATCH_MODES, UNKNOWN, Identifier, InferenceError,
+                                    stored_thresholds)
 
 SHOTS = 4  # photos enrolled per new individual; the other 6 are queries
 
@@ -100,10 +101,13 @@ def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, 
     assert identifier.threshold.value is None and "no stored threshold" in identifier.describe()
 
     sidecar = threshold_sidecar_path(checkpoint)
-    sidecar.write_text(json.dumps({"threshold": 1.5, "method": "test rule",
-                                   "checkpoint_sha256": identifier.info.checkpoint_sha256}))
-    stored = Identifier.from_checkpoint(checkpoint)
+    sidecar.write_text(json.dumps({"thresholds": {"classifier": 1.5, "nearest": 0.9, "prototype": None},
+                                   "method": "test rule", "checkpoint_sha256": identifier.info.checkpoint_sha256}))
+    stored = Identifier.from_checkpoint(checkpoint)  # no gallery: the classifier's threshold
     assert stored.threshold.value == 1.5 and "test rule" in stored.describe()
+    thresholds = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
+    assert thresholds.for_kind("nearest").value == 0.9  # a gallery's own scale gets its own threshold
+    assert thresholds.for_kind("prototype").value is None and "none for prototype" in thresholds.for_kind("prototype").origin
     image = next(iter(unseen.values()))[0]
     [prediction] = stored.identify(image)  # softmax scores never reach 1.5
     assert prediction.unknown and prediction.label == UNKNOWN and prediction.names
@@ -115,7 +119,7 @@ def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, 
 def test_a_threshold_for_other_weights_is_ignored_and_a_broken_one_refused(learned, tmp_path):
     checkpoint = shutil.copy(learned.checkpoint, tmp_path / "model.pt")
     sidecar = threshold_sidecar_path(checkpoint)
-    sidecar.write_text(json.dumps({"threshold": 0.5, "method": "m", "checkpoint_sha256": "0" * 64}))
+    sidecar.write_text(json.dumps({"thresholds": {"classifier": 0.5}, "method": "m", "checkpoint_sha256": "0" * 64}))
     identifier = Identifier.from_checkpoint(checkpoint)
     assert identifier.threshold.value is None and "other weights" in identifier.describe()
     sidecar.write_text("{not json")
