@@ -172,3 +172,12 @@ def test_an_image_deleted_mid_run_is_skipped_and_counted(tiny_data, tmp_path, fr
     assert process.returncode == 0, stderr
     assert "unreadable images skipped" in stdout
     assert "skipping unreadable image" in stderr and victim_rel.split("/")[-1] in stderr
+
+
+def test_a_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path):
+    """The open-set split has other individuals: resuming the closed-set run on it must not start."""
+    other = write_config(tmp_path, tiny_run["data_root"],
+                         **{"data.open_set": True, "data.num_classes": 4, "trainer.max_epochs": 3})
+    result = train_cli(other, "--resume", str(tiny_run["last"]))
+    assert result.returncode == 2
+    assert "the individuals (class list) differ" in result.stderr and "data.open_set: False -> True" in result.stderr
