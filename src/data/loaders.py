@@ -53,8 +53,8 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
         per_rank = batch_size // world_size
         return [order[start + rank * per_rank: start + (rank + 1) * per_rank]
                 for start in range(0, num_images - batch_size + 1, batch_size)]
-    mine = torch.arange(rank, num_images, world_size)
-    return list(mine.split(max(1, batch_size // world_size)))
+    mine = torch.arange(num_images)[rank::world_size]
+    return list(mine.split(max(1, batch_size // world_size))) if len(mine) else []
 
 
 @dataclass
@@ -80,7 +80,11 @@ class BatchSource:
                           epoch=epoch, rank=self.rank, world_size=self.world_size)
 
     def __len__(self) -> int:
-        return len(self.plan(0))
+        """Batches per epoch, as `plan` makes them."""
+        if self.train:
+            return self.num_images // self.batch_size
+        mine = len(range(self.rank, self.num_images, self.world_size))
+        return -(-mine // max(1, self.batch_size // self.world_size))
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = 0
