@@ -13,7 +13,7 @@ Stages, one function each:
 2. `Preprocess.normalise`: `BatchAugment.eval`, training's validation transform;
 3. a backend maps normalised images to (L2-normalised embeddings, logits): `TorchBackend` runs the
    checkpoint's model, `OnnxBackend` an exported file with ONNX Runtime (no model code needed);
-4. `Identifier.scores`: each individual's score, from the classifier (`class_scores`) or, with a
+4. `Identifier.scores`: each individual's score, from the classifier (`metrics.classifier_scores`) or, with a
    gallery, from the embeddings against the enrolled individuals (`Gallery.scores`);
 5. `Identifier.decide`: the top k, and `unknown` when the best score is below the threshold.
 """
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from src.config import Config, ConfigError, ModelConfig, config_from_dict
+from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
@@ -295,15 +295,6 @@ def pick_device(name: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 4: scores per individual
-
-
-def class_scores(logits: np.ndarray, model: ModelConfig) -> np.ndarray:
-    """Scores over the training individuals (see `metrics.classifier_scores`)."""
-    return classifier_scores(logits, model.head, model.arcface_scale)
-
-
-# ---------------------------------------------------------------------------------------------
 # Inputs: paths, folders and glob patterns
 
 
@@ -450,7 +441,8 @@ class Identifier:
         """`N x len(self.names)`: similarity to each gallery individual, else the classifier's score."""
         if self.gallery is not None:
             return self.gallery.scores(embeddings, self.match)
-        return class_scores(logits, self.info.config.model)
+        model = self.info.config.model
+        return classifier_scores(logits, model.head, model.arcface_scale)
 
     def decide(self, embedded: Sequence[Embedded], top_k: int) -> list[Prediction]:
         """Top-k names and scores per image; `unknown` when the best score is below the threshold."""
