@@ -13,6 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line and names the offending key."""
 
@@ -85,6 +88,10 @@ class TrainerConfig(_Section):
     channels_last: bool = True
     compile: bool = False
     """torch.compile the model (CUDA; costs a minute of compilation, pays off on long runs)."""
+    compile_mode: CompileMode = "default"
+    """torch.compile's `mode` for the model when `compile` is on. `reduce-overhead` replays each
+    step's kernels as CUDA graphs, which removes most of the host's per-step launch work (what
+    limits small models on fast GPUs); single process only here."""
     sync_batchnorm: bool = False
     """Under torchrun: convert BatchNorm layers to SyncBatchNorm."""
     seed: int = 0

@@ -41,6 +41,7 @@ def test_defaults_fill_missing_sections(tmp_path):
     ("trainer:\n  device: tpu\n", "trainer.device"),
     ("data:\n  num_classes: 0\n", "data.num_classes"),
     ("optimiser: {}\n", "optimiser"),
+    ("trainer:\n  compile_mode: turbo\n", "trainer.compile_mode"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"

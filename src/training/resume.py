@@ -14,7 +14,8 @@ from src.training.checkpoint import CheckpointError
 RESUMABLE_CHANGES = {
     "name", "data.root", "data.pipeline", "data.cache_dir", "data.cache_on_device", "data.workers",
     "trainer.max_epochs", "trainer.device", "trainer.amp", "trainer.amp_dtype", "trainer.compile",
-    "trainer.progress", "trainer.output_dir", "trainer.deterministic",
+    "trainer.compile_mode", "trainer.progress", "trainer.output_dir", "trainer.deterministic",
+    "trainer.checkpoint_interval_s",
 }
 
 

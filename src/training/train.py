@@ -35,6 +35,8 @@ from src.training.resume import check_resume_compatible, data_fingerprint
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
 # 50 steps costs nothing measurable, while a sync every step would stall the GPU queue.
 NONFINITE_CHECK_EVERY = 50
+# torch.compile modes that capture CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class TrainingStopped(Exception):
@@ -136,6 +138,11 @@ def make_runtime(config: Config) -> Runtime:
     amp_dtype = None
     if config.trainer.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if config.trainer.amp_dtype == "bf16" else torch.float16
+    if info.enabled and config.trainer.compile and config.trainer.compile_mode in CUDA_GRAPH_MODES:
+        # CUDA graphs and DDP's gradient hooks are a combination PyTorch's tracker lists open bugs for
+        # (e.g. pytorch/pytorch#128218, #139207); refuse it rather than hang or crash mid-run.
+        raise ConfigError(f"trainer.compile_mode: '{config.trainer.compile_mode}' uses CUDA graphs, which "
+                          "this project runs in a single process only; use 'default' under torchrun")
     if config.trainer.sync_batchnorm and info.enabled and device.type != "cuda":
         raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only; set it to false on the CPU")
     # Compiled, a dozen small metric kernels per step become one (launches are what cost on a GPU).
@@ -230,7 +237,8 @@ def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime):
     dynamic=False: training batches have one shape; the last, smaller validation batch costs one
     extra compilation instead of making every kernel shape-generic.
     """
-    compile_ = partial(torch.compile, dynamic=False) if config.trainer.compile else (lambda module: module)
+    compile_ = (partial(torch.compile, dynamic=False, mode=config.trainer.compile_mode)
+                if config.trainer.compile else (lambda module: module))
     if not runtime.dist.enabled:
         runner = compile_(model)
         return runner, runner

@@ -13,7 +13,9 @@ import torch
 
 from src.config import load_config
 from src.training import train as train_module
+from src.data.dataset import ClassIndex
 from src.training.checkpoint import CheckpointError, load_checkpoint
+from src.training.resume import check_resume_compatible
 from src.training.train import TrainingStopped, run
 from tests.conftest import REPO, write_config
 from tests.training.test_train import train_cli
@@ -101,6 +103,19 @@ def test_incompatible_config_is_refused_listing_differences(tiny_run, tmp_path):
     assert result.returncode == 2
     assert "model.embedding_dim: 32 -> 64" in result.stderr and "trainer.lr" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_speed_settings_may_change_on_resume(tiny_run):
+    checkpoint = load_checkpoint(tiny_run["last"])
+    config = tiny_run["config"].model_copy(deep=True)
+    config.trainer.compile, config.trainer.compile_mode = True, "reduce-overhead"
+    config.trainer.checkpoint_interval_s = 30.0
+    check_resume_compatible(checkpoint, config, ClassIndex.from_list(checkpoint["classes"]),
+                            checkpoint["data_fingerprint"], tiny_run["last"])  # does not raise
+    config.trainer.weight_decay = 0.5
+    with pytest.raises(CheckpointError, match="trainer.weight_decay"):
+        check_resume_compatible(checkpoint, config, ClassIndex.from_list(checkpoint["classes"]),
+                                checkpoint["data_fingerprint"], tiny_run["last"])
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_data, tmp_path):

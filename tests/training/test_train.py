@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from src.config import load_config
+from src.config import ConfigError, load_config
+from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS
 from src.training.checkpoint import load_checkpoint
-from src.training.train import run
+from src.training.train import build_model_and_optimizer, make_runtime, run, wrap_for_training
 from tests.conftest import REPO, TINY_INDIVIDUALS, write_config
 
 EPOCH_LINE = re.compile(r"^\[Epoch (\d+)/(\d+)\] lr=\d\.\d{5} \| train_loss=\d+\.\d{4} top1=[01]\.\d{4} "
@@ -103,3 +104,24 @@ def test_plain_pipeline_trains_like_the_cached_one(tiny_data, tmp_path):
     # Same pixels, same order, same augmentation draws: the two pipelines compute the same epoch.
     assert cached.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], abs=1e-6)
     assert cached.history[0]["val_top1"] == plain.history[0]["val_top1"]
+
+
+def test_compile_mode_reaches_torch_compile(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: seen.append(options) or module)
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.compile": True,
+                                                              "trainer.compile_mode": "reduce-overhead"}))
+    runtime = make_runtime(config)
+    model, _, _, _ = build_model_and_optimizer(config, TINY_INDIVIDUALS, runtime, steps_per_epoch=1)
+    train_runner, eval_runner = wrap_for_training(model, config, runtime)
+    assert train_runner is eval_runner is model
+    assert seen == [{"dynamic": False, "mode": "reduce-overhead"}]
+
+
+def test_cuda_graph_modes_are_refused_under_torchrun(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(dist_utils, "init_distributed", lambda device: dist_utils.DistInfo(enabled=True))
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.compile": True,
+                                                              "trainer.compile_mode": "reduce-overhead"}))
+    with pytest.raises(ConfigError, match="trainer.compile_mode: 'reduce-overhead' .* single process"):
+        make_runtime(config)
+

@@ -1,0 +1,33 @@
+"""The speed benchmark runs end to end on the CPU and reports consistent figures (not a timing test)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from src.bench import train_speed
+from tests.conftest import SHARED
+
+NAIVE = SHARED / "bench" / "naive_reference.py"
+
+
+def test_cpu_benchmark_reports_all_three_and_their_ratios(tmp_path, capsys):
+    assert train_speed.main(["--device", "cpu", "--arch", "resnet18", "--size", "32", "--batch-size", "8",
+                             "--individuals", "4", "--images", "10", "--epochs", "2", "--naive-epochs", "1",
+                             "--workers", "1", "--naive-script", str(NAIVE), "--work-dir", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    assert "stand-in data: 4 x 10 images" in output and "device: CPU" in output
+    (result,) = json.loads(output.strip().splitlines()[-1])
+    assert result["arch"] == "resnet18" and result["compile_mode"] is None and result["size"] == 32
+    assert result["ours_img_s"] > 0 and result["ceiling_img_s"] > 0
+    assert result["ours_vs_ceiling"] == pytest.approx(result["ours_img_s"] / result["ceiling_img_s"], rel=0.02)
+    if NAIVE.is_file():  # ../shared is beside the checkout in CI and here
+        assert result["ours_vs_naive"] == pytest.approx(result["ours_img_s"] / result["naive_img_s"], rel=0.02)
+    else:
+        assert result["naive_img_s"] is None
+
+
+def test_compile_mode_needs_compile(tmp_path):
+    with pytest.raises(SystemExit, match="--compile-mode needs torch.compile"):
+        train_speed.main(["--device", "cpu", "--no-compile", "--compile-mode", "reduce-overhead",
+                          "--work-dir", str(tmp_path)])
