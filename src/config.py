@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from src.textfiles import read_utf8
+
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -94,7 +96,8 @@ class TrainerConfig(_Section):
     limits small models on fast GPUs); single process only here."""
     sync_batchnorm: bool = False
     """Under torchrun: convert BatchNorm layers to SyncBatchNorm."""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), lt=2**64)
+    """Any integer torch.manual_seed accepts."""
     deterministic: bool = False
     """Ask cuDNN/cuBLAS for deterministic kernels (slower). CPU runs are deterministic anyway."""
     checkpoint_interval_s: float = Field(0.0, ge=0)
@@ -149,8 +152,9 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = read_utf8(path, ConfigError)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from src.config import Config, ConfigError, load_config
+from src.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE_CONFIGS = {
@@ -59,3 +60,15 @@ def test_unparseable_yaml_and_missing_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "bad.yaml: not UTF-8 text"),                   # an image passed as --config
+    (b"trainer:\n  seed: 99999999999999999999999\n", "'trainer.seed'"),          # beyond torch.manual_seed
+])
+def test_unusable_configs_exit_2_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    assert train.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

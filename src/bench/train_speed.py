@@ -74,7 +74,7 @@ def make_data(work: Path, args) -> Path:
 def bench_config(arch: str, mode: str, data_root: Path, work: Path, args, epochs: int):
     num_classes = len((data_root / "annotations" / "kept_ids_min10.txt").read_text().split())
     return config_from_dict({
-        "name": f"bench_{arch}_{mode}",
+        "name": f"bench_{arch}_{mode}" if args.compile else f"bench_{arch}",
         "data": {"root": str(data_root), "num_classes": num_classes, "image_size": args.size,
                  "cache_dir": str(work / "cache"), "workers": min(16, max(1, args.workers))},
         "model": {"backbone": arch, "head": "arcface"},
@@ -110,13 +110,15 @@ def ours_throughput(arch: str, mode: str, data_root: Path, work: Path, args) -> 
     return batches * args.batch_size / seconds, state.history[-1]
 
 
-def ceiling_throughput(arch: str, mode: str, data_root: Path, work: Path, args, steps: int) -> float:
+def ceiling_throughput(arch: str, mode: str, data_root: Path, work: Path, args, windows: int,
+                       steps_per_window: int) -> float:
     """The model alone: one fixed batch already on the device, same head, optimizer, precision and
-    compile mode."""
+    compile mode. The median over `windows` timed windows, so one slow window (another job on the
+    machine) does not set the figure."""
     config = bench_config(arch, mode, data_root, work, args, 1)
     runtime = make_runtime(config)
     seed_everything(0, False)
-    model, optimizer, _, _ = build_model_and_optimizer(config, config.data.num_classes, runtime, steps)
+    model, optimizer, _, _ = build_model_and_optimizer(config, config.data.num_classes, runtime, steps_per_window)
     runner, _ = wrap_for_training(model, config, runtime)
     images = torch.randn(args.batch_size, 3, args.size, args.size, device=runtime.device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -131,15 +133,18 @@ def ceiling_throughput(arch: str, mode: str, data_root: Path, work: Path, args, 
         optimizer.step()
 
     model.train()
-    for _ in range(max(3, steps // 5)):
+    for _ in range(3):  # compilation, cuDNN autotuning, the allocator's first blocks
         step()
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
-    sync()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return steps * args.batch_size / (time.perf_counter() - started)
+    seconds = []
+    for _ in range(windows):
+        sync()
+        started = time.perf_counter()
+        for _ in range(steps_per_window):
+            step()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    return steps_per_window * args.batch_size / statistics.median(seconds)
 
 
 def device_name(device: str) -> str:
@@ -160,12 +165,12 @@ def main(argv=None) -> int:
         print(f"device: {device_name(args.device)}; torch {torch.__version__}; {args.size} px, batch "
               f"{args.batch_size}, compile={args.compile}", flush=True)
         results = []
-        steps = 50 if args.device == "cuda" else 5
+        windows, steps_per_window = (5, 10) if args.device == "cuda" else (5, 1)
         for arch in args.arch:
             naive = naive_throughput(arch, data_root, args)
             for mode in args.compile_mode:
                 ours, last = ours_throughput(arch, mode, data_root, work, args)
-                ceiling = ceiling_throughput(arch, mode, data_root, work, args, steps)
+                ceiling = ceiling_throughput(arch, mode, data_root, work, args, windows, steps_per_window)
                 results.append({
                     "arch": arch, "compile_mode": mode if args.compile else None,
                     "device": device_name(args.device), "size": args.size,

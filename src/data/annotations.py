@@ -22,6 +22,7 @@ import yaml
 
 from src.data.io import IMAGE_EXTENSIONS
 from src.data.lists import ListFormatError, read_list
+from src.textfiles import read_utf8
 
 
 class AnnotationError(ValueError):
@@ -191,10 +192,7 @@ def read_cvjena(raw_dir: str | Path) -> list[Record]:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise AnnotationError(f"missing annotation file {path}")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise AnnotationError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return read_utf8(path, AnnotationError, encoding="utf-8-sig")
 
 
 def _relative_image_path(text: str, prefix: str, where: str) -> str:
@@ -248,6 +246,9 @@ def read_folder(root: str | Path) -> list[Record]:
             raise AnnotationError(f"{entry}: image directly under {root}; expected "
                                   f"{root}/<individual>/<image> (is --folder one individual's folder?)")
         if entry.is_dir():
+            if entry.name[0] == "#" or entry.name[0].isspace():  # a list line starting so would not read back
+                raise AnnotationError(f"{entry}: a folder name starting with {entry.name[0]!r} cannot go into "
+                                      f"the list files (read back as a comment or another path); rename it")
             records += _read_individual_folder(root, entry)
     if not records:
         raise AnnotationError(f"empty folder {root}: no images in {root}/<individual>/ sub-folders")
@@ -323,7 +324,7 @@ class LabelsFix:
         path = Path(path)
         if not path.is_file():
             raise AnnotationError(f"labels-fix file {path} not found")
-        text = path.read_text(encoding="utf-8-sig")
+        text = _read_text(path)
         fix = cls._from_yaml(text, path) if path.suffix.lower() in (".yaml", ".yml") \
             else cls._from_text(text, path)
         fix.source = str(path)

@@ -8,12 +8,10 @@ by itself; a cache that fails its checksum is rebuilt with a warning.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import mmap
-import multiprocessing
 import os
 import time
 import zlib
@@ -27,13 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from src import atomic
+from src import atomic, locks
 from src.data.io import ImageLoadError, load_rgb
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; concurrent builds race harmlessly (atomic rename)
-    fcntl = None
+from src.parallel import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +104,9 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
     digests = _content_digests([raw_dir / rel for rel in rel_paths], workers)
     key = _cache_key(rel_paths, digests, cache_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(cache_dir) as exclusive:
+    # The lock makes torchrun ranks build a cache once, not each. Without locks (Windows) concurrent
+    # builders still produce a valid cache, each renaming identical bytes into place.
+    with locks.exclusive(cache_dir / ".lock") as exclusive:
         cached = _open_verified(cache_dir, key, cache_size)
         if cached is None:
             if exclusive:
@@ -268,7 +264,7 @@ def _decode_all(paths: Sequence[Path], cache_size: int, workers: int
     if workers == 0:
         yield from map(decode, paths)
         return
-    with multiprocessing.get_context().Pool(workers) as pool:
+    with process_pool(workers, __name__) as pool:
         yield from pool.imap(decode, paths, chunksize=DECODE_CHUNKSIZE)
 
 
@@ -304,24 +300,6 @@ def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], c
 
 
 # --- housekeeping -------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _exclusive(cache_dir: Path) -> Iterator[bool]:
-    """Hold the cache directory's lock, so that torchrun ranks build a cache once, not each.
-
-    Yields whether the lock is real (POSIX); without it concurrent builders still produce a valid
-    cache, each renaming identical bytes into place.
-    """
-    if fcntl is None:
-        yield False
-        return
-    with open(cache_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
 
 def _remove_temporaries(cache_dir: Path) -> None:
     """Leftovers of builds that were killed; only safe while holding the directory lock."""

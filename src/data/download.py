@@ -98,6 +98,8 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
     except HTTPError as exc:
         _handle_http_error(exc, url, part, have)
         return
+    except ValueError as exc:  # Request's refusal of something that is not a URL at all
+        raise DownloadError(f"--url {url}: {exc}") from None
     except URLError as exc:
         if isinstance(exc.reason, socket.gaierror):
             raise DownloadError(f"{url}: cannot resolve the host ({exc.reason}); no internet?") from None

@@ -63,6 +63,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image in a known format") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own check, in open()
+        raise ImageLoadError(path, f"exceeds the {max_pixels:,}-pixel limit ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from src import atomic
+from src.textfiles import read_utf8
 
 
 class ListFormatError(ValueError):
@@ -20,7 +21,7 @@ def read_list(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise ListFormatError(f"{path}: list file not found")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(path, ListFormatError).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

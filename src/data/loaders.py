@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from src.config import Config
+from src.config import Config, ConfigError
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, load_or_build_cache, square_resize
 from src.data.dataset import ClassIndex, ImageListDataset, collate_skip_none
@@ -154,7 +154,10 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
                                    skip_unreadable=True)
         labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
         return PlainSource(labels=labels, dataset=dataset, workers=config.data.workers, **common)
-    cached = load_or_build_cache(rows, raw_dir, config.data.cache_dir, cache_size, config.data.workers)
+    try:
+        cached = load_or_build_cache(rows, raw_dir, config.data.cache_dir, cache_size, config.data.workers)
+    except OSError as exc:  # images that cannot be read are left out inside; this is the cache folder itself
+        raise ConfigError(f"data.cache_dir: cannot write the image cache in {config.data.cache_dir} ({exc})") from None
     kept = np.asarray(cached.kept, dtype=np.int64)
     labels = torch.tensor([classes.index(rows[i][1]) for i in kept], dtype=torch.long, device=device)
     images = cached.images

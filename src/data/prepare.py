@@ -263,7 +263,8 @@ def _source_counts(parsed: Sequence[Record], exclusions: Sequence[Exclusion], us
 
 # --- the whole run ------------------------------------------------------------------------------
 
-def check_parameters(min_images: int, fractions: Sequence[float], open_set_individuals: int) -> None:
+def check_parameters(min_images: int, fractions: Sequence[float], open_set_individuals: int,
+                     workers: int | None = None) -> None:
     """Refuse parameters that can only fail later, before any work is done."""
     if min_images < MIN_IMAGES_PER_INDIVIDUAL:
         raise PrepareError(f"--min-images {min_images}: at least {MIN_IMAGES_PER_INDIVIDUAL} are needed "
@@ -272,6 +273,8 @@ def check_parameters(min_images: int, fractions: Sequence[float], open_set_indiv
     if open_set_individuals < 0 or open_set_individuals == 1:
         raise PrepareError(f"--open-set-individuals {open_set_individuals}: use 0 (no open-set split) "
                            f"or at least 2 (one for unknown_val, one for unknown_test)")
+    if workers is not None and workers < 0:
+        raise PrepareError(f"--workers {workers}: use at least 1 (0 or nothing: up to 8)")
 
 
 def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR, *,
@@ -286,7 +289,7 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     Raises AnnotationError, SplitError or PrepareError with a one-line message. The validation report
     is written even when no individual is left, so that the reason can be read.
     """
-    check_parameters(min_images, fractions, open_set_individuals)
+    check_parameters(min_images, fractions, open_set_individuals, workers)
     fix = LabelsFix.load(labels_fix) if isinstance(labels_fix, (str, Path)) else labels_fix
     raw, input_kind, parsed = read_input(_path(raw_dir), _path(folder), _path(list_file))
     log.info("input      %s: %s", input_kind, raw)

@@ -22,7 +22,6 @@ import argparse
 import functools
 import hashlib
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -36,6 +35,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from src import atomic
 from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAMES, RELEASE_FOLDER,
                                   AnnotationError, parse_cvjena_line)
+from src.parallel import process_pool
+from src.textfiles import read_utf8
 
 IMAGE_FOLDER = "face_images"
 
@@ -312,7 +313,7 @@ def _run_jobs(jobs: Sequence[ImageJob], workers: int) -> list[list[tuple[int, in
     if workers <= 1 or len(jobs) < 2:
         return [_write_one(job) for job in jobs]
     chunk = max(1, min(64, len(jobs) // (workers * 4)))
-    with multiprocessing.Pool(workers) as pool:
+    with process_pool(workers, __name__) as pool:
         return list(pool.imap(_write_one, jobs, chunksize=chunk))
 
 
@@ -411,7 +412,7 @@ def generate_from_annotations(out: Path, annotations: Path, size: int, seed: int
         if not src.is_file():
             raise StandinError(f"{src}: annotation file not found")
         lines = []
-        for lineno, raw in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, raw in enumerate(read_utf8(src, StandinError).splitlines(), 1):
             if not raw.strip():
                 continue
             line, path, name = to_older_format(raw, f"{src}:{lineno}")
@@ -482,6 +483,8 @@ def calibrate(individuals: int, images: int, size: int, seed: int, epochs: int) 
         order = torch.randperm(len(y_train))
         for i in range(0, len(order), 32):
             batch = order[i:i + 32]
+            if len(batch) < 2:  # BatchNorm cannot train on one image (a crash at small --size)
+                continue
             loss = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -518,9 +521,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     small = args.individuals is not None or args.images is not None
+    if args.seed < 0:
+        p.error("--seed must be at least 0")
     if args.calibrate:
         if args.out or args.from_annotations:
             p.error("--calibrate writes nothing: drop --out and --from-annotations")
+        for flag in ("individuals", "images"):  # at least one training and one validation image each
+            if getattr(args, flag) is not None and getattr(args, flag) < 2:
+                p.error(f"--calibrate needs --{flag} of at least 2")
+        if args.epochs < 1:
+            p.error("--epochs must be at least 1")
         return
     if args.out is None:
         p.error("--out is required")

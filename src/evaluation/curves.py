@@ -30,17 +30,20 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise CurvesError(f"{path}: metrics file not found")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {missing})")
-        rows = []
-        for row in reader:
-            try:
-                rows.append([float(row[column]) for column in METRICS_COLUMNS])
-            except (TypeError, ValueError):  # a short or half-written line: None or '' cells
-                continue
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
+            if missing:
+                raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {missing})")
+            rows = []
+            for row in reader:
+                try:
+                    rows.append([float(row[column]) for column in METRICS_COLUMNS])
+                except (TypeError, ValueError):  # a short or half-written line: None or '' cells
+                    continue
+    except UnicodeDecodeError as exc:
+        raise CurvesError(f"{path}: not a metrics CSV of this project (not UTF-8 text: {exc.reason})") from None
     if not rows:
         raise CurvesError(f"{path}: no finished epoch yet")
     table = np.array(rows, dtype=np.float64)
@@ -65,7 +68,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out or default_output(args.metrics_csv)
-    plot_training_curves(history, out, title=f"{args.metrics_csv.name}: {len(history['epoch'])} epochs")
+    try:
+        plot_training_curves(history, out, title=f"{args.metrics_csv.name}: {len(history['epoch'])} epochs")
+    except OSError as exc:
+        print(f"error: cannot write {out} ({exc})", file=sys.stderr)
+        return 2
     print(out)
     return 0
 

@@ -143,8 +143,11 @@ def load_run(path: Path, device: torch.device) -> Run:
     """The checkpoint's model with its weights. The backbone is built without pretrained weights
     (they would be downloaded only to be overwritten by the checkpoint's)."""
     checkpoint = load_checkpoint(path)
-    config = config_from_dict(checkpoint["config"])
-    classes = ClassIndex.from_list(checkpoint["classes"])
+    try:
+        config = config_from_dict(checkpoint["config"])
+        classes = ClassIndex.from_list(checkpoint["classes"])
+    except (ConfigError, DatasetError) as exc:
+        raise CheckpointError(f"{path}: the config or class list stored in the checkpoint is invalid ({exc})") from None
     model = create_model(config.model.model_copy(update={"pretrained": False}), len(classes))
     try:
         model.load_state_dict(checkpoint["model_state"])
@@ -526,6 +529,9 @@ def evaluate(checkpoint: Path, out: Path, split: str = "test", data_root: Path |
     """Evaluate as described at the top of this module; returns the report as written. Raises
     EvaluationError, CheckpointError, DatasetError, ConfigError or ModelError on unusable input."""
     run = load_run(checkpoint, pick_device(device))
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():  # found now, not after the whole evaluation
+        raise EvaluationError(f"--out {out}: {existing} is a file, not a folder")
     config = evaluation_config(run.config, data_root, batch_size)
     open_set, root = config.data.open_set, config.data.root
     data = PreparedData.load(root)
@@ -560,8 +566,11 @@ def evaluate(checkpoint: Path, out: Path, split: str = "test", data_root: Path |
         "warnings": warnings,
     }
     metrics_csv = RunPaths(checkpoint.parent, config.name).metrics
-    report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out)
-    write_threshold_sidecar(run, report["threshold"])
+    try:
+        report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out)
+        write_threshold_sidecar(run, report["threshold"])
+    except OSError as exc:
+        raise EvaluationError(f"could not write the results ({exc})") from None
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return report

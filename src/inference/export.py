@@ -42,7 +42,7 @@ from src import atomic
 from src.atomic import atomic_destination
 from src.data.standin import individual_name, render
 from src.inference.identify import (EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, USAGE_ERRORS, Identifier,
-                                    OnnxBackend, export_info_path, stored_thresholds)
+                                    InferenceError, OnnxBackend, export_info_path, stored_thresholds)
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -127,14 +127,17 @@ def export(checkpoint: Path, out: Path, formats: Sequence[str], runs: int) -> di
     identifier = Identifier.from_checkpoint(checkpoint, "cpu")
     module = identifier.backend.module
     batch = standin_batch(identifier, CHECK_IMAGES)
-    out.mkdir(parents=True, exist_ok=True)
     stem = checkpoint.stem
     paths = {"onnx": out / f"{stem}.onnx", "torchscript": out / f"{stem}.torchscript.pt"}
     exporters = {"onnx": export_onnx, "torchscript": export_torchscript}
 
     runners: dict[str, Runner] = {"pytorch": identifier.backend}
-    for name in formats:
-        runners[name] = exporters[name](module, batch[:TRACE_BATCH], paths[name])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in formats:
+            runners[name] = exporters[name](module, batch[:TRACE_BATCH], paths[name])
+    except OSError as exc:  # a file where the folder should be, no permission, a full disk
+        raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None
     reference = identifier.backend(batch)
     checks = {"check_images": CHECK_IMAGES, "traced_batch": TRACE_BATCH, "tolerance": TOLERANCE, "opset": OPSET,
               "files": {name: paths[name].name for name in formats},
@@ -147,7 +150,10 @@ def export(checkpoint: Path, out: Path, formats: Sequence[str], runs: int) -> di
     stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
     info = {"format_version": EXPORT_FORMAT_VERSION, "model": identifier.info.to_json(),
             "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
-    atomic.write_text(export_info_path(paths["onnx"]), json.dumps(info, indent=2) + "\n")
+    try:
+        atomic.write_text(export_info_path(paths["onnx"]), json.dumps(info, indent=2) + "\n")
+    except OSError as exc:
+        raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None
     return checks
 
 

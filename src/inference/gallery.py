@@ -15,7 +15,7 @@ Matching (`Gallery.scores`, `identify.MATCH_MODES`): `prototype` (the default) s
 by the cosine similarity to its mean embedding, renormalised; `nearest` by its most similar enrolled
 photo (the 1-NN similarity that evaluation reports and calibrates its threshold on). Averaging
 cancels the pose and lighting of single photos, which is why prototypes identified new individuals
-better in the measurements of docs/readme/inference.md.
+better in the measurements quoted in the README (Galleries).
 
 Storage: one `.npz` written by numpy and read with `allow_pickle=False`: plain arrays only, so a
 crafted file cannot run code. Every write goes to a temporary file in the same folder, is fsynced
@@ -100,17 +100,20 @@ class Gallery:
         missing = [key for key in ARRAYS if key not in arrays]
         if missing:
             raise GalleryError(f"{path}: not a gallery file (missing {', '.join(missing)})")
+        if arrays["format_version"].shape != () or arrays["format_version"].dtype.kind not in "iu":
+            raise GalleryError(f"{path}: corrupt gallery: format_version must be one integer")
         version = int(arrays["format_version"])
         if version > FORMAT_VERSION:
             raise GalleryError(f"{path}: gallery format {version} is newer than this code reads ({FORMAT_VERSION})")
         names, embeddings, labels, sources = (arrays[k] for k in ("names", "embeddings", "labels", "sources"))
         problems = [
             (names.ndim != 1 or names.dtype.kind != "U", "names must be a 1-D array of strings"),
-            (len(set(names.tolist())) != len(names), "names must be unique"),
+            (np.unique(names).size != names.size, "names must be unique"),
             (embeddings.ndim != 2 or embeddings.dtype.kind != "f", "embeddings must be a 2-D float array"),
+            (embeddings.dtype.kind == "f" and not np.isfinite(embeddings).all(), "embeddings must be finite"),
             (labels.shape != embeddings.shape[:1] or labels.dtype.kind not in "iu", "labels must be one integer per embedding"),
             (sources.shape != labels.shape or sources.dtype.kind != "U", "sources must be one string per embedding"),
-            (not np.array_equal(np.unique(labels), np.arange(len(names))), "every individual needs an embedding, and labels must index names"),
+            (not np.array_equal(np.unique(labels), np.arange(names.size)), "every individual needs an embedding, and labels must index names"),
         ]
         for failed, message in problems:
             if failed:
@@ -127,12 +130,15 @@ class Gallery:
 
     # --- contents -------------------------------------------------------------------------------
 
-    def check_checkpoint(self, checkpoint_sha256: str) -> None:
+    def check_checkpoint(self, checkpoint_sha256: str, embedding_dim: int | None = None) -> None:
         if checkpoint_sha256 != self.checkpoint_sha256:
             raise GalleryError(
                 f"the gallery was enrolled with another checkpoint (sha256 {self.checkpoint_sha256[:12]}..., "
                 f"this one is {checkpoint_sha256[:12]}...): its embeddings do not compare with this model's; "
                 "enroll the individuals again with this checkpoint")
+        if embedding_dim is not None and self.embeddings.shape[1] != embedding_dim:
+            raise GalleryError(f"corrupt gallery: its embeddings have {self.embeddings.shape[1]} dimensions, "
+                               f"the model's {embedding_dim}")
 
     def counts(self) -> dict[str, int]:
         return dict(zip(self.names, np.bincount(self.labels, minlength=len(self.names)).tolist()))
@@ -257,6 +263,15 @@ def embed_jobs(identifier: Identifier, todo: list[tuple[str, str]]
     return enrolled, skipped
 
 
+def save(gallery: Gallery, path: Path) -> None:
+    """`gallery.save` with a one-line error for a path that cannot be written (a folder, a missing
+    permission, a full disk); the write is atomic, so a gallery already there is unchanged."""
+    try:
+        gallery.save(path)
+    except OSError as exc:
+        raise GalleryError(f"{path}: cannot write the gallery ({exc}); any previous file there is unchanged") from None
+
+
 def enroll(args: argparse.Namespace) -> int:
     """Embed the photos and add them; the gallery is written once, after every photo is done, and
     not at all when none could be read."""
@@ -265,7 +280,7 @@ def enroll(args: argparse.Namespace) -> int:
     info = identifier.info
     gallery = (Gallery.load(args.gallery) if args.gallery.exists()
                else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))
-    gallery.check_checkpoint(info.checkpoint_sha256)
+    gallery.check_checkpoint(info.checkpoint_sha256, info.config.model.embedding_dim)
     enrolled, unreadable = embed_jobs(identifier, not_yet_enrolled(gallery, jobs))
     skipped += unreadable
 
@@ -275,7 +290,7 @@ def enroll(args: argparse.Namespace) -> int:
     for name, (embeddings, sources) in enrolled.items():
         gallery.add(name, np.stack(embeddings), sources)
     if enrolled:
-        gallery.save(args.gallery)
+        save(gallery, args.gallery)
     after = gallery.counts()
     for name in enrolled:
         status = f"{before[name]} before" if name in before else "new individual"
@@ -303,7 +318,7 @@ def remove_individuals(args: argparse.Namespace) -> int:
     counts = gallery.counts()
     for name in args.names:
         gallery.remove(name)
-    gallery.save(args.gallery)
+    save(gallery, args.gallery)
     for name in args.names:
         print(f"removed {name} ({counts[name]} images)")
     return 0

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is 
 UNKNOWN = "unknown"
 # How a gallery matches a photo (see gallery.py): `nearest` enrolled photo, or the individual's mean.
 MATCH_MODES = ("nearest", "prototype")
-DEFAULT_MATCH = "prototype"  # measured better for new individuals: docs/readme/inference.md
+DEFAULT_MATCH = "prototype"  # measured better for new individuals: README, Galleries
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "logits")
 EXPORT_FORMAT_VERSION = 1
@@ -339,7 +339,7 @@ class Identifier:
         if match not in MATCH_MODES:
             raise InferenceError(f"match must be one of {', '.join(MATCH_MODES)}, not {match!r}")
         if gallery is not None:
-            gallery.check_checkpoint(info.checkpoint_sha256)
+            gallery.check_checkpoint(info.checkpoint_sha256, info.config.model.embedding_dim)
             if not gallery.names:
                 raise InferenceError("the gallery holds no individuals: enroll some first")
         self.backend, self.info, self.threshold = backend, info, threshold

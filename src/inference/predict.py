@@ -134,10 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(predictions)} identified, {len(skipped)} skipped; scored against {identifier.describe()}",
           file=sys.stderr)
     if args.output is not None:
-        if args.output.suffix.lower() == ".csv":
-            write_csv(args.output, results, args.top_k)
-        else:
-            write_json(args.output, results, identifier, args.onnx or args.checkpoint)
+        try:
+            if args.output.suffix.lower() == ".csv":
+                write_csv(args.output, results, args.top_k)
+            else:
+                write_json(args.output, results, identifier, args.onnx or args.checkpoint)
+        except OSError as exc:
+            print(f"error: --output {args.output}: cannot write it ({exc})", file=sys.stderr)
+            return 2
         print(f"wrote {args.output}", file=sys.stderr)
     return 1 if skipped else 0
 

@@ -8,6 +8,8 @@ save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import pickle
+import pickletools
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -34,7 +36,7 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+        if "Unsupported global" in str(exc) or _unsupported_pickle_opcode(str(exc)):
             raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
                                   "and plain data (refused: loading it could run code)") from None
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
@@ -44,12 +46,29 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
                               f"({type(exc).__name__}: {first})") from None
 
 
+def _unsupported_pickle_opcode(message: str) -> bool:
+    """True when torch's safe unpickler stopped at a real pickle opcode it does not allow (a pickle
+    of Python objects); False for a byte that is no opcode at all (text, JSON, random data)."""
+    match = re.search(r"Unsupported operand (\d+)", message)
+    return match is not None and chr(int(match.group(1))) in _PICKLE_OPCODES
+
+
+_PICKLE_OPCODES = {opcode.code for opcode in pickletools.opcodes}
+# The type each required key must have; anything else is another program's file or a damaged one.
+_REQUIRED_TYPES = {"format_version": int, "model_state": dict, "epoch": int, "config": dict, "classes": (list, tuple)}
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """A training checkpoint of this project, validated. Raises CheckpointError."""
     state = safe_torch_load(path, map_location)
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing "
                               f"{[k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]})")
+    wrong = [key for key, kind in _REQUIRED_TYPES.items()
+             if not isinstance(state[key], kind) or isinstance(state[key], bool)]
+    if wrong:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (malformed "
+                              + ", ".join(f"{key}: {type(state[key]).__name__}" for key in wrong) + ")")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {state['format_version']} is newer than this "
                               f"code understands ({FORMAT_VERSION}); update the project")

@@ -11,6 +11,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from src import locks
 from src.config import Config, ConfigError, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import BatchSource, build_source
@@ -32,6 +34,8 @@ from src.training.artifacts import RunPaths, epoch_line, write_metrics_csv
 from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointWriter, load_checkpoint, snapshot
 from src.training.resume import check_resume_compatible, data_fingerprint
 
+# What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
+RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "best_val_top1", "best_epoch", "history")
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
 # 50 steps costs nothing measurable, while a sync every step would stall the GPU queue.
 NONFINITE_CHECK_EVERY = 50
@@ -183,6 +187,9 @@ def load_data(config: Config, runtime: Runtime) -> tuple[ClassIndex, BatchSource
     common = dict(device=runtime.device, rank=runtime.dist.rank, world_size=runtime.dist.world_size)
     train = build_source(config, train_rows, data.raw_dir, classes, train=True, **common)
     val = build_source(config, val_rows, data.raw_dir, classes, train=False, **common)
+    if train.num_images == 0:
+        raise DatasetError(f"none of the {len(train_rows)} training images could be read under {data.raw_dir} "
+                           f"(raw_dir of {config.data.root}/annotations/prepared.json): were they moved or deleted?")
     if len(train) == 0:
         raise ConfigError(f"trainer.batch_size: {config.trainer.batch_size} is larger than the "
                           f"{train.num_images} training images")
@@ -373,43 +380,79 @@ def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config
             "data_fingerprint": fingerprint, "rng": rng_state()}
 
 
-def restore(checkpoint: dict, model, optimizer, scheduler, scaler, runtime: Runtime) -> RunState:
-    model.load_state_dict(checkpoint["model_state"])
-    optimizer.load_state_dict(checkpoint["optimizer_state"])
-    scheduler.load_state_dict(checkpoint["scheduler_state"])
-    scaler.load_state_dict(checkpoint["scaler_state"])
-    restore_rng(checkpoint["rng"])
-    return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0), partial=checkpoint.get("partial") if runtime.dist.is_main else None,
-                    best_val_top1=checkpoint["best_val_top1"], best_epoch=checkpoint["best_epoch"],
-                    history=list(checkpoint["history"]))
+def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> RunState:
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+        optimizer.load_state_dict(checkpoint["optimizer_state"])
+        scheduler.load_state_dict(checkpoint["scheduler_state"])
+        scaler.load_state_dict(checkpoint["scaler_state"])
+        restore_rng(checkpoint["rng"])
+        return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0),
+                        partial=checkpoint.get("partial") if runtime.dist.is_main else None,
+                        best_val_top1=checkpoint["best_val_top1"], best_epoch=checkpoint["best_epoch"],
+                        history=list(checkpoint["history"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or crafted training state
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"cannot resume from {path}: malformed training state "
+                              f"({type(exc).__name__}: {first})") from None
 
 
-def resolve_resume(argument: str | None, paths: RunPaths) -> Path | None:
-    if argument is None:
-        return None
-    if argument == "auto":
-        return paths.last if paths.last.is_file() else None
-    return Path(argument)
+def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path | None, dict | None]:
+    """The checkpoint `--resume` names ('auto': the run's last one, if any) and its contents."""
+    if argument is None or (argument == "auto" and not paths.last.is_file()):
+        return None, None
+    path = paths.last if argument == "auto" else Path(argument)
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it lacks the training state to continue "
+                              f"(missing {', '.join(missing)})")
+    return path, checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 
 
+@contextmanager
+def claim_outputs(paths: RunPaths, runtime: Runtime):
+    """Hold `<output_dir>/.<name>.lock` for the run (rank 0, which alone writes): a second run of
+    the same name into the same folder would interleave its checkpoints and CSV with this one's."""
+    if not runtime.dist.is_main:
+        yield
+        return
+    lock = Path(paths.output_dir) / f".{paths.name}.lock"
+    try:
+        with locks.exclusive(lock, wait=False):
+            yield
+    except locks.LockHeld:
+        raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds {lock}); "
+                              "wait for it to end, or give this run another name or trainer.output_dir") from None
+
+
 def run(config: Config, resume: str | None = None) -> RunState:
     """Train as configured; returns the final state. Raises ConfigError, DatasetError, ModelError,
     CheckpointError or TrainingStopped."""
     runtime = make_runtime(config)
-    seed_everything(config.trainer.seed, config.trainer.deterministic)
     paths = RunPaths(config.trainer.output_dir, config.name)
-    resume_path = resolve_resume(resume, paths)
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    with claim_outputs(paths, runtime):
+        return fit(config, runtime, paths, resume)
+
+
+def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None) -> RunState:
+    seed_everything(config.trainer.seed, config.trainer.deterministic)
+    resume_path, checkpoint = read_resume_checkpoint(resume, paths)
     classes, train_source, val_source, fingerprint = load_data(config, runtime)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, classes, fingerprint, resume_path)
     model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source))
-    state = restore(checkpoint, model, optimizer, scheduler, scaler, runtime) if checkpoint else RunState()
+    state = RunState()
     if checkpoint is not None:
+        state = restore(checkpoint, resume_path, model, optimizer, scheduler, scaler, runtime)
+        if state.epoch == config.trainer.max_epochs:
+            runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
+                          "(raise trainer.max_epochs to train longer)")
+            return state
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
     train_runner, eval_runner = wrap_for_training(model, config, runtime)

@@ -188,3 +188,10 @@ def test_prepare_download_cli(tmp_path, serve, capsys, monkeypatch):
     assert "non-commercial" in stdout and "verified" in stdout
     assert (out / "annotations" / "train.txt").read_text().count("\n") == 2
     assert main(["--download", "--folder", str(raw)]) == 2
+
+
+def test_a_url_that_is_not_a_url_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--download", "--url", "mirror.example.org/chimps.zip", "--raw-dir", str(tmp_path / "raw"),
+                 "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --url mirror.example.org/chimps.zip: unknown url type: 'mirror.example.org/chimps.zip'\n"

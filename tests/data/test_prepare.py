@@ -295,3 +295,31 @@ def test_cli_subprocess_success_and_errors(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert "notes.txt: unknown image format '.txt'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--list", r"error: .*mine\.txt: not UTF-8 text"),          # e.g. a list saved as UTF-16 by an editor
+    ("--labels-fix", r"error: .*mine\.txt: not UTF-8 text"),
+    ("--workers", r"error: --workers -2: use at least 1"),
+])
+def test_cli_unreadable_text_files_and_bad_workers_are_one_line(tmp_path, capsys, option, message):
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
+    listing = tmp_path / "mine.txt"
+    listing.write_bytes("Kofi/0.png Kofi\n".encode("utf-16"))
+    argv = {"--list": ["--list", str(listing), "--raw-dir", str(root)],
+            "--labels-fix": ["--folder", str(root), "--labels-fix", str(listing)],
+            "--workers": ["--folder", str(root), "--workers", "-2"]}[option]
+    assert main([*argv, "--out-dir", str(tmp_path / "out"), "--min-images", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(message, err), err
+
+
+@pytest.mark.parametrize("folder", ["#Kofi", " Kofi"])
+def test_cli_folder_names_that_would_not_read_back_from_the_lists(tmp_path, capsys, folder):
+    """'#Kofi/0.png #Kofi' would be a comment and ' Kofi/0.png' lose its space: refused, not dropped."""
+    root = _folder(tmp_path / "photos", {folder: 3, "Lome": 3, "Pia": 3})
+    argv = ["--folder", str(root), "--out-dir", str(tmp_path / "out"), "--min-images", "3", "--spaces-to-underscores"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder}: a folder name starting with {folder[0]!r} cannot go into" in err, err
+    assert not (tmp_path / "out" / "annotations" / "prepared.json").exists()

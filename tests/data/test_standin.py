@@ -13,6 +13,8 @@ from src.data.annotations import read_cvjena
 SHARED_RAW = Path(__file__).resolve().parents[3] / "shared" / "chimpanzee_faces" / "annotations" / "raw"
 CURRENT_EXCERPT = SHARED_RAW.parent / "format-current-release-excerpt.txt"
 RELEASE = Path(standin.RELEASE_FOLDER)
+needs_real = pytest.mark.skipif(not (SHARED_RAW / "annotations_ctai.txt").is_file(),
+                                reason=f"no real annotations in {SHARED_RAW}")
 
 
 def _generate(out: Path, *extra: str) -> Path:
@@ -95,6 +97,7 @@ def _subset(tmp_path: Path) -> Path:
     return folder
 
 
+@needs_real
 def test_from_annotations_copies_every_line_and_writes_one_image_each(tmp_path):
     annotations = _subset(tmp_path)
     raw = _generate(tmp_path / "raw", "--from-annotations", str(annotations), "--size", "32",
@@ -106,6 +109,7 @@ def test_from_annotations_copies_every_line_and_writes_one_image_each(tmp_path):
     assert all((raw / r.path).is_file() for r in records)
 
 
+@needs_real
 def test_current_release_spelling_is_written_in_the_older_format(tmp_path):
     folder = tmp_path / "annotations"
     folder.mkdir()
@@ -160,7 +164,7 @@ def test_names_are_unique_without_whitespace_and_sources_alternate():
 def test_learnable_but_not_trivial():
     """A ridge classifier on 16x16 standardised grey pixels: clearly above chance, far from perfect.
 
-    Cheap proxy for the resnet18 calibration in docs/readme/standin.md; over seeds 0-7 it scores
+    Cheap proxy for the resnet18 calibration in the README (calibration); over seeds 0-7 it scores
     0.33-0.48 against a chance of 0.17, so the bounds leave room without ever passing a broken
     generator (constant identities give chance, no nuisance gives ~1.0).
     """
@@ -179,3 +183,30 @@ def test_learnable_but_not_trivial():
     weights = np.linalg.solve(x_train.T @ x_train + 100 * np.eye(256), x_train.T @ targets)
     accuracy = ((x_test @ weights).argmax(1) == y_test).mean()
     assert 0.3 <= accuracy <= 0.85, accuracy
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x", "--individuals", "2", "--images", "2", "--seed", "-1"], "--seed must be at least 0"),
+    (["--calibrate", "--images", "1"], "--calibrate needs --images of at least 2"),      # no validation image
+    (["--calibrate", "--individuals", "1"], "--calibrate needs --individuals of at least 2"),
+])
+def test_bad_seed_and_calibration_sizes_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        standin.main(argv)
+    assert exc.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_annotations_that_are_not_utf8_are_one_line_and_exit_1(tmp_path, capsys):
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    (folder / "annotations_czoo.txt").write_bytes("face_images/a.png Name Zuri\n".encode("utf-16"))
+    (folder / "annotations_ctai.txt").write_text("", encoding="utf-8")
+    assert standin.main(["--out", str(tmp_path / "raw"), "--from-annotations", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "annotations_czoo.txt: not UTF-8 text" in err and err.count("\n") == 1
+
+
+def test_calibration_with_a_last_batch_of_one_image(capsys):
+    """11 x 3 training images: batches of 32 and 1; BatchNorm cannot train on one 16 px image."""
+    assert standin.main(["--calibrate", "--individuals", "11", "--images", "4", "--size", "16", "--epochs", "1"]) == 0
+    assert "epoch 1:" in capsys.readouterr().out

@@ -38,3 +38,19 @@ def test_unusable_metrics_fail_in_one_line(content, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "x_curves.png").exists()
+
+
+def test_a_metrics_file_that_is_not_utf8_fails_in_one_line(tmp_path, capsys):
+    """E.g. the CSV re-saved as UTF-16 by a spreadsheet; evaluation then just leaves the curves out."""
+    csv = tmp_path / "x_metrics.csv"
+    csv.write_bytes(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n".encode("utf-16"))
+    assert curves.main([str(csv)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {csv}: not a metrics CSV of this project (not UTF-8 text: invalid start byte)"]
+
+
+def test_an_out_path_that_cannot_be_written_fails_in_one_line(tiny_run, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert curves.main([str(tiny_run["metrics"]), "--out", str(tmp_path / "a_file" / "curves.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'a_file' / 'curves.png'}")

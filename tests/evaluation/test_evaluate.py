@@ -213,9 +213,25 @@ def missing(path: Path) -> str:
     return "checkpoint file not found"
 
 
-@pytest.mark.parametrize("make", [newer_format, truncated, missing])
+def text_file(path: Path) -> str:
+    path.write_text("- a list, not a checkpoint\n")
+    return "truncated or not a PyTorch checkpoint"
+
+
+def invalid_class_list(path: Path) -> str:
+    torch.save({"format_version": 1, "model_state": {}, "epoch": 1, "config": {}, "classes": ["Mr Bean"]}, path)
+    return "x_best.pt: the config or class list stored in the checkpoint is invalid (class name 'Mr Bean'"
+
+
+@pytest.mark.parametrize("make", [newer_format, truncated, missing, text_file, invalid_class_list])
 def test_unusable_checkpoints_fail_in_one_line(make, tmp_path, capsys):
     path = tmp_path / "x_best.pt"
     expected = make(path)
     code, err = run_main(capsys, "--checkpoint", path, "--out", tmp_path / "out")
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+
+
+def test_an_out_path_below_a_file_fails_before_evaluating(checkpoint, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "a_file" / "run")
+    assert code == 2 and err == [f"error: --out {tmp_path / 'a_file' / 'run'}: {tmp_path / 'a_file'} is a file, not a folder"]

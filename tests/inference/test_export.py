@@ -68,3 +68,10 @@ def test_torchscript_file_runs_alone_at_any_batch_size(learned, exported):
 def test_export_of_a_bad_checkpoint_exits_2(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_exits_2_in_one_line(learned, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert export.main(["--checkpoint", str(learned.checkpoint), "--out", str(tmp_path / "a_file"), "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'a_file'}: cannot write the export") and err.count("\n") == 1

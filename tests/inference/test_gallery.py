@@ -1,6 +1,7 @@
 """Galleries: the command line, matching arithmetic, safe and atomic storage, checkpoint binding."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -146,3 +147,30 @@ def test_a_failed_save_leaves_the_previous_gallery_intact(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         gallery.save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.npz"]
+
+
+def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learned, unseen, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    photo = next(iter(unseen.values()))[0]
+    assert enroll(tmp_path / "a_file" / "g.npz", learned.checkpoint, "Zuri", photo) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'a_file' / 'g.npz'}: cannot write the gallery") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"format_version": np.str_("1")}, "corrupt gallery: format_version must be one integer"),
+    ({"names": np.array([["Zuri"]])}, "corrupt gallery: names must be a 1-D array of strings"),
+    ({"embeddings": np.full((1, 64), np.nan, np.float32)}, "corrupt gallery: embeddings must be finite"),
+    ({"embeddings": np.eye(1, 8, dtype=np.float32)}, "corrupt gallery: its embeddings have 8 dimensions, the model's 64"),
+])
+def test_damaged_galleries_of_the_right_checkpoint_exit_2_in_one_line(learned, unseen, tmp_path, capsys,
+                                                                      changes, message):
+    arrays = {"format_version": np.int64(1), "checkpoint_sha256": np.str_(hashlib.sha256(
+                  learned.checkpoint.read_bytes()).hexdigest()), "names": np.array(["Zuri"]),
+              "embeddings": np.eye(1, 64, dtype=np.float32), "labels": np.zeros(1, np.int64),
+              "sources": np.array(["zuri.png"]), **changes}
+    np.savez(tmp_path / "g.npz", **arrays)
+    photo = next(iter(unseen.values()))[0]
+    assert predict.main(["--checkpoint", str(learned.checkpoint), "--gallery", str(tmp_path / "g.npz"), str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

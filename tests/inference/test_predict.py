@@ -86,7 +86,7 @@ def test_all_readable_inputs_exit_0_and_globs_expand(learned, unseen, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--checkpoint", "{tmp}/missing.pt", "x.png"], "checkpoint file not found"),
-    (["--checkpoint", "{tmp}/text.pt", "x.png"], "text.pt: not a"),
+    (["--checkpoint", "{tmp}/text.pt", "x.png"], "text.pt: truncated or not a PyTorch checkpoint"),
     (["--onnx", "{tmp}/missing.onnx", "x.png"], "missing.json not found"),
     (["--checkpoint", "{checkpoint}", "--gallery", "{tmp}/text.pt", "x.png"], "not a gallery file"),
 ])
@@ -108,3 +108,28 @@ def test_bad_options_exit_2(learned, argv):
 def test_cuda_without_a_gpu_exits_2(learned, capsys):
     assert predict.main(["--checkpoint", str(learned.checkpoint), "--device", "cuda", "x.png"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_an_unusable_class_list_exits_2_in_one_line(learned, tmp_path, capsys):
+    state = torch.load(learned.checkpoint, weights_only=True)
+    torch.save({**state, "classes": ["Zuri Two", *state["classes"][1:]]}, tmp_path / "renamed.pt")
+    assert predict.main(["--checkpoint", str(tmp_path / "renamed.pt"), "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'renamed.pt'}: the config or class list stored in the checkpoint "
+                          "is invalid (class name 'Zuri Two'") and err.count("\n") == 1, err
+
+
+def test_an_output_that_cannot_be_written_exits_2_in_one_line(learned, unseen, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    photo = next(iter(unseen.values()))[0]
+    argv = ["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(tmp_path / "a_file" / "out.csv")]
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --output {tmp_path / 'a_file' / 'out.csv'}: cannot write it"), err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_an_image_above_pillows_own_limit_is_skipped_as_too_large(learned, tmp_path, capsys):
+    png_header_only(tmp_path / "huge.png", 20_000, 20_000)  # 400 Mpx: Pillow refuses it when opening
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(tmp_path / "huge.png")]) == 1
+    assert f"huge.png: exceeds the {MAX_PIXELS:,}-pixel limit" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """Atomic checkpoint writes: a failure during a save (a full disk) leaves the previous file intact."""
 import errno
+import pickle
 
 import pytest
 import torch
 
-from src.training import checkpoint
+from src.training import checkpoint, train
 from src.training.checkpoint import CheckpointError, CheckpointWriter, atomic_save, safe_torch_load
+from tests.conftest import write_config
 
 
 def disk_full(obj, target):
@@ -42,3 +44,28 @@ def test_snapshot_is_independent_of_later_training(tmp_path):
     copy = checkpoint.snapshot({"model_state": {"w": weights}, "history": [{"epoch": 1}]})
     weights.add_(1)
     assert torch.equal(copy["model_state"]["w"], torch.ones(4))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def _project_keys(**changes) -> dict:
+    return {"format_version": 1, "model_state": {}, "epoch": 1, "config": {}, "classes": ["a", "b"], **changes}
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_text("- epoch: 3\n- lr: 0.1\n"), "truncated or not a PyTorch checkpoint"),  # text
+    (lambda p: p.write_text('{"epoch": 3}'), "truncated or not a PyTorch checkpoint"),         # JSON
+    (lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=4)), "not a safe checkpoint"),
+    (lambda p: torch.save(_project_keys(format_version="1"), p), "malformed format_version: str"),
+    (lambda p: torch.save(_project_keys(config="resnet18", epoch=None), p), "malformed epoch: NoneType, config: str"),
+])
+def test_unusable_files_exit_2_in_one_line_naming_the_problem(tmp_path, capsys, write, message):
+    path = tmp_path / "x_last.pt"
+    write(path)
+    assert train.main(["--config", str(write_config(tmp_path, tmp_path)), "--resume", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {path}: ") and captured.err.count("\n") == 1, captured.err
+    assert message in captured.err and "unpickled" not in captured.out

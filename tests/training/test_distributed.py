@@ -32,7 +32,8 @@ def test_two_processes_train_write_once_and_resume(tiny_data, tmp_path):
     assert first.stdout.count("[Epoch 1/1]") == 1  # rank 0 alone prints
     assert "torchrun: 2 process(es), gloo, global batch 16 (8 per process)" in first.stdout
     artifacts = tmp_path / "artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == ["tiny_best.pt", "tiny_last.pt", "tiny_metrics.csv"]
+    assert sorted(p.name for p in artifacts.iterdir()) == [".tiny.lock", "tiny_best.pt", "tiny_last.pt",
+                                                            "tiny_metrics.csv"]  # the lock: claim_outputs
     extended = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})
     second = torchrun(extended, "--resume", "auto")
     assert second.returncode == 0, second.stderr

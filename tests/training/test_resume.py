@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 from src.config import load_config
-from src.training import train as train_module
 from src.data.dataset import ClassIndex
+from src.locks import exclusive
+from src.training import train as train_module
 from src.training.checkpoint import CheckpointError, load_checkpoint
 from src.training.resume import check_resume_compatible
 from src.training.train import TrainingStopped, run
@@ -118,6 +120,28 @@ def test_speed_settings_may_change_on_resume(tiny_run):
                                 checkpoint["data_fingerprint"], tiny_run["last"])
 
 
+def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path):
+    config_path = write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 3})
+    (tmp_path / "artifacts").mkdir()
+    shutil.copy2(tiny_run["last"], tmp_path / "artifacts" / "tiny_last.pt")
+    result = train_cli(config_path, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "has finished all 3 epochs: nothing to train" in result.stdout
+    assert "[Epoch" not in result.stdout and "resumed" not in result.stdout
+    assert not (tmp_path / "artifacts" / "tiny_metrics.csv").exists()  # nothing rewritten
+
+
+def test_a_second_run_into_the_same_outputs_is_refused(tiny_data, tmp_path):
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
+    with exclusive(tmp_path / "artifacts" / ".tiny.lock"):  # as a run in progress holds it
+        result = train_cli(config_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: another run is training 'tiny' into ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == [".tiny.lock"]
+    assert train_cli(config_path).returncode == 0  # once it has ended
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_data, tmp_path):
     result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}), "--resume", "auto")
     assert result.returncode == 0 and "resumed" not in result.stdout
@@ -196,3 +220,20 @@ def test_a_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path):
     result = train_cli(other, "--resume", str(tiny_run["last"]))
     assert result.returncode == 2
     assert "the individuals (class list) differ" in result.stderr and "data.open_set: False -> True" in result.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state.pop("optimizer_state"), "lacks the training state to continue (missing optimizer_state)"),
+    (lambda state: state.update(rng={"torch": 1}), "malformed training state (TypeError"),
+])
+def test_a_checkpoint_without_a_usable_training_state_is_refused(tiny_run, tmp_path, capsys, damage, message):
+    """E.g. a checkpoint stripped for sharing: it evaluates, but training cannot continue from it."""
+    state = torch.load(tiny_run["last"], weights_only=True)
+    damage(state)
+    path = tmp_path / "stripped.pt"
+    torch.save(state, path)
+    before = tiny_run["last"].stat().st_mtime_ns
+    assert train_module.main(["--config", str(tiny_run["config_path"]), "--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume from {path}: ") and err.count("\n") == 1 and message in err, err
+    assert tiny_run["last"].stat().st_mtime_ns == before

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS
 from src.training.checkpoint import load_checkpoint
 from src.training.train import build_model_and_optimizer, make_runtime, run, wrap_for_training
+from src.training.train import main as train_main
 from tests.conftest import REPO, TINY_INDIVIDUALS, write_config
 
 EPOCH_LINE = re.compile(r"^\[Epoch (\d+)/(\d+)\] lr=\d\.\d{5} \| train_loss=\d+\.\d{4} top1=[01]\.\d{4} "
@@ -38,7 +41,8 @@ def test_cli_prints_the_guides_epoch_line_and_writes_the_artifacts(tiny_data, tm
     assert [EPOCH_LINE.match(line).groups() for line in lines] == [("1", "2"), ("2", "2")]
     assert "\r" not in result.stdout + result.stderr  # no progress bar outside a terminal
     artifacts = tmp_path / "artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == ["tiny_best.pt", "tiny_last.pt", "tiny_metrics.csv"]
+    assert sorted(p.name for p in artifacts.iterdir()) == [".tiny.lock", "tiny_best.pt", "tiny_last.pt",
+                                                            "tiny_metrics.csv"]  # the lock: claim_outputs
     header = (artifacts / "tiny_metrics.csv").read_text().splitlines()[0]
     assert header == "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5"
 
@@ -125,3 +129,24 @@ def test_cuda_graph_modes_are_refused_under_torchrun(tiny_data, tmp_path, monkey
     with pytest.raises(ConfigError, match="trainer.compile_mode: 'reduce-overhead' .* single process"):
         make_runtime(config)
 
+
+def _moved_raw_dir(tiny_data, tmp_path):
+    """A copy of tiny_data's lists whose prepared.json names a raw folder that is gone."""
+    shutil.copytree(tiny_data / "annotations", tmp_path / "data" / "annotations")
+    meta = tmp_path / "data" / "annotations" / "prepared.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "raw_dir": str(tmp_path / "moved")}))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda data, tmp: ({"data.cache_dir": str(tmp / "a_file")}, data),
+     "data.cache_dir: cannot write the image cache in"),
+    (lambda data, tmp: ({}, _moved_raw_dir(data, tmp)), "training images could be read under"),
+])
+def test_unusable_cache_folder_or_raw_folder_exit_2_in_one_line(tiny_data, tmp_path, capsys, setup, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    overrides, data_root = setup(tiny_data, tmp_path)
+    assert train_main(["--config", str(write_config(tmp_path, data_root, **overrides))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not list((tmp_path / "artifacts").glob("tiny_*"))  # nothing written

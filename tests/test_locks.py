@@ -1,0 +1,46 @@
+"""Advisory locks: exclusive between processes, released at the end of the block and at exit."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from src.locks import LockHeld, exclusive
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+
+HOLD = "import sys, time; from src.locks import exclusive\nwith exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+
+
+def test_a_second_process_is_refused_until_the_first_lets_go(tmp_path):
+    lock = tmp_path / "sub" / ".run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld, match="held by another process"):
+            with exclusive(lock, wait=False):
+                pass
+    finally:
+        holder.kill()  # like kill -9: the kernel releases the lock
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with exclusive(lock, wait=False) as real:
+                assert real
+            break
+        except LockHeld:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_released_at_the_end_of_the_block(tmp_path):
+    lock = tmp_path / ".lock"
+    with exclusive(lock, wait=False):
+        pass
+    with exclusive(lock, wait=False):  # would raise if the first were still held
+        pass
+    assert lock.is_file()
