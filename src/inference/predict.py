@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gallery", type=Path, default=None,
                         help="name the individuals of this gallery (python -m src.inference.gallery) "
                              "instead of the training individuals")
-    parser.add_argument("--match", choices=MATCH_MODES, default=DEFAULT_MATCH,
+    parser.add_argument("--match", choices=MATCH_MODES, default=None,
                         help=f"with --gallery: score an individual by its nearest enrolled photo or by "
                              f"its prototype (default {DEFAULT_MATCH})")
     parser.add_argument("--output", type=Path, default=None, help="also write the results to .csv or .json")
@@ -59,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--top-k and --batch-size must be at least 1")
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, not {args.output.name!r}")
+    if args.match is not None and args.gallery is None:  # without a gallery the classifier scores
+        parser.error("--match chooses how a gallery is matched; it needs --gallery")
+    args.match = args.match or DEFAULT_MATCH
     return args
 
 

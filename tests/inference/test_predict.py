@@ -97,7 +97,8 @@ def test_unusable_models_and_galleries_exit_2(learned, tmp_path, capsys, argv, n
     assert needle in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--output", "out.txt"], ["--top-k", "0"], ["--batch-size", "0"], []])
+@pytest.mark.parametrize("argv", [["--output", "out.txt"], ["--top-k", "0"], ["--batch-size", "0"], [],
+                                  ["--match", "nearest"]])  # --match without --gallery would be ignored
 def test_bad_options_exit_2(learned, argv):
     with pytest.raises(SystemExit) as stop:
         predict.main(["--checkpoint", str(learned.checkpoint), "x.png", *argv][: None if argv else 2])
