@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -388,11 +388,6 @@ def to_older_format(line: str, where: str) -> tuple[str, str, str]:
     return " ".join(FIELD_SPELLINGS.get(t, t) for t in tokens) + " \n", path, fields["name"]
 
 
-def _write_text(path: Path, lines: Iterable[str]) -> None:
-    """Atomic write, so an interrupted run never leaves a half annotation file behind."""
-    atomic.write_text(path, "".join(lines))
-
-
 def _source_dir(out: Path, folder: str) -> Path:
     return out / RELEASE_FOLDER / folder
 
@@ -421,7 +416,7 @@ def generate_from_annotations(out: Path, annotations: Path, size: int, seed: int
         texts[folder, filename] = lines
     _run_jobs(jobs, workers)
     for (folder, filename), lines in texts.items():
-        _write_text(_source_dir(out, folder) / filename, lines)
+        atomic.write_text(_source_dir(out, folder) / filename, "".join(lines))
     return len(jobs)
 
 
@@ -440,7 +435,7 @@ def generate_small(out: Path, individuals: int, images: int, size: int, seed: in
     points = dict(zip((job.key for job in jobs), _run_jobs(jobs, workers)))
     for source, folder, filename in CVJENA_SOURCES:
         lines = [annotation_line(f, m, points[f"{source}/{f}"]) for f, m in entries[source]]
-        _write_text(_source_dir(out, folder) / filename, lines)
+        atomic.write_text(_source_dir(out, folder) / filename, "".join(lines))
     return len(jobs)
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from src import atomic
 from src.config import Config, ConfigError, ModelConfig, config_from_dict
+from src.errors import first_line
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.evaluation import metrics
@@ -152,8 +153,7 @@ def load_run(path: Path, device: torch.device) -> Run:
     try:
         model.load_state_dict(checkpoint["model_state"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise EvaluationError(f"{path}: weights do not fit the model its config describes ({first})") from None
+        raise EvaluationError(f"{path}: weights do not fit the model its config describes ({first_line(exc)})") from None
     return Run(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
 
 

@@ -40,6 +40,7 @@ from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
+from src.errors import first_line
 from src.evaluation.metrics import classifier_scores
 from src.training.checkpoint import CheckpointError
 
@@ -279,8 +280,7 @@ class OnnxBackend:
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=[provider])
         except Exception as exc:  # onnxruntime raises its own exception types, not exported by name
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InferenceError(f"{path}: not a loadable ONNX model ({first})") from None
+            raise InferenceError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
         self.device = torch.device("cpu")
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,11 @@ class RunPaths:
     def metrics(self) -> Path:
         return Path(self.output_dir) / f"{self.name}_metrics.csv"
 
+    @property
+    def lock(self) -> Path:
+        """Held while a run writes the three files above (`train.claim_outputs`)."""
+        return Path(self.output_dir) / f".{self.name}.lock"
+
 
 def epoch_line(row: dict, max_epochs: int) -> str:
     """`[Epoch 1/200] lr=0.00040 | train_loss=4.1234 top1=0.0567 | val_loss=3.9876 top1=0.0890`"""

@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 
 from src.atomic import atomic_destination
+from src.errors import first_line
 
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format_version", "model_state", "epoch", "config", "classes")
+# The keys every checkpoint of this project has, and their types: anything else is another
+# program's file or a damaged one.
+REQUIRED = {"format_version": int, "model_state": dict, "epoch": int, "config": dict, "classes": (list, tuple)}
 
 
 class CheckpointError(RuntimeError):
@@ -41,9 +44,8 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
                                   "and plain data (refused: loading it could run code)") from None
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
     except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint "
-                              f"({type(exc).__name__}: {first})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _unsupported_pickle_opcode(message: str) -> bool:
@@ -54,17 +56,15 @@ def _unsupported_pickle_opcode(message: str) -> bool:
 
 
 _PICKLE_OPCODES = {opcode.code for opcode in pickletools.opcodes}
-# The type each required key must have; anything else is another program's file or a damaged one.
-_REQUIRED_TYPES = {"format_version": int, "model_state": dict, "epoch": int, "config": dict, "classes": (list, tuple)}
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """A training checkpoint of this project, validated. Raises CheckpointError."""
     state = safe_torch_load(path, map_location)
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing "
-                              f"{[k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]})")
-    wrong = [key for key, kind in _REQUIRED_TYPES.items()
+                              f"{[k for k in REQUIRED if not isinstance(state, dict) or k not in state]})")
+    wrong = [key for key, kind in REQUIRED.items()
              if not isinstance(state[key], kind) or isinstance(state[key], bool)]
     if wrong:
         raise CheckpointError(f"{path}: not a checkpoint of this project (malformed "

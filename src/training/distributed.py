@@ -65,7 +65,3 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
 
-
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()

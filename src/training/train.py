@@ -27,6 +27,7 @@ from src import locks
 from src.config import Config, ConfigError, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import BatchSource, build_source
+from src.errors import first_line
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.training import distributed as dist_utils
@@ -273,6 +274,12 @@ class StopRequest:
             raise SystemExit(128 + signum)
         self.signal_name = signal.Signals(signum).name
 
+    def stopped(self, where: str, saved: Path) -> TrainingStopped:
+        """The error that ends a run stopped by the signal (exit 130 for SIGINT, 143 for SIGTERM)."""
+        return TrainingStopped(f"stopped by {self.signal_name} {where}; saved {saved}. Resume with: "
+                               "python -m src.training.train --config <config> --resume auto",
+                               exit_code=130 if self.signal_name == "SIGINT" else 143)
+
     def requested(self, step: int, runtime: Runtime) -> bool:
         """Single process: checked every step. Under torchrun the ranks agree every 10 steps, so all
         of them stop at the same step (a signal may reach them at slightly different times)."""
@@ -392,9 +399,8 @@ def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, r
                         best_val_top1=checkpoint["best_val_top1"], best_epoch=checkpoint["best_epoch"],
                         history=list(checkpoint["history"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or crafted training state
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(f"cannot resume from {path}: malformed training state "
-                              f"({type(exc).__name__}: {first})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path | None, dict | None]:
@@ -421,13 +427,13 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
     if not runtime.dist.is_main:
         yield
         return
-    lock = Path(paths.output_dir) / f".{paths.name}.lock"
     try:
-        with locks.exclusive(lock, wait=False):
+        with locks.exclusive(paths.lock, wait=False):
             yield
     except locks.LockHeld:
-        raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds {lock}); "
-                              "wait for it to end, or give this run another name or trainer.output_dir") from None
+        raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
+                              f"{paths.lock}); wait for it to end, or give this run another name or "
+                              "trainer.output_dir") from None
 
 
 def run(config: Config, resume: str | None = None) -> RunState:
@@ -489,10 +495,7 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None) -
             state.partial = sums.reduced_state(runtime)
             save(improved=False, force=True)
             writer.wait()
-            raise TrainingStopped(
-                f"stopped by {stop.signal_name} in epoch {epoch} after step {state.step}/{len(train_source)}; "
-                f"saved {paths.last}. Resume with: python -m src.training.train --config <config> --resume auto",
-                exit_code=130 if stop.signal_name == "SIGINT" else 143)
+            raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last)
         train = sums.means(runtime)
         val = evaluate(eval_runner, model, val_source, config, runtime).means(runtime)
         row = {"epoch": epoch, "lr": sums.lr, "train_loss": train["loss"], "train_top1": train["top1"],
@@ -510,9 +513,7 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None) -
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
         if stop.signal_name is not None:
             writer.wait()
-            raise TrainingStopped(f"stopped by {stop.signal_name} after epoch {epoch}; saved {paths.last}. "
-                                  "Resume with: python -m src.training.train --config <config> --resume auto",
-                                  exit_code=130 if stop.signal_name == "SIGINT" else 143)
+            raise stop.stopped(f"after epoch {epoch}", paths.last)
     writer.wait()
     runtime.print(f"done: best val top1={state.best_val_top1:.4f} at epoch {state.best_epoch}; "
                   f"{paths.best}, {paths.last}, {paths.metrics}")
