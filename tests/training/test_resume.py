@@ -237,3 +237,15 @@ def test_a_checkpoint_without_a_usable_training_state_is_refused(tiny_run, tmp_p
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot resume from {path}: ") and err.count("\n") == 1 and message in err, err
     assert tiny_run["last"].stat().st_mtime_ns == before
+
+
+def test_a_checkpoint_from_more_gpus_restores_the_ones_present(monkeypatch):
+    """Trained on 4 GPUs, resumed on 1: that GPU's generator state is restored, not an error."""
+    saved = train_module.rng_state()
+    saved["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, state))
+    train_module.restore_rng(saved)
+    assert list(restored) == [0] and torch.equal(restored[0], saved["cuda"][0])

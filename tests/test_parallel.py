@@ -1,0 +1,46 @@
+"""Worker pools: results in order, and a caller's unguarded script is not re-run in the workers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from src.parallel import process_pool
+from tests.conftest import REPO
+
+# A user's script with no `if __name__ == "__main__":` guard: every time it is executed it notes
+# its process id, then builds an image cache with two worker processes.
+UNGUARDED_SCRIPT = """\
+import os, sys
+sys.path.insert(0, {repo!r})
+with open({marker!r}, "a") as marker:
+    marker.write(f"{{os.getpid()}}\\n")
+from src.data.cache import load_or_build_cache
+rows = [(line.split()[0], line.split()[1]) for line in open({train_list!r})]
+cached = load_or_build_cache(rows, {raw_dir!r}, {cache_dir!r}, 16, workers=2)
+print("built", len(cached.kept), flush=True)
+"""
+
+
+def test_pool_maps_in_order():
+    with process_pool(2, "os.path") as pool:
+        assert pool.map(os.path.basename, ["/a/x", "/b/y", "/c/z"]) == ["x", "y", "z"]
+
+
+def test_an_unguarded_script_runs_once_and_does_not_hang(tiny_data, tmp_path):
+    marker = tmp_path / "executions.txt"
+    annotations = tiny_data / "annotations"
+    raw_dir = json.loads((annotations / "prepared.json").read_text())["raw_dir"]
+    script = tmp_path / "my_experiment.py"
+    script.write_text(UNGUARDED_SCRIPT.format(repo=str(REPO), marker=str(marker), raw_dir=raw_dir,
+                                              train_list=str(annotations / "train.txt"),
+                                              cache_dir=str(tmp_path / "cache")))
+    # Before the fix each worker re-ran the script and waited forever on the parent's cache lock.
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    train_images = len((annotations / "train.txt").read_text().splitlines())
+    assert result.stdout.split() == ["built", str(train_images)]
+    assert len(marker.read_text().split()) == 1  # the script itself, in no worker
