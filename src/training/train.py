@@ -10,6 +10,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -259,15 +260,27 @@ def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves. A second
-    signal ends the process at once (a user pressing Ctrl-C twice means it)."""
+    """Once installed, SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and
+    saves. A second signal ends the process at once (a user pressing Ctrl-C twice means it)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signal_name: str | None = None
+        self._previous: dict = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        """Python delivers signals to the main thread only: called from another thread this
+        installs nothing, and stopping that run is its caller's business."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        """Give back the caller's handlers: `run()` called from a notebook or a script must not
+        leave Ctrl-C setting a flag that nothing reads any more."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is not None:
@@ -444,11 +457,16 @@ def run(config: Config, resume: str | None = None) -> RunState:
     CheckpointError or TrainingStopped."""
     runtime = make_runtime(config)
     paths = RunPaths(config.trainer.output_dir, config.name)
-    with claim_outputs(paths, runtime):
-        return fit(config, runtime, paths, resume)
+    stop = StopRequest()
+    try:
+        with claim_outputs(paths, runtime):
+            return fit(config, runtime, paths, resume, stop)
+    finally:
+        stop.uninstall()
 
 
-def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None) -> RunState:
+def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
+        stop: StopRequest) -> RunState:
     seed_everything(config.trainer.seed, config.trainer.deterministic)
     resume_path, checkpoint = read_resume_checkpoint(resume, paths)
     classes, train_source, val_source, fingerprint = load_data(config, runtime)
@@ -465,7 +483,6 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None) -
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
     train_runner, eval_runner = wrap_for_training(model, config, runtime)
-    stop = StopRequest()
     stop.install()
 
     writer = CheckpointWriter()

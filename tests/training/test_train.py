@@ -5,8 +5,10 @@ import csv
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -150,3 +152,18 @@ def test_unusable_cache_folder_or_raw_folder_exit_2_in_one_line(tiny_data, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not list((tmp_path / "artifacts").glob("tiny_*"))  # nothing written
+
+
+def test_run_gives_the_signal_handlers_back_and_runs_from_a_thread(tiny_data, tmp_path):
+    """The Python API in a notebook, a script or a worker thread: Ctrl-C behaves as before the run,
+    and a run started off the main thread (where Python cannot install handlers) trains."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    run(load_config(write_config(tmp_path, tiny_data, "main_thread", **{"trainer.max_epochs": 1})))
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    results = []
+    config = load_config(write_config(tmp_path, tiny_data, "in_thread", **{"trainer.max_epochs": 1}))
+    worker = threading.Thread(target=lambda: results.append(run(config)))
+    worker.start()
+    worker.join(timeout=300)
+    assert len(results) == 1 and results[0].epoch == 1
+    assert {sig: signal.getsignal(sig) for sig in before} == before
