@@ -17,7 +17,7 @@ from src.config import ConfigError, load_config
 from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS
 from src.training.checkpoint import load_checkpoint
-from src.training.train import build_model_and_optimizer, make_runtime, run, wrap_for_training
+from src.training.train import build_model_and_optimizer, make_runtime, run, seed_everything, wrap_for_training
 from src.training.train import main as train_main
 from tests.conftest import REPO, TINY_INDIVIDUALS, write_config
 
@@ -167,3 +167,17 @@ def test_run_gives_the_signal_handlers_back_and_runs_from_a_thread(tiny_data, tm
     worker.join(timeout=300)
     assert len(results) == 1 and results[0].epoch == 1
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize("first, second", [(True, False), (False, True)])
+def test_determinism_setting_does_not_carry_over_to_the_next_run(first, second):
+    """A sweep in one process: each run gets the trainer.deterministic its own config asks for."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        seed_everything(0, first)
+        seed_everything(0, second)
+        assert torch.are_deterministic_algorithms_enabled() is second
+        assert torch.backends.cudnn.benchmark is not second
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
