@@ -504,11 +504,25 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
             writer.save(items, after=lambda: write_metrics_csv(paths.metrics, history))
             pending_best, last_write = None, time.monotonic()
 
+    def write_pending_best() -> None:
+        """Before a run ends on a non-finite loss: the newest good state held in memory (a best epoch
+        not yet written) becomes both best and last, so the stop loses none of the epochs before."""
+        if pending_best is not None:
+            history = pending_best["history"]
+            writer.save([(pending_best, paths.best), (pending_best, paths.last)],
+                        after=lambda: write_metrics_csv(paths.metrics, history))
+            runtime.print(f"wrote epoch {pending_best['epoch']} (the best so far) to {paths.best} and {paths.last}")
+        writer.wait()
+
     max_epochs = config.trainer.max_epochs
     for epoch in range(state.epoch + 1, max_epochs + 1):
         started = time.perf_counter()
-        sums = train_one_epoch(train_runner, model, train_source, optimizer, scheduler, scaler, epoch,
-                               state, config, runtime, stop)
+        try:
+            sums = train_one_epoch(train_runner, model, train_source, optimizer, scheduler, scaler, epoch,
+                                   state, config, runtime, stop)
+        except TrainingStopped:
+            write_pending_best()
+            raise
         if state.step < len(train_source):
             state.partial = sums.reduced_state(runtime)
             save(improved=False, force=True)

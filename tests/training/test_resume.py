@@ -198,6 +198,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp
     assert last.read_bytes() == good
 
 
+def test_non_finite_loss_writes_the_best_epoch_held_in_memory(tiny_data, tmp_path, monkeypatch):
+    """With checkpoints throttled, epochs 1-2 live only in memory when epoch 3 turns non-finite: the
+    best of them is written (as best and last, with its CSV) instead of being lost."""
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3,
+                                                              "trainer.checkpoint_interval_s": 3600}))
+    annotations = tiny_data / "annotations"
+    train_steps = len((annotations / "train.txt").read_text().splitlines()) // 16
+    val_steps = -(-len((annotations / "val.txt").read_text().splitlines()) // 16)
+    calls = []
+    real_cross_entropy = train_module.F.cross_entropy
+
+    def poisoned_from_epoch_3(*args, **kwargs):
+        calls.append(1)
+        loss = real_cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 2 * (train_steps + val_steps) else loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned_from_epoch_3)
+    with pytest.raises(TrainingStopped, match="non-finite loss in epoch 3"):
+        run(config)
+    artifacts = tmp_path / "artifacts"
+    best, last = load_checkpoint(artifacts / "tiny_best.pt"), load_checkpoint(artifacts / "tiny_last.pt")
+    assert best["epoch"] == last["epoch"] == best["best_epoch"] in (1, 2)
+    rows = (artifacts / "tiny_metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + best["epoch"]
+
+
 def test_an_image_deleted_mid_run_is_skipped_and_counted(tiny_data, tmp_path, fresh_copy):
     data = fresh_copy(tiny_data)
     prepared = (data / "annotations" / "prepared.json").read_text()
