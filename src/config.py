@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from src.textfiles import read_utf8
 
@@ -39,11 +39,17 @@ class DataConfig(_Section):
     """`cached`: decode once into a uint8 cache, augment whole batches on the device (fast).
     `plain`: decode and augment every image every epoch in DataLoader workers (huge datasets)."""
     cache_dir: Path | None = None
-    """Where the decoded-image cache lives; default `<root>/cache`."""
+    """Where the decoded-image cache lives; default (None) `<root>/cache`: see `cache_folder`."""
     cache_on_device: bool = True
     """Keep the uint8 cache in GPU memory when training on CUDA (else pinned host memory)."""
     workers: int = Field(4, ge=0)
     """DataLoader workers for the plain pipeline and for building the cache."""
+
+    @property
+    def cache_folder(self) -> Path:
+        """`cache_dir`, or `<root>/cache` when it is not set (worked out here, when it is used, so a
+        `root` changed after loading takes its cache along)."""
+        return self.cache_dir if self.cache_dir is not None else self.root / "cache"
 
 
 class AugmentConfig(_Section):
@@ -117,12 +123,6 @@ class Config(_Section):
     trainer: TrainerConfig = TrainerConfig()
     name: str | None = None
     """Run name for artifact files; default: the config file's stem."""
-
-    @model_validator(mode="after")
-    def _cache_dir_default(self) -> "Config":
-        if self.data.cache_dir is None:
-            self.data.cache_dir = self.data.root / "cache"
-        return self
 
     def to_dict(self) -> dict:
         """Plain, JSON-safe dict (stored inside checkpoints, loadable with weights_only)."""

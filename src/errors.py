@@ -1,8 +1,19 @@
-"""One-line error messages from exceptions raised by libraries (torch, onnxruntime, ...)."""
+"""One-line error messages: from exceptions raised by libraries (torch, onnxruntime, ...), and for
+arguments of the Python API that its command lines check while parsing."""
 from __future__ import annotations
+
+import numbers
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of the exception's message, or its type's name when the message is empty."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def positive_int(name: str, value, error: type[Exception]) -> int:
+    """`value` as an int when it is a whole number of at least 1 (a batch size, a top-k, a count),
+    else `error` naming `name`: 0 or a negative number would give nothing, silently, or a traceback."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name} must be a whole number of at least 1, not {value!r}")
+    return int(value)

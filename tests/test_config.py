@@ -32,7 +32,9 @@ def test_defaults_fill_missing_sections(tmp_path):
     config = load_config(path)
     assert config.trainer.max_epochs == 3
     assert config.trainer.lr == Config().trainer.lr
-    assert config.data.cache_dir == config.data.root / "cache"
+    assert config.data.cache_folder == config.data.root / "cache"
+    config.data.root = Path("elsewhere")  # the default follows the root, also when changed after loading
+    assert config.data.cache_folder == Path("elsewhere") / "cache"
 
 
 @pytest.mark.parametrize("text, key", [

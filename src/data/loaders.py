@@ -155,9 +155,9 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
         labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
         return PlainSource(labels=labels, dataset=dataset, workers=config.data.workers, **common)
     try:
-        cached = load_or_build_cache(rows, raw_dir, config.data.cache_dir, cache_size, config.data.workers)
+        cached = load_or_build_cache(rows, raw_dir, config.data.cache_folder, cache_size, config.data.workers)
     except OSError as exc:  # images that cannot be read are left out inside; this is the cache folder itself
-        raise ConfigError(f"data.cache_dir: cannot write the image cache in {config.data.cache_dir} ({exc})") from None
+        raise ConfigError(f"data.cache_dir: cannot write the image cache in {config.data.cache_folder} ({exc})") from None
     kept = np.asarray(cached.kept, dtype=np.int64)
     labels = torch.tensor([classes.index(rows[i][1]) for i in kept], dtype=torch.long, device=device)
     images = cached.images

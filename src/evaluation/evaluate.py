@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from src import atomic
 from src.config import Config, ConfigError, ModelConfig, config_from_dict
-from src.errors import first_line
+from src.errors import first_line, positive_int
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.evaluation import metrics
@@ -123,16 +124,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def pick_device(wanted: str | None) -> torch.device:
-    """The device, set up for reproducible numbers: no cuDNN autotuning and no TF32 (both change the
-    arithmetic from run to run or from fp32), which costs little for a single pass over the data."""
+    """`cpu`, `cuda`, or None for cuda when available, else cpu."""
+    if wanted not in (None, "cpu", "cuda"):
+        raise EvaluationError(f"device must be 'cpu' or 'cuda' (or None: cuda when available), not {wanted!r}")
     if wanted == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    device = torch.device(wanted or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(wanted or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@contextmanager
+def reproducible_arithmetic():
+    """No cuDNN autotuning and no TF32 (both change the arithmetic from run to run or from fp32),
+    which costs little for a single pass over the data. The process's own settings are restored
+    afterwards: `evaluate()` called between training runs (a sweep, a notebook) must not leave
+    deterministic cuDNN and fp32 matmuls switched on for them."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    return device
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved
 
 
 def file_sha256(path: Path) -> str:
@@ -143,13 +159,17 @@ def file_sha256(path: Path) -> str:
 def load_run(path: Path, device: torch.device) -> Run:
     """The checkpoint's model with its weights. The backbone is built without pretrained weights
     (they would be downloaded only to be overwritten by the checkpoint's)."""
+    path = Path(path)
     checkpoint = load_checkpoint(path)
     try:
         config = config_from_dict(checkpoint["config"])
         classes = ClassIndex.from_list(checkpoint["classes"])
     except (ConfigError, DatasetError) as exc:
         raise CheckpointError(f"{path}: the config or class list stored in the checkpoint is invalid ({exc})") from None
-    model = create_model(config.model.model_copy(update={"pretrained": False}), len(classes))
+    # The random initialisation is overwritten by the checkpoint's weights; fork_rng keeps it from
+    # advancing the caller's global torch RNG (loading a model must not change a seeded script's draws).
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(config.model.model_copy(update={"pretrained": False}), len(classes))
     try:
         model.load_state_dict(checkpoint["model_state"])
     except RuntimeError as exc:
@@ -161,7 +181,7 @@ def evaluation_config(config: Config, data_root: Path | None, batch_size: int) -
     """The checkpoint's config with the command line's changes: batch size and, for `--data-root`, the
     data root and its default cache folder. Everything that shapes the pixels stays as trained."""
     config = config.model_copy(deep=True)
-    config.trainer.batch_size = batch_size
+    config.trainer.batch_size = int(batch_size)
     if data_root is not None:
         config.data.root, config.data.cache_dir = data_root, data_root / "cache"
     return config
@@ -524,11 +544,26 @@ def default_out(checkpoint: Path, split: str) -> Path:
     return Path("runs") / "eval" / f"{checkpoint.stem}_{split}"
 
 
-def evaluate(checkpoint: Path, out: Path, split: str = "test", data_root: Path | None = None,
-             device: str | None = None, batch_size: int = 64) -> dict:
-    """Evaluate as described at the top of this module; returns the report as written. Raises
+def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str = "test",
+             data_root: str | Path | None = None, device: str | None = None, batch_size: int = 64) -> dict:
+    """Evaluate as described at the top of this module; returns the report as written. `out`
+    defaults to `runs/eval/<checkpoint stem>_<split>` (as on the command line). Raises
     EvaluationError, CheckpointError, DatasetError, ConfigError or ModelError on unusable input."""
-    run = load_run(checkpoint, pick_device(device))
+    if split not in SPLITS:
+        raise EvaluationError(f"split must be one of {', '.join(SPLITS)}, not {split!r} (the train split is "
+                              "the retrieval gallery: evaluated against itself every image would find itself)")
+    batch_size = positive_int("batch_size", batch_size, EvaluationError)
+    checkpoint = Path(checkpoint)
+    out = default_out(checkpoint, split) if out is None else Path(out)
+    data_root = None if data_root is None else Path(data_root)
+    torch_device = pick_device(device)
+    with reproducible_arithmetic():
+        return _evaluate(checkpoint, out, split, data_root, torch_device, batch_size)
+
+
+def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, device: torch.device,
+              batch_size: int) -> dict:
+    run = load_run(checkpoint, device)
     existing = next(folder for folder in (out, *out.parents) if folder.exists())
     if not existing.is_dir():  # found now, not after the whole evaluation
         raise EvaluationError(f"--out {out}: {existing} is a file, not a folder")

@@ -41,6 +41,7 @@ import torch
 from src import atomic
 from src.atomic import atomic_destination
 from src.data.standin import individual_name, render
+from src.errors import positive_int
 from src.inference.identify import (EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, USAGE_ERRORS, Identifier,
                                     InferenceError, OnnxBackend, export_info_path, stored_thresholds)
 
@@ -122,8 +123,15 @@ def median_latency_ms(runner: Runner, image: torch.Tensor, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-def export(checkpoint: Path, out: Path, formats: Sequence[str], runs: int) -> dict:
-    """Export, check and time each format; write the JSON beside them. Returns the checks."""
+def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, runs: int = 30) -> dict:
+    """Export, check and time each format; write the JSON beside them. Returns the checks.
+    Raises InferenceError (or CheckpointError, ConfigError) with one line."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown or not formats:
+        raise InferenceError(f"formats must be one or more of {', '.join(FORMATS)}, not {formats!r}")
+    runs = positive_int("runs", runs, InferenceError)
     identifier = Identifier.from_checkpoint(checkpoint, "cpu")
     module = identifier.backend.module
     batch = standin_batch(identifier, CHECK_IMAGES)

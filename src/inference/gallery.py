@@ -122,10 +122,17 @@ class Gallery:
                    labels.astype(np.int64), sources.tolist())
 
     def save(self, path: str | Path) -> None:
+        """Write atomically. A gallery that `load` would refuse (its fields edited by hand into an
+        inconsistent state) raises GalleryError instead, and the file already at `path` is kept."""
+        arrays = {"format_version": np.int64(FORMAT_VERSION), "checkpoint_sha256": np.str_(self.checkpoint_sha256),
+                  "names": np.array(self.names, dtype=np.str_), "embeddings": np.asarray(self.embeddings),
+                  "labels": np.asarray(self.labels), "sources": np.array(self.sources, dtype=np.str_)}
+        try:
+            self._validated({key: np.asarray(value) for key, value in arrays.items()}, Path(path))
+        except GalleryError as exc:
+            raise GalleryError(str(exc).replace("corrupt gallery:", "not saved, the gallery is inconsistent:")) from None
         buffer = io.BytesIO()
-        np.savez(buffer, format_version=np.int64(FORMAT_VERSION), checkpoint_sha256=np.str_(self.checkpoint_sha256),
-                 names=np.array(self.names, dtype=np.str_), embeddings=self.embeddings, labels=self.labels,
-                 sources=np.array(self.sources, dtype=np.str_))
+        np.savez(buffer, **arrays)
         atomic.write_bytes(path, buffer.getvalue())
 
     # --- contents -------------------------------------------------------------------------------
@@ -148,14 +155,32 @@ class Gallery:
         return {source: self.names[label] for source, label in zip(self.sources, self.labels.tolist())}
 
     def add(self, name: str, embeddings: np.ndarray, sources: Sequence[str]) -> None:
-        """Enroll photos of `name`: a new individual, or more photos of an enrolled one."""
+        """Enroll photos of `name`: a new individual, or more photos of an enrolled one.
+        `embeddings` is `M x D` (D the model's embedding size, e.g. from `Identifier.embed`), one row
+        per file of `sources`; rows are L2-normalised here. Raises GalleryError, leaving the gallery
+        unchanged, for input that would make it unusable (and, once saved, unloadable)."""
         check_name(name)
+        embeddings = np.asarray(embeddings)
+        sources = [str(source) for source in sources]
+        dim = self.embeddings.shape[1]
+        if embeddings.ndim != 2 or embeddings.dtype.kind not in "fiu" or embeddings.shape[1] != dim:
+            raise GalleryError(f"{name}: embeddings must be a 2-D array of {dim}-dimensional rows (one per "
+                               f"photo), not shape {embeddings.shape} of {embeddings.dtype}")
+        if len(embeddings) == 0:
+            raise GalleryError(f"{name}: no embeddings given; an individual needs at least one photo")
+        if len(sources) != len(embeddings):
+            raise GalleryError(f"{name}: {len(embeddings)} embeddings but {len(sources)} sources; give one "
+                               "file per embedding")
+        norms = np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
+        if not (np.isfinite(norms).all() and (norms > 0).all()):
+            raise GalleryError(f"{name}: embeddings must be finite and non-zero")
+        unit = (embeddings / norms).astype(np.float32)
         if name not in self.names:
             self.names.append(name)
         label = self.names.index(name)
-        self.embeddings = np.concatenate([self.embeddings, embeddings.astype(np.float32)])
-        self.labels = np.concatenate([self.labels, np.full(len(embeddings), label, np.int64)])
-        self.sources += list(sources)
+        self.embeddings = np.concatenate([self.embeddings, unit])
+        self.labels = np.concatenate([self.labels, np.full(len(unit), label, np.int64)])
+        self.sources += sources
 
     def remove(self, name: str) -> None:
         if name not in self.names:

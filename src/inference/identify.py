@@ -40,7 +40,7 @@ from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
-from src.errors import first_line
+from src.errors import first_line, positive_int
 from src.evaluation.metrics import classifier_scores
 from src.training.checkpoint import CheckpointError
 
@@ -232,6 +232,9 @@ class Preprocess:
         """uint8 `S x S x 3` at the cache size. Raises ImageLoadError."""
         if isinstance(image, Image.Image):
             return square_resize(as_rgb(image), self.cache_size)
+        if Path(image).is_dir():
+            raise ImageLoadError(image, "a folder, not an image (the Python API takes image files; "
+                                        "`collect_images` lists a folder's files)")
         return decode_for_cache(image, self.cache_size)
 
     def normalise(self, pixels: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -271,7 +274,10 @@ class OnnxBackend:
     """An exported model in ONNX Runtime; preprocessing stays on the CPU (the session copies)."""
 
     def __init__(self, path: Path, device: str):
-        provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
+        providers = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+        if device not in providers:
+            raise InferenceError(f"device must be 'cpu' or 'cuda' for an ONNX model, not {device!r}")
+        provider = providers[device]
         if provider not in onnxruntime.get_available_providers():
             raise InferenceError(f"--device {device}: this onnxruntime has no {provider} "
                                  f"(it has {', '.join(onnxruntime.get_available_providers())})")
@@ -289,9 +295,33 @@ class OnnxBackend:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InferenceError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    """`cpu`, `cuda` or `cuda:N`; anything else, or a GPU that is not there, is an InferenceError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InferenceError(f"device must be 'cpu' or 'cuda', not {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InferenceError(f"--device {name} requested but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InferenceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def check_inputs(inputs) -> list[ImageInput]:
+    """Any iterable of paths and PIL images (a list, a tuple, a generator such as `Path.glob`), as a
+    list; anything else is a TypeError naming what was given."""
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image)):
+        raise TypeError(f"expected a list of images, got one {type(inputs).__name__}; "
+                        "`identify` takes a single image too")
+    items = list(inputs)
+    for index, item in enumerate(items):
+        if not isinstance(item, (str, os.PathLike, Image.Image)):
+            raise TypeError(f"image {index}: expected a path (str or pathlib.Path) or a PIL image, "
+                            f"got {type(item).__name__}")
+    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +423,14 @@ class Identifier:
     def embed(self, inputs: Sequence[ImageInput], batch_size: int = DEFAULT_BATCH_SIZE,
               progress: Callable[[int], None] | None = None) -> Iterator[list[Embedded | Skipped]]:
         """Per batch, in input order: an Embedded for each readable input, a Skipped otherwise.
-        `progress(n)` is called with the number of inputs each batch consumed."""
+        `progress(n)` is called with the number of inputs each batch consumed. `inputs` may be any
+        iterable (e.g. `Path("photos").glob("*.jpg")`)."""
+        inputs = check_inputs(inputs)
+        batch_size = positive_int("batch_size", batch_size, InferenceError)
+        return self._embed(inputs, batch_size, progress)
+
+    def _embed(self, inputs: list[ImageInput], batch_size: int,
+               progress: Callable[[int], None] | None) -> Iterator[list[Embedded | Skipped]]:
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
             for start in range(0, len(inputs), batch_size):
                 chunk = inputs[start:start + batch_size]
@@ -409,7 +446,11 @@ class Identifier:
     def predict(self, inputs: Sequence[ImageInput], top_k: int = 5, batch_size: int = DEFAULT_BATCH_SIZE,
                 progress: Callable[[int], None] | None = None) -> Iterator[Prediction | Skipped]:
         """A Prediction or a Skipped for every input, in input order."""
-        for batch in self.embed(inputs, batch_size, progress):
+        top_k = positive_int("top_k", top_k, InferenceError)
+        return self._predict(self.embed(inputs, batch_size, progress), top_k)
+
+    def _predict(self, batches: Iterator[list[Embedded | Skipped]], top_k: int) -> Iterator[Prediction | Skipped]:
+        for batch in batches:
             done = [item for item in batch if isinstance(item, Embedded)]
             predictions = iter(self.decide(done, top_k)) if done else iter(())
             yield from (next(predictions) if isinstance(item, Embedded) else item for item in batch)
@@ -418,7 +459,7 @@ class Identifier:
                  batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:
         """Predictions for one image (a path or a PIL image) or a list of them.
         Raises ImageLoadError for the first unreadable one."""
-        inputs = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        inputs = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else check_inputs(images)
         predictions = []
         for item in self.predict(inputs, top_k, batch_size):
             if isinstance(item, Skipped):

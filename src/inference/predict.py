@@ -72,6 +72,18 @@ def build_identifier(args: argparse.Namespace) -> Identifier:
     return Identifier.from_checkpoint(args.checkpoint, args.device, gallery, args.threshold, args.match)
 
 
+def inputs_in_order(patterns: Sequence[str]) -> list[Path | Skipped]:
+    """The files of each input, and a Skipped for an input that names none, in the order given (so
+    that the table, the CSV and the JSON follow the command line); a file named twice counts once."""
+    entries: list[Path | Skipped] = []
+    seen: set[Path] = set()
+    for pattern in patterns:
+        files, problems = collect_images([pattern])
+        entries += problems + [path for path in files if path not in seen]
+        seen.update(files)
+    return entries
+
+
 def run(identifier: Identifier, files: list[Path], args: argparse.Namespace) -> list[Result]:
     """Every file's Prediction or Skipped, in order; a progress bar for folders on a terminal."""
     show = sys.stderr.isatty() and any(Path(p).is_dir() for p in args.inputs)
@@ -125,8 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GalleryError, *USAGE_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    files, problems = collect_images(args.inputs)
-    results = [*problems, *run(identifier, files, args)]
+    entries = inputs_in_order(args.inputs)
+    predicted = iter(run(identifier, [entry for entry in entries if isinstance(entry, Path)], args))
+    results = [next(predicted) if isinstance(entry, Path) else entry for entry in entries]
     predictions = [item for item in results if isinstance(item, Prediction)]
     skipped = [item for item in results if isinstance(item, Skipped)]
 

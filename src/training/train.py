@@ -46,11 +46,13 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class TrainingStopped(Exception):
-    """Raised to end a run early with a message and an exit code (after saving what can be saved)."""
+    """Raised to end a run early with a message and an exit code (after saving what can be saved).
+    `resumable`: the run's last checkpoint continues it (`run(config, resume="auto")`)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, resumable: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.resumable = resumable
 
 
 def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -287,9 +289,8 @@ class StopRequest:
 
     def stopped(self, where: str, saved: Path) -> TrainingStopped:
         """The error that ends a run stopped by the signal (exit 130 for SIGINT, 143 for SIGTERM)."""
-        return TrainingStopped(f"stopped by {self.signal_name} {where}; saved {saved}. Resume with: "
-                               "python -m src.training.train --config <config> --resume auto",
-                               exit_code=130 if self.signal_name == "SIGINT" else 143)
+        return TrainingStopped(f"stopped by {self.signal_name} {where}; saved {saved}",
+                               exit_code=130 if self.signal_name == "SIGINT" else 143, resumable=True)
 
     def requested(self, step: int, runtime: Runtime) -> bool:
         """Single process: checked every step. Under torchrun the ranks agree every 10 steps, so all
@@ -561,7 +562,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:
-        print(f"error: {exc}".replace("<config>", args.config), file=sys.stderr)
+        hint = f". Resume with: python -m src.training.train --config {args.config} --resume auto"
+        print(f"error: {exc}" + (hint if exc.resumable else ""), file=sys.stderr)
         return exc.exit_code
     finally:
         dist_utils.shutdown()

@@ -235,3 +235,42 @@ def test_an_out_path_below_a_file_fails_before_evaluating(checkpoint, tmp_path, 
     (tmp_path / "a_file").write_text("not a folder")
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "a_file" / "run")
     assert code == 2 and err == [f"error: --out {tmp_path / 'a_file' / 'run'}: {tmp_path / 'a_file'} is a file, not a folder"]
+
+
+def test_the_python_api_takes_str_paths_and_restores_the_torch_settings(closed_report, checkpoint, tmp_path,
+                                                                          monkeypatch):
+    """`evaluate()` from a script: str paths as the command line's, the default run folder, and the
+    process's cuDNN/TF32 settings given back (a sweep trains again after evaluating)."""
+    out, _ = closed_report
+
+    def flags():
+        return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+    def set_flags(values):
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = values
+
+    saved, wanted = flags(), (True, False, True, True)
+    set_flags(wanted)
+    try:
+        report = evaluate.evaluate(str(checkpoint), str(tmp_path / "py"), device="cpu")
+        assert flags() == wanted
+    finally:
+        set_flags(saved)
+    assert (tmp_path / "py" / "report.json").read_bytes() == (out / "report.json").read_bytes()
+    assert report["closed_set"]["top1"] == json.loads((out / "report.json").read_text())["closed_set"]["top1"]
+    monkeypatch.chdir(tmp_path)
+    evaluate.evaluate(checkpoint, device="cpu")  # out defaults to the command line's run folder
+    assert (tmp_path / "runs" / "eval" / f"{checkpoint.stem}_test" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"split": "train"}, "split must be one of val, test"),
+    ({"batch_size": 0}, "batch_size must be a whole number of at least 1"),
+    ({"device": "gpu"}, "device must be 'cpu' or 'cuda'"),
+])
+def test_bad_python_api_arguments_raise_evaluation_error(options, message, checkpoint, tmp_path):
+    with pytest.raises(evaluate.EvaluationError, match=message):
+        evaluate.evaluate(checkpoint, tmp_path / "out", **{"device": "cpu", **options})
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import torch
 
 from src.inference import export
 from src.inference.gallery import Gallery
-from src.inference.identify import Identifier
+from src.inference.identify import Identifier, InferenceError
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,17 @@ def test_an_out_folder_that_cannot_be_made_exits_2_in_one_line(learned, tmp_path
     assert export.main(["--checkpoint", str(learned.checkpoint), "--out", str(tmp_path / "a_file"), "--runs", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --out {tmp_path / 'a_file'}: cannot write the export") and err.count("\n") == 1
+
+
+def test_export_from_python_takes_str_paths_and_checks_its_arguments(learned, tmp_path):
+    """`export()` called from a script: str paths like the command line's, defaults for the
+    formats and runs, and a one-line InferenceError for arguments the command line would refuse."""
+    checks = export.export(str(learned.checkpoint), str(tmp_path / "out"), formats="torchscript", runs=1)
+    assert set(checks["files"]) == {"torchscript"}
+    assert (tmp_path / "out" / f"{learned.checkpoint.stem}.torchscript.pt").is_file()
+    for options, message in [({"formats": ["tflite"]}, "formats must be one or more of"),
+                             ({"formats": []}, "formats must be one or more of"),
+                             ({"runs": 0}, "runs must be a whole number of at least 1")]:
+        with pytest.raises(InferenceError, match=message):
+            export.export(learned.checkpoint, tmp_path / "bad", **options)
+    assert not (tmp_path / "bad").exists()

@@ -174,3 +174,29 @@ def test_damaged_galleries_of_the_right_checkpoint_exit_2_in_one_line(learned, u
     assert predict.main(["--checkpoint", str(learned.checkpoint), "--gallery", str(tmp_path / "g.npz"), str(photo)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_adding_from_python_validates_and_normalises_and_save_never_writes_an_unloadable_file(tmp_path):
+    """`Gallery.add` from a script: input that would break the gallery is refused with the gallery
+    unchanged (before, a saved gallery could then no longer be loaded); rows are made unit length,
+    as matching assumes."""
+    gallery = Gallery.new("0" * 64, 4)
+    bad = [(np.ones((2, 3)), ["a", "b"], "4-dimensional rows"), (np.ones(4), ["a"], "2-D array"),
+           (np.ones((2, 4)), ["a"], "2 embeddings but 1 sources"), (np.zeros((0, 4)), [], "no embeddings"),
+           (np.zeros((1, 4)), ["a"], "finite and non-zero"), (np.full((1, 4), np.nan), ["a"], "finite")]
+    for embeddings, sources, message in bad:
+        with pytest.raises(GalleryError, match=message):
+            gallery.add("Zuri", embeddings, sources)
+    assert gallery.names == [] and gallery.embeddings.shape == (0, 4) and gallery.sources == []
+    gallery.add("Zuri", np.array([[3.0, 0, 0, 4.0], [0, 2.0, 0, 0]]), ["a.png", Path("b.png")])
+    assert np.allclose(gallery.embeddings, [[0.6, 0, 0, 0.8], [0, 1, 0, 0]]) and gallery.sources == ["a.png", "b.png"]
+    path = tmp_path / "g.npz"
+    gallery.save(path)
+    gallery.labels = np.array([0, 3])  # edited by hand into an inconsistent state
+    with pytest.raises(GalleryError, match="not saved"):
+        gallery.save(path)
+    assert Gallery.load(path).counts() == {"Zuri": 2}
+    emptied = Gallery.load(path)
+    emptied.remove("Zuri")
+    emptied.save(path)  # an emptied gallery is still a valid file
+    assert Gallery.load(path).counts() == {}

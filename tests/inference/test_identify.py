@@ -139,3 +139,40 @@ def test_embeddings_equal_those_of_evaluation_on_the_same_images(tiny_run):
     assert np.abs(np.stack([e.embedding for e in embedded]) - expected.embeddings).max() < 1e-5
     assert np.abs(np.stack([e.logits for e in embedded]) - expected.logits).max() < 1e-4
     assert identifier.match == DEFAULT_MATCH
+
+
+def test_the_python_api_takes_any_iterable_and_refuses_bad_arguments_in_one_line(learned, unseen, tmp_path):
+    """What a script passes: a generator (`Path.glob`), a folder by mistake, 0 or negative sizes,
+    a device name torch does not know; each a one-line error, never a traceback from deep inside
+    nor an empty result."""
+    identifier = Identifier.from_checkpoint(learned.checkpoint)
+    folder = next(iter(unseen.values()))[0].parent
+    expected = len(list(folder.glob("*.png")))
+    assert len(list(identifier.predict(folder.glob("*.png"), top_k=1))) == expected
+    assert sum(len(batch) for batch in identifier.embed(folder.glob("*.png"), batch_size=7)) == expected
+    assert len(identifier.identify(p for p in sorted(folder.glob("*.png"))[:3])) == 3
+    path = sorted(folder.glob("*.png"))[0]
+    for options in ({"top_k": 0}, {"top_k": -1}, {"batch_size": 0}, {"batch_size": -1}, {"top_k": 1.5}):
+        with pytest.raises(InferenceError, match="must be a whole number of at least 1"):
+            identifier.identify([path, path], **options)
+    with pytest.raises(InferenceError, match="batch_size"):
+        identifier.predict([path], batch_size=0)  # at the call, not at the first next()
+    with pytest.raises(ImageLoadError, match="a folder, not an image"):
+        identifier.identify(folder)
+    with pytest.raises(TypeError, match="got one bytes"):
+        identifier.identify(str(path).encode())
+    with pytest.raises(TypeError, match="image 1: expected a path"):
+        identifier.identify([path, np.zeros((8, 8, 3), np.uint8)])
+    for device in ("gpu", "cuda:0" if not torch.cuda.is_available() else "cuda:99"):
+        with pytest.raises(InferenceError):
+            Identifier.from_checkpoint(learned.checkpoint, device=device)
+
+
+def test_loading_a_model_leaves_the_callers_torch_rng_alone(learned):
+    """A seeded script that loads an Identifier (or evaluates) draws the same numbers as without:
+    the model's random initialisation, overwritten by the checkpoint, must not consume them."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    Identifier.from_checkpoint(learned.checkpoint)
+    assert torch.equal(torch.rand(4), expected)

@@ -134,3 +134,18 @@ def test_an_image_above_pillows_own_limit_is_skipped_as_too_large(learned, tmp_p
     png_header_only(tmp_path / "huge.png", 20_000, 20_000)  # 400 Mpx: Pillow refuses it when opening
     assert predict.main(["--checkpoint", str(learned.checkpoint), str(tmp_path / "huge.png")]) == 1
     assert f"huge.png: exceeds the {MAX_PIXELS:,}-pixel limit" in capsys.readouterr().err
+
+
+def test_results_follow_the_order_of_the_inputs(learned, unseen, tmp_path, capsys):
+    """A missing file between two photos is reported in its place, not first: the CSV rows line up
+    with the command line (and a photo named twice is identified once)."""
+    first, second = next(iter(unseen.values()))[:2]
+    out = tmp_path / "out.csv"
+    argv = ["--checkpoint", str(learned.checkpoint), str(first), str(tmp_path / "missing.png"), str(second),
+            str(first), "--top-k", "1", "--output", str(out)]
+    assert predict.main(argv) == 1
+    capsys.readouterr()
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["image"] for row in rows] == [str(first), str(tmp_path / "missing.png"), str(second)]
+    assert [bool(row["skipped"]) for row in rows] == [False, True, False]

@@ -83,7 +83,7 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninter
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143
-    assert "--resume auto" in stderr and "Traceback" not in stderr
+    assert f"--config {config_path} --resume auto" in stderr and "Traceback" not in stderr
     result = train_cli(config_path, "--resume", str(tmp_path / "artifacts" / "tiny_last.pt"))
     assert result.returncode == 0, result.stderr
     assert_same_run(tmp_path / "artifacts", uninterrupted)
