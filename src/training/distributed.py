@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from src.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,12 +33,34 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                     int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
+    if dist.is_initialized():
+        # A second `run()` in the same torchrun worker (e.g. `run(config)` then
+        # `run(config, resume="auto")`), or a script that set up the group itself: use that group.
+        # The barrier holds every rank until rank 0 has returned from the previous run, i.e. has
+        # written its last checkpoint: otherwise the other ranks may resume from an older one.
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        barrier()
+        return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank, enabled=True)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        # RANK / WORLD_SIZE left in the environment by something other than torchrun.
+        raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, or unset "
+                          "RANK and WORLD_SIZE to train in one process")
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     # A short timeout turns a peer that died mid-collective into an error instead of a long hang;
     # torchrun also tears the group down as soon as one worker exits non-zero.
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
     return info
+
+
+def barrier() -> None:
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def shutdown() -> None:
@@ -50,13 +74,24 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """The element-wise maximum of every rank's `values`, on every rank (a host sync: use sparingly)."""
+    if not info.enabled:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank when `flag` is true on at least one (used to stop all ranks together)."""
-    if not info.enabled:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(max_over_ranks([float(flag)], info, device)[0])
+
+
+def same_on_all_ranks(values: list[float], info: DistInfo, device: torch.device) -> bool:
+    """Whether every rank holds the same `values` (the answer is the same on every rank)."""
+    both = max_over_ranks([*values, *(-v for v in values)], info, device)
+    return both[:len(values)] == [-v for v in both[len(values):]]
 
 
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -268,10 +269,16 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
         self._previous: dict = {}
+        self.second_signal_exits = True
 
-    def install(self) -> None:
+    def install(self, second_signal_exits: bool) -> None:
         """Python delivers signals to the main thread only: called from another thread this
-        installs nothing, and stopping that run is its caller's business."""
+        installs nothing, and stopping that run is its caller's business.
+
+        `second_signal_exits`: true in a single process (Ctrl-C twice ends it). Under torchrun a
+        repeated signal is the same stop delivered twice (a scheduler signals every process of the
+        job, and torchrun forwards its own), and torchrun's --shutdown-timeout is the hard stop."""
+        self.second_signal_exits = second_signal_exits
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
@@ -284,7 +291,9 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is not None:
-            raise SystemExit(128 + signum)
+            if self.second_signal_exits:
+                raise SystemExit(128 + signum)
+            return
         self.signal_name = signal.Signals(signum).name
 
     def stopped(self, where: str, saved: Path) -> TrainingStopped:
@@ -297,8 +306,16 @@ class StopRequest:
         of them stop at the same step (a signal may reach them at slightly different times)."""
         if not runtime.dist.enabled:
             return self.signal_name is not None
-        return (step + 1) % 10 == 0 and dist_utils.any_rank(self.signal_name is not None, runtime.dist,
-                                                             runtime.device)
+        return (step + 1) % 10 == 0 and self.agreed(runtime)
+
+    def agreed(self, runtime: Runtime) -> bool:
+        """Whether any rank has a stop request; every rank then takes the signal's name (a signal
+        sent to one process stops them all, with the same message and exit code)."""
+        code = signal.Signals[self.signal_name].value if self.signal_name else 0
+        code = int(dist_utils.max_over_ranks([code], runtime.dist, runtime.device)[0])
+        if code and self.signal_name is None:
+            self.signal_name = signal.Signals(code).name
+        return bool(code)
 
 
 def _progress(total: int, initial: int, config: Config, runtime: Runtime, desc: str):
@@ -439,16 +456,18 @@ def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path 
 def claim_outputs(paths: RunPaths, runtime: Runtime):
     """Hold `<output_dir>/.<name>.lock` for the run (rank 0, which alone writes): a second run of
     the same name into the same folder would interleave its checkpoints and CSV with this one's."""
-    if not runtime.dist.is_main:
+    with ExitStack() as stack:
+        held = False
+        if runtime.dist.is_main:
+            try:
+                stack.enter_context(locks.exclusive(paths.lock, wait=False))
+            except locks.LockHeld:
+                held = True
+        if dist_utils.any_rank(held, runtime.dist, runtime.device):  # every rank stops, not rank 0 alone
+            raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
+                                  f"{paths.lock}); wait for it to end, or give this run another name or "
+                                  "trainer.output_dir")
         yield
-        return
-    try:
-        with locks.exclusive(paths.lock, wait=False):
-            yield
-    except locks.LockHeld:
-        raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
-                              f"{paths.lock}); wait for it to end, or give this run another name or "
-                              "trainer.output_dir") from None
 
 
 def run(config: Config, resume: str | None = None) -> RunState:
@@ -475,6 +494,14 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
     state = RunState()
     if checkpoint is not None:
         state = restore(checkpoint, resume_path, model, optimizer, scheduler, scaler, runtime)
+    # Each process reads --resume itself: on machines that do not share trainer.output_dir they would
+    # start from different points and combine gradients of different steps.
+    if not dist_utils.same_on_all_ranks([state.epoch, state.step], runtime.dist, runtime.device):
+        raise CheckpointError(f"cannot resume: the {runtime.dist.world_size} processes found different "
+                              f"checkpoints (this one: {resume_path or 'none'}, {state.epoch} epochs done); "
+                              f"every machine must see the same {resume_path or paths.last} "
+                              "(trainer.output_dir on shared storage)")
+    if checkpoint is not None:
         if state.epoch == config.trainer.max_epochs:
             runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
                           "(raise trainer.max_epochs to train longer)")
@@ -482,7 +509,7 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
     train_runner, eval_runner = wrap_for_training(model, config, runtime)
-    stop.install()
+    stop.install(second_signal_exits=not runtime.dist.enabled)
 
     writer = CheckpointWriter()
     pending_best: dict | None = None  # snapshot of a best epoch not yet written
@@ -540,11 +567,12 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
         improved = val["top1"] > state.best_val_top1
         if improved:
             state.best_val_top1, state.best_epoch = val["top1"], epoch
-        save(improved, force=epoch == max_epochs or stop.signal_name is not None)
+        stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
+        save(improved, force=epoch == max_epochs or stopping)
         runtime.print(epoch_line(row, max_epochs))
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
-        if stop.signal_name is not None:
+        if stopping:
             writer.wait()
             raise stop.stopped(f"after epoch {epoch}", paths.last)
     writer.wait()
@@ -553,17 +581,29 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
     return state
 
 
+def _report(message: str, all_ranks_agree: bool) -> None:
+    """Print an error line. Under torchrun: rank 0 alone for what every rank agreed on (a stop),
+    else every rank, tagged with its own, since an error of one process must never go unsaid."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    elif not all_ranks_agree:
+        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config)
         run(config, args.resume)
     except (ConfigError, DatasetError, ModelError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}", all_ranks_agree=False)
         return 2
     except TrainingStopped as exc:
-        hint = f". Resume with: python -m src.training.train --config {args.config} --resume auto"
-        print(f"error: {exc}" + (hint if exc.resumable else ""), file=sys.stderr)
+        command = ("the same torchrun command with" if "RANK" in os.environ
+                   else f"python -m src.training.train --config {args.config}")
+        hint = f". Resume with: {command} --resume auto"
+        _report(f"error: {exc}" + (hint if exc.resumable else ""), all_ranks_agree=True)
         return exc.exit_code
     finally:
         dist_utils.shutdown()

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, write_config
+from tests.test_locks import HOLD as HOLD_LOCK
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun on gloo, tested on Linux")
 
@@ -106,3 +107,135 @@ def test_one_process_under_torchrun_uses_the_process_group(tiny_data, tmp_path):
     result = torchrun(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}), processes=1)
     assert result.returncode == 0, result.stderr
     assert "torchrun: 1 process(es), gloo" in result.stdout
+
+
+TWO_RUNS = """
+import sys
+from src.config import load_config
+from src.training.train import run
+config = load_config(sys.argv[1])
+run(config)
+config.trainer.max_epochs = 2
+state = run(config, resume="auto")
+print(f"second run ended at epoch {state.epoch}", flush=True)
+"""
+
+
+def test_run_twice_in_one_torchrun_worker_resumes_on_every_rank(tiny_data, tmp_path):
+    """The Python API under torchrun: `run(config)` then `run(config, resume="auto")` in the same
+    workers. The second run reuses the process group (initialising it twice was an error), and no
+    rank reads `_last.pt` before rank 0 has written it (rank 1 used to start over from epoch 1 while
+    rank 0 resumed at epoch 2, and the job crashed on mismatched collectives)."""
+    script = tmp_path / "two_runs.py"
+    script.write_text(TWO_RUNS)
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
+    result = subprocess.run([*TORCHRUN, "2", str(script), str(config_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=240, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("second run ended at epoch 2") == 2  # both ranks
+    assert "resumed from" in result.stdout and result.stdout.count("[Epoch 2/2]") == 1
+    assert [row["epoch"] for row in metrics(tmp_path / "artifacts" / "tiny_metrics.csv")] == [1.0, 2.0]
+
+
+def test_rank_variables_without_torchrun_give_one_line(tiny_data, tmp_path):
+    """RANK and WORLD_SIZE left in the environment by something other than torchrun (no
+    MASTER_ADDR / MASTER_PORT) end the run with one line and exit 2, not a rendezvous traceback."""
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "RANK": "0", "WORLD_SIZE": "1"}
+    result = subprocess.run([sys.executable, "-m", "src.training.train", "--config",
+                             str(write_config(tmp_path, tiny_data))], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: launch with torchrun, "
+        "or unset RANK and WORLD_SIZE to train in one process"]
+
+
+SIGNAL_RANK_1_AFTER_EPOCH_1 = """
+import os, signal, sys
+from src.training import train
+if os.environ["RANK"] == "1":
+    original = train.train_one_epoch
+    def signalled(*args, **kwargs):
+        sums = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # as if a scheduler signalled this process alone
+        return sums
+    train.train_one_epoch = signalled
+sys.exit(train.main())
+"""
+
+
+OWN_OUTPUT_DIR_PER_RANK = """
+import os, sys
+from pathlib import Path
+from src.training import train
+load_config = train.load_config
+def rank_1_elsewhere(path):
+    config = load_config(path)
+    if os.environ["RANK"] == "1":  # a second machine whose artifacts folder is not the first one's
+        config.trainer.output_dir = Path(config.trainer.output_dir).parent / "artifacts_rank_1"
+    return config
+train.load_config = rank_1_elsewhere
+sys.exit(train.main())
+"""
+
+def test_a_signal_to_one_rank_stops_every_rank_and_saves(tiny_data, tmp_path):
+    """Before, rank 1 stopped alone: rank 0 died on the broken collective, and with checkpoints
+    throttled (60 s) the epochs done were lost although the message said they were saved."""
+    script = tmp_path / "signal_rank1.py"
+    script.write_text(SIGNAL_RANK_1_AFTER_EPOCH_1)
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3, "trainer.checkpoint_interval_s": 60})
+    result = subprocess.run([*TORCHRUN, "2", str(script), "--config", str(config_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=240,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    stops = [line for line in result.stderr.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stops) == 1 and "after epoch 1; saved" in stops[0], result.stderr
+    assert "Resume with: the same torchrun command with --resume auto" in stops[0]
+    assert [row["epoch"] for row in metrics(tmp_path / "artifacts" / "tiny_metrics.csv")] == [1.0]
+
+
+RANK_0_EXITS_LATE = """
+import os, sys, time
+from src.training import train
+code = train.main()
+if os.environ["RANK"] == "0":
+    time.sleep(3)
+sys.exit(code)
+"""
+
+def test_a_run_already_training_stops_every_rank_in_one_line_each(tiny_data, tmp_path):
+    """Only rank 0 takes the run's lock; before, rank 1 went on into DDP alone and died there."""
+    config_path = write_config(tmp_path, tiny_data)
+    lock = tmp_path / "artifacts" / ".tiny.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    script = tmp_path / "rank_0_exits_late.py"
+    script.write_text(RANK_0_EXITS_LATE)  # else torchrun may end rank 1 before it can say anything
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = subprocess.run([*TORCHRUN, "2", str(script), "--config", str(config_path)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120,
+                                env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error: another run is training 'tiny'" in line]
+    assert len(errors) == 2 and errors[1].startswith("[rank 1] "), result.stderr
+    assert not (tmp_path / "artifacts" / "tiny_last.pt").exists()
+
+
+def test_processes_that_resume_from_different_checkpoints_are_refused(tiny_data, tmp_path):
+    """Two machines that do not share trainer.output_dir: one finds a checkpoint, the other none.
+    Before, they trained different epochs together, combining unrelated gradients."""
+    script = tmp_path / "own_output_dir.py"
+    script.write_text(OWN_OUTPUT_DIR_PER_RANK)
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
+    assert torchrun(config_path, processes=1).returncode == 0  # rank 0's folder now holds epoch 1
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})
+    result = subprocess.run([*TORCHRUN, "2", str(script), "--config", str(config_path), "--resume", "auto"],
+                            cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert "cannot resume: the 2 processes found different checkpoints" in result.stderr, result.stderr
+    assert "[Epoch 2/2]" not in result.stdout
