@@ -585,10 +585,11 @@ def _report(message: str, all_ranks_agree: bool) -> None:
     """Print an error line. Under torchrun: rank 0 alone for what every rank agreed on (a stop),
     else every rank, tagged with its own, since an error of one process must never go unsaid."""
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
-    elif not all_ranks_agree:
-        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    if rank == 0 or not all_ranks_agree:
+        # One write of the whole line: print() writes the text and its newline separately, and
+        # lines of ranks failing at the same moment ran into each other.
+        sys.stderr.write(("" if rank == 0 else f"[rank {rank}] ") + message + "\n")
+        sys.stderr.flush()
 
 
 def main(argv=None) -> int:
