@@ -5,7 +5,7 @@ import multiprocessing
 import multiprocessing.pool
 import sys
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 # A forked child gets a copy of every lock some thread of the parent held at that moment (torch's
 # thread pools, a checkpoint-writer thread, tqdm's monitor, logging); one that was held is never
@@ -14,7 +14,8 @@ START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_met
 
 
 def process_pool(workers: int, preload: str) -> multiprocessing.pool.Pool:
-    """A `multiprocessing.Pool` of `workers` processes running functions of module `preload`.
+    """A `multiprocessing.Pool` of `workers` processes running functions of module `preload` (the
+    caller's `__name__`).
 
     The fork server imports `preload` once (torch, for the cache: about a second), so each pool's
     workers start without importing anything.
@@ -22,7 +23,9 @@ def process_pool(workers: int, preload: str) -> multiprocessing.pool.Pool:
     context = multiprocessing.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         context.set_forkserver_preload([preload])  # takes effect when the server starts (once per process)
-    with _main_script_hidden():
+    # Functions of `__main__` (a module of ours run with -m) need it in the workers, where it is
+    # imported by name: our entry points are guarded. Any other caller's main stays out.
+    with nullcontext() if preload == "__main__" else _main_script_hidden():
         return context.Pool(workers)
 
 

@@ -44,3 +44,14 @@ def test_an_unguarded_script_runs_once_and_does_not_hang(tiny_data, tmp_path):
     train_images = len((annotations / "train.txt").read_text().splitlines())
     assert result.stdout.split() == ["built", str(train_images)]
     assert len(marker.read_text().split()) == 1  # the script itself, in no worker
+
+
+def test_a_module_run_with_dash_m_reaches_its_own_functions_in_the_workers(tmp_path):
+    """`python -m src.data.standin` hands its workers functions of `__main__`: those workers need the
+    module (a regression of hiding the caller's main from every pool made them fail, and the pool
+    waited for them forever)."""
+    result = subprocess.run([sys.executable, "-m", "src.data.standin", "--out", str(tmp_path / "raw"),
+                             "--individuals", "2", "--images", "10", "--size", "32", "--workers", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "raw").rglob("*.png"))) == 20
