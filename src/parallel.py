@@ -1,10 +1,13 @@
-"""Worker processes that do not inherit this process's threads, nor re-run its script."""
+"""`map` in worker processes that do not inherit this process's threads, nor re-run its script, and
+that fail loudly when a worker dies."""
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.pool
 import sys
 import types
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 
 # A forked child gets a copy of every lock some thread of the parent held at that moment (torch's
@@ -13,20 +16,33 @@ from contextlib import contextmanager, nullcontext
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def process_pool(workers: int, preload: str) -> multiprocessing.pool.Pool:
-    """A `multiprocessing.Pool` of `workers` processes running functions of module `preload` (the
-    caller's `__name__`).
+class WorkerDied(RuntimeError):
+    """A worker process ended without a result (killed for lack of memory, a crash)."""
 
-    The fork server imports `preload` once (torch, for the cache: about a second), so each pool's
-    workers start without importing anything.
+
+def map_in_processes(function: Callable, items: Iterable, workers: int, preload: str,
+                     chunksize: int = 1) -> Iterator:
+    """`map(function, items)` in `workers` processes, results in order, as they come.
+
+    `preload` is the module of `function` (the caller's `__name__`): the fork server imports it once
+    (torch, for the cache: about a second), so that the workers start without importing anything.
+    concurrent.futures rather than `multiprocessing.Pool`: a Pool replaces a worker that was killed
+    (out of memory, say) and waits forever for the task it held; the executor raises instead.
     """
     context = multiprocessing.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         context.set_forkserver_preload([preload])  # takes effect when the server starts (once per process)
-    # Functions of `__main__` (a module of ours run with -m) need it in the workers, where it is
-    # imported by name: our entry points are guarded. Any other caller's main stays out.
-    with nullcontext() if preload == "__main__" else _main_script_hidden():
-        return context.Pool(workers)
+    with ProcessPoolExecutor(workers, mp_context=context) as executor:
+        # Functions of `__main__` (a module of ours run with -m) need it in the workers, where it is
+        # imported by name: our entry points are guarded. Any other caller's main stays out. The
+        # executor starts its workers as `map` submits the tasks, so the block covers all of them.
+        with nullcontext() if preload == "__main__" else _main_script_hidden():
+            results = executor.map(function, items, chunksize=chunksize)
+        try:
+            yield from results
+        except BrokenProcessPool:
+            raise WorkerDied(f"a worker process died without a result (out of memory?); try fewer "
+                             f"workers than {workers}") from None
 
 
 @contextmanager
@@ -37,8 +53,8 @@ def _main_script_hidden():
     can unpickle functions defined there. Ours run functions of `preload` only, and a user's script
     without an `if __name__ == "__main__":` guard would start training again in every worker, whose
     cache build then waits forever on the parent's cache lock: a silent hang. multiprocessing decides
-    what to import from `sys.modules["__main__"]` when each worker starts, which `Pool()` does
-    before it returns, so a bare module stands in for that moment.
+    what to import from `sys.modules["__main__"]` when each worker starts, so a bare module stands in
+    while they start.
     """
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")

@@ -1,13 +1,15 @@
-"""Worker pools: results in order, and a caller's unguarded script is not re-run in the workers."""
+"""Worker processes: results in order, a dead worker is an error (not a hang), and a caller's
+unguarded script is not re-run in the workers."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
-from src.parallel import process_pool
+import pytest
+
+from src.parallel import WorkerDied, map_in_processes
 from tests.conftest import REPO
 
 # A user's script with no `if __name__ == "__main__":` guard: every time it is executed it notes
@@ -24,9 +26,22 @@ print("built", len(cached.kept), flush=True)
 """
 
 
-def test_pool_maps_in_order():
-    with process_pool(2, "os.path") as pool:
-        assert pool.map(os.path.basename, ["/a/x", "/b/y", "/c/z"]) == ["x", "y", "z"]
+def test_results_come_in_order():
+    paths = [f"/folder/{i}" for i in range(50)]
+    assert list(map_in_processes(os.path.basename, paths, 2, "os.path", chunksize=4)) == [str(i) for i in range(50)]
+
+
+def exit_abruptly(item: int) -> int:
+    """What the kernel's out-of-memory killer does to a worker, as far as its pool can tell."""
+    if item == 3:
+        os._exit(9)
+    return item
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    # multiprocessing.Pool, used before, replaced the dead worker and waited for its task forever.
+    with pytest.raises(WorkerDied, match="a worker process died without a result"):
+        list(map_in_processes(exit_abruptly, range(8), 2, __name__))
 
 
 def test_an_unguarded_script_runs_once_and_does_not_hang(tiny_data, tmp_path):

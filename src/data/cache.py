@@ -27,7 +27,7 @@ from PIL import Image
 
 from src import atomic, locks
 from src.data.io import ImageLoadError, load_rgb
-from src.parallel import process_pool
+from src.parallel import map_in_processes
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,7 @@ def _decode_all(paths: Sequence[Path], cache_size: int, workers: int
     if workers == 0:
         yield from map(decode, paths)
         return
-    with process_pool(workers, __name__) as pool:
-        yield from pool.imap(decode, paths, chunksize=DECODE_CHUNKSIZE)
+    yield from map_in_processes(decode, paths, workers, __name__, DECODE_CHUNKSIZE)
 
 
 def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], cache_size: int,

@@ -27,6 +27,7 @@ from src.config import Config, ConfigError
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, load_or_build_cache, square_resize
 from src.data.dataset import ClassIndex, ImageListDataset, collate_skip_none
+from src.parallel import WorkerDied
 
 
 def _seed(*parts: int) -> int:
@@ -158,6 +159,8 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
         cached = load_or_build_cache(rows, raw_dir, config.data.cache_folder, cache_size, config.data.workers)
     except OSError as exc:  # images that cannot be read are left out inside; this is the cache folder itself
         raise ConfigError(f"data.cache_dir: cannot write the image cache in {config.data.cache_folder} ({exc})") from None
+    except WorkerDied as exc:
+        raise ConfigError(f"data.workers: building the image cache, {exc}") from None
     kept = np.asarray(cached.kept, dtype=np.int64)
     labels = torch.tensor([classes.index(rows[i][1]) for i in kept], dtype=torch.long, device=device)
     images = cached.images

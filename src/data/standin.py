@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from src import atomic
 from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAMES, RELEASE_FOLDER,
                                   AnnotationError, parse_cvjena_line)
-from src.parallel import process_pool
+from src.parallel import WorkerDied, map_in_processes
 from src.textfiles import read_utf8
 
 IMAGE_FOLDER = "face_images"
@@ -313,8 +313,7 @@ def _run_jobs(jobs: Sequence[ImageJob], workers: int) -> list[list[tuple[int, in
     if workers <= 1 or len(jobs) < 2:
         return [_write_one(job) for job in jobs]
     chunk = max(1, min(64, len(jobs) // (workers * 4)))
-    with process_pool(workers, __name__) as pool:
-        return list(pool.imap(_write_one, jobs, chunksize=chunk))
+    return list(map_in_processes(_write_one, jobs, workers, __name__, chunk))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -553,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             count = generate_from_annotations(args.out, args.from_annotations, size, args.seed, args.workers)
         else:
             count = generate_small(args.out, args.individuals, args.images, size, args.seed, args.workers)
-    except (StandinError, AnnotationError, OSError) as exc:
+    except (StandinError, AnnotationError, OSError, WorkerDied) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {count} stand-in images (synthetic, not chimpanzees) under {args.out / RELEASE_FOLDER} "

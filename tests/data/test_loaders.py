@@ -2,7 +2,12 @@
 import pytest
 import torch
 
-from src.data.loaders import BatchSource, batch_plan
+from src.config import ConfigError, load_config
+from src.data import cache
+from src.data.dataset import ClassIndex, PreparedData
+from src.data.loaders import BatchSource, batch_plan, build_source
+from src.parallel import WorkerDied
+from tests.conftest import write_config
 
 
 def plans(n, batch, world, train, epoch=0):
@@ -40,3 +45,18 @@ def test_length_matches_the_plan(n, batch, world, train):
         source = BatchSource(labels=torch.zeros(n), augment=None, train=train, batch_size=batch, seed=3,
                              device=torch.device("cpu"), rank=rank, world_size=world)
         assert len(source) == len(source.plan(0))
+
+
+def test_a_cache_worker_that_dies_is_a_one_line_config_error(tiny_data, tmp_path, monkeypatch):
+    """A decoding process killed (out of memory, say) while the cache is built: one line naming
+    data.workers, not a hang (multiprocessing.Pool's behaviour) nor a traceback."""
+    def dies(*_args, **_kwargs):
+        raise WorkerDied("a worker process died without a result (out of memory?); try fewer workers than 2")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(cache, "map_in_processes", dies)
+    config = load_config(write_config(tmp_path, tiny_data, **{"data.workers": 2}))
+    data = PreparedData.load(config.data.root)
+    rows = data.split("train")
+    with pytest.raises(ConfigError, match=r"^data.workers: building the image cache, a worker process died"):
+        build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True, device=torch.device("cpu"))
