@@ -96,12 +96,12 @@ class Gallery:
         return cls._validated(arrays, path)
 
     @classmethod
-    def _validated(cls, arrays: dict[str, np.ndarray], path: Path) -> Gallery:
+    def _validated(cls, arrays: dict[str, np.ndarray], path: Path, problem: str = "corrupt gallery") -> Gallery:
         missing = [key for key in ARRAYS if key not in arrays]
         if missing:
             raise GalleryError(f"{path}: not a gallery file (missing {', '.join(missing)})")
         if arrays["format_version"].shape != () or arrays["format_version"].dtype.kind not in "iu":
-            raise GalleryError(f"{path}: corrupt gallery: format_version must be one integer")
+            raise GalleryError(f"{path}: {problem}: format_version must be one integer")
         version = int(arrays["format_version"])
         if version > FORMAT_VERSION:
             raise GalleryError(f"{path}: gallery format {version} is newer than this code reads ({FORMAT_VERSION})")
@@ -117,7 +117,7 @@ class Gallery:
         ]
         for failed, message in problems:
             if failed:
-                raise GalleryError(f"{path}: corrupt gallery: {message}")
+                raise GalleryError(f"{path}: {problem}: {message}")
         return cls(str(arrays["checkpoint_sha256"]), names.tolist(), embeddings.astype(np.float32),
                    labels.astype(np.int64), sources.tolist())
 
@@ -127,10 +127,8 @@ class Gallery:
         arrays = {"format_version": np.int64(FORMAT_VERSION), "checkpoint_sha256": np.str_(self.checkpoint_sha256),
                   "names": np.array(self.names, dtype=np.str_), "embeddings": np.asarray(self.embeddings),
                   "labels": np.asarray(self.labels), "sources": np.array(self.sources, dtype=np.str_)}
-        try:
-            self._validated({key: np.asarray(value) for key, value in arrays.items()}, Path(path))
-        except GalleryError as exc:
-            raise GalleryError(str(exc).replace("corrupt gallery:", "not saved, the gallery is inconsistent:")) from None
+        self._validated({key: np.asarray(value) for key, value in arrays.items()}, Path(path),
+                        problem="not saved, the gallery is inconsistent")
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         atomic.write_bytes(path, buffer.getvalue())

@@ -28,18 +28,22 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def init_distributed(device_type: str) -> DistInfo:
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if not launched_by_torchrun():
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                     int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
     if dist.is_initialized():
         # A second `run()` in the same torchrun worker (e.g. `run(config)` then
         # `run(config, resume="auto")`), or a script that set up the group itself: use that group.
         # The barrier holds every rank until rank 0 has returned from the previous run, i.e. has
         # written its last checkpoint: otherwise the other ranks may resume from an older one.
-        if device_type == "cuda":
-            torch.cuda.set_device(info.local_rank)
         barrier()
         return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank, enabled=True)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -48,8 +52,6 @@ def init_distributed(device_type: str) -> DistInfo:
         raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} "
                           f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, or unset "
                           "RANK and WORLD_SIZE to train in one process")
-    if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
     # A short timeout turns a peer that died mid-collective into an error instead of a long hang;
     # torchrun also tears the group down as soon as one worker exits non-zero.
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))

@@ -304,9 +304,9 @@ class StopRequest:
     def requested(self, step: int, runtime: Runtime) -> bool:
         """Single process: checked every step. Under torchrun the ranks agree every 10 steps, so all
         of them stop at the same step (a signal may reach them at slightly different times)."""
-        if not runtime.dist.enabled:
-            return self.signal_name is not None
-        return (step + 1) % 10 == 0 and self.agreed(runtime)
+        if runtime.dist.enabled and (step + 1) % 10:
+            return False
+        return self.agreed(runtime)
 
     def agreed(self, runtime: Runtime) -> bool:
         """Whether any rank has a stop request; every rank then takes the signal's name (a signal
@@ -515,6 +515,11 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
     pending_best: dict | None = None  # snapshot of a best epoch not yet written
     last_write = time.monotonic()
 
+    def write(items: list[tuple[dict, Path]]) -> None:
+        """Write `(snapshot, path)` pairs in the background, then the CSV of the last one's history."""
+        history = items[-1][0]["history"]
+        writer.save(items, after=lambda: write_metrics_csv(paths.metrics, history))
+
     def save(improved: bool, force: bool) -> None:
         """Snapshot now; write now if forced or due, else keep a new best in memory until then."""
         nonlocal pending_best, last_write
@@ -527,18 +532,14 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
         if improved:
             pending_best = current
         if due:
-            items = ([(pending_best, paths.best)] if pending_best is not None else []) + [(current, paths.last)]
-            history = list(state.history)
-            writer.save(items, after=lambda: write_metrics_csv(paths.metrics, history))
+            write(([(pending_best, paths.best)] if pending_best is not None else []) + [(current, paths.last)])
             pending_best, last_write = None, time.monotonic()
 
     def write_pending_best() -> None:
         """Before a run ends on a non-finite loss: the newest good state held in memory (a best epoch
         not yet written) becomes both best and last, so the stop loses none of the epochs before."""
         if pending_best is not None:
-            history = pending_best["history"]
-            writer.save([(pending_best, paths.best), (pending_best, paths.last)],
-                        after=lambda: write_metrics_csv(paths.metrics, history))
+            write([(pending_best, paths.best), (pending_best, paths.last)])
             runtime.print(f"wrote epoch {pending_best['epoch']} (the best so far) to {paths.best} and {paths.last}")
         writer.wait()
 
@@ -601,7 +602,7 @@ def main(argv=None) -> int:
         _report(f"error: {exc}", all_ranks_agree=False)
         return 2
     except TrainingStopped as exc:
-        command = ("the same torchrun command with" if "RANK" in os.environ
+        command = ("the same torchrun command with" if dist_utils.launched_by_torchrun()
                    else f"python -m src.training.train --config {args.config}")
         hint = f". Resume with: {command} --resume auto"
         _report(f"error: {exc}" + (hint if exc.resumable else ""), all_ranks_agree=True)
