@@ -557,12 +557,14 @@ def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
             save(improved=False, force=True)
             writer.wait()
             raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last)
-        train = sums.means(runtime)
+        train = sums.means(runtime)  # waits for the device: the time below is the steps' own
+        train_seconds = time.perf_counter() - started
         val = evaluate(eval_runner, model, val_source, config, runtime).means(runtime)
+        # The times are kept in the history (not the guide's CSV): the speed benchmark reads them.
         row = {"epoch": epoch, "lr": sums.lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "train_top5": train["top5"], "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"], "seconds": time.perf_counter() - started,
-               "skipped_images": train_source.skipped + val_source.skipped}
+               "train_seconds": train_seconds, "skipped_images": train_source.skipped + val_source.skipped}
         state.history.append(row)
         state.epoch, state.step, state.partial = epoch, 0, None
         improved = val["top1"] > state.best_val_top1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +15,8 @@ NAIVE = SHARED / "bench" / "naive_reference.py"
 def test_cpu_benchmark_reports_all_three_and_their_ratios(tmp_path, capsys):
     assert train_speed.main(["--device", "cpu", "--arch", "resnet18", "--size", "32", "--batch-size", "8",
                              "--individuals", "4", "--images", "10", "--epochs", "2", "--naive-epochs", "1",
-                             "--workers", "1", "--naive-script", str(NAIVE), "--work-dir", str(tmp_path)]) == 0
+                             "--workers", "1", "--naive-script", str(NAIVE), "--work-dir", str(tmp_path),
+                             "--profile", "--profile-rows", "5"]) == 0
     output = capsys.readouterr().out
     assert "stand-in data: 4 x 10 images" in output and "device: CPU" in output
     (result,) = json.loads(output.strip().splitlines()[-1])
@@ -23,6 +25,11 @@ def test_cpu_benchmark_reports_all_three_and_their_ratios(tmp_path, capsys):
     # The whole run (two epochs, cache, checkpoints) outlasts the one timed epoch it is measured by.
     timed_images = len((tmp_path / "data" / "annotations" / "train.txt").read_text().splitlines()) // 8 * 8
     assert result["ours_epochs"] == 2 and result["ours_wall_s"] > timed_images / result["ours_img_s"]
+    # Validation is part of each epoch, so the steps alone are faster than the epoch as a whole.
+    assert 0 < result["ours_val_share"] < 1
+    assert result["ours_steps_img_s"] == pytest.approx(result["ours_img_s"] / (1 - result["ours_val_share"]), rel=0.05)
+    assert "profile of one epoch of ours, resnet18 (default), top 5 by self_cpu_time_total" in output
+    assert "aten::convolution_backward" in output  # the profiled epoch trained the model
     assert result["ours_vs_ceiling"] == pytest.approx(result["ours_img_s"] / result["ceiling_img_s"], rel=0.02)
     if NAIVE.is_file():  # ../shared is beside the checkout in CI and here
         assert result["ours_vs_naive"] == pytest.approx(result["ours_img_s"] / result["naive_img_s"], rel=0.02)
@@ -34,3 +41,9 @@ def test_compile_mode_needs_compile(tmp_path):
     with pytest.raises(SystemExit, match="--compile-mode needs torch.compile"):
         train_speed.main(["--device", "cpu", "--no-compile", "--compile-mode", "reduce-overhead",
                           "--work-dir", str(tmp_path)])
+
+
+def test_union_of_profiler_intervals_counts_overlaps_once():
+    ranges = [SimpleNamespace(start=s, end=e) for s, e in [(5, 8), (0, 2), (1, 3), (10, 10), (6, 7)]]
+    assert train_speed._union_seconds(ranges) == pytest.approx((3 + 3) / 1e6)
+    assert train_speed._union_seconds([]) == 0
