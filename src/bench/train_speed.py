@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity
 
 from src.config import CompileMode, config_from_dict
 from src.data import prepare, standin
+from src.data.dataset import PreparedData
 from src.training.train import (RunState, StopRequest, build_model_and_optimizer, evaluate, load_data, make_runtime, run,
                                 seed_everything, train_one_epoch, wrap_for_training)
 
@@ -176,7 +177,7 @@ def profile_steps(arch: str, mode: str, data_root: Path, work: Path, args) -> No
     config = bench_config(arch, mode, data_root, work, args, 3)
     runtime = make_runtime(config)
     seed_everything(0, False)
-    classes, train_source, val_source, _ = load_data(config, runtime)
+    classes, train_source, val_source, _ = load_data(config, PreparedData.load(data_root), runtime)
     model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source))
     train_runner, eval_runner = wrap_for_training(model, config, runtime)
     state, stop = RunState(), StopRequest()

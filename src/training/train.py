@@ -176,8 +176,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def load_data(config: Config, runtime: Runtime) -> tuple[ClassIndex, BatchSource, BatchSource, str]:
-    data = PreparedData.load(config.data.root)
+def load_data(config: Config, data: PreparedData,
+              runtime: Runtime) -> tuple[ClassIndex, BatchSource, BatchSource, str]:
     train_rows = data.split("train", open_set=config.data.open_set)
     val_rows = data.split("val", open_set=config.data.open_set)
     classes = ClassIndex.from_rows(train_rows)
@@ -474,20 +474,21 @@ def run(config: Config, resume: str | None = None) -> RunState:
     """Train as configured; returns the final state. Raises ConfigError, DatasetError, ModelError,
     CheckpointError or TrainingStopped."""
     runtime = make_runtime(config)
+    data = PreparedData.load(config.data.root)  # before claiming outputs: a wrong data.root creates no folder
     paths = RunPaths(config.trainer.output_dir, config.name)
     stop = StopRequest()
     try:
         with claim_outputs(paths, runtime):
-            return fit(config, runtime, paths, resume, stop)
+            return fit(config, data, runtime, paths, resume, stop)
     finally:
         stop.uninstall()
 
 
-def fit(config: Config, runtime: Runtime, paths: RunPaths, resume: str | None,
+def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, resume: str | None,
         stop: StopRequest) -> RunState:
     seed_everything(config.trainer.seed, config.trainer.deterministic)
     resume_path, checkpoint = read_resume_checkpoint(resume, paths)
-    classes, train_source, val_source, fingerprint = load_data(config, runtime)
+    classes, train_source, val_source, fingerprint = load_data(config, data, runtime)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, classes, fingerprint, resume_path)
     model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source))

@@ -144,6 +144,7 @@ def _moved_raw_dir(tiny_data, tmp_path):
     (lambda data, tmp: ({"data.cache_dir": str(tmp / "a_file")}, data),
      "data.cache_dir: cannot write the image cache in"),
     (lambda data, tmp: ({}, _moved_raw_dir(data, tmp)), "training images could be read under"),
+    (lambda data, tmp: ({}, tmp / "no_such_root"), "annotations/prepared.json not found"),
 ])
 def test_unusable_cache_folder_or_raw_folder_exit_2_in_one_line(tiny_data, tmp_path, capsys, setup, message):
     (tmp_path / "a_file").write_text("not a folder")
@@ -152,6 +153,8 @@ def test_unusable_cache_folder_or_raw_folder_exit_2_in_one_line(tiny_data, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not list((tmp_path / "artifacts").glob("tiny_*"))  # nothing written
+    if "no_such_root" in str(data_root):  # refused before the output folder and its lock are made
+        assert not (tmp_path / "artifacts").exists()
 
 
 def test_run_gives_the_signal_handlers_back_and_runs_from_a_thread(tiny_data, tmp_path):
