@@ -14,6 +14,7 @@ step and resumed sees exactly the batches an uninterrupted run sees.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -112,10 +113,54 @@ class CachedSource(BatchSource):
         if not plan:
             return
         # One host-to-device copy of the epoch's indices, not one per step.
-        all_indices = torch.cat(plan).to(self.images.device)
-        for indices in all_indices.split([len(batch) for batch in plan]):
-            pixels = self.images[indices].to(self.device, non_blocking=True)
-            yield pixels, self.labels[indices.to(self.labels.device)]
+        on_device = torch.cat(plan).to(self.device).split([len(batch) for batch in plan])
+        if self.images.device.type == self.device.type:
+            pixels = (self.images[indices] for indices in on_device)
+        else:  # the cache in host memory, training on the GPU
+            pixels = staged_batches(self.images, plan, self.device)
+        yield from zip(pixels, (self.labels[indices] for indices in on_device))
+
+
+# Pinned buffers of the host-cache path: one being gathered while up to two wait for their copy.
+STAGING_SLOTS = 3
+
+
+def staged_batches(images: torch.Tensor, plan: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """`images[indices]` for each batch of `plan`, on `device`, from a cache in host memory.
+
+    A background thread gathers the next batch from the memory map into one of a few pinned buffers
+    while the current one trains; each is copied to the GPU asynchronously (pageable memory would
+    make every copy wait). Only these buffers are pinned, never the whole cache: host memory stays
+    the cache's page cache plus a few batches. A buffer is refilled only once the GPU has copied it.
+    The gather is NumPy's `take` (mode "clip" writes straight into the buffer; "raise" goes through a
+    temporary): 1.8 ms for 128 images at 256 px on 2 cores (median of 15), where "raise" took 5.5 ms,
+    `torch.index_select` into the buffer 5-10 ms and plain indexing (a new tensor each time) 24 ms.
+    """
+    cuda = device.type == "cuda"  # tests run this on the CPU: no pinned memory, no events there
+    shape = (max(len(batch) for batch in plan), *images.shape[1:])
+    buffers = [torch.empty(shape, dtype=images.dtype, pin_memory=cuda) for _ in range(STAGING_SLOTS)]
+    copied: list[torch.cuda.Event | None] = [None] * STAGING_SLOTS
+    source = images.numpy()
+
+    def gather(step: int) -> torch.Tensor:
+        slot = step % STAGING_SLOTS
+        if copied[slot] is not None:
+            copied[slot].synchronize()  # the GPU has finished copying what this buffer held
+        staging = buffers[slot][:len(plan[step])]
+        np.take(source, plan[step].numpy(), axis=0, out=staging.numpy(), mode="clip")  # indices are valid
+        return staging
+
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-gather") as pool:
+        pending = pool.submit(gather, 0)
+        for step in range(len(plan)):
+            staging = pending.result()
+            pixels = staging.to(device, non_blocking=True)
+            if cuda:
+                copied[step % STAGING_SLOTS] = torch.cuda.Event()
+                copied[step % STAGING_SLOTS].record()
+            if step + 1 < len(plan):
+                pending = pool.submit(gather, step + 1)
+            yield pixels
 
 
 def _to_cache_tensor(image, cache_size: int) -> torch.Tensor:
@@ -165,7 +210,8 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
     labels = torch.tensor([classes.index(rows[i][1]) for i in kept], dtype=torch.long, device=device)
     images = cached.images
     if device.type == "cuda":
-        images = images.to(device) if config.data.cache_on_device else images.pin_memory()
+        if config.data.cache_on_device:
+            images = images.to(device)  # else it stays memory-mapped: CachedSource stages each batch
     source = CachedSource(labels=labels, images=images, **common)
     source.skipped = len(cached.failed)
     return source

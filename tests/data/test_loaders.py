@@ -1,11 +1,15 @@
-"""Batch plans: what each process sees in each step, whatever the number of processes."""
+"""Batch plans (what each process sees in each step, whatever the number of processes) and the
+host-cache staging path."""
+import threading
+
+import numpy as np
 import pytest
 import torch
 
 from src.config import ConfigError, load_config
 from src.data import cache
 from src.data.dataset import ClassIndex, PreparedData
-from src.data.loaders import BatchSource, batch_plan, build_source
+from src.data.loaders import STAGING_SLOTS, BatchSource, batch_plan, build_source, staged_batches
 from src.parallel import WorkerDied
 from tests.conftest import write_config
 
@@ -60,3 +64,38 @@ def test_a_cache_worker_that_dies_is_a_one_line_config_error(tiny_data, tmp_path
     rows = data.split("train")
     with pytest.raises(ConfigError, match=r"^data.workers: building the image cache, a worker process died"):
         build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True, device=torch.device("cpu"))
+
+
+def _memory_mapped_cache(tmp_path, n=31, size=6):
+    array = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    array.tofile(tmp_path / "cache.u8")
+    return torch.from_numpy(np.memmap(tmp_path / "cache.u8", dtype=np.uint8, mode="c", shape=array.shape))
+
+
+def test_staged_batches_gather_every_batch_from_a_memory_mapped_cache(tmp_path):
+    """The staging logic on the CPU: more batches than buffers, a short last batch. Here a batch is a
+    view of its buffer (no copy to a GPU), so each one is checked before the next is gathered."""
+    images = _memory_mapped_cache(tmp_path)
+    plan = batch_plan(len(images), 4, train=False, seed=0, epoch=0)
+    assert len(plan) > 2 * STAGING_SLOTS and len(plan[-1]) == 3
+    for indices, pixels in zip(plan, staged_batches(images, plan, torch.device("cpu")), strict=True):
+        assert torch.equal(pixels, images[indices])
+
+
+def test_staged_batches_stop_their_gather_thread_when_the_loop_stops_early(tmp_path):
+    images = _memory_mapped_cache(tmp_path)
+    batches = staged_batches(images, batch_plan(len(images), 4, train=False, seed=0, epoch=0), torch.device("cpu"))
+    next(batches)
+    gatherers = lambda: [t for t in threading.enumerate() if t.name.startswith("cache-gather")]  # noqa: E731
+    assert gatherers()  # gathering the next batch
+    batches.close()  # what a `break` out of the training loop does
+    assert not gatherers()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers and asynchronous copies need CUDA")
+def test_staged_batches_on_the_gpu_survive_the_reuse_of_their_buffers(tmp_path):
+    images = _memory_mapped_cache(tmp_path, n=200, size=32)
+    plan = batch_plan(len(images), 16, train=True, seed=1, epoch=0)
+    kept = list(staged_batches(images, plan, torch.device("cuda")))  # all held: buffers reused meanwhile
+    for indices, pixels in zip(plan, kept, strict=True):
+        assert pixels.is_cuda and torch.equal(pixels.cpu(), images[indices])
