@@ -83,13 +83,25 @@ def atomic_save(obj, path: str | Path) -> None:
 
 def snapshot(tree):
     """A snapshot of a checkpoint: every tensor copied to the CPU, so training can go on mutating
-    the originals while the copy is written."""
+    the originals while the copy is written.
+
+    GPU tensors are copied asynchronously into pinned memory (what `non_blocking=True` gives a
+    device-to-host copy) and waited for once at the end: one synchronisation for the whole
+    checkpoint instead of one pageable, blocking copy per tensor (several hundred for a ResNet
+    and its AdamW state)."""
+    copy = _copy_to_cpu(tree)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return copy
+
+
+def _copy_to_cpu(tree):
     if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
+        return tree.detach().to("cpu", copy=True, non_blocking=tree.is_cuda)
     if isinstance(tree, dict):
-        return {key: snapshot(value) for key, value in tree.items()}
+        return {key: _copy_to_cpu(value) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(snapshot(value) for value in tree)
+        return type(tree)(_copy_to_cpu(value) for value in tree)
     return tree
 
 

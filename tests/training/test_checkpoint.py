@@ -62,10 +62,10 @@ def _project_keys(**changes) -> dict:
     (lambda p: torch.save(_project_keys(format_version="1"), p), "malformed format_version: str"),
     (lambda p: torch.save(_project_keys(config="resnet18", epoch=None), p), "malformed epoch: NoneType, config: str"),
 ])
-def test_unusable_files_exit_2_in_one_line_naming_the_problem(tmp_path, capsys, write, message):
+def test_unusable_files_exit_2_in_one_line_naming_the_problem(tiny_data, tmp_path, capsys, write, message):
     path = tmp_path / "x_last.pt"
     write(path)
-    assert train.main(["--config", str(write_config(tmp_path, tmp_path)), "--resume", str(path)]) == 2
+    assert train.main(["--config", str(write_config(tmp_path, tiny_data)), "--resume", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {path}: ") and captured.err.count("\n") == 1, captured.err
     assert message in captured.err and "unpickled" not in captured.out
