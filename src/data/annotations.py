@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import yaml
 
 from src.data.io import IMAGE_EXTENSIONS
-from src.data.lists import ListFormatError, read_list
+from src.data.lists import ListFormatError, read_numbered_list
 from src.textfiles import read_utf8
 
 
@@ -211,19 +212,25 @@ def _relative_image_path(text: str, prefix: str, where: str) -> str:
 def read_list_file(list_file: str | Path) -> list[Record]:
     """Records of a `<relative path> <individual>` list; paths are relative to the raw folder."""
     try:
-        rows = read_list(list_file)
+        rows = read_numbered_list(list_file)
     except ListFormatError as exc:
         raise AnnotationError(str(exc)) from None
     if not rows:
         raise AnnotationError(f"{list_file}: no images listed")
     source = Path(list_file).name
-    return [Record(path=_relative_image_path(rel, "", f"{list_file}: {rel}"), individual=name,
-                   source=source, origin=f"{list_file}: entry {i}")
-            for i, (rel, name) in enumerate(rows, 1)]
+    records = []
+    for lineno, rel, name in rows:
+        where = f"{list_file}:{lineno}"
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS:  # 'a b.png' read as path 'a', name 'b.png'
+            raise AnnotationError(f"{where}: expected '<path> <individual>', got {f'{rel} {name}'!r}: "
+                                  f"the individual is missing")
+        records.append(Record(path=_relative_image_path(rel, "", where), individual=name, source=source,
+                              origin=where))
+    return records
 
 
 # Files a file manager or OS leaves in photo folders; anything else that is not an image is refused.
-IGNORED_FILES = {"Thumbs.db", "desktop.ini"}
+IGNORED_FILES = {"thumbs.db", "desktop.ini"}  # compared lowercased, as Windows names are
 
 
 def read_folder(root: str | Path) -> list[Record]:
@@ -237,11 +244,14 @@ def read_folder(root: str | Path) -> list[Record]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise AnnotationError(f"folder {root} not found")
+        raise AnnotationError(f"{root} is not a folder" if root.exists() else f"folder {root} not found")
     records = []
     for entry in sorted(root.iterdir()):
         if _hidden(entry.name):
             continue
+        if entry.is_symlink() and not entry.exists():  # e.g. a link into a disk not mounted now
+            raise AnnotationError(f"{entry}: broken link to {os.readlink(entry)}; mount or fix its "
+                                  f"target, or remove the link")
         if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
             raise AnnotationError(f"{entry}: image directly under {root}; expected "
                                   f"{root}/<individual>/<image> (is --folder one individual's folder?)")
@@ -256,21 +266,31 @@ def read_folder(root: str | Path) -> list[Record]:
 
 
 def _read_individual_folder(root: Path, folder: Path) -> list[Record]:
+    """Every file under `folder`, following symlinked sub-folders (photos linked in from another disk
+    are common; `rglob` skips them) and visiting each real folder once, so a link to an ancestor
+    cannot loop. A broken link is kept, so that it is reported as a missing file, not dropped."""
+    paths, seen = [], {os.path.realpath(folder)}
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        unseen = []
+        for name in dirs:
+            real = os.path.realpath(Path(top, name))
+            if not _hidden(name) and real not in seen:
+                seen.add(real)
+                unseen.append(name)
+        dirs[:] = unseen
+        paths += [Path(top, f) for f in files if not _hidden(f)]
     records = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(root)
-        if not path.is_file() or any(_hidden(part) for part in rel.parts):
-            continue
+    for path in sorted(paths):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise AnnotationError(f"{path}: unknown image format {path.suffix or '(no extension)'!r}; "
                                   f"supported: {' '.join(IMAGE_EXTENSIONS)}")
-        records.append(Record(path=rel.as_posix(), individual=folder.name, source="folder",
-                              origin=rel.as_posix()))
+        rel = path.relative_to(root).as_posix()
+        records.append(Record(path=rel, individual=folder.name, source="folder", origin=rel))
     return records
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in IGNORED_FILES
+    return name.startswith(".") or name.lower() in IGNORED_FILES
 
 
 # --- names with whitespace --------------------------------------------------------------------------
@@ -334,20 +354,22 @@ class LabelsFix:
     @classmethod
     def _from_yaml(cls, text: str, path: Path) -> LabelsFix:
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_NamesLoader) or {}
         except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", -1) + 1
-            raise AnnotationError(f"{path}:{line}: not valid YAML") from None
-        unknown = set(data) - {"aliases", "exclude_names", "exclude_images"} \
-            if isinstance(data, dict) else {"(not a mapping)"}
+            mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+            raise AnnotationError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML"
+                                  f"{f' ({problem})' if problem else ''}") from None
+        if not isinstance(data, dict):
+            raise AnnotationError(f"{path}: expected a mapping with keys aliases, exclude_names, "
+                                  f"exclude_images")
+        unknown = set(data) - {"aliases", "exclude_names", "exclude_images"}
         if unknown:
             raise AnnotationError(f"{path}: unknown key(s) {sorted(map(str, unknown))}; expected "
                                   f"aliases, exclude_names, exclude_images")
         aliases = data.get("aliases") or {}
-        if not isinstance(aliases, dict):
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
             raise AnnotationError(f"{path}: aliases must map old name -> new name")
-        return cls(aliases={str(k): str(v) for k, v in aliases.items()},
-                   exclude_names=_string_set(data, "exclude_names", path),
+        return cls(aliases=aliases, exclude_names=_string_set(data, "exclude_names", path),
                    exclude_images=_string_set(data, "exclude_images", path))
 
     @classmethod
@@ -359,8 +381,11 @@ class LabelsFix:
                 continue
             keyword, _, rest = line.partition(" ")
             if "->" in line:
-                old, _, new = line.partition("->")
-                fix.aliases[old.strip()] = new.strip()
+                old, _, new = (part.strip() for part in line.partition("->"))
+                if fix.aliases.get(old, new) != new:
+                    raise AnnotationError(f"{path}:{lineno}: {old!r} already has the alias "
+                                          f"{fix.aliases[old]!r}; keep one")
+                fix.aliases[old] = new
             elif keyword == "exclude-name" and rest.strip():
                 fix.exclude_names.add(rest.strip())
             elif keyword == "exclude-image" and rest.strip():
@@ -408,6 +433,22 @@ class LabelsFix:
 
 def _string_set(data: dict, key: str, path: Path) -> set[str]:
     values = data.get(key) or []
-    if not isinstance(values, list):
-        raise AnnotationError(f"{path}: {key} must be a list")
-    return {str(v) for v in values}
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise AnnotationError(f"{path}: {key} must be a list of names or paths")
+    return set(values)
+
+
+class _NamesLoader(yaml.BaseLoader):
+    """YAML whose scalars all stay strings, as names are (safe_load would turn `No` into False, `null`
+    into None and `007` into 7), and where a key given twice is an error rather than silently
+    replacing the first (a second `aliases:` block would drop every alias of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)

@@ -62,7 +62,11 @@ def fetch_release(raw_dir: str | Path, url: str = DEFAULT_URL, *, attempts: int 
     if not archive.is_file():
         download(url, archive, attempts=attempts, wait_s=wait_s, timeout_s=timeout_s)
     extract(archive, raw_dir)
-    counts = verify_release(raw_dir)
+    try:
+        counts = verify_release(raw_dir)
+    except DownloadError as exc:  # a rerun would unpack the same archive again, whatever its --url
+        raise DownloadError(f"{exc}, after unpacking {archive}; it lacks those images: delete it to "
+                            f"download again (check --url)") from None
     archive.unlink()
     return counts
 

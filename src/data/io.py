@@ -49,6 +49,8 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(path, "file not found")
+    if path.stat().st_size == 0:  # e.g. an interrupted copy; Pillow would only say "unidentified"
+        raise ImageLoadError(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,5 +67,9 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageLoadError(path, "not an image in a known format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own check, in open()
         raise ImageLoadError(path, f"exceeds the {max_pixels:,}-pixel limit ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the system refused the read (permissions, I/O error), not the decoder
+            raise ImageLoadError(path, f"cannot be read ({exc.strerror})") from None
+        raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None
+    except (SyntaxError, ValueError) as exc:
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None

@@ -17,6 +17,11 @@ class ListFormatError(ValueError):
 
 def read_list(path: str | Path) -> list[tuple[str, str]]:
     """Rows of `(relative_path, individual)` in file order; blank lines and `#` comments skipped."""
+    return [(rel, name) for _, rel, name in read_numbered_list(path)]
+
+
+def read_numbered_list(path: str | Path) -> list[tuple[int, str, str]]:
+    """`read_list` with each row's line number first, for messages about a user's own list."""
     path = Path(path)
     if not path.is_file():
         raise ListFormatError(f"{path}: list file not found")
@@ -28,7 +33,7 @@ def read_list(path: str | Path) -> list[tuple[str, str]]:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>', got {line!r}")
-        rows.append((parts[0], parts[1]))
+        rows.append((lineno, parts[0], parts[1]))
     return rows
 
 

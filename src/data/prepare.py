@@ -9,8 +9,8 @@ Stages, one function each, in this order:
 5. `filter_min_images` keep individuals with at least `--min-images` usable images
 6. `make_splits`     stratified train/val/test and the open-set hold-out (`src/data/splits.py`)
 7. `build_report`, `write_lists`, `write_metadata`, `prepared_info`: the validation report, the lists,
-   `metadata.csv` and `prepared.json` (removed first and written last, so its presence means the
-   rest is complete and current)
+   `metadata.csv` and `prepared.json` (removed before the first write and written last, so its
+   presence means the rest is complete and current)
 
 The file layout under `<out-dir>/annotations/` is the contract in docs/DESIGN.md. The function
 `prepare` runs everything and returns a `PrepareResult`, so tests and other stages need no subprocess.
@@ -296,8 +296,10 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     log.info("parsed     %s", describe(parsed))
     fixed, fix_exclusions, fix_info = apply_labels_fix(parsed, fix)
     fixed = check_names(fixed, spaces_to_underscores)
-    log.info("min%-7d %s by the annotations alone", min_images,
-             describe(filter_min_images(fixed, min_images)[0]))
+    annotated_kept = filter_min_images(fixed, min_images)[0]
+    log.info("min%-7d %s by the annotations alone", min_images, describe(annotated_kept))
+    if open_set_individuals:  # refused before decoding: problem images can only lower this count
+        choose_unknown([r.individual for r in annotated_kept], open_set_individuals, seed)
 
     problems, checks = check_images(fixed, raw, workers)
     problem_origins = {e.record.origin for e in problems}
@@ -308,18 +310,19 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     log.info("usable     %s", describe(usable))
 
     annotations_dir = Path(out_dir) / "annotations"
-    (annotations_dir / "prepared.json").unlink(missing_ok=True)  # a failed run leaves none behind
     report = build_report(raw, input_kind, min_images, parsed, fixed, exclusions, usable, kept, fix_info)
-    md_path, _ = write_report(report, annotations_dir)
     kept_individuals = len({r.individual for r in kept})
-    if kept_individuals < 2:
+    # Split before writing anything, so that a split that cannot be made leaves an earlier output whole.
+    splits = make_splits([(r.path, r.individual) for r in kept], fractions, seed, open_set_individuals) \
+        if kept_individuals >= 2 else None
+    (annotations_dir / "prepared.json").unlink(missing_ok=True)  # a failed run leaves none behind
+    md_path, _ = write_report(report, annotations_dir)
+    if splits is None:
         raise PrepareError(f"{kept_individuals} individual(s) with at least {min_images} usable images; "
                            f"identification needs 2 or more ({len(exclusions):,} of {len(parsed):,} "
                            f"images excluded, see {md_path})")
     log.info("kept       %s -> num_classes %d", describe(kept), kept_individuals)
-
-    closed, open_set, unknown = make_splits([(r.path, r.individual) for r in kept], fractions, seed,
-                                            open_set_individuals)
+    closed, open_set, unknown = splits
     prepared = prepared_info(raw, input_kind, min_images, seed, fractions, kept, closed, open_set,
                              unknown, fix, report["problems"])
     write_lists(annotations_dir, min_images, usable, kept, closed, open_set, unknown)

@@ -147,13 +147,17 @@ def test_list_file(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("# my photos\nphotos/a b.jpg Kofi\n\nphotos/c.PNG Lome\n")
     records = read_list_file(f)
-    assert [(r.path, r.individual, r.source) for r in records] == [
-        ("photos/a b.jpg", "Kofi", "mine.txt"), ("photos/c.PNG", "Lome", "mine.txt")]
+    assert [(r.path, r.individual, r.source, r.origin) for r in records] == [
+        ("photos/a b.jpg", "Kofi", "mine.txt", f"{f}:2"), ("photos/c.PNG", "Lome", "mine.txt", f"{f}:4")]
     f.write_text("photos/a.jpg Kofi\nphotos/b.jpg\n")
     with pytest.raises(AnnotationError, match=r"mine.txt:2: expected '<path> <individual>'"):
         read_list_file(f)
-    f.write_text("photos/a.doc Kofi\n")
-    with pytest.raises(AnnotationError, match="unknown image format '.doc'"):
+    f.write_text("photos/a.jpg Kofi\n\nphotos/a.doc Kofi\n")
+    with pytest.raises(AnnotationError, match=r"mine.txt:3: unknown image format '.doc'"):
+        read_list_file(f)
+    # A path with a space and no name splits into path 'photos/b' and "name" 'c.png': say so.
+    f.write_text("photos/a.jpg Kofi\nphotos/b c.png\n")
+    with pytest.raises(AnnotationError, match=r"mine.txt:2: .*'photos/b c.png': the individual is missing"):
         read_list_file(f)
     f.write_text("\n")
     with pytest.raises(AnnotationError, match="no images listed"):
@@ -169,6 +173,27 @@ def test_folder_layout(tmp_path):
     assert [(r.path, r.individual, r.source) for r in records] == [
         ("Kofi/2019/b.JPG", "Kofi", "folder"), ("Kofi/a.png", "Kofi", "folder"),
         ("Lome/c.pgm", "Lome", "folder")]
+
+
+def test_folder_layout_follows_linked_sub_folders_and_keeps_broken_links(tmp_path):
+    """Photos linked in from another disk are read, a link to an ancestor does not loop, a broken
+    link becomes a record (reported as a missing file later) instead of vanishing."""
+    elsewhere = tmp_path / "camera" / "2019"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "b.png").write_bytes(b"x")
+    root = tmp_path / "photos"
+    (root / "Kofi").mkdir(parents=True)
+    (root / "Kofi" / "a.png").write_bytes(b"x")
+    (root / "Kofi" / "THUMBS.DB").write_bytes(b"x")
+    (root / "Kofi" / "2019").symlink_to(elsewhere)
+    (root / "Kofi" / "loop").symlink_to(root / "Kofi")
+    (root / "Kofi" / "gone.png").symlink_to(tmp_path / "unmounted" / "gone.png")
+    assert [r.path for r in read_folder(root)] == ["Kofi/2019/b.png", "Kofi/a.png", "Kofi/gone.png"]
+    (root / "Lome").symlink_to(tmp_path / "unmounted" / "Lome")
+    with pytest.raises(AnnotationError, match=r"Lome: broken link to .*unmounted/Lome"):
+        read_folder(root)
+    with pytest.raises(AnnotationError, match=r"a.png is not a folder"):  # one image given, not the root
+        read_folder(root / "Kofi" / "a.png")
 
 
 @pytest.mark.parametrize("files, message", [
@@ -217,12 +242,32 @@ def test_labels_fix_text_matches_yaml(tmp_path):
     ("fix.yaml", "aliases: [A, B]\n", "aliases must map"),
     ("fix.yaml", "alias: {A: B}\n", r"unknown key\(s\) \['alias'\]"),
     ("fix.yaml", "exclude_names: Adult\n", "exclude_names must be a list"),
-    ("fix.yaml", "aliases: {A: B\n", r"fix.yaml:\d+: not valid YAML"),
+    ("fix.yaml", "aliases: {A: B\n", r"fix.yaml:\d+: not valid YAML \(expected ',' or '}'"),
+    ("fix.yaml", "- Adult\n", "expected a mapping with keys aliases"),
+    ("fix.yaml", "exclude_names: [{Adult: 1}]\n", "exclude_names must be a list of names or paths"),
+    ("fix.yaml", "aliases: {A: [B]}\n", "aliases must map"),
+    ("fix.yaml", "aliases:\n  A: B\n  A: C\n", r"fix.yaml:3: not valid YAML \('A' is given twice\)"),
+    # A second block would silently replace the first, dropping its aliases.
+    ("fix.yaml", "aliases: {A: B}\nexclude_names: []\naliases: {C: D}\n", "'aliases' is given twice"),
+    ("fix.txt", "A -> B\n# later\nA -> C\n", r"fix.txt:3: 'A' already has the alias 'B'"),
 ])
 def test_labels_fix_errors(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(AnnotationError, match=message):
         LabelsFix.load(tmp_path / name)
+
+
+def test_labels_fix_yaml_names_stay_as_written(tmp_path):
+    """Names are strings: YAML 1.1 would read `No` as False, `null` as None and `007` as 7."""
+    f = tmp_path / "fix.yaml"
+    f.write_text("aliases:\n  No: 'Yes'\n  Off: null\n  007: Bond\nexclude_names: [On, 1e3]\n")
+    fix = LabelsFix.load(f)
+    assert fix.aliases == {"No": "Yes", "Off": "null", "007": "Bond"}
+    assert fix.exclude_names == {"On", "1e3"}
+    kept, _, unused = fix.apply(_records("No", "007", "Kofi"))
+    assert [r.individual for r in kept] == ["Yes", "Bond", "Kofi"] and unused == ["alias Off",
+                                                                                  "exclude-name 1e3",
+                                                                                  "exclude-name On"]
 
 
 def test_example_labels_fix_loads():

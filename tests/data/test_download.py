@@ -155,6 +155,9 @@ def test_incomplete_release_fails_verification_and_keeps_the_archive(tmp_path, s
     with pytest.raises(DownloadError, match="incomplete: images present CZoo 3 of 4, CTai 4 of 4"):
         fetch_release(tmp_path / "raw", server.url, wait_s=0)
     assert (tmp_path / "raw.zip").is_file()
+    # A rerun unpacks the kept archive, not a corrected --url: the message says how to get out of that.
+    with pytest.raises(DownloadError, match=r"after unpacking .*raw.zip; it lacks those images: delete it"):
+        fetch_release(tmp_path / "raw", "http://127.0.0.1:9/other.zip", wait_s=0)
 
 
 def test_corrupt_archive_is_deleted(tmp_path, serve):

@@ -17,6 +17,7 @@ from PIL import Image
 from src.data.annotations import AnnotationError
 from src.data.lists import read_list
 from src.data.prepare import PrepareError, main, prepare
+from src.data.splits import SplitError
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_RAW = REPO.parent / "shared" / "chimpanzee_faces" / "annotations" / "raw"
@@ -153,6 +154,24 @@ def test_problem_images_are_excluded_and_reported(tmp_path):
     assert "img-Tita-1.png" in report_md and "unreadable" in report_md
 
 
+def test_a_split_that_cannot_be_made_leaves_the_earlier_output_whole(tmp_path, monkeypatch):
+    """Rerunning with an open-set K too large for the data fails without touching the dataset
+    prepared before (prepared.json used to be deleted and the report replaced)."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)  # 6 individuals with 10+ images
+    prepare(raw, tmp_path / "out", **_quiet())
+    annotations = tmp_path / "out" / "annotations"
+    before = {p: p.read_bytes() for p in annotations.rglob("*") if p.is_file()}
+    with monkeypatch.context() as m:  # impossible by the annotations alone: refused before decoding
+        m.setattr("src.data.prepare.check_images", lambda *a: pytest.fail("images decoded"))
+        with pytest.raises(SplitError, match="cannot hold out 5 of 6 individuals"):
+            prepare(raw, tmp_path / "out", open_set_individuals=5, workers=2)
+    # Possible by the annotations; an unreadable image then leaves Lome 9 of 10, so 5 individuals.
+    (raw / RELEASE / "data_CZoo" / "face_images" / "img-Lome-0.png").write_bytes(b"")
+    with pytest.raises(SplitError, match="cannot hold out 4 of 5 individuals"):
+        prepare(raw, tmp_path / "out", open_set_individuals=4, workers=2)
+    assert {p: p.read_bytes() for p in annotations.rglob("*") if p.is_file()} == before
+
+
 def test_strict_exits_1_on_problems(tmp_path, capsys):
     raw = make_release(tmp_path / "raw", CZOO, CTAI)
     (raw / RELEASE / "data_CZoo" / "face_images" / "img-Kofi-0.png").unlink()
@@ -228,6 +247,14 @@ def test_folder_input_with_many_formats(tmp_path):
         sizes = {r["path"]: (r["width"], r["height"]) for r in csv.DictReader(f)}
     assert sizes["Kofi/rotated.jpg"] == ("16", "10")  # EXIF orientation applied
     assert not (result.annotations_dir / "open_set").exists()
+
+
+def test_folder_input_reports_a_broken_link_as_missing(tmp_path):
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
+    (root / "Kofi" / "usb.png").symlink_to(tmp_path / "unmounted.png")
+    result = prepare(folder=root, out_dir=tmp_path / "out", min_images=3, open_set_individuals=0)
+    excluded = [(e["path"], e["category"]) for e in result.report["excluded"]]
+    assert excluded == [("Kofi/usb.png", "missing file")]
 
 
 def test_folder_names_with_spaces(tmp_path):

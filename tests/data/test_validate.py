@@ -56,6 +56,7 @@ def test_image_problems_are_found(tmp_path):
     assert details["list:copy.png"] == "same pixels as ok.png"
     assert "labelled Kofi, Lome" in details["list:clash_a.png"]
     assert "truncated" in details["list:truncated.png"] or "corrupt" in details["list:truncated.png"]
+    assert details["list:empty.jpg"] == "empty file (0 bytes)"  # not "not an image in a known format"
     assert checks["ok.png"].size == (12, 12)
 
 
@@ -86,6 +87,17 @@ def test_common_formats_load(tmp_path, name, write, size):
     write(tmp_path / name)
     check = check_image(tmp_path / name)
     assert (check.reason, check.size) == ("", size)
+
+
+def test_a_file_the_system_cannot_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A permission or disk error says so; "corrupt or truncated" would send the user to the image."""
+    _save(tmp_path / "locked.png", 1)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked.png"))
+
+    monkeypatch.setattr("src.data.io.Image.open", refuse)
+    assert check_image(tmp_path / "locked.png").reason == "cannot be read (Permission denied)"
 
 
 def test_levenshtein():
