@@ -39,6 +39,7 @@ from src.config import Config, ConfigError, ModelConfig, config_from_dict
 from src.errors import first_line, positive_int
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
+from src.devices import pick_device
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
@@ -123,15 +124,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def pick_device(wanted: str | None) -> torch.device:
-    """`cpu`, `cuda`, or None for cuda when available, else cpu."""
-    if wanted not in (None, "cpu", "cuda"):
-        raise EvaluationError(f"device must be 'cpu' or 'cuda' (or None: cuda when available), not {wanted!r}")
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(wanted or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 @contextmanager
 def reproducible_arithmetic():
     """No cuDNN autotuning and no TF32 (both change the arithmetic from run to run or from fp32),
@@ -173,8 +165,17 @@ def load_run(path: Path, device: torch.device) -> Run:
     try:
         model.load_state_dict(checkpoint["model_state"])
     except RuntimeError as exc:
-        raise EvaluationError(f"{path}: weights do not fit the model its config describes ({first_line(exc)})") from None
+        raise EvaluationError(f"{path}: weights do not fit the model its config describes "
+                              f"({state_dict_problem(exc)})") from None
     return Run(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
+
+
+def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:
+    """The first problem `load_state_dict` names, shortened: its message starts with a header that
+    names none ("Error(s) in loading state_dict for ...:"), then one line per problem."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    problem = next((line for line in lines[1:] if line), first_line(exc))
+    return problem if len(problem) <= limit else problem[:limit - 3] + "..."
 
 
 def evaluation_config(config: Config, data_root: Path | None, batch_size: int) -> Config:
@@ -556,7 +557,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str =
     checkpoint = Path(checkpoint)
     out = default_out(checkpoint, split) if out is None else Path(out)
     data_root = None if data_root is None else Path(data_root)
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, EvaluationError)
     with reproducible_arithmetic():
         return _evaluate(checkpoint, out, split, data_root, torch_device, batch_size)
 

@@ -7,7 +7,8 @@ Writes into `--out`, named after the checkpoint:
 
 - `<stem>.onnx` (opset 17): input `images`, float32 `N x 3 x S x S` normalised as training's eval
   path (`BatchAugment.eval`); outputs `embeddings` (`N x D`, L2-normalised) and `logits` (`N x C`);
-  the batch axis is dynamic. `predict --onnx` runs it with ONNX Runtime alone.
+  the batch axis is dynamic; the checkpoint's sha256 in its metadata. `predict --onnx` runs it with
+  ONNX Runtime alone, after checking that sha256 against the JSON below.
 - `<stem>.torchscript.pt`: the same module traced (`torch.jit.load`, no project code needed).
 - `<stem>.json`: the class names, the training config (preprocessing, head), the checkpoint's sha256
   (galleries are tied to it), the threshold evaluation stored (export again after re-evaluating), and
@@ -32,9 +33,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import torch
 
@@ -42,8 +45,9 @@ from src import atomic
 from src.atomic import atomic_destination
 from src.data.standin import individual_name, render
 from src.errors import positive_int
-from src.inference.identify import (EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, USAGE_ERRORS, Identifier,
-                                    InferenceError, OnnxBackend, export_info_path, stored_thresholds)
+from src.inference.identify import (CHECKPOINT_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES,
+                                    USAGE_ERRORS, Identifier, InferenceError, OnnxBackend, export_info_path,
+                                    stored_thresholds)
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -81,13 +85,17 @@ def standin_batch(identifier: Identifier, count: int) -> torch.Tensor:
     return identifier.preprocess.normalise(pixels, torch.device("cpu")).contiguous()
 
 
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Runner:
-    """Write the ONNX file; returns a runner on it in ONNX Runtime (CPU)."""
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, checkpoint_sha256: str) -> Runner:
+    """Write the ONNX file, with the checkpoint's sha256 in its metadata (`predict --onnx` checks it
+    against the JSON beside it); returns a runner on it in ONNX Runtime (CPU)."""
     with atomic_destination(path) as target, warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # "legacy exporter" (see above)
         torch.onnx.export(module, (example,), str(target), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
+        model = onnx.load(str(target))
+        onnx.helper.set_model_props(model, {CHECKPOINT_METADATA: checkpoint_sha256})
+        onnx.save(model, str(target))
     return OnnxBackend(path, "cpu")
 
 
@@ -137,7 +145,8 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
     batch = standin_batch(identifier, CHECK_IMAGES)
     stem = checkpoint.stem
     paths = {"onnx": out / f"{stem}.onnx", "torchscript": out / f"{stem}.torchscript.pt"}
-    exporters = {"onnx": export_onnx, "torchscript": export_torchscript}
+    exporters = {"onnx": partial(export_onnx, checkpoint_sha256=identifier.info.checkpoint_sha256),
+                 "torchscript": export_torchscript}
 
     runners: dict[str, Runner] = {"pytorch": identifier.backend}
     try:

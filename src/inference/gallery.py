@@ -37,7 +37,7 @@ import numpy as np
 from src import atomic
 from src.data.dataset import DatasetError, PreparedData
 from src.evaluation.metrics import individual_scores, prototypes
-from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images
+from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
 
 FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
@@ -78,6 +78,8 @@ class Gallery:
     def load(cls, path: str | Path) -> Gallery:
         """Read and validate a gallery file. Raises GalleryError (pickled content included)."""
         path = Path(path)
+        if path.is_dir():
+            raise GalleryError(f"{path}: a folder, not a gallery file (.npz)")
         if not path.is_file():
             raise GalleryError(f"{path}: gallery file not found")
         with open(path, "rb") as handle:
@@ -89,10 +91,16 @@ class Gallery:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
-        except ValueError as exc:  # numpy's refusal of object arrays (pickles) under allow_pickle=False
-            raise GalleryError(f"{path}: refused: it holds pickled Python objects ({exc})") from None
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):  # numpy's refusal of object arrays (pickles)
+                raise GalleryError(f"{path}: refused: it holds pickled Python objects ({exc})") from None
+            raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
         except (OSError, EOFError, zipfile.BadZipFile) as exc:
             raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
+        # numpy returns the raw bytes of a member that is not a .npy array
+        not_arrays = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+        if not_arrays:
+            raise GalleryError(f"{path}: corrupt gallery: {', '.join(not_arrays)} not stored as an array")
         return cls._validated(arrays, path)
 
     @classmethod
@@ -265,7 +273,7 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
     for path, name in jobs:
         key = str(Path(path).resolve())
         if key in owners:
-            print(f"already enrolled as {owners[key]}: {path}")
+            print(f"already enrolled as {owners[key]}: {printable(path)}")
         else:
             todo.append((key, name))
     return todo

@@ -40,6 +40,7 @@ from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
+from src.devices import pick_device
 from src.errors import first_line, positive_int
 from src.evaluation.metrics import classifier_scores
 from src.training.checkpoint import CheckpointError
@@ -54,6 +55,8 @@ DEFAULT_MATCH = "prototype"  # measured better for new individuals: README, Gall
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "logits")
 EXPORT_FORMAT_VERSION = 1
+# Metadata key of an exported ONNX file: the sha256 of the checkpoint it was exported from.
+CHECKPOINT_METADATA = "checkpoint_sha256"
 DEFAULT_BATCH_SIZE = 32
 # Decoding threads: PIL releases the GIL while it decompresses, so a few threads overlap the files.
 DECODE_THREADS = min(4, os.cpu_count() or 1)
@@ -287,27 +290,24 @@ class OnnxBackend:
             self.session = onnxruntime.InferenceSession(str(path), providers=[provider])
         except Exception as exc:  # onnxruntime raises its own exception types, not exported by name
             raise InferenceError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
-        self.device = torch.device("cpu")
+        self.path, self.device = Path(path), torch.device("cpu")
+
+    def check_exported_from(self, checkpoint_sha256: str, description: Path) -> None:
+        """The file must come from the checkpoint its JSON describes: the JSON is rewritten by every
+        export of a checkpoint with the same name, also one with `--format torchscript` only, and
+        would then give another model's class names, threshold and gallery checksum to this one."""
+        recorded = self.session.get_modelmeta().custom_metadata_map.get(CHECKPOINT_METADATA)
+        if recorded is None:
+            raise InferenceError(f"{self.path}: does not record the checkpoint it was exported from (an older "
+                                 "export); export it again")
+        if recorded != checkpoint_sha256:
+            raise InferenceError(f"{self.path} was exported from checkpoint sha256 {recorded[:12]}..., but "
+                                 f"{description.name} describes {checkpoint_sha256[:12]}... (a later export of "
+                                 "another checkpoint of the same name?); export again")
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         embeddings, logits = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.contiguous().numpy()})
         return embeddings, logits
-
-
-def pick_device(name: str) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`; anything else, or a GPU that is not there, is an InferenceError."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise InferenceError(f"device must be 'cpu' or 'cuda', not {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InferenceError(f"--device {name} requested but no CUDA GPU is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InferenceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return device
 
 
 def check_inputs(inputs) -> list[ImageInput]:
@@ -326,6 +326,13 @@ def check_inputs(inputs) -> list[ImageInput]:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: paths, folders and glob patterns
+
+
+def printable(path: str | Path) -> str:
+    """A file name for a terminal. One that is not UTF-8 on disk reaches Python with its odd bytes
+    as surrogates, which a strict UTF-8 stdout refuses with a traceback; they are shown as U+FFFD,
+    as a terminal shows those bytes (the CSV keeps them, so that it still names the file)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
@@ -386,7 +393,7 @@ class Identifier:
         from src.evaluation.evaluate import EvaluationError, load_run
         from src.models.backbones import ModelError
 
-        torch_device = pick_device(device)
+        torch_device = pick_device(device, InferenceError)
         try:
             run = load_run(Path(path), torch_device)
         except (EvaluationError, ModelError) as exc:
@@ -402,7 +409,9 @@ class Identifier:
         """An exported model; classes, preprocessing and threshold come from the JSON beside it."""
         info, stored = read_export_info(Path(path))
         chosen = stored.for_kind(score_kind(gallery, match)) if threshold is None else given_threshold(threshold)
-        return cls(OnnxBackend(Path(path), device), info, chosen, gallery, match)
+        backend = OnnxBackend(Path(path), device)
+        backend.check_exported_from(info.checkpoint_sha256, export_info_path(path))
+        return cls(backend, info, chosen, gallery, match)
 
     @property
     def names(self) -> tuple[str, ...]:

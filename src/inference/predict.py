@@ -10,7 +10,8 @@ file is decoded as training decodes images; one that is not an image, is corrupt
 is larger than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapixels) is skipped
 with its reason, as are missing paths, empty folders and patterns without a match, and the rest is
 processed. A table goes to the terminal; `--output` writes every input (skipped ones with their
-reason) as CSV or JSON. A progress bar shows for folders when stderr is a terminal.
+reason) as CSV or JSON, atomically (a file already there is replaced whole or not at all) and
+creating missing folders. A progress bar shows for folders when stderr is a terminal.
 
 Exit codes: 0 every input identified; 1 some input skipped; 2 unusable options, checkpoint, export or
 gallery.
@@ -19,16 +20,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
+from src import atomic
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
-                                    Prediction, Skipped, collect_images)
+                                    Prediction, Skipped, collect_images, printable)
 
 OUTPUT_FORMATS = (".csv", ".json")
 Result = Prediction | Skipped
@@ -95,26 +99,39 @@ def run(identifier: Identifier, files: list[Path], args: argparse.Namespace) -> 
 def format_table(predictions: Sequence[Prediction]) -> str:
     """One row per image: prediction, its score and the top-k list."""
     rows = [("image", "prediction", "score", "top-k")]
-    rows += [(p.source, p.label, f"{p.scores[0]:.4f}",
+    rows += [(printable(p.source), p.label, f"{p.scores[0]:.4f}",
               ", ".join(f"{name} {score:.4f}" for name, score in zip(p.names, p.scores)))
              for p in predictions]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows)
 
 
+def print_table(table: str) -> None:
+    """The table on stdout. A reader that stops early (`predict ... | head`) closes the pipe: the
+    run goes on without the table, so the summary and `--output` are still written."""
+    try:
+        print(table, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def write_csv(path: Path, results: Sequence[Result], top_k: int) -> None:
-    """Columns: image, prediction, score, unknown, skipped (the reason), then name_i, score_i."""
+    """Columns: image, prediction, score, unknown, skipped (the reason), then name_i, score_i.
+
+    A file name that is not UTF-8 on disk (Python holds its odd bytes as surrogates) is written
+    back as its original bytes, as the table on stdout shows it, so that it still names the file."""
     header = ["image", "prediction", "score", "unknown", "skipped"]
     header += [f"{field}_{i}" for i in range(1, top_k + 1) for field in ("name", "score")]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for item in results:
-            if isinstance(item, Skipped):
-                writer.writerow([item.source, "", "", "", item.reason])
-            else:
-                ranked = [value for name, score in zip(item.names, item.scores) for value in (name, f"{score:.6f}")]
-                writer.writerow([item.source, item.label, f"{item.scores[0]:.6f}", item.unknown, "", *ranked])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for item in results:
+        if isinstance(item, Skipped):
+            writer.writerow([item.source, "", "", "", item.reason])
+        else:
+            ranked = [value for name, score in zip(item.names, item.scores) for value in (name, f"{score:.6f}")]
+            writer.writerow([item.source, item.label, f"{item.scores[0]:.6f}", item.unknown, "", *ranked])
+    atomic.write_bytes(path, buffer.getvalue().encode("utf-8", "surrogateescape"))
 
 
 def write_json(path: Path, results: Sequence[Result], identifier: Identifier, model: Path) -> None:
@@ -127,7 +144,7 @@ def write_json(path: Path, results: Sequence[Result], identifier: Identifier, mo
     payload = {"model": str(model), "scored_against": identifier.describe(),
                "threshold": identifier.threshold.value, "threshold_origin": identifier.threshold.origin,
                "results": [entry(item) for item in results]}
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(path, json.dumps(payload, indent=2) + "\n")  # ASCII: odd bytes of names are escaped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = [item for item in results if isinstance(item, Skipped)]
 
     if predictions:
-        print(format_table(predictions))
+        print_table(format_table(predictions))
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
     print(f"{len(predictions)} identified, {len(skipped)} skipped; scored against {identifier.describe()}",

@@ -231,6 +231,16 @@ def test_unusable_checkpoints_fail_in_one_line(make, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
 
 
+def test_weights_that_do_not_fit_name_the_mismatch(checkpoint, tmp_path, capsys):
+    """A class list edited by hand (or weights of another run pasted in): the one line must say what
+    does not fit, not only torch's header "Error(s) in loading state_dict for IdentificationModel:"."""
+    state = load_checkpoint(checkpoint)
+    atomic_save({**state, "classes": state["classes"][:-1]}, tmp_path / "x_best.pt")
+    code, err = run_main(capsys, "--checkpoint", tmp_path / "x_best.pt", "--out", tmp_path / "out")
+    assert code == 2 and len(err) == 1, err
+    assert "weights do not fit the model its config describes (size mismatch for head." in err[0]
+
+
 def test_an_out_path_below_a_file_fails_before_evaluating(checkpoint, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "a_file" / "run")

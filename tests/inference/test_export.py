@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from src.inference import export
+from src.inference import export, predict
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier, InferenceError
 
@@ -63,6 +64,25 @@ def test_torchscript_file_runs_alone_at_any_batch_size(learned, exported):
     assert embeddings.shape == (5, 64) and torch.allclose(embeddings.norm(dim=1), torch.ones(5), atol=1e-5)
     assert np.abs(embeddings.detach().numpy() - reference[0]).max() < 1e-4
     assert np.abs(logits.detach().numpy() - reference[1]).max() < 1e-4
+
+
+def test_an_onnx_file_and_a_json_of_other_weights_are_refused(exported, tiny_run, unseen, tmp_path, capsys):
+    """Exporting another checkpoint of the same name with `--format torchscript` rewrites the JSON
+    beside an .onnx file it did not rewrite: predict --onnx then read the other model's class list
+    (an IndexError traceback, or wrong names when the counts agree). Now it is refused."""
+    out, _ = exported
+    for name in ("learned_best.onnx", "learned_best.json"):
+        shutil.copy(out / name, tmp_path)
+    other = tmp_path / "retrained" / "learned_best.pt"
+    other.parent.mkdir()
+    shutil.copy(tiny_run["best"], other)
+    assert export.main(["--checkpoint", str(other), "--out", str(tmp_path), "--format", "torchscript",
+                        "--runs", "1"]) == 0
+    capsys.readouterr()
+    photo = next(iter(unseen.values()))[0]
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert "was exported from checkpoint sha256" in err and "export again" in err and err.count("\n") == 1, err
 
 
 def test_export_of_a_bad_checkpoint_exits_2(tmp_path, capsys):

@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,35 @@ def test_adding_from_python_validates_and_normalises_and_save_never_writes_an_un
     emptied.remove("Zuri")
     emptied.save(path)  # an emptied gallery is still a valid file
     assert Gallery.load(path).counts() == {}
+
+
+def npz_with_member(path, name: str, data: bytes) -> None:
+    """A gallery .npz whose member `name` holds `data` instead of what numpy wrote (valid CRCs)."""
+    arrays = {"format_version": np.int64(1), "checkpoint_sha256": np.str_("x"), "names": np.array(["Zuri"]),
+              "embeddings": np.eye(1, 8, dtype=np.float32), "labels": np.zeros(1, np.int64),
+              "sources": np.array(["zuri.png"])}
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, value in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            archive.writestr(f"{key}.npy", data if key == name else buffer.getvalue())
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"not an array", "corrupt gallery: embeddings not stored as an array"),  # was AttributeError
+    (None, "truncated or corrupt gallery file (EOF"),  # was "refused: it holds pickled Python objects"
+])
+def test_galleries_with_damaged_members_are_named_as_such(tmp_path, data, message):
+    if data is None:  # an array header promising more rows than the data holds
+        buffer = io.BytesIO()
+        np.save(buffer, np.eye(1, 8, dtype=np.float32))
+        data = buffer.getvalue().replace(b"(1, 8)", b"(9, 8)")
+    npz_with_member(tmp_path / "g.npz", "embeddings", data)
+    with pytest.raises(GalleryError) as error:
+        Gallery.load(tmp_path / "g.npz")
+    assert message in str(error.value) and "pickle" not in str(error.value)
+
+
+def test_a_folder_given_as_the_gallery_is_named_as_such(tmp_path):
+    with pytest.raises(GalleryError, match="a folder, not a gallery file"):
+        Gallery.load(tmp_path)

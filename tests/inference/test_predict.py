@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from src.data.io import MAX_PIXELS
-from src.inference import predict
+from src.inference import gallery, predict
 from tests.conftest import REPO
 
 
@@ -149,3 +150,36 @@ def test_results_follow_the_order_of_the_inputs(learned, unseen, tmp_path, capsy
         rows = list(csv.DictReader(handle))
     assert [row["image"] for row in rows] == [str(first), str(tmp_path / "missing.png"), str(second)]
     assert [bool(row["skipped"]) for row in rows] == [False, True, False]
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_and_written(learned, unseen, tmp_path, capsys):
+    """Photos copied from an old camera or a Latin-1 archive: the name's odd byte must stop neither
+    the table on a strict UTF-8 stdout nor the CSV (both raised UnicodeEncodeError, the CSV after
+    truncating the previous results), and the CSV row must still name the file. The output goes
+    into a folder that does not exist yet. Enrolling the file twice names it too."""
+    try:
+        odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png"))
+        shutil.copy(next(iter(unseen.values()))[0], odd)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "new" / "out.csv"
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(odd), "--output", str(out)]) == 0
+    assert f"{tmp_path}/caf\ufffd.png" in capsys.readouterr().out
+    [row] = out.read_bytes().splitlines()[1:]
+    assert row.startswith(os.fsencode(odd) + b",")
+    enroll = ["enroll", "--gallery", str(tmp_path / "g.npz"), "--checkpoint", str(learned.checkpoint),
+              "--name", "Zuri", str(odd)]
+    assert gallery.main(enroll) == 0 and gallery.main(enroll) == 0
+    assert f"already enrolled as Zuri: {tmp_path}/caf\ufffd.png" in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_does_not_stop_the_run(learned, unseen, tmp_path):
+    """`predict ... | head`: the closed pipe ends the table, not the run; --output is still written."""
+    out = tmp_path / "out.json"
+    process = subprocess.Popen([sys.executable, "-m", "src.inference.predict", "--checkpoint", str(learned.checkpoint),
+                                str(next(iter(unseen.values()))[0].parent), "--output", str(out)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the table is printed: the model takes seconds to load
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and len(json.loads(out.read_text())["results"]) == 60
