@@ -34,12 +34,15 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.stat().st_size == 0:  # e.g. a copy that was interrupted
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or _unsupported_pickle_opcode(str(exc)):
+        # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
+        if "unsupported global" in str(exc).lower() or _unsupported_pickle_opcode(str(exc)):
             raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
                                   "and plain data (refused: loading it could run code)") from None
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None

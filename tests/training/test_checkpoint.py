@@ -1,5 +1,6 @@
 """Atomic checkpoint writes: a failure during a save (a full disk) leaves the previous file intact."""
 import errno
+import os
 import pickle
 
 import pytest
@@ -51,6 +52,13 @@ class _Payload:
         return (print, ("unpickled",))
 
 
+class _SystemCall:
+    """Calls a function of the `os` module when unpickled: torch words its refusal differently."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
 def _project_keys(**changes) -> dict:
     return {"format_version": 1, "model_state": {}, "epoch": 1, "config": {}, "classes": ["a", "b"], **changes}
 
@@ -59,6 +67,9 @@ def _project_keys(**changes) -> dict:
     (lambda p: p.write_text("- epoch: 3\n- lr: 0.1\n"), "truncated or not a PyTorch checkpoint"),  # text
     (lambda p: p.write_text('{"epoch": 3}'), "truncated or not a PyTorch checkpoint"),         # JSON
     (lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=4)), "not a safe checkpoint"),
+    (lambda p: torch.save({"x": _Payload()}, p), "not a safe checkpoint"),  # torch's own zip format
+    (lambda p: torch.save({"x": _SystemCall()}, p), "not a safe checkpoint"),
+    (lambda p: p.write_bytes(b""), "empty file (0 bytes), not a checkpoint"),
     (lambda p: torch.save(_project_keys(format_version="1"), p), "malformed format_version: str"),
     (lambda p: torch.save(_project_keys(config="resnet18", epoch=None), p), "malformed epoch: NoneType, config: str"),
 ])
