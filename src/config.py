@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-from src.textfiles import read_utf8
+from src.textfiles import parse_yaml, read_utf8
 
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -23,8 +23,20 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a misspelt key is an error, never silently ignored. allow_inf_nan=False: `.inf`
+    # or `.nan` is a typo for every number here (an infinite warm-up or lr cannot train).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value, info: ValidationInfo):
+        # YAML reads yes/no/on/off/true/false as booleans, which pydantic would turn into 1/0 for a
+        # number (`max_epochs: yes` training one epoch); booleans only where a key accepts them.
+        annotation = cls.model_fields[info.field_name].annotation
+        types = {annotation, *get_args(annotation)}
+        if isinstance(value, bool) and bool not in types and types & {int, float}:
+            raise PydanticCustomError("bool_not_number", "Input should be a number, not true/false")
+        return value
 
 
 class DataConfig(_Section):
@@ -79,8 +91,9 @@ class ModelConfig(_Section):
 
 class TrainerConfig(_Section):
     max_epochs: int = Field(50, gt=0)
-    batch_size: int = Field(64, gt=0)
-    """Global batch size: split evenly across processes under torchrun."""
+    batch_size: int = Field(64, ge=2)
+    """Global batch size: split evenly across processes under torchrun, at least 2 images each
+    (BatchNorm cannot normalise a batch of one)."""
     lr: float = Field(4e-4, gt=0)
     """Peak learning rate for the global batch size (not scaled automatically with processes)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -107,11 +120,11 @@ class TrainerConfig(_Section):
     """Any integer torch.manual_seed accepts."""
     deterministic: bool = False
     """Ask cuDNN/cuBLAS for deterministic kernels (slower). CPU runs are deterministic anyway."""
-    checkpoint_interval_s: float = Field(0.0, ge=0)
+    checkpoint_interval_s: float = Field(0.0, ge=0, allow_inf_nan=True)
     """Write the checkpoints at most this often (seconds); the run's end and a stop signal always
     write, and the best epoch is kept in memory until then. 0: after every epoch. A crash loses at
     most this much training; on a fast GPU, writing a few hundred MB every second-long epoch costs
-    more than the epoch."""
+    more than the epoch. `.inf`: only at the end and on a stop."""
     output_dir: Path = Path("artifacts")
     progress: Literal["auto", "always", "never"] = "auto"
     """Progress bar within an epoch: `auto` shows it only on an interactive terminal."""
@@ -123,7 +136,16 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     trainer: TrainerConfig = TrainerConfig()
     name: str | None = None
-    """Run name for artifact files; default: the config file's stem."""
+    """Run name for artifact files (`<output_dir>/<name>_best.pt`, ...); default: the config file's
+    stem (`run` for a config built in Python)."""
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str | None) -> str | None:
+        # The name becomes part of file names inside output_dir: a separator or '..' would write elsewhere.
+        if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0")):
+            raise PydanticCustomError("run_name", "must be usable as a file name: not empty, no '/', '\\' or '..'")
+        return value
 
     def to_dict(self) -> dict:
         """Plain, JSON-safe dict (stored inside checkpoints, loadable with weights_only)."""
@@ -151,17 +173,14 @@ def config_from_dict(raw: dict, name: str | None = None) -> Config:
 def load_config(path: str | Path) -> Config:
     """Parse and validate a YAML config. Raises ConfigError (one line) on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file (e.g. configs/train_chimp_min10.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = read_utf8(path, ConfigError)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    if raw is None:
-        raw = {}
+    raw = parse_yaml(read_utf8(path, ConfigError), path, ConfigError)
+    if raw is None:  # an empty file (or one of comments) is a mistake, not a request for every default
+        raise ConfigError(f"{path}: empty config; expected sections (data, model, trainer, ...), "
+                          "e.g. a copy of configs/train_chimp_min10.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, trainer, ...)")
     return config_from_dict(raw, name=path.stem)

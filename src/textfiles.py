@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 
 def read_utf8(path: Path, error: type[Exception], encoding: str = "utf-8") -> str:
     """The text of `path`; raises `error` naming the file and the first bad byte when it is not UTF-8
@@ -11,3 +13,39 @@ def read_utf8(path: Path, error: type[Exception], encoding: str = "utf-8") -> st
         return path.read_text(encoding=encoding)
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_yaml(text: str, path: Path, error: type[Exception], *, strings_only: bool = False):
+    """The YAML document in `text` (read from `path`); raises `error` as `<path>:<line>: not valid
+    YAML (<problem>)`. A key given twice is refused: plain YAML keeps the last one silently, so a
+    second `trainer:` block would drop every key of the first. `strings_only`: every scalar stays the
+    string it is written as (for names: YAML 1.1 reads `No` as False, `null` as None, `007` as 7)."""
+    try:
+        return yaml.load(text, Loader=_NamesLoader if strings_only else _Loader)
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        raise error(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML"
+                    f"{f' ({problem})' if problem else ''}") from None
+
+
+class _UniqueKeys:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float)):
+                continue  # e.g. a list as a key: the loader reports it as unhashable
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _Loader(_UniqueKeys, yaml.SafeLoader):
+    pass
+
+
+class _NamesLoader(_UniqueKeys, yaml.BaseLoader):
+    pass

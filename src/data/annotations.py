@@ -19,11 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import yaml
-
 from src.data.io import IMAGE_EXTENSIONS
 from src.data.lists import ListFormatError, read_numbered_list
-from src.textfiles import read_utf8
+from src.textfiles import parse_yaml, read_utf8
 
 
 class AnnotationError(ValueError):
@@ -353,12 +351,7 @@ class LabelsFix:
 
     @classmethod
     def _from_yaml(cls, text: str, path: Path) -> LabelsFix:
-        try:
-            data = yaml.load(text, Loader=_NamesLoader) or {}
-        except yaml.YAMLError as exc:
-            mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-            raise AnnotationError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML"
-                                  f"{f' ({problem})' if problem else ''}") from None
+        data = parse_yaml(text, path, AnnotationError, strings_only=True) or {}
         if not isinstance(data, dict):
             raise AnnotationError(f"{path}: expected a mapping with keys aliases, exclude_names, "
                                   f"exclude_images")
@@ -436,19 +429,3 @@ def _string_set(data: dict, key: str, path: Path) -> set[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise AnnotationError(f"{path}: {key} must be a list of names or paths")
     return set(values)
-
-
-class _NamesLoader(yaml.BaseLoader):
-    """YAML whose scalars all stay strings, as names are (safe_load would turn `No` into False, `null`
-    into None and `007` into 7), and where a key given twice is an error rather than silently
-    replacing the first (a second `aliases:` block would drop every alias of the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)

@@ -17,19 +17,21 @@ BACKBONES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 20
 
 
 def _imagenet_weights(name: str):
+    weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # urllib, ssl, hash and file errors all mean "not available here"
         raise ModelError(
             f"model.pretrained: cannot get torchvision's ImageNet weights for {name} ({type(exc).__name__}); "
-            f"offline, put the file in {torch.hub.get_dir()}/checkpoints/ or set model.pretrained to a "
-            "local weights file, or to false for random initialisation") from None
+            f"offline, copy {weights.url} into {torch.hub.get_dir()}/checkpoints/, or set model.pretrained "
+            "to a local weights file, or to false for random initialisation") from None
 
 
 def _local_weights(path: Path) -> dict:
     from src.training.checkpoint import CheckpointError, safe_torch_load
 
+    if path.is_dir():
+        raise ModelError(f"model.pretrained: {path} is a folder, not a weights file")
     try:
         state = safe_torch_load(path)
     except CheckpointError as exc:

@@ -27,7 +27,7 @@ class LinearHead(nn.Module):
 
 class ArcFaceHead(nn.Module):
     """Additive angular margin (Deng et al., CVPR 2019), numerically the same as
-    pytorch-metric-learning's `ArcFaceLoss` (tests/models/test_heads.py checks this), including its
+    pytorch-metric-learning's `ArcFaceLoss` (tests/models/test_models.py checks this), including its
     fallback that keeps the target logit monotonic past pi - m.
 
     Written here rather than wrapping `ArcFaceLoss` because that class selects the target cosines

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+from numbers import Real
 from pathlib import Path
+
+import torch
 
 from src.config import Config
 from src.data.dataset import ClassIndex
+from src.training.artifacts import METRICS_COLUMNS
 from src.training.checkpoint import CheckpointError
 
 # Keys that change how fast or where a run goes, not what it computes; anything else must match.
@@ -52,3 +56,32 @@ def check_resume_compatible(checkpoint: dict, config: Config, classes: ClassInde
                            f"{checkpoint['epoch']} epochs already trained")
     if differences:
         raise CheckpointError(f"cannot resume from {path}: " + "; ".join(differences))
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> None:
+    """Raise CheckpointError when the progress a checkpoint records cannot be this run's (a damaged
+    or hand-edited file): training from it would run epochs that do not exist, or write a CSV it
+    cannot hold, and fail only after an epoch of work."""
+    epoch, step, history = checkpoint["epoch"], checkpoint.get("step", 0), checkpoint["history"]
+    if epoch < 0:
+        raise CheckpointError(f"cannot resume from {path}: malformed training state (epoch {epoch})")
+    problems = []
+    if not _whole(step) or not 0 <= step < steps_per_epoch:
+        problems.append(f"step {step!r} (an epoch has {steps_per_epoch})")
+    elif step and not (isinstance(checkpoint.get("partial"), torch.Tensor) and checkpoint["partial"].shape == (4,)):
+        problems.append("no sums for the partial epoch")
+    rows_ok = isinstance(history, list) and all(
+        isinstance(row, dict) and all(isinstance(row.get(column), Real) for column in METRICS_COLUMNS)
+        for row in history)
+    if not rows_ok or [row["epoch"] for row in history] != list(range(1, epoch + 1)):
+        problems.append(f"the metrics history does not hold one row for each of the {epoch} epochs")
+    best_epoch = checkpoint["best_epoch"]
+    if not _whole(best_epoch) or not 0 <= best_epoch <= epoch \
+            or not isinstance(checkpoint["best_val_top1"], Real):
+        problems.append(f"best epoch {best_epoch!r}")
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: malformed training state ({'; '.join(problems)})")

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from src import locks
-from src.config import Config, ConfigError, load_config
+from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import BatchSource, build_source
 from src.errors import first_line
@@ -35,7 +35,7 @@ from src.models.factory import create_model
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line, write_metrics_csv
 from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointWriter, load_checkpoint, snapshot
-from src.training.resume import check_resume_compatible, data_fingerprint
+from src.training.resume import check_resume_compatible, check_training_state, data_fingerprint
 
 # What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "best_val_top1", "best_epoch", "history")
@@ -141,9 +141,9 @@ def make_runtime(config: Config) -> Runtime:
         raise ConfigError("trainer.device: 'cuda' requested but no CUDA GPU is available; set trainer.device: cpu")
     info = dist_utils.init_distributed(wanted)
     device = torch.device(wanted, info.local_rank) if wanted == "cuda" else torch.device("cpu")
-    if config.trainer.batch_size % info.world_size:
-        raise ConfigError(f"trainer.batch_size: {config.trainer.batch_size} is not divisible by the "
-                          f"{info.world_size} processes")
+    if config.trainer.batch_size % info.world_size or config.trainer.batch_size // info.world_size < 2:
+        raise ConfigError(f"trainer.batch_size: {config.trainer.batch_size} does not split into at least 2 "
+                          f"images for each of the {info.world_size} processes (BatchNorm needs 2)")
     amp_dtype = None
     if config.trainer.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if config.trainer.amp_dtype == "bf16" else torch.float16
@@ -457,22 +457,34 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
     """Hold `<output_dir>/.<name>.lock` for the run (rank 0, which alone writes): a second run of
     the same name into the same folder would interleave its checkpoints and CSV with this one's."""
     with ExitStack() as stack:
-        held = False
+        held, unwritable = False, None
         if runtime.dist.is_main:
             try:
                 stack.enter_context(locks.exclusive(paths.lock, wait=False))
             except locks.LockHeld:
                 held = True
-        if dist_utils.any_rank(held, runtime.dist, runtime.device):  # every rank stops, not rank 0 alone
+            except OSError as exc:  # output_dir is a file, or cannot be created or written
+                is_file = Path(paths.output_dir).exists() and not Path(paths.output_dir).is_dir()
+                unwritable = "it is a file, not a folder" if is_file else exc.strerror or type(exc).__name__
+        # Every rank stops, not rank 0 alone (the others would wait for it in the first collective).
+        held, failed = dist_utils.max_over_ranks([held, unwritable is not None], runtime.dist, runtime.device)
+        if failed:
+            raise ConfigError(f"trainer.output_dir: cannot write in {paths.output_dir} "
+                              f"({unwritable or 'on rank 0'})")
+        if held:
             raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
                                   f"{paths.lock}); wait for it to end, or give this run another name or "
                                   "trainer.output_dir")
         yield
 
 
-def run(config: Config, resume: str | None = None) -> RunState:
-    """Train as configured; returns the final state. Raises ConfigError, DatasetError, ModelError,
-    CheckpointError or TrainingStopped."""
+def run(config: Config | dict, resume: str | None = None) -> RunState:
+    """Train as configured (a Config, or a dict of sections as in a YAML file); returns the final
+    state. Raises ConfigError, DatasetError, ModelError, CheckpointError or TrainingStopped."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    elif config.name is None:  # built in Python: no file to name the run after
+        config = config.model_copy(update={"name": "run"})
     runtime = make_runtime(config)
     data = PreparedData.load(config.data.root)  # before claiming outputs: a wrong data.root creates no folder
     paths = RunPaths(config.trainer.output_dir, config.name)
@@ -491,6 +503,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
     classes, train_source, val_source, fingerprint = load_data(config, data, runtime)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, classes, fingerprint, resume_path)
+        check_training_state(checkpoint, resume_path, len(train_source))
     model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source))
     state = RunState()
     if checkpoint is not None:
@@ -509,6 +522,9 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             return state
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
+    elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
+        runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
+                      f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")
     train_runner, eval_runner = wrap_for_training(model, config, runtime)
     stop.install(second_signal_exits=not runtime.dist.enabled)
 
@@ -604,6 +620,9 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, ModelError, CheckpointError) as exc:
         _report(f"error: {exc}", all_ranks_agree=False)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (from then on StopRequest handles it)
+        _report("error: interrupted before training started; no checkpoint was written", all_ranks_agree=False)
+        return 130
     except TrainingStopped as exc:
         command = ("the same torchrun command with" if dist_utils.launched_by_torchrun()
                    else f"python -m src.training.train --config {args.config}")

@@ -67,5 +67,12 @@ def test_pretrained_imagenet_unavailable_fails_clearly(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(ModelError, match="cannot get torchvision's ImageNet weights"):
+    # The message names the file to fetch on another machine, not only the folder it goes in.
+    with pytest.raises(ModelError, match=r"cannot get torchvision's ImageNet weights .* copy "
+                                         r"https://download\.pytorch\.org/models/resnet18-\w+\.pth into "):
         create_model(ModelConfig(backbone="resnet18", pretrained=True), 4)
+
+
+def test_pretrained_folder_is_named_as_such(tmp_path):
+    with pytest.raises(ModelError, match="is a folder, not a weights file"):
+        create_model(ModelConfig(backbone="resnet18", pretrained=tmp_path), 4)

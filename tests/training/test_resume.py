@@ -275,3 +275,27 @@ def test_a_checkpoint_from_more_gpus_restores_the_ones_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, state))
     train_module.restore_rng(saved)
     assert list(restored) == [0] and torch.equal(restored[0], saved["cuda"][0])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state.update(epoch=2, step=99, partial=torch.zeros(4, dtype=torch.float64),
+                                history=state["history"][:2], best_epoch=1),
+     "malformed training state (step 99 (an epoch has 4))"),
+    (lambda state: state.update(epoch=-1), "malformed training state (epoch -1)"),
+    (lambda state: state.update(history=state["history"][:-1]),
+     "malformed training state (the metrics history does not hold one row for each of the 3 epochs)"),
+    (lambda state: state.update(best_epoch=7), "malformed training state (best epoch 7)"),
+])
+def test_a_checkpoint_with_impossible_progress_is_refused_before_training(tiny_run, tmp_path, capsys, damage,
+                                                                         message):
+    """A hand-edited or damaged state used to train epochs -1..3, an epoch with no steps (a row of
+    zeros), or fail only at the first write after an epoch of work."""
+    state = torch.load(tiny_run["last"], weights_only=True)
+    damage(state)
+    path = tmp_path / "crafted.pt"
+    torch.save(state, path)
+    config_path = write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 4})
+    assert train_module.main(["--config", str(config_path), "--resume", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: cannot resume from {path}: {message}\n" and "[Epoch" not in out
+    assert not (tmp_path / "artifacts" / "tiny_last.pt").exists()

@@ -12,9 +12,11 @@ import threading
 
 import pytest
 import torch
+import yaml
 
-from src.config import ConfigError, load_config
+from src.config import Config, ConfigError, load_config
 from src.training import distributed as dist_utils
+from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS
 from src.training.checkpoint import load_checkpoint
 from src.training.train import build_model_and_optimizer, make_runtime, run, seed_everything, wrap_for_training
@@ -184,3 +186,50 @@ def test_determinism_setting_does_not_carry_over_to_the_next_run(first, second):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+def test_output_dir_that_is_a_file_exits_2_in_one_line(tiny_data, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where the outputs should go")
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.output_dir": str(tmp_path / "taken")})
+    assert train_main(["--config", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: trainer.output_dir: cannot write in {tmp_path / 'taken'} (it is a file, not a folder)\n"
+    assert (tmp_path / "taken").read_text() == "a file where the outputs should go"
+
+
+@pytest.mark.parametrize("batch, processes", [(2, 2), (6, 4)])
+def test_a_batch_that_does_not_give_each_process_two_images_is_refused(tiny_data, tmp_path, monkeypatch,
+                                                                        batch, processes):
+    """BatchNorm cannot train on one image: the step would end in a ValueError traceback."""
+    monkeypatch.setattr(dist_utils, "init_distributed",
+                        lambda device: dist_utils.DistInfo(world_size=processes, enabled=True))
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.batch_size": batch}))
+    with pytest.raises(ConfigError, match=f"trainer.batch_size: {batch} does not split into at least 2 images"):
+        make_runtime(config)
+
+
+def test_ctrl_c_before_training_starts_exits_130_in_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the data load or the image cache is built (before the run's own handler)."""
+    def interrupted(root):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.PreparedData, "load", interrupted)
+    assert train_main(["--config", str(write_config(tmp_path, tiny_data))]) == 130
+    assert capsys.readouterr().err == "error: interrupted before training started; no checkpoint was written\n"
+
+
+def test_python_api_takes_a_dict_and_names_an_unnamed_run(tiny_data, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown key 'trainer.max_epoch'"):
+        run({"trainer": {"max_epoch": 1}})  # a dict is validated like a YAML file
+    raw = yaml.safe_load(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}).read_text())
+    config = Config.model_validate(raw)  # built in Python: no file, so no name
+    assert config.name is None
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "run_last.pt").write_bytes(b"an earlier run's checkpoint")
+    state = run(config)
+    assert state.epoch == 1 and load_checkpoint(artifacts / "run_last.pt")["config"]["name"] == "run"
+    assert sorted(p.name for p in artifacts.glob("run_*")) == ["run_best.pt", "run_last.pt", "run_metrics.csv"]
+    # A new run over an earlier one says what it replaces and how to continue that one instead.
+    assert f"note: starting a new run, which replaces the earlier run's {artifacts / 'run_last.pt'}" \
+        in capsys.readouterr().out
