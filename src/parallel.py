@@ -3,6 +3,7 @@ that fail loudly when a worker dies."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +29,10 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
     (torch, for the cache: about a second), so that the workers start without importing anything.
     concurrent.futures rather than `multiprocessing.Pool`: a Pool replaces a worker that was killed
     (out of memory, say) and waits forever for the task it held; the executor raises instead.
+    At most one process per CPU core: the work is CPU-bound, and a typo such as `workers: 400` would
+    otherwise start hundreds of processes, each with its own memory.
     """
+    workers = max(1, min(workers, os.cpu_count() or 1))
     context = multiprocessing.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         context.set_forkserver_preload([preload])  # takes effect when the server starts (once per process)

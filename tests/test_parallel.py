@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from src import parallel
 from src.parallel import WorkerDied, map_in_processes
 from tests.conftest import REPO
 
@@ -29,6 +30,16 @@ print("built", len(cached.kept), flush=True)
 def test_results_come_in_order():
     paths = [f"/folder/{i}" for i in range(50)]
     assert list(map_in_processes(os.path.basename, paths, 2, "os.path", chunksize=4)) == [str(i) for i in range(50)]
+
+
+def test_no_more_processes_than_cores(monkeypatch):
+    started = []
+    real = parallel.ProcessPoolExecutor
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor",
+                        lambda workers, **options: started.append(workers) or real(workers, **options))
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    assert list(map_in_processes(os.path.basename, ["/a/b", "/c/d"], 400, "os.path")) == ["b", "d"]
+    assert started == [2]
 
 
 def exit_abruptly(item: int) -> int:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from src.config import Config, ConfigError
 from src.data.augment import BatchAugment
 from src.data.cache import cache_size_for, load_or_build_cache, square_resize
-from src.data.dataset import ClassIndex, ImageListDataset, collate_skip_none
+from src.data.dataset import ClassIndex, DatasetError, ImageListDataset, collate_skip_none
 from src.parallel import WorkerDied
 
 
@@ -178,8 +178,21 @@ class PlainSource(BatchSource):
                             collate_fn=collate_skip_none, pin_memory=self.device.type == "cuda")
         for pixels, labels, skipped in loader:
             self.skipped += skipped
+            if self.train and skipped:
+                pixels, labels = refill(pixels, labels, skipped)
             if len(labels):
                 yield pixels.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def refill(pixels: torch.Tensor, labels: torch.Tensor, missing: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch back to its size after `missing` unreadable images were left out, by
+    repeating the readable ones: BatchNorm cannot train on one image, compiled shapes stay fixed, and
+    under torchrun every process must take every step."""
+    if not len(labels):
+        raise DatasetError(f"all {missing} images of a training batch could not be read (see the warnings "
+                           "above): were the raw images moved or deleted? Prepare the data again")
+    again = torch.arange(missing) % len(labels)
+    return torch.cat([pixels, pixels[again]]), torch.cat([labels, labels[again]])
 
 
 def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,

@@ -32,6 +32,8 @@ class CheckpointError(RuntimeError):
 def safe_torch_load(path: str | Path, map_location="cpu"):
     """`torch.load` restricted to tensors and plain containers, with one-line errors."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.stat().st_size == 0:  # e.g. a copy that was interrupted

@@ -8,8 +8,8 @@ import torch
 
 from src.config import ConfigError, load_config
 from src.data import cache
-from src.data.dataset import ClassIndex, PreparedData
-from src.data.loaders import STAGING_SLOTS, BatchSource, batch_plan, build_source, staged_batches
+from src.data.dataset import ClassIndex, DatasetError, PreparedData
+from src.data.loaders import STAGING_SLOTS, BatchSource, batch_plan, build_source, refill, staged_batches
 from src.parallel import WorkerDied
 from tests.conftest import write_config
 
@@ -99,3 +99,21 @@ def test_staged_batches_on_the_gpu_survive_the_reuse_of_their_buffers(tmp_path):
     kept = list(staged_batches(images, plan, torch.device("cuda")))  # all held: buffers reused meanwhile
     for indices, pixels in zip(plan, kept, strict=True):
         assert pixels.is_cuda and torch.equal(pixels.cpu(), images[indices])
+
+
+def test_a_training_batch_with_unreadable_images_keeps_its_size():
+    pixels, labels = torch.arange(3).view(3, 1) * 10, torch.tensor([0, 1, 2])
+    filled, filled_labels = refill(pixels, labels, missing=4)
+    assert filled_labels.tolist() == [0, 1, 2, 0, 1, 2, 0] and filled.view(-1).tolist() == [0, 10, 20, 0, 10, 20, 0]
+    with pytest.raises(DatasetError, match="all 2 images of a training batch could not be read"):
+        refill(torch.empty(0), torch.empty(0, dtype=torch.long), missing=2)
+
+
+def test_plain_training_batches_keep_their_size_when_an_image_is_unreadable(tiny_data, tmp_path):
+    config = load_config(write_config(tmp_path, tiny_data, **{"data.pipeline": "plain", "trainer.batch_size": 8}))
+    data = PreparedData.load(config.data.root)
+    rows = data.split("train")
+    rows[0] = ("gone/missing.png", rows[0][1])  # deleted after prepare
+    source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True, device=torch.device("cpu"))
+    sizes = [len(labels) for _, labels in source.batches(epoch=1)]
+    assert sizes == [8] * (len(rows) // 8) and source.skipped == 1

@@ -70,6 +70,7 @@ def _project_keys(**changes) -> dict:
     (lambda p: torch.save({"x": _Payload()}, p), "not a safe checkpoint"),  # torch's own zip format
     (lambda p: torch.save({"x": _SystemCall()}, p), "not a safe checkpoint"),
     (lambda p: p.write_bytes(b""), "empty file (0 bytes), not a checkpoint"),
+    (lambda p: p.mkdir(), "a folder, not a checkpoint file"),
     (lambda p: torch.save(_project_keys(format_version="1"), p), "malformed format_version: str"),
     (lambda p: torch.save(_project_keys(config="resnet18", epoch=None), p), "malformed epoch: NoneType, config: str"),
 ])
