@@ -56,7 +56,7 @@ class DataConfig(_Section):
     """Keep the uint8 cache in GPU memory when training on CUDA (else it stays memory-mapped in host
     memory and each batch goes to the GPU through a pinned buffer)."""
     workers: int = Field(4, ge=0)
-    """DataLoader workers for the plain pipeline and for building the cache."""
+    """DataLoader workers for the plain pipeline, and processes building the cache (at most one per core)."""
 
     @property
     def cache_folder(self) -> Path:
