@@ -8,6 +8,7 @@ by itself; a cache that fails its checksum is rebuilt with a warning.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,12 +17,14 @@ import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 
@@ -32,12 +35,15 @@ from src.parallel import map_in_processes
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# Part of the cache key: change this string whenever decode_for_cache changes its output.
+# Part of the cache key (with Pillow's version, whose decoders and resampling change between
+# releases): change this string whenever decode_for_cache changes its output.
 DECODE_SETTINGS = "load_rgb;centre-square;PIL-bicubic-antialiased"
 # Checksums cover fixed-size chunks so verification runs on several cores (zlib releases the GIL).
 CHECKSUM_CHUNK_BYTES = 64 << 20
 # Several images per task: one image per inter-process message would cost more than it carries.
 DECODE_CHUNKSIZE = 16
+# Errors that say the cache folder can be read but not written.
+READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def cache_size_for(image_size: int) -> int:
@@ -52,8 +58,8 @@ def cache_size_for(image_size: int) -> int:
 def decode_for_cache(path: str | Path, cache_size: int) -> np.ndarray:
     """`cache_size x cache_size x 3` uint8: the image's centre square resized with antialiasing.
 
-    Also what the plain pipeline runs in DataLoader workers every epoch, so both pipelines see the
-    same pixels. Raises ImageLoadError.
+    The plain pipeline runs the same two steps (`load_rgb`, then `square_resize`) in its DataLoader
+    workers every epoch, so both pipelines see the same pixels. Raises ImageLoadError.
     """
     return square_resize(load_rgb(path), cache_size)
 
@@ -104,10 +110,20 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
     digests = _content_digests([raw_dir / rel for rel in rel_paths], workers)
     key = _cache_key(rel_paths, digests, cache_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # The lock makes torchrun ranks build a cache once, not each. Without locks (Windows) concurrent
-    # builders still produce a valid cache, each renaming identical bytes into place.
-    with locks.exclusive(cache_dir / ".lock") as exclusive:
-        cached = _open_verified(cache_dir, key, cache_size)
+    with ExitStack() as stack:
+        # The lock makes torchrun ranks build a cache once, not each. Without locks (Windows)
+        # concurrent builders still produce a valid cache, each renaming identical bytes into place.
+        try:
+            exclusive = stack.enter_context(locks.exclusive(cache_dir / ".lock"))
+        except OSError as exc:
+            # A cache shared read-only (built once on a cluster's dataset mount, say) is used as it
+            # is. Reading needs no lock: cache files only ever appear whole, by rename.
+            cached = (_open_verified(cache_dir, key, cache_size, rel_paths)
+                      if exc.errno in READ_ONLY_ERRNOS else None)
+            if cached is None:
+                raise
+        else:
+            cached = _open_verified(cache_dir, key, cache_size, rel_paths)
         if cached is None:
             if exclusive:
                 _remove_temporaries(cache_dir)
@@ -154,7 +170,8 @@ def _cache_key(rel_paths: Sequence[str], digests: Sequence[str], cache_size: int
 
     Labels are not part of it: relabelling an image reuses the cache.
     """
-    return _hash_json([FORMAT_VERSION, DECODE_SETTINGS, cache_size, list(zip(rel_paths, digests))])
+    return _hash_json([FORMAT_VERSION, DECODE_SETTINGS, PIL.__version__, cache_size,
+                       list(zip(rel_paths, digests))])
 
 
 def _slot(rel_paths: Sequence[str], cache_size: int) -> str:
@@ -191,11 +208,19 @@ def _chunk_checksums(path: Path) -> list[int]:
                              range(0, size, CHECKSUM_CHUNK_BYTES)))
 
 
-def _problem(cache_dir: Path, key: str, meta: dict, cache_size: int) -> str | None:
+def _problem(cache_dir: Path, key: str, meta: dict, cache_size: int,
+             rel_paths: Sequence[str]) -> str | None:
     """Why the cache files on disk cannot be used as they are, or None when they can."""
     expected_shape = [len(meta["kept"]), cache_size, cache_size, 3]
     if meta.get("format_version") != FORMAT_VERSION or meta.get("key") != key:
         return "metadata belongs to another format or key"
+    # The checksums cover the pixels, not the metadata: a damaged `kept` list that still parses
+    # would give images the wrong labels. Kept and failed rows must split the list, in order.
+    rows = range(len(rel_paths))
+    kept = set(meta["kept"]) & set(rows)
+    if (sorted(kept) != meta["kept"]
+            or [rel_paths[i] for i in rows if i not in kept] != [rel for rel, _ in meta["failed"]]):
+        return "metadata does not match the image list"
     if meta["shape"] != expected_shape:
         return f"shape {meta['shape']} does not match {expected_shape}"
     data = _data_path(cache_dir, key)
@@ -208,7 +233,8 @@ def _problem(cache_dir: Path, key: str, meta: dict, cache_size: int) -> str | No
     return None
 
 
-def _open_verified(cache_dir: Path, key: str, cache_size: int) -> CachedImages | None:
+def _open_verified(cache_dir: Path, key: str, cache_size: int,
+                   rel_paths: Sequence[str]) -> CachedImages | None:
     """The existing cache for `key` after a full checksum, or None (with a warning if corrupt).
 
     Verifying reads the whole file, ~0.2 s per GB on 2 cores from the page cache; the first epoch
@@ -218,7 +244,7 @@ def _open_verified(cache_dir: Path, key: str, cache_size: int) -> CachedImages |
         return None
     try:
         meta = _read_meta(cache_dir, key)
-        problem = _problem(cache_dir, key, meta, cache_size)
+        problem = _problem(cache_dir, key, meta, cache_size, rel_paths)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         problem = f"unreadable metadata ({type(exc).__name__}: {exc})"
     if problem is not None:
@@ -272,7 +298,8 @@ def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], c
     """Decode every row into `<key>.u8` and describe it in `<key>.json`, both renamed into place.
 
     The data file is renamed before the metadata: a crash in between leaves data without metadata,
-    which the next start treats as corrupt and rebuilds.
+    which the next start treats as corrupt and rebuilds. A metadata write that fails (disk full)
+    removes the data file: under a key that may never recur, nothing else would.
     """
     data = _data_path(cache_dir, key)
     temporary = data.with_name(f"{data.name}.{os.getpid()}.tmp")
@@ -291,18 +318,25 @@ def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], c
     finally:
         temporary.unlink(missing_ok=True)
     meta = {"format_version": FORMAT_VERSION, "key": key, "slot": _slot(rel_paths, cache_size),
-            "decode": DECODE_SETTINGS, "cache_size": cache_size,
+            "decode": DECODE_SETTINGS, "pillow": PIL.__version__, "cache_size": cache_size,
             "shape": [len(kept), cache_size, cache_size, 3], "kept": kept, "failed": failed,
             "checksum": "crc32", "checksum_chunk_bytes": CHECKSUM_CHUNK_BYTES,
             "checksums": checksums, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic.write_text(_meta_path(cache_dir, key), json.dumps(meta))
+    try:
+        atomic.write_text(_meta_path(cache_dir, key), json.dumps(meta))
+    except BaseException:
+        data.unlink(missing_ok=True)
+        raise
 
 
 # --- housekeeping -------------------------------------------------------------------------------
 
 def _remove_temporaries(cache_dir: Path) -> None:
-    """Leftovers of builds that were killed; only safe while holding the directory lock."""
-    for leftover in cache_dir.glob("*.tmp"):
+    """Leftovers of builds that were killed; only safe while holding the directory lock.
+
+    Only `_build`'s own names: cache_dir may be a folder shared with other programs' files.
+    """
+    for leftover in cache_dir.glob("*.u8.*.tmp"):
         log.info("removing %s, left by an interrupted cache build", leftover)
         leftover.unlink(missing_ok=True)
 

@@ -162,3 +162,21 @@ def test_rejects_batches_that_are_not_uint8_nhwc():
     aug = BatchAugment(AugmentConfig(), 32)
     with pytest.raises(ValueError, match="uint8"):
         aug.eval(torch.zeros(2, 3, 37, 37))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("settings", [
+    dict(crop_scale_min=1.0, hflip=1.0, color_jitter=0.0, rotation_degrees=0.0, random_erasing=1.0),
+    dict(crop_scale_min=0.01, hflip=0.0, color_jitter=1.0, rotation_degrees=180.0, random_erasing=0.0)])
+def test_config_extremes_and_tiny_batches_give_finite_outputs(n, settings):
+    aug = BatchAugment(AugmentConfig(**settings), 32)
+    for height, width in [(37, 37), (5, 90)]:  # also a tiny, very non-square input
+        batch = torch.randint(0, 256, (n, height, width, 3), dtype=torch.uint8, generator=_generator(8))
+        params = aug.sample_params(n, _generator(9), "cpu")
+        out = aug.apply(batch, params)
+        assert out.shape == (n, 3, 32, 32) and torch.isfinite(out).all()
+        assert torch.isfinite(aug.eval(batch)).all()
+        assert params.flip.tolist() == [settings["hflip"] == 1.0] * n
+        assert params.erase.tolist() == [settings["random_erasing"] == 1.0] * n
+        if settings["crop_scale_min"] == 1.0:
+            assert torch.all(params.area == 1) and torch.all(params.log_ratio == 0)

@@ -1,14 +1,18 @@
 """The decoded-image cache: same pixels as a fresh decode, reused, invalidated and repaired."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
 
+from src import atomic, locks
+from src.data import cache
 from src.data.cache import cache_size_for, decode_for_cache, load_or_build_cache
 from src.data.io import ImageLoadError
 
@@ -195,3 +199,85 @@ def test_interrupted_build_leftovers_are_removed(dataset):
     leftover.write_bytes(b"partial")
     _build(dataset)
     assert not leftover.exists()
+
+
+def _swap_kept(data_path, meta_path):
+    """Valid JSON, right shape and checksums, but rows 3 and 4 would get each other's labels."""
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["kept"][3], meta["kept"][4] = meta["kept"][4], meta["kept"][3]
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _kept_out_of_range(data_path, meta_path):
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["kept"][-1] = len(meta["kept"])  # no such row: indexing the labels would fail later
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+@pytest.mark.parametrize("damage", [_swap_kept, _kept_out_of_range])
+def test_metadata_that_does_not_match_the_image_list_is_rebuilt(dataset, damage, caplog):
+    first = _build(dataset)
+    damage(first.path, first.path.with_suffix(".json"))
+    del first
+    with caplog.at_level(logging.WARNING, logger="src.data.cache"):
+        second = _build(dataset)
+    assert second.built and second.kept == list(range(5))
+    assert "corrupt" in caplog.text
+
+
+def test_other_tmp_files_in_the_cache_dir_are_left_alone(dataset):
+    """cache_dir may be a shared folder: only this module's own leftovers are removed."""
+    cache_dir = dataset[1]
+    cache_dir.mkdir(parents=True)
+    others = [cache_dir / "notes.tmp", cache_dir / "download.part.tmp"]
+    for other in others:
+        other.write_bytes(b"someone else's")
+    _build(dataset)
+    assert all(other.exists() for other in others)
+
+
+def test_another_pillow_version_rebuilds(dataset, monkeypatch):
+    """Pillow's decoders and resampling change between releases: cached pixels must equal what
+    this Pillow decodes."""
+    first = _build(dataset)
+    monkeypatch.setattr(PIL, "__version__", "0.0.0")
+    second = _build(dataset)
+    assert second.built and second.key != first.key
+    assert not first.path.exists()  # same list and size: superseded
+
+
+def _read_only(monkeypatch):
+    """Writing anything in a folder fails as on a read-only mount (root ignores chmod)."""
+    def refuse(path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return open(path, mode, *args, **kwargs)
+    for module in (locks, cache, atomic):
+        monkeypatch.setattr(module, "open", refuse, raising=False)
+
+
+def test_a_read_only_cache_dir_with_a_valid_cache_is_used(dataset, monkeypatch):
+    """A cache built once and shared read-only (a cluster's dataset mount) needs no lock."""
+    _build(dataset)
+    _read_only(monkeypatch)
+    cached = _build(dataset)
+    assert not cached.built
+    _assert_matches_fresh_decode(cached, dataset[0], dataset[2])
+
+
+def test_a_read_only_cache_dir_without_a_valid_cache_is_an_error(dataset, monkeypatch):
+    dataset[1].mkdir(parents=True)
+    _read_only(monkeypatch)
+    with pytest.raises(OSError, match="Read-only"):
+        _build(dataset)
+
+
+def test_a_failed_metadata_write_leaves_no_data_file(dataset, monkeypatch):
+    """Disk full after the data file: the build fails and leaves no data file without metadata
+    (which no later build of other images would ever remove)."""
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(cache.atomic, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        _build(dataset)
+    assert sorted(p.name for p in dataset[1].iterdir()) == [".lock"]
