@@ -146,7 +146,7 @@ def ceiling_throughput(arch: str, mode: str, data_root: Path, work: Path, args, 
     labels = torch.randint(0, config.data.num_classes, (args.batch_size,), device=runtime.device)
 
     def step():
-        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp_dtype is not None):
+        with runtime.autocast():
             _, _, loss_logits = runner(images, labels)
         loss = F.cross_entropy(loss_logits, labels)
         optimizer.zero_grad(set_to_none=True)

@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .io import ImageLoadError, load_rgb
-from .lists import ListFormatError, read_list
+from src.data.io import ImageLoadError, load_rgb
+from src.data.lists import ListFormatError, Row, read_list
 
-FORMAT_VERSION = 1
-Row = tuple[str, str]  # (path relative to the raw folder, individual)
+FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
 _REQUIRED_KEYS = ("raw_dir", "min_images", "seed", "num_classes", "format_version")
 _RERUN = "run `python -m src.data.prepare` to (re)create it"
 

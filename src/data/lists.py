@@ -10,6 +10,8 @@ from pathlib import Path
 from src import atomic
 from src.textfiles import read_utf8
 
+Row = tuple[str, str]  # (path relative to the raw folder, individual): one line of a list
+
 
 class ListFormatError(ValueError):
     """A list file that cannot be read; the message names the file and line."""

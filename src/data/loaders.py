@@ -61,7 +61,8 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
 
 @dataclass
 class BatchSource:
-    """One split as batches on the device; `skipped` counts unreadable images of the last epoch."""
+    """One split as batches on the device; `skipped` counts unreadable images of the last epoch:
+    `left_out` (left out of the cache when it was built) plus those found while decoding (plain)."""
 
     labels: torch.Tensor
     augment: BatchAugment
@@ -71,6 +72,7 @@ class BatchSource:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    left_out: int = 0
     skipped: int = 0
 
     @property
@@ -89,7 +91,7 @@ class BatchSource:
         return -(-mine // max(1, self.batch_size // self.world_size))
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.skipped = 0
+        self.skipped = self.left_out
         for step, (pixels, labels) in enumerate(self._pixels(self.plan(epoch)[start_step:]), start_step):
             if self.train:
                 # Draw for the whole global batch and keep this rank's slice: a sample's
@@ -225,6 +227,4 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
     if device.type == "cuda":
         if config.data.cache_on_device:
             images = images.to(device)  # else it stays memory-mapped: CachedSource stages each batch
-    source = CachedSource(labels=labels, images=images, **common)
-    source.skipped = len(cached.failed)
-    return source
+    return CachedSource(labels=labels, images=images, left_out=len(cached.failed), **common)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import re
@@ -29,11 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from src import atomic
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
                                   read_cvjena, read_folder, read_list_file)
+from src.data.dataset import FORMAT_VERSION
 from src.data.download import DEFAULT_URL, DownloadError, fetch_release
-from src.data.lists import write_list
-from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, Row, SplitError,
+from src.data.lists import Row, write_list
+from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, SplitError,
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import (LABELS_FIX, Exclusion, ImageCheck, check_images, count_problems,
                                label_quality, write_report)
@@ -42,7 +45,6 @@ DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
 DEFAULT_OUT_DIR = Path("data/chimpanzee_faces")
 DEFAULT_MIN_IMAGES = 10
 DEFAULT_OPEN_SET_INDIVIDUALS = 10
-FORMAT_VERSION = 1
 OPEN_SET_FILES = ("train.txt", "val.txt", "test.txt", "unknown_ids.txt", "unknown_val.txt",
                   "unknown_test.txt")
 
@@ -166,18 +168,19 @@ def write_metadata(path: Path, parsed: Sequence[Record], fixed: Sequence[Record]
     split_of = {path: split for split, rows in closed.items() for path, _ in rows}
     open_of = {path: ("known" if split in ("train", "val", "test") else split)
                for split, rows in (open_set or {}).items() for path, _ in rows}
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(METADATA_COLUMNS)
-        for record in parsed:
-            r = current.get(record.origin, record)
-            excluded = reasons.get(r.origin, "")
-            size = checks[r.path].size if r.path in checks and checks[r.path].size else ("", "")
-            coordinates = [_number(v) for point in r.keypoints for v in (point or (None, None))]
-            writer.writerow([r.path, r.individual, r.published_name, r.source, r.origin, _number(r.age),
-                             r.age_group or "", r.gender or "", *coordinates, *size, excluded,
-                             "" if excluded else split_of.get(r.path, ""),
-                             "" if excluded else open_of.get(r.path, "")])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(METADATA_COLUMNS)
+    for record in parsed:
+        r = current.get(record.origin, record)
+        excluded = reasons.get(r.origin, "")
+        size = checks[r.path].size if r.path in checks and checks[r.path].size else ("", "")
+        coordinates = [_number(v) for point in r.keypoints for v in (point or (None, None))]
+        writer.writerow([r.path, r.individual, r.published_name, r.source, r.origin, _number(r.age),
+                         r.age_group or "", r.gender or "", *coordinates, *size, excluded,
+                         "" if excluded else split_of.get(r.path, ""),
+                         "" if excluded else open_of.get(r.path, "")])
+    atomic.write_text(path, buffer.getvalue())
 
 
 def _number(value: float | None) -> str:
@@ -185,8 +188,7 @@ def _number(value: float | None) -> str:
 
 
 def _write_names(path: Path, names: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    atomic.write_text(path, "".join(f"{n}\n" for n in names))
 
 
 def write_lists(annotations_dir: Path, min_images: int, usable: Sequence[Record], kept: Sequence[Record],
@@ -274,7 +276,7 @@ def check_parameters(min_images: int, fractions: Sequence[float], open_set_indiv
         raise PrepareError(f"--open-set-individuals {open_set_individuals}: use 0 (no open-set split) "
                            f"or at least 2 (one for unknown_val, one for unknown_test)")
     if workers is not None and workers < 0:
-        raise PrepareError(f"--workers {workers}: use at least 1 (0 or nothing: up to 8)")
+        raise PrepareError(f"--workers {workers}: give a number of threads, or 0 (the default) for up to 8")
 
 
 def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR, *,
@@ -327,7 +329,7 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
                              unknown, fix, report["problems"])
     write_lists(annotations_dir, min_images, usable, kept, closed, open_set, unknown)
     write_metadata(annotations_dir / "metadata.csv", parsed, fixed, exclusions, checks, closed, open_set)
-    (annotations_dir / "prepared.json").write_text(json.dumps(prepared, indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(annotations_dir / "prepared.json", json.dumps(prepared, indent=2) + "\n")
     _log_splits(prepared)
     log.info("wrote      %s (report: %s)", annotations_dir, md_path.name)
     return PrepareResult(annotations_dir, prepared, report)

@@ -30,7 +30,8 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 
-Row = tuple[str, str]  # (path relative to the raw folder, individual)
+from src.data.lists import Row
+
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
 MIN_IMAGES_PER_INDIVIDUAL = len(SPLITS)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from src import atomic
 from src.data.annotations import Record
 from src.data.io import ImageLoadError, load_rgb
 
@@ -295,8 +296,8 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """`validation_report.json` (everything) and `validation_report.md` (the same, lists capped)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "validation_report.json", out_dir / "validation_report.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(render_markdown(report), encoding="utf-8")
+    atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
+    atomic.write_text(md_path, render_markdown(report))
     return md_path, json_path
 
 

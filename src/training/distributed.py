@@ -1,4 +1,5 @@
-"""torchrun support: process group set-up, rank-aware printing and metric reduction.
+"""torchrun support: process group set-up, and the collectives the training loop needs (metric sums,
+agreement between ranks, rank 0's BatchNorm statistics).
 
 Without torchrun (no RANK / WORLD_SIZE in the environment) every helper here is a no-op, so the
 single-process path runs the same code. Under torchrun the process group is set up even for one

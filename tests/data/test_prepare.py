@@ -327,7 +327,7 @@ def test_cli_subprocess_success_and_errors(tmp_path):
 @pytest.mark.parametrize("option, message", [
     ("--list", r"error: .*mine\.txt: not UTF-8 text"),          # e.g. a list saved as UTF-16 by an editor
     ("--labels-fix", r"error: .*mine\.txt: not UTF-8 text"),
-    ("--workers", r"error: --workers -2: use at least 1"),
+    ("--workers", r"error: --workers -2: give a number of threads, or 0"),
 ])
 def test_cli_unreadable_text_files_and_bad_workers_are_one_line(tmp_path, capsys, option, message):
     root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
