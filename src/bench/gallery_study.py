@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from src.config import config_from_dict
-from src.data import prepare, standin
+from src.bench.data import prepared_standin
 from src.data.dataset import PreparedData
 from src.evaluation.evaluate import evaluate
 from src.inference import gallery as gallery_cli
@@ -57,15 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_data(args: argparse.Namespace) -> Path:
-    root = args.out / "data"
-    assert standin.main(["--out", str(root / "raw"), "--individuals", str(args.individuals), "--images",
-                         str(args.images), "--size", str(args.size), "--workers", str(args.workers)]) == 0
-    assert prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images", "10",
-                         "--open-set-individuals", str(args.held_out)]) == 0
-    return root
-
-
 def train_model(args: argparse.Namespace, root: Path) -> Path:
     config = config_from_dict({
         "name": "study",
@@ -83,7 +74,9 @@ def embed_split(identifier: Identifier, data: PreparedData, split: str) -> tuple
     rows = data.split(split, open_set=True)
     items = [item for batch in identifier.embed([data.raw_dir / rel for rel, _ in rows], batch_size=128)
              for item in batch]
-    assert all(isinstance(item, Embedded) for item in items), "an image could not be read"
+    unreadable = [item.source for item in items if not isinstance(item, Embedded)]
+    if unreadable:  # a study with images missing would compare different sets
+        raise SystemExit(f"error: {len(unreadable)} stand-in image(s) could not be read, e.g. {unreadable[0]}")
     return items, np.array([name for _, name in rows])
 
 
@@ -175,14 +168,16 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    root = make_data(args)
+    root = prepared_standin(args.out, args.individuals, args.images, args.size, held_out=args.held_out,
+                            workers=args.workers)
     checkpoint = train_model(args, root)
     evaluation = evaluate(checkpoint, args.out / "eval", "test", device=args.device)
     base = Identifier.from_checkpoint(checkpoint, args.device)
     data = PreparedData.load(root)
     train_gallery = args.out / "train_gallery.npz"
-    assert gallery_cli.main(["enroll", "--gallery", str(train_gallery), "--checkpoint", str(checkpoint),
-                             "--from-split", str(root), "train", "--open-set", "--device", args.device]) == 0
+    if gallery_cli.main(["enroll", "--gallery", str(train_gallery), "--checkpoint", str(checkpoint),
+                         "--from-split", str(root), "train", "--open-set", "--device", args.device]):
+        raise SystemExit("error: enrolling the training split failed (see above)")
     test_items, test_names = embed_split(base, data, "test")
     unknown = {split: embed_split(base, data, split) for split in ("unknown_val", "unknown_test")}
     new_items = unknown["unknown_val"][0] + unknown["unknown_test"][0]

@@ -31,7 +31,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
 from src.config import CompileMode, config_from_dict
-from src.data import prepare, standin
+from src.bench.data import prepared_standin
 from src.data.dataset import PreparedData
 from src.training.train import (RunState, StopRequest, build_model_and_optimizer, evaluate, load_data, make_runtime, run,
                                 seed_everything, train_one_epoch, wrap_for_training)
@@ -64,23 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_data(work: Path, args) -> Path:
-    root = work / "data"
-    if not (root / "annotations" / "prepared.json").is_file():
-        started = time.perf_counter()
-        made = standin.main(["--out", str(root / "raw"), "--individuals", str(args.individuals),
-                             "--images", str(args.images), "--size", str(round(args.size * 1.15)), "--seed", "0"])
-        prepared = made or prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images",
-                                         "10", "--seed", "0", "--open-set-individuals", "0"])
-        if prepared:
-            raise SystemExit("could not make the stand-in data (see above)")
-        print(f"stand-in data: {args.individuals} x {args.images} images in {time.perf_counter() - started:.0f} s",
-              flush=True)
-    return root
-
-
 def bench_config(arch: str, mode: str, data_root: Path, work: Path, args, epochs: int):
-    num_classes = len((data_root / "annotations" / "kept_ids_min10.txt").read_text().split())
+    num_classes = PreparedData.load(data_root).num_classes
     return config_from_dict({
         "name": f"bench_{arch}_{mode}" if args.compile else f"bench_{arch}",
         "data": {"root": str(data_root), "num_classes": num_classes, "image_size": args.size,
@@ -228,7 +213,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: --compile-mode needs torch.compile (drop --no-compile)")
     with tempfile.TemporaryDirectory() as temp:
         work = args.work_dir or Path(temp)
-        data_root = make_data(work, args)
+        data_root = prepared_standin(work, args.individuals, args.images, round(args.size * 1.15))
         print(f"device: {device_name(args.device)}; torch {torch.__version__}; {args.size} px, batch "
               f"{args.batch_size}, compile={args.compile}", flush=True)
         results = []

@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             count = generate_small(args.out, args.individuals, args.images, size, args.seed, args.workers)
     except (StandinError, AnnotationError, OSError, WorkerDied) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a one-line error exits 2, as in every command of the project
     print(f"wrote {count} stand-in images (synthetic, not chimpanzees) under {args.out / RELEASE_FOLDER} "
           f"in {time.perf_counter() - start:.1f} s with {args.workers} worker(s)")
     return 0

@@ -1,7 +1,7 @@
 """Evaluate a trained checkpoint in one command and write a report a reviewer can check.
 
     python -m src.evaluation.evaluate --checkpoint artifacts/<name>_best.pt [--split test]
-        [--data-root DIR] [--out DIR] [--device cpu|cuda] [--batch-size N]
+        [--data-root DIR] [--out DIR] [--device cpu|cuda|cuda:N] [--batch-size N]
 
 Read top to bottom: `load_run` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
 `embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier),
@@ -115,8 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prepared dataset (default: data.root of the checkpoint's config)")
     parser.add_argument("--out", type=Path, default=None,
                         help="run folder (default: runs/eval/<checkpoint stem>_<split>)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     if args.batch_size < 1:

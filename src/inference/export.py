@@ -42,7 +42,6 @@ import onnxruntime
 import torch
 
 from src import atomic
-from src.atomic import atomic_destination
 from src.data.standin import individual_name, render
 from src.errors import positive_int
 from src.inference.identify import (CHECKPOINT_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES,
@@ -88,7 +87,7 @@ def standin_batch(identifier: Identifier, count: int) -> torch.Tensor:
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, checkpoint_sha256: str) -> Runner:
     """Write the ONNX file, with the checkpoint's sha256 in its metadata (`predict --onnx` checks it
     against the JSON beside it); returns a runner on it in ONNX Runtime (CPU)."""
-    with atomic_destination(path) as target, warnings.catch_warnings():
+    with atomic.atomic_destination(path) as target, warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # "legacy exporter" (see above)
         torch.onnx.export(module, (example,), str(target), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
@@ -103,7 +102,7 @@ def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pat
     """Write the traced module; returns a runner on the file loaded back."""
     with warnings.catch_warnings():  # torch.jit is deprecated upstream, yet TorchScript is what is asked for
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        with atomic_destination(path) as target:
+        with atomic.atomic_destination(path) as target:
             torch.jit.save(torch.jit.trace(module, example), str(target))
         loaded = torch.jit.load(str(path), map_location="cpu")
 

@@ -229,7 +229,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="every image of a prepared split under its own individual, e.g. "
                              "data/chimpanzee_faces train")
     enroll.add_argument("--open-set", action="store_true", help="with --from-split: the open_set/ lists")
-    enroll.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    enroll.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     enroll.add_argument("images", nargs="*", help="with --name: images, folders or glob patterns")
 
     listing = commands.add_parser("list", help="the enrolled individuals and their photo counts")

@@ -2,7 +2,7 @@
 
     python -m src.inference.predict --checkpoint artifacts/chimp_best.pt photos/ more/*.jpg
         [--top-k 5] [--threshold T] [--gallery g.npz [--match nearest|prototype]]
-        [--output out.csv|out.json] [--device cpu|cuda] [--batch-size N]
+        [--output out.csv|out.json] [--device cpu|cuda|cuda:N] [--batch-size N]
     python -m src.inference.predict --onnx exported/chimp_best.onnx photos/   # ONNX Runtime, no model code
 
 Inputs are images, folders (searched recursively; hidden files left out) and glob patterns. Every
@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"with --gallery: score an individual by its nearest enrolled photo or by "
                              f"its prototype (default {DEFAULT_MATCH})")
     parser.add_argument("--output", type=Path, default=None, help="also write the results to .csv or .json")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (an ONNX model: cpu or cuda)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:

@@ -23,7 +23,8 @@ def test_cpu_benchmark_reports_all_three_and_their_ratios(tmp_path, capsys):
     assert result["arch"] == "resnet18" and result["compile_mode"] is None and result["size"] == 32
     assert result["ours_img_s"] > 0 and result["ceiling_img_s"] > 0
     # The whole run (two epochs, cache, checkpoints) outlasts the one timed epoch it is measured by.
-    timed_images = len((tmp_path / "data" / "annotations" / "train.txt").read_text().splitlines()) // 8 * 8
+    [data] = tmp_path.glob("standin_4x10_37px_0out")  # reused by a later run with the same parameters
+    timed_images = len((data / "annotations" / "train.txt").read_text().splitlines()) // 8 * 8
     assert result["ours_epochs"] == 2 and result["ours_wall_s"] > timed_images / result["ours_img_s"]
     # Validation is part of each epoch, so the steps alone are faster than the epoch as a whole.
     assert 0 < result["ours_val_share"] < 1

@@ -136,7 +136,7 @@ def test_bad_annotation_input_is_one_line_and_exit_1(tmp_path, capsys, content, 
     if content is not None:
         (folder / "annotations_czoo.txt").write_text(content, encoding="utf-8")
         (folder / "annotations_ctai.txt").write_text("", encoding="utf-8")
-    assert standin.main(["--out", str(tmp_path / "raw"), "--from-annotations", str(folder)]) == 1
+    assert standin.main(["--out", str(tmp_path / "raw"), "--from-annotations", str(folder)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
@@ -201,7 +201,7 @@ def test_annotations_that_are_not_utf8_are_one_line_and_exit_1(tmp_path, capsys)
     folder.mkdir()
     (folder / "annotations_czoo.txt").write_bytes("face_images/a.png Name Zuri\n".encode("utf-16"))
     (folder / "annotations_ctai.txt").write_text("", encoding="utf-8")
-    assert standin.main(["--out", str(tmp_path / "raw"), "--from-annotations", str(folder)]) == 1
+    assert standin.main(["--out", str(tmp_path / "raw"), "--from-annotations", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "annotations_czoo.txt: not UTF-8 text" in err and err.count("\n") == 1
 

@@ -299,3 +299,11 @@ def test_a_checkpoint_with_impossible_progress_is_refused_before_training(tiny_r
     out, err = capsys.readouterr()
     assert err == f"error: cannot resume from {path}: {message}\n" and "[Epoch" not in out
     assert not (tmp_path / "artifacts" / "tiny_last.pt").exists()
+
+
+def test_keys_a_resume_may_change_are_keys_of_the_config():
+    """A key renamed in src/config.py but not here would silently become one that must match."""
+    from src.config import Config
+    from src.training.resume import RESUMABLE_CHANGES, _flatten
+
+    assert RESUMABLE_CHANGES <= set(_flatten(Config().to_dict()))
