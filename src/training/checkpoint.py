@@ -11,13 +11,16 @@ import pickle
 import pickletools
 import re
 import threading
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from src.atomic import atomic_destination
 from src.errors import first_line
+from src.training.artifacts import RunPaths, write_metrics_csv
 
 FORMAT_VERSION = 1
 # The keys every checkpoint of this project has, and their types: anything else is another
@@ -142,3 +145,47 @@ class CheckpointWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointError(f"could not write a checkpoint ({error}); the previous one is intact") from None
+
+
+class CheckpointSaver:
+    """When a run's checkpoints and CSV are written. Forced saves (the last epoch, a stop) always
+    write; otherwise at most every `interval_s` seconds, a new best epoch being kept in memory (a
+    snapshot) until the next write. `enabled` is false on every rank but 0, which alone writes."""
+
+    def __init__(self, paths: RunPaths, interval_s: float, enabled: bool):
+        self.paths, self.interval_s, self.enabled = paths, interval_s, enabled
+        self.writer = CheckpointWriter()
+        self.pending_best: dict | None = None  # snapshot of a best epoch not yet written
+        self.last_write = time.monotonic()
+
+    def save(self, checkpoint: Callable[[], dict], improved: bool, force: bool) -> None:
+        """Snapshot `checkpoint()` now if it is due or a new best; write now if forced or due."""
+        due = force or time.monotonic() - self.last_write >= self.interval_s
+        if not self.enabled or not (due or improved):
+            return
+        current = snapshot(checkpoint())
+        if improved:
+            self.pending_best = current
+        if due:
+            best = [(self.pending_best, self.paths.best)] if self.pending_best is not None else []
+            self._write(best + [(current, self.paths.last)])
+            self.pending_best, self.last_write = None, time.monotonic()
+
+    def write_pending_best(self) -> int | None:
+        """Before a run ends on a non-finite loss: the newest good state held in memory (a best epoch
+        not yet written) becomes both best and last, so the stop loses none of the epochs before.
+        Returns that epoch, or None when nothing was pending. Waits for the writes."""
+        epoch = None
+        if self.pending_best is not None:
+            epoch = self.pending_best["epoch"]
+            self._write([(self.pending_best, self.paths.best), (self.pending_best, self.paths.last)])
+        self.wait()
+        return epoch
+
+    def wait(self) -> None:
+        self.writer.wait()
+
+    def _write(self, items: list[tuple[dict, Path]]) -> None:
+        """Write `(snapshot, path)` pairs in the background, then the CSV of the last one's history."""
+        history = items[-1][0]["history"]
+        self.writer.save(items, after=lambda: write_metrics_csv(self.paths.metrics, history))

@@ -1,8 +1,8 @@
 """Train an identification model from a config: `python -m src.training.train --config <yaml>`.
 
 Read top to bottom: `make_runtime` -> `load_data` -> `build_model_and_optimizer` -> `wrap_for_training`,
-then per epoch (in `fit`) `train_one_epoch`, `evaluate`, and a checkpoint snapshot written in the
-background. Works unchanged under `torchrun --nproc_per_node N`.
+then per epoch (in `fit`) `train_one_epoch`, `evaluate` and `CheckpointSaver.save` (a snapshot, written
+in the background when due). Works unchanged under `torchrun --nproc_per_node N`.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from src.errors import first_line
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.training import distributed as dist_utils
-from src.training.artifacts import RunPaths, epoch_line, write_metrics_csv
-from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointWriter, load_checkpoint, snapshot
+from src.training.artifacts import RunPaths, epoch_line
+from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointSaver, load_checkpoint
 from src.training.resume import check_resume_compatible, check_training_state, data_fingerprint
 
 # What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
@@ -534,37 +534,10 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
     train_runner, eval_runner = wrap_for_training(model, config, runtime)
     stop.install(second_signal_exits=not runtime.dist.enabled)
 
-    writer = CheckpointWriter()
-    pending_best: dict | None = None  # snapshot of a best epoch not yet written
-    last_write = time.monotonic()
+    saver = CheckpointSaver(paths, config.trainer.checkpoint_interval_s, enabled=runtime.dist.is_main)
 
-    def write(items: list[tuple[dict, Path]]) -> None:
-        """Write `(snapshot, path)` pairs in the background, then the CSV of the last one's history."""
-        history = items[-1][0]["history"]
-        writer.save(items, after=lambda: write_metrics_csv(paths.metrics, history))
-
-    def save(improved: bool, force: bool) -> None:
-        """Snapshot now; write now if forced or due, else keep a new best in memory until then."""
-        nonlocal pending_best, last_write
-        if not runtime.dist.is_main:
-            return
-        due = force or time.monotonic() - last_write >= config.trainer.checkpoint_interval_s
-        if not (due or improved):
-            return
-        current = snapshot(checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint))
-        if improved:
-            pending_best = current
-        if due:
-            write(([(pending_best, paths.best)] if pending_best is not None else []) + [(current, paths.last)])
-            pending_best, last_write = None, time.monotonic()
-
-    def write_pending_best() -> None:
-        """Before a run ends on a non-finite loss: the newest good state held in memory (a best epoch
-        not yet written) becomes both best and last, so the stop loses none of the epochs before."""
-        if pending_best is not None:
-            write([(pending_best, paths.best), (pending_best, paths.last)])
-            runtime.print(f"wrote epoch {pending_best['epoch']} (the best so far) to {paths.best} and {paths.last}")
-        writer.wait()
+    def checkpoint() -> dict:
+        return checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint)
 
     max_epochs = config.trainer.max_epochs
     for epoch in range(state.epoch + 1, max_epochs + 1):
@@ -573,12 +546,14 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             sums = train_one_epoch(train_runner, model, train_source, optimizer, scheduler, scaler, epoch,
                                    state, config, runtime, stop)
         except TrainingStopped:
-            write_pending_best()
+            written = saver.write_pending_best()
+            if written is not None:
+                runtime.print(f"wrote epoch {written} (the best so far) to {paths.best} and {paths.last}")
             raise
         if state.step < len(train_source):
             state.partial = sums.reduced_state(runtime)
-            save(improved=False, force=True)
-            writer.wait()
+            saver.save(checkpoint, improved=False, force=True)
+            saver.wait()
             raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last)
         train = sums.means(runtime)  # waits for the device: the time below is the steps' own
         train_seconds = time.perf_counter() - started
@@ -594,14 +569,14 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         if improved:
             state.best_val_top1, state.best_epoch = val["top1"], epoch
         stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
-        save(improved, force=epoch == max_epochs or stopping)
+        saver.save(checkpoint, improved, force=epoch == max_epochs or stopping)
         runtime.print(epoch_line(row, max_epochs))
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
         if stopping:
-            writer.wait()
+            saver.wait()
             raise stop.stopped(f"after epoch {epoch}", paths.last)
-    writer.wait()
+    saver.wait()
     runtime.print(f"done: best val top1={state.best_val_top1:.4f} at epoch {state.best_epoch}; "
                   f"{paths.best}, {paths.last}, {paths.metrics}")
     return state

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from src.training import checkpoint, train
-from src.training.checkpoint import CheckpointError, CheckpointWriter, atomic_save, safe_torch_load
+from src.training.artifacts import METRICS_COLUMNS, RunPaths
+from src.training.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriter, atomic_save,
+                                     safe_torch_load)
 from tests.conftest import write_config
 
 
@@ -81,3 +83,33 @@ def test_unusable_files_exit_2_in_one_line_naming_the_problem(tiny_data, tmp_pat
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {path}: ") and captured.err.count("\n") == 1, captured.err
     assert message in captured.err and "unpickled" not in captured.out
+
+
+def _state(epoch: int) -> dict:
+    row = {column: float(epoch) for column in METRICS_COLUMNS}
+    return {"epoch": epoch, "w": torch.full((2,), float(epoch)), "history": [row] * epoch}
+
+
+def test_saver_keeps_a_best_epoch_in_memory_until_a_write_is_due(tmp_path):
+    paths = RunPaths(tmp_path, "x")
+    saver = CheckpointSaver(paths, interval_s=3600, enabled=True)
+    saver.save(lambda: _state(1), improved=True, force=False)  # not due: held in memory
+    saver.save(lambda: _state(2), improved=False, force=False)  # neither due nor better: not even copied
+    saver.wait()
+    assert not list(tmp_path.iterdir())
+    saver.save(lambda: _state(3), improved=False, force=True)  # the run's end
+    saver.wait()
+    assert torch.load(paths.best)["epoch"] == 1 and torch.load(paths.last)["epoch"] == 3
+    assert len(paths.metrics.read_text().splitlines()) == 1 + 3
+    assert saver.write_pending_best() is None  # the best was written with the last
+
+
+def test_saver_writes_a_pending_best_as_best_and_last_and_only_on_rank_0(tmp_path):
+    saver = CheckpointSaver(RunPaths(tmp_path, "x"), interval_s=3600, enabled=True)
+    saver.save(lambda: _state(4), improved=True, force=False)
+    assert saver.write_pending_best() == 4  # a non-finite loss ends the run: nothing is lost
+    assert torch.load(tmp_path / "x_last.pt")["epoch"] == torch.load(tmp_path / "x_best.pt")["epoch"] == 4
+    other_rank = CheckpointSaver(RunPaths(tmp_path / "rank1", "x"), interval_s=0, enabled=False)
+    other_rank.save(lambda: _state(1), improved=True, force=True)
+    other_rank.wait()
+    assert not (tmp_path / "rank1").exists()
