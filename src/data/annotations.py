@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from src.data.io import IMAGE_EXTENSIONS
-from src.data.lists import ListFormatError, read_numbered_list
+from src.data.lists import ListFormatError, is_list_name, read_numbered_list
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -390,7 +390,7 @@ class LabelsFix:
 
     def _check(self, path: Path) -> None:
         for old, new in self.aliases.items():
-            if not old or not new or any(c.isspace() for c in new):
+            if not old or not is_list_name(new):
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name must be "
                                       f"non-empty without whitespace")
             if new in self.aliases:

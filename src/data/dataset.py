@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from src.data.io import ImageLoadError, load_rgb
-from src.data.lists import ListFormatError, Row, read_list
+from src.data.lists import ListFormatError, Row, is_list_name, read_list
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
 _REQUIRED_KEYS = ("raw_dir", "min_images", "seed", "num_classes", "format_version")
@@ -92,7 +92,7 @@ class ClassIndex:
     def __init__(self, names: Iterable[str]):
         names = tuple(names)
         for name in names:
-            if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            if not is_list_name(name):
                 raise DatasetError(f"class name {name!r} must be a non-empty string without whitespace")
         if len(set(names)) != len(names):
             duplicate = next(n for i, n in enumerate(names) if n in names[:i])

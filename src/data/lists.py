@@ -39,13 +39,19 @@ def read_numbered_list(path: str | Path) -> list[tuple[int, str, str]]:
     return rows
 
 
+def is_list_name(name) -> bool:
+    """Whether `name` can be an individual's name in a list: a non-empty string without whitespace
+    (a line splits on its last run of whitespace, so a name with a space would not read back)."""
+    return isinstance(name, str) and bool(name) and not any(c.isspace() for c in name)
+
+
 def write_list(path: str | Path, rows) -> None:
     """Write `(relative_path, individual)` rows; refuses names that would not read back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for rel, name in rows:
-        if not name or any(c.isspace() for c in name):
+        if not is_list_name(name):
             raise ListFormatError(f"individual name {name!r} is empty or contains whitespace")
         lines.append(f"{rel} {name}\n")
     atomic.write_text(path, "".join(lines))

@@ -36,6 +36,7 @@ import numpy as np
 
 from src import atomic
 from src.data.dataset import DatasetError, PreparedData
+from src.data.lists import is_list_name
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
 
@@ -51,7 +52,7 @@ class GalleryError(ValueError):
 
 def check_name(name: str) -> None:
     """Names follow the list format (no whitespace); `unknown` is what rejected photos are called."""
-    if not name or any(c.isspace() for c in name):
+    if not is_list_name(name):
         raise GalleryError(f"individual name {name!r} must be non-empty and without whitespace")
     if name.lower() == "unknown":
         raise GalleryError("'unknown' is the label of rejected photos; choose another name")
