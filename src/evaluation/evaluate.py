@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from src import atomic
@@ -236,7 +235,7 @@ def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: 
     The source is given each row's index as its "individual", so the labels it yields say which rows
     were read (unreadable images are skipped inside it) and any individual can be embedded, also one
     the checkpoint never saw. The image cache ignores labels, so training's caches are reused. One
-    forward gives both outputs: the embedding, L2-normalised as `model.embed` does, and the logits.
+    forward gives both outputs (`model.embed_and_classify`): the L2-normalised embedding and the logits.
     A split without any readable image is an EvaluationError: every split has a role in the report.
     """
     row_ids = ClassIndex([str(i) for i in range(len(rows))])
@@ -246,9 +245,9 @@ def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: 
     bar = tqdm(total=len(source), desc=desc, leave=False, file=sys.stderr, disable=not sys.stderr.isatty(),
                dynamic_ncols=True)
     for images, labels in source.batches(0):
-        features, batch_logits, _ = run.model(images)
-        embeddings.append(F.normalize(features.float(), dim=1).cpu().numpy())
-        logits.append(batch_logits.float().cpu().numpy())
+        batch_embeddings, batch_logits = run.model.embed_and_classify(images)
+        embeddings.append(batch_embeddings.cpu().numpy())
+        logits.append(batch_logits.cpu().numpy())
         kept += [rows[i] for i in labels.tolist()]
         bar.update()
     bar.close()

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -258,8 +257,7 @@ class InferenceModule(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeddings, logits, _ = self.model(images)
-        return F.normalize(embeddings.float(), dim=1), logits.float()
+        return self.model.embed_and_classify(images)
 
 
 class TorchBackend:

@@ -31,10 +31,11 @@ class IdentificationModel(nn.Module):
             logits, loss_logits = self.head(embeddings.float(), labels)
         return embeddings, logits, loss_logits
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised fp32 embeddings: what retrieval, galleries and open-set scoring compare."""
-        return F.normalize(self.neck(self.backbone(images)).float(), dim=1)
+    def embed_and_classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2-normalised fp32 embeddings, fp32 logits) from one forward: the embeddings are what
+        retrieval, galleries and open-set scoring compare (evaluation, inference and export use this)."""
+        embeddings, logits, _ = self(images)
+        return F.normalize(embeddings.float(), dim=1), logits.float()
 
 
 def create_model(config: ModelConfig, num_classes: int) -> IdentificationModel:

@@ -43,7 +43,9 @@ def test_model_outputs(head):
     images = torch.randn(3, 3, 64, 64)
     embeddings, logits, _ = model(images)
     assert embeddings.shape == (3, 32) and logits.shape == (3, 6)
-    assert torch.allclose(model.embed(images).norm(dim=1), torch.ones(3), atol=1e-5)
+    normalised, same_logits = model.embed_and_classify(images)
+    assert torch.allclose(normalised.norm(dim=1), torch.ones(3), atol=1e-5) and torch.equal(same_logits, logits)
+    assert torch.allclose(normalised, torch.nn.functional.normalize(embeddings, dim=1))
 
 
 def test_pretrained_from_a_local_file(tmp_path):
