@@ -8,8 +8,10 @@ caller checks that). Open-set functions take each query's best gallery similarit
 
 scikit-learn computes what it has (balanced accuracy, macro-F1, the confusion matrix, AUROC); written
 here by hand, with the definition in each docstring, are top-k accuracy (one line, checked against
-`sklearn.metrics.top_k_accuracy_score` in the tests), mAP@R, the CMC curve, BAKS/BAUS and the
-threshold choices, which scikit-learn does not have.
+`sklearn.metrics.top_k_accuracy_score` in the tests), 1-NN accuracy and mAP@R (checked against
+pytorch-metric-learning's AccuracyCalculator in the tests; here they share one similarity matrix
+with the CMC curve and the gallery matching, on numpy, instead of a kNN search each), the CMC curve,
+BAKS/BAUS and the threshold choices, which neither library has.
 """
 from __future__ import annotations
 
