@@ -42,7 +42,7 @@ from src.data.io import ImageLoadError, as_rgb
 from src.devices import pick_device
 from src.errors import first_line, positive_int
 from src.evaluation.metrics import classifier_scores
-from src.training.checkpoint import CheckpointError
+from src.safe_load import CheckpointError
 
 if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
     from src.inference.gallery import Gallery
@@ -194,7 +194,7 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
     training overwrites `_best.pt`, and a threshold chosen for the old weights would be arbitrary
     for the new ones.
     """
-    from src.evaluation.evaluate import threshold_sidecar_path
+    from src.evaluation.evaluate import threshold_sidecar_path  # here: see Identifier.from_checkpoint
 
     path = threshold_sidecar_path(Path(checkpoint))
     if not path.is_file():

@@ -7,6 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
+from src.safe_load import CheckpointError, safe_torch_load
+
 
 class ModelError(RuntimeError):
     """A model that cannot be built as configured; one-line message."""
@@ -28,8 +30,6 @@ def _imagenet_weights(name: str):
 
 
 def _local_weights(path: Path) -> dict:
-    from src.training.checkpoint import CheckpointError, safe_torch_load
-
     if path.is_dir():
         raise ModelError(f"model.pretrained: {path} is a folder, not a weights file")
     try:

@@ -1,69 +1,26 @@
 """Checkpoints that are safe to load and impossible to half-write.
 
-Loading never unpickles arbitrary objects: `torch.load(weights_only=True)` accepts only tensors and
-plain containers, so a crafted file is refused instead of running code. Saving writes a temporary
-file in the same folder, fsyncs it and renames it over the target: a crash or a full disk during a
-save leaves the previous checkpoint intact.
+Loading goes through `src.safe_load` (tensors and plain containers only, so a crafted file is refused
+instead of running code). Saving writes a temporary file in the same folder, fsyncs it and renames
+it over the target: a crash or a full disk during a save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import pickle
-import pickletools
-import re
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from src.atomic import atomic_destination
-from src.errors import first_line
+from src.safe_load import CheckpointError, safe_torch_load
 from src.training.artifacts import RunPaths, write_metrics_csv
 
 FORMAT_VERSION = 1
 # The keys every checkpoint of this project has, and their types: anything else is another
 # program's file or a damaged one.
 REQUIRED = {"format_version": int, "model_state": dict, "epoch": int, "config": dict, "classes": (list, tuple)}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; one-line message naming the file."""
-
-
-def safe_torch_load(path: str | Path, map_location="cpu"):
-    """`torch.load` restricted to tensors and plain containers, with one-line errors."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.stat().st_size == 0:  # e.g. a copy that was interrupted
-        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
-        if "unsupported global" in str(exc).lower() or _unsupported_pickle_opcode(str(exc)):
-            raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
-                                  "and plain data (refused: loading it could run code)") from None
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
-    except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
-
-
-def _unsupported_pickle_opcode(message: str) -> bool:
-    """True when torch's safe unpickler stopped at a real pickle opcode it does not allow (a pickle
-    of Python objects); False for a byte that is no opcode at all (text, JSON, random data)."""
-    match = re.search(r"Unsupported operand (\d+)", message)
-    return match is not None and chr(int(match.group(1))) in _PICKLE_OPCODES
-
-
-_PICKLE_OPCODES = {opcode.code for opcode in pickletools.opcodes}
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

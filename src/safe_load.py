@@ -1,0 +1,55 @@
+"""Loading `.pt` files without running code: checkpoints, and weights files given as `model.pretrained`.
+
+`torch.load(weights_only=True)` accepts only tensors and plain containers, so a crafted pickle is
+refused instead of executed; every failure becomes one line naming the file. Below the stages that
+read such files (models, training, evaluation, inference), so none has to import another for it.
+"""
+from __future__ import annotations
+
+import pickle
+import pickletools
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from src.errors import first_line
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; one-line message naming the file."""
+
+
+def safe_torch_load(path: str | Path, map_location="cpu"):
+    """`torch.load` restricted to tensors and plain containers, with one-line errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.stat().st_size == 0:  # e.g. a copy that was interrupted
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
+        if "unsupported global" in str(exc).lower() or _unsupported_pickle_opcode(str(exc)):
+            raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
+                                  "and plain data (refused: loading it could run code)") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
+    except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint "
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _unsupported_pickle_opcode(message: str) -> bool:
+    """True when torch's safe unpickler stopped at a real pickle opcode it does not allow (a pickle
+    of Python objects); False for a byte that is no opcode at all (text, JSON, random data)."""
+    match = re.search(r"Unsupported operand (\d+)", message)
+    return match is not None and chr(int(match.group(1))) in _PICKLE_OPCODES
+
+
+_PICKLE_OPCODES = {opcode.code for opcode in pickletools.opcodes}
