@@ -32,7 +32,11 @@ from src.parallel import WorkerDied
 
 
 def _seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (SplitMix-style mixing keeps nearby tuples unrelated)."""
+    """A 63-bit seed from several integers (SplitMix-style mixing keeps nearby tuples unrelated).
+
+    Written out rather than numpy's SeedSequence: a few integer operations per training step, and
+    every batch order and augmentation draw depends on it, so checkpoints resume exactly only as long
+    as it stays this function."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
         value = (value ^ (part + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**64 - 1)
