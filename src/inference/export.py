@@ -26,6 +26,7 @@ one needs the onnxscript package, which this project does not depend on.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -87,14 +88,15 @@ def standin_batch(identifier: Identifier, count: int) -> torch.Tensor:
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, checkpoint_sha256: str) -> Runner:
     """Write the ONNX file, with the checkpoint's sha256 in its metadata (`predict --onnx` checks it
     against the JSON beside it); returns a runner on it in ONNX Runtime (CPU)."""
-    with atomic.atomic_destination(path) as target, warnings.catch_warnings():
+    exported = io.BytesIO()  # in memory: the metadata is added before the one write to disk
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # "legacy exporter" (see above)
-        torch.onnx.export(module, (example,), str(target), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(module, (example,), exported, dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
-        model = onnx.load(str(target))
-        onnx.helper.set_model_props(model, {CHECKPOINT_METADATA: checkpoint_sha256})
-        onnx.save(model, str(target))
+    model = onnx.load_from_string(exported.getvalue())
+    onnx.helper.set_model_props(model, {CHECKPOINT_METADATA: checkpoint_sha256})
+    atomic.write_bytes(path, model.SerializeToString())
     return OnnxBackend(path, "cpu")
 
 
