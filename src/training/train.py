@@ -540,6 +540,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         return checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint)
 
     max_epochs = config.trainer.max_epochs
+    previous_row_at = time.perf_counter()
     for epoch in range(state.epoch + 1, max_epochs + 1):
         started = time.perf_counter()
         try:
@@ -555,14 +556,19 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             saver.save(checkpoint, improved=False, force=True)
             saver.wait()
             raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last)
-        train = sums.means(runtime)  # waits for the device: the time below is the steps' own
-        train_seconds = time.perf_counter() - started
+        train = sums.means(runtime)  # waits for the device: train_seconds is the steps' own
+        validation_started = time.perf_counter()
         val = evaluate(eval_runner, model, val_source, config, runtime).means(runtime)
+        now = time.perf_counter()
         # The times are kept in the history (not the guide's CSV): the speed benchmark reads them.
+        # `seconds` runs from the previous epoch's row, so that epoch's checkpoint snapshot and epoch
+        # line count too: the epochs' seconds add up to the run's wall time after set-up.
         row = {"epoch": epoch, "lr": sums.lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "train_top5": train["top5"], "val_loss": val["loss"], "val_top1": val["top1"],
-               "val_top5": val["top5"], "seconds": time.perf_counter() - started,
-               "train_seconds": train_seconds, "skipped_images": train_source.skipped + val_source.skipped}
+               "val_top5": val["top5"], "seconds": now - previous_row_at,
+               "train_seconds": validation_started - started, "val_seconds": now - validation_started,
+               "skipped_images": train_source.skipped + val_source.skipped}
+        previous_row_at = now
         state.history.append(row)
         state.epoch, state.step, state.partial = epoch, 0, None
         improved = val["top1"] > state.best_val_top1

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -68,6 +69,24 @@ def test_metrics_rows_best_checkpoint_and_contents(tiny_run):
         assert {"model_state", "optimizer_state", "epoch", "config", "classes"} <= set(checkpoint)
         assert len(checkpoint["classes"]) == TINY_INDIVIDUALS
         assert checkpoint["config"]["model"]["backbone"] == "resnet18"
+
+
+def test_epoch_seconds_count_the_previous_epochs_checkpoint_snapshot(tiny_data, tmp_path, monkeypatch):
+    """An epoch's `seconds` (history, read by the speed benchmark) runs from the previous epoch's row,
+    so that epoch's checkpoint snapshot counts: the epochs add up to the run's wall time after set-up."""
+    from src.training import checkpoint as checkpoint_module
+
+    def slow_snapshot(tree):
+        time.sleep(0.3)
+        return checkpoint_module._copy_to_cpu(tree)
+
+    monkeypatch.setattr(checkpoint_module, "snapshot", slow_snapshot)
+    history = run(load_config(write_config(tmp_path, tiny_data))).history
+    for row in history:
+        assert row["train_seconds"] > 0 and row["val_seconds"] > 0
+        assert row["seconds"] >= row["train_seconds"] + row["val_seconds"]
+    # Epoch 1 is the best so far and is snapshotted after its row: epoch 2 pays for that.
+    assert history[1]["seconds"] >= history[1]["train_seconds"] + history[1]["val_seconds"] + 0.3
 
 
 def test_training_learns_on_the_tiny_set(tiny_run):
