@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,50 +47,86 @@ def atomic_save(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def snapshot(tree):
-    """A snapshot of a checkpoint: every tensor copied to the CPU, so training can go on mutating
-    the originals while the copy is written.
+@dataclass
+class Snapshot:
+    """A checkpoint frozen at one moment: its tensors are copies, so training can go on mutating
+    the originals. GPU tensors are copied on the GPU and reach the host only when written."""
 
-    GPU tensors are copied asynchronously into pinned memory (what `non_blocking=True` gives a
-    device-to-host copy) and waited for once at the end: one synchronisation for the whole
-    checkpoint instead of one pageable, blocking copy per tensor (several hundred for a ResNet
-    and its AdamW state)."""
-    copy = _copy_to_cpu(tree)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return copy
+    tree: dict
+    device: torch.device | None = None  # the GPU its tensors are on; None: all on the CPU
+    ready: torch.cuda.Event | None = None  # recorded on that GPU after its copies were queued
+
+    def on_host(self) -> dict:
+        """The checkpoint with every tensor on the CPU (the writer thread calls this). The copies run
+        on a stream of their own, so they overlap the training kernels instead of queueing between
+        them, and wait for that stream alone."""
+        if self.device is None:
+            return self.tree
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_event(self.ready)
+        with torch.cuda.stream(stream):
+            return _map_tensors(self.tree, lambda tensor: tensor.to("cpu"))
 
 
-def _copy_to_cpu(tree):
+def snapshot(tree: dict) -> Snapshot:
+    """A `Snapshot` of `tree`, taken without waiting for the GPU.
+
+    Each tensor is cloned where it lives. On a GPU that is a device-to-device copy, queued in a few
+    ms for a resnet50 and its AdamW state (~300 MB). Copying into pinned host memory here instead,
+    with one wait, took 16% of a resnet50 epoch in the speed benchmark on an H100 (~0.25 s in two of
+    three epochs). The price is GPU memory: up to two snapshots (a best epoch held until the next
+    write, and one being written) of the model and optimizer state."""
+    devices = set()
+
+    def clone(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_cuda:
+            devices.add(tensor.device)
+        return tensor.detach().clone()
+
+    copy = _map_tensors(tree, clone)
+    if not devices:
+        return Snapshot(copy)
+    if len(devices) > 1:  # one process trains on one GPU; a tree across GPUs is nobody's checkpoint here
+        raise ValueError(f"a checkpoint's tensors are on several GPUs: {sorted(map(str, devices))}")
+    device = devices.pop()
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+    return Snapshot(copy, device, ready)
+
+
+def _map_tensors(tree, function):
     if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True, non_blocking=tree.is_cuda)
+        return function(tree)
     if isinstance(tree, dict):
-        return {key: _copy_to_cpu(value) for key, value in tree.items()}
+        return {key: _map_tensors(value, function) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_copy_to_cpu(value) for value in tree)
+        return type(tree)(_map_tensors(value, function) for value in tree)
     return tree
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a background thread: the caller takes a `snapshot` at once (a
-    device-to-host copy), the serialisation and fsync of a few hundred MB overlap the next epoch.
-    One write is in flight at a time; an error of a write is raised by the next `save` or `wait`."""
+    """Writes checkpoints on a background thread: the caller takes a `snapshot` at once, the copy
+    to the host, the serialisation and the fsync of a few hundred MB overlap the next epoch. One
+    write is in flight at a time; an error of a write is raised by the next `save` or `wait`."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, items: list[tuple[dict, Path]], after=None) -> None:
+    def save(self, items: list[tuple[Snapshot, Path]], after=None) -> None:
         """Write each `(snapshot, path)` atomically, in order, then call `after()`."""
         self.wait()
         self._thread = threading.Thread(target=self._write, args=(items, after),
                                         name="checkpoint-writer", daemon=False)
         self._thread.start()
 
-    def _write(self, items: list[tuple[dict, Path]], after) -> None:
+    def _write(self, items: list[tuple[Snapshot, Path]], after) -> None:
         try:
+            on_host = {}  # one copy to the host for a snapshot written twice (best and last)
             for checkpoint, path in items:
-                atomic_save(checkpoint, path)
+                if id(checkpoint) not in on_host:
+                    on_host[id(checkpoint)] = checkpoint.on_host()
+                atomic_save(on_host[id(checkpoint)], path)
             if after is not None:
                 after()
         except BaseException as exc:  # reported to the training thread by wait()
@@ -112,7 +149,7 @@ class CheckpointSaver:
     def __init__(self, paths: RunPaths, interval_s: float, enabled: bool):
         self.paths, self.interval_s, self.enabled = paths, interval_s, enabled
         self.writer = CheckpointWriter()
-        self.pending_best: dict | None = None  # snapshot of a best epoch not yet written
+        self.pending_best: Snapshot | None = None  # a best epoch not yet written
         self.last_write = time.monotonic()
 
     def save(self, checkpoint: Callable[[], dict], improved: bool, force: bool) -> None:
@@ -134,7 +171,7 @@ class CheckpointSaver:
         Returns that epoch, or None when nothing was pending. Waits for the writes."""
         epoch = None
         if self.pending_best is not None:
-            epoch = self.pending_best["epoch"]
+            epoch = self.pending_best.tree["epoch"]
             self._write([(self.pending_best, self.paths.best), (self.pending_best, self.paths.last)])
         self.wait()
         return epoch
@@ -142,7 +179,7 @@ class CheckpointSaver:
     def wait(self) -> None:
         self.writer.wait()
 
-    def _write(self, items: list[tuple[dict, Path]]) -> None:
+    def _write(self, items: list[tuple[Snapshot, Path]]) -> None:
         """Write `(snapshot, path)` pairs in the background, then the CSV of the last one's history."""
-        history = items[-1][0]["history"]
+        history = items[-1][0].tree["history"]
         self.writer.save(items, after=lambda: write_metrics_csv(self.paths.metrics, history))

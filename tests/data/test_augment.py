@@ -1,6 +1,7 @@
 """Batch augmentation: layout, determinism, and statistics that match the config."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -119,6 +120,20 @@ def test_colour_jitter_matches_torchvision_brightness_contrast_saturation():
         torch.testing.assert_close(out[i], _normalise(image), atol=1e-4, rtol=0)
     factors = torch.stack([params.brightness, params.contrast, params.saturation])
     assert factors.min() >= 1 - jitter and factors.max() <= 1 + jitter
+
+
+def test_contrast_blends_towards_the_whole_images_mean_luma_not_the_crops():
+    """Documented difference from torchvision (which takes the crop's mean): contrast 0 turns a
+    crop of the dark half of a half-dark, half-bright image into the whole image's mean grey."""
+    aug = BatchAugment(AugmentConfig(**{**NO_AUGMENT, "color_jitter": 0.5}), 16)
+    batch = torch.full((1, 32, 32, 3), 40, dtype=torch.uint8)
+    batch[:, :, 16:] = 200
+    params = dataclasses.replace(aug.sample_params(1, _generator(8), "cpu"), area=torch.tensor([0.25]),
+                                 log_ratio=torch.zeros(1), centre=torch.tensor([[-0.5, 0.0]]),
+                                 brightness=torch.ones(1), contrast=torch.zeros(1), saturation=torch.ones(1))
+    out = aug.apply(batch, params)[0]
+    whole_mean = torch.full((3, 16, 16), (40 + 200) / 2 / 255)
+    torch.testing.assert_close(out, _normalise(whole_mean), atol=1e-5, rtol=0)
 
 
 def test_erasing_rate_and_rectangle_area_match_config():

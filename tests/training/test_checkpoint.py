@@ -32,10 +32,10 @@ def test_a_failed_save_keeps_the_previous_file_and_no_temporary(tmp_path, monkey
 def test_the_background_writer_reports_a_failed_write(tmp_path, monkeypatch):
     path = tmp_path / "run_last.pt"
     writer = CheckpointWriter()
-    writer.save([({"epoch": 1}, path)])
+    writer.save([(checkpoint.snapshot({"epoch": 1}), path)])
     writer.wait()
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    writer.save([({"epoch": 2}, path)])
+    writer.save([(checkpoint.snapshot({"epoch": 2}), path)])
     with pytest.raises(CheckpointError, match="No space left on device.*previous one is intact"):
         writer.wait()
     monkeypatch.undo()
@@ -46,7 +46,21 @@ def test_snapshot_is_independent_of_later_training(tmp_path):
     weights = torch.ones(4)
     copy = checkpoint.snapshot({"model_state": {"w": weights}, "history": [{"epoch": 1}]})
     weights.add_(1)
-    assert torch.equal(copy["model_state"]["w"], torch.ones(4))
+    assert torch.equal(copy.on_host()["model_state"]["w"], torch.ones(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_snapshot_is_copied_on_the_gpu_and_reaches_the_host_when_written(tmp_path):
+    weights = torch.randn(1 << 20, device="cuda")
+    expected = weights.cpu()
+    copy = checkpoint.snapshot({"model_state": {"w": weights}, "step": torch.tensor(3)})
+    assert copy.tree["model_state"]["w"].is_cuda and copy.device == weights.device
+    weights.mul_(0)  # training goes on: queued after the copy on the same stream
+    writer = CheckpointWriter()
+    writer.save([(copy, tmp_path / "x_last.pt")])
+    writer.wait()
+    written = safe_torch_load(tmp_path / "x_last.pt")
+    assert torch.equal(written["model_state"]["w"], expected) and written["step"].item() == 3
 
 
 class _Payload:

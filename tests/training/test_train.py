@@ -76,9 +76,11 @@ def test_epoch_seconds_count_the_previous_epochs_checkpoint_snapshot(tiny_data, 
     so that epoch's checkpoint snapshot counts: the epochs add up to the run's wall time after set-up."""
     from src.training import checkpoint as checkpoint_module
 
+    real_snapshot = checkpoint_module.snapshot
+
     def slow_snapshot(tree):
         time.sleep(0.3)
-        return checkpoint_module._copy_to_cpu(tree)
+        return real_snapshot(tree)
 
     monkeypatch.setattr(checkpoint_module, "snapshot", slow_snapshot)
     history = run(load_config(write_config(tmp_path, tiny_data))).history
