@@ -76,14 +76,11 @@ def snapshot(tree: dict) -> Snapshot:
     with one wait, took 16% of a resnet50 epoch in the speed benchmark on an H100 (~0.25 s in two of
     three epochs). The price is GPU memory: up to two snapshots (a best epoch held until the next
     write, and one being written) of the model and optimizer state."""
-    devices = set()
-
-    def clone(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_cuda:
-            devices.add(tensor.device)
-        return tensor.detach().clone()
-
-    copy = _map_tensors(tree, clone)
+    try:
+        copy, devices = _clone(tree)
+    except torch.OutOfMemoryError:
+        # No room on the GPU for a copy: copy to the host instead, slower (it waits) but sure.
+        return Snapshot(_map_tensors(tree, lambda tensor: tensor.detach().to("cpu", copy=True)))
     if not devices:
         return Snapshot(copy)
     if len(devices) > 1:  # one process trains on one GPU; a tree across GPUs is nobody's checkpoint here
@@ -92,6 +89,18 @@ def snapshot(tree: dict) -> Snapshot:
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(device))
     return Snapshot(copy, device, ready)
+
+
+def _clone(tree) -> tuple[dict, set[torch.device]]:
+    """`tree` with every tensor cloned where it lives, and the GPUs they live on."""
+    devices = set()
+
+    def clone(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_cuda:
+            devices.add(tensor.device)
+        return tensor.detach().clone()
+
+    return _map_tensors(tree, clone), devices
 
 
 def _map_tensors(tree, function):

@@ -49,6 +49,17 @@ def test_snapshot_is_independent_of_later_training(tmp_path):
     assert torch.equal(copy.on_host()["model_state"]["w"], torch.ones(4))
 
 
+def test_a_snapshot_without_room_for_a_gpu_copy_is_copied_to_the_host(monkeypatch):
+    def out_of_memory(tree):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(checkpoint, "_clone", out_of_memory)
+    weights = torch.ones(4)
+    copy = checkpoint.snapshot({"model_state": {"w": weights}})
+    weights.add_(1)
+    assert copy.device is None and torch.equal(copy.on_host()["model_state"]["w"], torch.ones(4))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_snapshot_is_copied_on_the_gpu_and_reaches_the_host_when_written(tmp_path):
     weights = torch.randn(1 << 20, device="cuda")
