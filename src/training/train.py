@@ -288,7 +288,10 @@ class StopRequest:
         job, and torchrun forwards its own), and torchrun's --shutdown-timeout is the hard stop."""
         self.second_signal_exits = second_signal_exits
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+            # A signal the caller ignores stays ignored: a shell starts background jobs (`cmd &`,
+            # nohup) with SIGINT ignored, and a Ctrl-C meant for the shell must not stop them.
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                              if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def uninstall(self) -> None:
         """Give back the caller's handlers: `run()` called from a notebook or a script must not

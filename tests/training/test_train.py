@@ -195,6 +195,25 @@ def test_run_gives_the_signal_handlers_back_and_runs_from_a_thread(tiny_data, tm
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_a_signal_the_caller_ignores_stays_ignored_during_training(monkeypatch):
+    """A shell starts background jobs with SIGINT ignored: the Ctrl-C typed at that shell must not
+    stop them. SIGTERM (a scheduler's stop) is still taken, and both are given back afterwards."""
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGINT else signal.SIG_DFL)
+    installed = {}
+
+    def set_handler(sig, handler):
+        installed[sig] = handler
+        return signal.SIG_DFL  # what was there before
+
+    monkeypatch.setattr(signal, "signal", set_handler)
+    stop = train_module.StopRequest()
+    stop.install(second_signal_exits=True)
+    assert list(installed) == [signal.SIGTERM] and installed[signal.SIGTERM] == stop._handle
+    installed.clear()
+    stop.uninstall()
+    assert installed == {signal.SIGTERM: signal.SIG_DFL}
+
+
 @pytest.mark.parametrize("first, second", [(True, False), (False, True)])
 def test_determinism_setting_does_not_carry_over_to_the_next_run(first, second):
     """A sweep in one process: each run gets the trainer.deterministic its own config asks for."""
