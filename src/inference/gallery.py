@@ -308,7 +308,7 @@ def enroll(args: argparse.Namespace) -> int:
     """Embed the photos and add them; the gallery is written once, after every photo is done, and
     not at all when none could be read."""
     jobs, skipped = enroll_jobs(args)
-    identifier = Identifier.from_checkpoint(args.checkpoint, args.device)
+    identifier = Identifier.embedder(args.checkpoint, args.device)
     info = identifier.info
     gallery = (Gallery.load(args.gallery) if args.gallery.exists()
                else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))

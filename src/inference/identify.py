@@ -194,7 +194,7 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
     training overwrites `_best.pt`, and a threshold chosen for the old weights would be arbitrary
     for the new ones.
     """
-    from src.evaluation.evaluate import threshold_sidecar_path  # here: see Identifier.from_checkpoint
+    from src.evaluation.evaluate import threshold_sidecar_path  # here: see _checkpoint_backend
 
     path = threshold_sidecar_path(Path(checkpoint))
     if not path.is_file():
@@ -361,6 +361,20 @@ def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Ski
 # The identifier
 
 
+def _checkpoint_backend(path: str | Path, device: str) -> tuple[TorchBackend, ModelInfo]:
+    """A training checkpoint's model on `device`, and what it knows (classes, config, sha256)."""
+    # Imported here: the ONNX path needs neither torchvision nor the model code.
+    from src.evaluation.evaluate import EvaluationError, load_run
+    from src.models.backbones import ModelError
+
+    torch_device = pick_device(device, InferenceError)
+    try:
+        run = load_run(Path(path), torch_device)
+    except (EvaluationError, ModelError) as exc:
+        raise InferenceError(str(exc)) from None
+    return TorchBackend(run.model, torch_device), ModelInfo(tuple(run.classes.names), run.config, run.sha256)
+
+
 class Identifier:
     """Preprocessing, a backend, the individuals to score against and the threshold, together.
 
@@ -387,19 +401,17 @@ class Identifier:
         """The model of a training checkpoint; with a gallery (`Gallery.load(path)`), predictions
         name its individuals. `threshold` overrides the one evaluation stored. Raises one of
         USAGE_ERRORS, or GalleryError for a gallery of other weights."""
-        # Imported here: the ONNX path needs neither torchvision nor the model code.
-        from src.evaluation.evaluate import EvaluationError, load_run
-        from src.models.backbones import ModelError
-
-        torch_device = pick_device(device, InferenceError)
-        try:
-            run = load_run(Path(path), torch_device)
-        except (EvaluationError, ModelError) as exc:
-            raise InferenceError(str(exc)) from None
-        info = ModelInfo(tuple(run.classes.names), run.config, run.sha256)
-        chosen = (stored_thresholds(Path(path), run.sha256).for_kind(score_kind(gallery, match))
+        backend, info = _checkpoint_backend(path, device)
+        chosen = (stored_thresholds(Path(path), info.checkpoint_sha256).for_kind(score_kind(gallery, match))
                   if threshold is None else given_threshold(threshold))
-        return cls(TorchBackend(run.model, torch_device), info, chosen, gallery, match)
+        return cls(backend, info, chosen, gallery, match)
+
+    @classmethod
+    def embedder(cls, path: str | Path, device: str = "cpu") -> Identifier:
+        """The model of a training checkpoint, to embed photos only (`gallery enroll`): it reads no
+        threshold, so a missing or damaged threshold file of evaluation does not stop an enrollment."""
+        backend, info = _checkpoint_backend(path, device)
+        return cls(backend, info, Threshold(None, "embedding only"), None, DEFAULT_MATCH)
 
     @classmethod
     def from_onnx(cls, path: str | Path, device: str = "cpu", gallery: Gallery | None = None,

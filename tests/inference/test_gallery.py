@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from src.evaluation.evaluate import threshold_sidecar_path
 from src.inference import gallery as gallery_cli
 from src.inference import predict
 from src.inference.gallery import Gallery, GalleryError
@@ -54,6 +55,19 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
 
     assert gallery_cli.main(["remove", "--gallery", str(gallery), "Nobody"]) == 2
     assert "no individual 'Nobody'" in capsys.readouterr().err
+
+
+def test_enroll_needs_no_threshold_file(learned, unseen, tmp_path, capsys):
+    """Enrolling only embeds photos: a damaged threshold file of evaluation (which predictions would
+    refuse) does not stop it."""
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(learned.checkpoint.read_bytes())
+    threshold_sidecar_path(checkpoint).write_text("{not json")
+    name, photos = next(iter(unseen.items()))
+    assert enroll(tmp_path / "g.npz", checkpoint, name, *photos[:2]) == 0
+    assert Gallery.load(tmp_path / "g.npz").counts() == {name: 2}
+    with pytest.raises(InferenceError, match="not a valid threshold file"):
+        Identifier.from_checkpoint(checkpoint)
 
 
 def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, tmp_path, capsys):
