@@ -3,16 +3,16 @@
 torchvision.transforms.v2 has every one of these, but per sample: a batch with a different random
 crop, angle and jitter per image becomes a Python loop of small ops, tolerable in DataLoader
 workers and slow on a GPU. Here each sample's crop, flip and rotation become one affine matrix,
-resampled for the whole batch by one `grid_sample`; jitter and normalisation become one 3x3 colour
-matrix per sample; erasing is a broadcast mask. Every random number comes from the caller's
-generator on the batch's device, and nothing reads a value back to the host, so a training step
-never waits for the GPU.
+resampled for the whole batch bilinearly (`F.grid_sample`, or the same computed from gathers where
+compiled); jitter and normalisation become one 3x3 colour matrix per sample; erasing is a broadcast
+mask. Every random number comes from the caller's generator on the batch's device, and nothing
+reads a value back to the host, so a training step never waits for the GPU.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,14 @@ NORMALISED_RANGE = tuple((-m / s, (1 - m) / s) for m, s in zip(IMAGENET_MEAN, IM
 # be page-faulted in afresh at every step, ~2.5x the cost of the arithmetic. GPUs take the whole
 # batch at once (the caching allocator reuses memory, and fewer launches is what counts there).
 CPU_SLICE_BYTES = 8 << 20
+
+
+class Constants(NamedTuple):
+    """Colour constants on one device (3 values each)."""
+
+    gray: torch.Tensor  # luma weights
+    inv_std: torch.Tensor  # 1 / ImageNet std
+    shift: torch.Tensor  # -mean / std: what 0 becomes after normalisation
 
 
 @dataclass
@@ -70,10 +78,13 @@ class BatchAugment:
     the module methods of the same names.
     """
 
-    def __init__(self, augment: AugmentConfig, image_size: int):
+    def __init__(self, augment: AugmentConfig, image_size: int, dtype: torch.dtype = torch.float32):
+        """`dtype`: of the output. Under bf16 autocast the model's first convolution casts its input
+        to bf16 anyway; writing bf16 here spares that pass and halves the output's bytes."""
         self.augment = augment
         self.image_size = image_size
-        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self.dtype = dtype
+        self._constants: dict[torch.device, Constants] = {}
 
     # --- public --------------------------------------------------------------------------------
 
@@ -111,7 +122,7 @@ class BatchAugment:
             erase=u[:, 11] < a.random_erasing, erase_box=erase_box)
 
     def train(self, batch_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augmented float32 `N x 3 x image_size x image_size`, normalised, channels_last."""
+        """Augmented `N x 3 x image_size x image_size` of `dtype`, normalised, channels_last."""
         return self.apply_uniform(batch_u8, self.draw(batch_u8.shape[0], generator, batch_u8.device))
 
     def apply_uniform(self, batch_u8: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -140,65 +151,81 @@ class BatchAugment:
 
     def _sliced(self, batch_u8: torch.Tensor,
                 compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """float32 channels_last output, filled by `compute` one slice of the batch at a time.
+        """`dtype` channels_last output, computed by `compute` one slice of the batch at a time.
 
-        Copying each NCHW slice into the channels_last output does the layout change on the way.
+        `compute` returns N x 3 x H x W of any layout and dtype; the output is made channels_last and
+        `dtype` from it (no copy where it already is).
         """
         _check_batch(batch_u8)
         n, height, width = batch_u8.shape[:3]
-        out = torch.empty((n, 3, self.image_size, self.image_size), device=batch_u8.device,
-                          memory_format=torch.channels_last)
         step = n
         if batch_u8.device.type == "cpu":
             step = max(1, CPU_SLICE_BYTES // (3 * height * width * 4))
-        # Autocast would run the colour matmul in bf16 and change the result; it is cheap in fp32.
+        # Autocast would run the colour arithmetic in bf16 and change the result; it is cheap in fp32.
         with torch.autocast(batch_u8.device.type, enabled=False):
+            if step >= n:
+                return compute(slice(None)).to(self.dtype, memory_format=torch.channels_last)
+            out = torch.empty((n, 3, self.image_size, self.image_size), dtype=self.dtype,
+                              device=batch_u8.device, memory_format=torch.channels_last)
             for start in range(0, n, step):
-                out[start:start + step] = compute(slice(start, start + step))
-        return out
+                out[start:start + step] = compute(slice(start, start + step))  # the copy converts
+            return out
 
     def _augment(self, batch_u8: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        pixels = _to_float_nchw(batch_u8)
-        image_mean = pixels.mean(dim=(2, 3))
-        sampled = self._resample(pixels, params)
-        # Freed before the colour pass: on the CPU, kept alive, it doubled the time of a batch at
-        # 224 px (the allocator could no longer hand its memory to the next temporaries).
-        del pixels
-        return self._erase(self._colour_and_normalise(sampled, image_mean, params), params)
+        """N x 3 x S x S float (S = image_size), of any memory layout.
+
+        Crop, flip and rotation resample bilinearly with reflection padding, as
+        `F.grid_sample(..., padding_mode="reflection", align_corners=False)`: reflection fills the
+        corners a rotation uncovers with face-like texture, not a flat edge. Two ways to the same
+        pixels (tested equal), one for each way of running:
+        - eagerly (the CPU), library kernels: grid_sample, then the colour and erasing in place;
+        - compiled (the GPU), `_fused`: one functional expression of gathers from the uint8 batch,
+          which inductor fuses into few passes. Compiled, grid_sample became a kernel of its own
+          that read a float copy of the input (on an H100, 200 us per batch of 128 at 224 px), with
+          two more passes for colour (56 us) and clipping, erasing and layout (80 us). Run eagerly,
+          the gathers' many separate passes are ~6x slower (56 against 8-9 ms for the whole
+          augmentation of 64 images at 112 px on 2 cores).
+
+        The cache is ~8/7 of the output side, so the largest downscale is ~1.14x and bilinear
+        sampling barely aliases; with a cache much larger than the output (e.g. 512 to 112) it
+        would, and an antialiasing resize should come first.
+        """
+        height, width = batch_u8.shape[1:3]
+        grid = affine_grid(crop_affine(params, height, width), self.image_size)
+        matrix, offset = self._colour_matrix(_mean_colour(batch_u8), params)
+        kept = ~self._erased(params)
+        if torch.compiler.is_compiling():
+            return _fused(batch_u8, grid, matrix, offset, kept, self.dtype)
+        sampled = F.grid_sample(_to_float_nchw(batch_u8), grid, mode="bilinear", padding_mode="reflection",
+                                align_corners=False)
+        out = torch.addcmul(offset[:, :, None, None], matrix[:, :, 0, None, None], sampled[:, None, 0])
+        out.addcmul_(matrix[:, :, 1, None, None], sampled[:, None, 1])
+        out.addcmul_(matrix[:, :, 2, None, None], sampled[:, None, 2])
+        for channel, (low, high) in enumerate(NORMALISED_RANGE):
+            out[:, channel].clamp_(low, high)  # scalar bounds: ~4x faster than tensor bounds on the CPU
+        # Multiplying by a float mask is several times faster on the CPU than masked_fill_.
+        return out.mul_(kept.to(out.dtype)[:, None])
 
     def _centre(self, crop_u8: torch.Tensor) -> torch.Tensor:
         pixels = _to_float_nchw(crop_u8)
         if pixels.shape[-1] != self.image_size:
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size),
                                    mode="bilinear", antialias=True, align_corners=False)
-        _, _, scale, shift = self._device_constants(crop_u8.device)
-        return torch.addcmul(shift.view(1, 3, 1, 1), pixels, scale.view(1, 3, 1, 1))
+        constants = self._device_constants(crop_u8.device)
+        return torch.addcmul(constants.shift.view(1, 3, 1, 1), pixels, (constants.inv_std / 255).view(1, 3, 1, 1))
 
-    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(gray weights, 1/std, 1/(255 std), -mean/std) on `device`, copied there once."""
+    def _device_constants(self, device: torch.device) -> Constants:
+        """The colour constants on `device`, copied there once."""
         if device not in self._constants:
-            gray = torch.tensor(GRAY_WEIGHTS, device=device)
             mean = torch.tensor(IMAGENET_MEAN, device=device)
             std = torch.tensor(IMAGENET_STD, device=device)
-            self._constants[device] = (gray, 1 / std, 1 / (255 * std), -mean / std)
+            self._constants[device] = Constants(torch.tensor(GRAY_WEIGHTS, device=device), 1 / std, -mean / std)
         return self._constants[device]
 
-    def _resample(self, pixels: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """Crop, flip and rotate every sample with one affine grid and one bilinear grid_sample.
-
-        The cache is ~8/7 of the output side, so the largest downscale is ~1.14x and bilinear
-        sampling barely aliases; with a cache much larger than the output (e.g. 512 to 112) it
-        would, and an antialiasing resize should come first.
-        """
-        height, width = pixels.shape[2:]
-        grid = affine_grid(crop_affine(params, height, width), self.image_size)
-        # Reflection fills the corners a rotation uncovers with face-like texture, not a flat edge.
-        return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection",
-                             align_corners=False)
-
-    def _colour_and_normalise(self, sampled: torch.Tensor, image_mean: torch.Tensor,
-                              params: AugmentParams) -> torch.Tensor:
-        """Brightness, contrast, saturation, /255 and ImageNet normalisation as one 3x3 matrix.
+    def _colour_matrix(self, image_mean: torch.Tensor,
+                       params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Brightness, contrast, saturation, /255 and ImageNet normalisation as one affine colour
+        map per sample: N x 3 x 3 matrices (out x in) and N x 3 offsets.
 
         With factors b, c, s, luma weights g and the image's mean luma m:
         brightness x -> b x; contrast -> c b x + (1 - c) b m; saturation blends with the luma.
@@ -207,38 +234,31 @@ class BatchAugment:
         and the result is clipped once, so the whole jitter is 9 multiply-adds per pixel.
 
         `image_mean` (N x 3, 0..255) is the mean colour of the whole uncropped image, where
-        torchvision's contrast takes the crop's: a plain reduction over the uint8 batch (37 us per
-        batch of 128 at 224 px on an H100), where the crop's mean was a reduction fused into the
-        resampling (220 us, against 200 us for the resampling alone). The matrix is applied as three
-        multiply-adds, not a batched matmul: compiled, one pointwise kernel (56 us) where the matmul
-        took 271 us. The whole augmentation went from 640 to 397 us of GPU time per batch. On the
-        CPU the multiply-adds cost 0.4 ms more per slice of the batch than the matmul, under 0.1% of
-        a training step.
+        torchvision's contrast takes the crop's: a cheap reduction over the uint8 batch, where the
+        crop's mean was a reduction fused into the resampling (on an H100, 220 us per batch of 128
+        at 224 px against 200 us for the resampling alone). The matrix is applied as multiply-adds,
+        not a batched matmul: pointwise work that fuses with its neighbours when compiled, where the
+        matmul took 271 us.
         """
-        gray, inv_std, _, shift = self._device_constants(sampled.device)
+        gray, inv_std, shift = self._device_constants(image_mean.device)
         b, c, s = params.brightness, params.contrast, params.saturation
         mean_luma = image_mean @ gray / 255  # N, in 0..1
-        eye = torch.eye(3, device=sampled.device)
+        eye = torch.eye(3, device=image_mean.device)
         colour = (c * b)[:, None, None] * (s[:, None, None] * eye
                                            + (1 - s)[:, None, None] * gray.expand(3, 3))
-        matrix = (colour * (inv_std / 255)[None, :, None])[..., None, None]  # row i scaled by 1/std of channel i
-        offset = ((1 - c) * b * mean_luma)[:, None] * inv_std + shift  # N x 3
-        out = torch.addcmul(offset[:, :, None, None], matrix[:, :, 0], sampled[:, None, 0])
-        out.addcmul_(matrix[:, :, 1], sampled[:, None, 1]).addcmul_(matrix[:, :, 2], sampled[:, None, 2])
-        for channel, (low, high) in enumerate(NORMALISED_RANGE):
-            out[:, channel].clamp_(low, high)  # scalar bounds: ~5x faster than tensor bounds on CPU
-        return out
+        matrix = colour * (inv_std / 255)[None, :, None]  # row i scaled by 1/std of channel i
+        offset = ((1 - c) * b * mean_luma)[:, None] * inv_std + shift
+        return matrix, offset
 
-    def _erase(self, out: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """Zero one rectangle (the mean colour after normalisation) in each selected sample."""
+    def _erased(self, params: AugmentParams) -> torch.Tensor:
+        """N x S x S bool: the one rectangle erased (set to the mean colour, 0 after normalisation)
+        in each selected sample."""
         size = self.image_size
-        centres = (torch.arange(size, device=out.device) + 0.5) / size  # pixel centres, 0..1
+        centres = (torch.arange(size, device=params.erase_box.device) + 0.5) / size  # pixel centres, 0..1
         top, left, height, width = params.erase_box.unbind(1)
         rows = (centres >= top[:, None]) & (centres < (top + height)[:, None])  # N x size
         cols = (centres >= left[:, None]) & (centres < (left + width)[:, None])
-        erased = params.erase[:, None, None] & rows[:, :, None] & cols[:, None, :]
-        # Multiplying by a float mask is several times faster on the CPU than masked_fill_.
-        return out.mul_((~erased).to(out.dtype)[:, None])
+        return params.erase[:, None, None] & rows[:, :, None] & cols[:, None, :]
 
 
 def crop_affine(params: AugmentParams, height: int, width: int) -> torch.Tensor:
@@ -270,6 +290,61 @@ def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     return along_y[:, :, None, :] + along_x[:, None, :, :]  # N x size(y) x size(x) x 2
 
 
+def _reflect(coordinate: torch.Tensor, side: int) -> torch.Tensor:
+    """A grid coordinate (-1..1 spans the image) in input pixels (centres at 0..side-1), with
+    grid_sample's reflection padding (align_corners=False): mirrored at the image's outer edges,
+    pixel -0.5 and side - 0.5, as often as needed, then clipped to the pixel centres."""
+    distance = ((coordinate + 1) * (side / 2)).abs()  # from the outer edge at pixel -0.5
+    flips = (distance / side).floor()
+    within = distance - flips * side
+    reflected = torch.where(flips.remainder(2) == 0, within, side - within)
+    return (reflected - 0.5).clamp(0, side - 1)
+
+
+def _fused(batch_u8: torch.Tensor, grid: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor,
+           kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The compiled path of `BatchAugment._augment`: N x 3 x S x S of `dtype`, channels_last, each
+    output pixel from the four uint8 pixels around its position in the input, as one functional
+    expression per channel plane.
+
+    Written for inductor's fusion (the CPU's inductor output shows the structure): no in-place
+    steps, which would cut it into separate passes, and no N x S x S x 3 intermediate, whose
+    per-channel reads make inductor store it in full; per-pixel planes and a final stack compile
+    into passes over pixels that write the three channels of each.
+    """
+    n, height, width, _ = batch_u8.shape
+    x, y = _reflect(grid[..., 0], width), _reflect(grid[..., 1], height)
+    # The top-left neighbour, at most the second-to-last pixel, so that all four are inside the
+    # image: at x = width - 1 the right neighbour's weight is then 1 instead of 0, the same value.
+    left, top = x.floor().clamp(max=width - 2), y.floor().clamp(max=height - 2)
+    x_weight, y_weight = x - left, y - top
+    image = torch.arange(n, device=batch_u8.device)[:, None, None]
+    start = ((image * height + top.long()) * width + left.long()) * 3  # its first byte in the NHWC batch
+    flat, row = batch_u8.reshape(-1), 3 * width
+
+    def sample(channel: int) -> torch.Tensor:  # N x S x S, 0..255
+        at = start + channel
+        upper = torch.lerp(flat[at].float(), flat[at + 3].float(), x_weight)
+        lower = torch.lerp(flat[at + row].float(), flat[at + row + 3].float(), x_weight)
+        return torch.lerp(upper, lower, y_weight)
+
+    sampled = [sample(channel) for channel in range(3)]
+    planes = []
+    for channel, (low, high) in enumerate(NORMALISED_RANGE):
+        weights = matrix[:, channel, :, None, None]
+        value = (offset[:, channel, None, None] + weights[:, 0] * sampled[0] + weights[:, 1] * sampled[1]
+                 + weights[:, 2] * sampled[2])
+        planes.append((value.clamp(low, high) * kept).to(dtype))
+    return torch.stack(planes, dim=-1).permute(0, 3, 1, 2)
+
+
+def _mean_colour(batch_u8: torch.Tensor) -> torch.Tensor:
+    """N x 3 mean colour (0..255) of each image, estimated from every 4th row and column: 1/16 of
+    the pixels (4,096 of a 256 x 256 image) is far more than a mean needs, and reading them all
+    took 37 us per batch of 128 at 224 px on an H100."""
+    return batch_u8[:, ::4, ::4].float().mean(dim=(1, 2))
+
+
 def _crop_sides(area: torch.Tensor, log_ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(width, height) as fractions of the image side for a given area fraction and log aspect."""
     ratio = log_ratio.exp()
@@ -277,8 +352,8 @@ def _crop_sides(area: torch.Tensor, log_ratio: torch.Tensor) -> tuple[torch.Tens
 
 
 def _check_batch(batch_u8: torch.Tensor) -> None:
-    if batch_u8.dtype != torch.uint8 or batch_u8.dim() != 4 or batch_u8.shape[3] != 3:
-        raise ValueError(f"expected a uint8 N x H x W x 3 batch, got {batch_u8.dtype} "
+    if batch_u8.dtype != torch.uint8 or batch_u8.dim() != 4 or batch_u8.shape[3] != 3 or min(batch_u8.shape[1:3]) < 2:
+        raise ValueError(f"expected a uint8 N x H x W x 3 batch of images at least 2 x 2, got {batch_u8.dtype} "
                          f"{tuple(batch_u8.shape)}")
 
 

@@ -1,7 +1,8 @@
 """Batch sources: what the training loop iterates, for both data pipelines.
 
-A source yields `(images, labels)` already on the training device: images float32, normalised,
-channels_last; labels int64. Both pipelines share everything but where the uint8 pixels come from:
+A source yields `(images, labels)` already on the training device: images normalised, channels_last,
+float32 or autocast's dtype; labels int64. Both pipelines share everything but where the uint8 pixels
+come from:
 
 - `cached`: every image is decoded once into a memory-mapped uint8 cache (`src/data/cache.py`), kept
   in GPU memory on CUDA; a step is one gather plus batch augmentation on the device.
@@ -51,7 +52,10 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
     Training: a seeded permutation cut into global batches of `batch_size` (the last partial one
     dropped, so BatchNorm never sees a batch of one and compiled shapes stay fixed); each rank takes
     its contiguous slice of every global batch, so the images in a global step do not depend on the
-    number of processes. Evaluation: every image exactly once, ranks taking interleaved shares.
+    number of processes. Evaluation: every image exactly once, ranks taking interleaved shares, in
+    the fewest batches of at most `batch_size` (per rank) whose sizes differ by one at most: the
+    training loop pads the smaller ones by a row, so that a compiled model sees one shape (one
+    compilation, one CUDA graph) where a last, small batch would cost a compilation of its own.
     """
     if train:
         generator = torch.Generator().manual_seed(_seed(seed, epoch))
@@ -60,7 +64,7 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
         return [order[start + rank * per_rank: start + (rank + 1) * per_rank]
                 for start in range(0, num_images - batch_size + 1, batch_size)]
     mine = torch.arange(num_images)[rank::world_size]
-    return list(mine.split(max(1, batch_size // world_size))) if len(mine) else []
+    return list(mine.tensor_split(-(-len(mine) // max(1, batch_size // world_size)))) if len(mine) else []
 
 
 @dataclass
@@ -202,10 +206,12 @@ def refill(pixels: torch.Tensor, labels: torch.Tensor, missing: int) -> tuple[to
 
 
 def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,
-                 train: bool, device: torch.device, rank: int = 0, world_size: int = 1) -> BatchSource:
-    """The batch source for one split, as `data.pipeline` asks."""
+                 train: bool, device: torch.device, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32) -> BatchSource:
+    """The batch source for one split, as `data.pipeline` asks; images of `dtype` (training under
+    autocast passes its dtype: the model's first layer would cast to it anyway)."""
     cache_size = cache_size_for(config.data.image_size)
-    augment = BatchAugment(config.augment, config.data.image_size)
+    augment = BatchAugment(config.augment, config.data.image_size, dtype)
     if config.trainer.compile and device.type == "cuda":
         # Fuses the ~70 small kernels of a batch's augmentation into a few: on a fast GPU their
         # launches cost about as much host time as a resnet18 step.

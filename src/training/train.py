@@ -43,6 +43,8 @@ RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "bes
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
 # 50 steps costs nothing measurable, while a sync every step would stall the GPU queue.
 NONFINITE_CHECK_EVERY = 50
+# The label of padding rows: F.cross_entropy's default ignore_index, so that the loss leaves them out.
+IGNORED = -100
 # torch.compile modes that capture CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -58,11 +60,22 @@ class TrainingStopped(Exception):
 
 
 def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[loss x n, top-1 hits, top-5 hits, n] of one batch, float64, on the device."""
-    n = labels.shape[0]
-    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-    count = loss.new_full((), n, dtype=torch.float64)  # a fill on the device, not a host-to-device copy
-    return torch.stack([loss.double() * n, hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), count])
+    """[loss x n, top-1 hits, top-5 hits, n] of one batch's n labelled rows (padding rows, labelled
+    IGNORED, count nowhere), float64, on the device. `loss`: the mean over the labelled rows."""
+    count = (labels != IGNORED).sum().double()
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # never for IGNORED
+    return torch.stack([loss.double() * count, hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), count])
+
+
+def pad_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch grown to `size` rows by repeating its last image, labelled IGNORED. Indexing keeps
+    the images' memory format (a cat with an expanded row would make them contiguous, and a compiled
+    model would compile again for the other strides)."""
+    if len(labels) >= size:
+        return images, labels
+    rows = torch.arange(size, device=labels.device)
+    index = rows.clamp(max=len(labels) - 1)
+    return images[index], torch.where(rows < len(labels), labels[index], IGNORED)
 
 
 @dataclass
@@ -195,7 +208,8 @@ def load_data(config: Config, data: PreparedData,
     unknown = sorted({name for _, name in val_rows} - set(classes.names))
     if unknown:
         raise DatasetError(f"validation split has individuals absent from training: {unknown[:5]}")
-    common = dict(device=runtime.device, rank=runtime.dist.rank, world_size=runtime.dist.world_size)
+    common = dict(device=runtime.device, rank=runtime.dist.rank, world_size=runtime.dist.world_size,
+                  dtype=runtime.amp_dtype or torch.float32)
     train = build_source(config, train_rows, data.raw_dir, classes, train=True, **common)
     val = build_source(config, val_rows, data.raw_dir, classes, train=False, **common)
     if train.num_images == 0:
@@ -382,10 +396,15 @@ def evaluate(runner, model, source: BatchSource, config: Config, runtime: Runtim
     dist_utils.broadcast_buffers(model, runtime.dist)  # evaluate the model rank 0 saves
     sums = EpochSums.zeros(runtime.device)
     bar = _progress(len(source), 0, config, runtime, "validate")
+    size = None
     for images, labels in source.batches(0):
+        # The plan's batches differ in size by one at most; padding the smaller ones gives the
+        # compiled model a single shape.
+        size = size or len(labels)
+        images, labels = pad_batch(images, labels, size)
         with runtime.autocast():
-            _, logits, loss_logits = runner(images, labels)
-        sums.add(runtime.batch_stats(F.cross_entropy(loss_logits, labels), logits, labels))
+            _, logits, loss_logits = runner(images, labels.clamp(min=0))  # the head gathers at each label
+        sums.add(runtime.batch_stats(F.cross_entropy(loss_logits, labels, ignore_index=IGNORED), logits, labels))
         bar.update()
     bar.close()
     return sums

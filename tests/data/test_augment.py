@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from src.config import AugmentConfig
-from src.data.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, crop_affine
+from src.data.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, affine_grid, crop_affine
 from src.data.cache import cache_size_for
 
 NO_AUGMENT = dict(crop_scale_min=1.0, hflip=0.0, color_jitter=0.0, rotation_degrees=0.0,
@@ -70,6 +70,52 @@ def test_without_augmentation_train_is_a_plain_bilinear_resize():
                                atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("compiling", [False, True])
+@pytest.mark.parametrize("height, width", [(37, 37), (30, 45), (5, 90)])
+def test_resampling_is_grid_sample_with_reflection_padding(height, width, compiling, monkeypatch):
+    """Both paths resample as F.grid_sample does with F.affine_grid's grid, also where large
+    rotations and small crops reach past the image and reflection padding takes over: eagerly
+    grid_sample itself, compiled the gathers (run eagerly here)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    aug = BatchAugment(AugmentConfig(**{**NO_AUGMENT, "crop_scale_min": 0.05, "rotation_degrees": 180}), 24)
+    batch = torch.randint(0, 256, (16, height, width, 3), dtype=torch.uint8, generator=_generator(10))
+    params = aug.sample_params(16, _generator(11), "cpu")
+    # Half the crops moved up to 2.5 image sides away: reflected several times over.
+    far = torch.rand(8, 2, generator=_generator(12)) * 12 - 6
+    params = dataclasses.replace(params, centre=torch.cat([params.centre[:8], far]))
+    theta = crop_affine(params, height, width)
+    grid = F.affine_grid(theta, [16, 3, 24, 24], align_corners=False)
+    assert grid.min() < -3 and grid.max() > 3  # reflected twice over (the image is -1..1), both ways
+    torch.testing.assert_close(affine_grid(theta, 24), grid, atol=1e-5, rtol=0)
+    expected = F.grid_sample(batch.permute(0, 3, 1, 2).float(), grid, mode="bilinear",
+                             padding_mode="reflection", align_corners=False)
+    # 2e-4 after normalisation is a hundredth of a grey level: float32 rounding of equivalent
+    # formulas, largest where the coordinates lie several image sides out.
+    torch.testing.assert_close(aug.apply(batch, params), _normalise(expected / 255), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("settings", [{}, dict(crop_scale_min=0.05, color_jitter=0.8, rotation_degrees=45,
+                                               random_erasing=0.5)])
+def test_the_compiled_path_gives_the_eager_paths_output(settings, monkeypatch):
+    """Resampling, colour (clipping included) and erasing agree between the two paths."""
+    aug = BatchAugment(AugmentConfig(**settings), 32)
+    batch = _batch(32, 37, seed=13)
+    params = aug.sample_params(32, _generator(14), "cpu")
+    eager = aug.apply(batch, params)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(aug.apply(batch, params), eager, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_in_a_half_dtype_is_the_float32_output_rounded(dtype):
+    batch = _batch(4, 37)
+    full, half = BatchAugment(AugmentConfig(), 32), BatchAugment(AugmentConfig(), 32, dtype=dtype)
+    for full_out, half_out in [(full.train(batch, _generator(0)), half.train(batch, _generator(0))),
+                               (full.eval(batch), half.eval(batch))]:
+        assert half_out.dtype == dtype and half_out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(half_out, full_out.to(dtype))
+
+
 def test_flip_rate_matches_config():
     hflip, n = 0.3, 400
     aug = BatchAugment(AugmentConfig(**{**NO_AUGMENT, "hflip": hflip}), 16)
@@ -108,8 +154,10 @@ def test_colour_jitter_matches_torchvision_brightness_contrast_saturation():
     jitter = 0.2
     aug = BatchAugment(AugmentConfig(**{**NO_AUGMENT, "color_jitter": jitter}), 16)
     # Mid-range pixels: no factor in [0.8, 1.2] pushes them out of [0, 1], where torchvision
-    # clips after every step and this clips once at the end.
-    batch = (torch.rand(32, 16, 16, 3, generator=_generator(5)) * 100 + 80).to(torch.uint8)
+    # clips after every step and this clips once at the end. Blocks of 4 x 4 equal pixels: the
+    # mean luma contrast blends towards is estimated from every 4th row and column, exact here.
+    blocks = (torch.rand(32, 4, 4, 3, generator=_generator(5)) * 100 + 80).to(torch.uint8)
+    batch = blocks.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
     params = aug.sample_params(32, _generator(6), "cpu")
     out = aug.apply(batch, params)
     for i in range(32):
@@ -195,3 +243,27 @@ def test_config_extremes_and_tiny_batches_give_finite_outputs(n, settings):
         assert params.erase.tolist() == [settings["random_erasing"] == 1.0] * n
         if settings["crop_scale_min"] == 1.0:
             assert torch.all(params.area == 1) and torch.all(params.log_ratio == 0)
+
+
+def test_compiled_augmentation_traces_whole_and_matches_eager():
+    """What the GPU runs, compiled here on the CPU: one graph (no break), the eager path's output
+    to within bf16 rounding, and the training and eval paths both."""
+    aug = BatchAugment(AugmentConfig(), 32, dtype=torch.bfloat16)
+    batch = _batch(8, 37, seed=15)
+    uniform = aug.draw(8, _generator(16), "cpu")
+    train = torch.compile(aug.apply_uniform, dynamic=False, fullgraph=True)(batch, uniform)
+    assert train.dtype == torch.bfloat16 and train.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(train.float(), aug.apply_uniform(batch, uniform).float(), atol=1e-2, rtol=1e-2)
+    evaluated = torch.compile(aug.eval, dynamic=False, fullgraph=True)(batch)
+    torch.testing.assert_close(evaluated.float(), aug.eval(batch).float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_augmentation_on_cuda_matches_eager():
+    """The Triton-compiled path (the one training runs on a GPU) against the eager one, on the GPU."""
+    aug = BatchAugment(AugmentConfig(), 224, dtype=torch.bfloat16)
+    batch = _batch(64, cache_size_for(224), seed=17).cuda()
+    uniform = aug.draw(64, torch.Generator("cuda").manual_seed(18), "cuda")
+    compiled = torch.compile(aug.apply_uniform, dynamic=False, fullgraph=True)(batch, uniform)
+    assert compiled.dtype == torch.bfloat16 and compiled.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(compiled.float(), aug.apply_uniform(batch, uniform).float(), atol=2e-2, rtol=1e-2)

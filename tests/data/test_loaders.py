@@ -42,6 +42,17 @@ def test_evaluation_sees_every_image_once(n, world):
     assert seen == list(range(n))
 
 
+@pytest.mark.parametrize("n, world", [(1044, 1), (1045, 1), (1043, 1), (17, 2), (5, 4)])
+def test_evaluation_batches_are_as_few_as_fit_and_differ_in_size_by_one_at_most(n, world):
+    for rank_plan in plans(n, 128, world, train=False):
+        sizes = [len(batch) for batch in rank_plan]
+        assert max(sizes) <= 128 // world and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == -(-sum(sizes) // (128 // world))
+        assert sizes == sorted(sizes, reverse=True)  # the first is the largest: the training loop pads to it
+    [single] = plans(1044, 128, 1, train=False)
+    assert [len(batch) for batch in single] == [116] * 9  # not 8 x 128 + 20
+
+
 @pytest.mark.parametrize("n, batch, world, train", [(103, 16, 2, True), (17, 8, 2, False), (0, 4, 2, False),
                                                      (1, 4, 2, False), (129, 128, 1, True)])
 def test_length_matches_the_plan(n, batch, world, train):
