@@ -92,7 +92,12 @@ def snapshot(tree: dict) -> Snapshot:
 
 
 def _clone(tree) -> tuple[dict, set[torch.device]]:
-    """`tree` with every tensor cloned where it lives, and the GPUs they live on."""
+    """`tree` with every tensor cloned where it lives, and the GPUs they live on.
+
+    One clone per tensor. One `torch._foreach_copy_` per dtype instead (a few kernel launches
+    rather than ~320 for resnet18 and its AdamW state) was measured on an H100, in a run that changed
+    other things too: the epoch's share outside training and validation went from 2.2% to 2.1%, so
+    the simple form stays."""
     devices = set()
 
     def clone(tensor: torch.Tensor) -> torch.Tensor:

@@ -63,15 +63,22 @@ def test_a_snapshot_without_room_for_a_gpu_copy_is_copied_to_the_host(monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_snapshot_is_copied_on_the_gpu_and_reaches_the_host_when_written(tmp_path):
     weights = torch.randn(1 << 20, device="cuda")
-    expected = weights.cpu()
-    copy = checkpoint.snapshot({"model_state": {"w": weights}, "step": torch.tensor(3)})
+    conv = torch.randn(8, 3, 5, 5, device="cuda").to(memory_format=torch.channels_last)
+    tracked = torch.tensor(7, device="cuda")  # BatchNorm's num_batches_tracked: int64, another foreach group
+    expected = [weights.cpu(), conv.cpu(), 7]
+    copy = checkpoint.snapshot({"model_state": {"w": weights, "conv": conv, "tracked": tracked},
+                                "step": torch.tensor(3)})
     assert copy.tree["model_state"]["w"].is_cuda and copy.device == weights.device
-    weights.mul_(0)  # training goes on: queued after the copy on the same stream
+    for tensor in (weights, conv, tracked):
+        tensor.mul_(0)  # training goes on: queued after the copy on the same stream
     writer = CheckpointWriter()
     writer.save([(copy, tmp_path / "x_last.pt")])
     writer.wait()
     written = safe_torch_load(tmp_path / "x_last.pt")
-    assert torch.equal(written["model_state"]["w"], expected) and written["step"].item() == 3
+    state = written["model_state"]
+    assert torch.equal(state["w"], expected[0]) and torch.equal(state["conv"], expected[1])
+    assert state["conv"].is_contiguous(memory_format=torch.channels_last) and state["tracked"].item() == 7
+    assert written["step"].item() == 3
 
 
 class _Payload:
