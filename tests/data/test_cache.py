@@ -184,6 +184,21 @@ def test_unreadable_images_are_excluded_and_reported(dataset, caplog):
     assert _build(dataset, rows=rows).kept == [0, 1, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rows_after_unreadable_images_move_up_in_order(dataset, workers):
+    """Workers write each image into its own row; the rows of unreadable images (first, in a run,
+    last) are closed up afterwards, every later row moving to its place among the kept ones."""
+    raw, _, rows = dataset
+    (raw / "face_images/broken.png").write_bytes(b"not a png")
+    broken = ("face_images/broken.png", "x")
+    rows = [broken, rows[0], broken, broken, rows[1], rows[2], broken, rows[3], rows[4], broken]
+    cached = _build(dataset, rows=rows, workers=workers)
+    assert cached.kept == [1, 4, 5, 7, 8]
+    assert cached.path.stat().st_size == 5 * CACHE_SIZE * CACHE_SIZE * 3
+    _assert_matches_fresh_decode(cached, raw, rows)
+    assert not _build(dataset, rows=rows).built  # its checksums cover the closed-up file
+
+
 def test_writing_to_the_tensor_leaves_the_cache_file_intact(dataset):
     cached = _build(dataset)
     cached.images[0].fill_(7)  # copy-on-write mapping: only this process's view changes
