@@ -30,6 +30,8 @@ def test_cpu_benchmark_reports_all_three_and_their_ratios(tmp_path, capsys):
     # Validation and the checkpoint snapshot are part of each epoch, so the steps alone are faster
     # than the epoch as a whole, by exactly their shares (one timed epoch: no medians to blur it).
     assert 0 < result["ours_val_share"] < 1 and 0 < result["ours_rest_share"] < 1
+    # Epoch 1 improved on nothing, so a snapshot followed it; it is part of the rest.
+    assert 0 < result["ours_snapshot_share"] <= result["ours_rest_share"]
     rest = result["ours_val_share"] + result["ours_rest_share"]
     assert result["ours_steps_img_s"] == pytest.approx(result["ours_img_s"] / (1 - rest), rel=0.02)
     assert "profile of one epoch of ours, resnet18 (default), top 5 by self_cpu_time_total" in output
@@ -53,3 +55,9 @@ def test_union_of_profiler_intervals_counts_overlaps_once():
     ranges = [SimpleNamespace(start=s, end=e) for s, e in [(5, 8), (0, 2), (1, 3), (10, 10), (6, 7)]]
     assert train_speed._union_seconds(ranges) == pytest.approx((3 + 3) / 1e6)
     assert train_speed._union_seconds([]) == 0
+
+
+def test_each_timed_epoch_holds_the_save_that_followed_the_previous_row():
+    history = [{"epoch": epoch} for epoch in (1, 2, 3)]
+    assert train_speed.timed_epochs(history, [0.1, 0.2, 0.3]) == [(history[1], 0.1), (history[2], 0.2)]
+    assert train_speed.timed_epochs(history[:1], [0.1]) == [(history[0], 0.0)]
