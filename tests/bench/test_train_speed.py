@@ -33,14 +33,16 @@ def test_cpu_benchmark_reports_all_three_and_their_ratios(tmp_path, capsys):
     # Epoch 1 improved on nothing, so a snapshot followed it; it is part of the rest.
     assert 0 < result["ours_snapshot_share"] <= result["ours_rest_share"]
     rest = result["ours_val_share"] + result["ours_rest_share"]
-    assert result["ours_steps_img_s"] == pytest.approx(result["ours_img_s"] / (1 - rest), rel=0.02)
+    # The JSON rounds speeds to 0.1 img/s, shares to 0.001 and ratios to 0.001 (ceiling) and 0.01
+    # (naive): each comparison allows for its rounding, which a slow run (small figures) magnifies.
+    assert result["ours_steps_img_s"] == pytest.approx(result["ours_img_s"] / (1 - rest), rel=0.02, abs=0.1)
     assert "profile of one epoch of ours, resnet18 (default), top 5 by self_cpu_time_total" in output
     assert "aten::convolution_backward" in output  # the profiled epoch trained the model
     trace = json.loads((tmp_path / "traces" / "resnet18_default.json").read_text())
     assert any(event.get("name") == "aten::convolution_backward" for event in trace["traceEvents"])
-    assert result["ours_vs_ceiling"] == pytest.approx(result["ours_img_s"] / result["ceiling_img_s"], rel=0.02)
+    assert result["ours_vs_ceiling"] == pytest.approx(result["ours_img_s"] / result["ceiling_img_s"], rel=0.02, abs=0.001)
     if NAIVE.is_file():  # ../shared is beside the checkout in CI and here
-        assert result["ours_vs_naive"] == pytest.approx(result["ours_img_s"] / result["naive_img_s"], rel=0.02)
+        assert result["ours_vs_naive"] == pytest.approx(result["ours_img_s"] / result["naive_img_s"], rel=0.02, abs=0.01)
     else:
         assert result["naive_img_s"] is None
 
