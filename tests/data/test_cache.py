@@ -296,3 +296,16 @@ def test_a_failed_metadata_write_leaves_no_data_file(dataset, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         _build(dataset)
     assert sorted(p.name for p in dataset[1].iterdir()) == [".lock"]
+
+
+def test_a_row_write_that_fails_leaves_nothing_behind(dataset, monkeypatch):
+    """Disk full while the rows are written into the temporary file: the build fails with the
+    system's error and leaves neither the temporary nor a data file."""
+    def full_disk(path, mode="r", *args, **kwargs):
+        if mode == "r+b":  # a row's write into the temporary file
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(cache, "open", full_disk, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        _build(dataset)
+    assert sorted(p.name for p in dataset[1].iterdir()) == [".lock"]
