@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from src.data.io import IMAGE_EXTENSIONS
-from src.data.lists import ListFormatError, is_list_name, read_numbered_list
+from src.data.lists import ListFormatError, canonical_name, is_list_name, read_numbered_list
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -62,6 +62,7 @@ class Record:
     def __post_init__(self) -> None:
         if not self.published_name:
             object.__setattr__(self, "published_name", self.individual)
+        object.__setattr__(self, "individual", canonical_name(self.individual))
 
 
 # --- the cvjena release ---------------------------------------------------------------------------
@@ -346,6 +347,8 @@ class LabelsFix:
         fix = cls._from_yaml(text, path) if path.suffix.lower() in (".yaml", ".yml") \
             else cls._from_text(text, path)
         fix.source = str(path)
+        fix.aliases = {canonical_name(old): canonical_name(new) for old, new in fix.aliases.items()}
+        fix.exclude_names = {canonical_name(name) for name in fix.exclude_names}
         fix._check(path)
         return fix
 

@@ -5,6 +5,7 @@ so a line splits on its *last* run of whitespace.
 """
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from src import atomic
@@ -37,6 +38,13 @@ def read_numbered_list(path: str | Path) -> list[tuple[int, str, str]]:
             raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>', got {line!r}")
         rows.append((lineno, parts[0], parts[1]))
     return rows
+
+
+def canonical_name(name: str) -> str:
+    """An individual's name in Unicode's composed form (NFC). 'Zoé' typed on a keyboard is composed,
+    while macOS may store the folder name 'Zoé' decomposed (e + a combining accent): two strings that
+    look the same would otherwise be two individuals, too far apart for the near-duplicate check."""
+    return unicodedata.normalize("NFC", name)
 
 
 def is_list_name(name) -> bool:

@@ -35,7 +35,7 @@ from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Re
                                   read_cvjena, read_folder, read_list_file)
 from src.data.dataset import FORMAT_VERSION
 from src.data.download import DEFAULT_URL, DownloadError, fetch_release
-from src.data.lists import Row, write_list
+from src.data.lists import Row, canonical_name, write_list
 from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, SplitError,
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import (LABELS_FIX, Exclusion, ImageCheck, check_images, count_problems,
@@ -98,7 +98,7 @@ def apply_labels_fix(records: list[Record], fix: LabelsFix | None
         return records, [], None
     kept, excluded, unused = fix.apply(records)
     renamed = Counter(f"{r.published_name} -> {r.individual}" for r in kept
-                      if r.individual != r.published_name)
+                      if r.individual != canonical_name(r.published_name))  # an alias, not NFC alone
     info = {"file": fix.source, "aliases_applied": dict(sorted(renamed.items())),
             "excluded_images": len(excluded), "unused": unused}
     log.info("labels fix %s: %d alias(es) applied, %s image(s) excluded%s", fix.source, len(renamed),

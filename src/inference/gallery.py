@@ -36,7 +36,7 @@ import numpy as np
 
 from src import atomic
 from src.data.dataset import DatasetError, PreparedData
-from src.data.lists import is_list_name
+from src.data.lists import canonical_name, is_list_name
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
 
@@ -166,6 +166,7 @@ class Gallery:
         `embeddings` is `M x D` (D the model's embedding size, e.g. from `Identifier.embed`), one row
         per file of `sources`; rows are L2-normalised here. Raises GalleryError, leaving the gallery
         unchanged, for input that would make it unusable (and, once saved, unloadable)."""
+        name = canonical_name(name)
         check_name(name)
         embeddings = np.asarray(embeddings)
         sources = [str(source) for source in sources]
@@ -190,6 +191,7 @@ class Gallery:
         self.sources += sources
 
     def remove(self, name: str) -> None:
+        name = canonical_name(name)
         if name not in self.names:
             raise GalleryError(f"no individual {name!r} in the gallery")
         label = self.names.index(name)

@@ -175,6 +175,24 @@ def test_folder_layout(tmp_path):
         ("Lome/c.pgm", "Lome", "folder")]
 
 
+COMPOSED, DECOMPOSED = "Zo\u00e9", "Zoe\u0301"  # 'Zoé' both ways: typed, and as macOS may store a folder
+
+
+def test_a_name_written_two_unicode_ways_is_one_individual(tmp_path):
+    """The same-looking name composed in one folder and decomposed in another is one individual,
+    and a labels-fix entry typed either way applies to it."""
+    for rel in (f"{COMPOSED}/a.png", f"{DECOMPOSED}/b.png", "Kofi/c.png"):
+        (tmp_path / "photos" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / rel).write_bytes(b"x")
+    records = read_folder(tmp_path / "photos")
+    assert sorted({r.individual for r in records}) == ["Kofi", COMPOSED]
+    assert {r.published_name for r in records} == {COMPOSED, DECOMPOSED, "Kofi"}  # as found
+    fix_file = tmp_path / "fix.txt"
+    fix_file.write_text(f"{DECOMPOSED} -> Zoe\nexclude-name Kofi\n", encoding="utf-8")
+    kept, excluded, unused = LabelsFix.load(fix_file).apply(records)
+    assert [r.individual for r in kept] == ["Zoe", "Zoe"] and len(excluded) == 1 and unused == []
+
+
 def test_folder_layout_follows_linked_sub_folders_and_keeps_broken_links(tmp_path):
     """Photos linked in from another disk are read, a link to an ancestor does not loop, a broken
     link becomes a record (reported as a missing file later) instead of vanishing."""

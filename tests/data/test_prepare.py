@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data.annotations import AnnotationError
+from src.data.annotations import AnnotationError, LabelsFix, Record
 from src.data.lists import read_list
-from src.data.prepare import PrepareError, main, prepare
+from src.data.prepare import PrepareError, apply_labels_fix, main, prepare
 from src.data.splits import SplitError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -350,3 +350,13 @@ def test_cli_folder_names_that_would_not_read_back_from_the_lists(tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{folder}: a folder name starting with {folder[0]!r} cannot go into" in err, err
     assert not (tmp_path / "out" / "annotations" / "prepared.json").exists()
+
+
+def test_the_labels_fix_summary_counts_aliases_not_unicode_forms(tmp_path):
+    """A decomposed name becomes its composed form on reading; the labels-fix summary lists the
+    aliases the file applied, not that normalisation."""
+    records = [Record("a.png", "Zoe\u0301", "folder", "a.png"), Record("b.png", "Kofii", "folder", "b.png")]
+    (tmp_path / "fix.txt").write_text("Kofii -> Kofi\n", encoding="utf-8")
+    kept, _, info = apply_labels_fix(records, LabelsFix.load(tmp_path / "fix.txt"))
+    assert [r.individual for r in kept] == ["Zo\u00e9", "Kofi"]
+    assert info["aliases_applied"] == {"Kofii -> Kofi": 1}

@@ -217,6 +217,16 @@ def test_adding_from_python_validates_and_normalises_and_save_never_writes_an_un
     assert Gallery.load(path).counts() == {}
 
 
+def test_a_name_written_two_unicode_ways_is_one_enrolled_individual():
+    """'Zoé' composed (typed) and decomposed (a macOS folder name) enroll, and remove, one individual."""
+    gallery = Gallery.new("0" * 64, 4)
+    gallery.add("Zo\u00e9", np.eye(1, 4), ["a.png"])
+    gallery.add("Zoe\u0301", np.eye(1, 4, 1), ["b.png"])
+    assert gallery.counts() == {"Zo\u00e9": 2}
+    gallery.remove("Zoe\u0301")
+    assert gallery.counts() == {}
+
+
 def npz_with_member(path, name: str, data: bytes) -> None:
     """A gallery .npz whose member `name` holds `data` instead of what numpy wrote (valid CRCs)."""
     arrays = {"format_version": np.int64(1), "checkpoint_sha256": np.str_("x"), "names": np.array(["Zuri"]),
