@@ -48,6 +48,7 @@ from src.errors import positive_int
 from src.inference.identify import (CHECKPOINT_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES,
                                     USAGE_ERRORS, Identifier, InferenceError, OnnxBackend, export_info_path,
                                     stored_thresholds)
+from src.tables import format_rows
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -182,9 +183,7 @@ def format_checks(checks: dict) -> str:
     for name, diff in checks["max_abs_diff"].items():
         rows.append((name, checks["files"][name], f"{diff['embeddings']:.2e}", f"{diff['logits']:.2e}",
                      f"{latency[name]:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines + [f"latency: {checks['latency']}"])
+    return format_rows(rows, "<<<<") + f"\nlatency: {checks['latency']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import canonical_name, is_list_name
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
+from src.tables import format_rows
 
 FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
@@ -339,10 +340,7 @@ def list_gallery(args: argparse.Namespace) -> int:
     counts = gallery.counts()
     print(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; "
           f"checkpoint sha256 {gallery.checkpoint_sha256}")
-    width = max([len("individual"), *map(len, counts)])
-    print(f"{'individual':<{width}}  images")
-    for name, count in counts.items():
-        print(f"{name:<{width}}  {count}")
+    print(format_rows([("individual", "images"), *((name, str(count)) for name, count in counts.items())], "<"))
     return 0
 
 

@@ -33,6 +33,7 @@ from src import atomic
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
                                     Prediction, Skipped, collect_images, printable)
+from src.tables import format_rows
 
 OUTPUT_FORMATS = (".csv", ".json")
 Result = Prediction | Skipped
@@ -102,8 +103,7 @@ def format_table(predictions: Sequence[Prediction]) -> str:
     rows += [(printable(p.source), p.label, f"{p.scores[0]:.4f}",
               ", ".join(f"{name} {score:.4f}" for name, score in zip(p.names, p.scores)))
              for p in predictions]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows)
+    return format_rows(rows, "<<>")
 
 
 def print_table(table: str) -> None:

@@ -1,0 +1,26 @@
+"""Plain-text tables whose columns line up whatever the names: a CJK character takes two terminal
+cells and a combining accent none, where `len` counts one each. The standard library's unicodedata
+gives each character's width class; the `wcwidth` package would be a dependency for three tables."""
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+
+
+def display_width(text: str) -> int:
+    """Terminal cells `text` takes: 2 for wide and full-width characters, 0 for combining marks."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+               for char in text)
+
+
+def format_rows(rows: Sequence[Sequence[str]], align: str) -> str:
+    """`rows` as lines of columns two spaces apart. `align` has one '<' (left) or '>' (right) per
+    column but the last, which is left as it is (no trailing spaces)."""
+    widths = [max(display_width(row[column]) for row in rows) for column in range(len(align))]
+
+    def padded(text: str, width: int, side: str) -> str:
+        fill = " " * (width - display_width(text))
+        return text + fill if side == "<" else fill + text
+
+    return "\n".join("  ".join([*(padded(row[i], widths[i], side) for i, side in enumerate(align)), row[-1]])
+                     for row in rows)
