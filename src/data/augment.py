@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from src.config import AugmentConfig
-from src.data.cache import cache_size_for
+from src.data.decode import cache_size_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from src.config import Config, ConfigError
 from src.data.augment import BatchAugment
-from src.data.cache import cache_size_for, load_or_build_cache, square_resize
+from src.data.cache import load_or_build_cache
+from src.data.decode import cache_size_for, square_resize
 from src.data.dataset import ClassIndex, DatasetError, ImageListDataset, collate_skip_none
 from src.parallel import WorkerDied
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
-from src.data.cache import cache_size_for, decode_for_cache, square_resize
+from src.data.decode import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
 from src.devices import pick_device
 from src.errors import first_line, positive_int

@@ -11,7 +11,7 @@ import torchvision.transforms.v2.functional as TF
 
 from src.config import AugmentConfig
 from src.data.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, affine_grid, crop_affine
-from src.data.cache import cache_size_for
+from src.data.decode import cache_size_for
 
 NO_AUGMENT = dict(crop_scale_min=1.0, hflip=0.0, color_jitter=0.0, rotation_degrees=0.0,
                   random_erasing=0.0)

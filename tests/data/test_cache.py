@@ -4,6 +4,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import PIL
@@ -12,11 +15,13 @@ import torch
 from PIL import Image
 
 from src import atomic, locks
-from src.data import cache
-from src.data.cache import cache_size_for, decode_for_cache, load_or_build_cache
+from src.data import cache, decode
+from src.data.cache import load_or_build_cache
+from src.data.decode import cache_size_for, decode_for_cache
 from src.data.io import ImageLoadError
 
 CACHE_SIZE = 24
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_png(path, seed: int, size=(40, 30)) -> None:
@@ -305,7 +310,14 @@ def test_a_row_write_that_fails_leaves_nothing_behind(dataset, monkeypatch):
         if mode == "r+b":  # a row's write into the temporary file
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(cache, "open", full_disk, raising=False)
+    monkeypatch.setattr(decode, "open", full_disk, raising=False)
     with pytest.raises(OSError, match="No space"):
         _build(dataset)
     assert sorted(p.name for p in dataset[1].iterdir()) == [".lock"]
+
+
+def test_the_cache_workers_module_does_not_import_torch():
+    """The fork server behind the cache's workers imports `src.data.decode`: importing torch there
+    cost every process's first cache build about a second."""
+    check = "import sys, src.data.decode; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=REPO).returncode == 0

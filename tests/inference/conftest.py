@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from src.config import Config, config_from_dict
 from src.data.augment import BatchAugment
-from src.data.cache import cache_size_for, decode_for_cache
+from src.data.decode import cache_size_for, decode_for_cache
 from src.data.standin import individual_name, render
 from src.models.factory import create_model
 from src.training.checkpoint import FORMAT_VERSION, atomic_save
