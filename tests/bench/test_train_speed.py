@@ -63,3 +63,21 @@ def test_each_timed_epoch_holds_the_save_that_followed_the_previous_row():
     history = [{"epoch": epoch} for epoch in (1, 2, 3)]
     assert train_speed.timed_epochs(history, [0.1, 0.2, 0.3]) == [(history[1], 0.1), (history[2], 0.2)]
     assert train_speed.timed_epochs(history[:1], [0.1]) == [(history[0], 0.0)]
+
+
+def test_compile_seconds_count_the_lazily_compiled_backward():
+    """The backward graph compiles at the first backward, outside Dynamo's timer of the forward:
+    the benchmark's compile figure must grow then too."""
+    import torch
+
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(4, 2)
+    compiled = torch.compile(layer, dynamic=False)
+    before = train_speed.compile_seconds()
+    output = compiled(torch.randn(3, 4))
+    after_forward = train_speed.compile_seconds()
+    output.sum().backward()
+    after_backward = train_speed.compile_seconds()
+    assert after_forward["graphs"] > before["graphs"]
+    assert after_backward["backward graphs"] > after_forward["backward graphs"]
+    assert after_backward["graphs"] == after_forward["graphs"]
