@@ -56,6 +56,15 @@ class Snapshot:
     device: torch.device | None = None  # the GPU its tensors are on; None: all on the CPU
     ready: torch.cuda.Event | None = None  # recorded on that GPU after its copies were queued
 
+    def extended(self, fields: dict) -> "Snapshot":
+        """This snapshot with `fields` added: host values and CPU tensors (cloned), e.g. a checkpoint's
+        epoch, history and RNG states added to weights copied earlier."""
+        def clone(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.is_cuda:
+                raise ValueError("Snapshot.extended takes CPU tensors only; snapshot GPU ones")
+            return tensor.detach().clone()
+        return Snapshot({**self.tree, **_map_tensors(fields, clone)}, self.device, self.ready)
+
     def on_host(self) -> dict:
         """The checkpoint with every tensor on the CPU (the writer thread calls this). The copies run
         on a stream of their own, so they overlap the training kernels instead of queueing between
@@ -166,12 +175,15 @@ class CheckpointSaver:
         self.pending_best: Snapshot | None = None  # a best epoch not yet written
         self.last_write = time.monotonic()
 
-    def save(self, checkpoint: Callable[[], dict], improved: bool, force: bool) -> None:
-        """Snapshot `checkpoint()` now if it is due or a new best; write now if forced or due."""
+    def save(self, checkpoint: Callable[[], dict], improved: bool, force: bool,
+             weights: Snapshot | None = None) -> None:
+        """Snapshot `checkpoint()` now if it is due or a new best; write now if forced or due.
+        `weights`: the model and optimizer state snapshotted earlier (`checkpoint()` then leaves them
+        out), used if this epoch is saved and dropped if not."""
         due = force or time.monotonic() - self.last_write >= self.interval_s
         if not self.enabled or not (due or improved):
             return
-        current = snapshot(checkpoint())
+        current = snapshot(checkpoint()) if weights is None else weights.extended(checkpoint())
         if improved:
             self.pending_best = current
         if due:

@@ -9,7 +9,7 @@ import torch
 from src.training import checkpoint, train
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.training.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriter, atomic_save,
-                                     safe_torch_load)
+                                     safe_torch_load, snapshot)
 from tests.conftest import write_config
 
 
@@ -145,3 +145,21 @@ def test_saver_writes_a_pending_best_as_best_and_last_and_only_on_rank_0(tmp_pat
     other_rank.save(lambda: _state(1), improved=True, force=True)
     other_rank.wait()
     assert not (tmp_path / "rank1").exists()
+
+
+def test_weights_copied_earlier_are_saved_with_the_rest_of_the_checkpoint(tmp_path):
+    """The weights snapshotted while a GPU validates, then the epoch's other fields once known: the
+    saved file holds both, and later changes to either original do not reach it."""
+    paths = RunPaths(tmp_path, "x")
+    saver = CheckpointSaver(paths, interval_s=3600, enabled=True)
+    weights = torch.ones(3)
+    rng = torch.zeros(2)
+    early = snapshot({"model_state": {"w": weights}})
+    weights.add_(1)  # training goes on
+    saver.save(lambda: {"epoch": 2, "rng": rng, "history": [{c: 1.0 for c in METRICS_COLUMNS}]},
+               improved=False, force=True, weights=early)
+    rng.add_(5)
+    saver.wait()
+    saved = torch.load(paths.last)
+    assert saved["epoch"] == 2 and torch.equal(saved["model_state"]["w"], torch.ones(3))
+    assert torch.equal(saved["rng"], torch.zeros(2))

@@ -91,6 +91,46 @@ def test_epoch_seconds_count_the_previous_epochs_checkpoint_snapshot(tiny_data, 
     assert history[1]["seconds"] >= history[1]["train_seconds"] + history[1]["val_seconds"] + 0.3
 
 
+TIMINGS = {"seconds", "train_seconds", "val_seconds"}
+
+
+def _same_checkpoint(a, b, where="checkpoint"):
+    """Equal trees of tensors and values, the history's timings aside."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a.keys() - TIMINGS:
+            _same_checkpoint(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            _same_checkpoint(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("interval", [0, float("inf")])
+def test_weights_snapshotted_during_validation_save_the_same_checkpoints(tiny_data, tmp_path, monkeypatch, interval):
+    """The GPU's way (the weights snapshotted while validation runs, the epoch's other fields added
+    once known, dropped for an epoch not saved) writes the same checkpoints as snapshotting the whole
+    checkpoint after validation; forced on here, on the CPU. Interval 0 saves every epoch; .inf keeps
+    the best epochs in memory until the end."""
+    saved = {}
+    for way, devices in (("after", set()), ("during", {"cpu"})):
+        monkeypatch.setattr(train_module, "SNAPSHOT_DURING_VALIDATION", devices)
+        (tmp_path / way).mkdir()
+        config = load_config(write_config(tmp_path / way, tiny_data, **{
+            "trainer.max_epochs": 3, "trainer.checkpoint_interval_s": interval}))
+        run(config)
+        saved[way] = [load_checkpoint(config.trainer.output_dir / f"tiny_{kind}.pt") for kind in ("best", "last")]
+        for checkpoint in saved[way]:
+            checkpoint.pop("config")  # its folders differ
+    _same_checkpoint(saved["after"], saved["during"])
+    assert [checkpoint["epoch"] for checkpoint in saved["during"]] == [saved["during"][0]["best_epoch"], 3]
+
+
 def test_training_learns_on_the_tiny_set(tiny_run):
     rows = read_rows(tiny_run["metrics"])
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
