@@ -323,6 +323,20 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
 
 # --- aliases and exclusions (--labels-fix) ----------------------------------------------------------
 
+def _canonical_aliases(aliases: dict[str, str], path: Path) -> dict[str, str]:
+    """`aliases` with both names in composed form (NFC). Two spellings of one name (composed and
+    decomposed, as typed and as macOS stores a folder name) must not map it to two names."""
+    canonical: dict[str, tuple[str, str]] = {}  # old name (NFC) -> (as written, new name)
+    for old, new in aliases.items():
+        key, target = canonical_name(old), canonical_name(new)
+        written, earlier = canonical.get(key, (old, target))
+        if earlier != target:
+            raise AnnotationError(f"{path}: aliases {written!r} and {old!r} are one name in different Unicode "
+                                  f"forms, mapped to {earlier!r} and {target!r}; keep one")
+        canonical[key] = (old, target)
+    return {key: target for key, (_, target) in canonical.items()}
+
+
 @dataclass
 class LabelsFix:
     """User-editable label corrections, applied before any filtering.
@@ -347,7 +361,7 @@ class LabelsFix:
         fix = cls._from_yaml(text, path) if path.suffix.lower() in (".yaml", ".yml") \
             else cls._from_text(text, path)
         fix.source = str(path)
-        fix.aliases = {canonical_name(old): canonical_name(new) for old, new in fix.aliases.items()}
+        fix.aliases = _canonical_aliases(fix.aliases, path)
         fix.exclude_names = {canonical_name(name) for name in fix.exclude_names}
         fix._check(path)
         return fix

@@ -193,6 +193,20 @@ def test_a_name_written_two_unicode_ways_is_one_individual(tmp_path):
     assert [r.individual for r in kept] == ["Zoe", "Zoe"] and len(excluded) == 1 and unused == []
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".yaml"])
+def test_one_name_aliased_two_ways_in_two_unicode_forms_is_refused(tmp_path, suffix):
+    """Written composed and decomposed, one name is one key: two different targets are ambiguous,
+    the same target twice is harmless."""
+    fix_file = tmp_path / f"fix{suffix}"
+    lines = (f"{COMPOSED} -> Zoe\n{DECOMPOSED} -> Zola\n" if suffix == ".txt"
+             else f"aliases:\n  {COMPOSED}: Zoe\n  {DECOMPOSED}: Zola\n")
+    fix_file.write_text(lines, encoding="utf-8")
+    with pytest.raises(AnnotationError, match="one name in different Unicode forms, mapped to 'Zoe' and 'Zola'"):
+        LabelsFix.load(fix_file)
+    fix_file.write_text(lines.replace("Zola", "Zoe"), encoding="utf-8")
+    assert LabelsFix.load(fix_file).aliases == {COMPOSED: "Zoe"}
+
+
 def test_folder_layout_follows_linked_sub_folders_and_keeps_broken_links(tmp_path):
     """Photos linked in from another disk are read, a link to an ancestor does not loop, a broken
     link becomes a record (reported as a missing file later) instead of vanishing."""
