@@ -6,6 +6,8 @@ it over the target: a crash or a full disk during a save leaves the previous che
 """
 from __future__ import annotations
 
+import errno
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -43,8 +45,34 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to `path` via a same-folder temporary file, fsync and rename."""
-    with atomic_destination(path) as tmp:
-        torch.save(obj, tmp)
+    free = None
+    try:
+        with atomic_destination(path) as tmp:
+            free = _free_bytes(tmp.parent)
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as exc:
+        # On a full disk torch's writer fails with "[enforce fail at inline_container.cc] unexpected
+        # pos ...", which does not name the cause: name it when the disk could not hold the file.
+        # (Free space is read before the write: a failed writer may hold its space until collected.)
+        needed = _tensor_bytes(obj)
+        if free is not None and free < needed:
+            raise OSError(errno.ENOSPC, f"no room on the disk of {Path(path).parent}: {free / 2**20:.0f} MB "
+                          f"free, the checkpoint needs about {needed / 2**20:.0f} MB") from exc
+        raise
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:  # a file system that cannot tell: the save goes ahead all the same
+        return None
+
+
+def _tensor_bytes(tree) -> int:
+    """The bytes of the tensors in `tree`: about a checkpoint's size on disk."""
+    sizes = []
+    _map_tensors(tree, lambda tensor: sizes.append(tensor.nelement() * tensor.element_size()))
+    return sum(sizes)
 
 
 @dataclass
@@ -85,11 +113,20 @@ def snapshot(tree: dict) -> Snapshot:
     with one wait, took 16% of a resnet50 epoch in the speed benchmark on an H100 (~0.25 s in two of
     three epochs). The price is GPU memory: up to two snapshots (a best epoch held until the next
     write, and one being written) of the model and optimizer state."""
+    taken = device_snapshot(tree)
+    if taken is None:
+        # No room on the GPU for a copy: copy to the host instead, slower (it waits) but sure.
+        return Snapshot(_map_tensors(tree, lambda tensor: tensor.detach().to("cpu", copy=True)))
+    return taken
+
+
+def device_snapshot(tree: dict) -> Snapshot | None:
+    """`snapshot`'s copy where the tensors live, or None if the GPU has no room for it: a caller
+    snapshotting early, in case the state is saved, then takes a `snapshot` when it is."""
     try:
         copy, devices = _clone(tree)
     except torch.OutOfMemoryError:
-        # No room on the GPU for a copy: copy to the host instead, slower (it waits) but sure.
-        return Snapshot(_map_tensors(tree, lambda tensor: tensor.detach().to("cpu", copy=True)))
+        return None
     if not devices:
         return Snapshot(copy)
     if len(devices) > 1:  # one process trains on one GPU; a tree across GPUs is nobody's checkpoint here

@@ -35,14 +35,16 @@ from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line
-from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointSaver, load_checkpoint, snapshot
+from src.training.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointSaver, device_snapshot,
+                                     load_checkpoint)
 from src.training.resume import check_resume_compatible, check_training_state, data_fingerprint
 
 # Devices on which the checkpoint's weights are snapshotted every epoch while validation runs, kept if
 # the epoch is saved and dropped if not. The ~300 copies (resnet18 and its AdamW state) queue behind
 # validation, so launching them costs no GPU time: on an H200 resnet18 went from 88.8% to 90.4% of its
 # ceiling, its epoch's share outside training and validation from 2.2% to 0.5%. On the CPU a copy is
-# the work itself, so it is made only for an epoch that is saved.
+# the work itself, so it is made only for an epoch that is saved; so it is where the GPU has no room
+# for one (a copy to the host would wait every epoch).
 SNAPSHOT_DURING_VALIDATION = {"cuda"}
 
 # What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
@@ -594,7 +596,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         train = sums.means(runtime)  # waits for the device: train_seconds is the steps' own
         validation_started = time.perf_counter()
         val_sums = evaluate(eval_runner, model, val_source, config, runtime)
-        early_weights = (snapshot(weights_dict(model, optimizer))
+        early_weights = (device_snapshot(weights_dict(model, optimizer))
                          if saver.enabled and runtime.device.type in SNAPSHOT_DURING_VALIDATION else None)
         val = val_sums.means(runtime)
         now = time.perf_counter()

@@ -2,6 +2,7 @@
 import errno
 import os
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,6 +43,25 @@ def test_the_background_writer_reports_a_failed_write(tmp_path, monkeypatch):
     assert safe_torch_load(path)["epoch"] == 1
 
 
+def zip_writer_out_of_room(obj, target):
+    """What torch.save raises when the disk fills up under it (seen on a 2 MB tmpfs, torch 2.14)."""
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+@pytest.mark.parametrize("free_mb, message", [
+    (1, r"no room on the disk of .*: 1 MB free, the checkpoint needs about 4 MB\); the previous one is intact"),
+    (1000, r"unexpected pos 576 vs 534\); the previous one is intact"),  # not the disk: the error as it came
+])
+def test_a_full_disk_is_named_as_the_cause(tmp_path, monkeypatch, free_mb, message):
+    monkeypatch.setattr(checkpoint.torch, "save", zip_writer_out_of_room)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda folder: SimpleNamespace(free=free_mb << 20))
+    writer = CheckpointWriter()
+    writer.save([(snapshot({"epoch": 1, "w": torch.zeros(1 << 20)}), tmp_path / "run_last.pt")])
+    with pytest.raises(CheckpointError, match=message):
+        writer.wait()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_snapshot_is_independent_of_later_training(tmp_path):
     weights = torch.ones(4)
     copy = checkpoint.snapshot({"model_state": {"w": weights}, "history": [{"epoch": 1}]})
@@ -58,6 +78,7 @@ def test_a_snapshot_without_room_for_a_gpu_copy_is_copied_to_the_host(monkeypatc
     copy = checkpoint.snapshot({"model_state": {"w": weights}})
     weights.add_(1)
     assert copy.device is None and torch.equal(copy.on_host()["model_state"]["w"], torch.ones(4))
+    assert checkpoint.device_snapshot({"model_state": {"w": weights}}) is None  # the caller decides
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

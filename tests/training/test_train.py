@@ -115,11 +115,14 @@ def _same_checkpoint(a, b, where="checkpoint"):
 def test_weights_snapshotted_during_validation_save_the_same_checkpoints(tiny_data, tmp_path, monkeypatch, interval):
     """The GPU's way (the weights snapshotted while validation runs, the epoch's other fields added
     once known, dropped for an epoch not saved) writes the same checkpoints as snapshotting the whole
-    checkpoint after validation; forced on here, on the CPU. Interval 0 saves every epoch; .inf keeps
-    the best epochs in memory until the end."""
+    checkpoint after validation; forced on here, on the CPU. So does an epoch whose early copy found
+    no room on the GPU. Interval 0 saves every epoch; .inf keeps the best epochs in memory until the end."""
     saved = {}
-    for way, devices in (("after", set()), ("during", {"cpu"})):
+    early = train_module.device_snapshot
+    for way, devices, snapshot_early in (("after", set(), early), ("during", {"cpu"}, early),
+                                         ("no room for it", {"cpu"}, lambda tree: None)):
         monkeypatch.setattr(train_module, "SNAPSHOT_DURING_VALIDATION", devices)
+        monkeypatch.setattr(train_module, "device_snapshot", snapshot_early)
         (tmp_path / way).mkdir()
         config = load_config(write_config(tmp_path / way, tiny_data, **{
             "trainer.max_epochs": 3, "trainer.checkpoint_interval_s": interval}))
@@ -128,6 +131,7 @@ def test_weights_snapshotted_during_validation_save_the_same_checkpoints(tiny_da
         for checkpoint in saved[way]:
             checkpoint.pop("config")  # its folders differ
     _same_checkpoint(saved["after"], saved["during"])
+    _same_checkpoint(saved["after"], saved["no room for it"])
     assert [checkpoint["epoch"] for checkpoint in saved["during"]] == [saved["during"][0]["best_epoch"], 3]
 
 
