@@ -105,8 +105,11 @@ def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pat
     """Write the traced module; returns a runner on the file loaded back."""
     with warnings.catch_warnings():  # torch.jit is deprecated upstream, yet TorchScript is what is asked for
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        with atomic.atomic_destination(path) as target:
-            torch.jit.save(torch.jit.trace(module, example), str(target))
+        # Into memory first: writing to a file, torch's writer aborts the whole process when the
+        # disk fills up (a C++ error thrown in a destructor); a Python write raises OSError instead.
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(module, example), buffer)
+        atomic.write_bytes(path, buffer.getvalue())
         loaded = torch.jit.load(str(path), map_location="cpu")
 
     @torch.inference_mode()
