@@ -1,6 +1,8 @@
 """Atomic writes: the old file or the new one, never half of one, and no temporary file left."""
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from src import atomic
@@ -21,3 +23,21 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             temporary.write_text("half of the new")
             raise RuntimeError("disk full")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_a_failed_write_names_the_file_it_was_for(tmp_path):
+    """A write that fails (a full disk) raises an OSError without a file name, unlike a failed open:
+    the error names the target, so a one-line message says where the disk is full."""
+    target = tmp_path / "out.txt"
+    with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*out.txt'") as raised:
+        with atomic.atomic_destination(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    with pytest.raises(PermissionError) as raised:  # an error that names its file keeps it
+        with atomic.atomic_destination(target):
+            raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere")
+    assert raised.value.filename == "/elsewhere"
+    with pytest.raises(OSError, match="^disk full$"):  # no system error number: left as raised
+        with atomic.atomic_destination(target):
+            raise OSError("disk full")
+    assert list(tmp_path.iterdir()) == []

@@ -302,7 +302,8 @@ class ImageJob:
 
 def _write_one(job: ImageJob) -> list[tuple[int, int] | None]:
     img, points = render(job.name, job.key, job.size, job.seed)
-    img.save(job.path, format="PNG", compress_level=1)  # level 6 costs 1.7x the time for 10% less disk
+    with atomic.naming(job.path):
+        img.save(job.path, format="PNG", compress_level=1)  # level 6 costs 1.7x the time for 10% less disk
     return points
 
 

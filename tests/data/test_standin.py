@@ -1,6 +1,7 @@
 """The stand-in generator: layout, annotation format, determinism, image properties, learnability."""
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,15 @@ def test_calibration_with_a_last_batch_of_one_image(capsys):
     """11 x 3 training images: batches of 32 and 1; BatchNorm cannot train on one 16 px image."""
     assert standin.main(["--calibrate", "--individuals", "11", "--images", "4", "--size", "16", "--epochs", "1"]) == 0
     assert "epoch 1:" in capsys.readouterr().out
+
+
+def test_a_full_disk_names_the_image_it_could_not_write(tmp_path, capsys, monkeypatch):
+    """PIL's failed write (a full disk) names no file; the one-line error names the image."""
+    def disk_full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert standin.main(["--out", str(tmp_path / "raw"), "--individuals", "2", "--images", "2",
+                         "--size", "16", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 28] No space left on device: '") and ".png'" in err and err.count("\n") == 1
