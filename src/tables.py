@@ -16,11 +16,11 @@ def display_width(text: str) -> int:
 def format_rows(rows: Sequence[Sequence[str]], align: str) -> str:
     """`rows` as lines of columns two spaces apart. `align` has one '<' (left) or '>' (right) per
     column but the last, which is left as it is (no trailing spaces)."""
-    widths = [max(display_width(row[column]) for row in rows) for column in range(len(align))]
+    cells = [[display_width(row[column]) for column in range(len(align))] for row in rows]
+    widths = [max(column) for column in zip(*cells)]
 
-    def padded(text: str, width: int, side: str) -> str:
-        fill = " " * (width - display_width(text))
-        return text + fill if side == "<" else fill + text
+    def padded(text: str, fill: int, side: str) -> str:
+        return text + " " * fill if side == "<" else " " * fill + text
 
-    return "\n".join("  ".join([*(padded(row[i], widths[i], side) for i, side in enumerate(align)), row[-1]])
-                     for row in rows)
+    return "\n".join("  ".join([*(padded(row[i], widths[i] - cell[i], side) for i, side in enumerate(align)), row[-1]])
+                     for row, cell in zip(rows, cells))
