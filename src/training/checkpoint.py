@@ -212,15 +212,17 @@ class CheckpointSaver:
         self.pending_best: Snapshot | None = None  # a best epoch not yet written
         self.last_write = time.monotonic()
 
-    def save(self, checkpoint: Callable[[], dict], improved: bool, force: bool,
+    def save(self, checkpoint: Callable[[bool], dict], improved: bool, force: bool,
              weights: Snapshot | None = None) -> None:
-        """Snapshot `checkpoint()` now if it is due or a new best; write now if forced or due.
-        `weights`: the model and optimizer state snapshotted earlier (`checkpoint()` then leaves them
-        out), used if this epoch is saved and dropped if not."""
+        """Snapshot the checkpoint now if it is due or a new best; write now if forced or due.
+        `checkpoint(with_weights)` builds it, with the model and optimizer state if `with_weights`.
+        `weights`: that state snapshotted earlier (then asked for without it), used if this epoch is
+        saved and dropped if not."""
         due = force or time.monotonic() - self.last_write >= self.interval_s
         if not self.enabled or not (due or improved):
             return
-        current = snapshot(checkpoint()) if weights is None else weights.extended(checkpoint())
+        current = (snapshot(checkpoint(True)) if weights is None
+                   else weights.extended(checkpoint(False)))
         if improved:
             self.pending_best = current
         if due:

@@ -573,8 +573,8 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
 
     saver = CheckpointSaver(paths, config.trainer.checkpoint_interval_s, enabled=runtime.dist.is_main)
 
-    def checkpoint(weights: bool = True) -> dict:
-        return checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint, weights)
+    def checkpoint(with_weights: bool) -> dict:
+        return checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint, with_weights)
 
     max_epochs = config.trainer.max_epochs
     previous_row_at = time.perf_counter()
@@ -615,8 +615,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         if improved:
             state.best_val_top1, state.best_epoch = val["top1"], epoch
         stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
-        saver.save(partial(checkpoint, weights=early_weights is None), improved,
-                   force=epoch == max_epochs or stopping, weights=early_weights)
+        saver.save(checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
         runtime.print(epoch_line(row, max_epochs))
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")

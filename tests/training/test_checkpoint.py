@@ -146,11 +146,11 @@ def _state(epoch: int) -> dict:
 def test_saver_keeps_a_best_epoch_in_memory_until_a_write_is_due(tmp_path):
     paths = RunPaths(tmp_path, "x")
     saver = CheckpointSaver(paths, interval_s=3600, enabled=True)
-    saver.save(lambda: _state(1), improved=True, force=False)  # not due: held in memory
-    saver.save(lambda: _state(2), improved=False, force=False)  # neither due nor better: not even copied
+    saver.save(lambda _: _state(1), improved=True, force=False)  # not due: held in memory
+    saver.save(lambda _: _state(2), improved=False, force=False)  # neither due nor better: not even copied
     saver.wait()
     assert not list(tmp_path.iterdir())
-    saver.save(lambda: _state(3), improved=False, force=True)  # the run's end
+    saver.save(lambda _: _state(3), improved=False, force=True)  # the run's end
     saver.wait()
     assert torch.load(paths.best)["epoch"] == 1 and torch.load(paths.last)["epoch"] == 3
     assert len(paths.metrics.read_text().splitlines()) == 1 + 3
@@ -159,11 +159,11 @@ def test_saver_keeps_a_best_epoch_in_memory_until_a_write_is_due(tmp_path):
 
 def test_saver_writes_a_pending_best_as_best_and_last_and_only_on_rank_0(tmp_path):
     saver = CheckpointSaver(RunPaths(tmp_path, "x"), interval_s=3600, enabled=True)
-    saver.save(lambda: _state(4), improved=True, force=False)
+    saver.save(lambda _: _state(4), improved=True, force=False)
     assert saver.write_pending_best() == 4  # a non-finite loss ends the run: nothing is lost
     assert torch.load(tmp_path / "x_last.pt")["epoch"] == torch.load(tmp_path / "x_best.pt")["epoch"] == 4
     other_rank = CheckpointSaver(RunPaths(tmp_path / "rank1", "x"), interval_s=0, enabled=False)
-    other_rank.save(lambda: _state(1), improved=True, force=True)
+    other_rank.save(lambda _: _state(1), improved=True, force=True)
     other_rank.wait()
     assert not (tmp_path / "rank1").exists()
 
@@ -177,10 +177,12 @@ def test_weights_copied_earlier_are_saved_with_the_rest_of_the_checkpoint(tmp_pa
     rng = torch.zeros(2)
     early = snapshot({"model_state": {"w": weights}})
     weights.add_(1)  # training goes on
-    saver.save(lambda: {"epoch": 2, "rng": rng, "history": [{c: 1.0 for c in METRICS_COLUMNS}]},
+    saver.save(lambda with_weights: {"epoch": 2, "rng": rng, "with_weights": with_weights,
+                                     "history": [{c: 1.0 for c in METRICS_COLUMNS}]},
                improved=False, force=True, weights=early)
     rng.add_(5)
     saver.wait()
     saved = torch.load(paths.last)
     assert saved["epoch"] == 2 and torch.equal(saved["model_state"]["w"], torch.ones(3))
+    assert saved["with_weights"] is False  # the weights come from the early snapshot alone
     assert torch.equal(saved["rng"], torch.zeros(2))
