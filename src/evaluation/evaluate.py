@@ -176,7 +176,9 @@ def evaluation_config(config: Config, data_root: Path | None, batch_size: int) -
     """The checkpoint's config with the command line's changes: batch size and, for `--data-root`, the
     data root and its default cache folder. Everything that shapes the pixels stays as trained."""
     config = config.model_copy(deep=True)
-    config.trainer.batch_size = int(batch_size)
+    # model_copy skips validation: the schema's minimum of 2 is for training (batch norm needs two
+    # images to normalise), while evaluation runs the model in eval mode, where 1 is fine.
+    config.trainer = config.trainer.model_copy(update={"batch_size": int(batch_size)})
     if data_root is not None:
         config.data.root, config.data.cache_dir = data_root, data_root / "cache"
     return config

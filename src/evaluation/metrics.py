@@ -22,6 +22,11 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 
 CMC_RANKS = 10
 CLOSED_SET_KEEP = 0.95
+# How far outside the observed scores an "accept all" or "reject all" threshold lies. A threshold
+# never sits on an observed score: inference recomputes the scores in float32 (a gallery's scores
+# differ from evaluation's by ~1e-8) and the threshold is stored with 6 decimals, so an image on the
+# threshold would land on either side of it. Between two scores it sits halfway.
+OUTER_MARGIN = 1e-5
 
 
 # --- closed set: the classifier --------------------------------------------------------------------
@@ -191,20 +196,23 @@ def choose_open_set_threshold(known_labels: np.ndarray, known_correct: np.ndarra
                               unknown_labels: np.ndarray, unknown_scores: np.ndarray) -> float:
     """The similarity threshold (accept iff best similarity >= t) maximising (BAKS + BAUS) / 2.
 
-    The objective only changes at observed scores, so the candidates are the lowest score (accept
-    all), the midpoints between consecutive distinct scores (a margin on both sides, as far from
-    either image as possible) and just above the highest score (reject all). Among equally good
-    candidates the lowest wins, so that as few known images as possible are rejected.
+    The objective only changes at observed scores, so the candidates are just below the lowest score
+    (accept all), the midpoints between consecutive distinct scores (a margin on both sides, as far
+    from either image as possible) and just above the highest score (reject all); see OUTER_MARGIN.
+    Among equally good candidates the lowest wins, so that as few known images as possible are rejected.
     """
     scores = np.unique(np.concatenate([known_scores, unknown_scores]).astype(np.float64))
-    candidates = np.concatenate([scores[:1], (scores[1:] + scores[:-1]) / 2, [np.nextafter(scores[-1], np.inf)]])
+    candidates = np.concatenate([scores[:1] - OUTER_MARGIN, (scores[1:] + scores[:-1]) / 2,
+                                 scores[-1:] + OUTER_MARGIN])
     objective = [(baks(known_labels, known_correct, known_scores >= t) + baus(unknown_labels, unknown_scores >= t)) / 2
                  for t in candidates]
     return float(candidates[int(np.argmax(objective))])
 
 
 def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET_KEEP) -> float | None:
-    """The highest similarity that still accepts at least `keep` of the given (correct-match) scores.
+    """A similarity threshold that accepts at least `keep` of the given (correct-match) scores and
+    rejects as many of the others as it may: halfway between the highest score it may lose and the
+    next (just below the lowest when it may lose none; see OUTER_MARGIN).
 
     A heuristic for a model trained without held-out individuals: nothing tells how unknown animals
     score, so the threshold only bounds how many correct matches a rejection rule may lose.
@@ -214,4 +222,6 @@ def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET
         return None
     ordered = np.sort(np.asarray(correct_scores, dtype=np.float64))
     may_lose = int(round((1.0 - keep) * len(ordered), 9))  # round: 0.05 * 20 is 1.0000000000000009
-    return float(ordered[may_lose])
+    if may_lose == 0:
+        return float(ordered[0] - OUTER_MARGIN)
+    return float((ordered[may_lose - 1] + ordered[may_lose]) / 2)

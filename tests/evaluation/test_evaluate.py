@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from src.config import load_config
 from src.data.dataset import ClassIndex, PreparedData
 from src.evaluation import evaluate
+from src.inference.gallery import Gallery
+from src.inference.identify import Identifier
 from src.models.factory import create_model
 from src.training.checkpoint import atomic_save, load_checkpoint
 from src.training.resume import data_fingerprint
@@ -116,10 +119,43 @@ def test_threshold_is_stored_beside_the_checkpoint(closed_report, checkpoint, ti
     assert sidecar["checkpoint_sha256"] == sha256(tiny_run["best"]) == report["checkpoint"]["sha256"]
 
 
+def test_stored_thresholds_keep_95_percent_of_the_correct_val_predictions_at_inference(closed_report, checkpoint,
+                                                                                      tiny_run):
+    """The rule the sidecar states, checked where it is applied: inference, on the val photos, for each
+    way it scores a photo (the classifier, and a gallery of the train photos by nearest photo and by
+    prototype). An image on the threshold must not fall below it once stored and recomputed."""
+    data = PreparedData.load(tiny_run["data_root"])
+    embedder = Identifier.embedder(checkpoint)
+    train = data.split("train")
+    embedded = [item.embedding for batch in embedder.embed([data.raw_dir / path for path, _ in train]) for item in batch]
+    gallery = Gallery.new(embedder.info.checkpoint_sha256, len(embedded[0]))
+    for name in sorted({name for _, name in train}):
+        rows = [i for i, (_, row_name) in enumerate(train) if row_name == name]
+        gallery.add(name, np.stack([embedded[i] for i in rows]), [train[i][0] for i in rows])
+    val = data.split("val")
+    for kind, scored_by in {"classifier": {}, "nearest": {"gallery": gallery, "match": "nearest"},
+                            "prototype": {"gallery": gallery, "match": "prototype"}}.items():
+        identifier = Identifier.from_checkpoint(checkpoint, **scored_by)
+        assert identifier.threshold.value is not None, kind
+        predictions = identifier.identify([data.raw_dir / path for path, _ in val], top_k=1)
+        accepted = [not p.unknown for p, (_, name) in zip(predictions, val) if p.names[0] == name]
+        assert accepted and np.mean(accepted) >= 0.95, (kind, identifier.threshold, accepted)
+
+
 def test_same_inputs_give_an_identical_report(closed_report, checkpoint, tmp_path, capsys):
     out, _ = closed_report
     assert run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "again")[0] == 0
     assert (tmp_path / "again" / "report.json").read_bytes() == (out / "report.json").read_bytes()
+
+
+def test_batch_size_one_gives_the_same_numbers(closed_report, checkpoint, tmp_path, capsys):
+    """Training needs batches of 2 (batch norm); evaluation runs in eval mode, where 1 works. Float
+    rounding may move the 6th decimal, nothing more."""
+    out, _ = closed_report
+    assert run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "one", "--batch-size", 1)[0] == 0
+    one, report = (json.loads((folder / "report.json").read_text()) for folder in (tmp_path / "one", out))
+    assert list(unit_values(one)) == pytest.approx(list(unit_values(report)), abs=2e-6)
+    assert one["threshold"]["thresholds"] == pytest.approx(report["threshold"]["thresholds"], abs=2e-6)
 
 
 @pytest.fixture(scope="module")

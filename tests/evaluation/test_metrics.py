@@ -4,6 +4,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score, top_k_accuracy_score
 
 from src.evaluation import metrics
+from src.evaluation.report import rounded
 
 
 @pytest.fixture
@@ -157,9 +158,29 @@ def test_open_set_threshold_is_optimal_on_random_scores():
 def test_keep_fraction_threshold():
     scores = np.arange(1, 21) / 20  # 0.05 .. 1.0
     threshold = metrics.keep_fraction_threshold(scores, keep=0.95)
-    assert threshold == pytest.approx(0.10)
+    assert threshold == pytest.approx(0.075)  # halfway between the one score it may lose and the next
     assert (scores >= threshold).mean() == 0.95
+    assert metrics.keep_fraction_threshold(scores[:10], keep=0.95) < 0.05  # 10 scores: it may lose none
     assert metrics.keep_fraction_threshold(np.array([])) is None
+
+
+def test_thresholds_hold_as_stored_and_on_recomputed_scores():
+    """Inference applies the threshold as report.json and the sidecar store it (6 decimals) to scores
+    recomputed in float32: every image must stay on the side it was on when the threshold was chosen."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        correct = rng.uniform(-0.2, 1.0, 20)
+        known = rng.uniform(0.3, 1.0, 12)
+        unknown = rng.uniform(0.0, 0.7, 8)
+        known_labels, known_correct, unknown_labels = np.arange(12) % 4, known > 0.4, np.arange(8) % 3
+        chosen = {"keep": (correct, metrics.keep_fraction_threshold(correct)),
+                  "open": (np.concatenate([known, unknown]), metrics.choose_open_set_threshold(
+                      known_labels, known_correct, known, unknown_labels, unknown))}
+        for name, (scores, threshold) in chosen.items():
+            stored = rounded(threshold)
+            for recomputed in (scores, scores.astype(np.float32), scores + 1e-7, scores - 1e-7):
+                assert np.array_equal(recomputed >= stored, scores >= threshold), (name, threshold, stored)
+        assert (correct >= chosen["keep"][1]).mean() >= 0.95
 
 
 def test_retrieval_metrics_match_pytorch_metric_learning():
