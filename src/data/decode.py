@@ -14,7 +14,7 @@ from src.data.io import ImageLoadError, load_rgb
 
 # Part of the cache key (with Pillow's version, whose decoders and resampling change between
 # releases): change this string whenever decode_for_cache changes its output.
-DECODE_SETTINGS = "load_rgb;centre-square;PIL-bicubic-antialiased"
+DECODE_SETTINGS = "load_rgb(deep greys by their format's white);centre-square;PIL-bicubic-antialiased"
 
 
 def cache_size_for(image_size: int) -> int:

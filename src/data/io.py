@@ -20,13 +20,23 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
+def _white(img: Image.Image, values: np.ndarray) -> float:
+    """The value that means white in a 16-bit, 32-bit or float grayscale image. A fixed scale, so that
+    a photo decodes to the same pixels whatever container it came in (a 16-bit PNG opens as "I;16" or
+    as "I" depending on Pillow's version); the image's own maximum only where its values fit no scale."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and values.min() >= 0 and values.max() <= 65535):
+        return 65535.0
+    if img.mode == "F" and values.min() >= 0 and values.max() <= 1:
+        return 1.0
+    return max(float(values.max()), 1.0)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / 32-bit grayscale: PIL's convert("RGB") clips instead of rescaling, so scale by hand.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        # PIL's convert("RGB") clips these instead of rescaling, so scale by hand.
+        values = np.asarray(img, dtype=np.float64)
+        values = np.clip(values / _white(img, values) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(values, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "P", "PA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -1,0 +1,33 @@
+"""Decoding any image file to RGB: the same picture gives the same pixels in every container."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.data.io import load_rgb
+
+GREYS = np.tile(np.arange(20, 220, 2, dtype=np.uint16), (10, 1))  # 8-bit grey levels, 10 x 100
+
+
+@pytest.mark.parametrize("name, image", [
+    ("16-bit PNG", Image.fromarray(GREYS * 257)),                            # opens as "I;16"
+    ("16-bit values in a 32-bit TIFF", Image.fromarray((GREYS * 257).astype(np.int32), "I")),
+    ("floats in [0, 1] in a TIFF", Image.fromarray((GREYS / 255).astype(np.float32), "F")),
+])
+def test_deep_greyscale_decodes_like_its_8_bit_twin(name, image, tmp_path):
+    """Scaled by the format's white, not by the image's brightest pixel: its brightest grey here is
+    218, which must stay 218, not be stretched to 255."""
+    path = tmp_path / ("deep.png" if image.mode == "I;16" else "deep.tif")
+    image.save(path)
+    eight_bit = tmp_path / "eight.png"
+    Image.fromarray(GREYS.astype(np.uint8)).save(eight_bit)
+    decoded, expected = np.asarray(load_rgb(path)), np.asarray(load_rgb(eight_bit))
+    assert decoded.shape == expected.shape == (10, 100, 3)
+    assert np.abs(decoded.astype(int) - expected).max() <= 1, name
+
+
+def test_values_beyond_16_bits_are_scaled_by_their_maximum(tmp_path):
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.full((4, 4), 1 << 20, dtype=np.int32), "I").save(path)
+    assert np.asarray(load_rgb(path)).min() == 255
