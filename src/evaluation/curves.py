@@ -19,6 +19,7 @@ from src.evaluation.plots import plot_training_curves
 from src.training.artifacts import METRICS_COLUMNS
 
 METRICS_SUFFIX = "_metrics.csv"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class CurvesError(ValueError):
@@ -31,7 +32,7 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise CurvesError(f"{path}: metrics file not found")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM
             reader = csv.DictReader(handle)
             missing = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
             if missing:
@@ -56,18 +57,36 @@ def default_output(csv_path: Path) -> Path:
     return csv_path.with_name(f"{name}_curves.png")
 
 
+def check_output(out: Path, csv_path: Path) -> None:
+    """Refuse an --out that would destroy something: the plot is a PNG, and it replaces only a PNG
+    (a typo such as `--out artifacts/x_best.pt` must not turn a checkpoint into a picture)."""
+    if out.suffix.lower() != ".png":
+        raise CurvesError(f"--out {out}: the curves are a PNG; name it <something>.png")
+    if out.exists() and (out.resolve() == csv_path.resolve() or not _is_png(out)):
+        raise CurvesError(f"--out {out}: exists and is not a PNG; refusing to replace it")
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError:  # a folder, or unreadable: not a PNG this tool wrote
+        return False
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.evaluation.curves", description=__doc__.split("\n")[0])
     parser.add_argument("metrics_csv", type=Path, help="artifacts/<name>_metrics.csv written by training")
     parser.add_argument("--out", type=Path, default=None,
                         help="PNG to write (default: <name>_curves.png beside the CSV)")
     args = parser.parse_args(argv)
+    out = args.out or default_output(args.metrics_csv)
     try:
+        check_output(out, args.metrics_csv)
         history = read_metrics_csv(args.metrics_csv)
     except CurvesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or default_output(args.metrics_csv)
     try:
         plot_training_curves(history, out, title=f"{args.metrics_csv.name}: {len(history['epoch'])} epochs")
     except OSError as exc:

@@ -54,3 +54,29 @@ def test_an_out_path_that_cannot_be_written_fails_in_one_line(tiny_run, tmp_path
     assert curves.main([str(tiny_run["metrics"]), "--out", str(tmp_path / "a_file" / "curves.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'a_file' / 'curves.png'}")
+
+
+def test_out_replaces_only_a_png(tiny_run, tmp_path, capsys):
+    """A mistyped --out (the checkpoint, the CSV itself, a report) is refused and left as it was."""
+    metrics = tmp_path / "x_metrics.csv"
+    metrics.write_bytes(tiny_run["metrics"].read_bytes())
+    checkpoint = tmp_path / "x_best.pt"
+    checkpoint.write_bytes(b"PK\x03\x04 a checkpoint")
+    for out, message in [(checkpoint, "the curves are a PNG"), (metrics, "the curves are a PNG"),
+                         (tmp_path / "old.PNG.txt", "the curves are a PNG")]:
+        assert curves.main([str(metrics), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    not_a_png = tmp_path / "notes.png"
+    not_a_png.write_text("my notes")
+    assert curves.main([str(metrics), "--out", str(not_a_png)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {not_a_png}: exists and is not a PNG; refusing to replace it"
+    assert checkpoint.read_bytes() == b"PK\x03\x04 a checkpoint" and not_a_png.read_text() == "my notes"
+    assert metrics.read_bytes() == tiny_run["metrics"].read_bytes()
+    assert curves.main([str(metrics), "--out", str(tmp_path / "c.png")]) == 0  # a new PNG, then its update
+    assert curves.main([str(metrics), "--out", str(tmp_path / "c.png")]) == 0
+
+
+def test_a_metrics_file_saved_with_a_bom_is_read(tmp_path):
+    csv = tmp_path / "x_metrics.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n".encode())
+    assert curves.read_metrics_csv(csv)["epoch"].tolist() == [1.0]
