@@ -135,8 +135,8 @@ class EpochSums:
 
     def means(self, runtime: Runtime) -> dict[str, float]:
         loss, top1, top5, count = dist_utils.all_reduce_sum(self.totals.clone(), runtime.dist).tolist()
-        count = max(count, 1.0)
-        return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count}
+        images, count = int(count), max(count, 1.0)
+        return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": images}
 
 
 @dataclass
@@ -227,7 +227,17 @@ def load_data(config: Config, data: PreparedData,
     if len(train) == 0:
         raise ConfigError(f"trainer.batch_size: {config.trainer.batch_size} is larger than the "
                           f"{train.num_images} training images")
+    if val.num_images == 0:
+        raise no_validation_images(len(val_rows), data, config)
     return classes, train, val, data_fingerprint(train_rows, classes)
+
+
+def no_validation_images(listed: int, data: PreparedData, config: Config) -> DatasetError:
+    """Without a validation image every epoch would score 0 and `_best.pt` be chosen on nothing."""
+    split = "open_set/val" if config.data.open_set else "val"
+    where = (f"the {split} split of {config.data.root} is empty" if listed == 0 else
+             f"none of the {listed} images of the {split} split could be read under {data.raw_dir}")
+    return DatasetError(f"{where}: there is nothing to validate the epochs on (re-run prepare)")
 
 
 def lr_lambda(config: Config, steps_per_epoch: int):
@@ -599,6 +609,8 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         early_weights = (device_snapshot(weights_dict(model, optimizer))
                          if saver.enabled and runtime.device.type in SNAPSHOT_DURING_VALIDATION else None)
         val = val_sums.means(runtime)
+        if val["images"] == 0:  # the plain pipeline finds unreadable images only when it reads them
+            raise no_validation_images(val_source.num_images, data, config)
         now = time.perf_counter()
         # The times are kept in the history (not the guide's CSV): the speed benchmark reads them.
         # `seconds` runs from the previous epoch's row, so that epoch's checkpoint snapshot and epoch

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from src.config import Config, ConfigError, load_config
+from src.data.dataset import PreparedData
 from src.training import distributed as dist_utils
 from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS
@@ -207,18 +208,35 @@ def _moved_raw_dir(tiny_data, tmp_path):
     return tmp_path / "data"
 
 
+def _val_list(tiny_data, tmp_path, lines):
+    """A copy of tiny_data's lists (same raw images) whose val.txt is `lines(original lines)`."""
+    shutil.copytree(tiny_data / "annotations", tmp_path / "data" / "annotations")
+    meta = tmp_path / "data" / "annotations" / "prepared.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "raw_dir": str(PreparedData.load(tiny_data).raw_dir)}))
+    val = tmp_path / "data" / "annotations" / "val.txt"
+    val.write_text("".join(lines(val.read_text().splitlines(keepends=True))))
+    return tmp_path / "data"
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda data, tmp: ({"data.cache_dir": str(tmp / "a_file")}, data),
      "data.cache_dir: cannot write the image cache in"),
     (lambda data, tmp: ({}, _moved_raw_dir(data, tmp)), "training images could be read under"),
+    (lambda data, tmp: ({}, _val_list(data, tmp, lambda lines: [])), "the val split of"),
+    (lambda data, tmp: ({}, _val_list(data, tmp, lambda lines: ["gone/" + line for line in lines])),
+     "images of the val split could be read under"),
+    (lambda data, tmp: ({"data.pipeline": "plain"}, _val_list(data, tmp, lambda lines: ["gone/" + line for line in lines])),
+     "images of the val split could be read under"),
     (lambda data, tmp: ({}, tmp / "no_such_root"), "annotations/prepared.json not found"),
 ])
-def test_unusable_cache_folder_or_raw_folder_exit_2_in_one_line(tiny_data, tmp_path, capsys, setup, message):
+def test_unusable_data_or_cache_folder_exits_2_in_one_line(tiny_data, tmp_path, capsys, setup, message):
     (tmp_path / "a_file").write_text("not a folder")
     overrides, data_root = setup(tiny_data, tmp_path)
     assert train_main(["--config", str(write_config(tmp_path, data_root, **overrides))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
+    if "nothing to validate" in err[-1]:
+        assert err[-1].endswith("there is nothing to validate the epochs on (re-run prepare)")
     assert not list((tmp_path / "artifacts").glob("tiny_*"))  # nothing written
     if "no_such_root" in str(data_root):  # refused before the output folder and its lock are made
         assert not (tmp_path / "artifacts").exists()
