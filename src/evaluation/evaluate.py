@@ -368,13 +368,14 @@ def open_set_section(embedded: dict[str, Embedded], split: str, scorer) -> dict:
             "threshold_chosen_on": ["val", "unknown_val"], "measured_on": [split, f"unknown_{split}"]}
 
 
-def threshold_section(embedded: dict[str, Embedded], open_set: bool, scorers: dict, checkpoint: Path) -> dict:
+def threshold_section(embedded: dict[str, Embedded], open_set: bool, scorers: dict, sidecar: Path | None) -> dict:
     """The thresholds inference applies, one per way it scores a photo (SCORE_KINDS: the scales
     differ, a classifier cosine is not a gallery similarity), and how they were chosen.
 
     Open-set model: each maximises (BAKS + BAUS) / 2 on `val` + `unknown_val`. Closed-set model: each
     keeps 95% of the val split's correct predictions; nothing tells how unknown animals would score,
-    so this heuristic only bounds what rejection costs on known ones.
+    so this heuristic only bounds what rejection costs on known ones. `sidecar`: where inference
+    will read them, None when they are for the report only.
     """
     thresholds = {}
     for kind, scorer in scorers.items():
@@ -388,15 +389,27 @@ def threshold_section(embedded: dict[str, Embedded], open_set: bool, scorers: di
     else:
         split, method = "val", "keeps 95% of the correct predictions of the val split (closed-set heuristic)"
     return {"thresholds": thresholds, "split": split, "method": method,
-            "sidecar": str(threshold_sidecar_path(checkpoint))}
+            "sidecar": None if sidecar is None else str(sidecar)}
 
 
-def data_warnings(splits: dict[str, list[tuple[str, str]]], run: Run, split: str, open_set: bool) -> list[str]:
+def trained_on(splits: dict[str, list[tuple[str, str]]], run: Run) -> bool:
+    """Whether the train split is the one the checkpoint was trained on."""
+    return data_fingerprint(splits["train"], run.classes) == run.checkpoint.get("data_fingerprint")
+
+
+def data_warnings(splits: dict[str, list[tuple[str, str]]], run: Run, split: str, open_set: bool,
+                  sidecar: Path) -> list[str]:
     """What makes the numbers less trustworthy without making them wrong to compute."""
     warnings = []
-    if data_fingerprint(splits["train"], run.classes) != run.checkpoint.get("data_fingerprint"):
-        warnings.append("the train split differs from the one this checkpoint was trained on (re-prepared "
-                        "or another dataset): evaluated images may have been training images")
+    if not trained_on(splits, run):
+        warnings.append(f"the train split differs from the one this checkpoint was trained on (re-prepared "
+                        f"or another dataset): evaluated images may have been training images, and the "
+                        f"thresholds are in the report only ({sidecar.name}, which inference reads, is left as it was)")
+    shared = {path for path, _ in splits[split]} & {path for path, _ in splits["train"]}
+    if shared:
+        warnings.append(f"{len(shared)} of the {len(splits[split])} images of the {split} split are also in the "
+                        f"train split (e.g. {min(shared)}): the model and the gallery have seen them, so the "
+                        "numbers are optimistic")
     if open_set and split == "val":
         warnings.append("open set measured on the split its threshold was chosen on: optimistic")
     return warnings
@@ -482,7 +495,8 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, d
                              model=config.model) for kind in SCORE_KINDS}
     open_section = (open_set_section(embedded, split, scorers["nearest"]) if open_set
                     else {"evaluated": False, "note": CLOSED_MODEL_NOTE})
-    warnings = data_warnings(splits, run, split, open_set)
+    sidecar = threshold_sidecar_path(checkpoint)
+    warnings = data_warnings(splits, run, split, open_set, sidecar)
 
     report = {
         "report_version": REPORT_VERSION,
@@ -498,13 +512,14 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, d
         "retrieval": retrieval_section(embedded[split], embedded["train"]),
         "by_source": by_source_section(embedded[split], embedded["train"], run.classes, read_sources(root)),
         "open_set": open_section,
-        "threshold": threshold_section(embedded, open_set, scorers, checkpoint),
+        "threshold": threshold_section(embedded, open_set, scorers, sidecar if trained_on(splits, run) else None),
         "warnings": warnings,
     }
     metrics_csv = RunPaths(checkpoint.parent, config.name).metrics
     try:
         report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out)
-        write_threshold_sidecar(run, report["threshold"])
+        if report["threshold"]["sidecar"] is not None:
+            write_threshold_sidecar(run, report["threshold"])
     except OSError as exc:
         raise EvaluationError(f"could not write the results ({exc})") from None
     for warning in warnings:

@@ -85,8 +85,10 @@ def render_markdown(report: dict) -> str:
         lines.append(open_set["note"])
     lines += ["", "## Thresholds for inference", "",
               f"A photo is accepted as a known individual when its best score is at least the threshold of the "
-              f"way it is scored, chosen on {threshold['split']}: {threshold['method']}. Stored for inference "
-              f"in `{threshold['sidecar']}`.", "", "| scored by | threshold |", "|---|---|"]
+              f"way it is scored, chosen on {threshold['split']}: {threshold['method']}. "
+              + (f"Stored for inference in `{threshold['sidecar']}`." if threshold["sidecar"] is not None else
+                 "Not stored for inference: the train split is not the one the checkpoint was trained on."),
+              "", "| scored by | threshold |", "|---|---|"]
     lines += [f"| {SCORE_DESCRIPTIONS[kind]} | {_number(value)} |" for kind, value in threshold["thresholds"].items()]
     lines += ["", "## Training curves", ""]
     lines.append("![Training curves](training_curves.png)" if report["figures"]["training_curves"]

@@ -205,13 +205,35 @@ def data_copy(tiny_data, tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def test_a_changed_train_split_is_reported(checkpoint, data_copy, tmp_path, capsys):
+def test_a_changed_train_split_is_reported_and_leaves_the_stored_thresholds(checkpoint, data_copy, tmp_path, capsys):
+    """Thresholds chosen on other data must not replace the ones inference reads for this checkpoint."""
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    copy = folder / checkpoint.name
+    shutil.copy2(checkpoint, copy)
+    sidecar = evaluate.threshold_sidecar_path(copy)
+    sidecar.write_text('{"stored": "earlier"}')
     train = data_copy / "annotations" / "train.txt"
     train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))
+    code, err = run_main(capsys, "--checkpoint", copy, "--data-root", data_copy, "--out", tmp_path / "out")
+    assert code == 0
+    assert any(line.startswith("warning: the train split differs") and f"{sidecar.name}, which inference reads, "
+               "is left as it was" in line for line in err), err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["warnings"] and report["threshold"]["sidecar"] is None
+    assert set(report["threshold"]["thresholds"]) == set(evaluate.SCORE_KINDS)
+    assert sidecar.read_text() == '{"stored": "earlier"}'
+    assert "Not stored for inference" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_evaluated_images_that_are_also_training_images_are_reported(checkpoint, data_copy, tmp_path, capsys):
+    annotations = data_copy / "annotations"
+    leaked = (annotations / "test.txt").read_text().splitlines(keepends=True)[:2]
+    (annotations / "train.txt").write_text((annotations / "train.txt").read_text() + "".join(leaked))
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
     assert code == 0
-    assert any(line.startswith("warning: the train split differs") for line in err)
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["warnings"]
+    expected = f"warning: 2 of the {len((annotations / 'test.txt').read_text().splitlines())} images of the test split are also in the train split"
+    assert any(line.startswith(expected) for line in err), err
 
 
 def break_split(data_copy: Path) -> str:
