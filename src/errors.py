@@ -17,3 +17,11 @@ def positive_int(name: str, value, error: type[Exception]) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise error(f"{name} must be a whole number of at least 1, not {value!r}")
     return int(value)
+
+
+def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:
+    """The first problem `load_state_dict` names, shortened: its message starts with a header that
+    names none ("Error(s) in loading state_dict for ...:"), then one line per problem."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    problem = next((line for line in lines[1:] if line), first_line(exc))
+    return problem if len(problem) <= limit else problem[:limit - 3] + "..."

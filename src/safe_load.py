@@ -36,13 +36,24 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
-        if "unsupported global" in str(exc).lower() or _unsupported_pickle_opcode(str(exc)):
+        if "unsupported global" in str(exc).lower() or (_starts_as_pickle(path) and _unsupported_pickle_opcode(str(exc))):
             raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
                                   "and plain data (refused: loading it could run code)") from None
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
     except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint "
                               f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _starts_as_pickle(path: Path) -> bool:
+    """Whether the file begins with PROTO (0x80), as every pickle of protocol 2 or later does (torch's
+    legacy format, pickle.dumps). Other files' first bytes can read as opcodes too: a PNG's 0x89, the
+    `d` of a YAML file's `data:`."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(1) == b"\x80"
+    except OSError:
+        return False
 
 
 def _unsupported_pickle_opcode(message: str) -> bool:

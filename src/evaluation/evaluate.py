@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from src import atomic
 from src.config import Config, ConfigError, ModelConfig, config_from_dict
-from src.errors import first_line, positive_int
+from src.errors import positive_int, state_dict_problem
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.devices import pick_device
@@ -162,14 +162,6 @@ def load_run(path: Path, device: torch.device) -> Run:
         raise EvaluationError(f"{path}: weights do not fit the model its config describes "
                               f"({state_dict_problem(exc)})") from None
     return Run(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
-
-
-def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:
-    """The first problem `load_state_dict` names, shortened: its message starts with a header that
-    names none ("Error(s) in loading state_dict for ...:"), then one line per problem."""
-    lines = [line.strip() for line in str(exc).splitlines()]
-    problem = next((line for line in lines[1:] if line), first_line(exc))
-    return problem if len(problem) <= limit else problem[:limit - 3] + "..."
 
 
 def evaluation_config(config: Config, data_root: Path | None, batch_size: int) -> Config:

@@ -40,6 +40,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {state['format_version']} is newer than this "
                               f"code understands ({FORMAT_VERSION}); update the project")
+    broken = next((key for key, value in state["model_state"].items() if isinstance(value, torch.Tensor)
+                   and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if broken is not None:  # training stops before saving such weights: a damaged or diverged file
+        raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first: {broken}); "
+                              "not a usable checkpoint")
     return state
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from numbers import Real
 from pathlib import Path
 
@@ -80,8 +81,10 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
     if not rows_ok or [row["epoch"] for row in history] != list(range(1, epoch + 1)):
         problems.append(f"the metrics history does not hold one row for each of the {epoch} epochs")
     best_epoch = checkpoint["best_epoch"]
-    if not _whole(best_epoch) or not 0 <= best_epoch <= epoch \
-            or not isinstance(checkpoint["best_val_top1"], Real):
+    if not _whole(best_epoch) or not 0 <= best_epoch <= epoch:
         problems.append(f"best epoch {best_epoch!r}")
+    best_val_top1 = checkpoint["best_val_top1"]
+    if not isinstance(best_val_top1, Real) or not math.isfinite(best_val_top1):
+        problems.append(f"best val top-1 {best_val_top1!r}")  # a NaN best would never be beaten
     if problems:
         raise CheckpointError(f"cannot resume from {path}: malformed training state ({'; '.join(problems)})")

@@ -30,7 +30,7 @@ from src import locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import BatchSource, build_source
-from src.errors import first_line
+from src.errors import first_line, state_dict_problem
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.training import distributed as dist_utils
@@ -475,6 +475,10 @@ def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config
 def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> RunState:
     try:
         model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"cannot resume from {path}: its weights do not fit the model the config describes "
+                              f"({state_dict_problem(exc)})") from None
+    try:
         optimizer.load_state_dict(checkpoint["optimizer_state"])
         scheduler.load_state_dict(checkpoint["scheduler_state"])
         scaler.load_state_dict(checkpoint["scaler_state"])

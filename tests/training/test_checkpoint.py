@@ -121,12 +121,16 @@ def _project_keys(**changes) -> dict:
 @pytest.mark.parametrize("write, message", [
     (lambda p: p.write_text("- epoch: 3\n- lr: 0.1\n"), "truncated or not a PyTorch checkpoint"),  # text
     (lambda p: p.write_text('{"epoch": 3}'), "truncated or not a PyTorch checkpoint"),         # JSON
+    (lambda p: p.write_text("data:\n  root: data\n"), "truncated or not a PyTorch checkpoint"),  # a config
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "truncated or not a PyTorch checkpoint"),  # an image
     (lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=4)), "not a safe checkpoint"),
     (lambda p: torch.save({"x": _Payload()}, p), "not a safe checkpoint"),  # torch's own zip format
     (lambda p: torch.save({"x": _SystemCall()}, p), "not a safe checkpoint"),
     (lambda p: p.write_bytes(b""), "empty file (0 bytes), not a checkpoint"),
     (lambda p: p.mkdir(), "a folder, not a checkpoint file"),
     (lambda p: torch.save(_project_keys(format_version="1"), p), "malformed format_version: str"),
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")])}), p),
+     "the weights hold NaN or infinite values (first: b); not a usable checkpoint"),
     (lambda p: torch.save(_project_keys(config="resnet18", epoch=None), p), "malformed epoch: NoneType, config: str"),
 ])
 def test_unusable_files_exit_2_in_one_line_naming_the_problem(tiny_data, tmp_path, capsys, write, message):

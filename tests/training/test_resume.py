@@ -251,6 +251,8 @@ def test_a_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda state: state.pop("optimizer_state"), "lacks the training state to continue (missing optimizer_state)"),
     (lambda state: state.update(rng={"torch": 1}), "malformed training state (TypeError"),
+    (lambda state: state["model_state"].update({"backbone.conv1.weight": torch.zeros(1)}),
+     "its weights do not fit the model the config describes (size mismatch for backbone.conv1.weight"),
 ])
 def test_a_checkpoint_without_a_usable_training_state_is_refused(tiny_run, tmp_path, capsys, damage, message):
     """E.g. a checkpoint stripped for sharing: it evaluates, but training cannot continue from it."""
@@ -285,6 +287,7 @@ def test_a_checkpoint_from_more_gpus_restores_the_ones_present(monkeypatch):
     (lambda state: state.update(history=state["history"][:-1]),
      "malformed training state (the metrics history does not hold one row for each of the 3 epochs)"),
     (lambda state: state.update(best_epoch=7), "malformed training state (best epoch 7)"),
+    (lambda state: state.update(best_val_top1=float("nan")), "malformed training state (best val top-1 nan)"),
 ])
 def test_a_checkpoint_with_impossible_progress_is_refused_before_training(tiny_run, tmp_path, capsys, damage,
                                                                          message):
