@@ -6,6 +6,7 @@ rename it over the target, fsync the folder so the rename itself survives a powe
 """
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write; on success it replaces `path` durably, on
     an exception it is removed and `path` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with naming(path):
@@ -32,6 +33,17 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def make_folder(folder: str | Path) -> None:
+    """`mkdir -p`. Where a file stands in the way, the error names that file as not a folder (mkdir
+    says "File exists", naming the file, as if the folder were there already)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((part for part in [folder, *folder.parents] if part.exists() and not part.is_dir()), folder)
+        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(blocking)) from None
 
 
 @contextmanager

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from src import atomic
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -27,7 +29,7 @@ def exclusive(path: str | Path, *, wait: bool = True) -> Iterator[bool]:
         yield False
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.make_folder(path.parent)
     with open(path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -41,3 +41,14 @@ def test_a_failed_write_names_the_file_it_was_for(tmp_path):
         with atomic.atomic_destination(target):
             raise OSError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("below", [["out.txt"], ["sub", "out.txt"]])
+def test_a_file_where_a_folder_should_be_is_named_as_such(tmp_path, below):
+    """mkdir says "File exists" for a file in the way, as if the folder were there already."""
+    (tmp_path / "notes.yaml").write_text("kept")
+    target = tmp_path.joinpath("notes.yaml", *below)
+    with pytest.raises(NotADirectoryError, match=r"a file, not a folder: '.*notes.yaml'$") as raised:
+        atomic.write_text(target, "new")
+    assert raised.value.filename == str(tmp_path / "notes.yaml")
+    assert (tmp_path / "notes.yaml").read_text() == "kept"

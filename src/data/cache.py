@@ -70,7 +70,7 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
     rel_paths = [rel for rel, _ in rows]
     digests = _content_digests([raw_dir / rel for rel in rel_paths], workers)
     key = _cache_key(rel_paths, digests, cache_size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic.make_folder(cache_dir)
     with ExitStack() as stack:
         # The lock makes torchrun ranks build a cache once, not each. Without locks (Windows)
         # concurrent builders still produce a valid cache, each renaming identical bytes into place.

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
+from src import atomic
 from src.data.annotations import AnnotationError, read_cvjena
 
 DEFAULT_URL = "https://github.com/cvjena/chimpanzee_faces/archive/refs/heads/master.zip"
@@ -74,7 +75,7 @@ def fetch_release(raw_dir: str | Path, url: str = DEFAULT_URL, *, attempts: int 
 def download(url: str, dest: Path, *, attempts: int = 5, wait_s: float = 2.0,
              timeout_s: float = 60.0) -> Path:
     """Fetch `url` into `dest` through `dest.part`, resuming after interruptions; checks the zip."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic.make_folder(dest.parent)
     part = dest.with_name(dest.name + ".part")
     for attempt in range(1, attempts + 1):
         try:
@@ -191,7 +192,7 @@ def extract(archive: Path, raw_dir: Path) -> None:
             if member.filename.startswith("/") or ".." in parts:
                 raise DownloadError(f"{archive}: unsafe path {member.filename!r} in the archive")
             target = raw_dir.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic.make_folder(target.parent)
             with zf.open(member) as src, target.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
 

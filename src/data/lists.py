@@ -56,7 +56,6 @@ def is_list_name(name) -> bool:
 def write_list(path: str | Path, rows) -> None:
     """Write `(relative_path, individual)` rows; refuses names that would not read back."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for rel, name in rows:
         if not is_list_name(name):

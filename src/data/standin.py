@@ -310,7 +310,7 @@ def _write_one(job: ImageJob) -> list[tuple[int, int] | None]:
 def _run_jobs(jobs: Sequence[ImageJob], workers: int) -> list[list[tuple[int, int] | None]]:
     """Write every image, in worker processes when workers > 1; results come back in job order."""
     for folder in {job.path.parent for job in jobs}:
-        folder.mkdir(parents=True, exist_ok=True)
+        atomic.make_folder(folder)
     if workers <= 1 or len(jobs) < 2:
         return [_write_one(job) for job in jobs]
     chunk = max(1, min(64, len(jobs) // (workers * 4)))

@@ -418,7 +418,7 @@ def threshold_sidecar_path(checkpoint: Path) -> Path:
 
 def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_csv: Path, out: Path) -> dict:
     """Figures, CSV, report.json and report.md in `out`; returns the report as written."""
-    out.mkdir(parents=True, exist_ok=True)
+    atomic.make_folder(out)
     plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
     atomic.write_text(out / "confusion_matrix.csv", confusion_csv(matrix, names))
     plot_cmc(report["retrieval"]["cmc"], out / "cmc.png")
