@@ -7,10 +7,14 @@ rename it over the target, fsync the folder so the rename itself survives a powe
 from __future__ import annotations
 
 import errno
+import glob
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+# A write to `x` goes through `.x.tmp-<pid>` in the same folder.
+TEMPORARY_INFIX = ".tmp-"
 
 
 @contextmanager
@@ -19,7 +23,7 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
     an exception it is removed and `path` is untouched."""
     path = Path(path)
     make_folder(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
     try:
         with naming(path):
             yield tmp
@@ -33,6 +37,17 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Removes the temporary files of writes to `path` that were killed before their rename (kill -9,
+    a power cut: nothing ran to clean up) and returns them. Only while no other process can be writing
+    `path` (one holding its lock), whose temporary file this would remove."""
+    path = Path(path)
+    leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}{TEMPORARY_INFIX}*"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
 
 
 def make_folder(folder: str | Path) -> None:

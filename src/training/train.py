@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from src import locks
+from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import BatchSource, build_source
@@ -532,6 +532,10 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
             raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
                                   f"{paths.lock}); wait for it to end, or give this run another name or "
                                   "trainer.output_dir")
+        if runtime.dist.is_main:  # the lock held, no write of these files can be in progress
+            for leftover in (left for path in (paths.best, paths.last, paths.metrics)
+                             for left in atomic.remove_leftovers(path)):
+                runtime.print(f"note: removed {leftover}, a partial write of a run that was killed")
         yield
 
 

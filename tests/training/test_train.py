@@ -351,3 +351,19 @@ def test_padding_rows_change_no_validation_figure():
     loss = torch.nn.functional.cross_entropy(padded_logits, padded_labels, ignore_index=train_module.IGNORED)
     torch.testing.assert_close(train_module.batch_stats(loss, padded_logits, padded_labels), real)
     assert real[3] == 5
+
+
+def test_partial_writes_of_a_killed_run_are_removed_at_the_next_start(tiny_data, tmp_path, capsys):
+    """kill -9 during a checkpoint write leaves its temporary file (hundreds of MB for a resnet50);
+    the next run of that name, holding the lock, removes it. Another run's files are not its own."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    killed = [artifacts / ".tiny_last.pt.tmp-4242", artifacts / ".tiny_metrics.csv.tmp-4242"]
+    others = [artifacts / ".other_last.pt.tmp-4242", artifacts / "tiny_notes.txt"]
+    for path in killed + others:
+        path.write_bytes(b"partial")
+    assert train_main(["--config", str(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}))]) == 0
+    out = capsys.readouterr().out
+    assert not any(path.exists() for path in killed) and all(path.exists() for path in others)
+    for path in killed:
+        assert f"note: removed {path}, a partial write of a run that was killed" in out
