@@ -81,7 +81,9 @@ class ModelConfig(_Section):
     pretrained: bool | Path = False
     """`true`: torchvision's ImageNet weights (must be downloadable or cached); a path: a local
     weights file for the backbone; `false`: random initialisation."""
-    embedding_dim: int = Field(512, gt=0)
+    embedding_dim: int = Field(512, gt=0, le=8192)
+    """Size of the embedding the head classifies and galleries store (face-ID models use 128-1024;
+    the bound turns a typo into a config error instead of a failed multi-GB allocation)."""
     head: Literal["arcface", "linear"] = "arcface"
     arcface_margin: float = Field(0.5, ge=0, lt=math.pi / 2)
     """Additive angular margin in radians."""
@@ -143,9 +145,12 @@ class Config(_Section):
     @field_validator("name")
     @classmethod
     def _file_name(cls, value: str | None) -> str | None:
-        # The name becomes part of file names inside output_dir: a separator or '..' would write elsewhere.
-        if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0")):
-            raise PydanticCustomError("run_name", "must be usable as a file name: not empty, no '/', '\\' or '..'")
+        # The name becomes part of file names inside output_dir: a separator or '..' would write elsewhere,
+        # and a control character (a newline) would make names no listing or message shows as they are.
+        if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\")
+                                  or not value.isprintable()):
+            raise PydanticCustomError("run_name", "must be usable as a file name: not empty, no '/', '\\', "
+                                      "'..' or control characters")
         return value
 
     def to_dict(self) -> dict:

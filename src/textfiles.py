@@ -6,11 +6,13 @@ from pathlib import Path
 import yaml
 
 
-def read_utf8(path: Path, error: type[Exception], encoding: str = "utf-8") -> str:
-    """The text of `path`; raises `error` naming the file and the first bad byte when it is not UTF-8
-    (a binary file or another encoding given by mistake), instead of a UnicodeDecodeError traceback."""
+def read_utf8(path: Path, error: type[Exception]) -> str:
+    """The text of `path`, without the byte-order mark some Windows editors write first (it would be
+    part of the first line: a list's first path, "file not found"); raises `error` naming the file and
+    the first bad byte when it is not UTF-8 (a binary file or another encoding given by mistake),
+    instead of a UnicodeDecodeError traceback."""
     try:
-        return path.read_text(encoding=encoding)
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 

@@ -73,6 +73,8 @@ def test_every_shipped_training_config_validates(path):
     ("name: ../elsewhere\n", "'name': must be usable as a file name"),
     ("name: runs/a\n", "'name': must be usable as a file name"),
     ("name: ''\n", "'name': must be usable as a file name"),
+    ("name: \"a\\nb\"\n", "'name': must be usable as a file name"),
+    ("model:\n  embedding_dim: 2000000000\n", "'model.embedding_dim': Input should be less than or equal to 8192"),
     ("trainer:\n  lr: 0.1\ntrainer:\n  max_epochs: 3\n", "bad.yaml:3: not valid YAML ('trainer' is given twice)"),
     ("trainer:\n  lr: 0.1\n  lr: 0.2\n", "bad.yaml:3: not valid YAML ('lr' is given twice)"),
     ("", "empty config"),

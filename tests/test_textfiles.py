@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from src.data.lists import read_list
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -34,3 +35,11 @@ def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path):
     path.write_bytes("Zoë and Bébé".encode("latin-1"))
     with pytest.raises(InputError, match=r"latin1.txt: not UTF-8 text \(invalid continuation byte at byte 2\)"):
         read_utf8(path, InputError)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """A list saved by a Windows editor: its first path must read back without an invisible U+FEFF."""
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"\xef\xbb\xbfCZoo/a.png Zuri\nCZoo/b.png Zuri\n")
+    assert read_utf8(path, InputError).splitlines()[0] == "CZoo/a.png Zuri"
+    assert read_list(path) == [("CZoo/a.png", "Zuri"), ("CZoo/b.png", "Zuri")]

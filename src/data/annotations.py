@@ -192,7 +192,7 @@ def read_cvjena(raw_dir: str | Path) -> list[Record]:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise AnnotationError(f"missing annotation file {path}")
-    return read_utf8(path, AnnotationError, encoding="utf-8-sig")
+    return read_utf8(path, AnnotationError)
 
 
 def _relative_image_path(text: str, prefix: str, where: str) -> str:

@@ -49,6 +49,7 @@ NAMES = (
 )
 
 SUPERSAMPLE = 2  # shapes are drawn at twice the output size and box-filtered down, for smooth edges
+MIN_SIZE, MAX_SIZE = 16, 2048  # --size; at 100,000 the drawing took 23 GB before the OOM killer came
 _CIRCLE = np.stack([np.cos(np.linspace(0, 2 * np.pi, 33)[:-1]),
                     np.sin(np.linspace(0, 2 * np.pi, 33)[:-1])], axis=1)
 
@@ -536,8 +537,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("individuals", "images", "workers", "epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
-    if args.size is not None and args.size < 16:
-        p.error("--size must be at least 16")
+    if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:
+        p.error(f"--size must be from {MIN_SIZE} to {MAX_SIZE} (real face crops are a few hundred pixels; "
+                f"an image is drawn at {SUPERSAMPLE}x its size, so a large one only costs memory)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -190,6 +190,8 @@ def test_learnable_but_not_trivial():
     (["--out", "x", "--individuals", "2", "--images", "2", "--seed", "-1"], "--seed must be at least 0"),
     (["--calibrate", "--images", "1"], "--calibrate needs --images of at least 2"),      # no validation image
     (["--calibrate", "--individuals", "1"], "--calibrate needs --individuals of at least 2"),
+    (["--out", "x", "--individuals", "1", "--images", "1", "--size", "100000"], "--size must be from 16 to 2048"),
+    (["--out", "x", "--individuals", "1", "--images", "1", "--size", "8"], "--size must be from 16 to 2048"),
 ])
 def test_bad_seed_and_calibration_sizes_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
