@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from src.data.io import IMAGE_EXTENSIONS
-from src.data.lists import ListFormatError, canonical_name, is_list_name, read_numbered_list
+from src.data.lists import REJECTED_NAME, ListFormatError, canonical_name, is_list_name, read_numbered_list
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -304,6 +304,10 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
     renamed: dict[str, str] = {}
     for record in records:
         name = record.individual
+        if name == REJECTED_NAME:
+            raise AnnotationError(f"{record.origin}: individual name {name!r} is what inference calls a rejected "
+                                  f"photo; rename it in --labels-fix ('{name} -> Unnamed_1') or drop it "
+                                  f"('exclude-name {name}')")
         if name in renamed or not any(c.isspace() for c in name):
             continue
         if not spaces_to_underscores:
@@ -407,9 +411,9 @@ class LabelsFix:
 
     def _check(self, path: Path) -> None:
         for old, new in self.aliases.items():
-            if not old or not is_list_name(new):
-                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name must be "
-                                      f"non-empty without whitespace")
+            if not old or not is_list_name(new) or new == REJECTED_NAME:
+                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name must be non-empty "
+                                      f"without whitespace, and not {REJECTED_NAME!r} (a rejected photo's label)")
             if new in self.aliases:
                 raise AnnotationError(f"{path}: alias chain {old!r} -> {new!r} -> "
                                       f"{self.aliases[new]!r}; point {old!r} at the final name")

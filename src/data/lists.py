@@ -12,6 +12,8 @@ from src import atomic
 from src.textfiles import read_utf8
 
 Row = tuple[str, str]  # (path relative to the raw folder, individual): one line of a list
+# What inference calls a photo it rejects; an individual of that name would read as a rejection.
+REJECTED_NAME = "unknown"
 
 
 class ListFormatError(ValueError):

@@ -143,6 +143,21 @@ def test_names_with_whitespace_are_refused_or_replaced():
         check_names(clash, spaces_to_underscores=True)
 
 
+def test_the_name_of_a_rejected_photo_is_no_individual_s(tmp_path):
+    """Inference labels a rejected photo 'unknown': an individual of that name would read as one."""
+    records = [Record("a.png", "unknown", "CZoo", "f:1"), Record("b.png", "Kofi", "CZoo", "f:2")]
+    with pytest.raises(AnnotationError, match=r"f:1: individual name 'unknown' is what inference calls a rejected "
+                                              r"photo; rename it in --labels-fix"):
+        check_names(records, spaces_to_underscores=False)
+    fix_file = tmp_path / "fix.txt"
+    fix_file.write_text("Abeni -> unknown\n")
+    with pytest.raises(AnnotationError, match=r"alias 'Abeni' -> 'unknown': .* not 'unknown'"):
+        LabelsFix.load(fix_file)
+    fix_file.write_text("unknown -> Unnamed_1\n")  # the way out the message suggests
+    kept, _, _ = LabelsFix.load(fix_file).apply(records)
+    assert [r.individual for r in check_names(kept, spaces_to_underscores=False)] == ["Unnamed_1", "Kofi"]
+
+
 def test_list_file(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("# my photos\nphotos/a b.jpg Kofi\n\nphotos/c.PNG Lome\n")
