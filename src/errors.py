@@ -3,6 +3,7 @@ arguments of the Python API that its command lines check while parsing."""
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 
 def first_line(exc: BaseException) -> str:
@@ -25,3 +26,12 @@ def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:
     lines = [line.strip() for line in str(exc).splitlines()]
     problem = next((line for line in lines[1:] if line), first_line(exc))
     return problem if len(problem) <= limit else problem[:limit - 3] + "..."
+
+
+def missing(path: str | Path, folder: bool) -> str:
+    """Why `path` is not the folder (or file) asked for: `not found`, or what stands there instead, for
+    messages such as `raw folder x is a file, not a folder`."""
+    path = Path(path)
+    if not path.exists():
+        return "not found"
+    return "is a file, not a folder" if folder else "is a folder, not a file"

@@ -9,6 +9,7 @@ import unicodedata
 from pathlib import Path
 
 from src import atomic
+from src.errors import missing
 from src.textfiles import read_utf8
 
 Row = tuple[str, str]  # (path relative to the raw folder, individual): one line of a list
@@ -29,7 +30,7 @@ def read_numbered_list(path: str | Path) -> list[tuple[int, str, str]]:
     """`read_list` with each row's line number first, for messages about a user's own list."""
     path = Path(path)
     if not path.is_file():
-        raise ListFormatError(f"{path}: list file not found")
+        raise ListFormatError(f"{path}: list file {missing(path, folder=False)}")
     rows = []
     for lineno, line in enumerate(read_utf8(path, ListFormatError).splitlines(), 1):
         line = line.strip()

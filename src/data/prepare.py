@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src import atomic
+from src.errors import missing
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
                                   read_cvjena, read_folder, read_list_file)
 from src.data.dataset import FORMAT_VERSION
@@ -83,7 +84,7 @@ def read_input(raw_dir: Path | None, folder: Path | None,
     if list_file is not None:
         raw = (raw_dir or list_file.parent).resolve()
         if not raw.is_dir():
-            raise PrepareError(f"raw folder {raw} not found")
+            raise PrepareError(f"raw folder {raw} {missing(raw, folder=True)}")
         return raw, "list", read_list_file(list_file)
     raw = (raw_dir or DEFAULT_RAW_DIR).resolve()
     return raw, "cvjena", read_cvjena(raw)

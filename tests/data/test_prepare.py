@@ -341,6 +341,20 @@ def test_cli_unreadable_text_files_and_bad_workers_are_one_line(tmp_path, capsys
     assert err.count("\n") == 1 and re.match(message, err), err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (lambda root, f: ["--raw-dir", str(f)], "raw folder {f} is a file, not a folder (--download fetches the "
+                                            "public release; --folder or --list read your own photos)"),
+    (lambda root, f: ["--list", str(f), "--raw-dir", str(f)], "raw folder {f} is a file, not a folder"),
+    (lambda root, f: ["--list", str(root), "--raw-dir", str(root)], "{root}: list file is a folder, not a file"),
+])
+def test_cli_a_file_given_for_a_folder_or_a_folder_for_a_file_is_named_so(tmp_path, capsys, argv, message):
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
+    a_file = tmp_path / "mine.txt"
+    a_file.write_text("Kofi/0.png Kofi\n")
+    assert main([*argv(root, a_file), "--out-dir", str(tmp_path / "out"), "--min-images", "3"]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(root=root.resolve(), f=a_file.resolve())}\n"
+
+
 @pytest.mark.parametrize("folder", ["#Kofi", " Kofi"])
 def test_cli_folder_names_that_would_not_read_back_from_the_lists(tmp_path, capsys, folder):
     """'#Kofi/0.png #Kofi' would be a comment and ' Kofi/0.png' lose its space: refused, not dropped."""
