@@ -218,6 +218,7 @@ def test_calibration_with_a_last_batch_of_one_image(capsys):
 def test_a_full_disk_names_the_image_it_could_not_write(tmp_path, capsys, monkeypatch):
     """PIL's failed write (a full disk) names no file; the one-line error names the image."""
     def disk_full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")  # what a write cut short leaves
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
@@ -225,3 +226,4 @@ def test_a_full_disk_names_the_image_it_could_not_write(tmp_path, capsys, monkey
                          "--size", "16", "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: [Errno 28] No space left on device: '") and ".png'" in err and err.count("\n") == 1
+    assert not list((tmp_path / "raw").rglob("*.png"))  # no half-written image passes for a stand-in
