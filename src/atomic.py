@@ -57,8 +57,17 @@ def make_folder(folder: str | Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocking = next((part for part in [folder, *folder.parents] if part.exists() and not part.is_dir()), folder)
-        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(blocking)) from None
+        check_folder_possible(folder)
+        raise
+
+
+def check_folder_possible(folder: str | Path) -> None:
+    """Raises what `make_folder` would for a file standing in the way, without creating anything: for a
+    command to refuse an output folder before its work rather than after it."""
+    folder = Path(folder)
+    blocking = next((part for part in [folder, *folder.parents] if part.exists() and not part.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(blocking))
 
 
 @contextmanager

@@ -293,6 +293,7 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     is written even when no individual is left, so that the reason can be read.
     """
     check_parameters(min_images, fractions, open_set_individuals, workers)
+    atomic.check_folder_possible(Path(out_dir) / "annotations")  # before decoding thousands of images
     fix = LabelsFix.load(labels_fix) if isinstance(labels_fix, (str, Path)) else labels_fix
     raw, input_kind, parsed = read_input(_path(raw_dir), _path(folder), _path(list_file))
     log.info("input      %s: %s", input_kind, raw)

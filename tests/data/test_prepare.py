@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from src.data.annotations import AnnotationError, LabelsFix, Record
+from src.data import prepare as prepare_module
 from src.data.lists import read_list
 from src.data.prepare import PrepareError, apply_labels_fix, main, prepare
 from src.data.splits import SplitError
@@ -353,6 +354,14 @@ def test_cli_a_file_given_for_a_folder_or_a_folder_for_a_file_is_named_so(tmp_pa
     a_file.write_text("Kofi/0.png Kofi\n")
     assert main([*argv(root, a_file), "--out-dir", str(tmp_path / "out"), "--min-images", "3"]) == 2
     assert capsys.readouterr().err == f"error: {message.format(root=root.resolve(), f=a_file.resolve())}\n"
+
+
+def test_cli_an_out_dir_under_a_file_is_refused_before_any_image_is_decoded(tmp_path, capsys, monkeypatch):
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
+    (tmp_path / "notes.txt").write_text("kept")
+    monkeypatch.setattr(prepare_module, "check_images", lambda *args: pytest.fail("decoded the images first"))
+    assert main(["--folder", str(root), "--out-dir", str(tmp_path / "notes.txt" / "out"), "--min-images", "3"]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 20] a file, not a folder: '{tmp_path / 'notes.txt'}'\n"
 
 
 @pytest.mark.parametrize("folder", ["#Kofi", " Kofi"])
