@@ -305,7 +305,7 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
     renamed: dict[str, str] = {}
     for record in records:
         name = record.individual
-        if name == REJECTED_NAME:
+        if name.lower() == REJECTED_NAME:  # 'Unknown' too: read beside predictions, it would pass for one
             raise AnnotationError(f"{record.origin}: individual name {name!r} is what inference calls a rejected "
                                   f"photo; rename it in --labels-fix ('{name} -> Unnamed_1') or drop it "
                                   f"('exclude-name {name}')")
@@ -412,7 +412,7 @@ class LabelsFix:
 
     def _check(self, path: Path) -> None:
         for old, new in self.aliases.items():
-            if not old or not is_list_name(new) or new == REJECTED_NAME:
+            if not old or not is_list_name(new) or new.lower() == REJECTED_NAME:
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name must be non-empty "
                                       f"without whitespace, and not {REJECTED_NAME!r} (a rejected photo's label)")
             if new in self.aliases:

@@ -13,7 +13,8 @@ from src.errors import missing
 from src.textfiles import read_utf8
 
 Row = tuple[str, str]  # (path relative to the raw folder, individual): one line of a list
-# What inference calls a photo it rejects; an individual of that name would read as a rejection.
+# What inference calls a photo it rejects; an individual of that name (in any case) would read as a
+# rejection, so prepare and galleries refuse it.
 REJECTED_NAME = "unknown"
 
 

@@ -18,13 +18,16 @@ cancels the pose and lighting of single photos, which is why prototypes identifi
 better in the measurements quoted in the README (Galleries).
 
 Storage: one `.npz` written by numpy and read with `allow_pickle=False`: plain arrays only, so a
-crafted file cannot run code. Every write goes to a temporary file in the same folder, is fsynced
-and renamed over the old file, so a crash never leaves half a gallery.
+crafted file cannot run code. Its member names are checked before anything is read, and each
+array's declared size against the bytes it holds before it is allocated. Every write goes to a
+temporary file in the same folder, is fsynced and renamed over the old file, so a crash never
+leaves half a gallery.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 import zipfile
 from collections import defaultdict
@@ -36,7 +39,7 @@ import numpy as np
 
 from src import atomic
 from src.data.dataset import DatasetError, PreparedData
-from src.data.lists import canonical_name, is_list_name
+from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
 from src.tables import format_rows
@@ -45,18 +48,36 @@ FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 starts with
+# A PyTorch checkpoint is a zip too; its pickled object tree is this member, in a folder of its own.
+TORCH_PICKLE = "data.pkl"
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+NAMES_SHOWN = 3  # names listed in an error before "and N more", so that it stays one short line
 
 
 class GalleryError(ValueError):
     """A gallery that cannot be used as asked; one line (the command lines exit 2)."""
 
 
-def check_name(name: str) -> None:
-    """Names follow the list format (no whitespace); `unknown` is what rejected photos are called."""
+def capped(names: Sequence[str]) -> str:
+    """`a, b, c and 7 more`: names for a one-line error, however many there are."""
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown if len(names) <= NAMES_SHOWN else f"{shown} and {len(names) - NAMES_SHOWN} more"
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot be an individual's, or None. Names follow the list format (no whitespace);
+    `unknown` is what rejected photos are called, so an individual of that name would read as one."""
     if not is_list_name(name):
-        raise GalleryError(f"individual name {name!r} must be non-empty and without whitespace")
-    if name.lower() == "unknown":
-        raise GalleryError("'unknown' is the label of rejected photos; choose another name")
+        return f"individual name {name!r} must be non-empty and without whitespace"
+    if name.lower() == REJECTED_NAME:
+        return "'unknown' is the label of rejected photos, not an individual's name"
+    return None
+
+
+def check_name(name: str) -> None:
+    problem = name_problem(name)
+    if problem is not None:
+        raise GalleryError(problem)
 
 
 @dataclass
@@ -91,18 +112,10 @@ class Gallery:
         if magic != ZIP_MAGIC:
             raise GalleryError(f"{path}: not a gallery file (.npz written by `gallery enroll`)")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):  # numpy's refusal of object arrays (pickles)
-                raise GalleryError(f"{path}: refused: it holds pickled Python objects ({exc})") from None
-            raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
+            with zipfile.ZipFile(path) as archive:
+                arrays = {key: read_member(archive, member, path) for key, member in gallery_members(archive, path)}
         except (OSError, EOFError, zipfile.BadZipFile) as exc:
             raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
-        # numpy returns the raw bytes of a member that is not a .npy array
-        not_arrays = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
-        if not_arrays:
-            raise GalleryError(f"{path}: corrupt gallery: {', '.join(not_arrays)} not stored as an array")
         return cls._validated(arrays, path)
 
     @classmethod
@@ -128,6 +141,9 @@ class Gallery:
         for failed, message in problems:
             if failed:
                 raise GalleryError(f"{path}: {problem}: {message}")
+        bad_name = next(filter(None, map(name_problem, names.tolist())), None)  # the names enroll refuses
+        if bad_name is not None:
+            raise GalleryError(f"{path}: {problem}: {bad_name}")
         return cls(str(arrays["checkpoint_sha256"]), names.tolist(), embeddings.astype(np.float32),
                    labels.astype(np.int64), sources.tolist())
 
@@ -214,6 +230,51 @@ class Gallery:
         if match == "prototype":
             return queries @ self.prototypes().T
         return individual_scores(queries @ self.embeddings.astype(np.float64).T, self.labels)[1]
+
+
+def gallery_members(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, zipfile.ZipInfo]]:
+    """Each gallery array's member, from the names alone: another kind of zip (a checkpoint of
+    hundreds of members, 100 MB) is named as such without reading it."""
+    names = archive.namelist()
+    if any(name.rpartition("/")[2] == TORCH_PICKLE for name in names):
+        raise GalleryError(f"{path} is a PyTorch checkpoint, not a gallery (a .npz from `gallery enroll`)")
+    members = {name.removesuffix(".npy"): name for name in names if name.endswith(".npy")}
+    missing = [key for key in ARRAYS if key not in members]
+    if missing:
+        raise GalleryError(f"{path}: not a gallery file (missing {capped(missing)})")
+    return [(key, archive.getinfo(members[key])) for key in ARRAYS]
+
+
+def read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -> np.ndarray:
+    """One .npy member, its header checked first: numpy allocates the shape a header declares before
+    reading, so a crafted shape would ask for terabytes (a MemoryError traceback)."""
+    key = member.filename.removesuffix(".npy")
+    with archive.open(member) as stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+        except ValueError:  # no .npy magic: raw bytes
+            raise GalleryError(f"{path}: corrupt gallery: {key} not stored as an array") from None
+        reader = NPY_HEADER_READERS.get(version)
+        if reader is None:  # 3.0 only differs for structured arrays, which no gallery holds
+            raise GalleryError(f"{path}: corrupt gallery: {key} is in .npy format {version}, not 1.0 or 2.0")
+        try:
+            shape, _, dtype = reader(stream)
+        except ValueError:  # numpy's message quotes the header, up to 10 KB of it
+            raise GalleryError(f"{path}: corrupt gallery: {key} has a damaged array header") from None
+        data_size = member.file_size - stream.tell()
+    if dtype.hasobject:  # checked before the size: a pickle's length is not the array's
+        raise GalleryError(f"{path}: refused: it holds pickled Python objects ({key})")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != data_size:
+        raise GalleryError(f"{path}: corrupt gallery: {key} declares shape {shape} of {dtype} ({declared:,} "
+                           f"bytes), but holds {data_size:,} bytes")
+    with archive.open(member) as stream:
+        try:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+        except MemoryError:  # the zip's own size field can lie as well as the header
+            raise GalleryError(f"{path}: corrupt gallery: {key} does not fit in memory") from None
+        except ValueError as exc:  # fewer bytes than the zip's size field promised
+            raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------

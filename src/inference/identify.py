@@ -39,6 +39,7 @@ from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
 from src.data.decode import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
+from src.data.lists import REJECTED_NAME
 from src.devices import pick_device
 from src.errors import first_line, positive_int
 from src.evaluation.metrics import classifier_scores
@@ -47,7 +48,6 @@ from src.safe_load import CheckpointError
 if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
     from src.inference.gallery import Gallery
 
-UNKNOWN = "unknown"
 # How a gallery matches a photo (see gallery.py): `nearest` enrolled photo, or the individual's mean.
 MATCH_MODES = ("nearest", "prototype")
 DEFAULT_MATCH = "prototype"  # measured better for new individuals: README, Galleries
@@ -86,7 +86,7 @@ class Prediction:
 
     @property
     def label(self) -> str:
-        return UNKNOWN if self.unknown else self.names[0]
+        return REJECTED_NAME if self.unknown else self.names[0]
 
 
 @dataclass(frozen=True)
@@ -237,6 +237,9 @@ class Preprocess:
         if Path(image).is_dir():
             raise ImageLoadError(image, "a folder, not an image (the Python API takes image files; "
                                         "`collect_images` lists a folder's files)")
+        problem = file_problem(Path(image))
+        if problem is not None:
+            raise ImageLoadError(image, problem)
         return decode_for_cache(image, self.cache_size)
 
     def normalise(self, pixels: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -303,6 +306,26 @@ class OnnxBackend:
                                  f"{description.name} describes {checkpoint_sha256[:12]}... (a later export of "
                                  "another checkpoint of the same name?); export again")
 
+    def check_shapes(self, info: ModelInfo, description: Path) -> None:
+        """The graph must take and give what the JSON describes: a JSON edited by hand, or another
+        model's, gave an IndexError (or silently wrong names) for a shorter class list, and an ONNX
+        Runtime error for every batch for another image size. The batch axis is dynamic."""
+        shapes = {arg.name: arg.shape for arg in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        missing = [name for name in (INPUT_NAME, *OUTPUT_NAMES) if name not in shapes]
+        if missing:
+            raise InferenceError(f"{self.path}: the graph has no {' or '.join(missing)} (not written by export); "
+                                 "export again")
+        size, dim, classes = info.config.data.image_size, info.config.model.embedding_dim, len(info.classes)
+        # (name, per-image dims the JSON implies, what the graph holds, what the JSON says)
+        expected = [(INPUT_NAME, [3, size, size], "takes {} images", f"says image_size {size}"),
+                    ("embeddings", [dim], "gives {}-dimensional embeddings", f"says embedding_dim {dim}"),
+                    ("logits", [classes], "gives {} logits per image", f"lists {classes} classes")]
+        for name, dims, holds, says in expected:
+            declared = shapes[name][1:]  # a named (symbolic) dim is not an int, and fits any size
+            if len(declared) != len(dims) or any(isinstance(d, int) and d != e for d, e in zip(declared, dims)):
+                raise InferenceError(f"{self.path}: {holds.format(' x '.join(map(str, declared)))}, but "
+                                     f"{description.name} {says}; export again")
+
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         embeddings, logits = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.contiguous().numpy()})
         return embeddings, logits
@@ -333,27 +356,43 @@ def printable(path: str | Path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def file_problem(path: Path) -> str | None:
+    """None for a regular file (or a link to one), else why it is no image file: a link to nothing,
+    or a FIFO, socket or device (opening a FIFO would wait for a writer forever)."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "broken link"
+    return "not a regular file" if path.exists() else "file not found"
+
+
 def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
     """Files named by paths, folders (recursively, hidden files left out) or glob patterns, in
-    order and without repeats; plus a Skipped for each pattern that yields nothing (missing path,
-    empty folder, glob without a match). Whether a file is an image is decided by decoding it."""
+    order and without repeats; plus a Skipped for each entry that is no regular file (a broken
+    link, a FIFO) and for each pattern that yields nothing (missing path, empty folder, glob
+    without a match). Whether a file is an image is decided by decoding it."""
     files, problems = [], []
     for pattern in map(str, patterns):
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            entries = sorted(p for p in path.rglob("*") if not p.is_dir()
+                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
             reason = "empty folder: no files in it"
-        elif path.exists():
-            found, reason = [path], ""
+        elif path.exists() or path.is_symlink():
+            entries, reason = [path], ""
         elif glob.has_magic(pattern):
-            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            entries = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir())
             reason = "no file matches this pattern"
         else:
-            found, reason = [], "file not found"
-        if not found:
+            entries, reason = [], "file not found"
+        if not entries:
             problems.append(Skipped(pattern, reason))
-        files += found
+        for entry in entries:
+            problem = file_problem(entry)
+            if problem is None:
+                files.append(entry)
+            else:
+                problems.append(Skipped(str(entry), problem))
     return list(dict.fromkeys(files)), problems
 
 
@@ -421,6 +460,7 @@ class Identifier:
         chosen = stored.for_kind(score_kind(gallery, match)) if threshold is None else given_threshold(threshold)
         backend = OnnxBackend(Path(path), device)
         backend.check_exported_from(info.checkpoint_sha256, export_info_path(path))
+        backend.check_shapes(info, export_info_path(path))
         return cls(backend, info, chosen, gallery, match)
 
     @property

@@ -149,6 +149,8 @@ def test_the_name_of_a_rejected_photo_is_no_individual_s(tmp_path):
     with pytest.raises(AnnotationError, match=r"f:1: individual name 'unknown' is what inference calls a rejected "
                                               r"photo; rename it in --labels-fix"):
         check_names(records, spaces_to_underscores=False)
+    with pytest.raises(AnnotationError, match=r"individual name 'Unknown' is what inference calls a rejected"):
+        check_names([Record("a.png", "Unknown", "CZoo", "f:1")], spaces_to_underscores=False)
     fix_file = tmp_path / "fix.txt"
     fix_file.write_text("Abeni -> unknown\n")
     with pytest.raises(AnnotationError, match=r"alias 'Abeni' -> 'unknown': .* not 'unknown'"):

@@ -126,3 +126,62 @@ def test_export_from_python_takes_str_paths_and_checks_its_arguments(learned, tm
         with pytest.raises(InferenceError, match=message):
             export.export(learned.checkpoint, tmp_path / "bad", **options)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("output", ["embeddings", "logits"])
+def test_a_nan_difference_from_pytorch_fails_the_export(exported, monkeypatch, capsys, fmt, output):
+    """Weights that give NaN make every difference NaN, and `nan > tolerance` is False: the export
+    printed `nan` and exited 0. Wherever the NaN is, the check now fails (exit 1)."""
+    _, info = exported
+    checks = json.loads(json.dumps(info["checks"]))
+    checks["max_abs_diff"][fmt][output] = float("nan")
+    monkeypatch.setattr(export, "export", lambda *_, **__: checks)
+    assert export.main(["--checkpoint", "unused.pt", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: the {fmt} export's {output} differ from PyTorch's by nan (> 0.0001); do not use it\n", err
+
+
+def edit_classes(model: dict) -> None:
+    model["classes"] = model["classes"][:-1]
+
+
+def edit_image_size(model: dict) -> None:
+    model["config"]["data"]["image_size"] = 48
+
+
+def edit_embedding_dim(model: dict) -> None:
+    model["config"]["model"]["embedding_dim"] = 32
+
+
+@pytest.mark.parametrize("edit, message", [
+    (edit_classes, "gives 16 logits per image, but learned_best.json lists 15 classes"),  # was an IndexError
+    (edit_image_size, "takes 3 x 32 x 32 images, but learned_best.json says image_size 48"),  # was InvalidArgument
+    (edit_embedding_dim, "gives 64-dimensional embeddings, but learned_best.json says embedding_dim 32"),
+])
+def test_an_export_json_that_disagrees_with_the_onnx_graph_exits_2_in_one_line(exported, unseen, tmp_path, capsys,
+                                                                                 edit, message):
+    out, info = exported
+    shutil.copy(out / "learned_best.onnx", tmp_path)
+    edited = json.loads(json.dumps(info))
+    edit(edited["model"])
+    (tmp_path / "learned_best.json").write_text(json.dumps(edited))
+    photo = next(iter(unseen.values()))[0]
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'learned_best.onnx'}: {message}; export again\n", err
+
+
+def test_an_onnx_graph_without_the_outputs_predict_reads_exits_2_in_one_line(exported, tmp_path, capsys):
+    import onnx
+
+    out, _ = exported
+    shutil.copy(out / "learned_best.json", tmp_path)
+    model = onnx.load(str(out / "learned_best.onnx"))
+    for node in model.graph.node:  # "logits" renamed, its metadata (the checkpoint's sha256) kept
+        node.output[:] = ["scores" if name == "logits" else name for name in node.output]
+    model.graph.output[1].name = "scores"
+    onnx.save(model, str(tmp_path / "learned_best.onnx"))
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), "x.png"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.onnx'}: the graph has no logits (not "
+                                       "written by export); export again\n")

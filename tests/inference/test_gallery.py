@@ -177,6 +177,10 @@ def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learne
     ({"names": np.array([["Zuri"]])}, "corrupt gallery: names must be a 1-D array of strings"),
     ({"embeddings": np.full((1, 64), np.nan, np.float32)}, "corrupt gallery: embeddings must be finite"),
     ({"embeddings": np.eye(1, 8, dtype=np.float32)}, "corrupt gallery: its embeddings have 8 dimensions, the model's 64"),
+    # Names that enroll refuses: `unknown` would print a confident match as if it were a rejection.
+    ({"names": np.array(["unknown"])}, "corrupt gallery: 'unknown' is the label of rejected photos"),
+    ({"names": np.array([""])}, "corrupt gallery: individual name '' must be non-empty and without whitespace"),
+    ({"names": np.array(["Zuri Two"])}, "corrupt gallery: individual name 'Zuri Two' must be non-empty"),
 ])
 def test_damaged_galleries_of_the_right_checkpoint_exit_2_in_one_line(learned, unseen, tmp_path, capsys,
                                                                       changes, message):
@@ -239,19 +243,65 @@ def npz_with_member(path, name: str, data: bytes) -> None:
             archive.writestr(f"{key}.npy", data if key == name else buffer.getvalue())
 
 
+def npy_declaring(shape: tuple[int, ...], data: bytes) -> bytes:
+    """A .npy member whose header declares float32 `shape` but which holds `data`."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + data
+
+
 @pytest.mark.parametrize("data, message", [
     (b"not an array", "corrupt gallery: embeddings not stored as an array"),  # was AttributeError
-    (None, "truncated or corrupt gallery file (EOF"),  # was "refused: it holds pickled Python objects"
+    # A header promising more rows than the data holds: was "refused: it holds pickled Python objects".
+    (npy_declaring((9, 8), bytes(32)), "corrupt gallery: embeddings declares shape (9, 8) of float32 (288 bytes), "
+                                       "but holds 32 bytes"),
+    # Was numpy's _ArrayMemoryError traceback: 11.6 TiB allocated before reading anything.
+    (npy_declaring((10**11, 32), bytes(32)), "corrupt gallery: embeddings declares shape (100000000000, 32) of "
+                                             "float32 (12,800,000,000,000 bytes), but holds 32 bytes"),
 ])
-def test_galleries_with_damaged_members_are_named_as_such(tmp_path, data, message):
-    if data is None:  # an array header promising more rows than the data holds
-        buffer = io.BytesIO()
-        np.save(buffer, np.eye(1, 8, dtype=np.float32))
-        data = buffer.getvalue().replace(b"(1, 8)", b"(9, 8)")
+def test_galleries_with_damaged_members_are_named_as_such(tmp_path, capsys, data, message):
     npz_with_member(tmp_path / "g.npz", "embeddings", data)
     with pytest.raises(GalleryError) as error:
         Gallery.load(tmp_path / "g.npz")
     assert message in str(error.value) and "pickle" not in str(error.value)
+    assert gallery_cli.main(["list", "--gallery", str(tmp_path / "g.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'g.npz'}: corrupt gallery") and err.count("\n") == 1, err
+
+
+def test_a_member_whose_zip_entry_lies_about_its_size_too_is_refused_in_one_line(tmp_path, monkeypatch):
+    """The header check trusts the zip's size field; when both lie, numpy's allocation fails."""
+    npz_with_member(tmp_path / "g.npz", "embeddings", npy_declaring((1, 8), bytes(32)))
+
+    def allocation_fails(*_, **__):
+        raise MemoryError("Unable to allocate 11.6 TiB")
+
+    monkeypatch.setattr(np.lib.format, "read_array", allocation_fails)
+    with pytest.raises(GalleryError, match="corrupt gallery: format_version does not fit in memory"):
+        Gallery.load(tmp_path / "g.npz")
+
+
+def test_a_pytorch_checkpoint_given_as_the_gallery_is_named_without_reading_it(tmp_path, capsys, monkeypatch):
+    """A checkpoint is a zip too: before, every member was read (134 MB for a real one) and all of
+    their names listed in an 8 KB "one-line" error."""
+    torch.save({f"layer{i}": torch.zeros(2) for i in range(40)}, tmp_path / "model_best.pt")
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *_, **__: pytest.fail("a member was read"))
+    assert gallery_cli.main(["list", "--gallery", str(tmp_path / "model_best.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'model_best.pt'} is a PyTorch checkpoint, not a gallery "
+                                       "(a .npz from `gallery enroll`)\n")
+
+
+def test_names_listed_in_a_gallery_error_are_capped(tmp_path):
+    """A zip of many members, few of them a gallery's: the error names a few, then a count."""
+    with zipfile.ZipFile(tmp_path / "g.npz", "w") as archive:
+        archive.writestr("names.npy", b"")
+        for i in range(200):
+            archive.writestr(f"photo_{i:03}.txt", b"x")
+    with pytest.raises(GalleryError) as error:
+        Gallery.load(tmp_path / "g.npz")
+    message = str(error.value)
+    assert "not a gallery file (missing format_version, checkpoint_sha256, embeddings and 2 more)" in message
+    assert len(message) < 200 and "\n" not in message
 
 
 def test_a_folder_given_as_the_gallery_is_named_as_such(tmp_path):

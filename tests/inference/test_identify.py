@@ -3,7 +3,9 @@ same pixels and embeddings as training's evaluation path."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +14,13 @@ from PIL import Image
 
 from src.data.dataset import PreparedData
 from src.data.io import ImageLoadError
+from src.data.lists import REJECTED_NAME
 from src.evaluation.evaluate import embed_split, evaluation_config, load_run, threshold_sidecar_path
 from src.evaluation.metrics import choose_open_set_threshold
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
-from src.inference.identify import (DEFAULT_MATCH, MATCH_MODES, UNKNOWN, Identifier, InferenceError,
-                                    stored_thresholds)
+from src.inference.identify import (DEFAULT_MATCH, MATCH_MODES, Identifier, InferenceError, Skipped,
+                                    collect_images, stored_thresholds)
 
 SHOTS = 4  # photos enrolled per new individual; the other 6 are queries
 
@@ -110,7 +113,7 @@ def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, 
     assert thresholds.for_kind("prototype").value is None and "none for prototype" in thresholds.for_kind("prototype").origin
     image = next(iter(unseen.values()))[0]
     [prediction] = stored.identify(image)  # softmax scores never reach 1.5
-    assert prediction.unknown and prediction.label == UNKNOWN and prediction.names
+    assert prediction.unknown and prediction.label == REJECTED_NAME and prediction.names
 
     [accepted] = Identifier.from_checkpoint(checkpoint, threshold=0.0).identify(image)
     assert not accepted.unknown and accepted.label == accepted.names[0]
@@ -176,3 +179,42 @@ def test_loading_a_model_leaves_the_callers_torch_rng_alone(learned):
     torch.manual_seed(123)
     Identifier.from_checkpoint(learned.checkpoint)
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.fixture
+def odd_entries(unseen, tmp_path) -> tuple[Path, Path, Path, Path]:
+    """A folder holding a photo, a FIFO and a broken link, all named like images, plus hidden ones
+    and a folder holding only a FIFO; returns (folder, photo, fifo, link)."""
+    folder = tmp_path / "photos"
+    (folder / "only_a_fifo").mkdir(parents=True)
+    photo = Path(shutil.copy(next(iter(unseen.values()))[0], folder / "a.png"))
+    os.mkfifo(folder / "b_fifo.png")
+    (folder / "c_link.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(folder / ".hidden_fifo.png")
+    (folder / ".hidden_link.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(folder / "only_a_fifo" / "d.png")
+    return folder, photo, folder / "b_fifo.png", folder / "c_link.png"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_entries_that_are_not_regular_files_are_listed_as_skipped(odd_entries):
+    """Before, a folder's FIFOs and broken links were dropped without a word, and a FIFO given by
+    name was 'file not found' (it exists). Hidden entries stay left out."""
+    folder, photo, fifo, link = odd_entries
+    assert collect_images([folder]) == ([photo], [Skipped(str(fifo), "not a regular file"),
+                                                  Skipped(str(link), "broken link"),
+                                                  Skipped(str(folder / "only_a_fifo" / "d.png"), "not a regular file")])
+    assert collect_images([fifo, link]) == ([], [Skipped(str(fifo), "not a regular file"),
+                                                 Skipped(str(link), "broken link")])
+    assert collect_images([folder / "*.png"]) == ([photo], [Skipped(str(fifo), "not a regular file"),
+                                                            Skipped(str(link), "broken link")])
+    # A folder of nothing but a FIFO is not "empty": its entry says what it is.
+    assert collect_images([folder / "only_a_fifo"]) == ([], [Skipped(str(folder / "only_a_fifo" / "d.png"),
+                                                                      "not a regular file")])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_the_python_api_names_a_fifo_and_a_broken_link_as_such(learned, odd_entries):
+    _, photo, fifo, link = odd_entries
+    results = list(Identifier.from_checkpoint(learned.checkpoint).predict([photo, fifo, link]))
+    assert results[1:] == [Skipped(str(fifo), "not a regular file"), Skipped(str(link), "broken link")]

@@ -183,3 +183,17 @@ def test_a_reader_that_stops_early_does_not_stop_the_run(learned, unseen, tmp_pa
     err = process.stderr.read()
     assert process.wait(timeout=120) == 0, err
     assert "Traceback" not in err and len(json.loads(out.read_text())["results"]) == 60
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_and_a_broken_link_in_a_folder_are_reported_as_skipped(learned, mixed_folder, tmp_path, capsys):
+    """Before, both were left out of the results without a word (exit 0 with only valid.png)."""
+    folder, valid = mixed_folder
+    for name in ("corrupt.png", "notes.txt"):
+        (folder / name).unlink()
+    os.mkfifo(folder / "fifo.png")
+    (folder / "link.png").symlink_to(tmp_path / "deleted.png")
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {folder / 'fifo.png'}: not a regular file" in err
+    assert f"skipped {folder / 'link.png'}: broken link" in err and "1 identified, 2 skipped" in err
