@@ -129,11 +129,17 @@ class Gallery:
         if version > FORMAT_VERSION:
             raise GalleryError(f"{path}: gallery format {version} is newer than this code reads ({FORMAT_VERSION})")
         names, embeddings, labels, sources = (arrays[k] for k in ("names", "embeddings", "labels", "sources"))
+        sha256 = arrays["checkpoint_sha256"]
         problems = [
+            (sha256.shape != () or sha256.dtype.kind != "U", "checkpoint_sha256 must be one string"),
             (names.ndim != 1 or names.dtype.kind != "U", "names must be a 1-D array of strings"),
             (np.unique(names).size != names.size, "names must be unique"),
             (embeddings.ndim != 2 or embeddings.dtype.kind != "f", "embeddings must be a 2-D float array"),
             (embeddings.dtype.kind == "f" and not np.isfinite(embeddings).all(), "embeddings must be finite"),
+            # `add` stores unit rows, which matching assumes: a zero row would score 0 against everything.
+            (embeddings.ndim == 2 and embeddings.dtype.kind == "f"
+             and not np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-3),
+             "embeddings must be rows of length 1"),
             (labels.shape != embeddings.shape[:1] or labels.dtype.kind not in "iu", "labels must be one integer per embedding"),
             (sources.shape != labels.shape or sources.dtype.kind != "U", "sources must be one string per embedding"),
             (not np.array_equal(np.unique(labels), np.arange(names.size)), "every individual needs an embedding, and labels must index names"),
@@ -144,7 +150,7 @@ class Gallery:
         bad_name = next(filter(None, map(name_problem, names.tolist())), None)  # the names enroll refuses
         if bad_name is not None:
             raise GalleryError(f"{path}: {problem}: {bad_name}")
-        return cls(str(arrays["checkpoint_sha256"]), names.tolist(), embeddings.astype(np.float32),
+        return cls(str(sha256), names.tolist(), embeddings.astype(np.float32),
                    labels.astype(np.int64), sources.tolist())
 
     def save(self, path: str | Path) -> None:

@@ -176,6 +176,9 @@ def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learne
     ({"format_version": np.str_("1")}, "corrupt gallery: format_version must be one integer"),
     ({"names": np.array([["Zuri"]])}, "corrupt gallery: names must be a 1-D array of strings"),
     ({"embeddings": np.full((1, 64), np.nan, np.float32)}, "corrupt gallery: embeddings must be finite"),
+    ({"embeddings": np.zeros((1, 64), np.float32)}, "corrupt gallery: embeddings must be rows of length 1"),
+    ({"embeddings": np.ones(64, np.float32)}, "corrupt gallery: embeddings must be a 2-D float array"),
+    ({"checkpoint_sha256": np.array([1, 2])}, "corrupt gallery: checkpoint_sha256 must be one string"),
     ({"embeddings": np.eye(1, 8, dtype=np.float32)}, "corrupt gallery: its embeddings have 8 dimensions, the model's 64"),
     # Names that enroll refuses: `unknown` would print a confident match as if it were a rejection.
     ({"names": np.array(["unknown"])}, "corrupt gallery: 'unknown' is the label of rejected photos"),
