@@ -3,6 +3,8 @@ cells and a combining accent none, where `len` counts one each. The standard lib
 gives each character's width class; the `wcwidth` package would be a dependency for three tables."""
 from __future__ import annotations
 
+import os
+import sys
 import unicodedata
 from collections.abc import Sequence
 
@@ -24,3 +26,13 @@ def format_rows(rows: Sequence[Sequence[str]], align: str) -> str:
 
     return "\n".join("  ".join([*(padded(row[i], widths[i] - cell[i], side) for i, side in enumerate(align)), row[-1]])
                      for row, cell in zip(rows, cells))
+
+
+def print_table(table: str) -> None:
+    """The table on stdout. A reader that stops early (`... | head`) closes the pipe: what follows
+    (a summary on stderr, an output file) still happens, without a BrokenPipeError traceback, now
+    or when Python flushes stdout at exit."""
+    try:
+        print(table, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -42,7 +42,7 @@ from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
-from src.tables import format_rows
+from src.tables import format_rows, print_table
 
 FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
@@ -405,9 +405,9 @@ def enroll(args: argparse.Namespace) -> int:
 def list_gallery(args: argparse.Namespace) -> int:
     gallery = Gallery.load(args.gallery)
     counts = gallery.counts()
-    print(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; "
-          f"checkpoint sha256 {gallery.checkpoint_sha256}")
-    print(format_rows([("individual", "images"), *((name, str(count)) for name, count in counts.items())], "<"))
+    print_table(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; checkpoint sha256 "
+                f"{gallery.checkpoint_sha256}\n"
+                + format_rows([("individual", "images"), *((name, str(count)) for name, count in counts.items())], "<"))
     return 0
 
 

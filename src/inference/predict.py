@@ -22,7 +22,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from src import atomic
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
                                     Prediction, Skipped, collect_images, printable)
-from src.tables import format_rows
+from src.tables import format_rows, print_table
 
 OUTPUT_FORMATS = (".csv", ".json")
 Result = Prediction | Skipped
@@ -106,15 +105,6 @@ def format_table(predictions: Sequence[Prediction]) -> str:
     return format_rows(rows, "<<>")
 
 
-def print_table(table: str) -> None:
-    """The table on stdout. A reader that stops early (`predict ... | head`) closes the pipe: the
-    run goes on without the table, so the summary and `--output` are still written."""
-    try:
-        print(table, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def write_csv(path: Path, results: Sequence[Result], top_k: int) -> None:
     """Columns: image, prediction, score, unknown, skipped (the reason), then name_i, score_i.
 
@@ -161,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = [item for item in results if isinstance(item, Skipped)]
 
     if predictions:
-        print_table(format_table(predictions))
+        print_table(format_table(predictions))  # the summary and --output follow, even after `| head`
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
     print(f"{len(predictions)} identified, {len(skipped)} skipped; scored against {identifier.describe()}",

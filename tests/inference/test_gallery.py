@@ -5,6 +5,8 @@ import hashlib
 import io
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from src.inference import gallery as gallery_cli
 from src.inference import predict
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import Identifier, InferenceError
+from tests.conftest import REPO
 
 
 class Payload:
@@ -310,3 +313,16 @@ def test_names_listed_in_a_gallery_error_are_capped(tmp_path):
 def test_a_folder_given_as_the_gallery_is_named_as_such(tmp_path):
     with pytest.raises(GalleryError, match="a folder, not a gallery file"):
         Gallery.load(tmp_path)
+
+
+def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
+    """`gallery list ... | head`: the closed pipe ends the listing without a BrokenPipeError traceback."""
+    gallery = Gallery.new("0" * 64, 2)
+    for i in range(300):
+        gallery.add(f"chimp{i}", np.array([[1.0, 0.0]]), [f"{i}.png"])
+    gallery.save(tmp_path / "g.npz")
+    process = subprocess.Popen([sys.executable, "-m", "src.inference.gallery", "list", "--gallery", str(tmp_path / "g.npz")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the listing: the interpreter takes a second to start
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in err, err
