@@ -618,6 +618,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
                          if saver.enabled and runtime.device.type in SNAPSHOT_DURING_VALIDATION else None)
         val = val_sums.means(runtime)
         if val["images"] == 0:  # the plain pipeline finds unreadable images only when it reads them
+            saver.write_pending_best()  # images deleted mid-run: the good epochs held in memory are kept
             raise no_validation_images(val_source.num_images, data, config)
         now = time.perf_counter()
         # The times are kept in the history (not the guide's CSV): the speed benchmark reads them.

@@ -367,3 +367,24 @@ def test_partial_writes_of_a_killed_run_are_removed_at_the_next_start(tiny_data,
     assert not any(path.exists() for path in killed) and all(path.exists() for path in others)
     for path in killed:
         assert f"note: removed {path}, a partial write of a run that was killed" in out
+
+
+def test_val_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memory(tiny_data, tmp_path, monkeypatch):
+    """The plain pipeline finds unreadable images only when it reads them: validation that read none
+    stops the run (exit 2), and a best epoch not yet written (interval 1 h) is written first."""
+    real_evaluate, calls = train_module.evaluate, []
+
+    def images_gone_after_the_first_epoch(*args, **kwargs):
+        sums = real_evaluate(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == 2:
+            sums.totals.zero_()  # what a pass over deleted images sums to
+        return sums
+
+    monkeypatch.setattr(train_module, "evaluate", images_gone_after_the_first_epoch)
+    config = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3, "trainer.checkpoint_interval_s": 3600,
+                                                  "data.pipeline": "plain"})
+    with pytest.raises(train_module.DatasetError, match="nothing to validate the epochs on"):
+        run(load_config(config))
+    artifacts = tmp_path / "artifacts"
+    assert load_checkpoint(artifacts / "tiny_best.pt")["epoch"] == load_checkpoint(artifacts / "tiny_last.pt")["epoch"] == 1
