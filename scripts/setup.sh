@@ -8,6 +8,8 @@ fi
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  # -qq: errors only. A machine's pip configuration can add dozens of warnings (index locations it
+  # ignores) that would bury the demo's own output.
+  .venv/bin/python -m pip install -qq --disable-pip-version-check -r requirements.txt
   echo "$want" > "$stamp"
 fi
