@@ -36,7 +36,9 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
-        if "unsupported global" in str(exc).lower() or (_starts_as_pickle(path) and _unsupported_pickle_opcode(str(exc))):
+        message = str(exc)
+        crafted = _holds_a_pickle(path) and _unsupported_pickle_opcode(message)
+        if "unsupported global" in message.lower() or crafted:
             raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
                                   "and plain data (refused: loading it could run code)") from None
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
@@ -45,15 +47,16 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
                               f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def _starts_as_pickle(path: Path) -> bool:
-    """Whether the file begins with PROTO (0x80), as every pickle of protocol 2 or later does (torch's
-    legacy format, pickle.dumps). Other files' first bytes can read as opcodes too: a PNG's 0x89, the
-    `d` of a YAML file's `data:`."""
+def _holds_a_pickle(path: Path) -> bool:
+    """Whether the file is torch's zip format (its pickle inside) or begins with PROTO (0x80), as
+    every pickle of protocol 2 or later does (torch's legacy format, pickle.dumps). Other files' first
+    bytes can read as opcodes too: a PNG's 0x89, the `d` of a YAML file's `data:`."""
     try:
         with path.open("rb") as handle:
-            return handle.read(1) == b"\x80"
+            start = handle.read(4)
     except OSError:
         return False
+    return start == b"PK\x03\x04" or start[:1] == b"\x80"
 
 
 def _unsupported_pickle_opcode(message: str) -> bool:

@@ -28,11 +28,11 @@ def format_rows(rows: Sequence[Sequence[str]], align: str) -> str:
                      for row, cell in zip(rows, cells))
 
 
-def print_table(table: str) -> None:
-    """The table on stdout. A reader that stops early (`... | head`) closes the pipe: what follows
-    (a summary on stderr, an output file) still happens, without a BrokenPipeError traceback, now
-    or when Python flushes stdout at exit."""
+def print_stdout(text: str) -> None:
+    """`text` (a table, a line) on stdout. A reader that stops early (`... | head`) closes the pipe:
+    what follows (a summary on stderr, a file to save) still happens, without a BrokenPipeError
+    traceback, now or when Python flushes stdout at exit."""
     try:
-        print(table, flush=True)
+        print(text, flush=True)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

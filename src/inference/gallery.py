@@ -42,7 +42,7 @@ from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
-from src.tables import format_rows, print_table
+from src.tables import format_rows, print_stdout
 
 FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
@@ -344,7 +344,7 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
     for path, name in jobs:
         key = str(Path(path).resolve())
         if key in owners:
-            print(f"already enrolled as {owners[key]}: {printable(path)}")
+            print_stdout(f"already enrolled as {owners[key]}: {printable(path)}")
         else:
             todo.append((key, name))
     return todo
@@ -396,16 +396,16 @@ def enroll(args: argparse.Namespace) -> int:
     after = gallery.counts()
     for name in enrolled:
         status = f"{before[name]} before" if name in before else "new individual"
-        print(f"{name}: +{after[name] - before.get(name, 0)} images ({status}, {after[name]} now)")
-    print(f"{args.gallery}: {len(after)} individuals, {sum(after.values())} images"
-          + ("" if enrolled else " (unchanged: nothing enrolled)"))
+        print_stdout(f"{name}: +{after[name] - before.get(name, 0)} images ({status}, {after[name]} now)")
+    print_stdout(f"{args.gallery}: {len(after)} individuals, {sum(after.values())} images"
+                 + ("" if enrolled else " (unchanged: nothing enrolled)"))
     return 1 if skipped else 0
 
 
 def list_gallery(args: argparse.Namespace) -> int:
     gallery = Gallery.load(args.gallery)
     counts = gallery.counts()
-    print_table(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; checkpoint sha256 "
+    print_stdout(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; checkpoint sha256 "
                 f"{gallery.checkpoint_sha256}\n"
                 + format_rows([("individual", "images"), *((name, str(count)) for name, count in counts.items())], "<"))
     return 0
@@ -419,7 +419,7 @@ def remove_individuals(args: argparse.Namespace) -> int:
         gallery.remove(name)
     save(gallery, args.gallery)
     for name in args.names:
-        print(f"removed {name} ({counts[name]} images)")
+        print_stdout(f"removed {name} ({counts[name]} images)")
     return 0
 
 

@@ -32,7 +32,7 @@ from src import atomic
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
                                     Prediction, Skipped, collect_images, printable)
-from src.tables import format_rows, print_table
+from src.tables import format_rows, print_stdout
 
 OUTPUT_FORMATS = (".csv", ".json")
 Result = Prediction | Skipped
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = [item for item in results if isinstance(item, Skipped)]
 
     if predictions:
-        print_table(format_table(predictions))  # the summary and --output follow, even after `| head`
+        print_stdout(format_table(predictions))
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
     print(f"{len(predictions)} identified, {len(skipped)} skipped; scored against {identifier.describe()}",

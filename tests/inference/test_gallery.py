@@ -316,7 +316,8 @@ def test_a_folder_given_as_the_gallery_is_named_as_such(tmp_path):
 
 
 def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
-    """`gallery list ... | head`: the closed pipe ends the listing without a BrokenPipeError traceback."""
+    """`gallery list ... | head`: the closed pipe ends the listing without a BrokenPipeError traceback
+    (enroll and remove print through the same function)."""
     gallery = Gallery.new("0" * 64, 2)
     for i in range(300):
         gallery.add(f"chimp{i}", np.array([[1.0, 0.0]]), [f"{i}.png"])
@@ -326,3 +327,17 @@ def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
     process.stdout.close()  # before the listing: the interpreter takes a second to start
     err = process.stderr.read()
     assert process.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_enroll_into_a_reader_that_stops_early_still_saves(learned, unseen, tmp_path):
+    """Its "already enrolled" lines come before the save: a closed pipe there lost the new photos."""
+    name, photos = next(iter(unseen.items()))
+    gallery = tmp_path / "g.npz"
+    assert enroll(gallery, learned.checkpoint, name, photos[0]) == 0
+    process = subprocess.Popen([sys.executable, "-m", "src.inference.gallery", "enroll", "--gallery", str(gallery),
+                                "--checkpoint", str(learned.checkpoint), "--name", name, *map(str, photos[:3])],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in err, err
+    assert Gallery.load(gallery).counts() == {name: 3}

@@ -126,6 +126,7 @@ def _project_keys(**changes) -> dict:
     (lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=4)), "not a safe checkpoint"),
     (lambda p: torch.save({"x": _Payload()}, p), "not a safe checkpoint"),  # torch's own zip format
     (lambda p: torch.save({"x": _SystemCall()}, p), "not a safe checkpoint"),
+    (lambda p: torch.save({"x": _Payload()}, p, pickle_protocol=4), "not a safe checkpoint"),  # zip, protocol 4
     (lambda p: p.write_bytes(b""), "empty file (0 bytes), not a checkpoint"),
     (lambda p: p.mkdir(), "a folder, not a checkpoint file"),
     (lambda p: torch.save(_project_keys(format_version="1"), p), "malformed format_version: str"),
