@@ -6,6 +6,7 @@ whose message is one line naming the key, which the command-line entry points pr
 from __future__ import annotations
 
 import math
+import unicodedata
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -148,7 +149,7 @@ class Config(_Section):
         # The name becomes part of file names inside output_dir: a separator or '..' would write elsewhere,
         # and a control character (a newline) would make names no listing or message shows as they are.
         if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\")
-                                  or not value.isprintable()):
+                                  or any(unicodedata.category(c) == "Cc" for c in value)):
             raise PydanticCustomError("run_name", "must be usable as a file name: not empty, no '/', '\\', "
                                       "'..' or control characters")
         return value
@@ -172,7 +173,11 @@ def config_from_dict(raw: dict, name: str | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     if config.name is None:
-        config.name = name or "run"
+        try:  # validated as a name written in the file would be: a file stem can hold a '\\' or a tab
+            config.name = name or "run"
+        except ValidationError as exc:
+            raise ConfigError(f"{_describe(exc)}: the run is named after the config file; rename it or set "
+                              "`name:` in it") from None
     return config
 
 

@@ -29,9 +29,11 @@ def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:
 
 
 def missing(path: str | Path, folder: bool) -> str:
-    """Why `path` is not the folder (or file) asked for: `not found`, or what stands there instead, for
-    messages such as `raw folder x is a file, not a folder`."""
+    """Why `path` is not the folder (or regular file) asked for: `not found`, or what stands there
+    instead, for messages such as `raw folder x is a file, not a folder`."""
     path = Path(path)
     if not path.exists():
         return "not found"
-    return "is a file, not a folder" if folder else "is a folder, not a file"
+    if folder:
+        return "is a file, not a folder"
+    return "is a folder, not a file" if path.is_dir() else "is not a regular file (a pipe or a device)"

@@ -110,3 +110,12 @@ def test_what_yaml_writers_use_still_loads(tmp_path):
     assert config.model.dropout == 0.2 and config.model.embedding_dim == 64
     assert config.trainer.lr == 0.001 and config.trainer.checkpoint_interval_s == float("inf")
     assert config.trainer.amp is False and config.model.pretrained is False
+
+
+def test_a_config_file_name_that_cannot_name_a_run_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "a\tb.yaml"
+    path.write_text("trainer: {max_epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"control characters .*: the run is named after the config file"):
+        load_config(path)
+    (tmp_path / "ok.yaml").write_text('name: "zoo\\u00a0a"\n')  # no control character: a valid name
+    assert load_config(tmp_path / "ok.yaml").name == "zoo\u00a0a"

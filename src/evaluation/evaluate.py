@@ -33,16 +33,17 @@ from tqdm import tqdm
 
 from src import atomic
 from src.config import Config, ConfigError, ModelConfig, config_from_dict
-from src.errors import positive_int, state_dict_problem
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.devices import pick_device
+from src.errors import positive_int, state_dict_problem
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
 from src.evaluation.report import confusion_csv, render_markdown, rounded
 from src.models.backbones import ModelError
 from src.models.factory import IdentificationModel, create_model
+from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths
 from src.training.checkpoint import CheckpointError, load_checkpoint
 from src.training.resume import data_fingerprint
@@ -208,8 +209,12 @@ def read_sources(root: Path) -> dict[str, str]:
     path = Path(root) / "annotations" / "metadata.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="", encoding="utf-8") as handle:
-        return {row["path"]: row["source"] or "unknown" for row in csv.DictReader(handle)}
+    reader = csv.DictReader(read_utf8(path, EvaluationError).splitlines())
+    missing = [column for column in ("path", "source") if column not in (reader.fieldnames or [])]
+    if missing:
+        raise EvaluationError(f"{path}: not the metadata.csv prepare writes (no column {', '.join(missing)}); "
+                              "re-run prepare")
+    return {row["path"]: row["source"] or "unknown" for row in reader}
 
 
 # ---------------------------------------------------------------------------------------------

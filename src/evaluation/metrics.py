@@ -210,9 +210,9 @@ def choose_open_set_threshold(known_labels: np.ndarray, known_correct: np.ndarra
 
 
 def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET_KEEP) -> float | None:
-    """A similarity threshold that accepts at least `keep` of the given (correct-match) scores and
-    rejects as many of the others as it may: halfway between the highest score it may lose and the
-    next (just below the lowest when it may lose none; see OUTER_MARGIN).
+    """A similarity threshold that accepts at least `keep` of the given (correct-match) scores: halfway
+    between the lowest score it keeps and the highest one below that, but at least OUTER_MARGIN below
+    the former (scores tied with it are kept; two scores a hair apart both are).
 
     A heuristic for a model trained without held-out individuals: nothing tells how unknown animals
     score, so the threshold only bounds how many correct matches a rejection rule may lose.
@@ -222,6 +222,7 @@ def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET
         return None
     ordered = np.sort(np.asarray(correct_scores, dtype=np.float64))
     may_lose = int(round((1.0 - keep) * len(ordered), 9))  # round: 0.05 * 20 is 1.0000000000000009
-    if may_lose == 0:
-        return float(ordered[0] - OUTER_MARGIN)
-    return float((ordered[may_lose - 1] + ordered[may_lose]) / 2)
+    lowest_kept = ordered[may_lose]
+    below = ordered[ordered < lowest_kept]
+    halfway = (below[-1] + lowest_kept) / 2 if len(below) else np.inf
+    return float(min(halfway, lowest_kept - OUTER_MARGIN))

@@ -177,7 +177,7 @@ def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds]:
         raise InferenceError(f"{path} not found: predict --onnx needs the JSON that export writes "
                              "beside the .onnx file (class names, preprocessing, threshold)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: edited on Windows
         if raw.get("format_version") != EXPORT_FORMAT_VERSION:
             raise InferenceError(f"{path}: export format {raw.get('format_version')!r}, this code "
                                  f"reads {EXPORT_FORMAT_VERSION}; export again")
@@ -201,7 +201,7 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
         return StoredThresholds({}, f"no stored threshold ({path.name} absent: run "
                                     "`python -m src.evaluation.evaluate`) and no --threshold given")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: edited on Windows
         values = {str(kind): None if value is None else float(value) for kind, value in raw["thresholds"].items()}
         method = str(raw.get("method", "method not recorded"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

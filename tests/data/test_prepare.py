@@ -347,6 +347,8 @@ def test_cli_unreadable_text_files_and_bad_workers_are_one_line(tmp_path, capsys
                                             "public release; --folder or --list read your own photos)"),
     (lambda root, f: ["--list", str(f), "--raw-dir", str(f)], "raw folder {f} is a file, not a folder"),
     (lambda root, f: ["--list", str(root), "--raw-dir", str(root)], "{root}: list file is a folder, not a file"),
+    (lambda root, f: ["--list", "/dev/null", "--raw-dir", str(root)],
+     "/dev/null: list file is not a regular file (a pipe or a device)"),
 ])
 def test_cli_a_file_given_for_a_folder_or_a_folder_for_a_file_is_named_so(tmp_path, capsys, argv, message):
     root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})

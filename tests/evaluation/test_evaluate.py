@@ -236,6 +236,21 @@ def test_evaluated_images_that_are_also_training_images_are_reported(checkpoint,
     assert any(line.startswith(expected) for line in err), err
 
 
+def test_a_metadata_file_saved_with_a_bom_is_read(checkpoint, data_copy, tmp_path, capsys):
+    """E.g. metadata.csv opened and saved again by a spreadsheet: the sources still come out of it."""
+    metadata = data_copy / "annotations" / "metadata.csv"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "out" / "report.json").read_text())["by_source"]) == {"CZoo", "CTai"}
+
+
+def break_metadata(data_copy: Path) -> str:
+    metadata = data_copy / "annotations" / "metadata.csv"
+    metadata.write_text(metadata.read_text().replace("source", "origin", 1))
+    return "metadata.csv: not the metadata.csv prepare writes (no column source); re-run prepare"
+
+
 def break_split(data_copy: Path) -> str:
     (data_copy / "annotations" / "test.txt").unlink()
     return "test.txt: split file not found"
@@ -248,7 +263,7 @@ def add_stranger(data_copy: Path) -> str:
     return "unknown to the checkpoint (e.g. Stranger)"
 
 
-@pytest.mark.parametrize("damage", [break_split, add_stranger])
+@pytest.mark.parametrize("damage", [break_split, add_stranger, break_metadata])
 def test_data_that_does_not_match_fails_in_one_line(damage, checkpoint, data_copy, tmp_path, capsys):
     expected = damage(data_copy)
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")

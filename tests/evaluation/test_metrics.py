@@ -161,6 +161,10 @@ def test_keep_fraction_threshold():
     assert threshold == pytest.approx(0.075)  # halfway between the one score it may lose and the next
     assert (scores >= threshold).mean() == 0.95
     assert metrics.keep_fraction_threshold(scores[:10], keep=0.95) < 0.05  # 10 scores: it may lose none
+    tied = np.array([0.5, 0.5] + [0.9] * 18)  # the score it may lose is tied with the next: both kept
+    assert metrics.keep_fraction_threshold(tied, keep=0.95) == pytest.approx(0.5 - metrics.OUTER_MARGIN)
+    close = np.array([0.3000001, 0.3000004] + [0.9] * 18)  # a hair apart: both kept, with the margin
+    assert metrics.keep_fraction_threshold(close, keep=0.95) == pytest.approx(0.3000004 - metrics.OUTER_MARGIN)
     assert metrics.keep_fraction_threshold(np.array([])) is None
 
 

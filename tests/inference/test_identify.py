@@ -128,6 +128,10 @@ def test_a_threshold_for_other_weights_is_ignored_and_a_broken_one_refused(learn
     sidecar.write_text("{not json")
     with pytest.raises(InferenceError, match="not a valid threshold file"):
         Identifier.from_checkpoint(checkpoint)
+    sha256 = Identifier.embedder(checkpoint).info.checkpoint_sha256  # edited and saved on Windows (a BOM)
+    sidecar.write_bytes(b"\xef\xbb\xbf" + json.dumps({"thresholds": {"classifier": 0.5}, "method": "m",
+                                                      "checkpoint_sha256": sha256}).encode())
+    assert Identifier.from_checkpoint(checkpoint).threshold.value == 0.5
 
 
 def test_embeddings_equal_those_of_evaluation_on_the_same_images(tiny_run):
