@@ -514,15 +514,14 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
     """Hold `<output_dir>/.<name>.lock` for the run (rank 0, which alone writes): a second run of
     the same name into the same folder would interleave its checkpoints and CSV with this one's."""
     with ExitStack() as stack:
-        held, unwritable = False, None
+        held, locked, unwritable = False, False, None
         if runtime.dist.is_main:
             try:
-                stack.enter_context(locks.exclusive(paths.lock, wait=False))
+                locked = stack.enter_context(locks.exclusive(paths.lock, wait=False))  # False: no flock here
             except locks.LockHeld:
                 held = True
-            except OSError as exc:  # output_dir is a file, or cannot be created or written
-                is_file = Path(paths.output_dir).exists() and not Path(paths.output_dir).is_dir()
-                unwritable = "it is a file, not a folder" if is_file else exc.strerror or type(exc).__name__
+            except OSError as exc:  # output_dir is under a file, or cannot be created or written
+                unwritable = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or type(exc).__name__
         # Every rank stops, not rank 0 alone (the others would wait for it in the first collective).
         held, failed = dist_utils.max_over_ranks([held, unwritable is not None], runtime.dist, runtime.device)
         if failed:
@@ -532,7 +531,7 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
             raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
                                   f"{paths.lock}); wait for it to end, or give this run another name or "
                                   "trainer.output_dir")
-        if runtime.dist.is_main:  # the lock held, no write of these files can be in progress
+        if locked:  # no write of these files can be in progress
             for leftover in (left for path in (paths.best, paths.last, paths.metrics)
                              for left in atomic.remove_leftovers(path)):
                 runtime.print(f"note: removed {leftover}, a partial write of a run that was killed")

@@ -290,12 +290,15 @@ def test_determinism_setting_does_not_carry_over_to_the_next_run(first, second):
         torch.backends.cudnn.benchmark = before[1]
 
 
-def test_output_dir_that_is_a_file_exits_2_in_one_line(tiny_data, tmp_path, capsys):
+@pytest.mark.parametrize("below", [[], ["runs"]])
+def test_output_dir_that_is_or_is_under_a_file_exits_2_in_one_line(tiny_data, tmp_path, capsys, below):
+    """The line names the file that stands in the way, not the folder asked for."""
     (tmp_path / "taken").write_text("a file where the outputs should go")
-    config_path = write_config(tmp_path, tiny_data, **{"trainer.output_dir": str(tmp_path / "taken")})
+    output_dir = tmp_path.joinpath("taken", *below)
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.output_dir": str(output_dir)})
     assert train_main(["--config", str(config_path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: trainer.output_dir: cannot write in {tmp_path / 'taken'} (it is a file, not a folder)\n"
+    assert err == f"error: trainer.output_dir: cannot write in {output_dir} ({tmp_path / 'taken'}: a file, not a folder)\n"
     assert (tmp_path / "taken").read_text() == "a file where the outputs should go"
 
 
