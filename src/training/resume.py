@@ -70,6 +70,11 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
     epoch, step, history = checkpoint["epoch"], checkpoint.get("step", 0), checkpoint["history"]
     if epoch < 0:
         raise CheckpointError(f"cannot resume from {path}: malformed training state (epoch {epoch})")
+    trained_with = checkpoint.get("steps_per_epoch", steps_per_epoch)  # absent from earlier versions' files
+    if trained_with != steps_per_epoch:  # the schedule counts steps: it would jump ahead or back
+        raise CheckpointError(f"cannot resume from {path}: it trained {trained_with!r} steps per epoch, the "
+                              f"training split now gives {steps_per_epoch} (an image became readable or unreadable "
+                              "since, or data.pipeline counts unreadable images differently)")
     problems = []
     if not _whole(step) or not 0 <= step < steps_per_epoch:
         problems.append(f"step {step!r} (an epoch has {steps_per_epoch})")

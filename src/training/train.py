@@ -461,15 +461,15 @@ def weights_dict(model, optimizer) -> dict:
     return {"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict()}
 
 
-def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config: Config,
-                    classes: ClassIndex, fingerprint: str, weights: bool = True) -> dict:
-    """The whole checkpoint; without `weights_dict`'s part if `weights` is false."""
-    return {"format_version": FORMAT_VERSION, **(weights_dict(model, optimizer) if weights else {}),
+def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config: Config, classes: ClassIndex,
+                    fingerprint: str, steps_per_epoch: int, with_weights: bool = True) -> dict:
+    """The whole checkpoint; without `weights_dict`'s part if not `with_weights`."""
+    return {"format_version": FORMAT_VERSION, **(weights_dict(model, optimizer) if with_weights else {}),
             "scheduler_state": scheduler.state_dict(),
             "scaler_state": scaler.state_dict(), "epoch": state.epoch, "step": state.step,
             "partial": state.partial, "best_val_top1": state.best_val_top1, "best_epoch": state.best_epoch,
             "history": state.history, "config": config.to_dict(), "classes": classes.to_list(),
-            "data_fingerprint": fingerprint, "rng": rng_state()}
+            "data_fingerprint": fingerprint, "steps_per_epoch": steps_per_epoch, "rng": rng_state()}
 
 
 def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> RunState:
@@ -591,7 +591,8 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
     saver = CheckpointSaver(paths, config.trainer.checkpoint_interval_s, enabled=runtime.dist.is_main)
 
     def checkpoint(with_weights: bool) -> dict:
-        return checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint, with_weights)
+        return checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint,
+                               len(train_source), with_weights)
 
     max_epochs = config.trainer.max_epochs
     previous_row_at = time.perf_counter()

@@ -174,7 +174,7 @@ def open_set_checkpoint(tiny_data, tmp_path_factory) -> Path:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     path = folder / "open_best.pt"
     atomic_save(checkpoint_dict(model, optimizer, scheduler, scaler, RunState(), config, classes,
-                                data_fingerprint(train_rows, classes)), path)
+                                data_fingerprint(train_rows, classes), steps_per_epoch=1), path)
     return path
 
 

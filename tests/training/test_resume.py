@@ -287,6 +287,9 @@ def test_a_checkpoint_from_more_gpus_restores_the_ones_present(monkeypatch):
     (lambda state: state.update(history=state["history"][:-1]),
      "malformed training state (the metrics history does not hold one row for each of the 3 epochs)"),
     (lambda state: state.update(best_epoch=7), "malformed training state (best epoch 7)"),
+    (lambda state: state.update(steps_per_epoch=5),  # e.g. an image unreadable when it was trained
+     "it trained 5 steps per epoch, the training split now gives 4 (an image became readable or unreadable "
+     "since, or data.pipeline counts unreadable images differently)"),
     (lambda state: state.update(best_val_top1=float("nan")), "malformed training state (best val top-1 nan)"),
 ])
 def test_a_checkpoint_with_impossible_progress_is_refused_before_training(tiny_run, tmp_path, capsys, damage,
