@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -505,6 +506,29 @@ def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path 
     return path, checkpoint
 
 
+def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state: RunState, runtime: Runtime) -> None:
+    """Resuming a checkpoint under other files (a new name or output_dir): its run's best epoch becomes
+    this run's `_best.pt`. Where that epoch's weights cannot be found, the best is chosen afresh among
+    the epochs trained from here, rather than the run ending with a `_best.pt` that is missing or
+    another run's."""
+    if state.best_epoch == 0:
+        return
+    old_best = resume_path.parent / f"{checkpoint['config'].get('name')}_best.pt"
+    if state.best_epoch == state.epoch and state.step == 0:  # the checkpoint itself is that epoch
+        source = resume_path
+    elif old_best.is_file() and load_checkpoint(old_best)["epoch"] == state.best_epoch:
+        source = old_best
+    else:
+        runtime.print(f"note: epoch {state.best_epoch}, the best of {resume_path}, is not beside it in "
+                      f"{old_best.name}; {paths.best} will be the best of the epochs trained from here")
+        state.best_val_top1, state.best_epoch = -1.0, 0
+        return
+    if source.resolve() != paths.best.resolve():
+        with atomic.atomic_destination(paths.best) as temporary:
+            shutil.copyfile(source, temporary)
+    runtime.print(f"note: {paths.best} is epoch {state.best_epoch}, the best so far, from {source}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 
@@ -582,6 +606,8 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             return state
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
+        if runtime.dist.is_main and resume_path.resolve() != paths.last.resolve():
+            bring_best_along(checkpoint, resume_path, paths, state, runtime)
     elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
         runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
                       f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")

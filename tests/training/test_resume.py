@@ -313,3 +313,26 @@ def test_keys_a_resume_may_change_are_keys_of_the_config():
     from src.training.resume import RESUMABLE_CHANGES, _flatten
 
     assert RESUMABLE_CHANGES <= set(_flatten(Config().to_dict()))
+
+
+@pytest.mark.parametrize("old_best_kept", [True, False])
+def test_a_run_continued_under_another_name_and_folder_has_its_own_best(tiny_run, tmp_path, capsys, old_best_kept):
+    """The README's way to extend a run from a renamed config: `--resume <the old _last.pt>`. The new
+    files get the best epoch so far, or, where its weights are gone, the best of the epochs trained
+    from here; the final line never names a `_best.pt` that is missing or another run's."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for key in ("last", "best") if old_best_kept else ("last",):
+        shutil.copy2(tiny_run[key], old)
+    best_so_far = load_checkpoint(tiny_run["last"])["best_epoch"]
+    config = write_config(tmp_path, tiny_run["data_root"], name="longer",
+                          **{"trainer.max_epochs": 4, "trainer.output_dir": str(tmp_path / "new")})
+    assert train_module.main(["--config", str(config), "--resume", str(old / tiny_run["last"].name)]) == 0
+    out = capsys.readouterr().out
+    best = load_checkpoint(tmp_path / "new" / "longer_best.pt")
+    history = load_checkpoint(tmp_path / "new" / "longer_last.pt")["history"]
+    if old_best_kept:
+        expected = max(history, key=lambda row: (row["val_top1"], -row["epoch"]))["epoch"]
+        assert best["epoch"] == expected and f"the best so far, from {old}" in out
+    else:
+        assert best["epoch"] == 4 and f"epoch {best_so_far}, the best of" in out
