@@ -133,6 +133,15 @@ class TrainerConfig(_Section):
     progress: Literal["auto", "always", "never"] = "auto"
     """Progress bar within an epoch: `auto` shows it only on an interactive terminal."""
 
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_within_the_run(cls, value: float, info: ValidationInfo) -> float:
+        max_epochs = info.data.get("max_epochs")  # absent when max_epochs itself was invalid
+        if max_epochs is not None and value > max_epochs:
+            raise PydanticCustomError("warmup_too_long", "must be at most trainer.max_epochs ({max_epochs}): the "
+                                      "rate would never reach trainer.lr, nor decay", {"max_epochs": max_epochs})
+        return value
+
 
 class Config(_Section):
     data: DataConfig = DataConfig()

@@ -86,6 +86,7 @@ def test_every_shipped_training_config_validates(path):
     ("data:\n  num_classes: 0\n", "data.num_classes"),
     ("optimiser: {}\n", "optimiser"),
     ("trainer:\n  compile_mode: turbo\n", "trainer.compile_mode"),
+    ("trainer:\n  max_epochs: 3\n  warmup_epochs: 5\n", "'trainer.warmup_epochs': must be at most trainer.max_epochs (3)"),
 ])
 def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

@@ -63,7 +63,7 @@ def train_model(args: argparse.Namespace, root: Path) -> Path:
         "data": {"root": str(root), "num_classes": args.individuals - args.held_out, "open_set": True,
                  "image_size": args.image_size, "workers": args.workers},
         "model": {"backbone": "resnet18", "pretrained": False, "head": "arcface"},
-        "trainer": {"max_epochs": args.epochs, "batch_size": 64, "lr": 0.002, "warmup_epochs": 2,
+        "trainer": {"max_epochs": args.epochs, "batch_size": 64, "lr": 0.002, "warmup_epochs": min(2, args.epochs),
                     "device": args.device, "amp": args.device == "cuda", "output_dir": str(args.out / "artifacts"),
                     "progress": "never"}})
     run(config)
