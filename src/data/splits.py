@@ -29,6 +29,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from fractions import Fraction
 
 from src.data.lists import Row
 
@@ -46,7 +47,9 @@ def split_counts(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> tupl
     _check_fractions(fractions)
     if n < MIN_IMAGES_PER_INDIVIDUAL:
         raise SplitError(f"an individual with {n} image(s) cannot appear in train, val and test")
-    exact = [n * f for f in fractions]
+    # As the decimals written (0.7 is 7/10): in binary floating point 8 x 0.2 has a larger remainder
+    # than 8 x 0.7, which broke the tie rule.
+    exact = [n * Fraction(str(f)) for f in fractions]
     counts = [math.floor(x) for x in exact]
     by_remainder = sorted(range(3), key=lambda i: -(exact[i] - counts[i]))  # stable: train first
     for i in by_remainder[:n - sum(counts)]:

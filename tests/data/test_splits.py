@@ -26,6 +26,12 @@ def test_split_counts_documented_rounding(n, expected):
     assert split_counts(n) == expected
 
 
+def test_split_counts_break_ties_as_documented_whatever_the_fractions():
+    """8 images at 0.7/0.2/0.1: exact shares 5.6/1.6/0.8, so test and then train (the tie with val
+    goes to train) get the two left over. In floating point 8 x 0.2 had the larger remainder."""
+    assert split_counts(8, (0.7, 0.2, 0.1)) == (6, 1, 1)
+
+
 def test_split_counts_always_sum_and_fill_every_split():
     for fractions in ((0.7, 0.15, 0.15), (0.8, 0.1, 0.1), (0.5, 0.25, 0.25), (0.98, 0.01, 0.01)):
         for n in range(3, 400):
