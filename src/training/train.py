@@ -337,6 +337,9 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is not None:
             if self.second_signal_exits:
+                sys.stderr.write(f"error: stopped at once by a second {signal.Signals(signum).name}, without "
+                                 "saving this epoch; the checkpoints written before are kept (--resume auto "
+                                 "continues from the last)\n")
                 raise SystemExit(128 + signum)
             return
         self.signal_name = signal.Signals(signum).name

@@ -391,3 +391,13 @@ def test_val_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memor
         run(load_config(config))
     artifacts = tmp_path / "artifacts"
     assert load_checkpoint(artifacts / "tiny_best.pt")["epoch"] == load_checkpoint(artifacts / "tiny_last.pt")["epoch"] == 1
+
+
+def test_a_second_signal_ends_the_run_at_once_saying_so(capsys):
+    stop = train_module.StopRequest()
+    stop.second_signal_exits = True
+    stop._handle(signal.SIGTERM, None)  # the first: a stop at the next step
+    with pytest.raises(SystemExit) as exited:
+        stop._handle(signal.SIGTERM, None)
+    assert exited.value.code == 143
+    assert capsys.readouterr().err.startswith("error: stopped at once by a second SIGTERM, without saving this epoch")
