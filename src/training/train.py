@@ -344,9 +344,9 @@ class StopRequest:
             return
         self.signal_name = signal.Signals(signum).name
 
-    def stopped(self, where: str, saved: Path) -> TrainingStopped:
+    def stopped(self, where: str, saved: Path, note: str = "") -> TrainingStopped:
         """The error that ends a run stopped by the signal (exit 130 for SIGINT, 143 for SIGTERM)."""
-        return TrainingStopped(f"stopped by {self.signal_name} {where}; saved {saved}",
+        return TrainingStopped(f"stopped by {self.signal_name} {where}; saved {saved}{note}",
                                exit_code=130 if self.signal_name == "SIGINT" else 143, resumable=True)
 
     def requested(self, step: int, runtime: Runtime) -> bool:
@@ -639,7 +639,9 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             state.partial = sums.reduced_state(runtime)
             saver.save(checkpoint, improved=False, force=True)
             saver.wait()
-            raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last)
+            earlier_best = state.best_epoch == 0 and paths.best.is_file()  # this run has no best epoch yet
+            raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last,
+                               f" ({paths.best.name} is still the earlier run's)" if earlier_best else "")
         train = sums.means(runtime)  # waits for the device: train_seconds is the steps' own
         validation_started = time.perf_counter()
         val_sums = evaluate(eval_runner, model, val_source, config, runtime)

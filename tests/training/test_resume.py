@@ -336,3 +336,19 @@ def test_a_run_continued_under_another_name_and_folder_has_its_own_best(tiny_run
         assert best["epoch"] == expected and f"the best so far, from {old}" in out
     else:
         assert best["epoch"] == 4 and f"epoch {best_so_far}, the best of" in out
+
+
+def test_a_new_run_stopped_before_its_first_epoch_says_whose_best_is_left(tiny_run, tmp_path, monkeypatch):
+    """Its `_last.pt` and CSV replace the earlier run's; `_best.pt` is still the earlier run's."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    shutil.copy2(tiny_run["best"], artifacts / "tiny_best.pt")
+
+    def stop_now(self, step, runtime):
+        self.signal_name = "SIGTERM"
+        return True
+
+    monkeypatch.setattr(train_module.StopRequest, "requested", stop_now)
+    with pytest.raises(TrainingStopped, match=r"after step 1/\d+; saved .*tiny_last.pt \(tiny_best.pt is still "
+                                              r"the earlier run's\)$"):
+        run(load_config(write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 3})))
