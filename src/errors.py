@@ -3,7 +3,10 @@ arguments of the Python API that its command lines check while parsing."""
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from pathlib import Path
+
+NAMES_SHOWN = 3  # names listed in a message before "and N more", so that it stays one short line
 
 
 def first_line(exc: BaseException) -> str:
@@ -37,3 +40,9 @@ def missing(path: str | Path, folder: bool) -> str:
     if folder:
         return "is a file, not a folder"
     return "is a folder, not a file" if path.is_dir() else "is not a regular file (a pipe or a device)"
+
+
+def capped(names: Sequence[str]) -> str:
+    """`a, b, c and 7 more`: names for a one-line message, however many there are."""
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown if len(names) <= NAMES_SHOWN else f"{shown} and {len(names) - NAMES_SHOWN} more"

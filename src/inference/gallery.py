@@ -40,6 +40,7 @@ import numpy as np
 from src import atomic
 from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
+from src.errors import capped
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
 from src.tables import format_rows, print_stdout
@@ -51,17 +52,10 @@ PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 star
 # A PyTorch checkpoint is a zip too; its pickled object tree is this member, in a folder of its own.
 TORCH_PICKLE = "data.pkl"
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-NAMES_SHOWN = 3  # names listed in an error before "and N more", so that it stays one short line
 
 
 class GalleryError(ValueError):
     """A gallery that cannot be used as asked; one line (the command lines exit 2)."""
-
-
-def capped(names: Sequence[str]) -> str:
-    """`a, b, c and 7 more`: names for a one-line error, however many there are."""
-    shown = ", ".join(names[:NAMES_SHOWN])
-    return shown if len(names) <= NAMES_SHOWN else f"{shown} and {len(names) - NAMES_SHOWN} more"
 
 
 def name_problem(name) -> str | None:

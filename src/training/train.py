@@ -31,7 +31,7 @@ from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import BatchSource, build_source
-from src.errors import first_line, state_dict_problem
+from src.errors import capped, first_line, state_dict_problem
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.training import distributed as dist_utils
@@ -230,6 +230,11 @@ def load_data(config: Config, data: PreparedData,
                           f"{train.num_images} training images")
     if val.num_images == 0:
         raise no_validation_images(len(val_rows), data, config)
+    images_per_class = torch.bincount(train.labels.cpu(), minlength=len(classes))
+    unlearnable = [classes.names[i] for i in (images_per_class == 0).nonzero().flatten().tolist()]
+    if unlearnable:  # the cache left out its unreadable images (the plain pipeline finds them later)
+        runtime.print(f"warning: {len(unlearnable)} individual(s) have no readable training image, so the model "
+                      f"cannot learn them: {capped(unlearnable)}")
     return classes, train, val, data_fingerprint(train_rows, classes)
 
 

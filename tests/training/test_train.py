@@ -208,14 +208,23 @@ def _moved_raw_dir(tiny_data, tmp_path):
     return tmp_path / "data"
 
 
-def _val_list(tiny_data, tmp_path, lines):
-    """A copy of tiny_data's lists (same raw images) whose val.txt is `lines(original lines)`."""
+def _val_list(tiny_data, tmp_path, lines, split="val"):
+    """A copy of tiny_data's lists (same raw images) whose `split`.txt is `lines(original lines)`."""
     shutil.copytree(tiny_data / "annotations", tmp_path / "data" / "annotations")
     meta = tmp_path / "data" / "annotations" / "prepared.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "raw_dir": str(PreparedData.load(tiny_data).raw_dir)}))
-    val = tmp_path / "data" / "annotations" / "val.txt"
-    val.write_text("".join(lines(val.read_text().splitlines(keepends=True))))
+    listed = tmp_path / "data" / "annotations" / f"{split}.txt"
+    listed.write_text("".join(lines(listed.read_text().splitlines(keepends=True))))
     return tmp_path / "data"
+
+
+def test_an_individual_without_a_readable_training_image_is_warned_about(tiny_data, tmp_path, capsys):
+    first = PreparedData.load(tiny_data).split("train")[0][1]
+    data = _val_list(tiny_data, tmp_path, lambda lines: ["gone/" + line if line.rstrip().endswith(f" {first}")
+                                                         else line for line in lines], split="train")
+    assert train_main(["--config", str(write_config(tmp_path, data, **{"trainer.max_epochs": 1}))]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: 1 individual(s) have no readable training image, so the model cannot learn them: {first}" in out
 
 
 @pytest.mark.parametrize("setup, message", [
