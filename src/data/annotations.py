@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from src.errors import missing
 from src.data.io import IMAGE_EXTENSIONS
 from src.data.lists import REJECTED_NAME, ListFormatError, canonical_name, is_list_name, read_numbered_list
+from src.errors import missing
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -170,8 +170,8 @@ def find_release_base(raw_dir: str | Path) -> Path:
     """
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
-        raise AnnotationError(f"raw folder {raw_dir} {missing(raw_dir, folder=True)} (--download fetches the public release; "
-                              f"--folder or --list read your own photos)")
+        raise AnnotationError(f"raw folder {raw_dir} {missing(raw_dir, folder=True)} (--download fetches the "
+                              "public release; --folder or --list read your own photos)")
     nested = raw_dir / RELEASE_FOLDER
     return nested if nested.is_dir() else raw_dir
 

@@ -23,9 +23,12 @@ class ImageLoadError(Exception):
 def _white(img: Image.Image, values: np.ndarray) -> float:
     """The value that means white in a 16-bit, 32-bit or float grayscale image. A fixed scale, so that
     a photo decodes to the same pixels whatever container it came in (a 16-bit PNG opens as "I;16" or
-    as "I" depending on Pillow's version); the image's own maximum only where its values fit no scale."""
-    if img.mode.startswith("I;16") or (img.mode == "I" and values.min() >= 0 and values.max() <= 65535):
+    as "I" depending on Pillow's version; 8-bit values saved as 32-bit integers stay 8-bit); the
+    image's own maximum only where its values fit no scale."""
+    if img.mode.startswith("I;16"):
         return 65535.0
+    if img.mode == "I" and values.min() >= 0 and values.max() <= 65535:
+        return 255.0 if values.max() <= 255 else 65535.0
     if img.mode == "F" and values.min() >= 0 and values.max() <= 1:
         return 1.0
     return max(float(values.max()), 1.0)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src import atomic
-from src.errors import missing
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
                                   read_cvjena, read_folder, read_list_file)
 from src.data.dataset import FORMAT_VERSION
@@ -41,6 +40,7 @@ from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, Split
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import (LABELS_FIX, Exclusion, ImageCheck, check_images, count_problems,
                                label_quality, write_report)
+from src.errors import missing
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
 DEFAULT_OUT_DIR = Path("data/chimpanzee_faces")

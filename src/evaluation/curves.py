@@ -57,12 +57,12 @@ def default_output(csv_path: Path) -> Path:
     return csv_path.with_name(f"{name}_curves.png")
 
 
-def check_output(out: Path, csv_path: Path) -> None:
+def check_output(out: Path) -> None:
     """Refuse an --out that would destroy something: the plot is a PNG, and it replaces only a PNG
-    (a typo such as `--out artifacts/x_best.pt` must not turn a checkpoint into a picture)."""
+    (a typo such as `--out artifacts/x_best.pt` must not turn a checkpoint, or the CSV, into a picture)."""
     if out.suffix.lower() != ".png":
         raise CurvesError(f"--out {out}: the curves are a PNG; name it <something>.png")
-    if out.exists() and (out.resolve() == csv_path.resolve() or not _is_png(out)):
+    if out.exists() and not _is_png(out):
         raise CurvesError(f"--out {out}: exists and is not a PNG; refusing to replace it")
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or default_output(args.metrics_csv)
     try:
-        check_output(out, args.metrics_csv)
+        check_output(out)
         history = read_metrics_csv(args.metrics_csv)
     except CurvesError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -394,11 +394,12 @@ def trained_on(splits: dict[str, list[tuple[str, str]]], run: Run) -> bool:
     return data_fingerprint(splits["train"], run.classes) == run.checkpoint.get("data_fingerprint")
 
 
-def data_warnings(splits: dict[str, list[tuple[str, str]]], run: Run, split: str, open_set: bool,
+def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, open_set: bool, trained_here: bool,
                   sidecar: Path) -> list[str]:
-    """What makes the numbers less trustworthy without making them wrong to compute."""
+    """What makes the numbers less trustworthy without making them wrong to compute. `trained_here`:
+    whether the train split is the checkpoint's (`trained_on`)."""
     warnings = []
-    if not trained_on(splits, run):
+    if not trained_here:
         warnings.append(f"the train split differs from the one this checkpoint was trained on (re-prepared "
                         f"or another dataset): evaluated images may have been training images, and the "
                         f"thresholds are in the report only ({sidecar.name}, which inference reads, is left as it was)")
@@ -475,9 +476,10 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str =
 def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, device: torch.device,
               batch_size: int) -> dict:
     run = load_run(checkpoint, device)
-    existing = next(folder for folder in (out, *out.parents) if folder.exists())
-    if not existing.is_dir():  # found now, not after the whole evaluation
-        raise EvaluationError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        atomic.check_folder_possible(out)  # found now, not after the whole evaluation
+    except NotADirectoryError as exc:
+        raise EvaluationError(f"--out {out}: {exc.filename} is a file, not a folder") from None
     config = evaluation_config(run.config, data_root, batch_size)
     open_set, root = config.data.open_set, config.data.root
     data = PreparedData.load(root)
@@ -492,8 +494,8 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, d
                              model=config.model) for kind in SCORE_KINDS}
     open_section = (open_set_section(embedded, split, scorers["nearest"]) if open_set
                     else {"evaluated": False, "note": CLOSED_MODEL_NOTE})
-    sidecar = threshold_sidecar_path(checkpoint)
-    warnings = data_warnings(splits, run, split, open_set, sidecar)
+    sidecar, trained_here = threshold_sidecar_path(checkpoint), trained_on(splits, run)
+    warnings = data_warnings(splits, split, open_set, trained_here, sidecar)
 
     report = {
         "report_version": REPORT_VERSION,
@@ -509,7 +511,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, d
         "retrieval": retrieval_section(embedded[split], embedded["train"]),
         "by_source": by_source_section(embedded[split], embedded["train"], run.classes, read_sources(root)),
         "open_set": open_section,
-        "threshold": threshold_section(embedded, open_set, scorers, sidecar if trained_on(splits, run) else None),
+        "threshold": threshold_section(embedded, open_set, scorers, sidecar if trained_here else None),
         "warnings": warnings,
     }
     metrics_csv = RunPaths(checkpoint.parent, config.name).metrics

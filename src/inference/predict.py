@@ -11,7 +11,8 @@ is larger than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapi
 with its reason, as are missing paths, broken links, FIFOs and other files that are not regular,
 empty folders and patterns without a match, and the rest is processed. A table goes to the
 terminal; `--output` writes every input (skipped ones with their reason) as CSV or JSON,
-atomically (a file already there is replaced whole or not at all) and creating missing folders. A progress bar shows for folders when stderr is a terminal.
+atomically (a file already there is replaced whole or not at all) and creating missing folders.
+A progress bar shows for folders when stderr is a terminal.
 
 Exit codes: 0 every input identified; 1 some input skipped; 2 unusable options, checkpoint, export or
 gallery.

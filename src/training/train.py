@@ -134,7 +134,8 @@ class EpochSums:
     def from_state(cls, state: torch.Tensor, steps: int, device) -> "EpochSums":
         return cls(state.double().to(device), steps=steps)
 
-    def means(self, runtime: Runtime) -> dict[str, float]:
+    def means(self, runtime: Runtime) -> dict[str, float | int]:
+        """Mean loss, top-1 and top-5 over the labelled images, and their number (`images`)."""
         loss, top1, top5, count = dist_utils.all_reduce_sum(self.totals.clone(), runtime.dist).tolist()
         images, count = int(count), max(count, 1.0)
         return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": images}

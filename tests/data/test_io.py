@@ -13,6 +13,7 @@ GREYS = np.tile(np.arange(20, 220, 2, dtype=np.uint16), (10, 1))  # 8-bit grey l
 @pytest.mark.parametrize("name, image", [
     ("16-bit PNG", Image.fromarray(GREYS * 257)),                            # opens as "I;16"
     ("16-bit values in a 32-bit TIFF", Image.fromarray((GREYS * 257).astype(np.int32), "I")),
+    ("8-bit values in a 32-bit TIFF", Image.fromarray(GREYS.astype(np.int32), "I")),
     ("floats in [0, 1] in a TIFF", Image.fromarray((GREYS / 255).astype(np.float32), "F")),
 ])
 def test_deep_greyscale_decodes_like_its_8_bit_twin(name, image, tmp_path):
