@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -53,6 +54,24 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
     # multiprocessing.Pool, used before, replaced the dead worker and waited for its task forever.
     with pytest.raises(WorkerDied, match="a worker process died without a result"):
         list(map_in_processes(exit_abruptly, range(8), 2, __name__))
+
+
+def note_and_wait(path: str) -> str:
+    """A task that leaves a trace: the file it was given."""
+    with open(path, "w"):
+        pass
+    time.sleep(0.05)
+    return path
+
+
+def test_a_map_stopped_early_drops_the_tasks_not_begun(tmp_path):
+    """Interrupted (Ctrl-C, SIGTERM) or no longer read, a map does not run its whole queue first
+    (200 x 50 ms here on 2 workers): executor.map cancels its pending tasks when left early, which a
+    stopped cache build relies on."""
+    results = map_in_processes(note_and_wait, [str(tmp_path / f"{i}") for i in range(200)], 2, __name__)
+    next(results)
+    results.close()
+    assert len(list(tmp_path.iterdir())) < 50
 
 
 def test_an_unguarded_script_runs_once_and_does_not_hang(tiny_data, tmp_path):

@@ -697,17 +697,43 @@ def _report(message: str, all_ranks_agree: bool) -> None:
         sys.stderr.flush()
 
 
+class Terminated(Exception):
+    """SIGTERM before training started (`sigterm_raises`)."""
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises Terminated until `StopRequest` takes over, as Ctrl-C raises KeyboardInterrupt.
+    Its default ends the process on the spot: silently, leaving the image cache's worker processes
+    and fork server running, where an exception stops the workers and exits with one line."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(_signum, _frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config)
-        run(config, args.resume)
+        with sigterm_raises():
+            run(config, args.resume)
     except (ConfigError, DatasetError, ModelError, CheckpointError) as exc:
         _report(f"error: {exc}", all_ranks_agree=False)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C before training started (from then on StopRequest handles it)
-        _report("error: interrupted before training started; no checkpoint was written", all_ranks_agree=False)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:  # before training started (then StopRequest handles them)
+        name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        _report(f"error: stopped by {name} before training started; no checkpoint was written", all_ranks_agree=False)
+        return 143 if isinstance(exc, Terminated) else 130
     except TrainingStopped as exc:
         command = ("the same torchrun command with" if dist_utils.launched_by_torchrun()
                    else f"python -m src.training.train --config {args.config}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -322,14 +323,19 @@ def test_a_batch_that_does_not_give_each_process_two_images_is_refused(tiny_data
         make_runtime(config)
 
 
-def test_ctrl_c_before_training_starts_exits_130_in_one_line(tiny_data, tmp_path, capsys, monkeypatch):
-    """Ctrl-C while the data load or the image cache is built (before the run's own handler)."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_training_starts_exits_in_one_line(tiny_data, tmp_path, capsys, monkeypatch, signum, code):
+    """Ctrl-C or SIGTERM while the data load or the image cache is built (before the run's own
+    handler). SIGTERM's default ended the process silently, leaving the cache's workers running."""
     def interrupted(root):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises at once; never reached
 
     monkeypatch.setattr(train_module.PreparedData, "load", interrupted)
-    assert train_main(["--config", str(write_config(tmp_path, tiny_data))]) == 130
-    assert capsys.readouterr().err == "error: interrupted before training started; no checkpoint was written\n"
+    assert train_main(["--config", str(write_config(tmp_path, tiny_data))]) == code
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err == f"error: stopped by {name} before training started; no checkpoint was written\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
 
 
 def test_python_api_takes_a_dict_and_names_an_unnamed_run(tiny_data, tmp_path, capsys):
