@@ -92,7 +92,8 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
             _build(cache_dir, key, raw_dir, rel_paths, cache_size, workers)
             log.info("built image cache %s (%d images, %d px) in %.1f s", key, len(rel_paths),
                      cache_size, time.perf_counter() - started)
-            _prune_superseded(cache_dir, key, _slot(rel_paths, cache_size))
+            superseded = {_slot(raw_dir, rel_paths, cache_size), _legacy_slot(rel_paths, cache_size)}
+            _prune_superseded(cache_dir, key, superseded)
             cached = _open(cache_dir, key, _read_meta(cache_dir, key), built=True)
     if cached.failed:  # every run, not only the one that built the cache
         examples = "; ".join(f"{rel}: {reason}" for rel, reason in cached.failed[:5])
@@ -135,8 +136,15 @@ def _cache_key(rel_paths: Sequence[str], digests: Sequence[str], cache_size: int
                        list(zip(rel_paths, digests))])
 
 
-def _slot(rel_paths: Sequence[str], cache_size: int) -> str:
-    """Same list at the same size: a newer build in the same slot supersedes the older one."""
+def _slot(raw_dir: Path, rel_paths: Sequence[str], cache_size: int) -> str:
+    """Same images (folder and list) at the same size: a newer build in the slot supersedes the
+    older. With the folder in it, two datasets with the same layout can share `cache_dir`."""
+    return _hash_json([str(raw_dir.resolve()), cache_size, list(rel_paths)])
+
+
+def _legacy_slot(rel_paths: Sequence[str], cache_size: int) -> str:
+    """The slot of caches built before the folder was part of it: superseded all the same (their
+    decode settings are older too, so no build of this code can use them)."""
     return _hash_json([cache_size, list(rel_paths)])
 
 
@@ -281,7 +289,7 @@ def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], c
         os.replace(temporary, data)
     finally:
         temporary.unlink(missing_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "key": key, "slot": _slot(rel_paths, cache_size),
+    meta = {"format_version": FORMAT_VERSION, "key": key, "slot": _slot(raw_dir, rel_paths, cache_size),
             "decode": DECODE_SETTINGS, "pillow": PIL.__version__, "cache_size": cache_size,
             "shape": [len(kept), cache_size, cache_size, 3], "kept": kept, "failed": failed,
             "checksum": "crc32", "checksum_chunk_bytes": CHECKSUM_CHUNK_BYTES,
@@ -305,10 +313,10 @@ def _remove_temporaries(cache_dir: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _prune_superseded(cache_dir: Path, key: str, slot: str) -> None:
-    """Delete older caches of the same list at the same size: their image contents are gone.
+def _prune_superseded(cache_dir: Path, key: str, slots: set[str]) -> None:
+    """Delete older caches in `slots` (the same images at the same size): their contents are gone.
 
-    Caches of other lists or other sizes stay (runs at 112 and 224 px may alternate); deleting
+    Caches of other folders, lists or sizes stay (runs at 112 and 224 px may alternate); deleting
     `cache_dir` by hand is always safe.
     """
     for meta_path in cache_dir.glob("*.json"):
@@ -319,7 +327,7 @@ def _prune_superseded(cache_dir: Path, key: str, slot: str) -> None:
             other_slot = json.loads(meta_path.read_text(encoding="utf-8")).get("slot")
         except (OSError, ValueError, AttributeError):
             continue
-        if other_slot == slot:
+        if other_slot in slots:
             log.info("removing superseded image cache %s", _data_path(cache_dir, other))
             _data_path(cache_dir, other).unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)

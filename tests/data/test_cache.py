@@ -116,6 +116,30 @@ def test_changed_image_bytes_rebuild_and_prune_the_old_cache(dataset):
     assert sorted(p.name for p in cache_dir.glob("*.u8")) == [second.path.name]
 
 
+def test_two_datasets_of_the_same_layout_share_a_cache_folder(dataset, tmp_path):
+    """Their lists read alike (the stand-ins' or the public release's layout), their images differ:
+    building one's cache must not delete the other's, or alternating runs rebuild every time."""
+    raw, cache_dir, rows = dataset
+    other_raw = tmp_path / "other_raw"
+    for i, (rel, _) in enumerate(rows):
+        _write_png(other_raw / rel, seed=50 + i, size=(36, 28))
+    first = _build(dataset)
+    second = load_or_build_cache(rows, other_raw, cache_dir, CACHE_SIZE, 0)
+    assert second.built and first.path.exists()
+    assert not _build(dataset).built and not load_or_build_cache(rows, other_raw, cache_dir, CACHE_SIZE, 0).built
+
+
+def test_a_cache_of_the_earlier_slot_format_is_superseded_too(dataset):
+    """Caches built before the folder was part of the slot: a rebuild of the same list removes them."""
+    raw, cache_dir, rows = dataset
+    first = _build(dataset)
+    meta_path = first.path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "slot": cache._legacy_slot([rel for rel, _ in rows], CACHE_SIZE)}))
+    _write_png(raw / rows[0][0], seed=77, size=(40, 30))
+    assert _build(dataset).built and not first.path.exists()
+
+
 def test_changed_cache_size_rebuilds_and_keeps_the_other_size(dataset):
     first = _build(dataset, cache_size=CACHE_SIZE)
     second = _build(dataset, cache_size=CACHE_SIZE + 8)
