@@ -17,6 +17,10 @@ import torch
 from src.errors import first_line
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch's file format (and numpy's .npz)
+PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 starts with
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; one-line message naming the file."""
 
@@ -56,7 +60,7 @@ def _holds_a_pickle(path: Path) -> bool:
             start = handle.read(4)
     except OSError:
         return False
-    return start == b"PK\x03\x04" or start[:1] == b"\x80"
+    return start == ZIP_MAGIC or start.startswith(PICKLE_MAGIC)
 
 
 def _unsupported_pickle_opcode(message: str) -> bool:

@@ -43,12 +43,11 @@ from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.errors import capped
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
+from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC
 from src.tables import format_rows, print_stdout
 
 FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
-ZIP_MAGIC = b"PK\x03\x04"
-PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 starts with
 # A PyTorch checkpoint is a zip too; its pickled object tree is this member, in a folder of its own.
 TORCH_PICKLE = "data.pkl"
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -114,9 +113,7 @@ class Gallery:
 
     @classmethod
     def _validated(cls, arrays: dict[str, np.ndarray], path: Path, problem: str = "corrupt gallery") -> Gallery:
-        missing = [key for key in ARRAYS if key not in arrays]
-        if missing:
-            raise GalleryError(f"{path}: not a gallery file (missing {', '.join(missing)})")
+        """The gallery `arrays` (one per name in ARRAYS, as `gallery_members` and `save` provide) hold."""
         if arrays["format_version"].shape != () or arrays["format_version"].dtype.kind not in "iu":
             raise GalleryError(f"{path}: {problem}: format_version must be one integer")
         version = int(arrays["format_version"])
