@@ -731,9 +731,9 @@ def main(argv=None) -> int:
         _report(f"error: {exc}", all_ranks_agree=False)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:  # before training started (then StopRequest handles them)
-        name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
         _report(f"error: stopped by {name} before training started; no checkpoint was written", all_ranks_agree=False)
-        return 143 if isinstance(exc, Terminated) else 130
+        return code
     except TrainingStopped as exc:
         command = ("the same torchrun command with" if dist_utils.launched_by_torchrun()
                    else f"python -m src.training.train --config {args.config}")
