@@ -1,12 +1,15 @@
 """Advisory locks: exclusive between processes, released at the end of the block and at exit."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from src import locks
 from src.locks import LockHeld, exclusive
 from tests.conftest import REPO
 
@@ -44,3 +47,34 @@ def test_released_at_the_end_of_the_block(tmp_path):
     with exclusive(lock, wait=False):  # would raise if the first were still held
         pass
     assert lock.is_file()
+
+
+def test_a_lock_file_replaced_while_waiting_is_locked_afresh(tmp_path, monkeypatch):
+    """A waiter that gets the lock on a file no longer at the path (deleted or replaced meanwhile)
+    locks the file now there; otherwise a third process would lock that one too and both would run."""
+    lock = tmp_path / ".lock"
+    opened, holding, release = threading.Event(), threading.Event(), threading.Event()
+
+    def waiter():
+        with exclusive(lock):
+            holding.set()
+            release.wait(10)
+
+    with exclusive(lock):
+        real_open = open
+        monkeypatch.setattr(locks, "open", lambda *args: (opened.set(), real_open(*args))[1], raising=False)
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert opened.wait(10)
+        time.sleep(0.2)  # let the waiter block in flock on the file it opened
+        replacement = tmp_path / "new"
+        replacement.touch()
+        os.replace(replacement, lock)
+    try:
+        assert holding.wait(10)
+        with pytest.raises(LockHeld):
+            with exclusive(lock, wait=False):
+                pass
+    finally:
+        release.set()
+        thread.join(10)
