@@ -3,8 +3,11 @@ that fail loudly when a worker dies."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import signal
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -40,13 +43,55 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
         # Functions of `__main__` (a module of ours run with -m) need it in the workers, where it is
         # imported by name: our entry points are guarded. Any other caller's main stays out. The
         # executor starts its workers as `map` submits the tasks, so the block covers all of them.
-        with nullcontext() if preload == "__main__" else _main_script_hidden():
+        with _signals_held(), nullcontext() if preload == "__main__" else _main_script_hidden():
+            if START_METHOD == "forkserver":
+                _start_fork_server()
             results = executor.map(function, items, chunksize=chunksize)
         try:
             yield from results
         except BrokenProcessPool:
             raise WorkerDied(f"a worker process died without a result (out of memory?); try fewer "
                              f"workers than {workers}") from None
+
+
+@contextmanager
+def _signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C or SIGTERM arriving in the block reaches its handler at the end of the block.
+
+    The block starts worker processes: a KeyboardInterrupt raised halfway through a start leaves a
+    worker that fails with a traceback of its own once this process has exited. Main thread only
+    (signal handlers can be set nowhere else); elsewhere signals come as they always do.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    # A handler set outside Python (getsignal gives None) could not be put back: it stays.
+    held = {signum: signal.signal(signum, lambda number, _frame: arrived.append(number))
+            for signum in signums if signal.getsignal(signum) is not None}
+    try:
+        yield
+    finally:
+        for signum, previous in held.items():
+            signal.signal(signum, previous)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+
+
+def _start_fork_server() -> None:
+    """Start the fork server (once per process) with SIGINT ignored, which it and every worker it
+    forks keep: Ctrl-C in a terminal signals the whole process group, and a fork server or worker
+    interrupted would print a traceback of its own. This process alone stops, and so stops them
+    (`executor.map` cancels the tasks not begun when left). Ctrl-C in the few milliseconds of the
+    server's start is lost, not held."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        multiprocessing.forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

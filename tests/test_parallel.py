@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,20 @@ from src.data.cache import load_or_build_cache
 rows = [(line.split()[0], line.split()[1]) for line in open({train_list!r})]
 cached = load_or_build_cache(rows, {raw_dir!r}, {cache_dir!r}, 16, workers=2)
 print("built", len(cached.kept), flush=True)
+"""
+
+
+# Ctrl-C while a map starts: the fork server is still importing torch (preloading src.data.cache).
+INTERRUPTED_SCRIPT = """\
+import sys, time
+sys.path.insert(0, {repo!r})
+from src.parallel import map_in_processes
+print("ready", flush=True)
+try:
+    for _ in map_in_processes(time.sleep, [0.2] * 100, 2, "src.data.cache"):
+        pass
+except KeyboardInterrupt:
+    sys.exit("interrupted")
 """
 
 
@@ -100,3 +115,31 @@ def test_a_module_run_with_dash_m_reaches_its_own_functions_in_the_workers(tmp_p
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "raw").rglob("*.png"))) == 20
+
+
+def sigint_disposition(_item) -> str:
+    return signal.Signals(signal.SIGINT).name if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "handled"
+
+
+def test_ctrl_c_while_workers_start_stops_the_caller_alone(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group. The fork server (importing torch here)
+    and the workers ignore it, so none prints a traceback of its own; the caller stops them."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_SCRIPT.format(repo=str(REPO)))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        started = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert err.strip() == "interrupted" and process.returncode == 1
+    assert time.monotonic() - started < 15  # not the queue's 10 s on top of the start
+
+
+def test_workers_ignore_ctrl_c():
+    assert set(map_in_processes(sigint_disposition, range(4), 2, __name__)) == {"SIGINT"}
