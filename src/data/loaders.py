@@ -46,6 +46,10 @@ def _seed(*parts: int) -> int:
     return value >> 1
 
 
+# The label of padding rows: F.cross_entropy's default ignore_index, so that the loss leaves them out.
+IGNORED = -100
+
+
 def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoch: int,
                rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """Index batches for one rank and epoch.
@@ -54,9 +58,8 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
     dropped, so BatchNorm never sees a batch of one and compiled shapes stay fixed); each rank takes
     its contiguous slice of every global batch, so the images in a global step do not depend on the
     number of processes. Evaluation: every image exactly once, ranks taking interleaved shares, in
-    the fewest batches of at most `batch_size` (per rank) whose sizes differ by one at most: the
-    training loop pads the smaller ones by a row, so that a compiled model sees one shape (one
-    compilation, one CUDA graph) where a last, small batch would cost a compilation of its own.
+    the fewest batches of at most `batch_size` (per rank) whose sizes differ by one at most (a source
+    with `pad` pads the smaller ones by a row).
     """
     if train:
         generator = torch.Generator().manual_seed(_seed(seed, epoch))
@@ -65,13 +68,34 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
         return [order[start + rank * per_rank: start + (rank + 1) * per_rank]
                 for start in range(0, num_images - batch_size + 1, batch_size)]
     mine = torch.arange(num_images)[rank::world_size]
-    return list(mine.tensor_split(-(-len(mine) // max(1, batch_size // world_size)))) if len(mine) else []
+    return list(mine.tensor_split(evaluation_batches(len(mine), batch_size, world_size))) if len(mine) else []
+
+
+def evaluation_batches(images_of_rank: int, batch_size: int, world_size: int) -> int:
+    """How many batches `batch_plan` cuts one rank's evaluation images into."""
+    return -(-images_of_rank // max(1, batch_size // world_size))
+
+
+def pad_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch grown to `size` rows by repeating its last image, labelled IGNORED. Indexing keeps
+    the images' memory format (a cat with an expanded row would make them contiguous, and a compiled
+    function would compile again for the other strides)."""
+    if len(labels) >= size:
+        return images, labels
+    rows = torch.arange(size, device=labels.device)
+    index = rows.clamp(max=len(labels) - 1)
+    return images[index], torch.where(rows < len(labels), labels[index], IGNORED)
 
 
 @dataclass
 class BatchSource:
     """One split as batches on the device; `skipped` counts unreadable images of the last epoch:
-    `left_out` (left out of the cache when it was built) plus those found while decoding (plain)."""
+    `left_out` (left out of the cache when it was built) plus those found while decoding (plain).
+
+    `pad` (evaluation only): every batch padded to the plan's largest with IGNORED rows, before the
+    augmentation, so that compiled functions (the augmentation, the model) see one shape: one
+    compilation and one CUDA graph, where a last, smaller batch would cost a compilation of its own.
+    """
 
     labels: torch.Tensor
     augment: BatchAugment
@@ -83,6 +107,7 @@ class BatchSource:
     world_size: int = 1
     left_out: int = 0
     skipped: int = 0
+    pad: bool = False
 
     @property
     def num_images(self) -> int:
@@ -96,12 +121,14 @@ class BatchSource:
         """Batches per epoch, as `plan` makes them."""
         if self.train:
             return self.num_images // self.batch_size
-        mine = len(range(self.rank, self.num_images, self.world_size))
-        return -(-mine // max(1, self.batch_size // self.world_size))
+        return evaluation_batches(len(range(self.rank, self.num_images, self.world_size)), self.batch_size,
+                                  self.world_size)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = self.left_out
-        for step, (pixels, labels) in enumerate(self._pixels(self.plan(epoch)[start_step:]), start_step):
+        plan = self.plan(epoch)
+        size = max(map(len, plan), default=0)
+        for step, (pixels, labels) in enumerate(self._pixels(plan[start_step:]), start_step):
             if self.train:
                 # Draw for the whole global batch and keep this rank's slice: a sample's
                 # augmentation does not depend on the number of processes.
@@ -110,6 +137,8 @@ class BatchSource:
                 start = self.rank * (self.batch_size // self.world_size)
                 yield self.augment.apply_uniform(pixels, uniform[start:start + len(pixels)]), labels
             else:
+                if self.pad:  # also a batch the plain pipeline found an unreadable image in
+                    pixels, labels = pad_batch(pixels, labels, size)
                 yield self.augment.eval(pixels), labels
 
     def _pixels(self, plan: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -208,9 +237,10 @@ def refill(pixels: torch.Tensor, labels: torch.Tensor, missing: int) -> tuple[to
 
 def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,
                  train: bool, device: torch.device, rank: int = 0, world_size: int = 1,
-                 dtype: torch.dtype = torch.float32) -> BatchSource:
+                 dtype: torch.dtype = torch.float32, pad: bool = False) -> BatchSource:
     """The batch source for one split, as `data.pipeline` asks; images of `dtype` (training under
-    autocast passes its dtype: the model's first layer would cast to it anyway)."""
+    autocast passes its dtype: the model's first layer would cast to it anyway); `pad`: see
+    BatchSource."""
     cache_size = cache_size_for(config.data.image_size)
     augment = BatchAugment(config.augment, config.data.image_size, dtype)
     if config.trainer.compile and device.type == "cuda":
@@ -218,7 +248,7 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
         # launches cost about as much host time as a resnet18 step.
         augment.apply_uniform = torch.compile(augment.apply_uniform, dynamic=False)
         augment.eval = torch.compile(augment.eval, dynamic=False)
-    common = dict(augment=augment, train=train,
+    common = dict(augment=augment, train=train, pad=pad,
                   batch_size=config.trainer.batch_size, seed=config.trainer.seed, device=device,
                   rank=rank, world_size=world_size)
     if config.data.pipeline == "plain":

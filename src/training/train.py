@@ -25,15 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
-from src.data.loaders import BatchSource, build_source
+from src.data.loaders import IGNORED, BatchSource, build_source
 from src.errors import capped, first_line, state_dict_problem
 from src.models.backbones import ModelError
 from src.models.factory import create_model
+from src.tables import progress_bar
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line
 from src.training.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointSaver, device_snapshot,
@@ -44,8 +44,8 @@ from src.training.resume import check_resume_compatible, check_training_state, d
 # the epoch is saved and dropped if not. The ~300 copies (resnet18 and its AdamW state) queue behind
 # validation, so launching them costs no GPU time: on an H200 resnet18 went from 88.8% to 90.4% of its
 # ceiling, its epoch's share outside training and validation from 2.2% to 0.5%. On the CPU a copy is
-# the work itself, so it is made only for an epoch that is saved; so it is where the GPU has no room
-# for one (a copy to the host would wait every epoch).
+# the work itself, so it is made only for an epoch that is saved; the same holds on a GPU with no room
+# for the copy (`device_snapshot` gives None: a copy to the host would wait every epoch).
 SNAPSHOT_DURING_VALIDATION = {"cuda"}
 
 # What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
@@ -53,8 +53,6 @@ RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "bes
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
 # 50 steps costs nothing measurable, while a sync every step would stall the GPU queue.
 NONFINITE_CHECK_EVERY = 50
-# The label of padding rows: F.cross_entropy's default ignore_index, so that the loss leaves them out.
-IGNORED = -100
 # torch.compile modes that capture CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -75,17 +73,6 @@ def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) 
     count = (labels != IGNORED).sum().double()
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # never for IGNORED
     return torch.stack([loss.double() * count, hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), count])
-
-
-def pad_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch grown to `size` rows by repeating its last image, labelled IGNORED. Indexing keeps
-    the images' memory format (a cat with an expanded row would make them contiguous, and a compiled
-    model would compile again for the other strides)."""
-    if len(labels) >= size:
-        return images, labels
-    rows = torch.arange(size, device=labels.device)
-    index = rows.clamp(max=len(labels) - 1)
-    return images[index], torch.where(rows < len(labels), labels[index], IGNORED)
 
 
 @dataclass
@@ -222,7 +209,7 @@ def load_data(config: Config, data: PreparedData,
     common = dict(device=runtime.device, rank=runtime.dist.rank, world_size=runtime.dist.world_size,
                   dtype=runtime.amp_dtype or torch.float32)
     train = build_source(config, train_rows, data.raw_dir, classes, train=True, **common)
-    val = build_source(config, val_rows, data.raw_dir, classes, train=False, **common)
+    val = build_source(config, val_rows, data.raw_dir, classes, train=False, pad=True, **common)
     if train.num_images == 0:
         raise DatasetError(f"none of the {len(train_rows)} training images could be read under {data.raw_dir} "
                            f"(raw_dir of {config.data.root}/annotations/prepared.json): were they moved or deleted?")
@@ -374,8 +361,7 @@ class StopRequest:
 
 def _progress(total: int, initial: int, config: Config, runtime: Runtime, desc: str):
     show = config.trainer.progress == "always" or (config.trainer.progress == "auto" and sys.stderr.isatty())
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr,
-                disable=not (show and runtime.dist.is_main), dynamic_ncols=True)
+    return progress_bar(total, desc, show and runtime.dist.is_main, initial=initial)
 
 
 def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, scaler, epoch: int,
@@ -425,12 +411,7 @@ def evaluate(runner, model, source: BatchSource, config: Config, runtime: Runtim
     dist_utils.broadcast_buffers(model, runtime.dist)  # evaluate the model rank 0 saves
     sums = EpochSums.zeros(runtime.device)
     bar = _progress(len(source), 0, config, runtime, "validate")
-    size = None
-    for images, labels in source.batches(0):
-        # The plan's batches differ in size by one at most; padding the smaller ones gives the
-        # compiled model a single shape.
-        size = size or len(labels)
-        images, labels = pad_batch(images, labels, size)
+    for images, labels in source.batches(0):  # padded to one size, with IGNORED rows
         with runtime.autocast():
             _, logits, loss_logits = runner(images, labels.clamp(min=0))  # the head gathers at each label
         sums.add(runtime.batch_stats(F.cross_entropy(loss_logits, labels, ignore_index=IGNORED), logits, labels))
@@ -571,6 +552,32 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
         yield
 
 
+def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: RunPaths, trained: tuple,
+                   config: Config, runtime: Runtime) -> RunState:
+    """A new run's state, or the checkpoint's, restored into `trained` (model, optimizer, scheduler,
+    scaler); the same on every process. Says which, and what a new run replaces."""
+    state = RunState() if checkpoint is None else restore(checkpoint, resume_path, *trained, runtime)
+    # Each process reads --resume itself: on machines that do not share trainer.output_dir they would
+    # start from different points and combine gradients of different steps.
+    if not dist_utils.same_on_all_ranks([state.epoch, state.step], runtime.dist, runtime.device):
+        raise CheckpointError(f"cannot resume: the {runtime.dist.world_size} processes found different "
+                              f"checkpoints (this one: {resume_path or 'none'}, {state.epoch} epochs done); "
+                              f"every machine must see the same {resume_path or paths.last} "
+                              "(trainer.output_dir on shared storage)")
+    if checkpoint is not None and state.epoch == config.trainer.max_epochs:
+        runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
+                      "(raise trainer.max_epochs to train longer)")
+    elif checkpoint is not None:
+        runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
+                      + (f", step {state.step}" if state.step else ""))
+        if runtime.dist.is_main and resume_path.resolve() != paths.last.resolve():
+            bring_best_along(checkpoint, resume_path, paths, state, runtime)
+    elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
+        runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
+                      f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")
+    return state
+
+
 def run(config: Config | dict, resume: str | None = None) -> RunState:
     """Train as configured (a Config, or a dict of sections as in a YAML file); returns the final
     state. Raises ConfigError, DatasetError, ModelError, CheckpointError or TrainingStopped."""
@@ -598,28 +605,9 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         check_resume_compatible(checkpoint, config, classes, fingerprint, resume_path)
         check_training_state(checkpoint, resume_path, len(train_source))
     model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source))
-    state = RunState()
-    if checkpoint is not None:
-        state = restore(checkpoint, resume_path, model, optimizer, scheduler, scaler, runtime)
-    # Each process reads --resume itself: on machines that do not share trainer.output_dir they would
-    # start from different points and combine gradients of different steps.
-    if not dist_utils.same_on_all_ranks([state.epoch, state.step], runtime.dist, runtime.device):
-        raise CheckpointError(f"cannot resume: the {runtime.dist.world_size} processes found different "
-                              f"checkpoints (this one: {resume_path or 'none'}, {state.epoch} epochs done); "
-                              f"every machine must see the same {resume_path or paths.last} "
-                              "(trainer.output_dir on shared storage)")
-    if checkpoint is not None:
-        if state.epoch == config.trainer.max_epochs:
-            runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
-                          "(raise trainer.max_epochs to train longer)")
-            return state
-        runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
-                      + (f", step {state.step}" if state.step else ""))
-        if runtime.dist.is_main and resume_path.resolve() != paths.last.resolve():
-            bring_best_along(checkpoint, resume_path, paths, state, runtime)
-    elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
-        runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
-                      f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")
+    state = starting_state(checkpoint, resume_path, paths, (model, optimizer, scheduler, scaler), config, runtime)
+    if state.epoch == config.trainer.max_epochs:  # resumed from a finished run
+        return state
     train_runner, eval_runner = wrap_for_training(model, config, runtime)
     stop.install(second_signal_exits=not runtime.dist.enabled)
 

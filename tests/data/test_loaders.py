@@ -9,8 +9,9 @@ import torch
 from src.config import ConfigError, load_config
 from src.data import cache
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
-from src.data.loaders import STAGING_SLOTS, BatchSource, batch_plan, build_source, refill, staged_batches
+from src.data.loaders import IGNORED, STAGING_SLOTS, BatchSource, batch_plan, build_source, pad_batch, refill, staged_batches
 from src.parallel import WorkerDied
+from src.training.train import batch_stats
 from tests.conftest import write_config
 
 
@@ -118,6 +119,38 @@ def test_a_training_batch_with_unreadable_images_keeps_its_size():
     assert filled_labels.tolist() == [0, 1, 2, 0, 1, 2, 0] and filled.view(-1).tolist() == [0, 10, 20, 0, 10, 20, 0]
     with pytest.raises(DatasetError, match="all 2 images of a training batch could not be read"):
         refill(torch.empty(0), torch.empty(0, dtype=torch.long), missing=2)
+
+
+def test_padding_rows_change_no_validation_figure():
+    """Validation pads a smaller batch with IGNORED rows: loss, hits and count are those of the real rows."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(5, 3, 4, 4, generator=generator).to(memory_format=torch.channels_last)
+    logits, labels = torch.randn(5, 7, generator=generator), torch.tensor([0, 3, 6, 3, 1])
+    padded_images, padded_labels = pad_batch(images, labels, 8)
+    assert padded_images.shape == (8, 3, 4, 4) and padded_images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded_images[5:], images[4:].expand(3, -1, -1, -1))
+    assert padded_labels.tolist() == labels.tolist() + [IGNORED] * 3
+    padded_logits = torch.cat([logits, logits[4:].expand(3, -1)])  # the model's output on the repeated image
+    real = batch_stats(torch.nn.functional.cross_entropy(logits, labels), logits, labels)
+    loss = torch.nn.functional.cross_entropy(padded_logits, padded_labels, ignore_index=IGNORED)
+    torch.testing.assert_close(batch_stats(loss, padded_logits, padded_labels), real)
+    assert real[3] == 5
+
+
+@pytest.mark.parametrize("pipeline", ["plain", "cached"])
+def test_padded_evaluation_batches_have_one_size_and_the_same_images(tiny_data, tmp_path, pipeline):
+    """Padding comes before the augmentation, which (compiled) then sees a single shape as well."""
+    config = load_config(write_config(tmp_path, tiny_data, **{"data.pipeline": pipeline, "trainer.batch_size": 8}))
+    data = PreparedData.load(config.data.root)
+    rows = data.split("val")[:11]  # two batches, of 6 and 5 images
+    sources = {pad: build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=False,
+                                 device=torch.device("cpu"), pad=pad) for pad in (False, True)}
+    plain, padded = (list(sources[pad].batches(0)) for pad in (False, True))
+    assert len({len(labels) for _, labels in padded}) == 1 and len({len(labels) for _, labels in plain}) == 2
+    for (images, labels), (padded_images, padded_labels) in zip(plain, padded):
+        real = padded_labels != IGNORED
+        assert torch.equal(padded_labels[real], labels) and torch.equal(padded_images[real], images)
+        assert padded_images.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("pipeline", ["plain", "cached"])

@@ -355,22 +355,6 @@ def test_python_api_takes_a_dict_and_names_an_unnamed_run(tiny_data, tmp_path, c
         in capsys.readouterr().out
 
 
-def test_padding_rows_change_no_validation_figure():
-    """evaluate pads a smaller batch with IGNORED rows: loss, hits and count are those of the real rows."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(5, 3, 4, 4, generator=generator).to(memory_format=torch.channels_last)
-    logits, labels = torch.randn(5, 7, generator=generator), torch.tensor([0, 3, 6, 3, 1])
-    padded_images, padded_labels = train_module.pad_batch(images, labels, 8)
-    assert padded_images.shape == (8, 3, 4, 4) and padded_images.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(padded_images[5:], images[4:].expand(3, -1, -1, -1))
-    assert padded_labels.tolist() == labels.tolist() + [train_module.IGNORED] * 3
-    padded_logits = torch.cat([logits, logits[4:].expand(3, -1)])  # the model's output on the repeated image
-    real = train_module.batch_stats(torch.nn.functional.cross_entropy(logits, labels), logits, labels)
-    loss = torch.nn.functional.cross_entropy(padded_logits, padded_labels, ignore_index=train_module.IGNORED)
-    torch.testing.assert_close(train_module.batch_stats(loss, padded_logits, padded_labels), real)
-    assert real[3] == 5
-
-
 def test_partial_writes_of_a_killed_run_are_removed_at_the_next_start(tiny_data, tmp_path, capsys):
     """kill -9 during a checkpoint write leaves its temporary file (hundreds of MB for a resnet50);
     the next run of that name, holding the lock, removes it. Another run's files are not its own."""
