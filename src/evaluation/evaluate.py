@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from src import atomic
 from src.config import Config, ConfigError, ModelConfig, config_from_dict
@@ -43,6 +42,7 @@ from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_
 from src.evaluation.report import confusion_csv, render_markdown, rounded
 from src.models.backbones import ModelError
 from src.models.factory import IdentificationModel, create_model
+from src.tables import progress_bar
 from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths
 from src.training.checkpoint import CheckpointError, load_checkpoint
@@ -78,7 +78,7 @@ class Run:
 
 
 @dataclass
-class Embedded:
+class EmbeddedSplit:
     """One split through the model: the rows that could be read, with their embeddings and logits."""
 
     rows: list[tuple[str, str]]
@@ -93,8 +93,8 @@ class Embedded:
     def labels(self, classes: ClassIndex) -> np.ndarray:
         return np.array([classes.index(name) for name in self.names], dtype=np.int64)
 
-    def subset(self, mask: np.ndarray) -> "Embedded":
-        return Embedded([row for row, keep in zip(self.rows, mask) if keep], self.embeddings[mask],
+    def subset(self, mask: np.ndarray) -> "EmbeddedSplit":
+        return EmbeddedSplit([row for row, keep in zip(self.rows, mask) if keep], self.embeddings[mask],
                         self.logits[mask], 0)
 
 
@@ -108,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="prepared dataset (default: data.root of the checkpoint's config)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="decoded-image cache folder (default: data.cache_dir of the checkpoint's config; "
+                             "<data-root>/cache with --data-root)")
     parser.add_argument("--out", type=Path, default=None,
                         help="run folder (default: runs/eval/<checkpoint stem>_<split>)")
     parser.add_argument("--device", default=None,
@@ -165,15 +168,18 @@ def load_run(path: Path, device: torch.device) -> Run:
     return Run(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
 
 
-def evaluation_config(config: Config, data_root: Path | None, batch_size: int) -> Config:
-    """The checkpoint's config with the command line's changes: batch size and, for `--data-root`, the
-    data root and its default cache folder. Everything that shapes the pixels stays as trained."""
+def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | None, batch_size: int) -> Config:
+    """The checkpoint's config with the command line's changes: batch size, the cache folder and, for
+    `--data-root`, the data root (and its default cache folder). Everything that shapes the pixels stays
+    as trained."""
     config = config.model_copy(deep=True)
     # model_copy skips validation: the schema's minimum of 2 is for training (batch norm needs two
     # images to normalise), while evaluation runs the model in eval mode, where 1 is fine.
     config.trainer = config.trainer.model_copy(update={"batch_size": int(batch_size)})
     if data_root is not None:
         config.data.root, config.data.cache_dir = data_root, data_root / "cache"
+    if cache_dir is not None:
+        config.data.cache_dir = cache_dir
     return config
 
 
@@ -222,7 +228,7 @@ def read_sources(root: Path) -> dict[str, str]:
 
 
 @torch.no_grad()
-def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: Path, desc: str) -> Embedded:
+def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: Path, desc: str) -> EmbeddedSplit:
     """Every readable image of `rows` through the model, with exactly training's validation pipeline
     (`build_source(train=False)`: the same cache, decoding and `BatchAugment.eval`).
 
@@ -236,8 +242,7 @@ def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: 
     source = build_source(config, [(path, str(i)) for i, (path, _) in enumerate(rows)], raw_dir, row_ids,
                           train=False, device=run.device)
     kept, embeddings, logits = [], [], []
-    bar = tqdm(total=len(source), desc=desc, leave=False, file=sys.stderr, disable=not sys.stderr.isatty(),
-               dynamic_ncols=True)
+    bar = progress_bar(len(source), desc, sys.stderr.isatty())
     for images, labels in source.batches(0):
         batch_embeddings, batch_logits = run.model.embed_and_classify(images)
         embeddings.append(batch_embeddings.cpu().numpy())
@@ -247,15 +252,15 @@ def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: 
     bar.close()
     if not kept:
         raise EvaluationError(f"{desc}: none of its {len(rows)} images could be read")
-    return Embedded(kept, np.concatenate(embeddings), np.concatenate(logits), len(rows) - len(kept))
+    return EmbeddedSplit(kept, np.concatenate(embeddings), np.concatenate(logits), len(rows) - len(kept))
 
 
-def similarity(queries: Embedded, gallery: Embedded) -> np.ndarray:
+def similarity(queries: EmbeddedSplit, gallery: EmbeddedSplit) -> np.ndarray:
     """Cosine similarity (embeddings are unit vectors), in float64 so that ties are real ties."""
     return queries.embeddings.astype(np.float64) @ gallery.embeddings.astype(np.float64).T
 
 
-def check_gallery(embedded: dict[str, Embedded], split: str) -> None:
+def check_gallery(embedded: dict[str, EmbeddedSplit], split: str) -> None:
     """Every known query individual needs a readable gallery image, or retrieval could not find it."""
     in_gallery = set(embedded["train"].names)
     for name in dict.fromkeys(["val", split]):
@@ -269,7 +274,7 @@ def check_gallery(embedded: dict[str, Embedded], split: str) -> None:
 # Sections of the report
 
 
-def closed_set_section(query: Embedded, classes: ClassIndex) -> tuple[dict, np.ndarray]:
+def closed_set_section(query: EmbeddedSplit, classes: ClassIndex) -> tuple[dict, np.ndarray]:
     """Classifier metrics on the evaluated split, the per-individual table and the confusion matrix."""
     labels = query.labels(classes)
     matrix = metrics.confusion(labels, query.logits.argmax(axis=1), len(classes))
@@ -278,14 +283,14 @@ def closed_set_section(query: Embedded, classes: ClassIndex) -> tuple[dict, np.n
     return section, matrix
 
 
-def retrieval_section(query: Embedded, gallery: Embedded) -> dict:
+def retrieval_section(query: EmbeddedSplit, gallery: EmbeddedSplit) -> dict:
     """1-NN accuracy, mAP@R and CMC of the evaluated split against the train gallery."""
     section = metrics.retrieval_metrics(similarity(query, gallery), query.names, gallery.names)
     section["gallery_images"] = len(gallery.rows)
     return section
 
 
-def by_source_section(query: Embedded, gallery: Embedded, classes: ClassIndex, sources: dict[str, str]) -> dict:
+def by_source_section(query: EmbeddedSplit, gallery: EmbeddedSplit, classes: ClassIndex, sources: dict[str, str]) -> dict:
     """The closed-set and retrieval headline numbers per image source: published results differ a lot
     between CZoo (zoo, good light) and CTai (wild, Taï forest), so one average can hide either."""
     per_image = np.array([sources.get(path, "unknown") for path, _ in query.rows])
@@ -299,7 +304,7 @@ def by_source_section(query: Embedded, gallery: Embedded, classes: ClassIndex, s
     return section
 
 
-def best_scores(query: Embedded, gallery: Embedded, kind: str, classes: ClassIndex,
+def best_scores(query: EmbeddedSplit, gallery: EmbeddedSplit, kind: str, classes: ClassIndex,
                 model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Each query's predicted individual and its score, computed as inference computes it for `kind`
     (SCORE_KINDS): the classifier, the most similar gallery image, or the gallery prototypes."""
@@ -327,7 +332,7 @@ class OpenSetSide:
     unknown_scores: np.ndarray
 
     @classmethod
-    def score(cls, known: Embedded, unknown: Embedded, scorer) -> "OpenSetSide":
+    def score(cls, known: EmbeddedSplit, unknown: EmbeddedSplit, scorer) -> "OpenSetSide":
         """`scorer(embedded) -> (predicted individuals, best scores)`, one of `best_scores`' kinds."""
         predicted, known_scores = scorer(known)
         return cls(known.names, predicted == known.names, known_scores, unknown.names, scorer(unknown)[1])
@@ -345,7 +350,7 @@ class OpenSetSide:
         return metrics.unknown_auroc(np.r_[self.known_scores, self.unknown_scores], is_unknown)
 
 
-def open_set_section(embedded: dict[str, Embedded], split: str, scorer) -> dict:
+def open_set_section(embedded: dict[str, EmbeddedSplit], split: str, scorer) -> dict:
     """Unknown-individual detection for a model trained without the held-out individuals, on the
     1-NN similarity to the train gallery (`scorer`), as retrieval papers report it.
 
@@ -365,7 +370,7 @@ def open_set_section(embedded: dict[str, Embedded], split: str, scorer) -> dict:
             "threshold_chosen_on": ["val", "unknown_val"], "measured_on": [split, f"unknown_{split}"]}
 
 
-def threshold_section(embedded: dict[str, Embedded], open_set: bool, scorers: dict, sidecar: Path | None) -> dict:
+def threshold_section(embedded: dict[str, EmbeddedSplit], open_set: bool, scorers: dict, sidecar: Path | None) -> dict:
     """The thresholds inference applies, one per way it scores a photo (SCORE_KINDS: the scales
     differ, a classifier cosine is not a gallery similarity), and how they were chosen.
 
@@ -457,7 +462,8 @@ def default_out(checkpoint: Path, split: str) -> Path:
 
 
 def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str = "test",
-             data_root: str | Path | None = None, device: str | None = None, batch_size: int = 64) -> dict:
+             data_root: str | Path | None = None, device: str | None = None, batch_size: int = 64,
+             cache_dir: str | Path | None = None) -> dict:
     """Evaluate as described at the top of this module; returns the report as written. `out`
     defaults to `runs/eval/<checkpoint stem>_<split>` (as on the command line). Raises
     EvaluationError, CheckpointError, DatasetError, ConfigError or ModelError on unusable input."""
@@ -468,19 +474,20 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str =
     checkpoint = Path(checkpoint)
     out = default_out(checkpoint, split) if out is None else Path(out)
     data_root = None if data_root is None else Path(data_root)
+    cache_dir = None if cache_dir is None else Path(cache_dir)
     torch_device = pick_device(device, EvaluationError)
     with reproducible_arithmetic():
-        return _evaluate(checkpoint, out, split, data_root, torch_device, batch_size)
+        return _evaluate(checkpoint, out, split, data_root, cache_dir, torch_device, batch_size)
 
 
-def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, device: torch.device,
-              batch_size: int) -> dict:
+def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, cache_dir: Path | None,
+              device: torch.device, batch_size: int) -> dict:
     run = load_run(checkpoint, device)
     try:
         atomic.check_folder_possible(out)  # found now, not after the whole evaluation
     except NotADirectoryError as exc:
         raise EvaluationError(f"--out {out}: {exc.filename} is a file, not a folder") from None
-    config = evaluation_config(run.config, data_root, batch_size)
+    config = evaluation_config(run.config, data_root, cache_dir, batch_size)
     open_set, root = config.data.open_set, config.data.root
     data = PreparedData.load(root)
     splits = read_splits(data, split, open_set)
@@ -531,7 +538,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     out = args.out or default_out(args.checkpoint, args.split)
     try:
-        report = evaluate(args.checkpoint, out, args.split, args.data_root, args.device, args.batch_size)
+        report = evaluate(args.checkpoint, out, args.split, args.data_root, args.device, args.batch_size,
+                          args.cache_dir)
     except (EvaluationError, CheckpointError, DatasetError, ConfigError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

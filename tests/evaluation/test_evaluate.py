@@ -236,6 +236,17 @@ def test_evaluated_images_that_are_also_training_images_are_reported(checkpoint,
     assert any(line.startswith(expected) for line in err), err
 
 
+def test_cache_dir_moves_the_decoded_image_cache(checkpoint, data_copy, closed_report, tmp_path, capsys):
+    """E.g. a dataset on a read-only mount: the cache goes to a writable folder, the numbers stay."""
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--cache-dir",
+                         tmp_path / "my cache", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert list((tmp_path / "my cache").glob("*.u8")) and not (data_copy / "cache").exists()
+    expected = json.loads((closed_report[0] / "report.json").read_text())
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["closed_set"], report["retrieval"]) == (expected["closed_set"], expected["retrieval"])
+
+
 def test_a_metadata_file_saved_with_a_bom_is_read(checkpoint, data_copy, tmp_path, capsys):
     """E.g. metadata.csv opened and saved again by a spreadsheet: the sources still come out of it."""
     metadata = data_copy / "annotations" / "metadata.csv"
