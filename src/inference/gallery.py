@@ -406,10 +406,11 @@ def remove_individuals(args: argparse.Namespace) -> int:
     """All names must be enrolled, else nothing is removed."""
     gallery = Gallery.load(args.gallery)
     counts = gallery.counts()
-    for name in args.names:
+    names = [canonical_name(name) for name in args.names]  # as enrolled: "Zoé" typed in either Unicode form
+    for name in names:
         gallery.remove(name)
     save(gallery, args.gallery)
-    for name in args.names:
+    for name in names:
         print_stdout(f"removed {name} ({counts[name]} images)")
     return 0
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -58,6 +59,17 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
 
     assert gallery_cli.main(["remove", "--gallery", str(gallery), "Nobody"]) == 2
     assert "no individual 'Nobody'" in capsys.readouterr().err
+
+
+def test_remove_takes_a_name_in_either_unicode_form(learned, unseen, tmp_path, capsys):
+    """macOS file names and some keyboards give "Zoé" decomposed (e + combining accent)."""
+    gallery = tmp_path / "g.npz"
+    photos = next(iter(unseen.values()))
+    composed = unicodedata.normalize("NFC", "Zoé")
+    assert enroll(gallery, learned.checkpoint, composed, photos[0]) == 0
+    assert gallery_cli.main(["remove", "--gallery", str(gallery), unicodedata.normalize("NFD", composed)]) == 0
+    assert f"removed {composed} (1 images)" in capsys.readouterr().out
+    assert Gallery.load(gallery).counts() == {}
 
 
 def test_enroll_needs_no_threshold_file(learned, unseen, tmp_path, capsys):
