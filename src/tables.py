@@ -1,12 +1,22 @@
-"""Plain-text tables whose columns line up whatever the names: a CJK character takes two terminal
-cells and a combining accent none, where `len` counts one each. The standard library's unicodedata
-gives each character's width class; the `wcwidth` package would be a dependency for three tables."""
+"""Terminal output: plain-text tables whose columns line up whatever the names (a CJK character takes
+two terminal cells and a combining accent none, where `len` counts one each; the standard library's
+unicodedata gives each character's width class, where the `wcwidth` package would be a dependency for
+three tables), stdout that survives a closed pipe, and the commands' progress bars."""
 from __future__ import annotations
 
 import os
 import sys
 import unicodedata
 from collections.abc import Sequence
+
+from tqdm import tqdm
+
+
+def progress_bar(total: int, desc: str, show: bool, **options) -> tqdm:
+    """A tqdm bar on stderr that is gone once done (stdout stays for results); `show=False` gives a
+    silent one with the same interface."""
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, disable=not show, dynamic_ncols=True,
+                **options)
 
 
 def display_width(text: str) -> int:

@@ -27,13 +27,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
 
 from src import atomic
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
                                     Prediction, Skipped, collect_images, printable)
-from src.tables import format_rows, print_stdout
+from src.tables import format_rows, print_stdout, progress_bar
 
 OUTPUT_FORMATS = (".csv", ".json")
 Result = Prediction | Skipped
@@ -92,8 +91,7 @@ def inputs_in_order(patterns: Sequence[str]) -> list[Path | Skipped]:
 def run(identifier: Identifier, files: list[Path], args: argparse.Namespace) -> list[Result]:
     """Every file's Prediction or Skipped, in order; a progress bar for folders on a terminal."""
     show = sys.stderr.isatty() and any(Path(p).is_dir() for p in args.inputs)
-    with tqdm(total=len(files), desc="identify", unit="img", file=sys.stderr, disable=not show,
-              leave=False, dynamic_ncols=True) as bar:
+    with progress_bar(len(files), "identify", show, unit="img") as bar:
         return list(identifier.predict(files, args.top_k, args.batch_size, progress=bar.update))
 
 
