@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs requirements.txt into it. Sourced by the other scripts.
+# Creates .venv (once) and installs requirements.txt into it. Run by the other scripts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    { echo "error: Python 3.11 or newer is needed; python3 is $(python3 --version 2>&1)" >&2; exit 1; }
   python3 -m venv .venv
 fi
 stamp=.venv/.requirements.sha256

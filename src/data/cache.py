@@ -107,14 +107,11 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
 
 def _file_digest(path: Path) -> str:
     """blake2b of the file bytes; an unreadable file gets a marker so its return changes the key."""
-    digest = hashlib.blake2b(digest_size=16)
     try:
         with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
+            return hashlib.file_digest(f, partial(hashlib.blake2b, digest_size=16)).hexdigest()
     except OSError as exc:
         return f"unreadable:{type(exc).__name__}"
-    return digest.hexdigest()
 
 
 def _content_digests(paths: Sequence[Path], workers: int) -> list[str]:
