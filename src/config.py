@@ -50,7 +50,8 @@ class DataConfig(_Section):
     image_size: int = Field(224, ge=32, le=1024)
     pipeline: Literal["cached", "plain"] = "cached"
     """`cached`: decode once into a uint8 cache, augment whole batches on the device (fast).
-    `plain`: decode and augment every image every epoch in DataLoader workers (huge datasets)."""
+    `plain`: decode every image every epoch in DataLoader workers (huge datasets); the same batch
+    augmentation on the device follows."""
     cache_dir: Path | None = None
     """Where the decoded-image cache lives; default (None) `<root>/cache`: see `cache_folder`."""
     cache_on_device: bool = True
@@ -68,13 +69,15 @@ class DataConfig(_Section):
 
 class AugmentConfig(_Section):
     crop_scale_min: float = Field(0.7, gt=0, le=1)
-    """Random resized crop: smallest fraction of the image area kept."""
+    """Random resized crop: smallest fraction of the image area kept (area uniform from here to 1; the
+    aspect, 3/4..4/3, narrows to what fits as the area nears 1)."""
     hflip: float = Field(0.5, ge=0, le=1)
     color_jitter: float = Field(0.2, ge=0, le=1)
     """Strength of brightness, contrast and saturation jitter."""
     rotation_degrees: float = Field(10.0, ge=0, le=180)
     random_erasing: float = Field(0.25, ge=0, le=1)
-    """Probability of erasing one random rectangle (occlusion by branches, hands)."""
+    """Probability of erasing one random rectangle of 2-20% of the image, aspect 0.3-3.3 (occlusion by
+    branches, hands)."""
 
 
 class ModelConfig(_Section):

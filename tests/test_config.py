@@ -1,9 +1,12 @@
 """The config schema: the guide's keys, defaults, and one-line errors naming the key."""
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from src.config import Config, ConfigError, load_config
+from src.config import Config, ConfigError, ModelConfig, load_config
+from src.models.backbones import BACKBONES
+from src.models.heads import HEADS
 from src.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +27,14 @@ def test_guide_configs_match_the_guide(name):
     assert config.data.num_classes == 87
     if batch:
         assert config.trainer.batch_size == batch
+
+
+def test_the_schema_offers_exactly_the_registered_backbones_and_heads():
+    """A network added to a registry but not to the schema could never be configured, and the reverse
+    would pass validation only to fail when the model is built."""
+    fields = ModelConfig.model_fields
+    assert set(get_args(fields["backbone"].annotation)) == set(BACKBONES)
+    assert set(get_args(fields["head"].annotation)) == set(HEADS)
 
 
 def test_defaults_fill_missing_sections(tmp_path):

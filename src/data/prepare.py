@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src import atomic
+from src.config import DataConfig
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
                                   read_cvjena, read_folder, read_list_file)
 from src.data.dataset import FORMAT_VERSION
@@ -43,7 +44,7 @@ from src.data.validate import (LABELS_FIX, Exclusion, ImageCheck, check_images, 
 from src.errors import missing
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
-DEFAULT_OUT_DIR = Path("data/chimpanzee_faces")
+DEFAULT_OUT_DIR = DataConfig.model_fields["root"].default  # where training looks by default
 DEFAULT_MIN_IMAGES = 10
 DEFAULT_OPEN_SET_INDIVIDUALS = 10
 OPEN_SET_FILES = ("train.txt", "val.txt", "test.txt", "unknown_ids.txt", "unknown_val.txt",
@@ -277,7 +278,7 @@ def check_parameters(min_images: int, fractions: Sequence[float], open_set_indiv
         raise PrepareError(f"--open-set-individuals {open_set_individuals}: use 0 (no open-set split) "
                            f"or at least 2 (one for unknown_val, one for unknown_test)")
     if workers is not None and workers < 0:
-        raise PrepareError(f"--workers {workers}: give a number of threads, or 0 (the default) for up to 8")
+        raise PrepareError(f"--workers {workers}: give a number of threads, or 0 (as when left out) for up to 8")
 
 
 def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR, *,

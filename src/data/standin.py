@@ -457,6 +457,8 @@ def calibrate(individuals: int, images: int, size: int, seed: int, epochs: int) 
     import torch
     import torchvision
 
+    from src.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
     torch.manual_seed(seed)
     xs, ys, is_train = [], [], []
     for label in range(individuals):
@@ -467,7 +469,7 @@ def calibrate(individuals: int, images: int, size: int, seed: int, epochs: int) 
             ys.append(label)
             is_train.append(j < images * 3 // 4)
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div(255)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     x = (x - mean[:, None, None]) / std[:, None, None]
     y, mask = torch.tensor(ys), torch.tensor(is_train)
     x_train, y_train, x_val, y_val = x[mask], y[mask], x[~mask], y[~mask]

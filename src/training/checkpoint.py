@@ -236,9 +236,10 @@ class CheckpointSaver:
             self.pending_best, self.last_write = None, time.monotonic()
 
     def write_pending_best(self) -> int | None:
-        """Before a run ends on a non-finite loss: the newest good state held in memory (a best epoch
-        not yet written) becomes both best and last, so the stop loses none of the epochs before.
-        Returns that epoch, or None when nothing was pending. Waits for the writes."""
+        """Before a run ends on a non-finite loss or on missing validation images: the newest good
+        state held in memory (a best epoch not yet written) becomes both best and last, so the stop
+        loses none of the epochs before. Returns that epoch, or None when nothing was pending. Waits
+        for the writes."""
         epoch = None
         if self.pending_best is not None:
             epoch = self.pending_best.tree["epoch"]
