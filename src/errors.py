@@ -2,11 +2,30 @@
 arguments of the Python API that its command lines check while parsing."""
 from __future__ import annotations
 
+import functools
 import numbers
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 NAMES_SHOWN = 3  # names listed in a message before "and N more", so that it stays one short line
+
+
+# A command's exit code when Ctrl-C stops it: 128 + SIGINT, what a shell reports for a process it killed.
+INTERRUPTED_EXIT = 130
+
+
+def stops_on_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's `main` that Ctrl-C ends with one line and INTERRUPTED_EXIT instead of a traceback
+    (training has its own handling: it saves a checkpoint first)."""
+    @functools.wraps(main)
+    def main_stopping_on_ctrl_c(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("error: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+            return INTERRUPTED_EXIT
+    return main_stopping_on_ctrl_c
 
 
 def first_line(exc: BaseException) -> str:

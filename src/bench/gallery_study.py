@@ -33,6 +33,7 @@ import numpy as np
 from src.config import config_from_dict
 from src.bench.data import prepared_standin
 from src.data.dataset import PreparedData
+from src.errors import stops_on_ctrl_c
 from src.evaluation.evaluate import evaluate
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
@@ -165,6 +166,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+@stops_on_ctrl_c
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()

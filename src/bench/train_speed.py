@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity
 from src.config import CompileMode, config_from_dict
 from src.bench.data import prepared_standin
 from src.data.dataset import PreparedData
+from src.errors import stops_on_ctrl_c
 from src.training.checkpoint import CheckpointSaver
 from src.training.train import (RunState, StopRequest, build_model_and_optimizer, evaluate, load_data, make_runtime, run,
                                 seed_everything, train_one_epoch, wrap_for_training)
@@ -280,6 +281,7 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@stops_on_ctrl_c
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile is None:

@@ -41,7 +41,7 @@ from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, Split
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import (LABELS_FIX, Exclusion, ImageCheck, check_images, count_problems,
                                label_quality, write_report)
-from src.errors import missing
+from src.errors import missing, stops_on_ctrl_c
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
 DEFAULT_OUT_DIR = DataConfig.model_fields["root"].default  # where training looks by default
@@ -393,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stops_on_ctrl_c
 def main(argv: Sequence[str] | None = None) -> int:
     """0 on success, 1 when --strict found problems, 2 with one `error:` line for bad input."""
     args = build_parser().parse_args(argv)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.errors import stops_on_ctrl_c
 from src.evaluation.plots import plot_training_curves
 from src.training.artifacts import METRICS_COLUMNS
 
@@ -74,6 +75,7 @@ def _is_png(path: Path) -> bool:
         return False
 
 
+@stops_on_ctrl_c
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.evaluation.curves", description=__doc__.split("\n")[0])
     parser.add_argument("metrics_csv", type=Path, help="artifacts/<name>_metrics.csv written by training")

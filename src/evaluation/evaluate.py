@@ -35,7 +35,7 @@ from src.config import Config, ConfigError, ModelConfig, config_from_dict
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.devices import pick_device
-from src.errors import positive_int, state_dict_problem
+from src.errors import positive_int, state_dict_problem, stops_on_ctrl_c
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
@@ -533,6 +533,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     return report
 
 
+@stops_on_ctrl_c
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

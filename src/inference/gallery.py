@@ -40,7 +40,7 @@ import numpy as np
 from src import atomic
 from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
-from src.errors import capped
+from src.errors import capped, stops_on_ctrl_c
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
 from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC
@@ -415,6 +415,7 @@ def remove_individuals(args: argparse.Namespace) -> int:
     return 0
 
 
+@stops_on_ctrl_c
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = {"enroll": enroll, "list": list_gallery, "remove": remove_individuals}[args.command]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 
 from src import atomic
+from src.errors import stops_on_ctrl_c
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
                                     Prediction, Skipped, collect_images, printable)
@@ -136,6 +137,7 @@ def write_json(path: Path, results: Sequence[Result], identifier: Identifier, mo
     atomic.write_text(path, json.dumps(payload, indent=2) + "\n")  # ASCII: odd bytes of names are escaped
 
 
+@stops_on_ctrl_c
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
