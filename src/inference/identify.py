@@ -172,6 +172,9 @@ def score_kind(gallery: Gallery | None, match: str) -> str:
 
 def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds]:
     """The model info and thresholds stored by `export` beside an ONNX file."""
+    if onnx_path.suffix.lower() != ".onnx" or onnx_path.is_dir():
+        what = "a folder" if onnx_path.is_dir() else "not an .onnx file"
+        raise InferenceError(f"--onnx {onnx_path}: {what}; give the <name>.onnx that export wrote")
     path = export_info_path(onnx_path)
     if not path.is_file():
         raise InferenceError(f"{path} not found: predict --onnx needs the JSON that export writes "
@@ -366,34 +369,53 @@ def file_problem(path: Path) -> str | None:
     return "not a regular file" if path.exists() else "file not found"
 
 
-def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
-    """Files named by paths, folders (recursively, hidden files left out) or glob patterns, in
-    order and without repeats; plus a Skipped for each entry that is no regular file (a broken
-    link, a FIFO) and for each pattern that yields nothing (missing path, empty folder, glob
-    without a match). Whether a file is an image is decided by decoding it."""
-    files, problems = [], []
+def input_entries(patterns: Sequence[str | Path]) -> tuple[list[Path | Skipped], int]:
+    """Each input's files, in the order given: a path, a folder's files (recursively, sorted,
+    hidden ones left out) or a glob pattern's matches (a matching folder's files too); a Skipped, in
+    its place, for an entry that is no regular file (a broken link, a FIFO) and for an input that
+    yields nothing (missing path, empty folder, glob without a match). A file named more than once
+    counts once; the second value is how many such repeats were left out. Whether a file is an image
+    is decided by decoding it."""
+    entries: list[Path | Skipped] = []
+    seen: set[Path] = set()
+    repeats = 0
     for pattern in map(str, patterns):
         path = Path(pattern)
         if path.is_dir():
-            entries = sorted(p for p in path.rglob("*") if not p.is_dir()
-                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            reason = "empty folder: no files in it"
+            found, reason = _files_under(path), "empty folder: no files in it"
         elif path.exists() or path.is_symlink():
-            entries, reason = [path], ""
+            found, reason = [path], ""
         elif glob.has_magic(pattern):
-            entries = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir())
+            # dict: `photos/**` matches a folder and the files in it
+            found = list(dict.fromkeys(file for match in map(Path, sorted(glob.glob(pattern, recursive=True)))
+                                       for file in (_files_under(match) if match.is_dir() else [match])))
             reason = "no file matches this pattern"
         else:
-            entries, reason = [], "file not found"
-        if not entries:
-            problems.append(Skipped(pattern, reason))
-        for entry in entries:
+            found, reason = [], "file not found"
+        if not found:
+            entries.append(Skipped(pattern, reason))
+        for entry in found:
             problem = file_problem(entry)
-            if problem is None:
-                files.append(entry)
+            if problem is not None:
+                entries.append(Skipped(str(entry), problem))
+            elif entry in seen:
+                repeats += 1
             else:
-                problems.append(Skipped(str(entry), problem))
-    return list(dict.fromkeys(files)), problems
+                seen.add(entry)
+                entries.append(entry)
+    return entries, repeats
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
+    """`input_entries`, split: the files, and the Skipped entries."""
+    entries, _ = input_entries(patterns)
+    return ([entry for entry in entries if isinstance(entry, Path)],
+            [entry for entry in entries if isinstance(entry, Skipped)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
         [--output out.csv|out.json] [--device cpu|cuda|cuda:N] [--batch-size N]
     python -m src.inference.predict --onnx exported/chimp_best.onnx photos/   # ONNX Runtime, no model code
 
-Inputs are images, folders (searched recursively; hidden files left out) and glob patterns. Every
+Inputs are images, folders (searched recursively; hidden files left out) and glob patterns (a
+matching folder is searched too); a file named twice counts once. Every
 file is decoded as training decodes images; one that is not an image, is corrupt or truncated, or
 is larger than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapixels) is skipped
 with its reason, as are missing paths, broken links, FIFOs and other files that are not regular,
@@ -14,8 +15,8 @@ terminal; `--output` writes every input (skipped ones with their reason) as CSV 
 atomically (a file already there is replaced whole or not at all) and creating missing folders.
 A progress bar shows for folders when stderr is a terminal.
 
-Exit codes: 0 every input identified; 1 some input skipped; 2 unusable options, checkpoint, export or
-gallery.
+Exit codes: 0 every input scored (identified or unknown); 1 some input skipped; 2 unusable options,
+checkpoint, export or gallery.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from src import atomic
 from src.errors import stops_on_ctrl_c
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
-                                    Prediction, Skipped, collect_images, printable)
+                                    Prediction, Skipped, input_entries, printable)
 from src.tables import format_rows, print_stdout, progress_bar
 
 OUTPUT_FORMATS = (".csv", ".json")
@@ -77,18 +78,6 @@ def build_identifier(args: argparse.Namespace) -> Identifier:
     return Identifier.from_checkpoint(args.checkpoint, args.device, gallery, args.threshold, args.match)
 
 
-def inputs_in_order(patterns: Sequence[str]) -> list[Path | Skipped]:
-    """The files of each input, and a Skipped for an input that names none, in the order given (so
-    that the table, the CSV and the JSON follow the command line); a file named twice counts once."""
-    entries: list[Path | Skipped] = []
-    seen: set[Path] = set()
-    for pattern in patterns:
-        files, problems = collect_images([pattern])
-        entries += problems + [path for path in files if path not in seen]
-        seen.update(files)
-    return entries
-
-
 def run(identifier: Identifier, files: list[Path], args: argparse.Namespace) -> list[Result]:
     """Every file's Prediction or Skipped, in order; a progress bar for folders on a terminal."""
     show = sys.stderr.isatty() and any(Path(p).is_dir() for p in args.inputs)
@@ -117,10 +106,11 @@ def write_csv(path: Path, results: Sequence[Result], top_k: int) -> None:
     writer.writerow(header)
     for item in results:
         if isinstance(item, Skipped):
-            writer.writerow([item.source, "", "", "", item.reason])
+            row = [item.source, "", "", "", item.reason]
         else:
             ranked = [value for name, score in zip(item.names, item.scores) for value in (name, f"{score:.6f}")]
-            writer.writerow([item.source, item.label, f"{item.scores[0]:.6f}", item.unknown, "", *ranked])
+            row = [item.source, item.label, f"{item.scores[0]:.6f}", item.unknown, "", *ranked]
+        writer.writerow(row + [""] * (len(header) - len(row)))  # every row as wide as the header
     atomic.write_bytes(path, buffer.getvalue().encode("utf-8", "surrogateescape"))
 
 
@@ -145,18 +135,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GalleryError, *USAGE_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    entries = inputs_in_order(args.inputs)
+    entries, repeats = input_entries(args.inputs)  # the table, the CSV and the JSON follow the command line
     predicted = iter(run(identifier, [entry for entry in entries if isinstance(entry, Path)], args))
     results = [next(predicted) if isinstance(entry, Path) else entry for entry in entries]
     predictions = [item for item in results if isinstance(item, Prediction)]
     skipped = [item for item in results if isinstance(item, Skipped)]
+    unknown = sum(item.unknown for item in predictions)
 
     if predictions:
         print_stdout(format_table(predictions))
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
-    print(f"{len(predictions)} identified, {len(skipped)} skipped; scored against {identifier.describe()}",
-          file=sys.stderr)
+    repeated = f" ({repeats} repeated inputs counted once)" if repeats else ""
+    print(f"{len(predictions) - unknown} identified, {unknown} unknown, {len(skipped)} skipped{repeated}; "
+          f"scored against {identifier.describe()}", file=sys.stderr)
     if args.output is not None:
         try:
             if args.output.suffix.lower() == ".csv":

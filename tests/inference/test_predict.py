@@ -53,7 +53,7 @@ def test_cli_on_a_folder_with_a_corrupt_png_and_a_text_file(learned, mixed_folde
     assert table[1].startswith(str(valid))
     assert f"skipped {folder / 'corrupt.png'}: corrupt or truncated image" in result.stderr
     assert f"skipped {folder / 'notes.txt'}: not an image in a known format" in result.stderr
-    assert "1 identified, 2 skipped" in result.stderr and "no unknown rejection" in result.stderr
+    assert "1 identified, 0 unknown, 2 skipped" in result.stderr and "no unknown rejection" in result.stderr
     assert "\r" not in result.stderr
     with open(tmp_path / "out.csv", newline="") as handle:
         rows = {row["image"]: row for row in csv.DictReader(handle)}
@@ -87,8 +87,10 @@ def test_all_readable_inputs_exit_0_and_globs_expand(learned, unseen, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--checkpoint", "{tmp}/missing.pt", "x.png"], "checkpoint file not found"),
-    (["--checkpoint", "{tmp}/text.pt", "x.png"], "text.pt: truncated or not a PyTorch checkpoint"),
+    (["--checkpoint", "{tmp}/text.pt", "x.png"], "text.pt: not a PyTorch checkpoint"),
     (["--onnx", "{tmp}/missing.onnx", "x.png"], "missing.json not found"),
+    (["--onnx", "{tmp}", "x.png"], "a folder; give the <name>.onnx that export wrote"),  # was "<tmp>.json not found"
+    (["--onnx", "{tmp}/text.pt", "x.png"], "text.pt: not an .onnx file"),
     (["--checkpoint", "{checkpoint}", "--gallery", "{tmp}/text.pt", "x.png"], "not a gallery file"),
 ])
 def test_unusable_models_and_galleries_exit_2(learned, tmp_path, capsys, argv, needle):
@@ -150,6 +152,28 @@ def test_results_follow_the_order_of_the_inputs(learned, unseen, tmp_path, capsy
         rows = list(csv.DictReader(handle))
     assert [row["image"] for row in rows] == [str(first), str(tmp_path / "missing.png"), str(second)]
     assert [bool(row["skipped"]) for row in rows] == [False, True, False]
+    with out.open(newline="") as handle:
+        assert {len(line) for line in csv.reader(handle)} == {7}  # a skipped row as wide as the rest
+
+
+def test_a_pattern_searches_the_folders_it_matches_and_skips_keep_their_place(learned, unseen, tmp_path, capsys):
+    """`photos/day*` matching folders found nothing ("no file matches"), while `photos/day1` was
+    searched; a broken link in a folder came before all the photos, not between them."""
+    photo = next(iter(unseen.values()))[0]
+    folder = tmp_path / "trip" / "day1"
+    folder.mkdir(parents=True)
+    for name in ("a.png", "c.png"):
+        shutil.copy(photo, folder / name)
+    (folder / "b.png").symlink_to(tmp_path / "deleted.png")
+    out = tmp_path / "out.csv"
+    argv = ["--checkpoint", str(learned.checkpoint), str(tmp_path / "trip" / "day*"), str(folder / "a.png"),
+            "--threshold", "1.0", "--top-k", "1", "--output", str(out)]  # no score reaches 1.0: all unknown
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["image"] for row in rows] == [str(folder / name) for name in ("a.png", "b.png", "c.png")]
+    assert "0 identified, 2 unknown, 1 skipped (1 repeated inputs counted once)" in err
 
 
 def test_a_file_name_that_is_not_utf8_is_shown_and_written(learned, unseen, tmp_path, capsys):
@@ -196,4 +220,4 @@ def test_a_fifo_and_a_broken_link_in_a_folder_are_reported_as_skipped(learned, m
     assert predict.main(["--checkpoint", str(learned.checkpoint), str(folder)]) == 1
     err = capsys.readouterr().err
     assert f"skipped {folder / 'fifo.png'}: not a regular file" in err
-    assert f"skipped {folder / 'link.png'}: broken link" in err and "1 identified, 2 skipped" in err
+    assert f"skipped {folder / 'link.png'}: broken link" in err and "1 identified, 0 unknown, 2 skipped" in err
