@@ -158,9 +158,13 @@ def make_runtime(config: Config) -> Runtime:
         raise ConfigError("trainer.device: 'cuda' requested but no CUDA GPU is available; set trainer.device: cpu")
     info = dist_utils.init_distributed(wanted)
     device = torch.device(wanted, info.local_rank) if wanted == "cuda" else torch.device("cpu")
-    if config.trainer.batch_size % info.world_size or config.trainer.batch_size // info.world_size < 2:
-        raise ConfigError(f"trainer.batch_size: {config.trainer.batch_size} does not split into at least 2 "
-                          f"images for each of the {info.world_size} processes (BatchNorm needs 2)")
+    batch = config.trainer.batch_size
+    if batch % info.world_size:
+        raise ConfigError(f"trainer.batch_size: {batch} (the global batch) does not divide among "
+                          f"{info.world_size} processes; use a multiple of {info.world_size}")
+    if batch // info.world_size < 2:
+        raise ConfigError(f"trainer.batch_size: {batch} gives each of the {info.world_size} processes "
+                          f"{batch // info.world_size} image a step; BatchNorm needs at least 2")
     # TF32 for what autocast leaves in fp32 (and for fp32 runs): on Ampere and later GPUs several
     # times faster, at a precision training does not notice. Evaluation turns it off again.
     torch.backends.cuda.matmul.allow_tf32 = True
