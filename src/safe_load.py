@@ -45,10 +45,17 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
         if "unsupported global" in message.lower() or crafted:
             raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
                                   "and plain data (refused: loading it could run code)") from None
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint") from None
+        raise _unreadable(path, exc) from None
     except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """A file torch.load gave up on: a damaged checkpoint (the error may help) or another kind of file
+    (a CSV, a config, an image: torch's IndexError or opcode complaint would only confuse)."""
+    if _holds_a_pickle(path):
+        return CheckpointError(f"{path}: truncated or damaged checkpoint ({type(exc).__name__}: {first_line(exc)})")
+    return CheckpointError(f"{path}: not a PyTorch checkpoint (a .pt file written by training)")
 
 
 def _holds_a_pickle(path: Path) -> bool:

@@ -299,7 +299,7 @@ def missing(path: Path) -> str:
 
 def text_file(path: Path) -> str:
     path.write_text("- a list, not a checkpoint\n")
-    return "truncated or not a PyTorch checkpoint"
+    return "not a PyTorch checkpoint"
 
 
 def invalid_class_list(path: Path) -> str:

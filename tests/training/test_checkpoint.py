@@ -119,10 +119,14 @@ def _project_keys(**changes) -> dict:
 
 
 @pytest.mark.parametrize("write, message", [
-    (lambda p: p.write_text("- epoch: 3\n- lr: 0.1\n"), "truncated or not a PyTorch checkpoint"),  # text
-    (lambda p: p.write_text('{"epoch": 3}'), "truncated or not a PyTorch checkpoint"),         # JSON
-    (lambda p: p.write_text("data:\n  root: data\n"), "truncated or not a PyTorch checkpoint"),  # a config
-    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "truncated or not a PyTorch checkpoint"),  # an image
+    (lambda p: p.write_text("- epoch: 3\n- lr: 0.1\n"), "not a PyTorch checkpoint (a .pt file written by training)"),
+    (lambda p: p.write_text('{"epoch": 3}'), "not a PyTorch checkpoint (a .pt file written by training)"),  # JSON
+    (lambda p: p.write_text("data:\n  root: data\n"), "not a PyTorch checkpoint (a .pt"),  # a config
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "not a PyTorch checkpoint (a .pt"),  # an image
+    # a metrics CSV: torch's own words were "IndexError: pop from empty list"
+    (lambda p: p.write_text("epoch,lr,train_loss\n1,0.1,2.5\n"), "not a PyTorch checkpoint (a .pt"),
+    (lambda p: torch.save({"x": torch.zeros(10_000)}, p) or p.write_bytes(p.read_bytes()[:20_000]),
+     "truncated or damaged checkpoint ("),
     (lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=4)), "not a safe checkpoint"),
     (lambda p: torch.save({"x": _Payload()}, p), "not a safe checkpoint"),  # torch's own zip format
     (lambda p: torch.save({"x": _SystemCall()}, p), "not a safe checkpoint"),
