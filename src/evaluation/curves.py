@@ -3,24 +3,27 @@
     python -m src.evaluation.curves artifacts/<name>_metrics.csv [--out artifacts/<name>_curves.png]
 
 Training rewrites `<name>_metrics.csv` after every epoch, so running this again redraws the curves
-up to the last finished epoch. A line that cannot be read (a file being written by another tool, an
-epoch cut short) is skipped rather than failing the plot.
+up to the last finished epoch. A line that cannot be read is left out rather than failing the plot:
+quietly when it is the last (a file being written), with a warning naming it elsewhere.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from src.errors import stops_on_ctrl_c
+from src.errors import capped, missing, stops_on_ctrl_c
 from src.evaluation.plots import plot_training_curves
 from src.training.artifacts import METRICS_COLUMNS
 
 METRICS_SUFFIX = "_metrics.csv"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+log = logging.getLogger(__name__)
 
 
 class CurvesError(ValueError):
@@ -31,23 +34,27 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
     """Every complete epoch row of a metrics CSV, one array per column of METRICS_COLUMNS."""
     path = Path(path)
     if not path.is_file():
-        raise CurvesError(f"{path}: metrics file not found")
+        raise CurvesError(f"{path}: metrics file {missing(path, folder=False)}")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM
             reader = csv.DictReader(handle)
-            missing = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
-            if missing:
-                raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {missing})")
-            rows = []
+            absent = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
+            if absent:
+                raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {absent})")
+            rows, unread = [], []
             for row in reader:
                 try:
                     rows.append([float(row[column]) for column in METRICS_COLUMNS])
                 except (TypeError, ValueError):  # a short or half-written line: None or '' cells
-                    continue
+                    unread.append(str(reader.line_num))
+            if unread and unread[-1] == str(reader.line_num):
+                unread.pop()  # the last line, cut short: a file being written
     except UnicodeDecodeError as exc:
         raise CurvesError(f"{path}: not a metrics CSV of this project (not UTF-8 text: {exc.reason})") from None
     if not rows:
         raise CurvesError(f"{path}: no finished epoch yet")
+    if unread:
+        log.warning("%s: left out line %s, not a complete epoch row", path, capped(unread))
     table = np.array(rows, dtype=np.float64)
     return {column: table[:, i] for i, column in enumerate(METRICS_COLUMNS)}
 

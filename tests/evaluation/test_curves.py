@@ -14,7 +14,7 @@ def test_curves_of_a_finished_run(tiny_run, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
 
 
-def test_a_run_in_progress_plots_its_finished_epochs(tmp_path):
+def test_a_run_in_progress_plots_its_finished_epochs(tmp_path, caplog):
     csv = tmp_path / "demo_metrics.csv"
     csv.write_text(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n2,0.0009,3.5,0.2,0.5,3.6,0.2,0.4\n3,0.0008,3.1\n")
     history = curves.read_metrics_csv(csv)
@@ -23,16 +23,28 @@ def test_a_run_in_progress_plots_its_finished_epochs(tmp_path):
     assert curves.default_output(csv) == tmp_path / "demo_curves.png"
     assert curves.main([str(csv)]) == 0
     assert (tmp_path / "demo_curves.png").stat().st_size > 1000
+    assert not caplog.records  # the last line, still being written, is left out quietly
+
+
+def test_a_damaged_line_before_the_last_is_named(tmp_path, caplog):
+    csv = tmp_path / "demo_metrics.csv"
+    csv.write_text(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\ngarbage\n2,0.0009,3.5,0.2,0.5,3.6,0.2,0.4\n")
+    assert curves.read_metrics_csv(csv)["epoch"].tolist() == [1.0, 2.0]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{csv}: left out line 3, not a complete epoch row"]
 
 
 @pytest.mark.parametrize("content, message", [
     (None, "metrics file not found"),
+    ("folder", "metrics file is a folder, not a file"),
     (f"{HEADER}\n", "no finished epoch yet"),
     ("epoch,loss\n1,2.0\n", "missing columns"),
 ])
 def test_unusable_metrics_fail_in_one_line(content, message, tmp_path, capsys):
     csv = tmp_path / "x_metrics.csv"
-    if content is not None:
+    if content == "folder":
+        csv.mkdir()
+    elif content is not None:
         csv.write_text(content)
     assert curves.main([str(csv)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
