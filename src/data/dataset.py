@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, default_collate
 
 from src.data.io import ImageLoadError, load_rgb
 from src.data.lists import ListFormatError, Row, is_list_name, read_list
+from src.data.splits import SPLITS, UNKNOWN_SPLITS
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
 _REQUIRED_KEYS = ("raw_dir", "min_images", "seed", "num_classes", "format_version")
@@ -49,7 +50,9 @@ class PreparedData:
         root = Path(root)
         path = root / "annotations" / "prepared.json"
         if not path.is_file():
-            raise DatasetError(f"{path} not found: {_RERUN} (e.g. --out-dir {root})")
+            # E.g. evaluate run from another folder on a checkpoint whose config says `data/...`.
+            relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"
+            raise DatasetError(f"{path} not found{relative}: {_RERUN} (e.g. --out-dir {root})")
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -74,6 +77,10 @@ class PreparedData:
         folder = self.root / "annotations" / ("open_set" if open_set else "")
         path = folder / f"{name}.txt"
         if not path.is_file():
+            written = SPLITS + (UNKNOWN_SPLITS if open_set else ())
+            if name not in written:
+                raise DatasetError(f"no split {name!r}: prepare writes {', '.join(written)}"
+                                   + ("" if open_set else f" (and, with the open-set lists, {', '.join(UNKNOWN_SPLITS)})"))
             raise DatasetError(f"{path}: split file not found; {_RERUN}")
         try:
             return read_list(path)

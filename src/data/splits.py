@@ -34,6 +34,7 @@ from fractions import Fraction
 from src.data.lists import Row
 
 SPLITS = ("train", "val", "test")
+UNKNOWN_SPLITS = ("unknown_val", "unknown_test")  # open set: the held-out individuals' images
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
 MIN_IMAGES_PER_INDIVIDUAL = len(SPLITS)
 

@@ -76,6 +76,17 @@ def test_unusable_prepared_json_is_a_one_line_error(root, change, message):
     assert "\n" not in str(exc.value)
 
 
+def test_a_relative_root_that_is_not_there_names_the_working_folder(tmp_path, monkeypatch):
+    """A checkpoint's config says `data/standin`; evaluated from another folder, the data is not found."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError) as relative:
+        PreparedData.load("data/standin")
+    assert f"(a relative root is read from the working folder, {tmp_path})" in str(relative.value)
+    with pytest.raises(DatasetError) as absolute:
+        PreparedData.load(tmp_path / "data")
+    assert "working folder" not in str(absolute.value)
+
+
 def test_missing_split_file_names_the_file(root):
     data = PreparedData.load(root)
     with pytest.raises(DatasetError, match=r"val\.txt: split file not found"):
@@ -84,6 +95,14 @@ def test_missing_split_file_names_the_file(root):
         data.split("train", open_set=True)
     with pytest.raises(DatasetError, match="plain name"):
         data.split("../train")
+    # A typo is not a list prepare failed to write ("run prepare again" would not help).
+    with pytest.raises(DatasetError) as typo:
+        data.split("trian")
+    assert str(typo.value) == ("no split 'trian': prepare writes train, val, test "
+                               "(and, with the open-set lists, unknown_val, unknown_test)")
+    with pytest.raises(DatasetError, match="^no split 'unknown': prepare writes train, val, test, unknown_val, "
+                                           "unknown_test$"):
+        data.split("unknown", open_set=True)
 
 
 def test_class_index_is_sorted_stable_and_round_trips():
