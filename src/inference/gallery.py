@@ -51,6 +51,7 @@ ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels"
 # A PyTorch checkpoint is a zip too; its pickled object tree is this member, in a folder of its own.
 TORCH_PICKLE = "data.pkl"
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+ALREADY_ENROLLED_SHOWN = 10  # photos named one by one when enrolled again; beyond, a count
 
 
 class GalleryError(ValueError):
@@ -207,7 +208,9 @@ class Gallery:
     def remove(self, name: str) -> None:
         name = canonical_name(name)
         if name not in self.names:
-            raise GalleryError(f"no individual {name!r} in the gallery")
+            same_letters = [known for known in self.names if known.casefold() == name.casefold()]
+            hint = f" (names are case-sensitive: did you mean {same_letters[0]!r}?)" if same_letters else ""
+            raise GalleryError(f"no individual {name!r} in the gallery{hint}")
         label = self.names.index(name)
         keep = self.labels != label
         self.embeddings, self.sources = self.embeddings[keep], [s for s, k in zip(self.sources, keep) if k]
@@ -331,13 +334,18 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
     """(absolute path, individual) of the files the gallery does not hold yet. Enrolling a folder
     again is not a failure: only its new photos are added."""
     owners = gallery.owners()
-    todo = []
+    todo, enrolled = [], []
     for path, name in jobs:
         key = str(Path(path).resolve())
         if key in owners:
-            print_stdout(f"already enrolled as {owners[key]}: {printable(path)}")
+            enrolled.append(f"already enrolled as {owners[key]}: {printable(path)}")
         else:
             todo.append((key, name))
+    # Each one named while they are few; a split enrolled again would print hundreds of lines.
+    for line in enrolled[:ALREADY_ENROLLED_SHOWN]:
+        print_stdout(line)
+    if len(enrolled) > ALREADY_ENROLLED_SHOWN:
+        print_stdout(f"... and {len(enrolled) - ALREADY_ENROLLED_SHOWN} more photos already enrolled")
     return todo
 
 
@@ -371,6 +379,10 @@ def enroll(args: argparse.Namespace) -> int:
     jobs, skipped = enroll_jobs(args)
     identifier = Identifier.embedder(args.checkpoint, args.device)
     info = identifier.info
+    if args.from_split is not None and info.config.data.open_set and not args.open_set:
+        # The closed-set lists hold the individuals this model held out: the gallery would name them.
+        print("warning: the checkpoint was trained on the open-set lists; add --open-set to enroll from "
+              "those (the closed-set split enrolls the held-out individuals too)", file=sys.stderr)
     gallery = (Gallery.load(args.gallery) if args.gallery.exists()
                else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))
     gallery.check_checkpoint(info.checkpoint_sha256, info.config.model.embedding_dim)
@@ -398,7 +410,8 @@ def list_gallery(args: argparse.Namespace) -> int:
     counts = gallery.counts()
     print_stdout(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; checkpoint sha256 "
                 f"{gallery.checkpoint_sha256}\n"
-                + format_rows([("individual", "images"), *((name, str(count)) for name, count in counts.items())], "<"))
+                + format_rows([("individual", "images"), *((name, str(count)) for name, count in sorted(counts.items()))],
+                              "<"))
     return 0
 
 

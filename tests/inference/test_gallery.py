@@ -59,6 +59,9 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
 
     assert gallery_cli.main(["remove", "--gallery", str(gallery), "Nobody"]) == 2
     assert "no individual 'Nobody'" in capsys.readouterr().err
+    assert gallery_cli.main(["remove", "--gallery", str(gallery), second.swapcase()]) == 2
+    assert (f"no individual {second.swapcase()!r} in the gallery (names are case-sensitive: did you mean "
+            f"{second!r}?)") in capsys.readouterr().err
 
 
 def test_remove_takes_a_name_in_either_unicode_form(learned, unseen, tmp_path, capsys):
@@ -106,6 +109,33 @@ def test_enroll_from_a_prepared_split(tiny_run, tmp_path, capsys):
     rows = PreparedData.load(tiny_run["data_root"]).split("train")
     counts = Gallery.load(gallery).counts()
     assert sum(counts.values()) == len(rows) and set(counts) == {name for _, name in rows}
+    assert "warning" not in capsys.readouterr().err  # a closed-set model, its own lists
+    # Enrolled again: the first photos are named, the rest counted (it printed one line per photo).
+    assert gallery_cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("already enrolled as ") for line in out) == gallery_cli.ALREADY_ENROLLED_SHOWN
+    assert f"... and {len(rows) - gallery_cli.ALREADY_ENROLLED_SHOWN} more photos already enrolled" in out
+
+
+def test_enrolling_a_closed_set_split_for_an_open_set_model_is_warned_about(tiny_run, tmp_path, capsys):
+    """The closed-set lists hold the individuals such a model held out: the gallery would name them."""
+    checkpoint = torch.load(tiny_run["best"], weights_only=True)
+    checkpoint["config"]["data"]["open_set"] = True
+    open_model = tmp_path / "open_best.pt"
+    torch.save(checkpoint, open_model)
+    argv = ["enroll", "--gallery", str(tmp_path / "g.npz"), "--checkpoint", str(open_model),
+            "--from-split", str(tiny_run["data_root"]), "train"]
+    assert gallery_cli.main(argv) == 0
+    assert "warning: the checkpoint was trained on the open-set lists; add --open-set" in capsys.readouterr().err
+
+
+def test_list_names_individuals_in_alphabetical_order(tmp_path, capsys):
+    gallery = Gallery.new("sha", 2)
+    gallery.add("Zuri", np.array([[1.0, 0.0]]), ["z1"])
+    gallery.add("Abeni", np.array([[0.0, 1.0], [0.6, 0.8]]), ["a1", "a2"])  # enrolled second
+    gallery_cli.save(gallery, tmp_path / "g.npz")
+    assert gallery_cli.main(["list", "--gallery", str(tmp_path / "g.npz")]) == 0
+    assert [line.split() for line in capsys.readouterr().out.splitlines()[2:]] == [["Abeni", "2"], ["Zuri", "1"]]
 
 
 def test_scores_nearest_and_prototype():
