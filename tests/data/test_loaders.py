@@ -137,6 +137,23 @@ def test_padding_rows_change_no_validation_figure():
     assert real[3] == 5
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_the_plain_and_cached_pipelines_give_the_same_batches(tiny_data, tmp_path, train):
+    """One decode function and one augmentation: the fallback pipeline trains on the same pixels."""
+    batches = {}
+    for pipeline in ("plain", "cached"):
+        config = load_config(write_config(tmp_path, tiny_data, pipeline, **{"data.pipeline": pipeline,
+                                                                             "trainer.batch_size": 8}))
+        data = PreparedData.load(config.data.root)
+        rows = data.split("train" if train else "val")
+        source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=train,
+                              device=torch.device("cpu"))
+        batches[pipeline] = list(source.batches(epoch=1))
+    assert len(batches["plain"]) == len(batches["cached"]) > 1
+    for (plain_images, plain_labels), (cached_images, cached_labels) in zip(batches["plain"], batches["cached"]):
+        assert torch.equal(plain_labels, cached_labels) and torch.equal(plain_images, cached_images)
+
+
 @pytest.mark.parametrize("pipeline", ["plain", "cached"])
 def test_padded_evaluation_batches_have_one_size_and_the_same_images(tiny_data, tmp_path, pipeline):
     """Padding comes before the augmentation, which (compiled) then sees a single shape as well."""
