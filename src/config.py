@@ -120,7 +120,8 @@ class TrainerConfig(_Section):
     """torch.compile's `mode` for the model when `compile` is on. `reduce-overhead` replays each
     step's kernels as CUDA graphs, which removes most of the host's per-step launch work (what
     limits small models on fast GPUs); single process only here. Measured on an H100: resnet18 trains
-    at 12,505 img/s with it against 9,181 with `default`, in one run (README, "Measured speed")."""
+    at 12,505 img/s with it against 9,181 with `default`, in one run (docs/PERFORMANCE.md,
+    "Measured speed")."""
     sync_batchnorm: bool = False
     """Under torchrun: convert BatchNorm layers to SyncBatchNorm."""
     seed: int = Field(0, ge=-(2**63), lt=2**64)
