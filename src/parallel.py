@@ -43,10 +43,16 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
         # Functions of `__main__` (a module of ours run with -m) need it in the workers, where it is
         # imported by name: our entry points are guarded. Any other caller's main stays out. The
         # executor starts its workers as `map` submits the tasks, so the block covers all of them.
-        with _signals_held(), nullcontext() if preload == "__main__" else _main_script_hidden():
-            if START_METHOD == "forkserver":
-                _start_fork_server()
-            results = executor.map(function, items, chunksize=chunksize)
+        try:
+            with _signals_held(), nullcontext() if preload == "__main__" else _main_script_hidden():
+                if START_METHOD == "forkserver":
+                    _start_fork_server()
+                results = executor.map(function, items, chunksize=chunksize)
+        except BaseException:  # a Ctrl-C held while the workers started: the queue must not run first
+            # One call that cancels and waits: a later shutdown() (the `with`'s) would reset the
+            # cancellation before the executor's thread acted on it.
+            executor.shutdown(wait=True, cancel_futures=True)
+            raise
         try:
             yield from results
         except BrokenProcessPool:

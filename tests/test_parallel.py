@@ -36,7 +36,7 @@ sys.path.insert(0, {repo!r})
 from src.parallel import map_in_processes
 print("ready", flush=True)
 try:
-    for _ in map_in_processes(time.sleep, [0.2] * 100, 2, "src.data.cache"):
+    for _ in map_in_processes(time.sleep, [1.0] * 60, 2, "src.data.cache"):
         pass
 except KeyboardInterrupt:
     sys.exit("interrupted")
@@ -138,7 +138,7 @@ def test_ctrl_c_while_workers_start_stops_the_caller_alone(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert err.strip() == "interrupted" and process.returncode == 1
-    assert time.monotonic() - started < 15  # not the queue's 10 s on top of the start
+    assert time.monotonic() - started < 15  # the tasks under way, not the queue's 30 s
 
 
 def test_workers_ignore_ctrl_c():
