@@ -10,6 +10,7 @@ import pickle
 import pickletools
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from src.errors import first_line
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch's file format (and numpy's .npz)
 PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 starts with
+# A PyTorch checkpoint's zip holds its pickled object tree as this member, in a folder of its own.
+TORCH_PICKLE = "data.pkl"
 
 
 class CheckpointError(RuntimeError):
@@ -55,19 +58,25 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     (a CSV, a config, an image: torch's IndexError or opcode complaint would only confuse)."""
     if _holds_a_pickle(path):
         return CheckpointError(f"{path}: truncated or damaged checkpoint ({type(exc).__name__}: {first_line(exc)})")
-    return CheckpointError(f"{path}: not a PyTorch checkpoint (a .pt file written by training)")
+    return CheckpointError(f"{path}: not a PyTorch checkpoint")
 
 
 def _holds_a_pickle(path: Path) -> bool:
-    """Whether the file is torch's zip format (its pickle inside) or begins with PROTO (0x80), as
-    every pickle of protocol 2 or later does (torch's legacy format, pickle.dumps). Other files' first
-    bytes can read as opcodes too: a PNG's 0x89, the `d` of a YAML file's `data:`."""
+    """Whether the file is torch's zip format (its pickle inside; a zip whose directory cannot be read,
+    as a truncated checkpoint's, counts) or begins with PROTO (0x80), as every pickle of protocol 2 or
+    later does (torch's legacy format, pickle.dumps). Other files' first bytes can read as opcodes too:
+    a PNG's 0x89, the `d` of a YAML file's `data:`; other zips (a gallery's .npz) hold no data.pkl."""
     try:
         with path.open("rb") as handle:
             start = handle.read(4)
+        if start != ZIP_MAGIC:
+            return start.startswith(PICKLE_MAGIC)
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rpartition("/")[2] == TORCH_PICKLE for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return True
     except OSError:
         return False
-    return start == ZIP_MAGIC or start.startswith(PICKLE_MAGIC)
 
 
 def _unsupported_pickle_opcode(message: str) -> bool:

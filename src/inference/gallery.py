@@ -43,13 +43,11 @@ from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.errors import capped, stops_on_ctrl_c
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
-from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC
+from src.safe_load import PICKLE_MAGIC, TORCH_PICKLE, ZIP_MAGIC
 from src.tables import format_rows, print_stdout
 
 FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
-# A PyTorch checkpoint is a zip too; its pickled object tree is this member, in a folder of its own.
-TORCH_PICKLE = "data.pkl"
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 ALREADY_ENROLLED_SHOWN = 10  # photos named one by one when enrolled again; beyond, a count
 

@@ -4,6 +4,7 @@ import os
 import pickle
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,12 +120,15 @@ def _project_keys(**changes) -> dict:
 
 
 @pytest.mark.parametrize("write, message", [
-    (lambda p: p.write_text("- epoch: 3\n- lr: 0.1\n"), "not a PyTorch checkpoint (a .pt file written by training)"),
-    (lambda p: p.write_text('{"epoch": 3}'), "not a PyTorch checkpoint (a .pt file written by training)"),  # JSON
-    (lambda p: p.write_text("data:\n  root: data\n"), "not a PyTorch checkpoint (a .pt"),  # a config
-    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "not a PyTorch checkpoint (a .pt"),  # an image
+    (lambda p: p.write_text("- epoch: 3\n- lr: 0.1\n"), "x_last.pt: not a PyTorch checkpoint\n"),  # text
+    (lambda p: p.write_text('{"epoch": 3}'), "x_last.pt: not a PyTorch checkpoint\n"),  # JSON
+    (lambda p: p.write_text("data:\n  root: data\n"), "x_last.pt: not a PyTorch checkpoint\n"),  # a config
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "x_last.pt: not a PyTorch checkpoint\n"),  # an image
     # a metrics CSV: torch's own words were "IndexError: pop from empty list"
-    (lambda p: p.write_text("epoch,lr,train_loss\n1,0.1,2.5\n"), "not a PyTorch checkpoint (a .pt"),
+    (lambda p: p.write_text("epoch,lr,train_loss\n1,0.1,2.5\n"), "x_last.pt: not a PyTorch checkpoint\n"),
+    # a gallery: torch's words were "file in archive is not in a subdirectory"
+    (lambda p: np.savez(p.with_suffix(".npz"), a=np.zeros(3)) or p.with_suffix(".npz").rename(p),
+     "x_last.pt: not a PyTorch checkpoint\n"),
     (lambda p: torch.save({"x": torch.zeros(10_000)}, p) or p.write_bytes(p.read_bytes()[:20_000]),
      "truncated or damaged checkpoint ("),
     (lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=4)), "not a safe checkpoint"),
