@@ -41,20 +41,21 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
             absent = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
             if absent:
                 raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {absent})")
-            rows, unread = [], []
-            for row in reader:
+            rows, unread, last = [], [], None
+            for row in reader:  # blank lines are not rows
+                last = reader.line_num
                 try:
                     rows.append([float(row[column]) for column in METRICS_COLUMNS])
                 except (TypeError, ValueError):  # a short or half-written line: None or '' cells
-                    unread.append(str(reader.line_num))
-            if unread and unread[-1] == str(reader.line_num):
-                unread.pop()  # the last line, cut short: a file being written
+                    unread.append(last)
+            if unread and unread[-1] == last:
+                unread.pop()  # the last row, cut short: a file being written
     except UnicodeDecodeError as exc:
         raise CurvesError(f"{path}: not a metrics CSV of this project (not UTF-8 text: {exc.reason})") from None
     if not rows:
         raise CurvesError(f"{path}: no finished epoch yet")
     if unread:
-        log.warning("%s: left out line %s, not a complete epoch row", path, capped(unread))
+        log.warning("%s: left out line %s, not a complete epoch row", path, capped([str(n) for n in unread]))
     table = np.array(rows, dtype=np.float64)
     return {column: table[:, i] for i, column in enumerate(METRICS_COLUMNS)}
 
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="PNG to write (default: <name>_curves.png beside the CSV)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     out = args.out or default_output(args.metrics_csv)
     try:
         check_output(out)

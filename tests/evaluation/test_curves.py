@@ -1,8 +1,12 @@
 """Training curves from a metrics CSV, finished or still being written."""
+import subprocess
+import sys
+
 import pytest
 
 from src.evaluation import curves
 from src.training.artifacts import METRICS_COLUMNS
+from tests.conftest import REPO
 
 HEADER = ",".join(METRICS_COLUMNS)
 
@@ -16,7 +20,7 @@ def test_curves_of_a_finished_run(tiny_run, tmp_path, capsys):
 
 def test_a_run_in_progress_plots_its_finished_epochs(tmp_path, caplog):
     csv = tmp_path / "demo_metrics.csv"
-    csv.write_text(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n2,0.0009,3.5,0.2,0.5,3.6,0.2,0.4\n3,0.0008,3.1\n")
+    csv.write_text(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n2,0.0009,3.5,0.2,0.5,3.6,0.2,0.4\n3,0.0008,3.1\n\n")
     history = curves.read_metrics_csv(csv)
     assert history["epoch"].tolist() == [1.0, 2.0]
     assert history["val_top5"].tolist() == [0.3, 0.4]
@@ -32,6 +36,9 @@ def test_a_damaged_line_before_the_last_is_named(tmp_path, caplog):
     assert curves.read_metrics_csv(csv)["epoch"].tolist() == [1.0, 2.0]
     assert [record.getMessage() for record in caplog.records] == [
         f"{csv}: left out line 3, not a complete epoch row"]
+    result = subprocess.run([sys.executable, "-m", "src.evaluation.curves", str(csv)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == f"warning: {csv}: left out line 3, not a complete epoch row\n"
 
 
 @pytest.mark.parametrize("content, message", [
