@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_stdout(format_table(predictions))
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
-    repeated = f" ({repeats} repeated inputs counted once)" if repeats else ""
+    repeated = f" ({repeats} repeated input{'s' if repeats > 1 else ''} counted once)" if repeats else ""
     print(f"{len(predictions) - unknown} identified, {unknown} unknown, {len(skipped)} skipped{repeated}; "
           f"scored against {identifier.describe()}", file=sys.stderr)
     if args.output is not None:

@@ -173,7 +173,7 @@ def test_a_pattern_searches_the_folders_it_matches_and_skips_keep_their_place(le
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["image"] for row in rows] == [str(folder / name) for name in ("a.png", "b.png", "c.png")]
-    assert "0 identified, 2 unknown, 1 skipped (1 repeated inputs counted once)" in err
+    assert "0 identified, 2 unknown, 1 skipped (1 repeated input counted once)" in err
 
 
 def test_a_file_name_that_is_not_utf8_is_shown_and_written(learned, unseen, tmp_path, capsys):
