@@ -237,10 +237,12 @@ def refill(pixels: torch.Tensor, labels: torch.Tensor, missing: int) -> tuple[to
 
 def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,
                  train: bool, device: torch.device, rank: int = 0, world_size: int = 1,
-                 dtype: torch.dtype = torch.float32, pad: bool = False) -> BatchSource:
+                 dtype: torch.dtype = torch.float32, pad: bool = False,
+                 batch_size: int | None = None) -> BatchSource:
     """The batch source for one split, as `data.pipeline` asks; images of `dtype` (training under
     autocast passes its dtype: the model's first layer would cast to it anyway); `pad`: see
-    BatchSource."""
+    BatchSource; `batch_size`: other than `trainer.batch_size` (evaluation's, from 1: the model in eval
+    mode needs no two images for BatchNorm)."""
     cache_size = cache_size_for(config.data.image_size)
     augment = BatchAugment(config.augment, config.data.image_size, dtype)
     if config.trainer.compile and device.type == "cuda":
@@ -249,7 +251,7 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
         augment.apply_uniform = torch.compile(augment.apply_uniform, dynamic=False)
         augment.eval = torch.compile(augment.eval, dynamic=False)
     common = dict(augment=augment, train=train, pad=pad,
-                  batch_size=config.trainer.batch_size, seed=config.trainer.seed, device=device,
+                  batch_size=batch_size or config.trainer.batch_size, seed=config.trainer.seed, device=device,
                   rank=rank, world_size=world_size)
     if config.data.pipeline == "plain":
         dataset = ImageListDataset(rows, raw_dir, classes, partial(_to_cache_tensor, cache_size=cache_size),

@@ -168,14 +168,10 @@ def load_run(path: Path, device: torch.device) -> Run:
     return Run(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
 
 
-def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | None, batch_size: int) -> Config:
-    """The checkpoint's config with the command line's changes: batch size, the cache folder and, for
-    `--data-root`, the data root (and its default cache folder). Everything that shapes the pixels stays
-    as trained."""
+def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | None) -> Config:
+    """The checkpoint's config with the command line's changes: the cache folder and, for `--data-root`,
+    the data root (and its default cache folder). Everything that shapes the pixels stays as trained."""
     config = config.model_copy(deep=True)
-    # model_copy skips validation: the schema's minimum of 2 is for training (batch norm needs two
-    # images to normalise), while evaluation runs the model in eval mode, where 1 is fine.
-    config.trainer = config.trainer.model_copy(update={"batch_size": int(batch_size)})
     if data_root is not None:
         config.data.root, config.data.cache_dir = data_root, data_root / "cache"
     if cache_dir is not None:
@@ -228,7 +224,8 @@ def read_sources(root: Path) -> dict[str, str]:
 
 
 @torch.no_grad()
-def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: Path, desc: str) -> EmbeddedSplit:
+def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: Path, batch_size: int,
+                desc: str) -> EmbeddedSplit:
     """Every readable image of `rows` through the model, with exactly training's validation pipeline
     (`build_source(train=False)`: the same cache, decoding and `BatchAugment.eval`).
 
@@ -240,7 +237,7 @@ def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: 
     """
     row_ids = ClassIndex([str(i) for i in range(len(rows))])
     source = build_source(config, [(path, str(i)) for i, (path, _) in enumerate(rows)], raw_dir, row_ids,
-                          train=False, device=run.device)
+                          train=False, device=run.device, batch_size=batch_size)
     kept, embeddings, logits = [], [], []
     bar = progress_bar(len(source), desc, sys.stderr.isatty())
     for images, labels in source.batches(0):
@@ -487,12 +484,12 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
         atomic.check_folder_possible(out)  # found now, not after the whole evaluation
     except NotADirectoryError as exc:
         raise EvaluationError(f"--out {out}: {exc.filename} is a file, not a folder") from None
-    config = evaluation_config(run.config, data_root, cache_dir, batch_size)
+    config = evaluation_config(run.config, data_root, cache_dir)
     open_set, root = config.data.open_set, config.data.root
     data = PreparedData.load(root)
     splits = read_splits(data, split, open_set)
     check_individuals(splits, run.classes)
-    embedded = {name: embed_split(run, config, rows, data.raw_dir, f"split '{name}'")
+    embedded = {name: embed_split(run, config, rows, data.raw_dir, batch_size, f"split '{name}'")
                 for name, rows in splits.items()}
     check_gallery(embedded, split)
 

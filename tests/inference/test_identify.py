@@ -140,7 +140,7 @@ def test_embeddings_equal_those_of_evaluation_on_the_same_images(tiny_run):
     run = load_run(tiny_run["best"], torch.device("cpu"))
     data = PreparedData.load(tiny_run["data_root"])
     rows = data.split("val")
-    expected = embed_split(run, evaluation_config(run.config, None, None, 8), rows, data.raw_dir, "val")
+    expected = embed_split(run, evaluation_config(run.config, None, None), rows, data.raw_dir, 8, "val")
     identifier = Identifier.from_checkpoint(tiny_run["best"])
     embedded = [item for batch in identifier.embed([data.raw_dir / rel for rel, _ in rows]) for item in batch]
     assert np.abs(np.stack([e.embedding for e in embedded]) - expected.embeddings).max() < 1e-5
