@@ -1,9 +1,9 @@
 """Evaluate a trained checkpoint in one command and write a report a reviewer can check.
 
     python -m src.evaluation.evaluate --checkpoint artifacts/<name>_best.pt [--split test]
-        [--data-root DIR] [--out DIR] [--device cpu|cuda|cuda:N] [--batch-size N]
+        [--data-root DIR] [--cache-dir DIR] [--out DIR] [--device cpu|cuda|cuda:N] [--batch-size N]
 
-Read top to bottom: `load_run` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
+Read top to bottom: `load_trained` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
 `embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier),
 `retrieval_section` (embeddings against the train gallery), `by_source_section`, `open_set_section`,
 `threshold_section` -> `write_outputs` (report.json, report.md, figures) and the threshold sidecar.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import sys
@@ -31,21 +30,20 @@ import numpy as np
 import torch
 
 from src import atomic
-from src.config import Config, ConfigError, ModelConfig, config_from_dict
+from src.config import Config, ConfigError, ModelConfig
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.devices import pick_device
-from src.errors import positive_int, state_dict_problem, stops_on_ctrl_c
+from src.errors import positive_int, stops_on_ctrl_c
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
 from src.evaluation.report import confusion_csv, render_markdown, rounded
 from src.models.backbones import ModelError
-from src.models.factory import IdentificationModel, create_model
 from src.tables import progress_bar
 from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths
-from src.training.checkpoint import CheckpointError, load_checkpoint
+from src.training.checkpoint import CheckpointError, TrainedModel, load_trained, threshold_sidecar_path
 from src.training.resume import data_fingerprint
 
 log = logging.getLogger(__name__)
@@ -63,18 +61,6 @@ SCORE_KINDS = ("classifier", "nearest", "prototype")
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated together; one line saying what does not match."""
-
-
-@dataclass
-class Run:
-    """A checkpoint ready to evaluate: its model in eval mode on the device, and what it was trained on."""
-
-    sha256: str
-    checkpoint: dict
-    config: Config
-    classes: ClassIndex
-    model: IdentificationModel
-    device: torch.device
 
 
 @dataclass
@@ -141,33 +127,6 @@ def reproducible_arithmetic():
          torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def load_run(path: Path, device: torch.device) -> Run:
-    """The checkpoint's model with its weights. The backbone is built without pretrained weights
-    (they would be downloaded only to be overwritten by the checkpoint's)."""
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
-    try:
-        config = config_from_dict(checkpoint["config"])
-        classes = ClassIndex.from_list(checkpoint["classes"])
-    except (ConfigError, DatasetError) as exc:
-        raise CheckpointError(f"{path}: the config or class list stored in the checkpoint is invalid ({exc})") from None
-    # The random initialisation is overwritten by the checkpoint's weights; fork_rng keeps it from
-    # advancing the caller's global torch RNG (loading a model must not change a seeded script's draws).
-    with torch.random.fork_rng(devices=[]):
-        model = create_model(config.model.model_copy(update={"pretrained": False}), len(classes))
-    try:
-        model.load_state_dict(checkpoint["model_state"])
-    except RuntimeError as exc:
-        raise EvaluationError(f"{path}: weights do not fit the model its config describes "
-                              f"({state_dict_problem(exc)})") from None
-    return Run(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
-
-
 def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | None) -> Config:
     """The checkpoint's config with the command line's changes: the cache folder and, for `--data-root`,
     the data root (and its default cache folder). Everything that shapes the pixels stays as trained."""
@@ -224,7 +183,7 @@ def read_sources(root: Path) -> dict[str, str]:
 
 
 @torch.no_grad()
-def embed_split(run: Run, config: Config, rows: list[tuple[str, str]], raw_dir: Path, batch_size: int,
+def embed_split(run: TrainedModel, config: Config, rows: list[tuple[str, str]], raw_dir: Path, batch_size: int,
                 desc: str) -> EmbeddedSplit:
     """Every readable image of `rows` through the model, with exactly training's validation pipeline
     (`build_source(train=False)`: the same cache, decoding and `BatchAugment.eval`).
@@ -391,7 +350,7 @@ def threshold_section(embedded: dict[str, EmbeddedSplit], open_set: bool, scorer
             "sidecar": None if sidecar is None else str(sidecar)}
 
 
-def trained_on(splits: dict[str, list[tuple[str, str]]], run: Run) -> bool:
+def trained_on(splits: dict[str, list[tuple[str, str]]], run: TrainedModel) -> bool:
     """Whether the train split is the one the checkpoint was trained on."""
     return data_fingerprint(splits["train"], run.classes) == run.checkpoint.get("data_fingerprint")
 
@@ -419,11 +378,6 @@ def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, open_set
 # Outputs
 
 
-def threshold_sidecar_path(checkpoint: Path) -> Path:
-    """`artifacts/x_best.pt` -> `artifacts/x_best.pt.threshold.json` (read by inference)."""
-    return checkpoint.with_name(checkpoint.name + ".threshold.json")
-
-
 def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_csv: Path, out: Path) -> dict:
     """Figures, CSV, report.json and report.md in `out`; returns the report as written."""
     atomic.make_folder(out)
@@ -442,7 +396,7 @@ def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_cs
     return report
 
 
-def write_threshold_sidecar(run: Run, threshold: dict) -> None:
+def write_threshold_sidecar(run: TrainedModel, threshold: dict) -> None:
     """`<checkpoint>.threshold.json` for inference; the checksum ties it to these exact weights."""
     payload = {"thresholds": threshold["thresholds"], "method": threshold["method"], "split": threshold["split"],
                "checkpoint_sha256": run.sha256}
@@ -479,7 +433,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str =
 
 def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, cache_dir: Path | None,
               device: torch.device, batch_size: int) -> dict:
-    run = load_run(checkpoint, device)
+    run = load_trained(checkpoint, device)
     try:
         atomic.check_folder_possible(out)  # found now, not after the whole evaluation
     except NotADirectoryError as exc:

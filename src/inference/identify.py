@@ -197,7 +197,7 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
     training overwrites `_best.pt`, and a threshold chosen for the old weights would be arbitrary
     for the new ones.
     """
-    from src.evaluation.evaluate import threshold_sidecar_path  # here: see _checkpoint_backend
+    from src.training.checkpoint import threshold_sidecar_path  # here: see _checkpoint_backend
 
     path = threshold_sidecar_path(Path(checkpoint))
     if not path.is_file():
@@ -425,13 +425,13 @@ def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Ski
 def _checkpoint_backend(path: str | Path, device: str) -> tuple[TorchBackend, ModelInfo]:
     """A training checkpoint's model on `device`, and what it knows (classes, config, sha256)."""
     # Imported here: the ONNX path needs neither torchvision nor the model code.
-    from src.evaluation.evaluate import EvaluationError, load_run
     from src.models.backbones import ModelError
+    from src.training.checkpoint import load_trained
 
     torch_device = pick_device(device, InferenceError)
     try:
-        run = load_run(Path(path), torch_device)
-    except (EvaluationError, ModelError) as exc:
+        run = load_trained(Path(path), torch_device)
+    except ModelError as exc:
         raise InferenceError(str(exc)) from None
     return TorchBackend(run.model, torch_device), ModelInfo(tuple(run.classes.names), run.config, run.sha256)
 

@@ -7,6 +7,7 @@ it over the target: a crash or a full disk during a save leaves the previous che
 from __future__ import annotations
 
 import errno
+import hashlib
 import shutil
 import threading
 import time
@@ -17,6 +18,10 @@ from pathlib import Path
 import torch
 
 from src.atomic import atomic_destination
+from src.config import Config, ConfigError, config_from_dict
+from src.data.dataset import ClassIndex, DatasetError
+from src.errors import state_dict_problem
+from src.models.factory import IdentificationModel, create_model
 from src.safe_load import CheckpointError, safe_torch_load
 from src.training.artifacts import RunPaths, write_metrics_csv
 
@@ -254,3 +259,52 @@ class CheckpointSaver:
         """Write `(snapshot, path)` pairs in the background, then the CSV of the last one's history."""
         history = items[-1][0].tree["history"]
         self.writer.save(items, after=lambda: write_metrics_csv(self.paths.metrics, history))
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model, for evaluation and inference
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint ready to use: its model in eval mode on the device, and what it was trained on
+    (evaluation and inference)."""
+
+    sha256: str
+    checkpoint: dict
+    config: Config
+    classes: ClassIndex
+    model: IdentificationModel
+    device: torch.device
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def load_trained(path: Path, device: torch.device) -> TrainedModel:
+    """The checkpoint's model with its weights. The backbone is built without pretrained weights
+    (they would be downloaded only to be overwritten by the checkpoint's)."""
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    try:
+        config = config_from_dict(checkpoint["config"])
+        classes = ClassIndex.from_list(checkpoint["classes"])
+    except (ConfigError, DatasetError) as exc:
+        raise CheckpointError(f"{path}: the config or class list stored in the checkpoint is invalid ({exc})") from None
+    # The random initialisation is overwritten by the checkpoint's weights; fork_rng keeps it from
+    # advancing the caller's global torch RNG (loading a model must not change a seeded script's draws).
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(config.model.model_copy(update={"pretrained": False}), len(classes))
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes "
+                              f"({state_dict_problem(exc)})") from None
+    return TrainedModel(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
+
+
+def threshold_sidecar_path(checkpoint: Path) -> Path:
+    """`artifacts/x_best.pt` -> `artifacts/x_best.pt.threshold.json` (read by inference)."""
+    return checkpoint.with_name(checkpoint.name + ".threshold.json")

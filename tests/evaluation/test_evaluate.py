@@ -18,7 +18,7 @@ from src.evaluation import evaluate
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier
 from src.models.factory import create_model
-from src.training.checkpoint import atomic_save, load_checkpoint
+from src.training.checkpoint import atomic_save, load_checkpoint, threshold_sidecar_path
 from src.training.resume import data_fingerprint
 from src.training.train import RunState, checkpoint_dict
 from tests.conftest import REPO, write_config
@@ -108,7 +108,7 @@ def test_figures_csv_and_markdown(closed_report, tiny_run):
 def test_threshold_is_stored_beside_the_checkpoint(closed_report, checkpoint, tiny_run):
     out, _ = closed_report
     report = json.loads((out / "report.json").read_text())
-    sidecar = json.loads(evaluate.threshold_sidecar_path(checkpoint).read_text())
+    sidecar = json.loads(threshold_sidecar_path(checkpoint).read_text())
     assert set(sidecar) == {"thresholds", "method", "split", "checkpoint_sha256"}
     # one threshold per way inference scores a photo; ArcFace's classifier score is a cosine too
     assert sidecar["thresholds"] == report["threshold"]["thresholds"]
@@ -190,7 +190,7 @@ def test_open_set_evaluation(open_set_checkpoint, tiny_data, tmp_path, capsys):
     assert open_set["unknown_images"] == len(data.split("unknown_test", open_set=True))
     assert open_set["balanced_mean"] == pytest.approx((open_set["baks"] + open_set["baus"]) / 2, abs=1e-6)
     assert report["data"]["lists"] == "annotations/open_set"
-    sidecar = json.loads(evaluate.threshold_sidecar_path(open_set_checkpoint).read_text())
+    sidecar = json.loads(threshold_sidecar_path(open_set_checkpoint).read_text())
     thresholds = sidecar["thresholds"]
     assert thresholds["nearest"] == open_set["threshold"] == report["threshold"]["thresholds"]["nearest"]
     assert set(thresholds) == set(evaluate.SCORE_KINDS)
@@ -211,7 +211,7 @@ def test_a_changed_train_split_is_reported_and_leaves_the_stored_thresholds(chec
     folder.mkdir()
     copy = folder / checkpoint.name
     shutil.copy2(checkpoint, copy)
-    sidecar = evaluate.threshold_sidecar_path(copy)
+    sidecar = threshold_sidecar_path(copy)
     sidecar.write_text('{"stored": "earlier"}')
     train = data_copy / "annotations" / "train.txt"
     train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))

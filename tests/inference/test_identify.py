@@ -15,7 +15,8 @@ from PIL import Image
 from src.data.dataset import PreparedData
 from src.data.io import ImageLoadError
 from src.data.lists import REJECTED_NAME
-from src.evaluation.evaluate import embed_split, evaluation_config, load_run, threshold_sidecar_path
+from src.evaluation.evaluate import embed_split, evaluation_config
+from src.training.checkpoint import load_trained, threshold_sidecar_path
 from src.evaluation.metrics import choose_open_set_threshold
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
@@ -137,7 +138,7 @@ def test_a_threshold_for_other_weights_is_ignored_and_a_broken_one_refused(learn
 def test_embeddings_equal_those_of_evaluation_on_the_same_images(tiny_run):
     """predict decodes and normalises as training's eval pipeline does: evaluation embeds the val
     split through `build_source(train=False)` (the image cache), inference from the files."""
-    run = load_run(tiny_run["best"], torch.device("cpu"))
+    run = load_trained(tiny_run["best"], torch.device("cpu"))
     data = PreparedData.load(tiny_run["data_root"])
     rows = data.split("val")
     expected = embed_split(run, evaluation_config(run.config, None, None), rows, data.raw_dir, 8, "val")
