@@ -17,7 +17,7 @@ INTERRUPTED_EXIT = 130
 
 def stops_on_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:
     """A command's `main` that Ctrl-C ends with one line and INTERRUPTED_EXIT instead of a traceback
-    (training has its own handling: it saves a checkpoint first)."""
+    (training has its own, which first saves a checkpoint once training is under way)."""
     @functools.wraps(main)
     def main_stopping_on_ctrl_c(*args, **kwargs) -> int:
         try:
