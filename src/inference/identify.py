@@ -23,6 +23,7 @@ import glob
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -370,8 +371,8 @@ def file_problem(path: Path) -> str | None:
 
 
 def input_entries(patterns: Sequence[str | Path]) -> tuple[list[Path | Skipped], int]:
-    """Each input's files, in the order given: a path, a folder's files (recursively, sorted,
-    hidden ones left out) or a glob pattern's matches (a matching folder's files too); a Skipped, in
+    """Each input's files, in the order given: a path, a folder's files (recursively, by name with
+    numbers as numbers, hidden ones left out) or a glob pattern's matches (a matching folder's files too); a Skipped, in
     its place, for an entry that is no regular file (a broken link, a FIFO) and for an input that
     yields nothing (missing path, empty folder, glob without a match). A file named more than once
     counts once; the second value is how many such repeats were left out. Whether a file is an image
@@ -387,7 +388,8 @@ def input_entries(patterns: Sequence[str | Path]) -> tuple[list[Path | Skipped],
             found, reason = [path], ""
         elif glob.has_magic(pattern):
             # dict: `photos/**` matches a folder and the files in it
-            found = list(dict.fromkeys(file for match in map(Path, sorted(glob.glob(pattern, recursive=True)))
+            found = list(dict.fromkeys(file for match in sorted(map(Path, glob.glob(pattern, recursive=True)),
+                                                               key=_natural_order)
                                        for file in (_files_under(match) if match.is_dir() else [match])))
             reason = "no file matches this pattern"
         else:
@@ -407,8 +409,14 @@ def input_entries(patterns: Sequence[str | Path]) -> tuple[list[Path | Skipped],
 
 
 def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted((p for p in folder.rglob("*")
+                   if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                  key=_natural_order)
+
+
+def _natural_order(path: Path) -> list[str | int]:
+    """Numbers in names compared as numbers, as file browsers list them: IMG_9 before IMG_10."""
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:

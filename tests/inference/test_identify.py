@@ -201,6 +201,18 @@ def odd_entries(unseen, tmp_path) -> tuple[Path, Path, Path, Path]:
     return folder, photo, folder / "b_fifo.png", folder / "c_link.png"
 
 
+def test_a_folder_lists_numbered_files_in_number_order(tmp_path):
+    """As file browsers do: a camera's IMG_9 before IMG_10 (text order put IMG_10 first)."""
+    for name in ("IMG_10.jpg", "IMG_9.jpg", "IMG_100.jpg", "b/IMG_2.jpg", "a1.jpg", "a٣.jpg", "x².jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    files, _ = collect_images([tmp_path])
+    assert [str(path.relative_to(tmp_path)) for path in files] == [
+        "IMG_9.jpg", "IMG_10.jpg", "IMG_100.jpg", "a1.jpg", "a٣.jpg", "b/IMG_2.jpg", "x².jpg"]
+    assert collect_images([tmp_path / "IMG_*.jpg"])[0] == [tmp_path / name for name in
+                                                           ("IMG_9.jpg", "IMG_10.jpg", "IMG_100.jpg")]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
 def test_entries_that_are_not_regular_files_are_listed_as_skipped(odd_entries):
     """Before, a folder's FIFOs and broken links were dropped without a word, and a FIFO given by
