@@ -22,6 +22,8 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch's file format (and numpy's .npz)
 PICKLE_MAGIC = b"\x80"  # the protocol opcode every pickle since protocol 2 starts with
 # A PyTorch checkpoint's zip holds its pickled object tree as this member, in a folder of its own.
 TORCH_PICKLE = "data.pkl"
+# Members only a TorchScript archive (torch.jit.save) holds beside its data.pkl.
+TORCHSCRIPT_MEMBERS = ("/constants.pkl",)
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +57,11 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
 
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     """A file torch.load gave up on: a damaged checkpoint (the error may help) or another kind of file
-    (a CSV, a config, an image: torch's IndexError or opcode complaint would only confuse)."""
+    (a CSV, a config, an image: torch's IndexError or opcode complaint would only confuse; a TorchScript
+    export: torch's advice to load it with weights_only=False would run its code)."""
+    if any(name.endswith(TORCHSCRIPT_MEMBERS) for name in _zip_members(path) or ()):
+        return CheckpointError(f"{path}: a TorchScript export, not a training checkpoint (it is loaded with "
+                               "torch.jit.load, or given to predict as an export)")
     if _holds_a_pickle(path):
         return CheckpointError(f"{path}: truncated or damaged checkpoint ({type(exc).__name__}: {first_line(exc)})")
     return CheckpointError(f"{path}: not a PyTorch checkpoint")
@@ -69,14 +75,26 @@ def _holds_a_pickle(path: Path) -> bool:
     try:
         with path.open("rb") as handle:
             start = handle.read(4)
-        if start != ZIP_MAGIC:
-            return start.startswith(PICKLE_MAGIC)
-        with zipfile.ZipFile(path) as archive:
-            return any(name.rpartition("/")[2] == TORCH_PICKLE for name in archive.namelist())
-    except zipfile.BadZipFile:
-        return True
     except OSError:
         return False
+    if start != ZIP_MAGIC:
+        return start.startswith(PICKLE_MAGIC)
+    members = _zip_members(path)
+    return members is None or any(name.rpartition("/")[2] == TORCH_PICKLE for name in members)
+
+
+def _zip_members(path: Path) -> list[str] | None:
+    """The member names of a zip; [] for a file that is no zip, None for a zip too damaged to list."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                return []
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except OSError:
+        return []
+    except Exception:  # zipfile raises many kinds for a damaged directory (BadZipFile, UnicodeDecodeError, ...)
+        return None
 
 
 def _unsupported_pickle_opcode(message: str) -> bool:

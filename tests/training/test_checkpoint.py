@@ -115,6 +115,16 @@ class _SystemCall:
         return (os.getpid, ())
 
 
+def _zip_with_an_undecodable_name(path) -> None:
+    """torch's zip layout, then its directory entry flagged UTF-8 with a name that is not."""
+    torch.save({"x": torch.zeros(2)}, path)
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the first central directory entry
+    data[entry + 9] |= 0x08  # general purpose flags, bit 11: the name is UTF-8
+    data[entry + 46] = 0xFF  # the name's first byte: never valid UTF-8
+    path.write_bytes(bytes(data))
+
+
 def _project_keys(**changes) -> dict:
     return {"format_version": 1, "model_state": {}, "epoch": 1, "config": {}, "classes": ["a", "b"], **changes}
 
@@ -126,6 +136,11 @@ def _project_keys(**changes) -> dict:
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "x_last.pt: not a PyTorch checkpoint\n"),  # an image
     # a metrics CSV: torch's own words were "IndexError: pop from empty list"
     (lambda p: p.write_text("epoch,lr,train_loss\n1,0.1,2.5\n"), "x_last.pt: not a PyTorch checkpoint\n"),
+    # a TorchScript export: torch suggested weights_only=False, which would run its code
+    (lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(p)),
+     "x_last.pt: a TorchScript export, not a training checkpoint"),
+    # a zip whose member name does not decode: zipfile raised UnicodeDecodeError, a traceback
+    (lambda p: _zip_with_an_undecodable_name(p), "x_last.pt: truncated or damaged checkpoint ("),
     # a gallery: torch's words were "file in archive is not in a subdirectory"
     (lambda p: np.savez(p.with_suffix(".npz"), a=np.zeros(3)) or p.with_suffix(".npz").rename(p),
      "x_last.pt: not a PyTorch checkpoint\n"),
