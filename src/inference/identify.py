@@ -414,9 +414,12 @@ def _files_under(folder: Path) -> list[Path]:
                   key=_natural_order)
 
 
-def _natural_order(path: Path) -> list[str | int]:
-    """Numbers in names compared as numbers, as file browsers list them: IMG_9 before IMG_10."""
-    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", str(path))]
+def _natural_order(path: Path) -> list[tuple[list[str | int], str]]:
+    """Numbers in names compared as numbers, as file browsers list them: IMG_9 before IMG_10. Part by
+    part, each with its text after it, so that a folder's files stay together (a1/ and a01/ do not
+    mix) and IMG_1 and IMG_01 keep one order on every machine."""
+    return [([int(piece) if piece.isdecimal() else piece for piece in re.split(r"(\d+)", part)], part)
+            for part in path.parts]
 
 
 def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
