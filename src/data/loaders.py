@@ -251,7 +251,8 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
         augment.apply_uniform = torch.compile(augment.apply_uniform, dynamic=False)
         augment.eval = torch.compile(augment.eval, dynamic=False)
     common = dict(augment=augment, train=train, pad=pad,
-                  batch_size=batch_size or config.trainer.batch_size, seed=config.trainer.seed, device=device,
+                  batch_size=config.trainer.batch_size if batch_size is None else batch_size,
+                  seed=config.trainer.seed, device=device,
                   rank=rank, world_size=world_size)
     if config.data.pipeline == "plain":
         dataset = ImageListDataset(rows, raw_dir, classes, partial(_to_cache_tensor, cache_size=cache_size),

@@ -52,6 +52,8 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
                 unread.pop()  # the last row, cut short: a file being written
     except UnicodeDecodeError as exc:
         raise CurvesError(f"{path}: not a metrics CSV of this project (not UTF-8 text: {exc.reason})") from None
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        raise CurvesError(f"{path}: not a metrics CSV of this project ({exc})") from None
     if not rows:
         raise CurvesError(f"{path}: no finished epoch yet")
     if unread:

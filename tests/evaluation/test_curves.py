@@ -46,6 +46,7 @@ def test_a_damaged_line_before_the_last_is_named(tmp_path, caplog):
     ("folder", "metrics file is a folder, not a file"),
     (f"{HEADER}\n", "no finished epoch yet"),
     ("epoch,loss\n1,2.0\n", "missing columns"),
+    (f"{HEADER}\n" + "x" * 200_000 + "\n", "field larger than field limit"),  # was a csv.Error traceback
 ])
 def test_unusable_metrics_fail_in_one_line(content, message, tmp_path, capsys):
     csv = tmp_path / "x_metrics.csv"
