@@ -2,6 +2,7 @@
 import errno
 import os
 import pickle
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -115,6 +116,12 @@ class _SystemCall:
         return (os.getpid, ())
 
 
+def _torchscript_export(path) -> None:
+    with warnings.catch_warnings():  # torch.jit's deprecation notices, about torch, not this project
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+
+
 def _zip_with_an_undecodable_name(path) -> None:
     """torch's zip layout, then its directory entry flagged UTF-8 with a name that is not."""
     torch.save({"x": torch.zeros(2)}, path)
@@ -137,8 +144,7 @@ def _project_keys(**changes) -> dict:
     # a metrics CSV: torch's own words were "IndexError: pop from empty list"
     (lambda p: p.write_text("epoch,lr,train_loss\n1,0.1,2.5\n"), "x_last.pt: not a PyTorch checkpoint\n"),
     # a TorchScript export: torch suggested weights_only=False, which would run its code
-    (lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(p)),
-     "x_last.pt: a TorchScript export, not a training checkpoint"),
+    (lambda p: _torchscript_export(p), "x_last.pt: a TorchScript export, not a training checkpoint"),
     # a zip whose member name does not decode: zipfile raised UnicodeDecodeError, a traceback
     (lambda p: _zip_with_an_undecodable_name(p), "x_last.pt: truncated or damaged checkpoint ("),
     # a gallery: torch's words were "file in archive is not in a subdirectory"
