@@ -46,7 +46,7 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
         message = str(exc)
-        crafted = _holds_a_pickle(path) and _unsupported_pickle_opcode(message)
+        crafted = _file_kind(path) != "other" and _unsupported_pickle_opcode(message)
         if "unsupported global" in message.lower() or crafted:
             raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
                                   "and plain data (refused: loading it could run code)") from None
@@ -59,42 +59,43 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     """A file torch.load gave up on: a damaged checkpoint (the error may help) or another kind of file
     (a CSV, a config, an image: torch's IndexError or opcode complaint would only confuse; a TorchScript
     export: torch's advice to load it with weights_only=False would run its code)."""
-    if any(name.endswith(TORCHSCRIPT_MEMBERS) for name in _zip_members(path) or ()):
+    kind = _file_kind(path)
+    if kind == "torchscript":
         return CheckpointError(f"{path}: a TorchScript export, not a training checkpoint (it is loaded with "
                                "torch.jit.load, or given to predict as an export)")
-    if _holds_a_pickle(path):
+    if kind == "pickle":
         return CheckpointError(f"{path}: truncated or damaged checkpoint ({type(exc).__name__}: {first_line(exc)})")
     return CheckpointError(f"{path}: not a PyTorch checkpoint")
 
 
-def _holds_a_pickle(path: Path) -> bool:
-    """Whether the file is torch's zip format (its pickle inside; a zip whose directory cannot be read,
-    as a truncated checkpoint's, counts) or begins with PROTO (0x80), as every pickle of protocol 2 or
-    later does (torch's legacy format, pickle.dumps). Other files' first bytes can read as opcodes too:
-    a PNG's 0x89, the `d` of a YAML file's `data:`; other zips (a gallery's .npz) hold no data.pkl."""
-    try:
-        with path.open("rb") as handle:
-            start = handle.read(4)
-    except OSError:
-        return False
-    if start != ZIP_MAGIC:
-        return start.startswith(PICKLE_MAGIC)
-    members = _zip_members(path)
-    return members is None or any(name.rpartition("/")[2] == TORCH_PICKLE for name in members)
+def holds_torch_pickle(member_names: list[str]) -> bool:
+    """Whether a zip with these members is torch's format (a checkpoint or a TorchScript archive)."""
+    return any(name.rpartition("/")[2] == TORCH_PICKLE for name in member_names)
 
 
-def _zip_members(path: Path) -> list[str] | None:
-    """The member names of a zip; [] for a file that is no zip, None for a zip too damaged to list."""
+def _file_kind(path: Path) -> str:
+    """What a file torch.load failed on is, from its first bytes and, for a zip, its member names:
+
+    - "torchscript": a TorchScript archive (torch.jit.save);
+    - "pickle": a pickle (every pickle of protocol 2 or later begins with PROTO, 0x80: torch's legacy
+      format, pickle.dumps), torch's zip format, or a zip too damaged to list (a truncated checkpoint);
+    - "other": anything else. Other files' first bytes can read as opcodes too (a PNG's 0x89, the `d`
+      of a YAML file's `data:`), and other zips (a gallery's .npz) hold no data.pkl.
+    """
     try:
         with path.open("rb") as handle:
-            if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
-                return []
+            start = handle.read(len(ZIP_MAGIC))
+        if start != ZIP_MAGIC:
+            return "pickle" if start.startswith(PICKLE_MAGIC) else "other"
         with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
+            names = archive.namelist()
     except OSError:
-        return []
+        return "other"
     except Exception:  # zipfile raises many kinds for a damaged directory (BadZipFile, UnicodeDecodeError, ...)
-        return None
+        return "pickle"
+    if any(name.endswith(TORCHSCRIPT_MEMBERS) for name in names):
+        return "torchscript"
+    return "pickle" if holds_torch_pickle(names) else "other"
 
 
 def _unsupported_pickle_opcode(message: str) -> bool:

@@ -43,7 +43,7 @@ from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.errors import capped, stops_on_ctrl_c
 from src.evaluation.metrics import individual_scores, prototypes
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
-from src.safe_load import PICKLE_MAGIC, TORCH_PICKLE, ZIP_MAGIC
+from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC, holds_torch_pickle
 from src.tables import format_rows, print_stdout
 
 FORMAT_VERSION = 1
@@ -234,7 +234,7 @@ def gallery_members(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, zip
     """Each gallery array's member, from the names alone: another kind of zip (a checkpoint of
     hundreds of members, 100 MB) is named as such without reading it."""
     names = archive.namelist()
-    if any(name.rpartition("/")[2] == TORCH_PICKLE for name in names):
+    if holds_torch_pickle(names):
         raise GalleryError(f"{path} is a PyTorch checkpoint, not a gallery (a .npz from `gallery enroll`)")
     members = {name.removesuffix(".npy"): name for name in names if name.endswith(".npy")}
     missing = [key for key in ARRAYS if key not in members]
