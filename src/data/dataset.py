@@ -79,8 +79,8 @@ class PreparedData:
         if not path.is_file():
             written = SPLITS + (UNKNOWN_SPLITS if open_set else ())
             if name not in written:
-                raise DatasetError(f"no split {name!r}: prepare writes {', '.join(written)}"
-                                   + ("" if open_set else f" (and, with the open-set lists, {', '.join(UNKNOWN_SPLITS)})"))
+                more = "" if open_set else f" (and, with the open-set lists, {', '.join(UNKNOWN_SPLITS)})"
+                raise DatasetError(f"no split {name!r}: prepare writes {', '.join(written)}{more}")
             raise DatasetError(f"{path}: split file not found; {_RERUN}")
         try:
             return read_list(path)

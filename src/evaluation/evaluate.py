@@ -246,7 +246,8 @@ def retrieval_section(query: EmbeddedSplit, gallery: EmbeddedSplit) -> dict:
     return section
 
 
-def by_source_section(query: EmbeddedSplit, gallery: EmbeddedSplit, classes: ClassIndex, sources: dict[str, str]) -> dict:
+def by_source_section(query: EmbeddedSplit, gallery: EmbeddedSplit, classes: ClassIndex,
+                      sources: dict[str, str]) -> dict:
     """The closed-set and retrieval headline numbers per image source: published results differ a lot
     between CZoo (zoo, good light) and CTai (wild, Taï forest), so one average can hide either."""
     per_image = np.array([sources.get(path, "unknown") for path, _ in query.rows])

@@ -406,10 +406,9 @@ def enroll(args: argparse.Namespace) -> int:
 def list_gallery(args: argparse.Namespace) -> int:
     gallery = Gallery.load(args.gallery)
     counts = gallery.counts()
+    rows = [("individual", "images"), *((name, str(count)) for name, count in sorted(counts.items()))]
     print_stdout(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; checkpoint sha256 "
-                f"{gallery.checkpoint_sha256}\n"
-                + format_rows([("individual", "images"), *((name, str(count)) for name, count in sorted(counts.items()))],
-                              "<"))
+                 f"{gallery.checkpoint_sha256}\n" + format_rows(rows, "<"))
     return 0
 
 

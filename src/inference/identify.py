@@ -372,9 +372,9 @@ def file_problem(path: Path) -> str | None:
 
 def input_entries(patterns: Sequence[str | Path]) -> tuple[list[Path | Skipped], int]:
     """Each input's files, in the order given: a path, a folder's files (recursively, by name with
-    numbers as numbers, hidden ones left out) or a glob pattern's matches (a matching folder's files too); a Skipped, in
-    its place, for an entry that is no regular file (a broken link, a FIFO) and for an input that
-    yields nothing (missing path, empty folder, glob without a match). A file named more than once
+    numbers as numbers, hidden ones left out) or a glob pattern's matches (a matching folder's files
+    too); a Skipped, in its place, for an entry that is no regular file (a broken link, a FIFO) and
+    for an input that yields nothing (missing path, empty folder, glob without a match). A file named more than once
     counts once; the second value is how many such repeats were left out. Whether a file is an image
     is decided by decoding it."""
     entries: list[Path | Skipped] = []
