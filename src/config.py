@@ -17,6 +17,8 @@ from src.textfiles import parse_yaml, read_utf8
 
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# The torchvision networks `src.models.backbones` builds.
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
 
 class ConfigError(ValueError):
@@ -81,7 +83,7 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    backbone: BackboneName = "resnet18"
     pretrained: bool | Path = False
     """`true`: torchvision's ImageNet weights (must be downloadable or cached); a path: a local
     weights file for the backbone; `false`: random initialisation."""

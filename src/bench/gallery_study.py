@@ -37,7 +37,8 @@ from src.errors import stops_on_ctrl_c
 from src.evaluation.evaluate import evaluate
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
-from src.inference.identify import MATCH_MODES, Embedded, Identifier, Threshold
+from src.inference.identify import Embedded, Identifier, Threshold
+from src.models.scoring import MATCH_MODES
 from src.training.train import run
 
 SHOTS = (1, 3, 5)

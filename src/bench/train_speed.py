@@ -37,8 +37,10 @@ from src.bench.data import prepared_standin
 from src.data.dataset import PreparedData
 from src.errors import stops_on_ctrl_c
 from src.training.checkpoint import CheckpointSaver
-from src.training.train import (RunState, StopRequest, build_model_and_optimizer, evaluate, load_data, make_runtime, run,
-                                seed_everything, train_one_epoch, wrap_for_training)
+from src.training.resume import RunState
+from src.training.stopping import StopRequest
+from src.training.train import (build_model_and_optimizer, evaluate, load_data, make_runtime, run, seed_everything,
+                                train_one_epoch, wrap_for_training)
 
 REPO = Path(__file__).resolve().parents[2]
 NAIVE = REPO.parent / "shared" / "bench" / "naive_reference.py"

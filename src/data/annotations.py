@@ -83,9 +83,9 @@ def parse_cvjena_line(line: str, where: str) -> dict:
     if not tokens:
         raise AnnotationError(f"{where}: empty annotation")
     values = _group_by_key(tokens[1:], where)
-    missing = [k for k in (*SINGLE_FIELDS, *KEYPOINT_NAMES) if k not in values]
-    if missing:
-        raise AnnotationError(f"{where}: missing field(s) {', '.join(missing)} in {line.strip()!r}")
+    absent = [k for k in (*SINGLE_FIELDS, *KEYPOINT_NAMES) if k not in values]
+    if absent:
+        raise AnnotationError(f"{where}: missing field(s) {', '.join(absent)} in {line.strip()!r}")
     for key in SINGLE_FIELDS[1:]:
         if len(values[key]) != 1:
             raise AnnotationError(f"{where}: {key} needs one value, got {values[key]}")
@@ -183,8 +183,6 @@ def read_cvjena(raw_dir: str | Path) -> list[Record]:
     records = []
     for source, folder, filename in CVJENA_SOURCES:
         annotation_file = base / folder / filename
-        if not annotation_file.is_file():
-            raise AnnotationError(f"missing annotation file {annotation_file}")
         prefix = (base / folder).relative_to(raw_dir).as_posix()
         records += parse_annotation_file(annotation_file, source, prefix)
     return records
@@ -293,10 +291,11 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_FILES
 
 
-# --- names with whitespace --------------------------------------------------------------------------
+# --- names: no whitespace, not 'unknown' ------------------------------------------------------------
 
 def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Record]:
-    """Refuse individual names with whitespace, or replace each run of it by '_' when asked.
+    """Refuse individual names with whitespace, or replace each run of it by '_' when asked; refuse
+    the name 'unknown' in any case.
 
     The list format is space-separated, so such a name cannot be written; refusing is the default
     because a silent rename would make the written lists disagree with the user's folders. Two names

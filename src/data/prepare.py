@@ -5,6 +5,7 @@ Stages, one function each, in this order:
 1. `read_input`      the cvjena release, a list file or a folder per individual -> records
 2. `apply_labels_fix` the user's aliases and exclusions (`--labels-fix`), before any filtering
 3. `check_names`     individual names must not contain whitespace (the list format splits on it)
+                     nor be `unknown` (what inference calls a rejected photo)
 4. `check_images`    decode every image; missing, unreadable, repeated and duplicate images are excluded
 5. `filter_min_images` keep individuals with at least `--min-images` usable images
 6. `make_splits`     stratified train/val/test and the open-set hold-out (`src/data/splits.py`)
@@ -47,6 +48,7 @@ DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
 DEFAULT_OUT_DIR = DataConfig.model_fields["root"].default  # where training looks by default
 DEFAULT_MIN_IMAGES = 10
 DEFAULT_OPEN_SET_INDIVIDUALS = 10
+DEFAULT_SEED = 0
 OPEN_SET_FILES = ("train.txt", "val.txt", "test.txt", "unknown_ids.txt", "unknown_val.txt",
                   "unknown_test.txt")
 
@@ -110,12 +112,10 @@ def apply_labels_fix(records: list[Record], fix: LabelsFix | None
 
 # --- 5. filtering and counting ------------------------------------------------------------------
 
-def filter_min_images(records: Sequence[Record], min_images: int) -> tuple[list[Record], dict[str, int]]:
-    """(records of individuals with at least `min_images` records, {individual below: count})."""
+def filter_min_images(records: Sequence[Record], min_images: int) -> list[Record]:
+    """The records of individuals with at least `min_images` records (the report lists the others)."""
     counts = Counter(r.individual for r in records)
-    kept = [r for r in records if counts[r.individual] >= min_images]
-    below = {name: n for name, n in sorted(counts.items()) if n < min_images}
-    return kept, below
+    return [r for r in records if counts[r.individual] >= min_images]
 
 
 def count_summary(records: Sequence[Record]) -> dict:
@@ -283,7 +283,7 @@ def check_parameters(min_images: int, fractions: Sequence[float], open_set_indiv
 
 def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR, *,
             folder: str | Path | None = None, list_file: str | Path | None = None,
-            min_images: int = DEFAULT_MIN_IMAGES, seed: int = 0,
+            min_images: int = DEFAULT_MIN_IMAGES, seed: int = DEFAULT_SEED,
             fractions: Sequence[float] = DEFAULT_FRACTIONS,
             open_set_individuals: int = DEFAULT_OPEN_SET_INDIVIDUALS,
             labels_fix: str | Path | LabelsFix | None = None, spaces_to_underscores: bool = False,
@@ -301,7 +301,7 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     log.info("parsed     %s", describe(parsed))
     fixed, fix_exclusions, fix_info = apply_labels_fix(parsed, fix)
     fixed = check_names(fixed, spaces_to_underscores)
-    annotated_kept = filter_min_images(fixed, min_images)[0]
+    annotated_kept = filter_min_images(fixed, min_images)
     log.info("min%-7d %s by the annotations alone", min_images, describe(annotated_kept))
     if open_set_individuals:  # refused before decoding: problem images can only lower this count
         choose_unknown([r.individual for r in annotated_kept], open_set_individuals, seed)
@@ -309,7 +309,7 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     problems, checks = check_images(fixed, raw, workers)
     problem_origins = {e.record.origin for e in problems}
     usable = [r for r in fixed if r.origin not in problem_origins]
-    kept, _ = filter_min_images(usable, min_images)
+    kept = filter_min_images(usable, min_images)
     exclusions = fix_exclusions + problems
     _log_exclusions(exclusions)
     log.info("usable     %s", describe(usable))
@@ -374,12 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, metavar="DIR",
                    help=f"outputs go to <out-dir>/annotations/ (default {DEFAULT_OUT_DIR})")
     p.add_argument("--min-images", type=int, default=DEFAULT_MIN_IMAGES, metavar="N",
-                   help="keep individuals with at least this many usable images (default 10)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the splits (default 0)")
+                   help=f"keep individuals with at least this many usable images (default {DEFAULT_MIN_IMAGES})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S", help=f"seed of the splits (default {DEFAULT_SEED})")
     p.add_argument("--fractions", type=float, nargs=3, default=list(DEFAULT_FRACTIONS),
-                   metavar=("TRAIN", "VAL", "TEST"), help="split fractions (default 0.7 0.15 0.15)")
+                   metavar=("TRAIN", "VAL", "TEST"), help=f"split fractions (default {' '.join(map(str, DEFAULT_FRACTIONS))})")
     p.add_argument("--open-set-individuals", type=int, default=DEFAULT_OPEN_SET_INDIVIDUALS, metavar="K",
-                   help="individuals held out for the open-set split (default 10; 0 disables it)")
+                   help=f"individuals held out for the open-set split (default {DEFAULT_OPEN_SET_INDIVIDUALS}; 0 disables it)")
     p.add_argument("--labels-fix", type=Path, metavar="FILE",
                    help="aliases and exclusions (YAML or text), applied before filtering")
     p.add_argument("--spaces-to-underscores", action="store_true",

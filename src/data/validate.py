@@ -293,7 +293,8 @@ def count_problems(exclusions: Iterable[Exclusion]) -> int:
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    """`validation_report.json` (everything) and `validation_report.md` (the same, lists capped)."""
+    """Writes `validation_report.json` (everything) and `validation_report.md` (the same, lists
+    capped); returns their paths, the Markdown one first."""
     atomic.make_folder(out_dir)
     json_path, md_path = out_dir / "validation_report.json", out_dir / "validation_report.md"
     atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")

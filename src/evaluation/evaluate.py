@@ -40,23 +40,22 @@ from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
 from src.evaluation.report import confusion_csv, render_markdown, rounded
 from src.models.backbones import ModelError
+from src.models.scoring import SCORE_KINDS, classifier_scores, gallery_scores
 from src.tables import progress_bar
 from src.textfiles import read_utf8
-from src.training.artifacts import RunPaths
-from src.training.checkpoint import CheckpointError, TrainedModel, load_trained, threshold_sidecar_path
+from src.training.artifacts import RunPaths, threshold_sidecar_path
+from src.training.checkpoint import CheckpointError, TrainedModel, load_trained
 from src.training.resume import data_fingerprint
 
 log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
+DEFAULT_BATCH_SIZE = 64  # images per forward pass
 SPLITS = ("val", "test")
 CLOSED_MODEL_NOTE = (
     "Not evaluated: this model was trained on the closed set, so every individual of the open-set 'unknown' "
     "lists was in its training data. An honest open-set evaluation needs a model trained with "
     "`data.open_set: true`. The thresholds below are a heuristic chosen on the closed val split.")
-# How inference scores a photo: the classifier (no gallery), or a gallery by its most similar photo
-# or by its prototypes. Each has its own scale, so each gets its own threshold.
-SCORE_KINDS = ("classifier", "nearest", "prototype")
 
 
 class EvaluationError(ValueError):
@@ -101,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run folder (default: runs/eval/<checkpoint stem>_<split>)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
@@ -263,17 +263,13 @@ def by_source_section(query: EmbeddedSplit, gallery: EmbeddedSplit, classes: Cla
 
 def best_scores(query: EmbeddedSplit, gallery: EmbeddedSplit, kind: str, classes: ClassIndex,
                 model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's predicted individual and its score, computed as inference computes it for `kind`
-    (SCORE_KINDS): the classifier, the most similar gallery image, or the gallery prototypes."""
+    """Each query's predicted individual and its score, by inference's rule for `kind` (SCORE_KINDS):
+    the classifier, the most similar gallery image, or the gallery prototypes."""
     if kind == "classifier":
-        individuals = np.array(classes.names)
-        scores = metrics.classifier_scores(query.logits, model.head, model.arcface_scale)
-    elif kind == "nearest":
-        individuals, scores = metrics.individual_scores(similarity(query, gallery), gallery.names)
+        individuals, scores = np.array(classes.names), classifier_scores(query.logits, model)
     else:
         individuals, labels = np.unique(gallery.names, return_inverse=True)
-        centres = metrics.prototypes(gallery.embeddings, labels, len(individuals))
-        scores = query.embeddings.astype(np.float64) @ centres.T
+        scores = gallery_scores(kind, query.embeddings, gallery.embeddings, labels)
     best = scores.argmax(axis=1)
     return individuals[best], scores[np.arange(len(scores)), best]
 
@@ -414,7 +410,7 @@ def default_out(checkpoint: Path, split: str) -> Path:
 
 
 def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str = "test",
-             data_root: str | Path | None = None, device: str | None = None, batch_size: int = 64,
+             data_root: str | Path | None = None, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              cache_dir: str | Path | None = None) -> dict:
     """Evaluate as described at the top of this module; returns the report as written. `out`
     defaults to `runs/eval/<checkpoint stem>_<split>` (as on the command line). Raises

@@ -20,6 +20,8 @@ import warnings
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+from src.models.scoring import individual_scores
+
 CMC_RANKS = 10
 CLOSED_SET_KEEP = 0.95
 # How far outside the observed scores an "accept all" or "reject all" threshold lies. A threshold
@@ -112,33 +114,6 @@ def map_at_r(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: n
     precision = np.cumsum(relevant, axis=1) / ranks
     within_r = ranks[None, :] <= r[:, None]
     return float(((precision * relevant * within_r).sum(axis=1) / r).mean())
-
-
-def prototypes(embeddings: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
-    """Each individual's mean embedding (labels 0..count-1), renormalised to unit length."""
-    sums = np.zeros((count, embeddings.shape[1]))
-    np.add.at(sums, labels, embeddings.astype(np.float64))
-    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-
-
-def classifier_scores(logits: np.ndarray, head: str, arcface_scale: float) -> np.ndarray:
-    """Scores over the training individuals, higher = more likely.
-
-    ArcFace logits are `scale * cosine(embedding, class centre)`, so dividing by the scale gives a
-    cosine similarity in [-1, 1], on the same footing as gallery similarities. A linear head's
-    logits have no such meaning; their softmax (a probability) is used instead.
-    """
-    if head == "arcface":
-        return logits / arcface_scale
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def individual_scores(similarity: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(individuals, scores)`: each query's best similarity to each gallery individual, `Q x I`."""
-    order = np.argsort(gallery_labels, kind="stable")
-    individuals, starts = np.unique(gallery_labels[order], return_index=True)
-    return individuals, np.maximum.reduceat(similarity[:, order], starts, axis=1)
 
 
 def cmc(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,

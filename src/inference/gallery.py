@@ -11,7 +11,7 @@ weights live in another space, so a gallery refuses any other checkpoint (and ex
 holds only what was enrolled; `--from-split <prepared root> train` enrolls the training individuals
 from the prepared data, so one gallery can cover known and new individuals alike.
 
-Matching (`Gallery.scores`, `identify.MATCH_MODES`): `prototype` (the default) scores an individual
+Matching (`Gallery.scores`, `scoring.MATCH_MODES`): `prototype` (the default) scores an individual
 by the cosine similarity to its mean embedding, renormalised; `nearest` by its most similar enrolled
 photo (the 1-NN similarity that evaluation reports and calibrates its threshold on). Averaging
 cancels the pose and lighting of single photos, which is why prototypes identified new individuals
@@ -41,8 +41,9 @@ from src import atomic
 from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.errors import capped, stops_on_ctrl_c
-from src.evaluation.metrics import individual_scores, prototypes
-from src.inference.identify import USAGE_ERRORS, Embedded, Identifier, Skipped, collect_images, printable
+from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
+from src.inference.inputs import Skipped, collect_images, printable
+from src.models.scoring import gallery_scores
 from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC, holds_torch_pickle
 from src.tables import format_rows, print_stdout
 
@@ -217,17 +218,10 @@ class Gallery:
 
     # --- matching -------------------------------------------------------------------------------
 
-    def prototypes(self) -> np.ndarray:
-        """Each individual's mean embedding, renormalised to unit length (`len(names) x D`)."""
-        return prototypes(self.embeddings, self.labels, len(self.names))
-
     def scores(self, queries: np.ndarray, match: str) -> np.ndarray:
         """Cosine similarity of each query (unit rows) to each individual, `N x len(names)`, by its
         nearest enrolled photo or by its prototype."""
-        queries = queries.astype(np.float64)
-        if match == "prototype":
-            return queries @ self.prototypes().T
-        return individual_scores(queries @ self.embeddings.astype(np.float64).T, self.labels)[1]
+        return gallery_scores(match, queries, self.embeddings, self.labels)
 
 
 def gallery_members(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, zipfile.ZipInfo]]:

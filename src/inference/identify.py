@@ -13,17 +13,15 @@ Stages, one function each:
 2. `Preprocess.normalise`: `BatchAugment.eval`, training's validation transform;
 3. a backend maps normalised images to (L2-normalised embeddings, logits): `TorchBackend` runs the
    checkpoint's model, `OnnxBackend` an exported file with ONNX Runtime (no model code needed);
-4. `Identifier.scores`: each individual's score, from the classifier (`metrics.classifier_scores`) or, with a
+4. `Identifier.scores`: each individual's score, from the classifier (`scoring.classifier_scores`) or, with a
    gallery, from the embeddings against the enrolled individuals (`Gallery.scores`);
 5. `Identifier.decide`: the top k, and `unknown` when the best score is below the threshold.
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,14 +41,14 @@ from src.data.io import ImageLoadError, as_rgb
 from src.data.lists import REJECTED_NAME
 from src.devices import pick_device
 from src.errors import first_line, positive_int
-from src.evaluation.metrics import classifier_scores
+from src.inference.inputs import Skipped, file_problem
+from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError
+from src.training.artifacts import threshold_sidecar_path
 
 if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
     from src.inference.gallery import Gallery
 
-# How a gallery matches a photo (see gallery.py): `nearest` enrolled photo, or the individual's mean.
-MATCH_MODES = ("nearest", "prototype")
 DEFAULT_MATCH = "prototype"  # measured better for new individuals: README, Galleries
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "logits")
@@ -88,14 +86,6 @@ class Prediction:
     @property
     def label(self) -> str:
         return REJECTED_NAME if self.unknown else self.names[0]
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """An input that was not processed, and why (unreadable file, pixel limit, no match, ...)."""
-
-    source: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -151,7 +141,7 @@ def export_info_path(onnx_path: Path) -> Path:
 
 @dataclass(frozen=True)
 class StoredThresholds:
-    """The thresholds evaluation chose, one per way of scoring (`SCORE_KINDS` of evaluate.py: the
+    """The thresholds evaluation chose, one per way of scoring (`scoring.SCORE_KINDS`: the
     classifier, a gallery's nearest photo, a gallery's prototypes), and where they come from."""
 
     values: dict[str, float | None]
@@ -198,8 +188,6 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
     training overwrites `_best.pt`, and a threshold chosen for the old weights would be arbitrary
     for the new ones.
     """
-    from src.training.checkpoint import threshold_sidecar_path  # here: see _checkpoint_backend
-
     path = threshold_sidecar_path(Path(checkpoint))
     if not path.is_file():
         return StoredThresholds({}, f"no stored threshold ({path.name} absent: run "
@@ -240,7 +228,7 @@ class Preprocess:
             return square_resize(as_rgb(image), self.cache_size)
         if Path(image).is_dir():
             raise ImageLoadError(image, "a folder, not an image (the Python API takes image files; "
-                                        "`collect_images` lists a folder's files)")
+                                        "`src.inference.inputs.collect_images` lists a folder's files)")
         problem = file_problem(Path(image))
         if problem is not None:
             raise ImageLoadError(image, problem)
@@ -347,86 +335,6 @@ def check_inputs(inputs) -> list[ImageInput]:
             raise TypeError(f"image {index}: expected a path (str or pathlib.Path) or a PIL image, "
                             f"got {type(item).__name__}")
     return items
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs: paths, folders and glob patterns
-
-
-def printable(path: str | Path) -> str:
-    """A file name for a terminal. One that is not UTF-8 on disk reaches Python with its odd bytes
-    as surrogates, which a strict UTF-8 stdout refuses with a traceback; they are shown as U+FFFD,
-    as a terminal shows those bytes (the CSV keeps them, so that it still names the file)."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def file_problem(path: Path) -> str | None:
-    """None for a regular file (or a link to one), else why it is no image file: a link to nothing,
-    or a FIFO, socket or device (opening a FIFO would wait for a writer forever)."""
-    if path.is_file():
-        return None
-    if path.is_symlink() and not path.exists():
-        return "broken link"
-    return "not a regular file" if path.exists() else "file not found"
-
-
-def input_entries(patterns: Sequence[str | Path]) -> tuple[list[Path | Skipped], int]:
-    """Each input's files, in the order given: a path, a folder's files (recursively, by name with
-    numbers as numbers, hidden ones left out) or a glob pattern's matches (a matching folder's files
-    too); a Skipped, in its place, for an entry that is no regular file (a broken link, a FIFO) and
-    for an input that yields nothing (missing path, empty folder, glob without a match). A file named more than once
-    counts once; the second value is how many such repeats were left out. Whether a file is an image
-    is decided by decoding it."""
-    entries: list[Path | Skipped] = []
-    seen: set[Path] = set()
-    repeats = 0
-    for pattern in map(str, patterns):
-        path = Path(pattern)
-        if path.is_dir():
-            found, reason = _files_under(path), "empty folder: no files in it"
-        elif path.exists() or path.is_symlink():
-            found, reason = [path], ""
-        elif glob.has_magic(pattern):
-            # dict: `photos/**` matches a folder and the files in it
-            found = list(dict.fromkeys(file for match in sorted(map(Path, glob.glob(pattern, recursive=True)),
-                                                               key=_natural_order)
-                                       for file in (_files_under(match) if match.is_dir() else [match])))
-            reason = "no file matches this pattern"
-        else:
-            found, reason = [], "file not found"
-        if not found:
-            entries.append(Skipped(pattern, reason))
-        for entry in found:
-            problem = file_problem(entry)
-            if problem is not None:
-                entries.append(Skipped(str(entry), problem))
-            elif entry in seen:
-                repeats += 1
-            else:
-                seen.add(entry)
-                entries.append(entry)
-    return entries, repeats
-
-
-def _files_under(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.rglob("*")
-                   if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
-                  key=_natural_order)
-
-
-def _natural_order(path: Path) -> list[tuple[list[str | int], str]]:
-    """Numbers in names compared as numbers, as file browsers list them: IMG_9 before IMG_10. Part by
-    part, each with its text after it, so that a folder's files stay together (a1/ and a01/ do not
-    mix) and IMG_1 and IMG_01 keep one order on every machine."""
-    return [([int(piece) if piece.isdecimal() else piece for piece in re.split(r"(\d+)", part)], part)
-            for part in path.parts]
-
-
-def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
-    """`input_entries`, split: the files, and the Skipped entries."""
-    entries, _ = input_entries(patterns)
-    return ([entry for entry in entries if isinstance(entry, Path)],
-            [entry for entry in entries if isinstance(entry, Skipped)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,8 +482,7 @@ class Identifier:
         """`N x len(self.names)`: similarity to each gallery individual, else the classifier's score."""
         if self.gallery is not None:
             return self.gallery.scores(embeddings, self.match)
-        model = self.info.config.model
-        return classifier_scores(logits, model.head, model.arcface_scale)
+        return classifier_scores(logits, self.info.config.model)
 
     def decide(self, embedded: Sequence[Embedded], top_k: int) -> list[Prediction]:
         """Top-k names and scores per image; `unknown` when the best score is below the threshold."""

@@ -32,8 +32,9 @@ from pathlib import Path
 from src import atomic
 from src.errors import stops_on_ctrl_c
 from src.inference.gallery import Gallery, GalleryError
-from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, MATCH_MODES, USAGE_ERRORS, Identifier,
-                                    Prediction, Skipped, input_entries, printable)
+from src.inference.identify import DEFAULT_BATCH_SIZE, DEFAULT_MATCH, USAGE_ERRORS, Identifier, Prediction
+from src.inference.inputs import Skipped, input_entries, printable
+from src.models.scoring import MATCH_MODES
 from src.tables import format_rows, print_stdout, progress_bar
 
 OUTPUT_FORMATS = (".csv", ".json")

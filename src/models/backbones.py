@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torchvision
 from torch import nn
 
+from src.config import BackboneName
 from src.safe_load import CheckpointError, safe_torch_load
 
 
@@ -14,8 +16,9 @@ class ModelError(RuntimeError):
     """A model that cannot be built as configured; one-line message."""
 
 
-# name -> feature width after global pooling. torchvision builds the network; we only drop its fc.
-BACKBONES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# The torchvision networks the config schema offers. torchvision builds the network; we only drop its
+# fc, whose input width is the feature width.
+BACKBONES = get_args(BackboneName)
 
 
 def _imagenet_weights(name: str):
@@ -70,5 +73,6 @@ def create_backbone(name: str, pretrained: bool | Path = False) -> tuple[nn.Modu
         state = None
     if state is not None:
         _load_backbone_weights(net, state, name)
+    feature_dim = net.fc.in_features
     net.fc = nn.Identity()
-    return net, BACKBONES[name]
+    return net, feature_dim

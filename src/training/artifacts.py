@@ -1,4 +1,5 @@
-"""The guide's artifacts: file names, the epoch line and the metrics CSV."""
+"""The guide's artifacts (file names, the epoch line and the metrics CSV) and the evaluation's threshold
+file beside a checkpoint."""
 from __future__ import annotations
 
 import csv
@@ -32,6 +33,11 @@ class RunPaths:
     def lock(self) -> Path:
         """Held while a run writes the three files above (`train.claim_outputs`)."""
         return Path(self.output_dir) / f".{self.name}.lock"
+
+
+def threshold_sidecar_path(checkpoint: Path) -> Path:
+    """`artifacts/x_best.pt` -> `artifacts/x_best.pt.threshold.json` (read by inference)."""
+    return checkpoint.with_name(checkpoint.name + ".threshold.json")
 
 
 def epoch_line(row: dict, max_epochs: int) -> str:

@@ -303,8 +303,3 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes "
                               f"({state_dict_problem(exc)})") from None
     return TrainedModel(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
-
-
-def threshold_sidecar_path(checkpoint: Path) -> Path:
-    """`artifacts/x_best.pt` -> `artifacts/x_best.pt.threshold.json` (read by inference)."""
-    return checkpoint.with_name(checkpoint.name + ".threshold.json")

@@ -1,18 +1,45 @@
-"""What may change between a run and its resumption, and what may not."""
+"""Resuming a run: the state that carries across epochs (`RunState`), reading and restoring it from
+a checkpoint (`starting_state`), and what may change between a run and its resumption."""
 from __future__ import annotations
 
 import hashlib
 import math
+import random
+import shutil
+from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from src import atomic
 from src.config import Config
 from src.data.dataset import ClassIndex
-from src.training.artifacts import METRICS_COLUMNS
-from src.training.checkpoint import CheckpointError
+from src.errors import first_line, state_dict_problem
+from src.training import distributed as dist_utils
+from src.training.artifacts import METRICS_COLUMNS, RunPaths
+from src.training.checkpoint import CheckpointError, load_checkpoint
 
+if TYPE_CHECKING:  # train.py imports this module
+    from src.training.train import Runtime
+
+
+@dataclass
+class RunState:
+    """Everything that continues across epochs and must survive a resume."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed steps of epoch `epoch + 1` when stopped mid-epoch
+    partial: torch.Tensor | None = None  # EpochSums.reduced_state() of that partial epoch
+    best_val_top1: float = -1.0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+# What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
+RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "best_val_top1", "best_epoch", "history")
 # Keys that change how fast or where a run goes, not what it computes; anything else must match.
 # trainer.max_epochs may grow (extending a finished run); amp changes numerics slightly but keeps
 # the run meaningful, so it is allowed too.
@@ -93,3 +120,112 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
         problems.append(f"best val top-1 {best_val_top1!r}")  # a NaN best would never be beaten
     if problems:
         raise CheckpointError(f"cannot resume from {path}: malformed training state ({'; '.join(problems)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and restoring
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": random.getstate()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    # One state per GPU the saving process saw; a run resumed on fewer GPUs (or on the CPU) restores
+    # those it has. Only dropout draws from these: batches and augmentation have their own seeds.
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> RunState:
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"cannot resume from {path}: its weights do not fit the model the config describes "
+                              f"({state_dict_problem(exc)})") from None
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer_state"])
+        scheduler.load_state_dict(checkpoint["scheduler_state"])
+        scaler.load_state_dict(checkpoint["scaler_state"])
+        restore_rng(checkpoint["rng"])
+        return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0),
+                        partial=checkpoint.get("partial") if runtime.dist.is_main else None,
+                        best_val_top1=checkpoint["best_val_top1"], best_epoch=checkpoint["best_epoch"],
+                        history=list(checkpoint["history"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or crafted training state
+        raise CheckpointError(f"cannot resume from {path}: malformed training state "
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path | None, dict | None]:
+    """The checkpoint `--resume` names ('auto': the run's last one, if any) and its contents."""
+    if argument is None or (argument == "auto" and not paths.last.is_file()):
+        return None, None
+    path = paths.last if argument == "auto" else Path(argument)
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it lacks the training state to continue "
+                              f"(missing {', '.join(missing)})")
+    return path, checkpoint
+
+
+def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state: RunState, runtime: Runtime) -> None:
+    """Resuming a checkpoint under other files (a new name or output_dir): its run's best epoch becomes
+    this run's `_best.pt`. Where that epoch's weights cannot be found, the best is chosen afresh among
+    the epochs trained from here, rather than the run ending with a `_best.pt` that is missing or
+    another run's."""
+    if state.best_epoch == 0:
+        return
+    old_best = resume_path.parent / f"{checkpoint['config'].get('name')}_best.pt"
+    if state.best_epoch == state.epoch and state.step == 0:  # the checkpoint itself is that epoch
+        source = resume_path
+    elif old_best.is_file() and load_checkpoint(old_best)["epoch"] == state.best_epoch:
+        source = old_best
+    else:
+        runtime.print(f"note: epoch {state.best_epoch}, the best of {resume_path}, is not beside it in "
+                      f"{old_best.name}; {paths.best} will be the best of the epochs trained from here")
+        state.best_val_top1, state.best_epoch = -1.0, 0
+        return
+    if source.resolve() != paths.best.resolve():
+        with atomic.atomic_destination(paths.best) as temporary:
+            shutil.copyfile(source, temporary)
+    runtime.print(f"note: {paths.best} is epoch {state.best_epoch}, the best so far, from {source}")
+
+
+def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: RunPaths, trained: tuple,
+                   config: Config, runtime: Runtime) -> RunState:
+    """A new run's state, or the checkpoint's, restored into `trained` (model, optimizer, scheduler,
+    scaler); the same on every process. Says which, and what a new run replaces."""
+    state = RunState() if checkpoint is None else restore(checkpoint, resume_path, *trained, runtime)
+    # Each process reads --resume itself: on machines that do not share trainer.output_dir they would
+    # start from different points and combine gradients of different steps.
+    if not dist_utils.same_on_all_ranks([state.epoch, state.step], runtime.dist, runtime.device):
+        raise CheckpointError(f"cannot resume: the {runtime.dist.world_size} processes found different "
+                              f"checkpoints (this one: {resume_path or 'none'}, {state.epoch} epochs done); "
+                              f"every machine must see the same {resume_path or paths.last} "
+                              "(trainer.output_dir on shared storage)")
+    if checkpoint is not None and state.epoch == config.trainer.max_epochs:
+        runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
+                      "(raise trainer.max_epochs to train longer)")
+    elif checkpoint is not None:
+        runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
+                      + (f", step {state.step}" if state.step else ""))
+        if runtime.dist.is_main and resume_path.resolve() != paths.last.resolve():
+            bring_best_along(checkpoint, resume_path, paths, state, runtime)
+    elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
+        runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
+                      f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")
+    return state

@@ -2,7 +2,8 @@
 
 Read top to bottom: `make_runtime` -> `load_data` -> `build_model_and_optimizer` -> `wrap_for_training`,
 then per epoch (in `fit`) `train_one_epoch`, `evaluate` and `CheckpointSaver.save` (a snapshot, written
-in the background when due). Works unchanged under `torchrun --nproc_per_node N`.
+in the background when due). Resuming (`starting_state`) is in `resume.py`, stopping on a signal
+(`StopRequest`) in `stopping.py`. Works unchanged under `torchrun --nproc_per_node N`.
 """
 from __future__ import annotations
 
@@ -10,16 +11,12 @@ import argparse
 import math
 import os
 import random
-import shutil
-import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,15 +27,16 @@ from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import IGNORED, BatchSource, build_source
-from src.errors import capped, first_line, state_dict_problem
+from src.errors import capped
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.tables import progress_bar
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line
-from src.training.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointSaver, device_snapshot,
-                                     load_checkpoint)
-from src.training.resume import check_resume_compatible, check_training_state, data_fingerprint
+from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointSaver, device_snapshot
+from src.training.resume import (RunState, check_resume_compatible, check_training_state, data_fingerprint,
+                                 read_resume_checkpoint, rng_state, starting_state)
+from src.training.stopping import StopRequest, Terminated, TrainingStopped, sigterm_raises
 
 # Devices on which the checkpoint's weights are snapshotted every epoch while validation runs, kept if
 # the epoch is saved and dropped if not. The ~300 copies (resnet18 and its AdamW state) queue behind
@@ -48,23 +46,11 @@ from src.training.resume import check_resume_compatible, check_training_state, d
 # for the copy (`device_snapshot` gives None: a copy to the host would wait every epoch).
 SNAPSHOT_DURING_VALIDATION = {"cuda"}
 
-# What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
-RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "best_val_top1", "best_epoch", "history")
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
 # 50 steps costs nothing measurable, while a sync every step would stall the GPU queue.
 NONFINITE_CHECK_EVERY = 50
 # torch.compile modes that capture CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-class TrainingStopped(Exception):
-    """Raised to end a run early with a message and an exit code (after saving what can be saved).
-    `resumable`: the run's last checkpoint continues it (`run(config, resume="auto")`)."""
-
-    def __init__(self, message: str, exit_code: int, resumable: bool = False):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.resumable = resumable
 
 
 def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -98,7 +84,6 @@ class EpochSums:
     non-finite loss makes the loss sum non-finite, which is how the loop detects it."""
 
     totals: torch.Tensor  # [loss x n, top-1 hits, top-5 hits, n], float64
-    steps: int = 0
     lr: float = 0.0
 
     @classmethod
@@ -107,7 +92,6 @@ class EpochSums:
 
     def add(self, stats: torch.Tensor) -> None:
         self.totals += stats
-        self.steps += 1
 
     def finite(self, runtime: Runtime) -> bool:
         """True unless the loss sum is non-finite on any rank (a host sync: call it sparingly)."""
@@ -118,26 +102,14 @@ class EpochSums:
         return dist_utils.all_reduce_sum(self.totals.clone(), runtime.dist).cpu()
 
     @classmethod
-    def from_state(cls, state: torch.Tensor, steps: int, device) -> "EpochSums":
-        return cls(state.double().to(device), steps=steps)
+    def from_state(cls, state: torch.Tensor, device) -> "EpochSums":
+        return cls(state.double().to(device))
 
     def means(self, runtime: Runtime) -> dict[str, float | int]:
         """Mean loss, top-1 and top-5 over the labelled images, and their number (`images`)."""
         loss, top1, top5, count = dist_utils.all_reduce_sum(self.totals.clone(), runtime.dist).tolist()
         images, count = int(count), max(count, 1.0)
         return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": images}
-
-
-@dataclass
-class RunState:
-    """Everything that continues across epochs and must survive a resume."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # completed steps of epoch `epoch + 1` when stopped mid-epoch
-    partial: torch.Tensor | None = None  # EpochSums.reduced_state() of that partial epoch
-    best_val_top1: float = -1.0
-    best_epoch: int = 0
-    history: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +227,15 @@ def lr_lambda(config: Config, steps_per_epoch: int):
     return factor
 
 
+# trainer.optimizer -> a builder from (parameter groups, trainer config, device). AdamW is fused on
+# CUDA: one kernel for the whole update instead of a few per parameter tensor.
+OPTIMIZERS = {
+    "adamw": lambda groups, trainer, device: torch.optim.AdamW(groups, lr=trainer.lr, fused=device.type == "cuda"),
+    "sgd": lambda groups, trainer, device: torch.optim.SGD(groups, lr=trainer.lr, momentum=trainer.momentum,
+                                                           nesterov=True),
+}
+
+
 def build_model_and_optimizer(config: Config, num_classes: int, runtime: Runtime, steps_per_epoch: int):
     model = create_model(config.model, num_classes)
     if config.trainer.sync_batchnorm and runtime.dist.enabled:
@@ -267,11 +248,7 @@ def build_model_and_optimizer(config: Config, num_classes: int, runtime: Runtime
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.trainer.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    if config.trainer.optimizer == "adamw":
-        # fused: one kernel for the whole update on CUDA instead of a few per parameter tensor.
-        optimizer = torch.optim.AdamW(groups, lr=config.trainer.lr, fused=runtime.device.type == "cuda")
-    else:
-        optimizer = torch.optim.SGD(groups, lr=config.trainer.lr, momentum=config.trainer.momentum, nesterov=True)
+    optimizer = OPTIMIZERS[config.trainer.optimizer](groups, config.trainer, runtime.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     return model, optimizer, scheduler, scaler
@@ -299,70 +276,6 @@ def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime):
 # Epochs
 
 
-class StopRequest:
-    """Once installed, SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and
-    saves. A second signal ends the process at once (a user pressing Ctrl-C twice means it)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-        self.second_signal_exits = True
-
-    def install(self, second_signal_exits: bool) -> None:
-        """Python delivers signals to the main thread only: called from another thread this
-        installs nothing, and stopping that run is its caller's business.
-
-        `second_signal_exits`: true in a single process (Ctrl-C twice ends it). Under torchrun a
-        repeated signal is the same stop delivered twice (a scheduler signals every process of the
-        job, and torchrun forwards its own), and torchrun's --shutdown-timeout is the hard stop."""
-        self.second_signal_exits = second_signal_exits
-        if threading.current_thread() is threading.main_thread():
-            # A signal the caller ignores stays ignored: a shell starts background jobs (`cmd &`,
-            # nohup) with SIGINT ignored, and a Ctrl-C meant for the shell must not stop them.
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
-                              if signal.getsignal(sig) is not signal.SIG_IGN}
-
-    def uninstall(self) -> None:
-        """Give back the caller's handlers: `run()` called from a notebook or a script must not
-        leave Ctrl-C setting a flag that nothing reads any more."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-        self._previous = {}
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signal_name is not None:
-            if self.second_signal_exits:
-                sys.stderr.write(f"error: stopped at once by a second {signal.Signals(signum).name}, without "
-                                 "saving this epoch; the checkpoints written before are kept (--resume auto "
-                                 "continues from the last)\n")
-                raise SystemExit(128 + signum)
-            return
-        self.signal_name = signal.Signals(signum).name
-
-    def stopped(self, where: str, saved: Path, note: str = "") -> TrainingStopped:
-        """The error that ends a run stopped by the signal (exit 130 for SIGINT, 143 for SIGTERM)."""
-        return TrainingStopped(f"stopped by {self.signal_name} {where}; saved {saved}{note}",
-                               exit_code=130 if self.signal_name == "SIGINT" else 143, resumable=True)
-
-    def requested(self, step: int, runtime: Runtime) -> bool:
-        """Single process: checked every step. Under torchrun the ranks agree every 10 steps, so all
-        of them stop at the same step (a signal may reach them at slightly different times)."""
-        if runtime.dist.enabled and (step + 1) % 10:
-            return False
-        return self.agreed(runtime)
-
-    def agreed(self, runtime: Runtime) -> bool:
-        """Whether any rank has a stop request; every rank then takes the signal's name (a signal
-        sent to one process stops them all, with the same message and exit code)."""
-        code = signal.Signals[self.signal_name].value if self.signal_name else 0
-        code = int(dist_utils.max_over_ranks([code], runtime.dist, runtime.device)[0])
-        if code and self.signal_name is None:
-            self.signal_name = signal.Signals(code).name
-        return bool(code)
-
-
 def _progress(total: int, initial: int, config: Config, runtime: Runtime, desc: str):
     show = config.trainer.progress == "always" or (config.trainer.progress == "auto" and sys.stderr.isatty())
     return progress_bar(total, desc, show and runtime.dist.is_main, initial=initial)
@@ -376,7 +289,7 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
     start = state.step
     sums = EpochSums.zeros(runtime.device)
     if start and state.partial is not None:  # resumed mid-epoch: rank 0 carries the sums so far
-        sums = EpochSums.from_state(state.partial, start, runtime.device)
+        sums = EpochSums.from_state(state.partial, runtime.device)
     check_every = NONFINITE_CHECK_EVERY if runtime.device.type == "cuda" else 1
     bar = _progress(len(source), start, config, runtime, f"epoch {epoch}")
     for step, (images, labels) in enumerate(source.batches(epoch, start), start):
@@ -428,29 +341,6 @@ def evaluate(runner, model, source: BatchSource, config: Config, runtime: Runtim
 # Checkpoints
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-            "python": random.getstate()}
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    # One state per GPU the saving process saw; a run resumed on fewer GPUs (or on the CPU) restores
-    # those it has. Only dropout draws from these: batches and augmentation have their own seeds.
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 def weights_dict(model, optimizer) -> dict:
     """The checkpoint's tensors that live on the training device."""
     return {"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict()}
@@ -465,62 +355,6 @@ def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config
             "partial": state.partial, "best_val_top1": state.best_val_top1, "best_epoch": state.best_epoch,
             "history": state.history, "config": config.to_dict(), "classes": classes.to_list(),
             "data_fingerprint": fingerprint, "steps_per_epoch": steps_per_epoch, "rng": rng_state()}
-
-
-def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> RunState:
-    try:
-        model.load_state_dict(checkpoint["model_state"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"cannot resume from {path}: its weights do not fit the model the config describes "
-                              f"({state_dict_problem(exc)})") from None
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer_state"])
-        scheduler.load_state_dict(checkpoint["scheduler_state"])
-        scaler.load_state_dict(checkpoint["scaler_state"])
-        restore_rng(checkpoint["rng"])
-        return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0),
-                        partial=checkpoint.get("partial") if runtime.dist.is_main else None,
-                        best_val_top1=checkpoint["best_val_top1"], best_epoch=checkpoint["best_epoch"],
-                        history=list(checkpoint["history"]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or crafted training state
-        raise CheckpointError(f"cannot resume from {path}: malformed training state "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
-
-
-def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path | None, dict | None]:
-    """The checkpoint `--resume` names ('auto': the run's last one, if any) and its contents."""
-    if argument is None or (argument == "auto" and not paths.last.is_file()):
-        return None, None
-    path = paths.last if argument == "auto" else Path(argument)
-    checkpoint = load_checkpoint(path)
-    missing = [key for key in RESUME_KEYS if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"cannot resume from {path}: it lacks the training state to continue "
-                              f"(missing {', '.join(missing)})")
-    return path, checkpoint
-
-
-def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state: RunState, runtime: Runtime) -> None:
-    """Resuming a checkpoint under other files (a new name or output_dir): its run's best epoch becomes
-    this run's `_best.pt`. Where that epoch's weights cannot be found, the best is chosen afresh among
-    the epochs trained from here, rather than the run ending with a `_best.pt` that is missing or
-    another run's."""
-    if state.best_epoch == 0:
-        return
-    old_best = resume_path.parent / f"{checkpoint['config'].get('name')}_best.pt"
-    if state.best_epoch == state.epoch and state.step == 0:  # the checkpoint itself is that epoch
-        source = resume_path
-    elif old_best.is_file() and load_checkpoint(old_best)["epoch"] == state.best_epoch:
-        source = old_best
-    else:
-        runtime.print(f"note: epoch {state.best_epoch}, the best of {resume_path}, is not beside it in "
-                      f"{old_best.name}; {paths.best} will be the best of the epochs trained from here")
-        state.best_val_top1, state.best_epoch = -1.0, 0
-        return
-    if source.resolve() != paths.best.resolve():
-        with atomic.atomic_destination(paths.best) as temporary:
-            shutil.copyfile(source, temporary)
-    runtime.print(f"note: {paths.best} is epoch {state.best_epoch}, the best so far, from {source}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,32 +388,6 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
                              for left in atomic.remove_leftovers(path)):
                 runtime.print(f"note: removed {leftover}, a partial write of a run that was killed")
         yield
-
-
-def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: RunPaths, trained: tuple,
-                   config: Config, runtime: Runtime) -> RunState:
-    """A new run's state, or the checkpoint's, restored into `trained` (model, optimizer, scheduler,
-    scaler); the same on every process. Says which, and what a new run replaces."""
-    state = RunState() if checkpoint is None else restore(checkpoint, resume_path, *trained, runtime)
-    # Each process reads --resume itself: on machines that do not share trainer.output_dir they would
-    # start from different points and combine gradients of different steps.
-    if not dist_utils.same_on_all_ranks([state.epoch, state.step], runtime.dist, runtime.device):
-        raise CheckpointError(f"cannot resume: the {runtime.dist.world_size} processes found different "
-                              f"checkpoints (this one: {resume_path or 'none'}, {state.epoch} epochs done); "
-                              f"every machine must see the same {resume_path or paths.last} "
-                              "(trainer.output_dir on shared storage)")
-    if checkpoint is not None and state.epoch == config.trainer.max_epochs:
-        runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
-                      "(raise trainer.max_epochs to train longer)")
-    elif checkpoint is not None:
-        runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
-                      + (f", step {state.step}" if state.step else ""))
-        if runtime.dist.is_main and resume_path.resolve() != paths.last.resolve():
-            bring_best_along(checkpoint, resume_path, paths, state, runtime)
-    elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
-        runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
-                      f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")
-    return state
 
 
 def run(config: Config | dict, resume: str | None = None) -> RunState:
@@ -617,7 +425,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
 
     saver = CheckpointSaver(paths, config.trainer.checkpoint_interval_s, enabled=runtime.dist.is_main)
 
-    def checkpoint(with_weights: bool) -> dict:
+    def build_checkpoint(with_weights: bool) -> dict:
         return checkpoint_dict(model, optimizer, scheduler, scaler, state, config, classes, fingerprint,
                                len(train_source), with_weights)
 
@@ -635,7 +443,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             raise
         if state.step < len(train_source):
             state.partial = sums.reduced_state(runtime)
-            saver.save(checkpoint, improved=False, force=True)
+            saver.save(build_checkpoint, improved=False, force=True)
             saver.wait()
             earlier_best = state.best_epoch == 0 and paths.best.is_file()  # this run has no best epoch yet
             raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last,
@@ -665,7 +473,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         if improved:
             state.best_val_top1, state.best_epoch = val["top1"], epoch
         stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
-        saver.save(checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
+        saver.save(build_checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
         runtime.print(epoch_line(row, max_epochs))
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
@@ -687,30 +495,6 @@ def _report(message: str, all_ranks_agree: bool) -> None:
         # lines of ranks failing at the same moment ran into each other.
         sys.stderr.write(("" if rank == 0 else f"[rank {rank}] ") + message + "\n")
         sys.stderr.flush()
-
-
-class Terminated(Exception):
-    """SIGTERM before training started (`sigterm_raises`)."""
-
-
-@contextmanager
-def sigterm_raises():
-    """SIGTERM raises Terminated until `StopRequest` takes over, as Ctrl-C raises KeyboardInterrupt.
-    Its default ends the process on the spot: silently, leaving the image cache's worker processes
-    and fork server running, where an exception stops the workers and exits with one line."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def terminate(_signum, _frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,11 @@ from src.evaluation import evaluate
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier
 from src.models.factory import create_model
-from src.training.checkpoint import atomic_save, load_checkpoint, threshold_sidecar_path
-from src.training.resume import data_fingerprint
-from src.training.train import RunState, checkpoint_dict
+from src.models.scoring import SCORE_KINDS
+from src.training.artifacts import threshold_sidecar_path
+from src.training.checkpoint import atomic_save, load_checkpoint
+from src.training.resume import RunState, data_fingerprint
+from src.training.train import checkpoint_dict
 from tests.conftest import REPO, write_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -112,7 +114,7 @@ def test_threshold_is_stored_beside_the_checkpoint(closed_report, checkpoint, ti
     assert set(sidecar) == {"thresholds", "method", "split", "checkpoint_sha256"}
     # one threshold per way inference scores a photo; ArcFace's classifier score is a cosine too
     assert sidecar["thresholds"] == report["threshold"]["thresholds"]
-    assert set(sidecar["thresholds"]) == set(evaluate.SCORE_KINDS)
+    assert set(sidecar["thresholds"]) == set(SCORE_KINDS)
     assert all(-1.0 <= value <= 1.0 for value in sidecar["thresholds"].values())
     assert sidecar["split"] == "val" and "95%" in sidecar["method"]
     # the checksum is the original checkpoint's: evaluation never rewrites it
@@ -193,7 +195,7 @@ def test_open_set_evaluation(open_set_checkpoint, tiny_data, tmp_path, capsys):
     sidecar = json.loads(threshold_sidecar_path(open_set_checkpoint).read_text())
     thresholds = sidecar["thresholds"]
     assert thresholds["nearest"] == open_set["threshold"] == report["threshold"]["thresholds"]["nearest"]
-    assert set(thresholds) == set(evaluate.SCORE_KINDS)
+    assert set(thresholds) == set(SCORE_KINDS)
     assert "BAKS" in sidecar["method"] and "unknown_val" in sidecar["split"]
     assert "| AUROC" in (tmp_path / "report.md").read_text()
 
@@ -221,7 +223,7 @@ def test_a_changed_train_split_is_reported_and_leaves_the_stored_thresholds(chec
                "is left as it was" in line for line in err), err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["warnings"] and report["threshold"]["sidecar"] is None
-    assert set(report["threshold"]["thresholds"]) == set(evaluate.SCORE_KINDS)
+    assert set(report["threshold"]["thresholds"]) == set(SCORE_KINDS)
     assert sidecar.read_text() == '{"stored": "earlier"}'
     assert "Not stored for inference" in (tmp_path / "out" / "report.md").read_text()
 

@@ -9,6 +9,8 @@ trained model.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +129,18 @@ def strangers(tmp_path_factory) -> dict[str, list[Path]]:
     """6 images each of 12 more never-trained individuals, never enrolled either."""
     return render_individuals(tmp_path_factory.mktemp("strangers"), range(UNSEEN_START + 50, UNSEEN_START + 62), 6,
                               "stranger")
+
+
+@pytest.fixture
+def odd_entries(unseen, tmp_path) -> tuple[Path, Path, Path, Path]:
+    """A folder holding a photo, a FIFO and a broken link, all named like images, plus hidden ones
+    and a folder holding only a FIFO; returns (folder, photo, fifo, link)."""
+    folder = tmp_path / "photos"
+    (folder / "only_a_fifo").mkdir(parents=True)
+    photo = Path(shutil.copy(next(iter(unseen.values()))[0], folder / "a.png"))
+    os.mkfifo(folder / "b_fifo.png")
+    (folder / "c_link.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(folder / ".hidden_fifo.png")
+    (folder / ".hidden_link.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(folder / "only_a_fifo" / "d.png")
+    return folder, photo, folder / "b_fifo.png", folder / "c_link.png"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.training.checkpoint import threshold_sidecar_path
+from src.training.artifacts import threshold_sidecar_path
 from src.inference import gallery as gallery_cli
 from src.inference import predict
 from src.inference.gallery import Gallery, GalleryError

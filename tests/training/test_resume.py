@@ -17,8 +17,9 @@ from src.data.dataset import ClassIndex
 from src.locks import exclusive
 from src.training import train as train_module
 from src.training.checkpoint import CheckpointError, load_checkpoint
-from src.training.resume import check_resume_compatible
-from src.training.train import TrainingStopped, run
+from src.training.resume import check_resume_compatible, restore_rng, rng_state
+from src.training.stopping import StopRequest, TrainingStopped
+from src.training.train import run
 from tests.conftest import REPO, write_config
 from tests.training.test_train import train_cli
 
@@ -269,13 +270,13 @@ def test_a_checkpoint_without_a_usable_training_state_is_refused(tiny_run, tmp_p
 
 def test_a_checkpoint_from_more_gpus_restores_the_ones_present(monkeypatch):
     """Trained on 4 GPUs, resumed on 1: that GPU's generator state is restored, not an error."""
-    saved = train_module.rng_state()
+    saved = rng_state()
     saved["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
     restored = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, state))
-    train_module.restore_rng(saved)
+    restore_rng(saved)
     assert list(restored) == [0] and torch.equal(restored[0], saved["cuda"][0])
 
 
@@ -348,7 +349,7 @@ def test_a_new_run_stopped_before_its_first_epoch_says_whose_best_is_left(tiny_r
         self.signal_name = "SIGTERM"
         return True
 
-    monkeypatch.setattr(train_module.StopRequest, "requested", stop_now)
+    monkeypatch.setattr(StopRequest, "requested", stop_now)
     with pytest.raises(TrainingStopped, match=r"after step 1/\d+; saved .*tiny_last.pt \(tiny_best.pt is still "
                                               r"the earlier run's\)$"):
         run(load_config(write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 3})))

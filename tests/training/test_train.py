@@ -267,25 +267,6 @@ def test_run_gives_the_signal_handlers_back_and_runs_from_a_thread(tiny_data, tm
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_a_signal_the_caller_ignores_stays_ignored_during_training(monkeypatch):
-    """A shell starts background jobs with SIGINT ignored: the Ctrl-C typed at that shell must not
-    stop them. SIGTERM (a scheduler's stop) is still taken, and both are given back afterwards."""
-    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGINT else signal.SIG_DFL)
-    installed = {}
-
-    def set_handler(sig, handler):
-        installed[sig] = handler
-        return signal.SIG_DFL  # what was there before
-
-    monkeypatch.setattr(signal, "signal", set_handler)
-    stop = train_module.StopRequest()
-    stop.install(second_signal_exits=True)
-    assert list(installed) == [signal.SIGTERM] and installed[signal.SIGTERM] == stop._handle
-    installed.clear()
-    stop.uninstall()
-    assert installed == {signal.SIGTERM: signal.SIG_DFL}
-
-
 @pytest.mark.parametrize("first, second", [(True, False), (False, True)])
 def test_determinism_setting_does_not_carry_over_to_the_next_run(first, second):
     """A sweep in one process: each run gets the trainer.deterministic its own config asks for."""
@@ -395,13 +376,3 @@ def test_val_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memor
         run(load_config(config))
     artifacts = tmp_path / "artifacts"
     assert load_checkpoint(artifacts / "tiny_best.pt")["epoch"] == load_checkpoint(artifacts / "tiny_last.pt")["epoch"] == 1
-
-
-def test_a_second_signal_ends_the_run_at_once_saying_so(capsys):
-    stop = train_module.StopRequest()
-    stop.second_signal_exits = True
-    stop._handle(signal.SIGTERM, None)  # the first: a stop at the next step
-    with pytest.raises(SystemExit) as exited:
-        stop._handle(signal.SIGTERM, None)
-    assert exited.value.code == 143
-    assert capsys.readouterr().err.startswith("error: stopped at once by a second SIGTERM, without saving this epoch")
