@@ -5,9 +5,11 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import signal
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,7 +41,7 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
     context = multiprocessing.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         context.set_forkserver_preload([preload])  # takes effect when the server starts (once per process)
-    with ProcessPoolExecutor(workers, mp_context=context) as executor:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_end_with, initargs=(os.getpid(),)) as executor:
         # Functions of `__main__` (a module of ours run with -m) need it in the workers, where it is
         # imported by name: our entry points are guarded. Any other caller's main stays out. The
         # executor starts its workers as `map` submits the tasks, so the block covers all of them.
@@ -58,6 +60,37 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
         except BrokenProcessPool:
             raise WorkerDied(f"a worker process died without a result (out of memory?); try fewer "
                              f"workers than {workers}") from None
+
+
+def _end_with(caller: int) -> None:
+    """Worker initializer: end this worker when `caller` ends.
+
+    A caller that exits normally stops its workers. One killed outright (`kill -9`, the out-of-memory
+    killer) cannot, and the workers never notice by themselves: each holds both ends of its task
+    queue (multiprocessing hands a queue's two pipe ends to every process it reaches), so no read
+    ever sees end-of-file. They would run on for good, and with them the fork server (each worker
+    holds the caller's end of the server's liveness pipe) and multiprocessing's resource tracker.
+    A daemon thread waits for the caller (a pidfd on Linux, else a poll of its process id) and exits."""
+    threading.Thread(target=_exit_after, args=(caller,), name="caller-watch", daemon=True).start()
+
+
+def _exit_after(caller: int) -> None:
+    try:
+        handle = os.pidfd_open(caller)  # readable once the process has ended
+    except (AttributeError, OSError):  # not Linux (>= 5.3), or the caller is already gone
+        while _running(caller):
+            time.sleep(1.0)
+    else:
+        select.select([handle], [], [])
+    os._exit(1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone (PermissionError: its id reused by another user)
+        return False
+    return True
 
 
 @contextmanager

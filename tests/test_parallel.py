@@ -143,3 +143,64 @@ def test_ctrl_c_while_workers_start_stops_the_caller_alone(tmp_path):
 
 def test_workers_ignore_ctrl_c():
     assert set(map_in_processes(sigint_disposition, range(4), 2, __name__)) == {"SIGINT"}
+
+
+# A caller killed with SIGKILL (`kill -9`, the out-of-memory killer) while its workers are busy.
+KILLED_SCRIPT = """\
+import sys, time
+sys.path.insert(0, {repo!r})
+from src.parallel import map_in_processes
+list(map_in_processes(time.sleep, [600.0] * 2, 2, "time"))
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid`, from /proc (children's children included)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_workers_and_fork_server_end_when_the_caller_is_killed(tmp_path):
+    """Before, after a `kill -9` of the caller the fork server and its workers ran on for good: a
+    worker holds both ends of its task queue, so it never saw the caller go."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_SCRIPT.format(repo=str(REPO)))
+    process = subprocess.Popen([sys.executable, str(script)])
+    below: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(below) < 4 and time.monotonic() < deadline:  # fork server, resource tracker, 2 workers
+            time.sleep(0.1)
+            below = descendants(process.pid)
+        assert len(below) >= 4, f"the workers did not start: {below}"
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 20
+        while any(map(alive, below)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in below if alive(pid)]
+    finally:
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

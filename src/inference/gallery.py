@@ -31,13 +31,14 @@ import math
 import sys
 import zipfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from src import atomic
+from src import atomic, locks
 from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.errors import capped, stops_on_ctrl_c
@@ -362,7 +363,29 @@ def save(gallery: Gallery, path: Path) -> None:
     try:
         gallery.save(path)
     except OSError as exc:
-        raise GalleryError(f"{path}: cannot write the gallery ({exc}); any previous file there is unchanged") from None
+        raise unwritable(path, exc) from None
+
+
+def unwritable(path: Path, exc: OSError) -> GalleryError:
+    return GalleryError(f"{path}: cannot write the gallery ({exc}); any previous file there is unchanged")
+
+
+@contextmanager
+def changing(path: Path) -> Iterator[None]:
+    """Hold `.<gallery name>.lock` beside the gallery while a command reads, changes and writes it:
+    two commands at once would each write their own change, and the later would silently drop the
+    earlier's. The second waits, and says so."""
+    lock = path.with_name(f".{path.name}.lock")
+    with ExitStack() as stack:
+        try:
+            try:
+                stack.enter_context(locks.exclusive(lock, wait=False))
+            except locks.LockHeld:
+                print(f"waiting for another gallery command to finish with {path} ...", file=sys.stderr, flush=True)
+                stack.enter_context(locks.exclusive(lock))
+        except OSError as exc:  # its folder cannot be written: neither can the gallery
+            raise unwritable(path, exc) from None
+        yield
 
 
 def enroll(args: argparse.Namespace) -> int:
@@ -375,19 +398,20 @@ def enroll(args: argparse.Namespace) -> int:
         # The closed-set lists hold the individuals this model held out: the gallery would name them.
         print("warning: the checkpoint was trained on the open-set lists; add --open-set to enroll from "
               "those (the closed-set split enrolls the held-out individuals too)", file=sys.stderr)
-    gallery = (Gallery.load(args.gallery) if args.gallery.exists()
-               else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))
-    gallery.check_checkpoint(info.checkpoint_sha256, info.config.model.embedding_dim)
-    enrolled, unreadable = embed_jobs(identifier, not_yet_enrolled(gallery, jobs))
+    with changing(args.gallery):
+        gallery = (Gallery.load(args.gallery) if args.gallery.exists()
+                   else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))
+        gallery.check_checkpoint(info.checkpoint_sha256, info.config.model.embedding_dim)
+        enrolled, unreadable = embed_jobs(identifier, not_yet_enrolled(gallery, jobs))
+        before = gallery.counts()
+        for name, (embeddings, sources) in enrolled.items():
+            gallery.add(name, np.stack(embeddings), sources)
+        if enrolled:
+            save(gallery, args.gallery)
     skipped += unreadable
 
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
-    before = gallery.counts()
-    for name, (embeddings, sources) in enrolled.items():
-        gallery.add(name, np.stack(embeddings), sources)
-    if enrolled:
-        save(gallery, args.gallery)
     after = gallery.counts()
     for name in enrolled:
         status = f"{before[name]} before" if name in before else "new individual"
@@ -408,12 +432,14 @@ def list_gallery(args: argparse.Namespace) -> int:
 
 def remove_individuals(args: argparse.Namespace) -> int:
     """All names must be enrolled, else nothing is removed."""
-    gallery = Gallery.load(args.gallery)
-    counts = gallery.counts()
     names = [canonical_name(name) for name in args.names]  # as enrolled: "Zoé" typed in either Unicode form
-    for name in names:
-        gallery.remove(name)
-    save(gallery, args.gallery)
+    Gallery.load(args.gallery)  # a missing or damaged gallery is named before a lock file is made beside it
+    with changing(args.gallery):
+        gallery = Gallery.load(args.gallery)
+        counts = gallery.counts()
+        for name in names:
+            gallery.remove(name)
+        save(gallery, args.gallery)
     for name in names:
         print_stdout(f"removed {name} ({counts[name]} images)")
     return 0

@@ -5,8 +5,11 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import threading
+import time
 import unicodedata
 import zipfile
 from pathlib import Path
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from src import locks
 from src.training.artifacts import threshold_sidecar_path
 from src.inference import gallery as gallery_cli
 from src.inference import predict
@@ -55,7 +59,7 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
     assert gallery_cli.main(["remove", "--gallery", str(gallery), first]) == 0
     loaded = Gallery.load(gallery)
     assert loaded.counts() == {second: 1} and loaded.labels.tolist() == [0]
-    assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".g.npz.lock", "g.npz"]  # no temporary file left behind
 
     assert gallery_cli.main(["remove", "--gallery", str(gallery), "Nobody"]) == 2
     assert "no individual 'Nobody'" in capsys.readouterr().err
@@ -207,6 +211,29 @@ def test_a_failed_save_leaves_the_previous_gallery_intact(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         gallery.save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.npz"]
+
+
+def test_two_commands_changing_one_gallery_take_turns(learned, unseen, tmp_path, capsys):
+    """Before, two enrolls at once each read the gallery and wrote back their own change: the later
+    write dropped the earlier's individual, and both said they had enrolled."""
+    gallery = tmp_path / "g.npz"
+    (first, first_photos), (second, second_photos) = list(unseen.items())[:2]
+    assert enroll(tmp_path / "other.npz", learned.checkpoint, first, first_photos[0]) == 0
+    capsys.readouterr()
+    results, said = [], ""
+    with locks.exclusive(tmp_path / ".g.npz.lock"):  # another command is changing the gallery
+        worker = threading.Thread(target=lambda: results.append(
+            enroll(gallery, learned.checkpoint, second, second_photos[0])), daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 120
+        while "waiting for another gallery command" not in said and time.monotonic() < deadline:
+            time.sleep(0.05)
+            said += capsys.readouterr().err
+        assert f"waiting for another gallery command to finish with {gallery}" in said and not results
+        shutil.copyfile(tmp_path / "other.npz", gallery)  # that command's write
+    worker.join(timeout=120)
+    assert results == [0]
+    assert Gallery.load(gallery).counts() == {first: 1, second: 1}
 
 
 def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learned, unseen, tmp_path, capsys):
