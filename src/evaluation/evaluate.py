@@ -6,7 +6,7 @@
 Read top to bottom: `load_trained` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
 `embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier),
 `retrieval_section` (embeddings against the train gallery), `by_source_section`, `open_set_section`,
-`threshold_section` -> `write_outputs` (report.json, report.md, figures) and the threshold sidecar.
+`threshold_section` -> the threshold sidecar and `write_outputs` (report.json, report.md, figures).
 
 The run folder (default `runs/eval/<checkpoint stem>_<split>`) gets `report.json` with every number,
 `report.md` with the tables and figures, `confusion_matrix.png/.csv`, `cmc.png` and, when the
@@ -469,11 +469,16 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
         "threshold": threshold_section(embedded, open_set, scorers, sidecar if trained_here else None),
         "warnings": warnings,
     }
+    if report["threshold"]["sidecar"] is not None:
+        try:
+            write_threshold_sidecar(run, report["threshold"])
+        except OSError as exc:  # a model folder shared read-only, say: the report is still worth having
+            report["threshold"]["sidecar"] = None
+            warnings.append(f"could not write {sidecar} ({exc.strerror or exc}); the thresholds are in the "
+                            "report only, and predictions with this checkpoint need --threshold")
     metrics_csv = RunPaths(checkpoint.parent, config.name).metrics
     try:
         report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out)
-        if report["threshold"]["sidecar"] is not None:
-            write_threshold_sidecar(run, report["threshold"])
     except OSError as exc:
         raise EvaluationError(f"could not write the results ({exc})") from None
     for warning in warnings:

@@ -87,7 +87,7 @@ def render_markdown(report: dict) -> str:
               f"A photo is accepted as a known individual when its best score is at least the threshold of the "
               f"way it is scored, chosen on {threshold['split']}: {threshold['method']}. "
               + (f"Stored for inference in `{threshold['sidecar']}`." if threshold["sidecar"] is not None else
-                 "Not stored for inference: the train split is not the one the checkpoint was trained on."),
+                 "Not stored for inference (see the warning at the top)."),
               "", "| scored by | threshold |", "|---|---|"]
     lines += [f"| {SCORE_DESCRIPTIONS[kind]} | {_number(value)} |" for kind, value in threshold["thresholds"].items()]
     lines += ["", "## Training curves", ""]
