@@ -1,6 +1,7 @@
-"""Reading the project's text inputs (configs, lists, annotation files) with a one-line error."""
+"""Reading the project's text inputs (configs, lists, annotation files, JSON) with a one-line error."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,17 @@ def read_utf8(path: Path, error: type[Exception]) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def read_json(path: Path, error: type[Exception]):
+    """The JSON document in `path` (a BOM allowed, as `read_utf8`); raises `error` as `<path>: not
+    valid JSON (<problem>)`, a document nested too deep for the parser included."""
+    text = read_utf8(path, error)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        problem = str(exc) if isinstance(exc, ValueError) else "nested too deep"
+        raise error(f"{path}: not valid JSON ({problem})") from None
 
 
 def parse_yaml(text: str, path: Path, error: type[Exception], *, strings_only: bool = False):

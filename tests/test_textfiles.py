@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from src.data.lists import read_list
-from src.textfiles import parse_yaml, read_utf8
+from src.data.lists import ListFormatError, read_list
+from src.textfiles import parse_yaml, read_json, read_utf8
 
 
 class InputError(ValueError):
@@ -43,3 +43,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfCZoo/a.png Zuri\nCZoo/b.png Zuri\n")
     assert read_utf8(path, InputError).splitlines()[0] == "CZoo/a.png Zuri"
     assert read_list(path) == [("CZoo/a.png", "Zuri"), ("CZoo/b.png", "Zuri")]
+
+
+def test_a_list_line_with_a_nul_character_is_named(tmp_path):
+    """Before, the list was read and the NUL reached the image cache's open(): a ValueError traceback."""
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"CZoo/a.png Zuri\nCZoo/a\x00b.png Zuri\n")
+    with pytest.raises(ListFormatError, match=r"train.txt:2: a NUL character in 'CZoo/a\\x00b.png Zuri'$"):
+        read_list(path)
+
+
+def test_json_that_cannot_be_parsed_is_one_line_naming_the_file(tmp_path):
+    for text, problem in [("{", "Expecting property name"), ("[" * 100_000, "nested too deep")]:
+        path = tmp_path / "x.json"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"x.json: not valid JSON .{problem}") as exc:
+            read_json(path, ValueError)
+        assert "\n" not in str(exc.value)

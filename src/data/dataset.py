@@ -7,7 +7,6 @@ their meaning when the lists change) and loads the images (`ImageListDataset`).
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,12 +20,17 @@ from torch.utils.data import Dataset, default_collate
 from src.data.io import ImageLoadError, load_rgb
 from src.data.lists import ListFormatError, Row, is_list_name, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
+from src.textfiles import read_json
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
 _REQUIRED_KEYS = ("raw_dir", "min_images", "seed", "num_classes", "format_version")
 _RERUN = "run `python -m src.data.prepare` to (re)create it"
 
 log = logging.getLogger(__name__)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class DatasetError(Exception):
@@ -42,7 +46,6 @@ class PreparedData:
     min_images: int
     seed: int
     num_classes: int
-    format_version: int
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
@@ -54,21 +57,23 @@ class PreparedData:
             relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"
             raise DatasetError(f"{path} not found{relative}: {_RERUN} (e.g. --out-dir {root})")
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"{path}: not valid JSON ({exc}); {_RERUN}") from None
+            meta = read_json(path, DatasetError)
+        except DatasetError as exc:
+            raise DatasetError(f"{exc}; {_RERUN}") from None
         missing = [key for key in _REQUIRED_KEYS if not isinstance(meta, dict) or key not in meta]
         if missing:
             raise DatasetError(f"{path}: missing {', '.join(missing)}; {_RERUN}")
         if meta["format_version"] != FORMAT_VERSION:
             raise DatasetError(f"{path}: format_version {meta['format_version']!r}, this code reads "
                                f"{FORMAT_VERSION}; {_RERUN}")
-        try:
-            return cls(root=root, raw_dir=root / meta["raw_dir"], min_images=int(meta["min_images"]),
-                       seed=int(meta["seed"]), num_classes=int(meta["num_classes"]),
-                       format_version=FORMAT_VERSION)
-        except (TypeError, ValueError) as exc:
-            raise DatasetError(f"{path}: a value has the wrong type ({exc}); {_RERUN}") from None
+        wrong = [key for key in _REQUIRED_KEYS[1:] if not _whole(meta[key])]
+        if not isinstance(meta["raw_dir"], str) or "\0" in meta["raw_dir"]:  # no path holds a NUL
+            wrong.insert(0, "raw_dir")
+        if wrong:
+            raise DatasetError(f"{path}: a value has the wrong type ("
+                               + ", ".join(f"{key}: {meta[key]!r}"[:80] for key in wrong) + f"); {_RERUN}")
+        return cls(root=root, raw_dir=root / meta["raw_dir"], min_images=meta["min_images"], seed=meta["seed"],
+                   num_classes=meta["num_classes"])
 
     def split(self, name: str, open_set: bool = False) -> list[Row]:
         """Rows of `annotations/<name>.txt`, or of `annotations/open_set/<name>.txt` when open_set."""

@@ -38,6 +38,8 @@ def read_numbered_list(path: str | Path) -> list[tuple[int, str, str]]:
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
+        if "\0" in line:  # no file name holds one; every later open() would fail with a traceback
+            raise ListFormatError(f"{path}:{lineno}: a NUL character in {line!r}")
         if len(parts) != 2:
             raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>', got {line!r}")
         rows.append((lineno, parts[0], parts[1]))

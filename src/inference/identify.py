@@ -44,6 +44,7 @@ from src.errors import first_line, positive_int
 from src.inference.inputs import Skipped, file_problem
 from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError
+from src.textfiles import read_utf8
 from src.training.artifacts import threshold_sidecar_path
 
 if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
@@ -171,14 +172,26 @@ def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds]:
         raise InferenceError(f"{path} not found: predict --onnx needs the JSON that export writes "
                              "beside the .onnx file (class names, preprocessing, threshold)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: edited on Windows
+        raw = json.loads(read_utf8(path, ValueError))
         if raw.get("format_version") != EXPORT_FORMAT_VERSION:
             raise InferenceError(f"{path}: export format {raw.get('format_version')!r}, this code "
                                  f"reads {EXPORT_FORMAT_VERSION}; export again")
         thresholds = raw["thresholds"]
-        return ModelInfo.from_json(raw["model"]), StoredThresholds(dict(thresholds["values"]), thresholds["origin"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return (ModelInfo.from_json(raw["model"]),
+                StoredThresholds(threshold_values(thresholds["values"]), str(thresholds["origin"])))
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
+
+
+def threshold_values(raw: dict) -> dict[str, float | None]:
+    """A stored `{score kind: threshold or null}`, each a number (a string such as "0.5" is refused:
+    an edit that quoted it); OverflowError for an integer too large for a float."""
+    values = {}
+    for kind, value in raw.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"the {kind} threshold is {value!r}, not a number")
+        values[str(kind)] = None if value is None else float(value)
+    return values
 
 
 def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresholds:
@@ -193,10 +206,10 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
         return StoredThresholds({}, f"no stored threshold ({path.name} absent: run "
                                     "`python -m src.evaluation.evaluate`) and no --threshold given")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: edited on Windows
-        values = {str(kind): None if value is None else float(value) for kind, value in raw["thresholds"].items()}
+        raw = json.loads(read_utf8(path, ValueError))
+        values = threshold_values(raw["thresholds"])
         method = str(raw.get("method", "method not recorded"))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise InferenceError(f"{path}: not a valid threshold file ({type(exc).__name__}: {exc}); "
                              "re-run evaluation or pass --threshold") from None
     if raw.get("checkpoint_sha256", checkpoint_sha256) != checkpoint_sha256:

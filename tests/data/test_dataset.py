@@ -68,6 +68,15 @@ def test_relative_raw_dir_is_relative_to_root(root, tmp_path):
     (lambda p: p.write_text(json.dumps({"raw_dir": "/x", "min_images": "ten", "seed": 0, "num_classes": 1,
                                         "format_version": 1})), "wrong type"),
     (lambda p: p.write_text("[]"), "missing raw_dir"),
+    # Each of these was a traceback: OverflowError, ValueError (embedded null byte) from the cache,
+    # RecursionError.
+    (lambda p: p.write_text('{"raw_dir": "/x", "min_images": Infinity, "seed": 0, "num_classes": 1, '
+                            '"format_version": 1}'), "wrong type .min_images: inf"),
+    (lambda p: p.write_text(json.dumps({"raw_dir": "/x\0y", "min_images": 1, "seed": 0, "num_classes": 1,
+                                        "format_version": 1})), "wrong type .raw_dir: '/x.x00y'"),
+    (lambda p: p.write_text(json.dumps({"raw_dir": "/x", "min_images": 1, "seed": True, "num_classes": 1.5,
+                                        "format_version": 1})), "wrong type .seed: True, num_classes: 1.5"),
+    (lambda p: p.write_text("[" * 100_000), "not valid JSON .nested too deep"),
 ])
 def test_unusable_prepared_json_is_a_one_line_error(root, change, message):
     change(root / "annotations" / "prepared.json")

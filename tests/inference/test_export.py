@@ -172,6 +172,23 @@ def test_an_export_json_that_disagrees_with_the_onnx_graph_exits_2_in_one_line(e
     assert err == f"error: {tmp_path / 'learned_best.onnx'}: {message}; export again\n", err
 
 
+@pytest.mark.parametrize("threshold, problem", [
+    ("0.5", "TypeError: the classifier threshold is '0.5', not a number"),  # was a TypeError traceback
+    ([0.5], "TypeError: the classifier threshold is [0.5], not a number"),
+    (10 ** 400, "OverflowError: int too large to convert to float"),
+], ids=["quoted", "list", "huge"])
+def test_a_hand_edited_threshold_in_the_export_json_exits_2_in_one_line(exported, unseen, tmp_path, capsys,
+                                                                         threshold, problem):
+    out, info = exported
+    shutil.copy(out / "learned_best.onnx", tmp_path)
+    edited = json.loads(json.dumps(info))
+    edited["thresholds"]["values"]["classifier"] = threshold
+    (tmp_path / "learned_best.json").write_text(json.dumps(edited))
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(next(iter(unseen.values()))[0])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'learned_best.json'}: not a valid export description ({problem})\n", err
+
+
 def test_an_onnx_graph_without_the_outputs_predict_reads_exits_2_in_one_line(exported, tmp_path, capsys):
     import onnx
 

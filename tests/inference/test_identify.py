@@ -130,7 +130,16 @@ def test_a_threshold_for_other_weights_is_ignored_and_a_broken_one_refused(learn
     sidecar.write_text("{not json")
     with pytest.raises(InferenceError, match="not a valid threshold file"):
         Identifier.from_checkpoint(checkpoint)
-    sha256 = Identifier.embedder(checkpoint).info.checkpoint_sha256  # edited and saved on Windows (a BOM)
+    sha256 = Identifier.embedder(checkpoint).info.checkpoint_sha256
+    # Hand edits that were tracebacks (OverflowError, RecursionError) or passed as a quoted number.
+    for text, problem in [('{"thresholds": {"classifier": 1' + "0" * 400 + "}}", "OverflowError"),
+                          ("[" * 100_000, "RecursionError"),
+                          ('{"thresholds": {"classifier": "0.5"}}', "the classifier threshold is '0.5', not a number")]:
+        sidecar.write_text(text)
+        with pytest.raises(InferenceError, match=f"not a valid threshold file .*{problem}") as exc:
+            Identifier.from_checkpoint(checkpoint)
+        assert "\n" not in str(exc.value)
+    # edited and saved on Windows (a BOM)
     sidecar.write_bytes(b"\xef\xbb\xbf" + json.dumps({"thresholds": {"classifier": 0.5}, "method": "m",
                                                       "checkpoint_sha256": sha256}).encode())
     assert Identifier.from_checkpoint(checkpoint).threshold.value == 0.5
