@@ -179,7 +179,8 @@ def _describe(error: ValidationError) -> str:
     key = ".".join(str(part) for part in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
-    return f"'{key}': {first['msg']} (got {first.get('input')!r})"
+    got = repr(first.get("input"))
+    return f"'{key}': {first['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
 def config_from_dict(raw: dict, name: str | None = None) -> Config:

@@ -35,11 +35,34 @@ def parse_yaml(text: str, path: Path, error: type[Exception], *, strings_only: b
     second `trainer:` block would drop every key of the first. `strings_only`: every scalar stays the
     string it is written as (for names: YAML 1.1 reads `No` as False, `null` as None, `007` as 7)."""
     try:
-        return yaml.load(text, Loader=_NamesLoader if strings_only else _Loader)
+        document = yaml.load(text, Loader=_NamesLoader if strings_only else _Loader)
     except yaml.YAMLError as exc:
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
         raise error(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML"
                     f"{f' ({problem})' if problem else ''}") from None
+    if _expanded_size(document, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise error(f"{path}: its aliases expand to over {MAX_YAML_VALUES:,} values (or refer to themselves); "
+                    "not a config a person wrote")
+    return document
+
+
+# A config or labels-fix file is a few hundred values. A few lines of nested aliases (`&a [*b, *b,
+# ...]`, the "billion laughs") load as shared objects in no time, but expand to billions of values
+# for anything that walks them: validating such a config ran for minutes, and its error quoted it.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(document, limit: int) -> int:
+    """How many values `document` holds with every alias expanded, counted up to just past `limit`."""
+    count, stack = 0, [document]
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            stack += value
+    return count
 
 
 class _UniqueKeys:

@@ -99,6 +99,10 @@ def test_every_shipped_training_config_validates(path):
     ("optimiser: {}\n", "optimiser"),
     ("trainer:\n  compile_mode: turbo\n", "trainer.compile_mode"),
     ("trainer:\n  max_epochs: 3\n  warmup_epochs: 5\n", "'trainer.warmup_epochs': must be at most trainer.max_epochs (3)"),
+    # A long value is quoted in part: the line stays a line.
+    (f"trainer:\n  progress: [{', '.join(['verbose'] * 500)}]\n",
+     "'trainer.progress': Input should be 'auto', 'always' or 'never' (got ['verbose', 'verbose', 'verbose', 'verbose', "
+     "'verbose', 'verbose', 'verbose',...)"),
 ])
 def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

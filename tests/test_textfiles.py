@@ -1,6 +1,8 @@
 """The project's text inputs: UTF-8 and YAML, with one-line errors naming the file and line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from src.data.lists import ListFormatError, read_list
@@ -60,3 +62,17 @@ def test_json_that_cannot_be_parsed_is_one_line_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=f"x.json: not valid JSON .{problem}") as exc:
             read_json(path, ValueError)
         assert "\n" not in str(exc.value)
+
+
+def test_yaml_aliases_that_expand_without_end_are_refused_in_one_line(tmp_path):
+    """The "billion laughs": 8 lines of nested aliases. Before, validating such a config ran for
+    minutes and its error line quoted the whole expansion (72 MB for 6 levels)."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    for text in ["\n".join(lines) + "\ntrainer: {progress: *a7}\n", "a: &a [1, *a]\n"]:  # the second, itself
+        with pytest.raises(InputError, match=r"^x.yaml: its aliases expand to over 100,000 values") as exc:
+            parse_yaml(text, Path("x.yaml"), InputError)
+        assert "\n" not in str(exc.value)
+    # Aliases a person writes are fine.
+    assert parse_yaml("base: &b {lr: 0.1}\nother: *b\n", Path("x.yaml"), InputError) == {"base": {"lr": 0.1},
+                                                                                        "other": {"lr": 0.1}}

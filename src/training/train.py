@@ -379,6 +379,10 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
         if failed:
             raise ConfigError(f"trainer.output_dir: cannot write in {paths.output_dir} "
                               f"({unwritable or 'on rank 0'})")
+        folder = next((path for path in (paths.best, paths.last, paths.metrics) if path.is_dir()), None)
+        if folder is not None:  # found now, not when the first epoch's checkpoint is written
+            raise ConfigError(f"trainer.output_dir: {folder} is a folder, where the run writes a file; "
+                              "move it, or give the run another name")
         if held:
             raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
                                   f"{paths.lock}); wait for it to end, or give this run another name or "

@@ -20,7 +20,7 @@ from src.config import Config, ConfigError, load_config
 from src.data.dataset import PreparedData
 from src.training import distributed as dist_utils
 from src.training import train as train_module
-from src.training.artifacts import METRICS_COLUMNS
+from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.training.checkpoint import load_checkpoint
 from src.training.train import build_model_and_optimizer, make_runtime, run, seed_everything, wrap_for_training
 from src.training.train import main as train_main
@@ -291,6 +291,19 @@ def test_output_dir_that_is_or_is_under_a_file_exits_2_in_one_line(tiny_data, tm
     err = capsys.readouterr().err
     assert err == f"error: trainer.output_dir: cannot write in {output_dir} ({tmp_path / 'taken'}: a file, not a folder)\n"
     assert (tmp_path / "taken").read_text() == "a file where the outputs should go"
+
+
+@pytest.mark.parametrize("artifact", ["best", "last", "metrics"])
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tiny_data, tmp_path, capsys, artifact):
+    """Before, the first epoch trained, then the checkpoint write failed ('Is a directory')."""
+    paths = RunPaths(tmp_path / "artifacts", "tiny")
+    folder = getattr(paths, artifact)
+    folder.mkdir(parents=True)
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.output_dir": str(paths.output_dir)})
+    assert train_main(["--config", str(config_path)]) == 2
+    assert capsys.readouterr().err == (f"error: trainer.output_dir: {folder} is a folder, where the run writes a "
+                                       "file; move it, or give the run another name\n")
+    assert sorted(p.name for p in paths.output_dir.iterdir()) == sorted([folder.name, ".tiny.lock"])
 
 
 @pytest.mark.parametrize("batch, processes, reason", [
