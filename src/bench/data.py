@@ -6,6 +6,8 @@ from pathlib import Path
 
 from src.data import prepare, standin
 
+MIN_IMAGES = 10  # per individual: prepare keeps no individual with fewer
+
 
 def prepared_standin(work: Path, individuals: int, images: int, size: int, *, held_out: int = 0,
                      workers: int | None = None) -> Path:
@@ -19,7 +21,7 @@ def prepared_standin(work: Path, individuals: int, images: int, size: int, *, he
                                str(images), "--size", str(size), "--seed", "0"]
                               + (["--workers", str(workers)] if workers else []))
         failed = failed or prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images",
-                                         "10", "--seed", "0", "--open-set-individuals", str(held_out)])
+                                         str(MIN_IMAGES), "--seed", "0", "--open-set-individuals", str(held_out)])
         if failed:
             raise SystemExit("could not make the stand-in data (see above)")
         print(f"stand-in data: {individuals} x {images} images in {time.perf_counter() - started:.0f} s", flush=True)

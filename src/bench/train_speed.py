@@ -28,14 +28,16 @@ from typing import get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch.autograd import DeviceType
 from torch._dynamo.utils import compile_times
 from torch.profiler import ProfilerActivity
 
-from src.config import CompileMode, config_from_dict
-from src.bench.data import prepared_standin
+from src.bench.data import MIN_IMAGES, prepared_standin
+from src.config import CompileMode, DataConfig, config_from_dict
 from src.data.dataset import PreparedData
 from src.errors import stops_on_ctrl_c
+from src.models.backbones import BACKBONES
 from src.training.checkpoint import CheckpointSaver
 from src.training.resume import RunState
 from src.training.stopping import StopRequest
@@ -49,7 +51,7 @@ NAIVE = REPO.parent / "shared" / "bench" / "naive_reference.py"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.bench.train_speed", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], choices=BACKBONES)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=6, help="epochs of our loop; the first (compile, warm-up) is not timed")
@@ -69,7 +71,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-trace", type=Path, default=None, metavar="DIR",
                         help="also write each profiled epoch as a Chrome trace (chrome://tracing, Perfetto) here")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep data here (default: a temp dir)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # What the naive script, the stand-in generator and prepare would each refuse later, after minutes
+    # of data generation, with their own usage lines.
+    try:
+        DataConfig(image_size=args.size)
+    except ValidationError as exc:
+        parser.error(f"--size {args.size}: {exc.errors()[0]['msg']}")
+    for problem in [
+                    "--batch-size must be at least 2 (BatchNorm needs 2 images a step)" if args.batch_size < 2 else None,
+                    "--individuals must be at least 2" if args.individuals < 2 else None,
+                    f"--images must be at least {MIN_IMAGES} (prepare keeps individuals with that many)"
+                    if args.images < MIN_IMAGES else None,
+                    "--epochs must be at least 2 (the first is not timed)" if args.epochs < 2 else None,
+                    "--naive-epochs and --workers must be at least 1" if min(args.naive_epochs, args.workers) < 1 else None]:
+        if problem:
+            parser.error(problem)
+    return args
 
 
 def bench_config(arch: str, mode: str, data_root: Path, work: Path, args, epochs: int):
@@ -95,7 +113,11 @@ def naive_throughput(arch: str, data_root: Path, args) -> float | None:
     command = [sys.executable, str(args.naive_script), "--list", str(data_root / "annotations" / "train.txt"),
                "--root", raw_dir, "--arch", arch, "--epochs", str(args.naive_epochs),
                "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--size", str(args.size)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode:
+        last = (finished.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"error: the naive reference {args.naive_script} failed (exit {finished.returncode}): {last}")
+    output = finished.stdout
     epochs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     timed = epochs[1:] or epochs  # the first epoch starts the workers
     return statistics.median(e["img_per_s"] for e in timed)

@@ -83,3 +83,27 @@ def test_compile_seconds_count_the_lazily_compiled_backward():
     assert after_forward["graphs"] > before["graphs"]
     assert after_backward["backward graphs"] > after_forward["backward graphs"]
     assert after_backward["graphs"] == after_forward["graphs"]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--arch", "resnet9"], "argument --arch: invalid choice: 'resnet9'"),  # was the naive script's traceback
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--size", "8"], "--size 8: Input should be greater than or equal to 32"),  # was standin's own usage
+    (["--images", "4"], "--images must be at least 10"),  # was prepare's failure, after the data was made
+    (["--epochs", "1"], "--epochs must be at least 2"),
+])
+def test_bad_options_are_refused_before_any_data_is_made(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as exited:
+        train_speed.main(["--device", "cpu", "--work-dir", str(tmp_path), *option])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failing_naive_script_is_named_with_its_last_line(tmp_path):
+    """Before, a CalledProcessError traceback that did not say why the script failed."""
+    script = tmp_path / "naive.py"
+    script.write_text("import sys\nsys.exit('ValueError: no such model')\n")
+    with pytest.raises(SystemExit, match=rf"^error: the naive reference {script} failed \(exit 1\): "
+                                         "ValueError: no such model$"):
+        train_speed.main(["--device", "cpu", "--arch", "resnet18", "--size", "32", "--individuals", "2",
+                          "--images", "10", "--naive-script", str(script), "--work-dir", str(tmp_path / "work")])
