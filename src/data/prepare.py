@@ -9,9 +9,9 @@ Stages, one function each, in this order:
 4. `check_images`    decode every image; missing, unreadable, repeated and duplicate images are excluded
 5. `filter_min_images` keep individuals with at least `--min-images` usable images
 6. `make_splits`     stratified train/val/test and the open-set hold-out (`src/data/splits.py`)
-7. `build_report`, `write_lists`, `write_metadata`, `prepared_info`: the validation report, the lists,
-   `metadata.csv` and `prepared.json` (removed before the first write and written last, so its
-   presence means the rest is complete and current)
+7. `build_report` (`src/data/validate.py`), `write_lists`, `write_metadata`, `prepared_info`: the
+   validation report, the lists, `metadata.csv` and `prepared.json` (removed before the first write
+   and written last, so its presence means the rest is complete and current)
 
 The file layout under `<out-dir>/annotations/` is the contract in docs/DESIGN.md. The function
 `prepare` runs everything and returns a `PrepareResult`, so tests and other stages need no subprocess.
@@ -40,8 +40,7 @@ from src.data.download import DEFAULT_URL, DownloadError, fetch_release
 from src.data.lists import Row, canonical_name, write_list
 from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, SplitError,
                              choose_unknown, open_set_split, split_counts, stratified_split)
-from src.data.validate import (LABELS_FIX, Exclusion, ImageCheck, check_images, count_problems,
-                               label_quality, write_report)
+from src.data.validate import LABELS_FIX, Exclusion, ImageCheck, build_report, check_images, write_report
 from src.errors import missing, stops_on_ctrl_c
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
@@ -233,38 +232,6 @@ def prepared_info(raw_dir: Path, input_kind: str, min_images: int, seed: int, fr
     return info
 
 
-def build_report(raw_dir: Path, input_kind: str, min_images: int, parsed: Sequence[Record],
-                 fixed: Sequence[Record], exclusions: Sequence[Exclusion], usable: Sequence[Record],
-                 kept: Sequence[Record], fix_info: dict | None) -> dict:
-    """The validation report's content (rendered by `src.data.validate.write_report`)."""
-    annotated = Counter(r.individual for r in fixed)
-    usable_counts = Counter(r.individual for r in usable)
-    below = [{"name": name, "images": usable_counts.get(name, 0), "annotated": n,
-              "sources": sorted({r.source for r in fixed if r.individual == name})}
-             for name, n in sorted(annotated.items()) if usable_counts.get(name, 0) < min_images]
-    return {"format_version": FORMAT_VERSION, "raw_dir": str(raw_dir), "input": input_kind,
-            "min_images": min_images, "problems": count_problems(exclusions),
-            "counts": _source_counts(parsed, exclusions, usable, kept),
-            "excluded": [e.as_dict() for e in exclusions], "below_threshold": below,
-            "label_quality": label_quality(fixed), "labels_fix": fix_info}
-
-
-def _source_counts(parsed: Sequence[Record], exclusions: Sequence[Exclusion], usable: Sequence[Record],
-                   kept: Sequence[Record]) -> dict[str, dict]:
-    def per(records: Sequence[Record], source: str | None) -> list[Record]:
-        return [r for r in records if source is None or r.source == source]
-
-    excluded = [e.record for e in exclusions]
-    sources = list(dict.fromkeys(r.source for r in parsed))
-    return {source or "all": {
-        "parsed_images": len(per(parsed, source)),
-        "parsed_individuals": len({r.individual for r in per(parsed, source)}),
-        "excluded": len(per(excluded, source)), "usable_images": len(per(usable, source)),
-        "kept_images": len(per(kept, source)),
-        "kept_individuals": len({r.individual for r in per(kept, source)})}
-        for source in [*sources, None]}
-
-
 # --- the whole run ------------------------------------------------------------------------------
 
 def check_parameters(min_images: int, fractions: Sequence[float], open_set_individuals: int,
@@ -303,7 +270,11 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     fixed = check_names(fixed, spaces_to_underscores)
     annotated_kept = filter_min_images(fixed, min_images)
     log.info("min%-7d %s by the annotations alone", min_images, describe(annotated_kept))
-    if open_set_individuals:  # refused before decoding: problem images can only lower this count
+    annotated_individuals = len({r.individual for r in annotated_kept})
+    if annotated_individuals < 2:  # refused before decoding: problem images can only lower this count
+        raise PrepareError(f"--min-images {min_images}: {annotated_individuals} individual(s) have that many "
+                           f"annotated images; identification needs 2 or more")
+    if open_set_individuals:
         choose_unknown([r.individual for r in annotated_kept], open_set_individuals, seed)
 
     problems, checks = check_images(fixed, raw, workers)

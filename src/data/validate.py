@@ -9,6 +9,9 @@ Two kinds of findings, treated differently on purpose:
   ages years apart) are suspicions about the published labels. They are reported with image counts
   and the images involved so that a user can write a `--labels-fix` file; they never change the data
   on their own, so the default run reproduces the published counts.
+
+The report's content (`build_report`) and its two renderings (`write_report`: JSON and Markdown) are
+both here.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from src import atomic
 from src.data.annotations import Record
+from src.data.dataset import FORMAT_VERSION
 from src.data.io import ImageLoadError, load_rgb
 
 PROBLEM_CATEGORIES = ("listed twice", "missing file", "unreadable", "duplicate")
@@ -290,6 +294,38 @@ def names_in_several_sources(records: Sequence[Record]) -> list[dict]:
 
 def count_problems(exclusions: Iterable[Exclusion]) -> int:
     return sum(e.category in PROBLEM_CATEGORIES for e in exclusions)
+
+
+def build_report(raw_dir: Path, input_kind: str, min_images: int, parsed: Sequence[Record],
+                 fixed: Sequence[Record], exclusions: Sequence[Exclusion], usable: Sequence[Record],
+                 kept: Sequence[Record], fix_info: dict | None) -> dict:
+    """The validation report's content (rendered by `src.data.validate.write_report`)."""
+    annotated = Counter(r.individual for r in fixed)
+    usable_counts = Counter(r.individual for r in usable)
+    below = [{"name": name, "images": usable_counts.get(name, 0), "annotated": n,
+              "sources": sorted({r.source for r in fixed if r.individual == name})}
+             for name, n in sorted(annotated.items()) if usable_counts.get(name, 0) < min_images]
+    return {"format_version": FORMAT_VERSION, "raw_dir": str(raw_dir), "input": input_kind,
+            "min_images": min_images, "problems": count_problems(exclusions),
+            "counts": _source_counts(parsed, exclusions, usable, kept),
+            "excluded": [e.as_dict() for e in exclusions], "below_threshold": below,
+            "label_quality": label_quality(fixed), "labels_fix": fix_info}
+
+
+def _source_counts(parsed: Sequence[Record], exclusions: Sequence[Exclusion], usable: Sequence[Record],
+                   kept: Sequence[Record]) -> dict[str, dict]:
+    def per(records: Sequence[Record], source: str | None) -> list[Record]:
+        return [r for r in records if source is None or r.source == source]
+
+    excluded = [e.record for e in exclusions]
+    sources = list(dict.fromkeys(r.source for r in parsed))
+    return {source or "all": {
+        "parsed_images": len(per(parsed, source)),
+        "parsed_individuals": len({r.individual for r in per(parsed, source)}),
+        "excluded": len(per(excluded, source)), "usable_images": len(per(usable, source)),
+        "kept_images": len(per(kept, source)),
+        "kept_individuals": len({r.individual for r in per(kept, source)})}
+        for source in [*sources, None]}
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:

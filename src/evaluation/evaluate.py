@@ -358,8 +358,8 @@ def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, open_set
     whether the train split is the checkpoint's (`trained_on`)."""
     warnings = []
     if not trained_here:
-        warnings.append(f"the train split differs from the one this checkpoint was trained on (re-prepared "
-                        f"or another dataset): evaluated images may have been training images, and the "
+        warnings.append(f"the train split differs from the one this checkpoint was trained on (its image "
+                        f"paths or labels: re-prepared, from another --raw-dir form, or another dataset): evaluated images may have been training images, and the "
                         f"thresholds are in the report only ({sidecar.name}, which inference reads, is left as it was)")
     shared = {path for path, _ in splits[split]} & {path for path, _ in splits["train"]}
     if shared:
@@ -455,6 +455,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     report = {
         "report_version": REPORT_VERSION,
         "checkpoint": {"path": str(checkpoint), "sha256": run.sha256, "epoch": run.checkpoint["epoch"],
+                       "step": run.checkpoint.get("step", 0),
                        "name": config.name, "backbone": config.model.backbone, "head": config.model.head,
                        "num_classes": len(run.classes), "open_set": open_set,
                        "best_val_top1": run.checkpoint.get("best_val_top1")},

@@ -41,12 +41,19 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def trained_for(checkpoint: dict) -> str:
+    """'epoch 12', or for a run stopped mid-epoch 'epoch 2 and 23 steps of epoch 3' (its weights are
+    neither epoch's)."""
+    epoch, step = checkpoint["epoch"], checkpoint.get("step", 0)
+    return f"epoch {epoch}" + (f" and {step} steps of epoch {epoch + 1}" if step else "")
+
+
 def render_markdown(report: dict) -> str:
     """report.md: the same numbers as report.json, as tables a reviewer reads, figures linked."""
     ckpt, data, closed, retrieval = report["checkpoint"], report["data"], report["closed_set"], report["retrieval"]
     open_set, threshold = report["open_set"], report["threshold"]
     lines = [f"# Evaluation of `{Path(ckpt['path']).name}` on the {data['split']} split", "",
-             f"- checkpoint: `{ckpt['path']}` (sha256 `{ckpt['sha256'][:16]}…`), epoch {ckpt['epoch']}, "
+             f"- checkpoint: `{ckpt['path']}` (sha256 `{ckpt['sha256'][:16]}…`), {trained_for(ckpt)}, "
              f"{ckpt['backbone']} + {ckpt['head']}, {ckpt['num_classes']} individuals, trained on the "
              f"{'open-set' if ckpt['open_set'] else 'closed-set'} split",
              f"- data: `{data['root']}`, lists in `{data['lists']}`; evaluated: {data['images'][data['split']]} "

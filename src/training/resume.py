@@ -78,7 +78,8 @@ def check_resume_compatible(checkpoint: dict, config: Config, classes: ClassInde
     if list(checkpoint["classes"]) != list(classes.names):
         differences.append("the individuals (class list) differ")
     elif checkpoint.get("data_fingerprint") != fingerprint:
-        differences.append("the training split's images differ")
+        differences.append("the training split lists other image paths or labels (a dataset prepared again "
+                           "from another --raw-dir form lists the same images under other paths)")
     if config.trainer.max_epochs < checkpoint["epoch"]:
         differences.append(f"trainer.max_epochs {config.trainer.max_epochs} is below the "
                            f"{checkpoint['epoch']} epochs already trained")

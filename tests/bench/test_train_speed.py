@@ -41,6 +41,9 @@ def test_cpu_benchmark_reports_all_three_and_their_ratios(tmp_path, capsys):
     trace = json.loads((tmp_path / "traces" / "resnet18_default.json").read_text())
     assert any(event.get("name") == "aten::convolution_backward" for event in trace["traceEvents"])
     assert result["ours_vs_ceiling"] == pytest.approx(result["ours_img_s"] / result["ceiling_img_s"], rel=0.02, abs=0.001)
+    # A run whose timings moved (a busy machine) says so, where its ratios could otherwise read 500%.
+    unsteady = result["ceiling_spread"] > train_speed.UNSTEADY or result["ours_vs_ceiling"] > 1 + train_speed.UNSTEADY
+    assert ("note: the ceiling's 5 timing windows differed by" in output) == unsteady
     if NAIVE.is_file():  # ../shared is beside the checkout in CI and here
         assert result["ours_vs_naive"] == pytest.approx(result["ours_img_s"] / result["naive_img_s"], rel=0.02, abs=0.01)
     else:
@@ -107,3 +110,11 @@ def test_a_failing_naive_script_is_named_with_its_last_line(tmp_path):
                                          "ValueError: no such model$"):
         train_speed.main(["--device", "cpu", "--arch", "resnet18", "--size", "32", "--individuals", "2",
                           "--images", "10", "--naive-script", str(script), "--work-dir", str(tmp_path / "work")])
+
+
+def test_a_run_whose_timings_moved_says_so():
+    """A busy machine once gave ours/ceiling 514% and nothing said the figures were unsound."""
+    assert train_speed.unsteady_note(0.05, 0.95, 5) is None
+    assert train_speed.unsteady_note(0.34, 0.95, 5).startswith("note: the ceiling's 5 timing windows differed by 34% "
+                                                               "and ours ran at 95% of it")
+    assert "ours ran at 514% of it" in train_speed.unsteady_note(0.02, 5.14, 5)

@@ -15,6 +15,7 @@ import torch
 from src.config import load_config
 from src.data.dataset import ClassIndex, PreparedData
 from src.evaluation import evaluate
+from src.evaluation.report import trained_for
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier
 from src.models.factory import create_model
@@ -102,9 +103,17 @@ def test_figures_csv_and_markdown(closed_report, tiny_run):
     classes = load_checkpoint(tiny_run["best"])["classes"]
     assert rows[0].split(",")[1:] == classes and len(rows) == len(classes) + 1
     markdown = (out / "report.md").read_text()
+    epoch = load_checkpoint(tiny_run["best"])["epoch"]
+    assert f"), epoch {epoch}, resnet18" in markdown
     for link in ("(confusion_matrix.png)", "(cmc.png)", "(training_curves.png)", "(confusion_matrix.csv)"):
         assert link in markdown
     assert "## Closed set" in markdown and "## Retrieval" in markdown and "## Open set" in markdown
+
+
+def test_a_checkpoint_stopped_mid_epoch_is_reported_with_its_steps():
+    """Its weights are neither epoch's: before, the report said `epoch 2` for 2 epochs and 23 steps."""
+    assert trained_for({"epoch": 2, "step": 23}) == "epoch 2 and 23 steps of epoch 3"
+    assert trained_for({"epoch": 2, "step": 0}) == trained_for({"epoch": 2}) == "epoch 2"
 
 
 def test_threshold_is_stored_beside_the_checkpoint(closed_report, checkpoint, tiny_run):

@@ -115,6 +115,9 @@ def test_speed_settings_may_change_on_resume(tiny_run):
     config.trainer.checkpoint_interval_s = 30.0
     check_resume_compatible(checkpoint, config, ClassIndex.from_list(checkpoint["classes"]),
                             checkpoint["data_fingerprint"], tiny_run["last"])  # does not raise
+    with pytest.raises(CheckpointError, match="the training split lists other image paths or labels"):
+        check_resume_compatible(checkpoint, config, ClassIndex.from_list(checkpoint["classes"]),
+                                "another list", tiny_run["last"])
     config.trainer.weight_decay = 0.5
     with pytest.raises(CheckpointError, match="trainer.weight_decay"):
         check_resume_compatible(checkpoint, config, ClassIndex.from_list(checkpoint["classes"]),
