@@ -65,6 +65,8 @@ def name_problem(name) -> str | None:
         return f"individual name {name!r} must be non-empty and without whitespace"
     if name.lower() == REJECTED_NAME:
         return "'unknown' is the label of rejected photos, not an individual's name"
+    if not name.isprintable():  # a terminal escape in a name would be replayed by every listing
+        return f"individual name {name!r} holds a control character"
     return None
 
 

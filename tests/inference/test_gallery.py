@@ -98,8 +98,9 @@ def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, t
     name, photos = next(iter(unseen.items()))
     assert enroll(gallery, learned.checkpoint, name, photos[0], tmp_path / "notes.txt") == 1
     assert "skipped" in capsys.readouterr().err and Gallery.load(gallery).counts() == {name: 1}
-    for bad in ("unknown", "two words"):
+    for bad in ("unknown", "two words", "red\x1b[31m"):  # a terminal escape: every listing would replay it
         assert enroll(gallery, learned.checkpoint, bad, photos[1]) == 2
+    assert "holds a control character" in capsys.readouterr().err
     assert Gallery.load(gallery).counts() == {name: 1}
 
 
@@ -256,6 +257,7 @@ def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learne
     ({"names": np.array(["unknown"])}, "corrupt gallery: 'unknown' is the label of rejected photos"),
     ({"names": np.array([""])}, "corrupt gallery: individual name '' must be non-empty and without whitespace"),
     ({"names": np.array(["Zuri Two"])}, "corrupt gallery: individual name 'Zuri Two' must be non-empty"),
+    ({"names": np.array(["Zuri\x1b[31m"])}, "corrupt gallery: individual name 'Zuri\\x1b[31m' holds a control"),
 ])
 def test_damaged_galleries_of_the_right_checkpoint_exit_2_in_one_line(learned, unseen, tmp_path, capsys,
                                                                       changes, message):
