@@ -81,7 +81,9 @@ def _exit_after(caller: int) -> None:
         while _running(caller):
             time.sleep(1.0)
     else:
-        select.select([handle], [], [])
+        waiting = select.poll()  # not select.select, which refuses descriptors past 1023
+        waiting.register(handle, select.POLLIN)
+        waiting.poll()
     os._exit(1)
 
 

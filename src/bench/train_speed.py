@@ -329,6 +329,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as temp:
         work = args.work_dir or Path(temp)
         data_root = prepared_standin(work, args.individuals, args.images, round(args.size * 1.15))
+        train_images = len(PreparedData.load(data_root).split("train"))
+        if train_images < args.batch_size:
+            raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {train_images} training "
+                             "images of the stand-in data: raise --individuals or --images")
         print(f"device: {device_name(args.device)}; torch {torch.__version__}; {args.size} px, batch "
               f"{args.batch_size}, compile={args.compile}", flush=True)
         results = []

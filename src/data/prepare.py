@@ -270,12 +270,11 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     fixed = check_names(fixed, spaces_to_underscores)
     annotated_kept = filter_min_images(fixed, min_images)
     log.info("min%-7d %s by the annotations alone", min_images, describe(annotated_kept))
-    annotated_individuals = len({r.individual for r in annotated_kept})
-    if annotated_individuals < 2:  # refused before decoding: problem images can only lower this count
-        raise PrepareError(f"--min-images {min_images}: {annotated_individuals} individual(s) have that many "
-                           f"annotated images; identification needs 2 or more")
-    if open_set_individuals:
-        choose_unknown([r.individual for r in annotated_kept], open_set_individuals, seed)
+    annotated_individuals = {r.individual for r in annotated_kept}
+    # Refused before decoding: problem images can only lower this count. Fewer than 2 individuals is
+    # left to the end, which names --min-images and writes the report saying why.
+    if open_set_individuals and len(annotated_individuals) >= 2:
+        choose_unknown(sorted(annotated_individuals), open_set_individuals, seed)
 
     problems, checks = check_images(fixed, raw, workers)
     problem_origins = {e.record.origin for e in problems}

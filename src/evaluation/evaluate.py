@@ -6,7 +6,7 @@
 Read top to bottom: `load_trained` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
 `embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier),
 `retrieval_section` (embeddings against the train gallery), `by_source_section`, `open_set_section`,
-`threshold_section` -> the threshold sidecar and `write_outputs` (report.json, report.md, figures).
+`threshold_section` -> `write_outputs` (report.json, report.md, figures) and the threshold sidecar.
 
 The run folder (default `runs/eval/<checkpoint stem>_<split>`) gets `report.json` with every number,
 `report.md` with the tables and figures, `confusion_matrix.png/.csv`, `cmc.png` and, when the
@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -452,6 +453,11 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     sidecar, trained_here = threshold_sidecar_path(checkpoint), trained_on(splits, run)
     warnings = data_warnings(splits, split, open_set, trained_here, sidecar)
 
+    writable = os.access(sidecar.parent, os.W_OK)  # not, for a model folder shared read-only, say
+    if trained_here and not writable:
+        warnings.append(f"{sidecar.parent} cannot be written: the thresholds are in the report only "
+                        f"({sidecar.name}, which inference reads, is left as it was)")
+
     report = {
         "report_version": REPORT_VERSION,
         "checkpoint": {"path": str(checkpoint), "sha256": run.sha256, "epoch": run.checkpoint["epoch"],
@@ -467,19 +473,14 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
         "retrieval": retrieval_section(embedded[split], embedded["train"]),
         "by_source": by_source_section(embedded[split], embedded["train"], run.classes, read_sources(root)),
         "open_set": open_section,
-        "threshold": threshold_section(embedded, open_set, scorers, sidecar if trained_here else None),
+        "threshold": threshold_section(embedded, open_set, scorers, sidecar if trained_here and writable else None),
         "warnings": warnings,
     }
-    if report["threshold"]["sidecar"] is not None:
-        try:
-            write_threshold_sidecar(run, report["threshold"])
-        except OSError as exc:  # a model folder shared read-only, say: the report is still worth having
-            report["threshold"]["sidecar"] = None
-            warnings.append(f"could not write {sidecar} ({exc.strerror or exc}); the thresholds are in the "
-                            "report only, and predictions with this checkpoint need --threshold")
     metrics_csv = RunPaths(checkpoint.parent, config.name).metrics
     try:
         report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out)
+        if report["threshold"]["sidecar"] is not None:
+            write_threshold_sidecar(run, report["threshold"])
     except OSError as exc:
         raise EvaluationError(f"could not write the results ({exc})") from None
     for warning in warnings:

@@ -29,6 +29,7 @@ import argparse
 import io
 import math
 import sys
+import unicodedata
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -65,7 +66,7 @@ def name_problem(name) -> str | None:
         return f"individual name {name!r} must be non-empty and without whitespace"
     if name.lower() == REJECTED_NAME:
         return "'unknown' is the label of rejected photos, not an individual's name"
-    if not name.isprintable():  # a terminal escape in a name would be replayed by every listing
+    if any(unicodedata.category(c) == "Cc" for c in name):  # a terminal escape would be replayed by every listing
         return f"individual name {name!r} holds a control character"
     return None
 
@@ -377,6 +378,8 @@ def changing(path: Path) -> Iterator[None]:
     """Hold `.<gallery name>.lock` beside the gallery while a command reads, changes and writes it:
     two commands at once would each write their own change, and the later would silently drop the
     earlier's. The second waits, and says so."""
+    if path.is_dir():  # `.` has no name to put a lock file beside
+        raise GalleryError(f"{path}: a folder, not a gallery file (.npz)")
     lock = path.with_name(f".{path.name}.lock")
     with ExitStack() as stack:
         try:

@@ -366,7 +366,7 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
     """Hold `<output_dir>/.<name>.lock` for the run (rank 0, which alone writes): a second run of
     the same name into the same folder would interleave its checkpoints and CSV with this one's."""
     with ExitStack() as stack:
-        held, locked, unwritable = False, False, None
+        held, locked, unwritable, folder = False, False, None, None
         if runtime.dist.is_main:
             try:
                 locked = stack.enter_context(locks.exclusive(paths.lock, wait=False))  # False: no flock here
@@ -374,15 +374,18 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
                 held = True
             except OSError as exc:  # output_dir is under a file, or cannot be created or written
                 unwritable = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or type(exc).__name__
+            # A folder where the run writes a file: found now, not when the first checkpoint is written.
+            folder = next((path for path in (paths.best, paths.last, paths.metrics) if path.is_dir()), None)
         # Every rank stops, not rank 0 alone (the others would wait for it in the first collective).
-        held, failed = dist_utils.max_over_ranks([held, unwritable is not None], runtime.dist, runtime.device)
+        held, failed, blocked = dist_utils.max_over_ranks([held, unwritable is not None, folder is not None],
+                                                          runtime.dist, runtime.device)
         if failed:
             raise ConfigError(f"trainer.output_dir: cannot write in {paths.output_dir} "
                               f"({unwritable or 'on rank 0'})")
-        folder = next((path for path in (paths.best, paths.last, paths.metrics) if path.is_dir()), None)
-        if folder is not None:  # found now, not when the first epoch's checkpoint is written
-            raise ConfigError(f"trainer.output_dir: {folder} is a folder, where the run writes a file; "
-                              "move it, or give the run another name")
+        if blocked:
+            where = f"{folder} is a folder" if folder else "rank 0 found a folder"
+            raise ConfigError(f"trainer.output_dir: {where}, where the run writes a file; move it, or give the "
+                              "run another name")
         if held:
             raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
                                   f"{paths.lock}); wait for it to end, or give this run another name or "

@@ -118,3 +118,11 @@ def test_a_run_whose_timings_moved_says_so():
     assert train_speed.unsteady_note(0.34, 0.95, 5).startswith("note: the ceiling's 5 timing windows differed by 34% "
                                                                "and ours ran at 95% of it")
     assert "ours ran at 514% of it" in train_speed.unsteady_note(0.02, 5.14, 5)
+
+
+def test_a_batch_larger_than_the_stand_in_data_is_named(tmp_path):
+    """Before, a ConfigError traceback from the training loop."""
+    with pytest.raises(SystemExit, match=r"^error: --batch-size 64 is larger than the 14 training images of the "
+                                         r"stand-in data: raise --individuals or --images$"):
+        train_speed.main(["--device", "cpu", "--arch", "resnet18", "--size", "32", "--batch-size", "64",
+                          "--individuals", "2", "--images", "10", "--work-dir", str(tmp_path)])

@@ -286,8 +286,7 @@ def test_list_input(tmp_path):
     ({"fractions": (0.8, 0.2, 0.2)}, "summing to 1"),
     ({"open_set_individuals": 10}, "cannot hold out 10 of 6 individuals"),
     # Was "cannot hold out 10 of 0 individuals for the open-set split", which hid the cause.
-    ({"min_images": 500}, "--min-images 500: 0 individual.s. have that many annotated images; identification "
-                          "needs 2 or more"),
+    ({"min_images": 500}, "^0 individual.s. with at least 500 usable images; identification needs 2 or more"),
 ])
 def test_bad_parameters(tmp_path, kwargs, message):
     raw = make_release(tmp_path / "raw", CZOO, CTAI)

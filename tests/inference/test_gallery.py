@@ -381,9 +381,19 @@ def test_names_listed_in_a_gallery_error_are_capped(tmp_path):
     assert len(message) < 200 and "\n" not in message
 
 
-def test_a_folder_given_as_the_gallery_is_named_as_such(tmp_path):
+def test_a_folder_given_as_the_gallery_is_named_as_such(learned, unseen, tmp_path, capsys, monkeypatch):
     with pytest.raises(GalleryError, match="a folder, not a gallery file"):
         Gallery.load(tmp_path)
+    monkeypatch.chdir(tmp_path)  # `--gallery .`: no name to put a lock file beside (was a ValueError traceback)
+    for folder in (".", str(tmp_path)):
+        assert enroll(Path(folder), learned.checkpoint, "Zuri", next(iter(unseen.values()))[0]) == 2
+        assert capsys.readouterr().err == f"error: {folder}: a folder, not a gallery file (.npz)\n"
+
+
+def test_names_with_format_characters_are_names_and_control_characters_are_not():
+    """A soft hyphen or a zero-width joiner (inside many emoji) is part of a name someone typed."""
+    assert gallery_cli.name_problem("Zo\u00adé") is None and gallery_cli.name_problem("Ali\u200dce") is None
+    assert "control character" in gallery_cli.name_problem("Zuri\x07")
 
 
 def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
