@@ -108,8 +108,9 @@ def test_a_failing_naive_script_is_named_with_its_last_line(tmp_path):
     script.write_text("import sys\nsys.exit('ValueError: no such model')\n")
     with pytest.raises(SystemExit, match=rf"^error: the naive reference {script} failed \(exit 1\): "
                                          "ValueError: no such model$"):
-        train_speed.main(["--device", "cpu", "--arch", "resnet18", "--size", "32", "--individuals", "2",
-                          "--images", "10", "--naive-script", str(script), "--work-dir", str(tmp_path / "work")])
+        train_speed.main(["--device", "cpu", "--arch", "resnet18", "--size", "32", "--batch-size", "8",
+                          "--individuals", "2", "--images", "10", "--naive-script", str(script),
+                          "--work-dir", str(tmp_path / "work")])
 
 
 def test_a_run_whose_timings_moved_says_so():
