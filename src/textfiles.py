@@ -42,7 +42,7 @@ def parse_yaml(text: str, path: Path, error: type[Exception], *, strings_only: b
                     f"{f' ({problem})' if problem else ''}") from None
     if _expanded_size(document, MAX_YAML_VALUES) > MAX_YAML_VALUES:
         raise error(f"{path}: its aliases expand to over {MAX_YAML_VALUES:,} values (or refer to themselves); "
-                    "not a config a person wrote")
+                    "not a file a person wrote")
     return document
 
 

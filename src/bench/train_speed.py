@@ -81,14 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         DataConfig(image_size=args.size)
     except ValidationError as exc:
         parser.error(f"--size {args.size}: {exc.errors()[0]['msg']}")
-    for problem in [
-                    "--batch-size must be at least 2 (BatchNorm needs 2 images a step)" if args.batch_size < 2 else None,
-                    "--individuals must be at least 2" if args.individuals < 2 else None,
-                    f"--images must be at least {MIN_IMAGES} (prepare keeps individuals with that many)"
-                    if args.images < MIN_IMAGES else None,
-                    "--epochs must be at least 2 (the first is not timed)" if args.epochs < 2 else None,
-                    "--naive-epochs and --workers must be at least 1" if min(args.naive_epochs, args.workers) < 1 else None]:
-        if problem:
+    problems = {"--batch-size must be at least 2 (BatchNorm needs 2 images a step)": args.batch_size < 2,
+                "--individuals must be at least 2": args.individuals < 2,
+                f"--images must be at least {MIN_IMAGES} (prepare keeps individuals with that many)":
+                    args.images < MIN_IMAGES,
+                "--epochs must be at least 2 (the first is not timed)": args.epochs < 2,
+                "--naive-epochs and --workers must be at least 1": min(args.naive_epochs, args.workers) < 1}
+    for problem, found in problems.items():
+        if found:
             parser.error(problem)
     return args
 

@@ -345,11 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"outputs go to <out-dir>/annotations/ (default {DEFAULT_OUT_DIR})")
     p.add_argument("--min-images", type=int, default=DEFAULT_MIN_IMAGES, metavar="N",
                    help=f"keep individuals with at least this many usable images (default {DEFAULT_MIN_IMAGES})")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S", help=f"seed of the splits (default {DEFAULT_SEED})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
+                   help=f"seed of the splits (default {DEFAULT_SEED})")
     p.add_argument("--fractions", type=float, nargs=3, default=list(DEFAULT_FRACTIONS),
-                   metavar=("TRAIN", "VAL", "TEST"), help=f"split fractions (default {' '.join(map(str, DEFAULT_FRACTIONS))})")
+                   metavar=("TRAIN", "VAL", "TEST"),
+                   help=f"split fractions (default {' '.join(map(str, DEFAULT_FRACTIONS))})")
     p.add_argument("--open-set-individuals", type=int, default=DEFAULT_OPEN_SET_INDIVIDUALS, metavar="K",
-                   help=f"individuals held out for the open-set split (default {DEFAULT_OPEN_SET_INDIVIDUALS}; 0 disables it)")
+                   help=f"individuals held out for the open-set split (default {DEFAULT_OPEN_SET_INDIVIDUALS}; "
+                        "0 disables it)")
     p.add_argument("--labels-fix", type=Path, metavar="FILE",
                    help="aliases and exclusions (YAML or text), applied before filtering")
     p.add_argument("--spaces-to-underscores", action="store_true",

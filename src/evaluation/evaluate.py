@@ -360,8 +360,9 @@ def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, open_set
     warnings = []
     if not trained_here:
         warnings.append(f"the train split differs from the one this checkpoint was trained on (its image "
-                        f"paths or labels: re-prepared, from another --raw-dir form, or another dataset): evaluated images may have been training images, and the "
-                        f"thresholds are in the report only ({sidecar.name}, which inference reads, is left as it was)")
+                        f"paths or labels: re-prepared, from another --raw-dir form, or another dataset): "
+                        f"evaluated images may have been training images, and the thresholds are in the report "
+                        f"only ({sidecar.name}, which inference reads, is left as it was)")
     shared = {path for path, _ in splits[split]} & {path for path, _ in splits["train"]}
     if shared:
         warnings.append(f"{len(shared)} of the {len(splits[split])} images of the {split} split are also in the "

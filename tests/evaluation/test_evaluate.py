@@ -243,7 +243,8 @@ def test_a_checkpoint_in_a_read_only_folder_is_evaluated_with_a_warning(checkpoi
     """A model folder shared read-only: the threshold file cannot be written beside the checkpoint.
     Before, evaluate failed with exit 2 after writing the whole report, which named that file."""
     access = os.access
-    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: access(path, mode) and Path(path) != checkpoint.parent)
+    monkeypatch.setattr(evaluate.os, "access",
+                        lambda path, mode: access(path, mode) and Path(path) != checkpoint.parent)
     sidecar = threshold_sidecar_path(checkpoint)
     before = sidecar.read_bytes() if sidecar.exists() else None
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", tiny_data, "--out", tmp_path / "out")
