@@ -3,6 +3,7 @@ arguments of the Python API that its command lines check while parsing."""
 from __future__ import annotations
 
 import functools
+import logging
 import numbers
 import sys
 from collections.abc import Callable, Sequence
@@ -13,6 +14,13 @@ NAMES_SHOWN = 3  # names listed in a message before "and N more", so that it sta
 
 # A command's exit code when Ctrl-C stops it: 128 + SIGINT, what a shell reports for a process it killed.
 INTERRUPTED_EXIT = 130
+
+
+def show_warnings() -> None:
+    """A command's set-up: the warnings its modules log (a cache that left images out, a damaged CSV
+    line) go to stderr as `warning: ...` lines, as the commands print their own. Without it Python
+    prints them bare (training) or as `WARNING:` (evaluation did)."""
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
 
 
 def stops_on_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.errors import capped, missing, stops_on_ctrl_c
+from src.errors import capped, missing, show_warnings, stops_on_ctrl_c
 from src.evaluation.plots import plot_training_curves
 from src.training.artifacts import METRICS_COLUMNS
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="PNG to write (default: <name>_curves.png beside the CSV)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    show_warnings()
     out = args.out or default_output(args.metrics_csv)
     try:
         check_output(out)

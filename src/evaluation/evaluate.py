@@ -35,7 +35,7 @@ from src.config import Config, ConfigError, ModelConfig
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
 from src.devices import pick_device
-from src.errors import positive_int, stops_on_ctrl_c
+from src.errors import positive_int, show_warnings, stops_on_ctrl_c
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
@@ -492,7 +492,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
 @stops_on_ctrl_c
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    show_warnings()
     out = args.out or default_out(args.checkpoint, args.split)
     try:
         report = evaluate(args.checkpoint, out, args.split, args.data_root, args.device, args.batch_size,

@@ -27,7 +27,7 @@ from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import IGNORED, BatchSource, build_source
-from src.errors import capped
+from src.errors import capped, show_warnings
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.tables import progress_bar
@@ -506,6 +506,7 @@ def _report(message: str, all_ranks_agree: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    show_warnings()
     try:
         config = load_config(args.config)
         with sigterm_raises():

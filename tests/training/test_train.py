@@ -18,6 +18,7 @@ import yaml
 
 from src.config import Config, ConfigError, load_config
 from src.data.dataset import PreparedData
+from src.data.lists import read_list
 from src.training import distributed as dist_utils
 from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
@@ -389,3 +390,19 @@ def test_val_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memor
         run(load_config(config))
     artifacts = tmp_path / "artifacts"
     assert load_checkpoint(artifacts / "tiny_best.pt")["epoch"] == load_checkpoint(artifacts / "tiny_last.pt")["epoch"] == 1
+
+
+def test_an_image_the_cache_leaves_out_is_a_warning_line(tiny_data, tmp_path):
+    """Before, training printed the cache's warning bare, and evaluation as `WARNING: ...`."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "annotations", data / "annotations")
+    shutil.copytree(tiny_data / "raw", data / "raw")
+    prepared = json.loads((data / "annotations" / "prepared.json").read_text())
+    (data / "annotations" / "prepared.json").write_text(json.dumps({**prepared, "raw_dir": "raw"}))
+    broken = (data / "annotations" / "train.txt").read_text().split()[0]
+    (data / "raw" / broken).write_text("not an image any more")
+    result = train_cli(write_config(tmp_path, data, **{"trainer.max_epochs": 1}))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (f"warning: 1 of {len(read_list(data / 'annotations' / 'train.txt'))} "
+                                             f"images could not be read and are left out: {broken}: not an image "
+                                             "in a known format")
