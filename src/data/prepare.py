@@ -261,6 +261,10 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     is written even when no individual is left, so that the reason can be read.
     """
     check_parameters(min_images, fractions, open_set_individuals, workers)
+    if folder is not None and Path(out_dir).resolve().is_relative_to(Path(folder).resolve()):
+        # The next run would read the outputs (annotations/, the image cache) as individuals' photos.
+        raise PrepareError(f"--out-dir {out_dir} is inside --folder {folder}: choose an --out-dir outside the "
+                           "folder of photos")
     atomic.check_folder_possible(Path(out_dir) / "annotations")  # before decoding thousands of images
     fix = LabelsFix.load(labels_fix) if isinstance(labels_fix, (str, Path)) else labels_fix
     raw, input_kind, parsed = read_input(_path(raw_dir), _path(folder), _path(list_file))

@@ -228,6 +228,15 @@ def _folder(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
+@pytest.mark.parametrize("out_dir", [".", "data"])
+def test_an_out_dir_inside_the_folder_of_photos_is_refused(tmp_path, out_dir):
+    """Before, it worked once; the next run read annotations/ as an individual and failed on '.txt'."""
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
+    with pytest.raises(PrepareError, match=f"--out-dir .* is inside --folder {root}: choose an --out-dir outside"):
+        prepare(folder=root, out_dir=root / out_dir, min_images=3, open_set_individuals=0)
+    assert sorted(p.name for p in root.iterdir()) == ["Kofi", "Lome"]
+
+
 def test_folder_input_with_many_formats(tmp_path):
     root = _folder(tmp_path / "photos", {"Kofi": 5, "Lome": 5, "Pia": 5})
     rgb = np.random.default_rng(99).integers(0, 256, (16, 10, 3), dtype=np.uint8)
