@@ -42,10 +42,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def is_whole(value) -> bool:
+    """Whether `value` is an integer and not a bool (True passes isinstance(True, int)): for numbers
+    read from a file or given to the API, where `true` for a count is a mistake."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def positive_int(name: str, value, error: type[Exception]) -> int:
     """`value` as an int when it is a whole number of at least 1 (a batch size, a top-k, a count),
     else `error` naming `name`: 0 or a negative number would give nothing, silently, or a traceback."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_whole(value) or value < 1:
         raise error(f"{name} must be a whole number of at least 1, not {value!r}")
     return int(value)
 

@@ -112,9 +112,9 @@ def naive_throughput(arch: str, data_root: Path, args) -> float | None:
     if not args.naive_script.is_file():
         print(f"naive reference not found at {args.naive_script}; skipped", flush=True)
         return None
-    raw_dir = json.loads((data_root / "annotations" / "prepared.json").read_text())["raw_dir"]
+    raw_dir = PreparedData.load(data_root).raw_dir
     command = [sys.executable, str(args.naive_script), "--list", str(data_root / "annotations" / "train.txt"),
-               "--root", raw_dir, "--arch", arch, "--epochs", str(args.naive_epochs),
+               "--root", str(raw_dir), "--arch", arch, "--epochs", str(args.naive_epochs),
                "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--size", str(args.size)]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode:
@@ -145,7 +145,7 @@ def ours_throughput(arch: str, mode: str, data_root: Path, work: Path, args) -> 
     with timed_saves() as save_seconds:
         state = run(config)
     wall = time.perf_counter() - started
-    train_images = len((data_root / "annotations" / "train.txt").read_text().splitlines())
+    train_images = len(PreparedData.load(data_root).split("train"))
     images = train_images // args.batch_size * args.batch_size
     timed = timed_epochs(state.history, save_seconds)
     seconds = statistics.median(row["seconds"] for row, _ in timed)

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, default_collate
 from src.data.io import ImageLoadError, load_rgb
 from src.data.lists import ListFormatError, Row, is_list_name, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
+from src.errors import is_whole
 from src.textfiles import read_json
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
@@ -27,10 +28,6 @@ _REQUIRED_KEYS = ("raw_dir", "min_images", "seed", "num_classes", "format_versio
 _RERUN = "run `python -m src.data.prepare` to (re)create it"
 
 log = logging.getLogger(__name__)
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class DatasetError(Exception):
@@ -66,7 +63,7 @@ class PreparedData:
         if meta["format_version"] != FORMAT_VERSION:
             raise DatasetError(f"{path}: format_version {meta['format_version']!r}, this code reads "
                                f"{FORMAT_VERSION}; {_RERUN}")
-        wrong = [key for key in _REQUIRED_KEYS[1:] if not _whole(meta[key])]
+        wrong = [key for key in _REQUIRED_KEYS[1:] if not is_whole(meta[key])]
         if not isinstance(meta["raw_dir"], str) or "\0" in meta["raw_dir"]:  # no path holds a NUL
             wrong.insert(0, "raw_dir")
         if wrong:

@@ -354,15 +354,18 @@ def trained_on(splits: dict[str, list[tuple[str, str]]], run: TrainedModel) -> b
 
 
 def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, open_set: bool, trained_here: bool,
-                  sidecar: Path) -> list[str]:
-    """What makes the numbers less trustworthy without making them wrong to compute. `trained_here`:
-    whether the train split is the checkpoint's (`trained_on`)."""
+                  sidecar: Path, writable: bool) -> list[str]:
+    """What makes the numbers less trustworthy without making them wrong to compute, or keeps the
+    thresholds from inference. `trained_here`: whether the train split is the checkpoint's
+    (`trained_on`); `writable`: whether the sidecar's folder can be written."""
     warnings = []
+    kept = f"the thresholds are in the report only ({sidecar.name}, which inference reads, is left as it was)"
     if not trained_here:
         warnings.append(f"the train split differs from the one this checkpoint was trained on (its image "
                         f"paths or labels: re-prepared, from another --raw-dir form, or another dataset): "
-                        f"evaluated images may have been training images, and the thresholds are in the report "
-                        f"only ({sidecar.name}, which inference reads, is left as it was)")
+                        f"evaluated images may have been training images, and {kept}")
+    elif not writable:  # a model folder shared read-only, say
+        warnings.append(f"{sidecar.parent} cannot be written: {kept}")
     shared = {path for path, _ in splits[split]} & {path for path, _ in splits["train"]}
     if shared:
         warnings.append(f"{len(shared)} of the {len(splits[split])} images of the {split} split are also in the "
@@ -452,12 +455,8 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     open_section = (open_set_section(embedded, split, scorers["nearest"]) if open_set
                     else {"evaluated": False, "note": CLOSED_MODEL_NOTE})
     sidecar, trained_here = threshold_sidecar_path(checkpoint), trained_on(splits, run)
-    warnings = data_warnings(splits, split, open_set, trained_here, sidecar)
-
-    writable = os.access(sidecar.parent, os.W_OK)  # not, for a model folder shared read-only, say
-    if trained_here and not writable:
-        warnings.append(f"{sidecar.parent} cannot be written: the thresholds are in the report only "
-                        f"({sidecar.name}, which inference reads, is left as it was)")
+    writable = os.access(sidecar.parent, os.W_OK)
+    warnings = data_warnings(splits, split, open_set, trained_here, sidecar, writable)
 
     report = {
         "report_version": REPORT_VERSION,

@@ -97,11 +97,7 @@ class Gallery:
     @classmethod
     def load(cls, path: str | Path) -> Gallery:
         """Read and validate a gallery file. Raises GalleryError (pickled content included)."""
-        path = Path(path)
-        if path.is_dir():
-            raise GalleryError(f"{path}: a folder, not a gallery file (.npz)")
-        if not path.is_file():
-            raise GalleryError(f"{path}: gallery file not found")
+        path = existing_gallery(path)
         with open(path, "rb") as handle:
             magic = handle.read(len(ZIP_MAGIC))
         if magic.startswith(PICKLE_MAGIC):
@@ -226,6 +222,20 @@ class Gallery:
         """Cosine similarity of each query (unit rows) to each individual, `N x len(names)`, by its
         nearest enrolled photo or by its prototype."""
         return gallery_scores(match, queries, self.embeddings, self.labels)
+
+
+def refuse_folder(path: Path) -> None:
+    if path.is_dir():
+        raise GalleryError(f"{path}: a folder, not a gallery file (.npz)")
+
+
+def existing_gallery(path: str | Path) -> Path:
+    """`path`, or GalleryError when no gallery file is there (nothing, or a folder)."""
+    path = Path(path)
+    refuse_folder(path)
+    if not path.is_file():
+        raise GalleryError(f"{path}: gallery file not found")
+    return path
 
 
 def gallery_members(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, zipfile.ZipInfo]]:
@@ -378,8 +388,7 @@ def changing(path: Path) -> Iterator[None]:
     """Hold `.<gallery name>.lock` beside the gallery while a command reads, changes and writes it:
     two commands at once would each write their own change, and the later would silently drop the
     earlier's. The second waits, and says so."""
-    if path.is_dir():  # `.` has no name to put a lock file beside
-        raise GalleryError(f"{path}: a folder, not a gallery file (.npz)")
+    refuse_folder(path)  # `.` has no name to put a lock file beside
     lock = path.with_name(f".{path.name}.lock")
     with ExitStack() as stack:
         try:
@@ -438,7 +447,7 @@ def list_gallery(args: argparse.Namespace) -> int:
 def remove_individuals(args: argparse.Namespace) -> int:
     """All names must be enrolled, else nothing is removed."""
     names = [canonical_name(name) for name in args.names]  # as enrolled: "Zoé" typed in either Unicode form
-    Gallery.load(args.gallery)  # a missing or damaged gallery is named before a lock file is made beside it
+    existing_gallery(args.gallery)  # named before a lock file (and its folder) is made for nothing
     with changing(args.gallery):
         gallery = Gallery.load(args.gallery)
         counts = gallery.counts()

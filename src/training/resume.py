@@ -17,7 +17,7 @@ import torch
 from src import atomic
 from src.config import Config
 from src.data.dataset import ClassIndex
-from src.errors import first_line, state_dict_problem
+from src.errors import first_line, is_whole, state_dict_problem
 from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.training.checkpoint import CheckpointError, load_checkpoint
@@ -87,10 +87,6 @@ def check_resume_compatible(checkpoint: dict, config: Config, classes: ClassInde
         raise CheckpointError(f"cannot resume from {path}: " + "; ".join(differences))
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> None:
     """Raise CheckpointError when the progress a checkpoint records cannot be this run's (a damaged
     or hand-edited file): training from it would run epochs that do not exist, or write a CSV it
@@ -104,7 +100,7 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
                               f"training split now gives {steps_per_epoch} (an image became readable or unreadable "
                               "since, or data.pipeline counts unreadable images differently)")
     problems = []
-    if not _whole(step) or not 0 <= step < steps_per_epoch:
+    if not is_whole(step) or not 0 <= step < steps_per_epoch:
         problems.append(f"step {step!r} (an epoch has {steps_per_epoch})")
     elif step and not (isinstance(checkpoint.get("partial"), torch.Tensor) and checkpoint["partial"].shape == (4,)):
         problems.append("no sums for the partial epoch")
@@ -114,7 +110,7 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
     if not rows_ok or [row["epoch"] for row in history] != list(range(1, epoch + 1)):
         problems.append(f"the metrics history does not hold one row for each of the {epoch} epochs")
     best_epoch = checkpoint["best_epoch"]
-    if not _whole(best_epoch) or not 0 <= best_epoch <= epoch:
+    if not is_whole(best_epoch) or not 0 <= best_epoch <= epoch:
         problems.append(f"best epoch {best_epoch!r}")
     best_val_top1 = checkpoint["best_val_top1"]
     if not isinstance(best_val_top1, Real) or not math.isfinite(best_val_top1):
