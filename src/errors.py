@@ -14,6 +14,7 @@ NAMES_SHOWN = 3  # names listed in a message before "and N more", so that it sta
 
 # A command's exit code when Ctrl-C stops it: 128 + SIGINT, what a shell reports for a process it killed.
 INTERRUPTED_EXIT = 130
+STOPPED_BY_CTRL_C = "error: stopped by Ctrl-C (SIGINT)"
 
 
 def show_warnings() -> None:
@@ -31,9 +32,23 @@ def stops_on_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
-            print("error: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+            print(STOPPED_BY_CTRL_C, file=sys.stderr)
             return INTERRUPTED_EXIT
     return main_stopping_on_ctrl_c
+
+
+def ctrl_c_while_starting_says_one_line() -> None:
+    """Ctrl-C in a command's first seconds, while Python imports torch and before `main` runs, ends
+    with STOPPED_BY_CTRL_C instead of a traceback through the import machinery. Python still exits
+    by SIGINT (130 in a shell) for an unhandled KeyboardInterrupt; only what it prints changes."""
+    print_exception = sys.excepthook
+
+    def print_ctrl_c_in_one_line(kind, value, traceback) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            print(STOPPED_BY_CTRL_C, file=sys.stderr)
+        else:
+            print_exception(kind, value, traceback)
+    sys.excepthook = print_ctrl_c_in_one_line
 
 
 def first_line(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,23 @@ def test_ctrl_c_in_a_terminal_stops_a_command_and_its_workers_quietly(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert (process.returncode, err) == (INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)\n")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads which libraries a process has loaded")
+def test_ctrl_c_while_a_command_imports_torch_gives_one_line(tmp_path):
+    """In a command's first seconds Python is still importing torch, before `main` can catch anything."""
+    process = subprocess.Popen([sys.executable, "-m", "src.training.train", "--config", str(tmp_path / "none.yaml")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():  # torch's import is under way
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # Python ends an unhandled KeyboardInterrupt by SIGINT (130 in a shell); `main` returns 130 itself.
+    assert process.returncode in (-signal.SIGINT, INTERRUPTED_EXIT)
+    assert err == "error: stopped by Ctrl-C (SIGINT)\n"
