@@ -28,6 +28,7 @@ from src import atomic
 from src.data.annotations import Record
 from src.data.dataset import FORMAT_VERSION
 from src.data.io import ImageLoadError, load_rgb
+from src.errors import missing
 
 PROBLEM_CATEGORIES = ("listed twice", "missing file", "unreadable", "duplicate")
 LABELS_FIX = "labels-fix"
@@ -80,8 +81,8 @@ def check_image(path: Path) -> ImageCheck:
     Hashing decoded pixels rather than file bytes also catches the same face saved twice in
     different files or containers.
     """
-    if not path.is_file():
-        return ImageCheck(reason="file not found", missing=True)
+    if not path.is_file():  # a folder or a pipe in the image's place is there, but not an image
+        return ImageCheck(reason=missing(path, folder=False), missing=not path.exists())
     try:
         img = load_rgb(path)
     except ImageLoadError as exc:

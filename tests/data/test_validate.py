@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,17 @@ def test_common_formats_load(tmp_path, name, write, size):
     write(tmp_path / name)
     check = check_image(tmp_path / name)
     assert (check.reason, check.size) == ("", size)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_folder_or_a_pipe_where_an_image_should_be_is_not_called_missing(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")  # opening it to decode would wait for a writer forever
+    records = [Record("folder.png", "A", "CZoo", "list:1"), Record("pipe.png", "A", "CZoo", "list:2")]
+    exclusions, _ = check_images(records, tmp_path, workers=2)
+    assert {(e.record.path, e.category, e.detail) for e in exclusions} == {
+        ("folder.png", "unreadable", "is a folder, not a file"),
+        ("pipe.png", "unreadable", "is not a regular file (a pipe or a device)")}
 
 
 def test_a_file_the_system_cannot_read_is_not_called_corrupt(tmp_path, monkeypatch):
