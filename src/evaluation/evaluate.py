@@ -209,7 +209,13 @@ def embed_split(run: TrainedModel, config: Config, rows: list[tuple[str, str]], 
     bar.close()
     if not kept:
         raise EvaluationError(f"{desc}: none of its {len(rows)} images could be read")
-    return EmbeddedSplit(kept, np.concatenate(embeddings), np.concatenate(logits), len(rows) - len(kept))
+    embeddings, logits = np.concatenate(embeddings), np.concatenate(logits)
+    # A NaN would count differently in each metric (argsort puts it last, argmax first): none is reported.
+    broken = np.flatnonzero(~(np.isfinite(embeddings).all(axis=1) & np.isfinite(logits).all(axis=1)))
+    if len(broken):
+        raise EvaluationError(f"{desc}: the model's outputs are not finite (NaN or infinity) for {len(broken)} of "
+                              f"{len(kept)} images, first {kept[broken[0]][0]}")
+    return EmbeddedSplit(kept, embeddings, logits, len(rows) - len(kept))
 
 
 def similarity(queries: EmbeddedSplit, gallery: EmbeddedSplit) -> np.ndarray:

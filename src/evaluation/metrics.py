@@ -20,15 +20,18 @@ import warnings
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+from src.evaluation.report import DECIMALS
 from src.models.scoring import individual_scores
 
 CMC_RANKS = 10
 CLOSED_SET_KEEP = 0.95
-# How far outside the observed scores an "accept all" or "reject all" threshold lies. A threshold
-# never sits on an observed score: inference recomputes the scores in float32 (a gallery's scores
-# differ from evaluation's by ~1e-8) and the threshold is stored with 6 decimals, so an image on the
-# threshold would land on either side of it. Between two scores it sits halfway.
+# How far outside the observed scores an "accept all" or "reject all" threshold lies.
 OUTER_MARGIN = 1e-5
+# A threshold is stored with DECIMALS decimals (report.json, the sidecar) and inference applies it to
+# scores it recomputes in float32: a gallery's differ from evaluation's by ~1e-8, and near 1 float32
+# steps by 6e-8. So a threshold never sits on an observed score, nor closer to one than this, or the
+# image there would land on either side of it.
+SCORE_NOISE = 2e-7
 
 
 # --- closed set: the classifier --------------------------------------------------------------------
@@ -173,21 +176,31 @@ def choose_open_set_threshold(known_labels: np.ndarray, known_correct: np.ndarra
 
     The objective only changes at observed scores, so the candidates are just below the lowest score
     (accept all), the midpoints between consecutive distinct scores (a margin on both sides, as far
-    from either image as possible) and just above the highest score (reject all); see OUTER_MARGIN.
+    from either image as possible; see `separating`) and just above the highest score (reject all).
     Among equally good candidates the lowest wins, so that as few known images as possible are rejected.
     """
-    scores = np.unique(np.concatenate([known_scores, unknown_scores]).astype(np.float64))
-    candidates = np.concatenate([scores[:1] - OUTER_MARGIN, (scores[1:] + scores[:-1]) / 2,
-                                 scores[-1:] + OUTER_MARGIN])
+    scores = np.unique(np.concatenate([known_scores, unknown_scores]).astype(np.float64)).tolist()
+    between = (separating(lower, upper) for lower, upper in zip(scores[:-1], scores[1:]))
+    candidates = [round(scores[0] - OUTER_MARGIN, DECIMALS), *(t for t in between if t is not None),
+                  round(scores[-1] + OUTER_MARGIN, DECIMALS)]
     objective = [(baks(known_labels, known_correct, known_scores >= t) + baus(unknown_labels, unknown_scores >= t)) / 2
                  for t in candidates]
-    return float(candidates[int(np.argmax(objective))])
+    return candidates[int(np.argmax(objective))]
+
+
+def separating(lower: float, upper: float) -> float | None:
+    """The threshold that accepts `upper` and rejects `lower` as stored and applied by inference: the
+    DECIMALS-decimal value nearest their midpoint, when it is at least SCORE_NOISE from both; None when
+    the two are too close to be told apart (no stored value lies between them with that margin)."""
+    threshold = round((lower + upper) / 2, DECIMALS)
+    return threshold if lower + SCORE_NOISE <= threshold <= upper - SCORE_NOISE else None
 
 
 def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET_KEEP) -> float | None:
     """A similarity threshold that accepts at least `keep` of the given (correct-match) scores: halfway
     between the lowest score it keeps and the highest one below that, but at least OUTER_MARGIN below
-    the former (scores tied with it are kept; two scores a hair apart both are).
+    the former. Scores tied with it are kept, and so is a score below it that no stored threshold
+    can reject while keeping it (then the same rule applies one score lower).
 
     A heuristic for a model trained without held-out individuals: nothing tells how unknown animals
     score, so the threshold only bounds how many correct matches a rejection rule may lose.
@@ -197,7 +210,12 @@ def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET
         return None
     ordered = np.sort(np.asarray(correct_scores, dtype=np.float64))
     may_lose = int(round((1.0 - keep) * len(ordered), 9))  # round: 0.05 * 20 is 1.0000000000000009
-    lowest_kept = ordered[may_lose]
-    below = ordered[ordered < lowest_kept]
-    halfway = (below[-1] + lowest_kept) / 2 if len(below) else np.inf
-    return float(min(halfway, lowest_kept - OUTER_MARGIN))
+    lowest_kept = float(ordered[may_lose])
+    at_most = round(lowest_kept - OUTER_MARGIN, DECIMALS)
+    upper = lowest_kept
+    for lower in np.unique(ordered[ordered < lowest_kept])[::-1].tolist():
+        halfway = separating(lower, upper)
+        if halfway is not None and min(halfway, at_most) >= lower + SCORE_NOISE:
+            return min(halfway, at_most)
+        upper = lower
+    return round(upper - OUTER_MARGIN, DECIMALS)  # below every score: all are kept

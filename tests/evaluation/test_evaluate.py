@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from src.evaluation import evaluate
 from src.evaluation.report import trained_for
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier
-from src.models.factory import create_model
+from src.models.factory import IdentificationModel, create_model
 from src.models.scoring import SCORE_KINDS
 from src.training.artifacts import threshold_sidecar_path
 from src.training.checkpoint import atomic_save, load_checkpoint
@@ -354,6 +355,20 @@ def test_weights_that_do_not_fit_name_the_mismatch(checkpoint, tmp_path, capsys)
     code, err = run_main(capsys, "--checkpoint", tmp_path / "x_best.pt", "--out", tmp_path / "out")
     assert code == 2 and len(err) == 1, err
     assert "weights do not fit the model its config describes (size mismatch for head." in err[0]
+
+
+def test_outputs_that_are_not_finite_fail_in_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    real = IdentificationModel.embed_and_classify
+
+    def overflowing(model, images):
+        embeddings, logits = real(model, images)
+        return embeddings, logits.index_fill(0, torch.tensor([0]), float("nan"))  # the batch's first image
+
+    monkeypatch.setattr(IdentificationModel, "embed_and_classify", overflowing)
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "run")
+    assert code == 2 and len(err) == 1 and not (tmp_path / "run").exists()
+    assert re.fullmatch(r"error: split '\w+': the model's outputs are not finite \(NaN or infinity\) for \d+ of \d+ "
+                        r"images, first \S+\.png", err[0]), err[0]
 
 
 def test_an_out_path_below_a_file_fails_before_evaluating(checkpoint, tmp_path, capsys):

@@ -139,6 +139,14 @@ def test_open_set_threshold_separates_known_from_unknown():
     assert metrics.baus(unknown_labels, accepted_unknown) == 1.0
 
 
+def test_open_set_threshold_does_not_split_scores_it_cannot_tell_apart():
+    # 4e-7 apart: halfway (0.7000002) would be stored as 0.7, which accepts the unknown image too
+    known_labels, known_correct, known_scores = np.array(["a", "b"]), np.array([True, True]), np.array([0.7000004, 0.9])
+    threshold = metrics.choose_open_set_threshold(known_labels, known_correct, known_scores,
+                                                  np.array(["u", "u"]), np.array([0.7, 0.2]))
+    assert threshold == 0.45  # rejects the unknown image it can reject, keeps both known ones
+
+
 def test_open_set_threshold_is_optimal_on_random_scores():
     rng = np.random.default_rng(3)
     known_labels, unknown_labels = rng.integers(0, 5, 60), rng.integers(10, 13, 30)
@@ -164,7 +172,10 @@ def test_keep_fraction_threshold():
     tied = np.array([0.5, 0.5] + [0.9] * 18)  # the score it may lose is tied with the next: both kept
     assert metrics.keep_fraction_threshold(tied, keep=0.95) == pytest.approx(0.5 - metrics.OUTER_MARGIN)
     close = np.array([0.3000001, 0.3000004] + [0.9] * 18)  # a hair apart: both kept, with the margin
-    assert metrics.keep_fraction_threshold(close, keep=0.95) == pytest.approx(0.3000004 - metrics.OUTER_MARGIN)
+    assert metrics.keep_fraction_threshold(close, keep=0.95) == round(0.3000001 - metrics.OUTER_MARGIN, 6)
+    # 1.02e-5 apart: no stored threshold is both OUTER_MARGIN below the kept one and above the other
+    margin_apart = np.r_[0.4999901, 0.5000003, np.linspace(0.6, 0.9, 18)]
+    assert (margin_apart >= metrics.keep_fraction_threshold(margin_apart)).sum() == 20
     assert metrics.keep_fraction_threshold(np.array([])) is None
 
 
@@ -172,10 +183,12 @@ def test_thresholds_hold_as_stored_and_on_recomputed_scores():
     """Inference applies the threshold as report.json and the sidecar store it (6 decimals) to scores
     recomputed in float32: every image must stay on the side it was on when the threshold was chosen."""
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for trial in range(600):
         correct = rng.uniform(-0.2, 1.0, 20)
         known = rng.uniform(0.3, 1.0, 12)
         unknown = rng.uniform(0.0, 0.7, 8)
+        if trial % 2:  # scores a hair apart (softmax probabilities crowd below 1): every pair a few 1e-7 apart
+            correct, known, unknown = (0.5 + np.round(part * 20) * 1e-7 for part in (correct, known, unknown))
         known_labels, known_correct, unknown_labels = np.arange(12) % 4, known > 0.4, np.arange(8) % 3
         chosen = {"keep": (correct, metrics.keep_fraction_threshold(correct)),
                   "open": (np.concatenate([known, unknown]), metrics.choose_open_set_threshold(
