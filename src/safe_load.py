@@ -61,8 +61,8 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     export: torch's advice to load it with weights_only=False would run its code)."""
     kind = _file_kind(path)
     if kind == "torchscript":
-        return CheckpointError(f"{path}: a TorchScript export, not a training checkpoint (it is loaded with "
-                               "torch.jit.load, or given to predict as an export)")
+        return CheckpointError(f"{path}: a TorchScript export, not a training checkpoint (load it with "
+                               "torch.jit.load; predict takes the checkpoint, or the ONNX export with --onnx)")
     if kind == "pickle":
         return CheckpointError(f"{path}: truncated or damaged checkpoint ({type(exc).__name__}: {first_line(exc)})")
     return CheckpointError(f"{path}: not a PyTorch checkpoint")

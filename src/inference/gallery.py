@@ -44,7 +44,7 @@ from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
 from src.errors import capped, stops_on_ctrl_c
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
-from src.inference.inputs import Skipped, collect_images, printable
+from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
 from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC, holds_torch_pickle
 from src.tables import format_rows, print_stdout
@@ -63,7 +63,8 @@ def name_problem(name) -> str | None:
     """Why `name` cannot be an individual's, or None. Names follow the list format (no whitespace);
     `unknown` is what rejected photos are called, so an individual of that name would read as one."""
     if not is_list_name(name):
-        return f"individual name {name!r} must be non-empty and without whitespace"
+        suggestion = f" (e.g. {'_'.join(name.split())!r})" if isinstance(name, str) and name.split() else ""
+        return f"individual name {name!r} must be non-empty and without whitespace{suggestion}"
     if name.lower() == REJECTED_NAME:
         return "'unknown' is the label of rejected photos, not an individual's name"
     if any(unicodedata.category(c) == "Cc" for c in name):  # a terminal escape would be replayed by every listing
@@ -321,24 +322,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def enroll_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[Skipped]]:
+def enroll_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], Inputs]:
     """(image, individual) pairs to enroll: the given images under --name, or a prepared split's rows;
-    plus the arguments that named no file."""
+    plus what the inputs left out (the arguments that named no file, ...)."""
     if args.name is not None:
         check_name(args.name)
-        files, skipped = collect_images(args.images)
-        return [(path, args.name) for path in files], skipped
+        inputs = collect_images(args.images)
+        return [(path, args.name) for path in inputs.files], inputs
     root, split = args.from_split
     try:
         data = PreparedData.load(root)
-        return [(data.raw_dir / rel, name) for rel, name in data.split(split, open_set=args.open_set)], []
+        return [(data.raw_dir / rel, name) for rel, name in data.split(split, open_set=args.open_set)], Inputs([])
     except DatasetError as exc:
         raise GalleryError(str(exc)) from None
 
 
-def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tuple[str, str]]:
-    """(absolute path, individual) of the files the gallery does not hold yet. Enrolling a folder
-    again is not a failure: only its new photos are added."""
+def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tuple[Path, str, str]]:
+    """(path as given, absolute path, individual) of the files the gallery does not hold yet.
+    Enrolling a folder again is not a failure: only its new photos are added."""
     owners = gallery.owners()
     todo, enrolled = [], []
     for path, name in jobs:
@@ -346,7 +347,7 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
         if key in owners:
             enrolled.append(f"already enrolled as {owners[key]}: {printable(path)}")
         else:
-            todo.append((key, name))
+            todo.append((path, key, name))
     # Each one named while they are few; a split enrolled again would print hundreds of lines.
     for line in enrolled[:ALREADY_ENROLLED_SHOWN]:
         print_stdout(line)
@@ -355,16 +356,17 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
     return todo
 
 
-def embed_jobs(identifier: Identifier, todo: list[tuple[str, str]]
+def embed_jobs(identifier: Identifier, todo: list[tuple[Path, str, str]]
                ) -> tuple[dict[str, tuple[list[np.ndarray], list[str]]], list[Skipped]]:
-    """Per individual, the embeddings and files of its readable photos; and the unreadable ones."""
+    """Per individual, the embeddings and absolute paths of its readable photos; and the unreadable
+    ones, named as given (as the inputs that named no file are)."""
     enrolled: dict[str, tuple[list[np.ndarray], list[str]]] = defaultdict(lambda: ([], []))
     skipped = []
-    results = (item for batch in identifier.embed([path for path, _ in todo]) for item in batch)
-    for (path, name), item in zip(todo, results):
+    results = (item for batch in identifier.embed([path for path, _, _ in todo]) for item in batch)
+    for (_, key, name), item in zip(todo, results):
         if isinstance(item, Embedded):
             enrolled[name][0].append(item.embedding)
-            enrolled[name][1].append(path)
+            enrolled[name][1].append(key)
         else:
             skipped.append(item)
     return enrolled, skipped
@@ -405,7 +407,7 @@ def changing(path: Path) -> Iterator[None]:
 def enroll(args: argparse.Namespace) -> int:
     """Embed the photos and add them; the gallery is written once, after every photo is done, and
     not at all when none could be read."""
-    jobs, skipped = enroll_jobs(args)
+    jobs, inputs = enroll_jobs(args)
     identifier = Identifier.embedder(args.checkpoint, args.device)
     info = identifier.info
     if args.from_split is not None and info.config.data.open_set and not args.open_set:
@@ -422,10 +424,12 @@ def enroll(args: argparse.Namespace) -> int:
             gallery.add(name, np.stack(embeddings), sources)
         if enrolled:
             save(gallery, args.gallery)
-    skipped += unreadable
+    skipped = inputs.skipped + unreadable
 
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
+    for note in inputs.notes():
+        print(f"note: {note}", file=sys.stderr)
     after = gallery.counts()
     for name in enrolled:
         status = f"{before[name]} before" if name in before else "new individual"
@@ -446,7 +450,8 @@ def list_gallery(args: argparse.Namespace) -> int:
 
 def remove_individuals(args: argparse.Namespace) -> int:
     """All names must be enrolled, else nothing is removed."""
-    names = [canonical_name(name) for name in args.names]  # as enrolled: "Zoé" typed in either Unicode form
+    # As enrolled ("Zoé" typed in either Unicode form), each once: a name given twice is removed once.
+    names = list(dict.fromkeys(canonical_name(name) for name in args.names))
     existing_gallery(args.gallery)  # named before a lock file (and its folder) is made for nothing
     with changing(args.gallery):
         gallery = Gallery.load(args.gallery)

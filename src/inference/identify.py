@@ -219,8 +219,13 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
 
 
 def given_threshold(value: float) -> Threshold:
+    """A threshold given by the user. Every score is a cosine similarity or a probability, so one
+    outside -1..1 would reject every photo, or accept every one, and is refused."""
     if not math.isfinite(value):
         raise InferenceError(f"--threshold {value} is not a finite number")
+    if not -1.0 <= value <= 1.0:
+        raise InferenceError(f"--threshold {value} is outside -1..1, the range of the scores (cosine "
+                             "similarities or probabilities): it would reject every photo or accept every one")
     return Threshold(value, "--threshold")
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import glob
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from src.data.io import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -35,42 +37,73 @@ def file_problem(path: Path) -> str | None:
     return "not a regular file" if path.exists() else "file not found"
 
 
-def input_entries(patterns: Sequence[str | Path]) -> tuple[list[Path | Skipped], int]:
-    """Each input's files, in the order given: a path, a folder's files (recursively, by name with
-    numbers as numbers, hidden ones left out) or a glob pattern's matches (a matching folder's files
-    too); a Skipped, in its place, for an entry that is no regular file (a broken link, a FIFO) and
-    for an input that yields nothing (missing path, empty folder, glob without a match). A file named more than once
-    counts once; the second value is how many such repeats were left out. Whether a file is an image
-    is decided by decoding it."""
+@dataclass(frozen=True)
+class Inputs:
+    """The inputs' files and Skipped entries in the order given (the table, the CSV and the JSON
+    follow the command line), and counts of what `entries` leaves out without a Skipped."""
+
+    entries: list[Path | Skipped]
+    repeats: int = 0  # files named more than once, counted once
+    not_images: int = 0  # files in folders and pattern matches not named as images (notes.txt, Thumbs.db)
+
+    @property
+    def files(self) -> list[Path]:
+        return [entry for entry in self.entries if isinstance(entry, Path)]
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return [entry for entry in self.entries if isinstance(entry, Skipped)]
+
+    def notes(self) -> list[str]:
+        """What was left out without a Skipped entry, for the command's summary: files named twice,
+        and files in folders that are no images by their names."""
+        notes = [f"{self.repeats} repeated input{'s' if self.repeats > 1 else ''} counted once"] if self.repeats else []
+        if self.not_images:
+            notes.append(f"{self.not_images} file{'s' if self.not_images > 1 else ''} not named as images left out")
+        return notes
+
+
+def collect_images(patterns: Sequence[str | Path]) -> Inputs:
+    """Each input's files, in the order given: a path, a folder's image files (recursively, by name
+    with numbers as numbers, hidden ones left out) or a glob pattern's image files (a matching
+    folder's too); a Skipped, in its place, for an entry that is no regular file (a broken link, a
+    FIFO) and for an input that yields nothing (missing path, folder without image files, glob
+    without a match). A file named more than once, by any path, counts once.
+
+    In folders and among a pattern's matches a file is an image by its extension (IMAGE_EXTENSIONS,
+    as `prepare --folder` reads folders), so that a camera's sidecar files or a Thumbs.db are no
+    failures; a file named on its own is decoded whatever its name, and skipped if it is no image."""
     entries: list[Path | Skipped] = []
     seen: set[Path] = set()
-    repeats = 0
+    repeats = not_images = 0
     for pattern in map(str, patterns):
         path = Path(pattern)
         if path.is_dir():
-            found, reason = _files_under(path), "empty folder: no files in it"
+            found, others = _images(_files_under(path))
+            reason = "no image files in it" if others else "empty folder: no files in it"
         elif path.exists() or path.is_symlink():
-            found, reason = [path], ""
+            found, others, reason = [path], 0, ""
         elif glob.has_magic(pattern):
+            matches = sorted(map(Path, glob.glob(pattern, recursive=True)), key=_natural_order)
             # dict: `photos/**` matches a folder and the files in it
-            found = list(dict.fromkeys(file for match in sorted(map(Path, glob.glob(pattern, recursive=True)),
-                                                               key=_natural_order)
-                                       for file in (_files_under(match) if match.is_dir() else [match])))
-            reason = "no file matches this pattern"
+            found, others = _images(dict.fromkeys(file for match in matches
+                                                  for file in (_files_under(match) if match.is_dir() else [match])))
+            reason = "no image file matches this pattern" if others else "no file matches this pattern"
         else:
-            found, reason = [], "file not found"
+            found, others, reason = [], 0, "file not found"
+        not_images += others
         if not found:
             entries.append(Skipped(pattern, reason))
         for entry in found:
             problem = file_problem(entry)
             if problem is not None:
                 entries.append(Skipped(str(entry), problem))
-            elif entry in seen:
+            elif entry.resolve() in seen:  # `photos/` and `/home/me/photos/a.png` name a file twice
                 repeats += 1
             else:
-                seen.add(entry)
+                seen.add(entry.resolve())
                 entries.append(entry)
-    return entries, repeats
+    return Inputs(entries, repeats, not_images)
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -79,16 +112,16 @@ def _files_under(folder: Path) -> list[Path]:
                   key=_natural_order)
 
 
+def _images(files: Iterable[Path]) -> tuple[list[Path], int]:
+    """The files named as images (IMAGE_EXTENSIONS), in order, and how many others there were."""
+    files = list(files)
+    images = [file for file in files if file.suffix.lower() in IMAGE_EXTENSIONS]
+    return images, len(files) - len(images)
+
+
 def _natural_order(path: Path) -> list[tuple[list[str | int], str]]:
     """Numbers in names compared as numbers, as file browsers list them: IMG_9 before IMG_10. Part by
     part, each with its text after it, so that a folder's files stay together (a1/ and a01/ do not
     mix) and IMG_1 and IMG_01 keep one order on every machine."""
     return [([int(piece) if piece.isdecimal() else piece for piece in re.split(r"(\d+)", part)], part)
             for part in path.parts]
-
-
-def collect_images(patterns: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
-    """`input_entries`, split: the files, and the Skipped entries."""
-    entries, _ = input_entries(patterns)
-    return ([entry for entry in entries if isinstance(entry, Path)],
-            [entry for entry in entries if isinstance(entry, Skipped)])

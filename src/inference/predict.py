@@ -6,11 +6,12 @@
     python -m src.inference.predict --onnx exported/chimp_best.onnx photos/   # ONNX Runtime, no model code
 
 Inputs are images, folders (searched recursively; hidden files left out) and glob patterns (a
-matching folder is searched too); a file named twice counts once. Every
-file is decoded as training decodes images; one that is not an image, is corrupt or truncated, or
-is larger than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapixels) is skipped
-with its reason, as are missing paths, broken links, FIFOs and other files that are not regular,
-empty folders and patterns without a match, and the rest is processed. A table goes to the
+matching folder is searched too); a file named twice counts once. In folders and a pattern's
+matches, files not named as images (notes.txt, Thumbs.db) are left out and counted. Every file is
+decoded as training decodes images; one that is not an image, is corrupt or truncated, or is larger
+than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapixels) is skipped with its
+reason, as are missing paths, broken links, FIFOs and other files that are not regular, folders
+without image files and patterns without a match, and the rest is processed. A table goes to the
 terminal; `--output` writes every input (skipped ones with their reason) as CSV or JSON,
 atomically (a file already there is replaced whole or not at all) and creating missing folders.
 A progress bar shows for folders when stderr is a terminal.
@@ -33,7 +34,7 @@ from src import atomic
 from src.errors import stops_on_ctrl_c
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import DEFAULT_BATCH_SIZE, DEFAULT_MATCH, USAGE_ERRORS, Identifier, Prediction
-from src.inference.inputs import Skipped, input_entries, printable
+from src.inference.inputs import Skipped, collect_images, printable
 from src.models.scoring import MATCH_MODES
 from src.tables import format_rows, print_stdout, progress_bar
 
@@ -136,9 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GalleryError, *USAGE_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    entries, repeats = input_entries(args.inputs)  # the table, the CSV and the JSON follow the command line
-    predicted = iter(run(identifier, [entry for entry in entries if isinstance(entry, Path)], args))
-    results = [next(predicted) if isinstance(entry, Path) else entry for entry in entries]
+    inputs = collect_images(args.inputs)
+    predicted = iter(run(identifier, inputs.files, args))
+    results = [next(predicted) if isinstance(entry, Path) else entry for entry in inputs.entries]
     predictions = [item for item in results if isinstance(item, Prediction)]
     skipped = [item for item in results if isinstance(item, Skipped)]
     unknown = sum(item.unknown for item in predictions)
@@ -147,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_stdout(format_table(predictions))
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
-    repeated = f" ({repeats} repeated input{'s' if repeats > 1 else ''} counted once)" if repeats else ""
-    print(f"{len(predictions) - unknown} identified, {unknown} unknown, {len(skipped)} skipped{repeated}; "
+    left_out = f" ({'; '.join(inputs.notes())})" if inputs.notes() else ""
+    print(f"{len(predictions) - unknown} identified, {unknown} unknown, {len(skipped)} skipped{left_out}; "
           f"scored against {identifier.describe()}", file=sys.stderr)
     if args.output is not None:
         try:

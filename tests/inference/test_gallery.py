@@ -74,8 +74,11 @@ def test_remove_takes_a_name_in_either_unicode_form(learned, unseen, tmp_path, c
     photos = next(iter(unseen.values()))
     composed = unicodedata.normalize("NFC", "Zoé")
     assert enroll(gallery, learned.checkpoint, composed, photos[0]) == 0
-    assert gallery_cli.main(["remove", "--gallery", str(gallery), unicodedata.normalize("NFD", composed)]) == 0
-    assert f"removed {composed} (1 images)" in capsys.readouterr().out
+    capsys.readouterr()
+    # given twice (and in both forms): removed once; it was "no individual 'Zoé' in the gallery"
+    assert gallery_cli.main(["remove", "--gallery", str(gallery), unicodedata.normalize("NFD", composed),
+                             composed]) == 0
+    assert capsys.readouterr().out == f"removed {composed} (1 images)\n"
     assert Gallery.load(gallery).counts() == {}
 
 
@@ -92,15 +95,23 @@ def test_enroll_needs_no_threshold_file(learned, unseen, tmp_path, capsys):
         Identifier.from_checkpoint(checkpoint)
 
 
-def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, tmp_path, capsys):
+def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, tmp_path, capsys, monkeypatch):
     gallery = tmp_path / "g.npz"
     (tmp_path / "notes.txt").write_text("not a photo")
+    (tmp_path / "Thumbs.db").write_text("a folder's thumbnails")
     name, photos = next(iter(unseen.items()))
-    assert enroll(gallery, learned.checkpoint, name, photos[0], tmp_path / "notes.txt") == 1
-    assert "skipped" in capsys.readouterr().err and Gallery.load(gallery).counts() == {name: 1}
+    shutil.copy(photos[0], tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)  # named as given, relative, as a missing file is (it was the absolute path)
+    assert enroll(gallery, learned.checkpoint, name, "a.png", "notes.txt", "gone.png", ".") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["skipped gone.png: file not found", "skipped notes.txt: not an image in a known format",
+                   "note: 1 repeated input counted once", "note: 2 files not named as images left out"]
+    assert Gallery.load(gallery).counts() == {name: 1}
     for bad in ("unknown", "two words", "red\x1b[31m"):  # a terminal escape: every listing would replay it
         assert enroll(gallery, learned.checkpoint, bad, photos[1]) == 2
-    assert "holds a control character" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a control character" in err
+    assert "'two words' must be non-empty and without whitespace (e.g. 'two_words')" in err
     assert Gallery.load(gallery).counts() == {name: 1}
 
 

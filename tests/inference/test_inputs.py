@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from src.inference.inputs import Skipped, collect_images
+
+
+def listed(inputs):
+    return inputs.files, inputs.skipped
 
 
 @pytest.mark.parametrize("names, listed", [
@@ -21,9 +26,9 @@ def test_a_folder_lists_numbered_files_in_number_order(tmp_path, names, listed):
     for name in names:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).touch()
-    assert [str(path.relative_to(tmp_path)) for path in collect_images([tmp_path])[0]] == listed
+    assert [str(path.relative_to(tmp_path)) for path in collect_images([tmp_path]).files] == listed
     numbered = [tmp_path / name for name in listed if name.startswith("IMG_")]
-    assert collect_images([tmp_path / "IMG_*.jpg"])[0] == numbered
+    assert collect_images([tmp_path / "IMG_*.jpg"]).files == numbered
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
@@ -31,13 +36,43 @@ def test_entries_that_are_not_regular_files_are_listed_as_skipped(odd_entries):
     """Before, a folder's FIFOs and broken links were dropped without a word, and a FIFO given by
     name was 'file not found' (it exists). Hidden entries stay left out."""
     folder, photo, fifo, link = odd_entries
-    assert collect_images([folder]) == ([photo], [Skipped(str(fifo), "not a regular file"),
+    assert listed(collect_images([folder])) == ([photo], [Skipped(str(fifo), "not a regular file"),
                                                   Skipped(str(link), "broken link"),
                                                   Skipped(str(folder / "only_a_fifo" / "d.png"), "not a regular file")])
-    assert collect_images([fifo, link]) == ([], [Skipped(str(fifo), "not a regular file"),
+    assert listed(collect_images([fifo, link])) == ([], [Skipped(str(fifo), "not a regular file"),
                                                  Skipped(str(link), "broken link")])
-    assert collect_images([folder / "*.png"]) == ([photo], [Skipped(str(fifo), "not a regular file"),
+    assert listed(collect_images([folder / "*.png"])) == ([photo], [Skipped(str(fifo), "not a regular file"),
                                                             Skipped(str(link), "broken link")])
     # A folder of nothing but a FIFO is not "empty": its entry says what it is.
-    assert collect_images([folder / "only_a_fifo"]) == ([], [Skipped(str(folder / "only_a_fifo" / "d.png"),
+    assert listed(collect_images([folder / "only_a_fifo"])) == ([], [Skipped(str(folder / "only_a_fifo" / "d.png"),
                                                                       "not a regular file")])
+
+
+def test_files_in_folders_that_are_not_named_as_images_are_left_out_and_counted(tmp_path):
+    """A camera folder holds sidecar files (notes.txt, IMG_1.xmp, Thumbs.db): before, each was a
+    'skipped' input, so every run on such a folder ended with exit 1."""
+    for name in ("IMG_1.JPG", "IMG_1.xmp", "notes.txt", "Thumbs.db", "day2/IMG_2.png", "day2/readme"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    inputs = collect_images([tmp_path])
+    assert (inputs.files, inputs.skipped, inputs.not_images) == ([tmp_path / "IMG_1.JPG", tmp_path / "day2/IMG_2.png"],
+                                                                  [], 4)
+    assert inputs.notes() == ["4 files not named as images left out"]
+    matched = collect_images([tmp_path / "**"])  # a pattern's matches the same way, each file once
+    assert (matched.files, matched.not_images) == (inputs.files, 4)
+    named = collect_images([tmp_path / "notes.txt"])  # named on its own, it is decoded (and skipped) later
+    assert (named.files, named.not_images) == ([tmp_path / "notes.txt"], 0)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").touch()
+    assert listed(collect_images([tmp_path / "docs", tmp_path / "empty*"])) == (
+        [], [Skipped(str(tmp_path / "docs"), "no image files in it"),
+             Skipped(str(tmp_path / "empty*"), "no file matches this pattern")])
+
+
+def test_a_file_named_twice_by_different_paths_counts_once(tmp_path, monkeypatch):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").touch()
+    monkeypatch.chdir(tmp_path)
+    inputs = collect_images(["photos", "./photos/a.png", tmp_path / "photos" / "a.png", "photos/../photos/a.png"])
+    assert (inputs.files, inputs.repeats) == ([Path("photos/a.png")], 3)
+    assert inputs.notes() == ["3 repeated inputs counted once"]

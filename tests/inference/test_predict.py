@@ -42,7 +42,9 @@ def mixed_folder(unseen, tmp_path) -> tuple[Path, Path]:
 
 
 def test_cli_on_a_folder_with_a_corrupt_png_and_a_text_file(learned, mixed_folder, tmp_path):
-    """As a user runs it: `python -m`, a subprocess, no terminal (so no progress bar)."""
+    """As a user runs it: `python -m`, a subprocess, no terminal (so no progress bar). In a folder the
+    text file is no image by its name (a camera's sidecar file must not make every run fail); named
+    on its own, it is decoded and skipped."""
     folder, valid = mixed_folder
     result = subprocess.run([sys.executable, "-m", "src.inference.predict", "--checkpoint", str(learned.checkpoint),
                              str(folder), "--top-k", "3", "--output", str(tmp_path / "out.csv")],
@@ -52,13 +54,21 @@ def test_cli_on_a_folder_with_a_corrupt_png_and_a_text_file(learned, mixed_folde
     assert table[0].split()[:3] == ["image", "prediction", "score"] and len(table) == 2
     assert table[1].startswith(str(valid))
     assert f"skipped {folder / 'corrupt.png'}: corrupt or truncated image" in result.stderr
-    assert f"skipped {folder / 'notes.txt'}: not an image in a known format" in result.stderr
-    assert "1 identified, 0 unknown, 2 skipped" in result.stderr and "no unknown rejection" in result.stderr
-    assert "\r" not in result.stderr
+    assert "notes.txt" not in result.stderr and "\r" not in result.stderr
+    assert "1 identified, 0 unknown, 1 skipped (1 file not named as images left out)" in result.stderr
+    assert "no unknown rejection" in result.stderr
     with open(tmp_path / "out.csv", newline="") as handle:
         rows = {row["image"]: row for row in csv.DictReader(handle)}
     assert rows[str(valid)]["prediction"] == rows[str(valid)]["name_1"] and rows[str(valid)]["skipped"] == ""
-    assert rows[str(folder / "notes.txt")]["skipped"] == "not an image in a known format"
+    assert list(rows) == [str(folder / "corrupt.png"), str(valid)]
+
+
+def test_a_text_file_named_on_its_own_is_skipped(learned, mixed_folder, capsys):
+    folder, valid = mixed_folder
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(folder / "notes.txt"), str(valid)]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {folder / 'notes.txt'}: not an image in a known format" in err
+    assert "1 identified, 0 unknown, 1 skipped; " in err
 
 
 def test_json_output_and_inputs_that_name_nothing(learned, mixed_folder, tmp_path, capsys):
@@ -92,6 +102,9 @@ def test_all_readable_inputs_exit_0_and_globs_expand(learned, unseen, capsys):
     (["--onnx", "{tmp}", "x.png"], "a folder; give the <name>.onnx that export wrote"),  # was "<tmp>.json not found"
     (["--onnx", "{tmp}/text.pt", "x.png"], "text.pt: not an .onnx file"),
     (["--checkpoint", "{checkpoint}", "--gallery", "{tmp}/text.pt", "x.png"], "not a gallery file"),
+    # scores are cosines or probabilities: 1.5 rejected every photo without a word
+    (["--checkpoint", "{checkpoint}", "--threshold", "1.5", "x.png"], "--threshold 1.5 is outside -1..1"),
+    (["--checkpoint", "{checkpoint}", "--threshold", "-2", "x.png"], "--threshold -2.0 is outside -1..1"),
 ])
 def test_unusable_models_and_galleries_exit_2(learned, tmp_path, capsys, argv, needle):
     (tmp_path / "text.pt").write_text("not a checkpoint")
