@@ -3,11 +3,13 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import yaml
 
 from src.config import Config, ConfigError, ModelConfig, TrainerConfig, load_config
 from src.models.heads import HEADS
 from src.models.scoring import HEAD_SCORES
 from src.training import train
+from src.training.resume import _flatten
 from src.training.train import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +138,18 @@ def test_a_config_file_name_that_cannot_name_a_run_is_refused_in_one_line(tmp_pa
         load_config(path)
     (tmp_path / "ok.yaml").write_text('name: "zoo\\u00a0a"\n')  # no control character: a valid name
     assert load_config(tmp_path / "ok.yaml").name == "zoo\u00a0a"
+
+
+BASELINE = ROOT / "configs" / "train_chimp_min10.yaml"
+# Keys the baseline sets to other values than the schema's defaults, and why.
+DELIBERATE = {"data.workers",                   # a GPU machine's cores
+              "model.pretrained",               # ImageNet weights need a download
+              "trainer.warmup_epochs",          # 2 of 50 epochs
+              "trainer.checkpoint_interval_s"}  # short GPU epochs
+
+
+def test_schema_defaults_are_the_baseline_guide_config():
+    written = set(_flatten(yaml.safe_load(BASELINE.read_text())))
+    baseline, defaults = _flatten(load_config(BASELINE).to_dict()), _flatten(Config().to_dict())
+    differing = {key for key in written if baseline[key] != defaults[key]}
+    assert differing == DELIBERATE, {key: (baseline[key], defaults[key]) for key in differing ^ DELIBERATE}

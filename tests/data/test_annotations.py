@@ -323,3 +323,31 @@ def test_example_labels_fix_loads():
     fix = LabelsFix.load(Path(__file__).resolve().parents[2] / "configs" / "labels_fix_example.yaml")
     assert fix.aliases["Woodstiock"] == "Woodstock" and fix.exclude_names == {"Adult"}
     assert not fix.exclude_images
+
+
+def test_an_exclusion_matches_the_published_name_of_an_aliased_individual(tmp_path):
+    """an3: the docstring promises exclusions match the published name *or* the alias target; only
+    the target was tested (no exclusion of an aliased name at all)."""
+    fix_file = tmp_path / "fix.txt"
+    fix_file.write_text("Woodstiock -> Woodstock\nexclude-name Woodstiock\n")
+    records = [Record("a.png", "Woodstiock", "CTai", "f:1"), Record("b.png", "Kofi", "CTai", "f:2")]
+    kept, excluded, unused = LabelsFix.load(fix_file).apply(records)
+    assert [r.path for r in kept] == ["b.png"]
+    assert [(r.path, reason) for r, reason in excluded] == [("a.png", "name Woodstiock excluded")]
+    assert unused == []
+
+
+def test_two_names_that_become_one_after_replacing_spaces_are_refused():
+    """an2: only a clash with an existing underscore name was tested; two spaced names that both
+    become 'Mr_Bean' would silently merge two individuals."""
+    records = [Record("a.png", "Mr Bean", "CZoo", "f:1"), Record("b.png", "Mr  Bean", "CZoo", "f:2")]
+    with pytest.raises(AnnotationError, match="would merge"):
+        check_names(records, spaces_to_underscores=True)
+
+
+def test_a_keypoint_with_one_infinite_coordinate_is_not_visible():
+    """an1: `Inf Inf` was tested, a half-infinite point (x finite, y Inf) was not."""
+    line = ("face_images/a.png Name Victor Age 3 Age_group Infant Gender Male RightEye 1 Inf "
+            "LeftEye 3 4 MouthCenter 5 6 LeftEarlobe Inf 8 RightEarlobe 9 10")
+    keypoints = parse_cvjena_line(line, "f:1")["keypoints"]
+    assert keypoints[0] is None and keypoints[3] is None and keypoints[1] == (3, 4)

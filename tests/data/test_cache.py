@@ -345,3 +345,49 @@ def test_the_cache_workers_module_does_not_import_torch():
     cost every process's first cache build about a second."""
     check = "import sys, src.data.decode; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], cwd=REPO).returncode == 0
+
+
+ORDER_CACHE_SIZE = 24
+
+
+def _dataset(tmp_path, n=5):
+    raw = tmp_path / "raw"
+    rows = []
+    for i in range(n):
+        rel = f"face_images/img{i}.png"
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(raw / rel)
+        rows.append((rel, f"chimp{i}"))
+    return raw, tmp_path / "cache", rows
+
+
+def _assert_rows_match(cached, raw, rows):
+    for position, index in enumerate(cached.kept):
+        np.testing.assert_array_equal(cached.images[position].numpy(), decode_for_cache(raw / rows[index][0], ORDER_CACHE_SIZE))
+
+
+def test_the_same_images_in_another_order_are_not_served_in_the_old_order(tmp_path):
+    """ca1: `images[i]` must be the decoded `rows[kept[i]]`. A key that ignores the row order (e.g. a
+    sorted list of (path, digest)) reuses a cache built for another order: every image then carries
+    another image's label, silently."""
+    raw, cache_dir, rows = _dataset(tmp_path)
+    load_or_build_cache(rows, raw, cache_dir, ORDER_CACHE_SIZE, 0)
+    reordered = rows[::-1]
+    cached = load_or_build_cache(reordered, raw, cache_dir, ORDER_CACHE_SIZE, 0)
+    _assert_rows_match(cached, raw, reordered)
+
+
+def test_damage_beyond_the_first_checksum_chunk_is_detected(tmp_path, monkeypatch, caplog):
+    """ca2: the corruption test flips byte 1000, always inside the first 64 MB chunk; a real cache
+    (7,150 images at 256 px, 1.4 GB) has ~22 chunks. With small chunks, damage the *last* byte."""
+    monkeypatch.setattr(cache, "CHECKSUM_CHUNK_BYTES", 1000)
+    raw, cache_dir, rows = _dataset(tmp_path)
+    first = load_or_build_cache(rows, raw, cache_dir, ORDER_CACHE_SIZE, 0)
+    path = first.path
+    del first
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    second = load_or_build_cache(rows, raw, cache_dir, ORDER_CACHE_SIZE, 0)
+    assert second.built and "checksum mismatch" in caplog.text
+    _assert_rows_match(second, raw, rows)

@@ -109,3 +109,14 @@ def test_open_set_split():
     assert not val_ids & test_ids and val_ids | test_ids == set(unknown)
     held_out = sorted(open_set["unknown_val"] + open_set["unknown_test"])
     assert held_out == sorted(r for r in rows if r[1] in unknown)
+
+
+def test_individuals_of_the_same_size_are_shuffled_differently():
+    """The shuffle is seeded by (seed, individual): with one generator seed for all, every individual
+    with n images would send the same positions of its sorted photo list to val and test (e.g. the
+    first photo of each session), a bias the per-individual seed exists to avoid."""
+    rows = [(f"{name}/{i:03d}.png", name) for name in ("A", "B", "C", "D", "E") for i in range(20)]
+    test = stratified_split(rows, seed=0)["test"]
+    positions = {name: tuple(sorted(int(p.split("/")[1][:3]) for p, n in test if n == name))
+                 for name in "ABCDE"}
+    assert len(set(positions.values())) > 1, positions

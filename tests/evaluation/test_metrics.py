@@ -225,3 +225,23 @@ def test_retrieval_metrics_match_pytorch_metric_learning():
         reference["precision_at_1"])
     assert metrics.map_at_r(similarity, query_labels, gallery_labels) == pytest.approx(
         reference["mean_average_precision_at_r"])
+
+
+def test_an_accept_all_open_set_threshold_keeps_a_margin_below_the_lowest_score():
+    """met8: the "accept all" candidate must sit OUTER_MARGIN below the lowest score, not on it: on it,
+    the lowest known image flips to `unknown` once the threshold is stored (6 decimals) and the score is
+    recomputed in float32. Here accepting all ties with rejecting all, and the lowest candidate wins."""
+    known_labels, known_correct, known_scores = np.array([0]), np.array([True]), np.array([0.3])
+    unknown_labels, unknown_scores = np.array([7]), np.array([0.6])
+    threshold = metrics.choose_open_set_threshold(known_labels, known_correct, known_scores,
+                                                  unknown_labels, unknown_scores)
+    assert threshold == pytest.approx(0.3 - metrics.OUTER_MARGIN)
+    for recomputed in (known_scores, known_scores.astype(np.float32), known_scores - 1e-7):
+        assert (recomputed >= rounded(threshold)).all()
+
+
+def test_keep_fraction_counts_the_images_it_may_lose_despite_float_rounding():
+    """met13: (1 - 0.9) * 10 is 0.9999999999999998 in floating point; truncating it would let the
+    rule lose no image where it may lose one."""
+    scores = np.arange(1, 11) / 10  # 0.1 .. 1.0
+    assert metrics.keep_fraction_threshold(scores, keep=0.9) == pytest.approx(0.15)

@@ -433,3 +433,35 @@ def test_enroll_into_a_reader_that_stops_early_still_saves(learned, unseen, tmp_
     err = process.stderr.read()
     assert process.wait(timeout=120) == 0 and "Traceback" not in err, err
     assert Gallery.load(gallery).counts() == {name: 3}
+
+
+def _save_arrays(path, **changes):
+    arrays = {"format_version": np.int64(1), "checkpoint_sha256": np.str_("x"), "names": np.array(["Zuri", "Abeni"]),
+              "embeddings": np.eye(2, 8, dtype=np.float32), "labels": np.array([0, 1]),
+              "sources": np.array(["z.png", "a.png"]), **changes}
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"names": np.array(["Zuri", "Zuri"])}, "names must be unique"),   # g2: two columns named alike
+    ({"format_version": np.int64(2)}, "gallery format 2 is newer than this code reads (1)"),  # g4
+    # g6: Abeni has no embedding; `nearest` scores one column per label present, so every column after
+    # it would carry the next individual's name
+    ({"labels": np.array([0, 0])}, "every individual needs an embedding"),
+])
+def test_galleries_this_code_cannot_read_correctly_are_refused(tmp_path, changes, message):
+    _save_arrays(tmp_path / "g.npz", **changes)
+    with pytest.raises(GalleryError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Gallery.load(tmp_path / "g.npz")
+
+
+def test_a_photo_enrolled_by_absolute_path_is_recognised_when_given_relative(tmp_path, monkeypatch, capsys):
+    """g3: enroll stores resolved paths; the CLI tests only ever pass absolute ones, so comparing the
+    paths as given passed too. From the photos' folder, `enroll ... a.png` again must not add it twice."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    gallery = Gallery.new("0" * 64, 2)
+    gallery.add("Zuri", np.array([[1.0, 0.0]]), [str((tmp_path / "a.png").resolve())])
+    monkeypatch.chdir(tmp_path)
+    todo = gallery_cli.not_yet_enrolled(gallery, [(Path("a.png"), "Zuri"), (Path("b.png"), "Zuri")])
+    assert len(todo) == 1 and str((tmp_path / "b.png").resolve()) in todo[0]  # (path as given,) absolute path, name
+    assert "already enrolled as Zuri: a.png" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from src.config import Config
 from src.data.dataset import PreparedData
 from src.data.io import ImageLoadError
 from src.data.lists import REJECTED_NAME
@@ -20,7 +21,8 @@ from src.training.checkpoint import load_trained
 from src.evaluation.metrics import choose_open_set_threshold
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
-from src.inference.identify import DEFAULT_MATCH, Identifier, InferenceError, stored_thresholds
+from src.inference.identify import (DEFAULT_MATCH, Embedded, Identifier, InferenceError, ModelInfo, Threshold,
+                                     stored_thresholds)
 from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES
 
@@ -201,3 +203,22 @@ def test_the_python_api_names_a_fifo_and_a_broken_link_as_such(learned, odd_entr
     _, photo, fifo, link = odd_entries
     results = list(Identifier.from_checkpoint(learned.checkpoint).predict([photo, fifo, link]))
     assert results[1:] == [Skipped(str(fifo), "not a regular file"), Skipped(str(link), "broken link")]
+
+
+def _unit(degrees):
+    return np.array([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))])
+
+
+@pytest.mark.parametrize("match, expected", [("nearest", "a"), ("prototype", "b")])
+def test_the_chosen_match_mode_decides_the_prediction(match, expected):
+    """`a` has photos at 0 and 90 degrees (its prototype at 45), `b` one photo at 10 degrees; a query
+    at 0 degrees is `a` by its nearest photo (1.0 against cos 10) and `b` by prototype (cos 10 > cos 45)."""
+    gallery = Gallery.new("0" * 64, 2)
+    gallery.add("a", np.stack([_unit(0), _unit(90)]), ["a1", "a2"])
+    gallery.add("b", _unit(10)[None], ["b1"])
+    config = Config.model_validate({"model": {"embedding_dim": 2}, "data": {"image_size": 32}})
+    info = ModelInfo(("x", "y"), config, "0" * 64)
+    identifier = Identifier(backend=None, info=info, threshold=Threshold(None, "test"), gallery=gallery, match=match)
+    [prediction] = identifier.decide([Embedded("q", _unit(0).astype(np.float32), np.zeros(2, np.float32))], top_k=2)
+    assert prediction.label == expected
+    np.testing.assert_allclose(prediction.scores, np.sort(gallery.scores(_unit(0)[None], match)[0])[::-1])

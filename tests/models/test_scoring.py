@@ -48,3 +48,16 @@ def test_gallery_scores_are_float64_whatever_the_embeddings_dtype(gallery):
     query = unit([[0.6, 0.8, 0.0]]).astype(np.float32)
     for match in ("nearest", "prototype"):
         assert gallery_scores(match, query, embeddings.astype(np.float32), labels).dtype == np.float64
+
+
+def test_gallery_scores_are_computed_in_float64_not_just_returned_as_float64():
+    """The existing test checks only the dtype of the result, which numpy's type promotion gives even
+    when the arithmetic runs on float32-rounded queries. Two queries 1e-9 apart must score apart."""
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0]])
+    labels = np.array([0, 1])
+    angle = np.array([0.6, 0.6 + 1e-9])
+    queries = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    for match in ("nearest", "prototype"):
+        scores = gallery_scores(match, queries, gallery, labels)
+        np.testing.assert_allclose(scores, queries @ gallery.T, rtol=0, atol=1e-15)
+        assert scores[0, 0] != scores[1, 0]  # a real difference, not a float32 tie

@@ -221,3 +221,14 @@ def test_weights_copied_earlier_are_saved_with_the_rest_of_the_checkpoint(tmp_pa
     assert saved["epoch"] == 2 and torch.equal(saved["model_state"]["w"], torch.ones(3))
     assert saved["with_weights"] is False  # the weights come from the early snapshot alone
     assert torch.equal(saved["rng"], torch.zeros(2))
+
+
+def test_fields_added_to_a_snapshot_are_copies():
+    rng = torch.zeros(2)
+    partial = torch.ones(4, dtype=torch.float64)
+    extended = snapshot({"model_state": {"w": torch.ones(3)}}).extended({"rng": rng, "partial": [partial], "epoch": 2})
+    rng.add_(5)
+    partial.mul_(0)
+    tree = extended.on_host()
+    assert torch.equal(tree["rng"], torch.zeros(2)) and torch.equal(tree["partial"][0], torch.ones(4, dtype=torch.float64))
+    assert tree["epoch"] == 2 and torch.equal(tree["model_state"]["w"], torch.ones(3))

@@ -3,21 +3,26 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from src.config import load_config
+from src.config import Config, load_config
 from src.data.dataset import ClassIndex
 from src.locks import exclusive
 from src.training import train as train_module
+from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.training.checkpoint import CheckpointError, load_checkpoint
-from src.training.resume import check_resume_compatible, restore_rng, rng_state
+from src.training.resume import (RunState, bring_best_along, check_resume_compatible, check_training_state,
+                                 data_fingerprint, restore_rng, rng_state)
 from src.training.stopping import StopRequest, TrainingStopped
 from src.training.train import run
 from tests.conftest import REPO, write_config
@@ -356,3 +361,70 @@ def test_a_new_run_stopped_before_its_first_epoch_says_whose_best_is_left(tiny_r
     with pytest.raises(TrainingStopped, match=r"after step 1/\d+; saved .*tiny_last.pt \(tiny_best.pt is still "
                                               r"the earlier run's\)$"):
         run(load_config(write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 3})))
+
+
+def test_relabelling_a_training_image_changes_the_data_fingerprint():
+    """r2: the only fingerprint checks use a made-up string ('another list') or a removed line; a
+    labels fix that moves one image to another individual (same paths, same class list) must also
+    refuse a resume: the run would silently continue on other labels."""
+    rows = [("a/1.png", "Abeni"), ("a/2.png", "Abeni"), ("b/1.png", "Bako"), ("b/2.png", "Bako")]
+    relabelled = [rows[0], ("a/2.png", "Bako"), *rows[2:]]
+    classes = ClassIndex.from_rows(rows)
+    assert ClassIndex.from_rows(relabelled).names == classes.names
+    assert data_fingerprint(rows, classes) != data_fingerprint(relabelled, classes)
+    assert data_fingerprint(rows, classes) == data_fingerprint(rows[::-1], classes)  # order does not matter
+
+
+def test_restoring_the_rng_state_replays_every_generator():
+    """r5/r6: the kill-9 and SIGTERM resume tests cannot see the RNG restore (batches and augmentation
+    have their own seeds; dropout is 0 in the test config), so dropping any of the restores passed."""
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    np.random.normal()  # a cached gaussian in numpy's state
+    state = rng_state()
+    first = (torch.rand(3), np.random.normal(size=3), [random.random() for _ in range(3)])
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    restore_rng(state)
+    again = (torch.rand(3), np.random.normal(size=3), [random.random() for _ in range(3)])
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_a_resume_with_fewer_epochs_than_already_trained_is_refused(tmp_path):
+    """r1: no test lowers max_epochs below the checkpoint's epochs (only raising or keeping it)."""
+    config = Config()
+    config.trainer.max_epochs = 3
+    classes = ClassIndex(["a", "b"])
+    checkpoint = {"config": config.to_dict(), "classes": ["a", "b"], "data_fingerprint": "f", "epoch": 3}
+    check_resume_compatible(checkpoint, config, classes, "f", tmp_path / "x.pt")  # equal: fine
+    config.trainer.max_epochs = 2
+    with pytest.raises(CheckpointError, match="max_epochs 2 is below the 3 epochs already trained"):
+        check_resume_compatible(checkpoint, config, classes, "f", tmp_path / "x.pt")
+
+
+def test_a_step_count_of_a_whole_epoch_is_refused():
+    """r3: step must be < steps_per_epoch (a whole epoch is `epoch + 1, step 0`); only 99 was tried."""
+    row = {column: 1.0 for column in METRICS_COLUMNS}
+    state = {"epoch": 2, "step": 4, "partial": torch.zeros(4, dtype=torch.float64), "steps_per_epoch": 4,
+             "history": [{**row, "epoch": 1}, {**row, "epoch": 2}], "best_epoch": 1, "best_val_top1": 0.5}
+    check_training_state({**state, "step": 3}, "x.pt", steps_per_epoch=4)  # the last step: fine
+    with pytest.raises(CheckpointError, match=r"step 4 \(an epoch has 4\)"):
+        check_training_state(state, "x.pt", steps_per_epoch=4)
+
+
+def _minimal(epoch):
+    return {"format_version": 1, "model_state": {}, "epoch": epoch, "config": {"name": "run"}, "classes": ["a"]}
+
+
+def test_a_best_file_of_another_epoch_is_not_brought_along(tmp_path):
+    """r4: the test of a run continued under another name only has a best file of the right epoch or
+    none; one of another epoch (the old run went on after this _last.pt was copied) must not become
+    the new run's _best.pt under the resumed run's best score."""
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(_minimal(3), old / "run_last.pt")
+    torch.save(_minimal(1), old / "run_best.pt")  # not epoch 2, the best the checkpoint names
+    state = RunState(epoch=3, best_epoch=2, best_val_top1=0.7)
+    paths = RunPaths(tmp_path / "new", "longer")
+    said = []
+    bring_best_along(_minimal(3), old / "run_last.pt", paths, state, SimpleNamespace(print=said.append))
+    assert not paths.best.exists() and (state.best_epoch, state.best_val_top1) == (0, -1.0)
+    assert "is not beside it" in said[0]

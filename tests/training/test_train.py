@@ -406,3 +406,12 @@ def test_an_image_the_cache_leaves_out_is_a_warning_line(tiny_data, tmp_path):
     assert result.stderr.splitlines()[0] == (f"warning: 1 of {len(read_list(data / 'annotations' / 'train.txt'))} "
                                              f"images could not be read and are left out: {broken}: not an image "
                                              "in a known format")
+
+
+def test_the_configured_seed_is_the_one_used(tiny_data, tmp_path, monkeypatch):
+    seeds = []
+    real = train_module.seed_everything
+    monkeypatch.setattr(train_module, "seed_everything", lambda seed, deterministic: (seeds.append(seed),
+                                                                                       real(seed, deterministic)))
+    train_module.run(load_config(write_config(tmp_path, tiny_data, **{"trainer.seed": 7, "trainer.max_epochs": 1})))
+    assert seeds == [7]
