@@ -37,10 +37,10 @@ def stops_on_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:
     return main_stopping_on_ctrl_c
 
 
-def ctrl_c_while_starting_says_one_line() -> None:
-    """Ctrl-C in a command's first seconds, while Python imports torch and before `main` runs, ends
-    with STOPPED_BY_CTRL_C instead of a traceback through the import machinery. Python still exits
-    by SIGINT (130 in a shell) for an unhandled KeyboardInterrupt; only what it prints changes."""
+def uncaught_ctrl_c_says_one_line() -> None:
+    """A KeyboardInterrupt that nothing catches prints STOPPED_BY_CTRL_C instead of a traceback: Ctrl-C
+    in a command's first seconds, while Python imports torch and before `main` (and its
+    `stops_on_ctrl_c`) runs. Python still exits by SIGINT (130 in a shell); only what it prints changes."""
     print_exception = sys.excepthook
 
     def print_ctrl_c_in_one_line(kind, value, traceback) -> None:

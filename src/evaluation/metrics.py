@@ -200,7 +200,8 @@ def keep_fraction_threshold(correct_scores: np.ndarray, keep: float = CLOSED_SET
     """A similarity threshold that accepts at least `keep` of the given (correct-match) scores: halfway
     between the lowest score it keeps and the highest one below that, but at least OUTER_MARGIN below
     the former. Scores tied with it are kept, and so is a score below it that no stored threshold
-    can reject while keeping it (then the same rule applies one score lower).
+    can reject while keeping it: then the threshold goes halfway below that one (see `separating`),
+    and so on down.
 
     A heuristic for a model trained without held-out individuals: nothing tells how unknown animals
     score, so the threshold only bounds how many correct matches a rejection rule may lose.

@@ -63,7 +63,8 @@ def name_problem(name) -> str | None:
     """Why `name` cannot be an individual's, or None. Names follow the list format (no whitespace);
     `unknown` is what rejected photos are called, so an individual of that name would read as one."""
     if not is_list_name(name):
-        suggestion = f" (e.g. {'_'.join(name.split())!r})" if isinstance(name, str) and name.split() else ""
+        fixed = "_".join(name.split()) if isinstance(name, str) else ""
+        suggestion = f" (e.g. {fixed!r})" if fixed and name_problem(fixed) is None else ""
         return f"individual name {name!r} must be non-empty and without whitespace{suggestion}"
     if name.lower() == REJECTED_NAME:
         return "'unknown' is the label of rejected photos, not an individual's name"

@@ -220,10 +220,12 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
 
 def given_threshold(value: float) -> Threshold:
     """A threshold given by the user. Every score is a cosine similarity or a probability, so one
-    outside -1..1 would reject every photo, or accept every one, and is refused."""
+    outside -1..1 would reject every photo, or accept every one, and is refused; but for evaluation's
+    own "reject all" and "accept all" values, which lie 1e-5 outside the scores (a copy of one from a
+    report is accepted)."""
     if not math.isfinite(value):
         raise InferenceError(f"--threshold {value} is not a finite number")
-    if not -1.0 <= value <= 1.0:
+    if abs(value) > 1.0 + 1e-5:
         raise InferenceError(f"--threshold {value} is outside -1..1, the range of the scores (cosine "
                              "similarities or probabilities): it would reject every photo or accept every one")
     return Threshold(value, "--threshold")

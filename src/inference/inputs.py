@@ -4,12 +4,14 @@ enroll`; the identifier itself takes paths and images."""
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.data.io import IMAGE_EXTENSIONS
+from src.errors import capped
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,11 @@ def file_problem(path: Path) -> str | None:
 @dataclass(frozen=True)
 class Inputs:
     """The inputs' files and Skipped entries in the order given (the table, the CSV and the JSON
-    follow the command line), and counts of what `entries` leaves out without a Skipped."""
+    follow the command line), and what `entries` leaves out without a Skipped."""
 
     entries: list[Path | Skipped]
     repeats: int = 0  # files named more than once, counted once
-    not_images: int = 0  # files in folders and pattern matches not named as images (notes.txt, Thumbs.db)
+    not_images: list[Path] = field(default_factory=list)  # in folders and pattern matches: notes.txt, Thumbs.db
 
     @property
     def files(self) -> list[Path]:
@@ -56,10 +58,13 @@ class Inputs:
 
     def notes(self) -> list[str]:
         """What was left out without a Skipped entry, for the command's summary: files named twice,
-        and files in folders that are no images by their names."""
+        and files in folders that are no images by their names (named, as a photo in a format the
+        list lacks would be among them)."""
         notes = [f"{self.repeats} repeated input{'s' if self.repeats > 1 else ''} counted once"] if self.repeats else []
         if self.not_images:
-            notes.append(f"{self.not_images} file{'s' if self.not_images > 1 else ''} not named as images left out")
+            count = len(self.not_images)
+            notes.append(f"{count} file{'s' if count > 1 else ''} not named as images left out: "
+                         + capped([printable(path) for path in self.not_images]))
         return notes
 
 
@@ -68,21 +73,23 @@ def collect_images(patterns: Sequence[str | Path]) -> Inputs:
     with numbers as numbers, hidden ones left out) or a glob pattern's image files (a matching
     folder's too); a Skipped, in its place, for an entry that is no regular file (a broken link, a
     FIFO) and for an input that yields nothing (missing path, folder without image files, glob
-    without a match). A file named more than once, by any path, counts once.
+    without a match). A file named more than once counts once (by its absolute path: two links to
+    one photo are two inputs).
 
     In folders and among a pattern's matches a file is an image by its extension (IMAGE_EXTENSIONS,
     as `prepare --folder` reads folders), so that a camera's sidecar files or a Thumbs.db are no
     failures; a file named on its own is decoded whatever its name, and skipped if it is no image."""
     entries: list[Path | Skipped] = []
     seen: set[Path] = set()
-    repeats = not_images = 0
+    not_images: dict[Path, Path] = {}  # absolute path: as found
+    repeats = 0
     for pattern in map(str, patterns):
         path = Path(pattern)
         if path.is_dir():
             found, others = _images(_files_under(path))
             reason = "no image files in it" if others else "empty folder: no files in it"
         elif path.exists() or path.is_symlink():
-            found, others, reason = [path], 0, ""
+            found, others, reason = [path], [], ""
         elif glob.has_magic(pattern):
             matches = sorted(map(Path, glob.glob(pattern, recursive=True)), key=_natural_order)
             # dict: `photos/**` matches a folder and the files in it
@@ -90,20 +97,26 @@ def collect_images(patterns: Sequence[str | Path]) -> Inputs:
                                                   for file in (_files_under(match) if match.is_dir() else [match])))
             reason = "no image file matches this pattern" if others else "no file matches this pattern"
         else:
-            found, others, reason = [], 0, "file not found"
-        not_images += others
+            found, others, reason = [], [], "file not found"
+        not_images.update((_absolute(other), other) for other in others)
         if not found:
             entries.append(Skipped(pattern, reason))
         for entry in found:
             problem = file_problem(entry)
             if problem is not None:
                 entries.append(Skipped(str(entry), problem))
-            elif entry.resolve() in seen:  # `photos/` and `/home/me/photos/a.png` name a file twice
+            elif _absolute(entry) in seen:  # `photos/` and `/home/me/photos/a.png` name a file twice
                 repeats += 1
             else:
-                seen.add(entry.resolve())
+                seen.add(_absolute(entry))
                 entries.append(entry)
-    return Inputs(entries, repeats, not_images)
+    left_out = [found_as for absolute, found_as in not_images.items() if absolute not in seen]  # named on its own too
+    return Inputs(entries, repeats, left_out)
+
+
+def _absolute(path: Path) -> Path:
+    """`path` absolute, with `.` and `..` resolved but links kept (`Path.resolve` would follow them)."""
+    return Path(os.path.abspath(path))
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -112,11 +125,11 @@ def _files_under(folder: Path) -> list[Path]:
                   key=_natural_order)
 
 
-def _images(files: Iterable[Path]) -> tuple[list[Path], int]:
-    """The files named as images (IMAGE_EXTENSIONS), in order, and how many others there were."""
+def _images(files: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """The files named as images (IMAGE_EXTENSIONS), in order, and the others."""
     files = list(files)
-    images = [file for file in files if file.suffix.lower() in IMAGE_EXTENSIONS]
-    return images, len(files) - len(images)
+    return ([file for file in files if file.suffix.lower() in IMAGE_EXTENSIONS],
+            [file for file in files if file.suffix.lower() not in IMAGE_EXTENSIONS])
 
 
 def _natural_order(path: Path) -> list[tuple[list[str | int], str]]:

@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_stdout(format_table(predictions))
     for item in skipped:
         print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
-    left_out = f" ({'; '.join(inputs.notes())})" if inputs.notes() else ""
+    notes = inputs.notes()
+    left_out = f" ({'; '.join(notes)})" if notes else ""
     print(f"{len(predictions) - unknown} identified, {unknown} unknown, {len(skipped)} skipped{left_out}; "
           f"scored against {identifier.describe()}", file=sys.stderr)
     if args.output is not None:

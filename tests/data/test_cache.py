@@ -363,7 +363,8 @@ def _dataset(tmp_path, n=5):
 
 def _assert_rows_match(cached, raw, rows):
     for position, index in enumerate(cached.kept):
-        np.testing.assert_array_equal(cached.images[position].numpy(), decode_for_cache(raw / rows[index][0], ORDER_CACHE_SIZE))
+        expected = decode_for_cache(raw / rows[index][0], ORDER_CACHE_SIZE)
+        np.testing.assert_array_equal(cached.images[position].numpy(), expected)
 
 
 def test_the_same_images_in_another_order_are_not_served_in_the_old_order(tmp_path):

@@ -105,13 +105,15 @@ def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, t
     assert enroll(gallery, learned.checkpoint, name, "a.png", "notes.txt", "gone.png", ".") == 1
     err = capsys.readouterr().err.splitlines()
     assert err == ["skipped gone.png: file not found", "skipped notes.txt: not an image in a known format",
-                   "note: 1 repeated input counted once", "note: 2 files not named as images left out"]
+                   "note: 1 repeated input counted once",
+                   "note: 1 file not named as images left out: Thumbs.db"]  # notes.txt was named on its own
     assert Gallery.load(gallery).counts() == {name: 1}
     for bad in ("unknown", "two words", "red\x1b[31m"):  # a terminal escape: every listing would replay it
         assert enroll(gallery, learned.checkpoint, bad, photos[1]) == 2
     err = capsys.readouterr().err
     assert "holds a control character" in err
     assert "'two words' must be non-empty and without whitespace (e.g. 'two_words')" in err
+    assert gallery_cli.name_problem("unknown ") == "individual name 'unknown ' must be non-empty and without whitespace"
     assert Gallery.load(gallery).counts() == {name: 1}
 
 

@@ -22,7 +22,7 @@ from src.evaluation.metrics import choose_open_set_threshold
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
 from src.inference.identify import (DEFAULT_MATCH, Embedded, Identifier, InferenceError, ModelInfo, Threshold,
-                                     stored_thresholds)
+                                     given_threshold, stored_thresholds)
 from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES
 
@@ -222,3 +222,11 @@ def test_the_chosen_match_mode_decides_the_prediction(match, expected):
     [prediction] = identifier.decide([Embedded("q", _unit(0).astype(np.float32), np.zeros(2, np.float32))], top_k=2)
     assert prediction.label == expected
     np.testing.assert_allclose(prediction.scores, np.sort(gallery.scores(_unit(0)[None], match)[0])[::-1])
+
+
+def test_a_threshold_copied_from_a_report_is_accepted_and_one_far_outside_the_scores_is_not():
+    """Evaluation's "reject all" lies 1e-5 above the highest score, 1.00001 when that score is 1."""
+    assert [given_threshold(value).value for value in (1.00001, -1.00001, 0.5)] == [1.00001, -1.00001, 0.5]
+    for value in (1.5, -1.01, 50.0):  # 50: a percentage
+        with pytest.raises(InferenceError, match="outside -1..1"):
+            given_threshold(value)

@@ -48,20 +48,23 @@ def test_entries_that_are_not_regular_files_are_listed_as_skipped(odd_entries):
                                                                       "not a regular file")])
 
 
-def test_files_in_folders_that_are_not_named_as_images_are_left_out_and_counted(tmp_path):
+def test_files_in_folders_that_are_not_named_as_images_are_left_out_and_named(tmp_path):
     """A camera folder holds sidecar files (notes.txt, IMG_1.xmp, Thumbs.db): before, each was a
     'skipped' input, so every run on such a folder ended with exit 1."""
     for name in ("IMG_1.JPG", "IMG_1.xmp", "notes.txt", "Thumbs.db", "day2/IMG_2.png", "day2/readme"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).touch()
+    others = [tmp_path / name for name in ("IMG_1.xmp", "Thumbs.db", "day2/readme", "notes.txt")]  # natural order
     inputs = collect_images([tmp_path])
-    assert (inputs.files, inputs.skipped, inputs.not_images) == ([tmp_path / "IMG_1.JPG", tmp_path / "day2/IMG_2.png"],
-                                                                  [], 4)
-    assert inputs.notes() == ["4 files not named as images left out"]
-    matched = collect_images([tmp_path / "**"])  # a pattern's matches the same way, each file once
-    assert (matched.files, matched.not_images) == (inputs.files, 4)
-    named = collect_images([tmp_path / "notes.txt"])  # named on its own, it is decoded (and skipped) later
-    assert (named.files, named.not_images) == ([tmp_path / "notes.txt"], 0)
+    assert (inputs.files, inputs.skipped, inputs.not_images) == (
+        [tmp_path / "IMG_1.JPG", tmp_path / "day2/IMG_2.png"], [], others)
+    assert inputs.notes() == [f"4 files not named as images left out: {others[0]}, {others[1]}, {others[2]} and 1 more"]
+    # The same folder twice, and as a pattern (which matches a folder and its files): each file once.
+    again = collect_images([tmp_path, tmp_path / "**", tmp_path])
+    assert (again.files, again.not_images, again.repeats) == (inputs.files, others, 4)
+    # Named on its own too, it is decoded (and skipped) later, not also counted as left out.
+    named = collect_images([tmp_path / "notes.txt", tmp_path])
+    assert (named.files, named.not_images) == ([tmp_path / "notes.txt", *inputs.files], others[:3])
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").touch()
     assert listed(collect_images([tmp_path / "docs", tmp_path / "empty*"])) == (
@@ -76,3 +79,10 @@ def test_a_file_named_twice_by_different_paths_counts_once(tmp_path, monkeypatch
     inputs = collect_images(["photos", "./photos/a.png", tmp_path / "photos" / "a.png", "photos/../photos/a.png"])
     assert (inputs.files, inputs.repeats) == ([Path("photos/a.png")], 3)
     assert inputs.notes() == ["3 repeated inputs counted once"]
+
+
+def test_two_links_to_one_photo_are_two_inputs(tmp_path):
+    (tmp_path / "a.png").touch()
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    inputs = collect_images([tmp_path])
+    assert (inputs.files, inputs.repeats) == ([tmp_path / "a.png", tmp_path / "link.png"], 0)

@@ -54,8 +54,9 @@ def test_cli_on_a_folder_with_a_corrupt_png_and_a_text_file(learned, mixed_folde
     assert table[0].split()[:3] == ["image", "prediction", "score"] and len(table) == 2
     assert table[1].startswith(str(valid))
     assert f"skipped {folder / 'corrupt.png'}: corrupt or truncated image" in result.stderr
-    assert "notes.txt" not in result.stderr and "\r" not in result.stderr
-    assert "1 identified, 0 unknown, 1 skipped (1 file not named as images left out)" in result.stderr
+    assert f"skipped {folder / 'notes.txt'}" not in result.stderr and "\r" not in result.stderr
+    assert (f"1 identified, 0 unknown, 1 skipped (1 file not named as images left out: {folder / 'notes.txt'}); "
+            in result.stderr)
     assert "no unknown rejection" in result.stderr
     with open(tmp_path / "out.csv", newline="") as handle:
         rows = {row["image"]: row for row in csv.DictReader(handle)}

@@ -144,8 +144,9 @@ def _project_keys(**changes) -> dict:
     # a metrics CSV: torch's own words were "IndexError: pop from empty list"
     (lambda p: p.write_text("epoch,lr,train_loss\n1,0.1,2.5\n"), "x_last.pt: not a PyTorch checkpoint\n"),
     # a TorchScript export: torch suggested weights_only=False, which would run its code
-    (lambda p: _torchscript_export(p), "x_last.pt: a TorchScript export, not a training checkpoint (load it with "
-                                        "torch.jit.load; predict takes the checkpoint, or the ONNX export with --onnx)"),
+    (lambda p: _torchscript_export(p), "x_last.pt: a TorchScript export, not a training checkpoint (load it "
+                                        "with torch.jit.load; predict takes the checkpoint, or the ONNX export "
+                                        "with --onnx)"),
     # a zip whose member name does not decode: zipfile raised UnicodeDecodeError, a traceback
     (lambda p: _zip_with_an_undecodable_name(p), "x_last.pt: truncated or damaged checkpoint ("),
     # a gallery: torch's words were "file in archive is not in a subdirectory"
@@ -230,5 +231,6 @@ def test_fields_added_to_a_snapshot_are_copies():
     rng.add_(5)
     partial.mul_(0)
     tree = extended.on_host()
-    assert torch.equal(tree["rng"], torch.zeros(2)) and torch.equal(tree["partial"][0], torch.ones(4, dtype=torch.float64))
+    assert torch.equal(tree["rng"], torch.zeros(2))
+    assert torch.equal(tree["partial"][0], torch.ones(4, dtype=torch.float64))
     assert tree["epoch"] == 2 and torch.equal(tree["model_state"]["w"], torch.ones(3))
