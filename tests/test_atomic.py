@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -52,3 +53,32 @@ def test_a_file_where_a_folder_should_be_is_named_as_such(tmp_path, below):
         atomic.write_text(target, "new")
     assert raised.value.filename == str(tmp_path / "notes.yaml")
     assert (tmp_path / "notes.yaml").read_text() == "kept"
+
+
+def test_a_write_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    """Durability: the data reaches the disk before the rename makes it the file (else a power cut
+    can leave an empty file under the real name)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync")
+        return real_fsync(fd)
+
+    def replace(source, target):
+        events.append("replace")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic.write_text(tmp_path / "out.txt", "data")
+    assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the folder
+
+
+def test_leftovers_are_only_the_temporary_files_of_that_path(tmp_path):
+    target = tmp_path / "x_last.pt"
+    mine = tmp_path / ".x_last.pt.tmp-42"
+    others = [tmp_path / ".x_last.pt.bak.tmp-42", tmp_path / ".x_last.ptx.tmp-42", tmp_path / "x_last.pt"]
+    for path in [mine, *others]:
+        path.write_text("partial")
+    assert atomic.remove_leftovers(target) == [mine]
+    assert all(path.exists() for path in others) and not mine.exists()

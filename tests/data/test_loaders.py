@@ -181,3 +181,63 @@ def test_an_unreadable_image_is_counted_every_epoch_and_batches_keep_their_size(
         sizes = [len(labels) for _, labels in source.batches(epoch)]
         # The cache leaves the image out (one image fewer to batch); the plain pipeline refills its slot.
         assert sizes == [8] * ((len(rows) - (pipeline == "cached")) // 8) and source.skipped == 1
+
+
+def _rows_and_config(tiny_data, tmp_path, split, **overrides):
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.batch_size": 8, **overrides}))
+    data = PreparedData.load(config.data.root)
+    rows = data.split(split)
+    return config, data, rows
+
+
+def test_labels_stay_with_their_images_when_the_cache_leaves_one_out(tiny_data, tmp_path):
+    """An unreadable image left out of the cache must not shift the labels of the images after it."""
+    config, data, rows = _rows_and_config(tiny_data, tmp_path, "train")
+    classes = ClassIndex.from_rows(rows)
+    rows[0] = ("gone/missing.png", rows[0][1])
+    source = build_source(config, rows, data.raw_dir, classes, train=True, device=torch.device("cpu"))
+    assert source.labels.tolist() == [classes.index(name) for _, name in rows[1:]]
+
+
+def test_every_step_of_an_epoch_draws_its_own_augmentation(tiny_data, tmp_path, monkeypatch):
+    config, data, rows = _rows_and_config(tiny_data, tmp_path, "train")
+    source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True,
+                          device=torch.device("cpu"))
+    seeds, real_draw = [], source.augment.draw
+
+    def recording_draw(n, generator, device):
+        seeds.append(generator.initial_seed())
+        return real_draw(n, generator, device)
+
+    monkeypatch.setattr(source.augment, "draw", recording_draw)
+    for epoch in (1, 2):
+        list(source.batches(epoch))
+    assert len(seeds) == 2 * len(source) > 2 and len(set(seeds)) == len(seeds)
+
+
+def test_a_samples_augmentation_does_not_depend_on_the_number_of_processes(tiny_data, tmp_path):
+    """Each rank applies its own slice of the global batch's draws: the images of a global step are the
+    same whether one process trains or two (what the module docstring promises)."""
+    config, data, rows = _rows_and_config(tiny_data, tmp_path, "train")
+    classes = ClassIndex.from_rows(rows)
+
+    def batches(rank, world):
+        return list(build_source(config, rows, data.raw_dir, classes, train=True, device=torch.device("cpu"),
+                                 rank=rank, world_size=world).batches(1))
+
+    single, ranks = batches(0, 1), [batches(rank, 2) for rank in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) > 0
+    for step, (images, labels) in enumerate(single):
+        assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), labels)
+        assert torch.equal(torch.cat([ranks[0][step][0], ranks[1][step][0]]), images)
+
+
+def test_an_unreadable_validation_image_is_not_replaced_by_repeats(tiny_data, tmp_path):
+    """Training refills a batch with repeats; validation must count every readable image exactly once."""
+    config, data, rows = _rows_and_config(tiny_data, tmp_path, "val", **{"data.pipeline": "plain"})
+    classes = ClassIndex.from_rows(rows)
+    rows[0] = ("gone/missing.png", rows[0][1])
+    source = build_source(config, rows, data.raw_dir, classes, train=False, device=torch.device("cpu"), pad=True)
+    labels = torch.cat([batch_labels for _, batch_labels in source.batches(0)])
+    assert sorted(labels[labels != IGNORED].tolist()) == sorted(classes.index(name) for _, name in rows[1:])
+    assert source.skipped == 1

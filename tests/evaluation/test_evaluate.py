@@ -17,7 +17,7 @@ import torch
 from src.config import load_config
 from src.data.dataset import ClassIndex, PreparedData
 from src.evaluation import evaluate
-from src.evaluation.report import trained_for
+from src.evaluation.report import render_markdown, rounded, trained_for
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier
 from src.models.factory import IdentificationModel, create_model
@@ -414,3 +414,32 @@ def test_bad_python_api_arguments_raise_evaluation_error(options, message, check
     with pytest.raises(evaluate.EvaluationError, match=message):
         evaluate.evaluate(checkpoint, tmp_path / "out", **{"device": "cpu", **options})
     assert not (tmp_path / "out").exists()
+
+
+def test_nan_metrics_become_null_so_report_json_can_be_written():
+    report = rounded({"auroc": float("nan"), "scores": [np.float32(0.1234567), np.int64(3)]})
+    assert report == {"auroc": None, "scores": [0.123457, 3]}
+    json.dumps(report, allow_nan=False)  # what write_outputs does
+
+
+def _report(per_individual, cmc):
+    return {"checkpoint": {"path": "a/x_best.pt", "sha256": "0" * 64, "epoch": 1, "backbone": "resnet18",
+                           "head": "arcface", "num_classes": 3, "open_set": False},
+            "data": {"root": "d", "lists": "annotations", "split": "test", "images": {"test": 3, "train": 9},
+                     "skipped": {}},
+            "warnings": [], "by_source": {},
+            "closed_set": {"top1": 0.5, "top5": 1.0, "balanced_accuracy": 0.5, "macro_f1": 0.5,
+                           "per_individual": per_individual},
+            "retrieval": {"one_nn_accuracy": cmc[0], "map_at_r": 0.5, "cmc": cmc},
+            "open_set": {"evaluated": False, "note": "n/a"},
+            "threshold": {"split": "val", "method": "m", "sidecar": None, "thresholds": {"classifier": 0.5}},
+            "figures": {"training_curves": None}}
+
+
+def test_markdown_lists_the_lowest_accuracy_first_and_the_cmc_ranks_it_names():
+    rows = [{"individual": name, "support": 1, "accuracy": accuracy, "most_confused_with": None, "confused_count": 0}
+            for name, accuracy in (("Alf", 0.9), ("Bea", 0.1), ("Cid", 0.5))]
+    cmc = [0.11, 0.22, 0.33, 0.44, 0.55, 0.66, 0.77, 0.88, 0.99, 1.0]
+    markdown = render_markdown(_report(rows, cmc))
+    assert markdown.index("| Bea |") < markdown.index("| Cid |") < markdown.index("| Alf |")
+    assert "| 0.1100 | 0.5500 | 1.0000 |" in markdown  # ranks 1, 5 and 10

@@ -78,3 +78,17 @@ def test_pretrained_imagenet_unavailable_fails_clearly(tmp_path, monkeypatch):
 def test_pretrained_folder_is_named_as_such(tmp_path):
     with pytest.raises(ModelError, match="is a folder, not a weights file"):
         create_model(ModelConfig(backbone="resnet18", pretrained=tmp_path), 4)
+
+
+def test_weights_of_another_shape_are_a_model_error_naming_them(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)  # a 3x3 stem instead of 7x7
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match="0 missing, 0 unexpected, 1 of another shape"):
+        create_model(ModelConfig(backbone="resnet18", pretrained=path), 4)
+
+
+def test_the_configured_dropout_reaches_the_neck():
+    model = create_model(ModelConfig(backbone="resnet18", pretrained=False, dropout=0.3), 4)
+    assert model.neck[0].p == 0.3

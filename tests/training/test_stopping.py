@@ -1,6 +1,7 @@
 """The signal handling of a training run (`StopRequest`); whole runs stopped by a signal are in
 test_train.py and test_resume.py."""
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,11 @@ def test_a_second_signal_ends_the_run_at_once_saying_so(capsys):
         stop._handle(signal.SIGTERM, None)
     assert exited.value.code == 143
     assert capsys.readouterr().err.startswith("error: stopped at once by a second SIGTERM, without saving this epoch")
+
+
+def test_exit_codes_follow_the_signal():
+    for name, code in (("SIGINT", 130), ("SIGTERM", 143)):
+        stop = StopRequest()
+        stop.signal_name = name
+        stopped = stop.stopped("after epoch 1", Path("x_last.pt"))
+        assert stopped.exit_code == code and stopped.resumable and name in str(stopped)

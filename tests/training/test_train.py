@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -17,13 +18,14 @@ import torch
 import yaml
 
 from src.config import Config, ConfigError, load_config
-from src.data.dataset import PreparedData
+from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import read_list
 from src.training import distributed as dist_utils
 from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.training.checkpoint import load_checkpoint
-from src.training.train import build_model_and_optimizer, make_runtime, run, seed_everything, wrap_for_training
+from src.training.train import (batch_stats, build_model_and_optimizer, make_runtime, run, seed_everything,
+                                wrap_for_training)
 from src.training.train import main as train_main
 from tests.conftest import REPO, TINY_INDIVIDUALS, write_config
 
@@ -415,3 +417,120 @@ def test_the_configured_seed_is_the_one_used(tiny_data, tmp_path, monkeypatch):
                                                                                        real(seed, deterministic)))
     train_module.run(load_config(write_config(tmp_path, tiny_data, **{"trainer.seed": 7, "trainer.max_epochs": 1})))
     assert seeds == [7]
+
+
+def test_lr_schedule_warms_up_from_the_first_step_then_decays_to_the_floor(tiny_data, tmp_path):
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 4, "trainer.warmup_epochs": 1,
+                                                              "trainer.min_lr_ratio": 0.1}))
+    factor = train_module.lr_lambda(config, steps_per_epoch=10)
+    assert factor(0) == pytest.approx(0.1)  # the first step trains, at 1/10 of the rate (not at 0)
+    assert factor(9) == pytest.approx(1.0) and factor(10) == pytest.approx(1.0)
+    assert factor(25) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    assert factor(40) == pytest.approx(0.1)  # ends on trainer.min_lr_ratio, not 0
+    constant = load_config(write_config(tmp_path, tiny_data, "constant", **{
+        "trainer.max_epochs": 4, "trainer.warmup_epochs": 1, "trainer.schedule": "constant"}))
+    assert [train_module.lr_lambda(constant, 10)(step) for step in (10, 25, 39)] == [1.0, 1.0, 1.0]
+
+
+def test_the_epochs_lr_is_the_rate_its_last_step_used(tiny_run):
+    checkpoint = load_checkpoint(tiny_run["last"])
+    config, steps = tiny_run["config"], checkpoint["steps_per_epoch"]
+    factor = train_module.lr_lambda(config, steps)
+    for row in checkpoint["history"]:
+        assert row["lr"] == pytest.approx(config.trainer.lr * factor(row["epoch"] * steps - 1))
+
+
+def test_top5_counts_a_label_ranked_second_and_top1_does_not():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, 2.0, 3.0, -1.0], [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    labels = torch.tensor([2, 1])  # ranked 2nd in row 0; 7th (outside the top 5) in row 1
+    loss = torch.tensor(0.5)
+    assert batch_stats(loss, logits, labels).tolist() == [1.0, 0.0, 1.0, 2.0]
+
+
+def test_the_csv_row_holds_the_epochs_own_train_and_val_figures(tiny_data, tmp_path, monkeypatch):
+    """Each metrics column is the figure of its own split (a val column filled from the train sums,
+    say, would look just as plausible in the CSV)."""
+    seen = {"train": [], "val": []}
+
+    def recording(split, stage):
+        def run_stage(*args, **kwargs):
+            sums = stage(*args, **kwargs)
+            loss, top1, top5, count = sums.totals.tolist()
+            seen[split].append({"loss": loss / count, "top1": top1 / count, "top5": top5 / count})
+            return sums
+        return run_stage
+
+    monkeypatch.setattr(train_module, "train_one_epoch", recording("train", train_module.train_one_epoch))
+    monkeypatch.setattr(train_module, "evaluate", recording("val", train_module.evaluate))
+    history = run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2}))).history
+    for row, train, val in zip(history, seen["train"], seen["val"], strict=True):
+        for key in ("loss", "top1", "top5"):
+            assert row[f"train_{key}"] == pytest.approx(train[key]) and row[f"val_{key}"] == pytest.approx(val[key])
+
+
+def test_the_best_epoch_is_the_first_of_equal_val_top1(tiny_data, tmp_path, monkeypatch):
+    """A later epoch that only ties the best val top-1 does not replace `_best.pt`."""
+    real_evaluate = train_module.evaluate
+
+    def tied(*args, **kwargs):
+        sums = real_evaluate(*args, **kwargs)
+        sums.totals[1] = sums.totals[3] / 2  # top-1 of exactly 0.5 every epoch
+        return sums
+
+    monkeypatch.setattr(train_module, "evaluate", tied)
+    state = run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})))
+    assert state.best_epoch == 1
+    assert load_checkpoint(tmp_path / "artifacts" / "tiny_best.pt")["epoch"] == 1
+
+
+def test_biases_and_norm_weights_are_not_weight_decayed(tiny_data, tmp_path):
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.weight_decay": 0.05}))
+    model, optimizer, _, _ = build_model_and_optimizer(config, TINY_INDIVIDUALS, make_runtime(config), 4)
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        assert (id(parameter) in decayed) == (parameter.ndim > 1), name
+
+
+def test_sgd_uses_the_configured_momentum(tiny_data, tmp_path):
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.optimizer": "sgd", "trainer.momentum": 0.8}))
+    _, optimizer, _, _ = build_model_and_optimizer(config, TINY_INDIVIDUALS, make_runtime(config), 4)
+    assert all(group["momentum"] == 0.8 and group["nesterov"] for group in optimizer.param_groups)
+
+
+def test_label_smoothing_and_grad_clipping_reach_the_step(tiny_data, tmp_path, monkeypatch):
+    smoothing, clipped = [], []
+    real_ce, real_clip = train_module.F.cross_entropy, torch.nn.utils.clip_grad_norm_
+
+    def cross_entropy(*args, **kwargs):
+        smoothing.append(kwargs.get("label_smoothing"))
+        return real_ce(*args, **kwargs)
+
+    def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
+        clipped.append(max_norm)
+        return real_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+    run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1, "trainer.label_smoothing": 0.1,
+                                                         "trainer.grad_clip_norm": 2.0})))
+    assert clipped and set(clipped) == {2.0}
+    assert 0.1 in smoothing  # the training loss (validation's has none)
+
+
+def test_validation_individuals_absent_from_training_are_refused(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "annotations", data / "annotations")
+    meta = data / "annotations" / "prepared.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "raw_dir": str(PreparedData.load(tiny_data).raw_dir)}))
+    val = data / "annotations" / "val.txt"
+    path = val.read_text().split()[0]
+    val.write_text(val.read_text() + f"{path} Stranger\n")
+    with pytest.raises(DatasetError, match="validation split has individuals absent from training: \\['Stranger'\\]"):
+        run(load_config(write_config(tmp_path, data, **{"trainer.max_epochs": 1})))
+
+
+def test_the_last_epoch_is_written_even_when_checkpoints_are_due_rarely(tiny_data, tmp_path):
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2,
+                                                              "trainer.checkpoint_interval_s": 3600}))
+    run(config)
+    assert load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"] == 2
