@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from src.data.lists import ListFormatError, read_list
+from src.data.lists import ListFormatError, read_list, write_list
 from src.textfiles import parse_yaml, read_json, read_utf8
 
 
@@ -76,3 +76,16 @@ def test_yaml_aliases_that_expand_without_end_are_refused_in_one_line(tmp_path):
     # Aliases a person writes are fine.
     assert parse_yaml("base: &b {lr: 0.1}\nother: *b\n", Path("x.yaml"), InputError) == {"base": {"lr": 0.1},
                                                                                         "other": {"lr": 0.1}}
+
+
+def test_comment_lines_are_skipped_even_when_they_split_in_two(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("# path individual\nCZoo/a.png Zuri\n  # a note\n")
+    assert read_list(path) == [("CZoo/a.png", "Zuri")]
+
+
+@pytest.mark.parametrize("name", ["Ko fi", "Ko\tfi", "Ko\u00a0fi", ""])
+def test_write_list_refuses_names_that_would_not_read_back(tmp_path, name):
+    with pytest.raises(ListFormatError, match="empty or contains whitespace"):
+        write_list(tmp_path / "list.txt", [("a.png", name)])
+    assert not (tmp_path / "list.txt").exists()

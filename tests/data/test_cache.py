@@ -392,3 +392,12 @@ def test_damage_beyond_the_first_checksum_chunk_is_detected(tmp_path, monkeypatc
     second = load_or_build_cache(rows, raw, cache_dir, ORDER_CACHE_SIZE, 0)
     assert second.built and "checksum mismatch" in caplog.text
     _assert_rows_match(second, raw, rows)
+
+
+def test_decode_for_cache_takes_the_centre_square_of_a_tall_image_too(tmp_path):
+    # A tall image: red / green / blue thirds from top to bottom; the centre square is the green third.
+    pixels = np.zeros((90, 30, 3), np.uint8)
+    pixels[:30, :, 0] = pixels[30:60, :, 1] = pixels[60:, :, 2] = 255
+    Image.fromarray(pixels).save(tmp_path / "tall.png")
+    out = decode_for_cache(tmp_path / "tall.png", 20)
+    np.testing.assert_array_equal(out[3:-3], np.broadcast_to([0, 255, 0], (14, 20, 3)))

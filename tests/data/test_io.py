@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data.io import load_rgb
+from src.data.io import as_rgb, load_rgb
 
 GREYS = np.tile(np.arange(20, 220, 2, dtype=np.uint16), (10, 1))  # 8-bit grey levels, 10 x 100
 
@@ -32,3 +32,21 @@ def test_values_beyond_16_bits_are_scaled_by_their_maximum(tmp_path):
     path = tmp_path / "wide.tif"
     Image.fromarray(np.full((4, 4), 1 << 20, dtype=np.int32), "I").save(path)
     assert np.asarray(load_rgb(path)).min() == 255
+
+
+def test_transparent_pixels_decode_as_black_in_files_and_in_memory(tmp_path):
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., :3] = 255          # white, but fully transparent on the left half
+    rgba[:, 3:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    for image in (load_rgb(tmp_path / "alpha.png"), as_rgb(Image.fromarray(rgba, "RGBA"))):
+        pixels = np.asarray(image)
+        assert (pixels[:, :3] == 0).all() and (pixels[:, 3:] == 255).all()
+
+
+def test_an_in_memory_image_gets_its_exif_orientation_like_a_file(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(np.zeros((4, 10, 3), np.uint8)).save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    with Image.open(tmp_path / "rotated.jpg") as opened:
+        assert as_rgb(opened).size == load_rgb(tmp_path / "rotated.jpg").size == (4, 10)

@@ -396,3 +396,58 @@ def test_the_labels_fix_summary_counts_aliases_not_unicode_forms(tmp_path):
     kept, _, info = apply_labels_fix(records, LabelsFix.load(tmp_path / "fix.txt"))
     assert [r.individual for r in kept] == ["Zo\u00e9", "Kofi"]
     assert info["aliases_applied"] == {"Kofii -> Kofi": 1}
+
+
+def test_a_rerun_without_open_set_removes_the_earlier_open_set_lists(tmp_path):
+    """Stale open-set lists of an earlier run would be read as current by training and evaluation."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    prepare(raw, tmp_path / "out", **_quiet())
+    open_dir = tmp_path / "out" / "annotations" / "open_set"
+    assert (open_dir / "unknown_ids.txt").is_file()
+    prepare(raw, tmp_path / "out", **_quiet(open_set_individuals=0))
+    assert not any(open_dir.glob("*.txt"))
+
+
+def test_open_set_columns_and_counts_match_the_lists(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    result = prepare(raw, tmp_path / "out", **_quiet(open_set_individuals=3))  # 3: the two sides differ
+    ann = result.annotations_dir
+    unknown_test = read_list(ann / "open_set" / "unknown_test.txt")
+    unknown_val = read_list(ann / "open_set" / "unknown_val.txt")
+    info = result.prepared["open_set"]
+    assert info["unknown_test_individuals"] == len({n for _, n in unknown_test})
+    assert info["unknown_val_individuals"] == len({n for _, n in unknown_val})
+    assert info["unknown_val_individuals"] + info["unknown_test_individuals"] == 3
+    with (ann / "metadata.csv").open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    for split in ("train", "val", "test"):  # a known individual's image is "known" whatever its split
+        for path, _ in read_list(ann / "open_set" / f"{split}.txt"):
+            assert (rows[path]["split"], rows[path]["open_set"]) == (split, "known")
+    for path, _ in unknown_test:
+        assert rows[path]["open_set"] == "unknown_test"
+
+
+def test_a_negative_open_set_count_is_refused(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    with pytest.raises(PrepareError, match="--open-set-individuals -1"):
+        prepare(raw, tmp_path / "out", **_quiet(open_set_individuals=-1))
+
+
+def test_a_failed_rerun_leaves_no_prepared_json_beside_its_new_report(tmp_path):
+    """prepared.json means 'the rest is complete and current': a rerun that stops after rewriting the
+    report must not leave the earlier one behind."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    prepare(raw, tmp_path / "out", **_quiet())
+    assert (tmp_path / "out" / "annotations" / "prepared.json").is_file()
+    with pytest.raises(PrepareError, match="identification needs 2 or more"):
+        prepare(raw, tmp_path / "out", **_quiet(min_images=15, open_set_individuals=0))
+    assert not (tmp_path / "out" / "annotations" / "prepared.json").exists()
+    assert json.loads((tmp_path / "out" / "annotations" / "validation_report.json").read_text())["min_images"] == 15
+
+
+def test_the_report_counts_exclusions_per_source(tmp_path):
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    (raw / RELEASE / "data_CTai" / "face_images" / "img-Tita-0.png").unlink()
+    result = prepare(raw, tmp_path / "out", **_quiet())
+    counts = result.report["counts"]
+    assert (counts["CTai"]["excluded"], counts["CZoo"]["excluded"], counts["all"]["excluded"]) == (1, 0, 1)

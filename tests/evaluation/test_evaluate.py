@@ -17,6 +17,7 @@ import torch
 from src.config import load_config
 from src.data.dataset import ClassIndex, PreparedData
 from src.evaluation import evaluate
+from src.evaluation.evaluate import EmbeddedSplit, open_set_section, threshold_section
 from src.evaluation.report import render_markdown, rounded, trained_for
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier
@@ -443,3 +444,36 @@ def test_markdown_lists_the_lowest_accuracy_first_and_the_cmc_ranks_it_names():
     markdown = render_markdown(_report(rows, cmc))
     assert markdown.index("| Bea |") < markdown.index("| Cid |") < markdown.index("| Alf |")
     assert "| 0.1100 | 0.5500 | 1.0000 |" in markdown  # ranks 1, 5 and 10
+
+
+def _embedded_split(names: list[str]) -> EmbeddedSplit:
+    """A split whose embeddings do not matter: the scorers below score it by its names."""
+    return EmbeddedSplit([(f"{name}/{i}.png", name) for i, name in enumerate(names)],
+                         np.zeros((len(names), 2), np.float32), np.zeros((len(names), 2), np.float32), 0)
+
+
+def test_open_set_section_counts_unknowns_below_the_threshold_as_rejected():
+    """Known images score 0.9 and are right, unknown ones score 0.1: a perfect separation."""
+    embedded = {"val": _embedded_split(["A", "A", "B", "B"]), "unknown_val": _embedded_split(["X", "Y"]),
+                "test": _embedded_split(["A", "B"]), "unknown_test": _embedded_split(["Z", "W"])}
+
+    def scorer(split: EmbeddedSplit):
+        known = split.names[0] in ("A", "B")
+        return split.names.copy(), np.full(len(split.names), 0.9 if known else 0.1)
+
+    section = open_set_section(embedded, "test", scorer)
+    assert 0.1 < section["threshold"] < 0.9
+    assert (section["baks"], section["baus"], section["balanced_mean"]) == (1.0, 1.0, 1.0)
+    assert section["validation"] == {"baks": 1.0, "baus": 1.0}
+
+
+def test_closed_set_thresholds_are_chosen_on_the_correct_val_predictions_only():
+    """20 correct predictions score 0.50-0.69, 20 wrong ones 0.00-0.19: keeping 95% of the correct ones
+    must not lower the threshold into the wrong ones."""
+    scores = np.r_[np.linspace(0.5, 0.69, 20), np.linspace(0.0, 0.19, 20)]
+    predicted = np.array(["A"] * 20 + ["B"] * 20)
+    embedded = {"val": _embedded_split(["A"] * 40)}
+    section = threshold_section(embedded, False, {"nearest": lambda split: (predicted, scores)}, None)
+    threshold = section["thresholds"]["nearest"]
+    assert np.mean(scores[:20] >= threshold) >= 0.95
+    assert (scores[20:] < threshold).all()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import shutil
 import warnings
@@ -13,6 +14,7 @@ import torch
 from src.inference import export, predict
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier, InferenceError
+from src.training.artifacts import threshold_sidecar_path
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +204,18 @@ def test_an_onnx_graph_without_the_outputs_predict_reads_exits_2_in_one_line(exp
     assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), "x.png"]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.onnx'}: the graph has no logits (not "
                                        "written by export); export again\n")
+
+
+def test_the_thresholds_evaluation_stored_travel_with_the_export(learned, tmp_path):
+    """An export must reject unknown photos as its checkpoint does: the stored thresholds go into its JSON."""
+    checkpoint = tmp_path / "learned_best.pt"
+    shutil.copyfile(learned.checkpoint, checkpoint)
+    thresholds = {"classifier": 0.25, "nearest": 0.5, "prototype": 0.45}
+    threshold_sidecar_path(checkpoint).write_text(json.dumps({
+        "thresholds": thresholds, "method": "by hand", "split": "val",
+        "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}))
+    assert Identifier.from_checkpoint(checkpoint).threshold.value == 0.25
+    export.export(checkpoint, tmp_path / "out", ["onnx"], runs=1)
+    info = json.loads((tmp_path / "out" / "learned_best.json").read_text())
+    assert info["thresholds"]["values"] == thresholds
+    assert Identifier.from_onnx(tmp_path / "out" / "learned_best.onnx").threshold.value == 0.25

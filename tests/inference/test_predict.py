@@ -235,3 +235,23 @@ def test_a_fifo_and_a_broken_link_in_a_folder_are_reported_as_skipped(learned, m
     err = capsys.readouterr().err
     assert f"skipped {folder / 'fifo.png'}: not a regular file" in err
     assert f"skipped {folder / 'link.png'}: broken link" in err and "1 identified, 0 unknown, 2 skipped" in err
+
+
+@pytest.mark.parametrize("threshold, unknown", [("0.0", False), ("1.0", True)])
+def test_csv_and_json_outputs_carry_the_best_score_and_the_unknown_flag(learned, unseen, tmp_path, capsys,
+                                                                        threshold, unknown):
+    photos = [str(p) for ps in unseen.values() for p in ps[:1]][:3]
+    for suffix in (".csv", ".json"):
+        out = tmp_path / f"out{suffix}"
+        predict.main(["--checkpoint", str(learned.checkpoint), *photos, "--top-k", "3", "--threshold", threshold,
+                      "--output", str(out)])
+        if suffix == ".csv":
+            with open(out, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            assert [row["unknown"] for row in rows] == [str(unknown)] * 3
+            assert all(row["score"] == row["score_1"] and float(row["score_1"]) >= float(row["score_3"])
+                       for row in rows)
+        else:
+            results = json.loads(out.read_text())["results"]
+            assert [r["unknown"] for r in results] == [unknown] * 3
+            assert all(r["score"] == r["top_k"][0]["score"] == max(t["score"] for t in r["top_k"]) for r in results)
