@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data.io import as_rgb, load_rgb
+from src.data.io import ImageLoadError, as_rgb, load_rgb
 
 GREYS = np.tile(np.arange(20, 220, 2, dtype=np.uint16), (10, 1))  # 8-bit grey levels, 10 x 100
 
@@ -50,3 +50,14 @@ def test_an_in_memory_image_gets_its_exif_orientation_like_a_file(tmp_path):
     Image.fromarray(np.zeros((4, 10, 3), np.uint8)).save(tmp_path / "rotated.jpg", exif=exif.tobytes())
     with Image.open(tmp_path / "rotated.jpg") as opened:
         assert as_rgb(opened).size == load_rgb(tmp_path / "rotated.jpg").size == (4, 10)
+
+
+def test_an_in_memory_image_over_the_pixel_limit_is_refused_like_a_file(tmp_path):
+    Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
+    def from_memory(limit):
+        return as_rgb(Image.new("RGB", (30, 20)), limit)
+
+    for load in (lambda limit: load_rgb(tmp_path / "big.png", limit), from_memory):
+        assert load(600).size == (30, 20)
+        with pytest.raises(ImageLoadError, match="30x20 exceeds the 599-pixel limit"):
+            load(599)
