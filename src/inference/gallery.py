@@ -64,7 +64,8 @@ def name_problem(name) -> str | None:
     `unknown` is what rejected photos are called, so an individual of that name would read as one."""
     if not is_list_name(name):
         fixed = "_".join(name.split()) if isinstance(name, str) else ""
-        suggestion = f" (e.g. {fixed!r})" if fixed and name_problem(fixed) is None else ""
+        # is_list_name first: name_problem(fixed) then never comes back here
+        suggestion = f" (e.g. {fixed!r})" if is_list_name(fixed) and name_problem(fixed) is None else ""
         return f"individual name {name!r} must be non-empty and without whitespace{suggestion}"
     if name.lower() == REJECTED_NAME:
         return "'unknown' is the label of rejected photos, not an individual's name"
