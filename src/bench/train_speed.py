@@ -139,13 +139,12 @@ class Ours:
     final_val_top1: float
 
 
-def ours_throughput(arch: str, mode: str, data_root: Path, work: Path, args) -> Ours:
+def ours_throughput(arch: str, mode: str, data_root: Path, work: Path, args, train_images: int) -> Ours:
     config = bench_config(arch, mode, data_root, work, args, args.epochs)
     compiled_before, started = compile_seconds(), time.perf_counter()
     with timed_saves() as save_seconds:
         state = run(config)
     wall = time.perf_counter() - started
-    train_images = len(PreparedData.load(data_root).split("train"))
     images = train_images // args.batch_size * args.batch_size
     timed = timed_epochs(state.history, save_seconds)
     seconds = statistics.median(row["seconds"] for row, _ in timed)
@@ -340,7 +339,7 @@ def main(argv=None) -> int:
         for arch in args.arch:
             naive = naive_throughput(arch, data_root, args)
             for mode in args.compile_mode:
-                ours = ours_throughput(arch, mode, data_root, work, args)
+                ours = ours_throughput(arch, mode, data_root, work, args, train_images)
                 ceiling, spread = ceiling_throughput(arch, mode, data_root, work, args, windows, steps_per_window)
                 results.append({
                     "arch": arch, "compile_mode": mode if args.compile else None,
