@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -81,7 +82,26 @@ class _UniqueKeys:
 
 
 class _Loader(_UniqueKeys, yaml.SafeLoader):
-    pass
+    """SafeLoader with YAML 1.2's numbers: PyYAML follows YAML 1.1, where `max_epochs: 1:20` is 80
+    (base 60), `010` is 8 (octal) and `1e-3` is a string. Here `1:20` stays a string (the config
+    refuses it), `010` is 10, `0o10` 8 and `1e-3` a float."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                                 r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text.startswith(("0o", "0x")) else int(text)  # int("010", 0) is an error
+
+
+_Loader.add_constructor(_INT, _construct_int)
 
 
 class _NamesLoader(_UniqueKeys, yaml.BaseLoader):

@@ -100,6 +100,9 @@ def test_every_shipped_training_config_validates(path):
     ("data:\n  num_classes: 0\n", "data.num_classes"),
     ("optimiser: {}\n", "optimiser"),
     ("trainer:\n  compile_mode: turbo\n", "trainer.compile_mode"),
+    # YAML 1.1 would read 1:20 as 80 (base 60).
+    ("trainer:\n  max_epochs: 1:20\n", "'trainer.max_epochs': Input should be a valid integer, unable to parse string "
+     "as an integer (got '1:20')"),
     ("trainer:\n  max_epochs: 3\n  warmup_epochs: 5\n", "'trainer.warmup_epochs': must be at most trainer.max_epochs (3)"),
     # A long value is quoted in part: the line stays a line.
     (f"trainer:\n  progress: [{', '.join(['verbose'] * 500)}]\n",
@@ -121,13 +124,14 @@ def test_a_folder_as_config_is_named_as_such(tmp_path):
 
 def test_what_yaml_writers_use_still_loads(tmp_path):
     path = tmp_path / "ok.yaml"
-    # 1e-3 is a string to YAML 1.1 (no dot); an infinite interval writes only at the end; merge keys
-    # may be overridden; booleans where a key takes them.
-    path.write_text("trainer:\n  lr: 1e-3\n  checkpoint_interval_s: .inf\n  amp: no\n"
+    # 1e-3 is a string to YAML 1.1 (no dot) and 010 octal; an infinite interval writes only at the
+    # end; merge keys may be overridden; booleans where a key takes them.
+    path.write_text("trainer:\n  lr: 1e-3\n  max_epochs: 010\n  checkpoint_interval_s: .inf\n  amp: no\n"
                     "model: {<<: {dropout: 0.1, embedding_dim: 64}, dropout: 0.2, pretrained: false}\n")
     config = load_config(path)
     assert config.model.dropout == 0.2 and config.model.embedding_dim == 64
     assert config.trainer.lr == 0.001 and config.trainer.checkpoint_interval_s == float("inf")
+    assert config.trainer.max_epochs == 10
     assert config.trainer.amp is False and config.model.pretrained is False
 
 

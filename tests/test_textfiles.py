@@ -23,8 +23,17 @@ def test_yaml_keys_given_twice_are_refused_at_their_line(tmp_path):
 
 def test_yaml_scalars_stay_strings_when_asked():
     text = "names: [No, null, 007, 1e3]\n"
-    assert parse_yaml(text, "f.yaml", InputError) == {"names": [False, None, 7, "1e3"]}
+    assert parse_yaml(text, "f.yaml", InputError) == {"names": [False, None, 7, 1000.0]}
     assert parse_yaml(text, "f.yaml", InputError, strings_only=True) == {"names": ["No", "null", "007", "1e3"]}
+
+
+def test_yaml_numbers_are_read_as_yaml_1_2_reads_them():
+    # PyYAML's YAML 1.1 reads 1:20 as 80 (base 60), 010 as 8 (octal) and 1e-3 as a string.
+    text = "[1:20, 010, 0o10, 0x10, 1e-3, 2.5E+2, -7, +3, .5, 1., .inf, -.inf, 1_000, 0b11, 12:30:00]"
+    assert parse_yaml(text, "f.yaml", InputError) == [
+        "1:20", 10, 8, 16, 0.001, 250.0, -7, 3, 0.5, 1.0, float("inf"), float("-inf"), "1_000", "0b11", "12:30:00"]
+    nan = parse_yaml(".nan", "f.yaml", InputError)
+    assert nan != nan
 
 
 def test_yaml_syntax_errors_name_the_file_line_and_problem():
