@@ -12,6 +12,11 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 
+def counted(count: int, noun: str) -> str:
+    """`1 image`, `2 images`: the count with the noun in the number it takes (a plural in -s)."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def progress_bar(total: int, desc: str, show: bool, **options) -> tqdm:
     """A tqdm bar on stderr that is gone once done (stdout stays for results); `show=False` gives a
     silent one with the same interface."""

@@ -47,7 +47,7 @@ from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
 from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC, holds_torch_pickle
-from src.tables import format_rows, print_stdout
+from src.tables import counted, format_rows, print_stdout
 
 FORMAT_VERSION = 1
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
@@ -435,17 +435,21 @@ def enroll(args: argparse.Namespace) -> int:
     after = gallery.counts()
     for name in enrolled:
         status = f"{before[name]} before" if name in before else "new individual"
-        print_stdout(f"{name}: +{after[name] - before.get(name, 0)} images ({status}, {after[name]} now)")
-    print_stdout(f"{args.gallery}: {len(after)} individuals, {sum(after.values())} images"
+        print_stdout(f"{name}: +{counted(after[name] - before.get(name, 0), 'image')} ({status}, {after[name]} now)")
+    print_stdout(f"{args.gallery}: {summary(after)}"
                  + ("" if enrolled else " (unchanged: nothing enrolled)"))
     return 1 if skipped else 0
+
+
+def summary(counts: dict[str, int]) -> str:
+    return f"{counted(len(counts), 'individual')}, {counted(sum(counts.values()), 'image')}"
 
 
 def list_gallery(args: argparse.Namespace) -> int:
     gallery = Gallery.load(args.gallery)
     counts = gallery.counts()
     rows = [("individual", "images"), *((name, str(count)) for name, count in sorted(counts.items()))]
-    print_stdout(f"{args.gallery}: {len(counts)} individuals, {sum(counts.values())} images; checkpoint sha256 "
+    print_stdout(f"{args.gallery}: {summary(counts)}; checkpoint sha256 "
                  f"{gallery.checkpoint_sha256}\n" + format_rows(rows, "<"))
     return 0
 
@@ -462,7 +466,7 @@ def remove_individuals(args: argparse.Namespace) -> int:
             gallery.remove(name)
         save(gallery, args.gallery)
     for name in names:
-        print_stdout(f"removed {name} ({counts[name]} images)")
+        print_stdout(f"removed {name} ({counted(counts[name], 'image')})")
     return 0
 
 

@@ -44,6 +44,7 @@ from src.errors import first_line, positive_int
 from src.inference.inputs import Skipped, file_problem
 from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError
+from src.tables import counted
 from src.textfiles import read_utf8
 from src.training.artifacts import threshold_sidecar_path
 
@@ -434,8 +435,8 @@ class Identifier:
         if self.gallery is None:
             what = f"{len(self.names)} training individuals (classifier)"
         else:
-            what = (f"gallery of {len(self.names)} individuals, {len(self.gallery.labels)} images "
-                    f"({self.match} matching)")
+            what = (f"gallery of {counted(len(self.names), 'individual')}, "
+                    f"{counted(len(self.gallery.labels), 'image')} ({self.match} matching)")
         return f"{what}; {self.threshold.describe()}"
 
     # --- running --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from src.data.io import IMAGE_EXTENSIONS
 from src.errors import capped
+from src.tables import counted
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,9 @@ class Inputs:
         """What was left out without a Skipped entry, for the command's summary: files named twice,
         and files in folders that are no images by their names (named, as a photo in a format the
         list lacks would be among them)."""
-        notes = [f"{self.repeats} repeated input{'s' if self.repeats > 1 else ''} counted once"] if self.repeats else []
+        notes = [f"{counted(self.repeats, 'repeated input')} counted once"] if self.repeats else []
         if self.not_images:
-            count = len(self.not_images)
-            notes.append(f"{count} file{'s' if count > 1 else ''} not named as images left out: "
+            notes.append(f"{counted(len(self.not_images), 'file')} not named as images left out: "
                          + capped([printable(path) for path in self.not_images]))
         return notes
 

@@ -52,6 +52,7 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"already enrolled as {first}: {first_photos[2]}" in out
     assert f"{first}: +2 images (3 before, 5 now)" in out
+    assert f"{second}: +1 image (new individual, 1 now)" in out  # not "+1 images"
 
     assert gallery_cli.main(["list", "--gallery", str(gallery)]) == 0
     listing = capsys.readouterr().out
@@ -59,6 +60,9 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
     assert gallery_cli.main(["remove", "--gallery", str(gallery), first]) == 0
     loaded = Gallery.load(gallery)
     assert loaded.counts() == {second: 1} and loaded.labels.tolist() == [0]
+    assert gallery_cli.main(["list", "--gallery", str(gallery)]) == 0
+    removed, listed = capsys.readouterr().out.splitlines()[:2]
+    assert removed == f"removed {first} (5 images)" and listed.startswith(f"{gallery}: 1 individual, 1 image; ")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".g.npz.lock", "g.npz"]  # no temporary file left behind
 
     assert gallery_cli.main(["remove", "--gallery", str(gallery), "Nobody"]) == 2
@@ -78,7 +82,7 @@ def test_remove_takes_a_name_in_either_unicode_form(learned, unseen, tmp_path, c
     # given twice (and in both forms): removed once; it was "no individual 'Zoé' in the gallery"
     assert gallery_cli.main(["remove", "--gallery", str(gallery), unicodedata.normalize("NFD", composed),
                              composed]) == 0
-    assert capsys.readouterr().out == f"removed {composed} (1 images)\n"
+    assert capsys.readouterr().out == f"removed {composed} (1 image)\n"
     assert Gallery.load(gallery).counts() == {}
 
 
