@@ -41,8 +41,8 @@ class RunState:
 # What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "best_val_top1", "best_epoch", "history")
 # Keys that change how fast or where a run goes, not what it computes; anything else must match.
-# trainer.max_epochs may grow (extending a finished run); amp changes numerics slightly but keeps
-# the run meaningful, so it is allowed too.
+# trainer.max_epochs may change (extending a finished run), which re-draws the rest of the learning-
+# rate schedule: the resume says so. amp changes numerics slightly but keeps the run meaningful.
 RESUMABLE_CHANGES = {
     "name", "data.root", "data.pipeline", "data.cache_dir", "data.cache_on_device", "data.workers",
     "trainer.max_epochs", "trainer.device", "trainer.amp", "trainer.amp_dtype", "trainer.compile",
@@ -155,7 +155,8 @@ def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, r
     try:
         optimizer.load_state_dict(checkpoint["optimizer_state"])
         scheduler.load_state_dict(checkpoint["scheduler_state"])
-        scaler.load_state_dict(checkpoint["scaler_state"])
+        if checkpoint["scaler_state"]:  # empty from a run without fp16 (bf16, fp32): a new scaler starts
+            scaler.load_state_dict(checkpoint["scaler_state"])
         restore_rng(checkpoint["rng"])
         return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0),
                         partial=checkpoint.get("partial") if runtime.dist.is_main else None,
@@ -220,6 +221,11 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
     elif checkpoint is not None:
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
+        planned, now = checkpoint["config"]["trainer"]["max_epochs"], config.trainer.max_epochs
+        if planned != now and config.trainer.schedule == "cosine":
+            change = "it rises again: a warm restart" if now > planned else "it falls faster"
+            runtime.print(f"note: trainer.max_epochs {planned} -> {now}: from here the learning rate follows the "
+                          f"cosine of a {now}-epoch run ({change})")
         if runtime.dist.is_main and resume_path.resolve() != paths.last.resolve():
             bring_best_along(checkpoint, resume_path, paths, state, runtime)
     elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace

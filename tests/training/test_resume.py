@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +23,7 @@ from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.training.checkpoint import CheckpointError, load_checkpoint
 from src.training.resume import (RunState, bring_best_along, check_resume_compatible, check_training_state,
-                                 data_fingerprint, restore_rng, rng_state)
+                                 data_fingerprint, restore, restore_rng, rng_state)
 from src.training.stopping import StopRequest, TrainingStopped
 from src.training.train import run
 from tests.conftest import REPO, write_config
@@ -100,6 +101,8 @@ def test_extending_a_finished_run(tiny_data, tmp_path):
     result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2}), "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert [line[:11] for line in result.stdout.splitlines() if line.startswith("[Epoch")] == ["[Epoch 2/2]"]
+    assert ("note: trainer.max_epochs 1 -> 2: from here the learning rate follows the cosine of a 2-epoch run "
+            "(it rises again: a warm restart)") in result.stdout
     csv_lines = (tmp_path / "artifacts" / "tiny_metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in csv_lines] == ["epoch", "1", "2"]
 
@@ -286,6 +289,26 @@ def test_a_checkpoint_from_more_gpus_restores_the_ones_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, state))
     restore_rng(saved)
     assert list(restored) == [0] and torch.equal(restored[0], saved["cuda"][0])
+
+
+@pytest.mark.parametrize("saved_in_fp16", [False, True])
+def test_a_resume_may_switch_to_and_from_fp16(saved_in_fp16):
+    """trainer.amp_dtype may change on resume: a run in bf16 or fp32 saves its disabled gradient
+    scaler as {}, which an fp16 scaler refused ("malformed training state"); it starts a new one."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    saved_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=saved_in_fp16)
+    checkpoint = {"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                  "scheduler_state": scheduler.state_dict(), "scaler_state": saved_scaler.state_dict(),
+                  "rng": rng_state(), "epoch": 1, "best_val_top1": 0.5, "best_epoch": 1, "history": [{}]}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    runtime = SimpleNamespace(dist=SimpleNamespace(is_main=True))
+    state = restore(checkpoint, Path("run_last.pt"), model, optimizer, scheduler, scaler, runtime)
+    assert state.epoch == 1 and scaler.get_scale() == (1024.0 if saved_in_fp16 else 65536.0)
+    # and from fp16 to bf16: the saved scale is not needed
+    restore(checkpoint, Path("run_last.pt"), model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+            runtime)
 
 
 @pytest.mark.parametrize("damage, message", [
