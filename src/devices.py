@@ -1,5 +1,9 @@
-"""The torch device that evaluation and inference run on, chosen by one rule for both."""
+"""The torch device that evaluation and inference run on, chosen by one rule for both, and the
+arithmetic they run with on it."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -24,3 +28,25 @@ def pick_device(name: str | torch.device | None, error: type[Exception]) -> torc
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
+
+
+@contextmanager
+def reproducible_arithmetic() -> Iterator[None]:
+    """No cuDNN autotuning and no TF32 (both change the arithmetic from run to run or from fp32),
+    which costs little for a single pass over the data. Evaluation chooses its thresholds with it
+    and inference compares scores with them under it: TF32 (training turns it on for the process)
+    keeps 10 bits of mantissa, and can move a score far more than the 2e-7 that evaluation leaves
+    between a threshold and any score (`metrics.SCORE_NOISE`). The process's own settings are restored afterwards: `evaluate()` called between
+    training runs (a sweep, a notebook) must not leave deterministic cuDNN and fp32 matmuls
+    switched on for them."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from src.config import load_config
@@ -70,3 +71,21 @@ def fresh_copy(tmp_path):
         shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
         return target
     return copy
+
+
+def arithmetic_flags() -> tuple[bool, bool, bool, bool]:
+    """The process-wide settings `devices.reproducible_arithmetic` changes and gives back."""
+    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+@pytest.fixture
+def training_arithmetic():
+    """The flags as training leaves them (autotuning and TF32 on) for the test, restored after it."""
+    saved = arithmetic_flags()
+    wanted = (True, False, True, True)
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = wanted
+    yield wanted
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,7 +33,7 @@ from src import atomic
 from src.config import Config, ConfigError, ModelConfig
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import build_source
-from src.devices import pick_device
+from src.devices import pick_device, reproducible_arithmetic
 from src.errors import positive_int, show_warnings, stops_on_ctrl_c
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
@@ -107,25 +106,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     return args
-
-
-@contextmanager
-def reproducible_arithmetic():
-    """No cuDNN autotuning and no TF32 (both change the arithmetic from run to run or from fp32),
-    which costs little for a single pass over the data. The process's own settings are restored
-    afterwards: `evaluate()` called between training runs (a sweep, a notebook) must not leave
-    deterministic cuDNN and fp32 matmuls switched on for them."""
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved
 
 
 def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | None) -> Config:

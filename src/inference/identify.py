@@ -39,7 +39,7 @@ from src.data.augment import BatchAugment
 from src.data.decode import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb
 from src.data.lists import REJECTED_NAME
-from src.devices import pick_device
+from src.devices import pick_device, reproducible_arithmetic
 from src.errors import first_line, positive_int
 from src.inference.inputs import Skipped, file_problem
 from src.models.scoring import MATCH_MODES, classifier_scores
@@ -283,7 +283,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        embeddings, logits = self.module(images)
+        with reproducible_arithmetic():  # the arithmetic evaluation chose the stored thresholds with
+            embeddings, logits = self.module(images)
         return embeddings.cpu().numpy(), logits.cpu().numpy()
 
 

@@ -138,7 +138,8 @@ def make_runtime(config: Config) -> Runtime:
         raise ConfigError(f"trainer.batch_size: {batch} gives each of the {info.world_size} processes "
                           f"{batch // info.world_size} image a step; BatchNorm needs at least 2")
     # TF32 for what autocast leaves in fp32 (and for fp32 runs): on Ampere and later GPUs several
-    # times faster, at a precision training does not notice. Evaluation turns it off again.
+    # times faster, at a precision training does not notice. Evaluation and inference turn it off for
+    # their passes (devices.reproducible_arithmetic).
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     amp_dtype = None

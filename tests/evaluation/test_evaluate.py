@@ -27,7 +27,7 @@ from src.training.artifacts import threshold_sidecar_path
 from src.training.checkpoint import atomic_save, load_checkpoint
 from src.training.resume import RunState, data_fingerprint
 from src.training.train import checkpoint_dict
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, arithmetic_flags, write_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_KEYS = {"report_version", "checkpoint", "data", "closed_set", "retrieval", "by_source", "open_set",
@@ -379,26 +379,12 @@ def test_an_out_path_below_a_file_fails_before_evaluating(checkpoint, tmp_path, 
 
 
 def test_the_python_api_takes_str_paths_and_restores_the_torch_settings(closed_report, checkpoint, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, training_arithmetic):
     """`evaluate()` from a script: str paths as the command line's, the default run folder, and the
     process's cuDNN/TF32 settings given back (a sweep trains again after evaluating)."""
     out, _ = closed_report
-
-    def flags():
-        return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-
-    def set_flags(values):
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = values
-
-    saved, wanted = flags(), (True, False, True, True)
-    set_flags(wanted)
-    try:
-        report = evaluate.evaluate(str(checkpoint), str(tmp_path / "py"), device="cpu")
-        assert flags() == wanted
-    finally:
-        set_flags(saved)
+    report = evaluate.evaluate(str(checkpoint), str(tmp_path / "py"), device="cpu")
+    assert arithmetic_flags() == training_arithmetic
     assert (tmp_path / "py" / "report.json").read_bytes() == (out / "report.json").read_bytes()
     assert report["closed_set"]["top1"] == json.loads((out / "report.json").read_text())["closed_set"]["top1"]
     monkeypatch.chdir(tmp_path)

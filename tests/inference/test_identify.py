@@ -22,9 +22,10 @@ from src.evaluation.metrics import choose_open_set_threshold
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
 from src.inference.identify import (DEFAULT_MATCH, Embedded, Identifier, InferenceError, ModelInfo, Threshold,
-                                     given_threshold, stored_thresholds)
+                                     TorchBackend, given_threshold, stored_thresholds)
 from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES
+from tests.conftest import arithmetic_flags
 
 SHOTS = 4  # photos enrolled per new individual; the other 6 are queries
 
@@ -230,3 +231,19 @@ def test_a_threshold_copied_from_a_report_is_accepted_and_one_far_outside_the_sc
     for value in (1.5, -1.01, 50.0):  # 50: a percentage
         with pytest.raises(InferenceError, match="outside -1..1"):
             given_threshold(value)
+
+
+def test_the_model_runs_with_the_arithmetic_evaluation_chose_thresholds_with(training_arithmetic):
+    """Training leaves TF32 and cuDNN autotuning on for the process (a notebook that trains, then
+    predicts): the backend turns them off for its forward pass, as evaluation does, and back on."""
+    seen = []
+
+    class Model(torch.nn.Module):
+        def embed_and_classify(self, images):
+            seen.append(arithmetic_flags())
+            return images.flatten(1), images.flatten(1)
+
+    embeddings, logits = TorchBackend(Model(), torch.device("cpu"))(torch.ones(2, 3, 1, 1))
+    assert seen == [(False, True, False, False)] and embeddings.shape == logits.shape == (2, 3)
+    assert arithmetic_flags() == training_arithmetic
+
