@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from src.data.io import IMAGE_EXTENSIONS
-from src.data.lists import REJECTED_NAME, ListFormatError, canonical_name, is_list_name, read_numbered_list
+from src.data.lists import ListFormatError, canonical_name, name_problem, read_numbered_list
 from src.errors import missing
 from src.textfiles import parse_yaml, read_utf8
 
@@ -295,7 +295,7 @@ def _hidden(name: str) -> bool:
 
 def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Record]:
     """Refuse individual names with whitespace, or replace each run of it by '_' when asked; refuse
-    the name 'unknown' in any case.
+    every other name `lists.name_problem` refuses ('unknown', a control character) in any case.
 
     The list format is space-separated, so such a name cannot be written; refusing is the default
     because a silent rename would make the written lists disagree with the user's folders. Two names
@@ -304,18 +304,18 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
     renamed: dict[str, str] = {}
     for record in records:
         name = record.individual
-        if name.lower() == REJECTED_NAME:  # 'Unknown' too: read beside predictions, it would pass for one
-            raise AnnotationError(f"{record.origin}: individual name {name!r} is what inference calls a rejected "
-                                  f"photo; rename it in --labels-fix ('{name} -> Unnamed_1') or drop it "
-                                  f"('exclude-name {name}')")
-        if name in renamed or not any(c.isspace() for c in name):
+        problem = name_problem(name)
+        if problem is None or name in renamed:
             continue
+        fixed = "_".join(name.split())
+        if name_problem(fixed) is not None:  # 'Unknown' too: read beside predictions, it would pass for one
+            raise AnnotationError(f"{record.origin}: individual name {name!r} {problem}; rename it in --labels-fix "
+                                  f"('{name} -> Unnamed_1') or drop it ('exclude-name {name}')")
         if not spaces_to_underscores:
             raise AnnotationError(
                 f"{record.origin}: individual name {name!r} contains whitespace; rename it "
-                f"(e.g. {'_'.join(name.split())!r}), alias it in --labels-fix, or pass "
-                f"--spaces-to-underscores")
-        renamed[name] = "_".join(name.split())
+                f"(e.g. {fixed!r}), alias it in --labels-fix, or pass --spaces-to-underscores")
+        renamed[name] = fixed
     existing = {r.individual for r in records} - set(renamed)
     clashes = sorted(old for old, new in renamed.items()
                      if new in existing or list(renamed.values()).count(new) > 1)
@@ -411,9 +411,10 @@ class LabelsFix:
 
     def _check(self, path: Path) -> None:
         for old, new in self.aliases.items():
-            if not old or not is_list_name(new) or new.lower() == REJECTED_NAME:
-                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name must be non-empty "
-                                      f"without whitespace, and not {REJECTED_NAME!r} (a rejected photo's label)")
+            if not old:
+                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the old name is empty")
+            if name_problem(new) is not None:
+                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name {name_problem(new)}")
             if new in self.aliases:
                 raise AnnotationError(f"{path}: alias chain {old!r} -> {new!r} -> "
                                       f"{self.aliases[new]!r}; point {old!r} at the final name")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from src.data.io import ImageLoadError, load_rgb
-from src.data.lists import ListFormatError, Row, is_list_name, read_list
+from src.data.lists import ListFormatError, Row, name_problem, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
 from src.errors import is_whole
 from src.textfiles import read_json
@@ -101,8 +101,9 @@ class ClassIndex:
     def __init__(self, names: Iterable[str]):
         names = tuple(names)
         for name in names:
-            if not is_list_name(name):
-                raise DatasetError(f"class name {name!r} must be a non-empty string without whitespace")
+            problem = name_problem(name)
+            if problem is not None:
+                raise DatasetError(f"class name {name!r} {problem}")
         if len(set(names)) != len(names):
             duplicate = next(n for i, n in enumerate(names) if n in names[:i])
             raise DatasetError(f"class name {duplicate!r} appears twice")

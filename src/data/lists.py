@@ -14,7 +14,7 @@ from src.textfiles import read_utf8
 
 Row = tuple[str, str]  # (path relative to the raw folder, individual): one line of a list
 # What inference calls a photo it rejects; an individual of that name (in any case) would read as a
-# rejection, so prepare and galleries refuse it.
+# rejection, so no stage accepts it (`name_problem`).
 REJECTED_NAME = "unknown"
 
 
@@ -57,6 +57,22 @@ def is_list_name(name) -> bool:
     """Whether `name` can be an individual's name in a list: a non-empty string without whitespace
     (a line splits on its last run of whitespace, so a name with a space would not read back)."""
     return isinstance(name, str) and bool(name) and not any(c.isspace() for c in name)
+
+
+def name_problem(name) -> str | None:
+    """What keeps `name` from being an individual's name (`individual name 'x' <problem>`), or None:
+    the one rule of annotations, split lists, a checkpoint's class list and galleries. A name with
+    whitespace would not read back from a list; a control character (a terminal escape, say) would
+    be replayed by every listing that prints the name; `unknown` would read as a rejected photo."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if any(c.isspace() for c in name):
+        return "contains whitespace"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "holds a control character"
+    if name.lower() == REJECTED_NAME:
+        return "is what inference calls a rejected photo"
+    return None
 
 
 def write_list(path: str | Path, rows) -> None:

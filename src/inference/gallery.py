@@ -29,7 +29,6 @@ import argparse
 import io
 import math
 import sys
-import unicodedata
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -41,7 +40,8 @@ import numpy as np
 
 from src import atomic, locks
 from src.data.dataset import DatasetError, PreparedData
-from src.data.lists import REJECTED_NAME, canonical_name, is_list_name
+from src.data import lists
+from src.data.lists import canonical_name
 from src.errors import capped, stops_on_ctrl_c
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
@@ -60,18 +60,13 @@ class GalleryError(ValueError):
 
 
 def name_problem(name) -> str | None:
-    """Why `name` cannot be an individual's, or None. Names follow the list format (no whitespace);
-    `unknown` is what rejected photos are called, so an individual of that name would read as one."""
-    if not is_list_name(name):
-        fixed = "_".join(name.split()) if isinstance(name, str) else ""
-        # is_list_name first: name_problem(fixed) then never comes back here
-        suggestion = f" (e.g. {fixed!r})" if is_list_name(fixed) and name_problem(fixed) is None else ""
-        return f"individual name {name!r} must be non-empty and without whitespace{suggestion}"
-    if name.lower() == REJECTED_NAME:
-        return "'unknown' is the label of rejected photos, not an individual's name"
-    if any(unicodedata.category(c) == "Cc" for c in name):  # a terminal escape would be replayed by every listing
-        return f"individual name {name!r} holds a control character"
-    return None
+    """Why `name` cannot be an individual's (`lists.name_problem`), as a sentence, or None."""
+    problem = lists.name_problem(name)
+    if problem is None:
+        return None
+    fixed = "_".join(name.split()) if isinstance(name, str) else ""
+    suggestion = f" (e.g. {fixed!r})" if fixed != name and lists.name_problem(fixed) is None else ""
+    return f"individual name {name!r} {problem}{suggestion}"
 
 
 def check_name(name: str) -> None:

@@ -116,8 +116,9 @@ def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, t
         assert enroll(gallery, learned.checkpoint, bad, photos[1]) == 2
     err = capsys.readouterr().err
     assert "holds a control character" in err
-    assert "'two words' must be non-empty and without whitespace (e.g. 'two_words')" in err
-    assert gallery_cli.name_problem("unknown ") == "individual name 'unknown ' must be non-empty and without whitespace"
+    assert "individual name 'two words' contains whitespace (e.g. 'two_words')" in err
+    assert "individual name 'unknown' is what inference calls a rejected photo" in err
+    assert gallery_cli.name_problem("unknown ") == "individual name 'unknown ' contains whitespace"  # no suggestion
     assert Gallery.load(gallery).counts() == {name: 1}
 
 
@@ -271,9 +272,9 @@ def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learne
     ({"checkpoint_sha256": np.array([1, 2])}, "corrupt gallery: checkpoint_sha256 must be one string"),
     ({"embeddings": np.eye(1, 8, dtype=np.float32)}, "corrupt gallery: its embeddings have 8 dimensions, the model's 64"),
     # Names that enroll refuses: `unknown` would print a confident match as if it were a rejection.
-    ({"names": np.array(["unknown"])}, "corrupt gallery: 'unknown' is the label of rejected photos"),
-    ({"names": np.array([""])}, "corrupt gallery: individual name '' must be non-empty and without whitespace"),
-    ({"names": np.array(["Zuri Two"])}, "corrupt gallery: individual name 'Zuri Two' must be non-empty"),
+    ({"names": np.array(["unknown"])}, "corrupt gallery: individual name 'unknown' is what inference calls a rejected"),
+    ({"names": np.array([""])}, "corrupt gallery: individual name '' must be a non-empty string"),
+    ({"names": np.array(["Zuri Two"])}, "corrupt gallery: individual name 'Zuri Two' contains whitespace"),
     ({"names": np.array(["Zuri\x1b[31m"])}, "corrupt gallery: individual name 'Zuri\\x1b[31m' holds a control"),
 ])
 def test_damaged_galleries_of_the_right_checkpoint_exit_2_in_one_line(learned, unseen, tmp_path, capsys,
