@@ -1,4 +1,5 @@
-"""The torch device that evaluation and inference run on, chosen by one rule for both, and the
+"""The torch device that evaluation and inference run on, named by one rule for both (`cpu`, `cuda`,
+`cuda:N`; evaluation defaults to a GPU when there is one, the inference commands to the CPU), and the
 arithmetic they run with on it."""
 from __future__ import annotations
 

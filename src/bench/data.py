@@ -6,7 +6,7 @@ from pathlib import Path
 
 from src.data import prepare, standin
 
-MIN_IMAGES = 10  # per individual: prepare keeps no individual with fewer
+MIN_IMAGES = prepare.DEFAULT_MIN_IMAGES  # per individual, as the real data is prepared
 
 
 def prepared_standin(work: Path, individuals: int, images: int, size: int, *, held_out: int = 0,

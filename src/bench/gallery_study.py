@@ -39,6 +39,7 @@ from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
 from src.inference.identify import Embedded, Identifier, Threshold
 from src.models.scoring import MATCH_MODES
+from src.training.artifacts import RunPaths
 from src.training.train import run
 
 SHOTS = (1, 3, 5)
@@ -69,7 +70,7 @@ def train_model(args: argparse.Namespace, root: Path) -> Path:
                     "device": args.device, "amp": args.device == "cuda", "output_dir": str(args.out / "artifacts"),
                     "progress": "never"}})
     run(config)
-    return args.out / "artifacts" / "study_best.pt"
+    return RunPaths(config.trainer.output_dir, config.name).best
 
 
 def embed_split(identifier: Identifier, data: PreparedData, split: str) -> tuple[list[Embedded], np.ndarray]:

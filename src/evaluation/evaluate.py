@@ -113,7 +113,7 @@ def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | 
     the data root (and its default cache folder). Everything that shapes the pixels stays as trained."""
     config = config.model_copy(deep=True)
     if data_root is not None:
-        config.data.root, config.data.cache_dir = data_root, data_root / "cache"
+        config.data.root, config.data.cache_dir = data_root, None  # None: the root's own (DataConfig.cache_folder)
     if cache_dir is not None:
         config.data.cache_dir = cache_dir
     return config

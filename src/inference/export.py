@@ -56,6 +56,7 @@ TOLERANCE = 1e-4
 CHECK_IMAGES = 8
 TRACE_BATCH = 2
 WARMUP_RUNS = 3
+DEFAULT_RUNS = 30  # timed single-image runs per format
 
 Runner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
@@ -65,7 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for the exported files")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats")
-    parser.add_argument("--runs", type=int, default=30, help="timed single-image runs per format (default 30)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                        help=f"timed single-image runs per format (default {DEFAULT_RUNS})")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -143,7 +145,7 @@ def median_latency_ms(runner: Runner, image: torch.Tensor, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, runs: int = 30) -> dict:
+def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, runs: int = DEFAULT_RUNS) -> dict:
     """Export, check and time each format; write the JSON beside them. Returns the checks.
     Raises InferenceError (or CheckpointError, ConfigError) with one line."""
     checkpoint, out = Path(checkpoint), Path(out)

@@ -58,6 +58,7 @@ EXPORT_FORMAT_VERSION = 1
 # Metadata key of an exported ONNX file: the sha256 of the checkpoint it was exported from.
 CHECKPOINT_METADATA = "checkpoint_sha256"
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_TOP_K = 5  # individuals listed per photo
 # Decoding threads: PIL releases the GIL while it decompresses, so a few threads overlap the files.
 DECODE_THREADS = min(4, os.cpu_count() or 1)
 
@@ -465,7 +466,7 @@ class Identifier:
                 if progress is not None:
                     progress(len(chunk))
 
-    def predict(self, inputs: Sequence[ImageInput], top_k: int = 5, batch_size: int = DEFAULT_BATCH_SIZE,
+    def predict(self, inputs: Sequence[ImageInput], top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH_SIZE,
                 progress: Callable[[int], None] | None = None) -> Iterator[Prediction | Skipped]:
         """A Prediction or a Skipped for every input, in input order."""
         top_k = positive_int("top_k", top_k, InferenceError)
@@ -477,7 +478,7 @@ class Identifier:
             predictions = iter(self.decide(done, top_k)) if done else iter(())
             yield from (next(predictions) if isinstance(item, Embedded) else item for item in batch)
 
-    def identify(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
+    def identify(self, images: ImageInput | Sequence[ImageInput], top_k: int = DEFAULT_TOP_K,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:
         """Predictions for one image (a path or a PIL image) or a list of them.
         Raises ImageLoadError for the first unreadable one."""

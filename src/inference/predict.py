@@ -33,7 +33,8 @@ from pathlib import Path
 from src import atomic
 from src.errors import stops_on_ctrl_c
 from src.inference.gallery import Gallery, GalleryError
-from src.inference.identify import DEFAULT_BATCH_SIZE, DEFAULT_MATCH, USAGE_ERRORS, Identifier, Prediction
+from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, DEFAULT_TOP_K, USAGE_ERRORS, Identifier,
+                                     Prediction)
 from src.inference.inputs import Skipped, collect_images, printable
 from src.models.scoring import MATCH_MODES
 from src.tables import format_rows, print_stdout, progress_bar
@@ -49,7 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--onnx", type=Path, help="exported model (python -m src.inference.export); "
                                                  "runs with ONNX Runtime")
     parser.add_argument("inputs", nargs="+", help="images, folders or glob patterns")
-    parser.add_argument("--top-k", type=int, default=5, help="individuals listed per image (default 5)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                        help=f"individuals listed per image (default {DEFAULT_TOP_K})")
     parser.add_argument("--threshold", type=float, default=None,
                         help="call an image unknown when its best score is below this (default: the "
                              "threshold evaluation stored beside the checkpoint, if any)")

@@ -42,6 +42,5 @@ def create_model(config: ModelConfig, num_classes: int) -> IdentificationModel:
     if config.head not in HEADS:
         raise ModelError(f"model.head: unknown head {config.head!r}; known: {', '.join(HEADS)}")
     backbone, feature_dim = create_backbone(config.backbone, config.pretrained)
-    head = HEADS[config.head](config.embedding_dim, num_classes,
-                              margin=config.arcface_margin, scale=config.arcface_scale)
+    head = HEADS[config.head](config, num_classes)
     return IdentificationModel(backbone, feature_dim, config.embedding_dim, head, config.dropout)

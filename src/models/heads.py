@@ -9,14 +9,17 @@ ArcFace loses too much in bf16).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.config import ModelConfig
+
 
 class LinearHead(nn.Module):
-    def __init__(self, embedding_dim: int, num_classes: int, **_):
+    def __init__(self, embedding_dim: int, num_classes: int):
         super().__init__()
         self.fc = nn.Linear(embedding_dim, num_classes)
 
@@ -35,7 +38,7 @@ class ArcFaceHead(nn.Module):
     step, and it cannot return the margin-free logits without a second matrix product.
     """
 
-    def __init__(self, embedding_dim: int, num_classes: int, margin: float = 0.5, scale: float = 30.0):
+    def __init__(self, embedding_dim: int, num_classes: int, margin: float, scale: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.xavier_normal_(self.weight)
@@ -54,4 +57,10 @@ class ArcFaceHead(nn.Module):
         return logits, loss_logits
 
 
-HEADS: dict[str, type[nn.Module]] = {"linear": LinearHead, "arcface": ArcFaceHead}
+# model.head -> a builder from (the model's config, the number of individuals); the config's Literal
+# of head names must list exactly these (tests/test_config.py checks it).
+HEADS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "linear": lambda config, classes: LinearHead(config.embedding_dim, classes),
+    "arcface": lambda config, classes: ArcFaceHead(config.embedding_dim, classes, config.arcface_margin,
+                                                   config.arcface_scale),
+}

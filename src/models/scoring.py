@@ -51,11 +51,20 @@ def individual_scores(similarity: np.ndarray, gallery_labels: np.ndarray) -> tup
     return individuals, np.maximum.reduceat(similarity[:, order], starts, axis=1)
 
 
+def _nearest(queries: np.ndarray, embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return individual_scores(queries @ embeddings.astype(np.float64).T, labels)[1]
+
+
+def _prototype(queries: np.ndarray, embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return queries @ prototypes(embeddings, labels, int(labels.max()) + 1).T
+
+
+MATCHES = {"nearest": _nearest, "prototype": _prototype}  # match mode -> its scores
+assert tuple(MATCHES) == MATCH_MODES
+
+
 def gallery_scores(match: str, queries: np.ndarray, gallery_embeddings: np.ndarray,
                    gallery_labels: np.ndarray) -> np.ndarray:
     """`N x I`: each query's score for each gallery individual (labels 0..I-1, each enrolled at least
     once), by its `nearest` enrolled photo or by its `prototype`."""
-    queries = queries.astype(np.float64)
-    if match == "prototype":
-        return queries @ prototypes(gallery_embeddings, gallery_labels, int(gallery_labels.max()) + 1).T
-    return individual_scores(queries @ gallery_embeddings.astype(np.float64).T, gallery_labels)[1]
+    return MATCHES[match](queries.astype(np.float64), gallery_embeddings, gallery_labels)

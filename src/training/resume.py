@@ -187,7 +187,7 @@ def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state
     another run's."""
     if state.best_epoch == 0:
         return
-    old_best = resume_path.parent / f"{checkpoint['config'].get('name')}_best.pt"
+    old_best = RunPaths(resume_path.parent, checkpoint["config"].get("name")).best
     if state.best_epoch == state.epoch and state.step == 0:  # the checkpoint itself is that epoch
         source = resume_path
     elif old_best.is_file() and load_checkpoint(old_best)["epoch"] == state.best_epoch:

@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None, metavar="CHECKPOINT|auto",
-                        help="continue from a checkpoint; 'auto' takes artifacts/<name>_last.pt if present")
+                        help="continue from a checkpoint; 'auto' takes <trainer.output_dir>/<name>_last.pt if present")
     return parser.parse_args(argv)
 
 

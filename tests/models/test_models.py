@@ -29,7 +29,7 @@ def test_arcface_head_matches_pytorch_metric_learning():
 
 
 def test_arcface_margin_lowers_only_the_target_logit():
-    head = ArcFaceHead(8, 5)
+    head = ArcFaceHead(8, 5, margin=0.5, scale=30.0)
     embeddings, labels = torch.randn(10, 8), torch.arange(10) % 5
     logits, loss_logits = head(embeddings, labels)
     target = F.one_hot(labels, 5).bool()
