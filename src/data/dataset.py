@@ -8,16 +8,16 @@ their meaning when the lists change) and loads the images (`ImageListDataset`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from src.data.io import ImageLoadError, load_rgb
+from src.data.decode import decode_for_cache
+from src.data.io import ImageLoadError
 from src.data.lists import ListFormatError, Row, name_problem, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
 from src.errors import is_whole
@@ -151,38 +151,33 @@ class ClassIndex:
 
 
 class ImageListDataset(Dataset):
-    """`(image, label)` for each row; the image is `transform(PIL RGB)` or, without a transform, a
-    uint8 CHW tensor (lossless and cheap; normalisation belongs to the loader).
+    """`(image, label)` for each row, the image decoded as the cache stores it (`decode_for_cache`:
+    `cache_size x cache_size x 3` uint8), every epoch: the plain pipeline's DataLoader dataset.
 
-    With `skip_unreadable`, an image that fails to load yields None instead of raising, with one
-    warning per path per process; pass `collate_skip_none` to the DataLoader to drop those.
+    An image that fails to load yields None instead of raising, with one warning per path per
+    process; `collate_skip_none` drops those from the batch and counts them.
     """
 
-    def __init__(self, rows: Iterable[Row], raw_dir: str | Path, class_index: ClassIndex,
-                 transform: Callable[[Any], Any] | None = None, skip_unreadable: bool = False):
+    def __init__(self, rows: Iterable[Row], raw_dir: str | Path, class_index: ClassIndex, cache_size: int):
         self.rows = list(rows)
         self.raw_dir = Path(raw_dir)
         self.labels = [class_index.index(name) for _, name in self.rows]  # unknown names fail here, early
-        self.transform = transform
-        self.skip_unreadable = skip_unreadable
+        self.cache_size = cache_size
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         rel = self.rows[i][0]
         try:
-            img = load_rgb(self.raw_dir / rel)
+            pixels = decode_for_cache(self.raw_dir / rel, self.cache_size)
         except ImageLoadError as exc:
-            if not self.skip_unreadable:
-                raise
             if rel not in self._warned:
                 self._warned.add(rel)
                 log.warning("skipping unreadable image %s", exc)
             return None
-        sample = self.transform(img) if self.transform else torch.from_numpy(np.array(img)).permute(2, 0, 1)
-        return sample, self.labels[i]
+        return torch.from_numpy(pixels), self.labels[i]
 
 
 def collate_skip_none(batch: list[tuple[Any, int] | None]) -> tuple[Any, torch.Tensor, int]:

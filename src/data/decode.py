@@ -29,8 +29,8 @@ def cache_size_for(image_size: int) -> int:
 def decode_for_cache(path: str | Path, cache_size: int) -> np.ndarray:
     """`cache_size x cache_size x 3` uint8: the image's centre square resized with antialiasing.
 
-    The plain pipeline runs the same two steps (`load_rgb`, then `square_resize`) in its DataLoader
-    workers every epoch, so both pipelines see the same pixels. Raises ImageLoadError.
+    The plain pipeline calls it too, in its DataLoader workers every epoch (`ImageListDataset`), so
+    both pipelines see the same pixels. Raises ImageLoadError.
     """
     return square_resize(load_rgb(path), cache_size)
 

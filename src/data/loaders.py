@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 from src.config import Config, ConfigError
 from src.data.augment import BatchAugment
 from src.data.cache import load_or_build_cache
-from src.data.decode import cache_size_for, square_resize
+from src.data.decode import cache_size_for
 from src.data.dataset import ClassIndex, DatasetError, ImageListDataset, collate_skip_none
 from src.parallel import WorkerDied
 
@@ -203,11 +202,6 @@ def staged_batches(images: torch.Tensor, plan: list[torch.Tensor], device: torch
             yield pixels
 
 
-def _to_cache_tensor(image, cache_size: int) -> torch.Tensor:
-    """A decoded RGB image as the cache stores it (a module function: DataLoader workers pickle it)."""
-    return torch.from_numpy(square_resize(image, cache_size))
-
-
 @dataclass
 class PlainSource(BatchSource):
     dataset: ImageListDataset = None  # decodes with the cache's own resize, unreadable images -> None
@@ -255,8 +249,7 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
                   seed=config.trainer.seed, device=device,
                   rank=rank, world_size=world_size)
     if config.data.pipeline == "plain":
-        dataset = ImageListDataset(rows, raw_dir, classes, partial(_to_cache_tensor, cache_size=cache_size),
-                                   skip_unreadable=True)
+        dataset = ImageListDataset(rows, raw_dir, classes, cache_size)
         labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
         return PlainSource(labels=labels, dataset=dataset, workers=config.data.workers, **common)
     try:

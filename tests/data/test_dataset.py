@@ -5,14 +5,13 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from src.data.dataset import ClassIndex, DatasetError, ImageListDataset, PreparedData, collate_skip_none
-from src.data.io import ImageLoadError
+from src.data.decode import decode_for_cache
 from src.data.lists import write_list
 
 ROWS = [("faces/b/1.png", "Bako"), ("faces/a/1.png", "Abeni"), ("faces/c/1.png", "Chiku"),
@@ -38,11 +37,6 @@ def root(tmp_path) -> Path:
         "raw_dir": str(raw.resolve()), "min_images": 2, "seed": 7, "num_classes": 3,
         "num_images": 6, "format_version": 1}))
     return tmp_path / "prepared"
-
-
-def _resize16(img: Image.Image) -> torch.Tensor:
-    """A transform that makes images stackable, as a training transform would."""
-    return torch.from_numpy(np.array(img.resize((16, 16)))).permute(2, 0, 1)
 
 
 def test_prepared_data_reads_json_and_splits(root, tmp_path):
@@ -139,42 +133,38 @@ def test_class_index_refuses_bad_names(names, message):
         ClassIndex(names)
 
 
-def test_dataset_returns_rgb_uint8_tensors_and_labels(root):
+def test_dataset_gives_the_cache_s_pixels_and_labels(root):
     data = PreparedData.load(root)
     classes = ClassIndex.from_rows(ROWS)
-    dataset = ImageListDataset(data.split("train"), data.raw_dir, classes)
+    dataset = ImageListDataset(data.split("train"), data.raw_dir, classes, cache_size=12)
     assert len(dataset) == 6
     for i, (rel, name) in enumerate(ROWS):
         image, label = dataset[i]
-        assert image.dtype == torch.uint8 and image.shape == (3, 16, 20 + i)
-        assert label == classes.index(name)
-    image, _ = ImageListDataset(ROWS, data.raw_dir, classes, transform=_resize16)[0]
-    assert image.shape == (3, 16, 16)
+        assert torch.equal(image, torch.from_numpy(decode_for_cache(data.raw_dir / rel, 12)))
+        assert image.dtype == torch.uint8 and image.shape == (12, 12, 3) and label == classes.index(name)
 
 
 def test_dataset_refuses_individuals_outside_the_class_index(root):
     with pytest.raises(DatasetError, match="Chiku"):
-        ImageListDataset(ROWS, root, ClassIndex(["Abeni", "Bako"]))
+        ImageListDataset(ROWS, root, ClassIndex(["Abeni", "Bako"]), cache_size=12)
 
 
 def test_skip_unreadable_drops_missing_images_and_counts_them(root, caplog):
     data = PreparedData.load(root)
     classes = ClassIndex.from_rows(ROWS)
     (data.raw_dir / ROWS[0][0]).unlink()
-    with pytest.raises(ImageLoadError, match="file not found"):
-        ImageListDataset(ROWS, data.raw_dir, classes)[0]
-
-    dataset = ImageListDataset(ROWS, data.raw_dir, classes, transform=_resize16, skip_unreadable=True)
+    dataset = ImageListDataset(ROWS, data.raw_dir, classes, cache_size=16)
     with caplog.at_level(logging.WARNING, logger="src.data.dataset"):
         assert dataset[0] is None and dataset[0] is None
-    assert len([r for r in caplog.records if ROWS[0][0] in r.getMessage()]) == 1  # once per path
+    assert [r.getMessage() for r in caplog.records if ROWS[0][0] in r.getMessage()] == [
+        f"skipping unreadable image {data.raw_dir / ROWS[0][0]}: file not found"]  # once per path
 
     for workers in (0, 2):  # the count travels with the batch, so worker processes report it too
         loader = DataLoader(dataset, batch_size=3, num_workers=workers, collate_fn=collate_skip_none)
         batches = list(loader)
         assert sum(skipped for _, _, skipped in batches) == 1
         assert sum(len(labels) for _, labels, _ in batches) == 5
-        assert batches[0][0].shape == (2, 3, 16, 16) and batches[0][1].dtype == torch.int64
+        assert batches[0][0].shape == (2, 16, 16, 3) and batches[0][1].dtype == torch.int64
 
 
 def test_collate_of_an_all_unreadable_batch_is_empty():
