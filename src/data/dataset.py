@@ -7,6 +7,7 @@ their meaning when the lists change) and loads the images (`ImageListDataset`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -148,6 +149,16 @@ class ClassIndex:
     def __repr__(self) -> str:
         more = ", ..." if len(self) > 3 else ""
         return f"ClassIndex({len(self)} classes: {', '.join(self._names[:3])}{more})"
+
+
+def data_fingerprint(rows: list[tuple[str, str]], classes: ClassIndex) -> str:
+    """sha256 of a training split's images, their labels and the class list: a checkpoint records it,
+    and resuming or evaluating on data that differs (re-prepared, relabelled) is refused."""
+    digest = hashlib.sha256()
+    for rel, name in sorted(rows):
+        digest.update(f"{rel}\t{name}\n".encode())
+    digest.update("\n".join(classes.names).encode())
+    return digest.hexdigest()
 
 
 class ImageListDataset(Dataset):

@@ -31,7 +31,7 @@ import torch
 
 from src import atomic
 from src.config import Config, ConfigError, ModelConfig
-from src.data.dataset import ClassIndex, DatasetError, PreparedData
+from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import build_source
 from src.devices import pick_device, reproducible_arithmetic
 from src.errors import positive_int, show_warnings, stops_on_ctrl_c
@@ -41,11 +41,10 @@ from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_
 from src.evaluation.report import confusion_csv, render_markdown, rounded
 from src.models.backbones import ModelError
 from src.models.scoring import SCORE_KINDS, classifier_scores, gallery_scores
+from src.models.trained import CheckpointError, TrainedModel, load_trained
 from src.tables import progress_bar
 from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths, threshold_sidecar_path
-from src.training.checkpoint import CheckpointError, TrainedModel, load_trained
-from src.training.resume import data_fingerprint
 
 log = logging.getLogger(__name__)
 

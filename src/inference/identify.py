@@ -368,7 +368,7 @@ def _checkpoint_backend(path: str | Path, device: str) -> tuple[TorchBackend, Mo
     """A training checkpoint's model on `device`, and what it knows (classes, config, sha256)."""
     # Imported here: the ONNX path needs neither torchvision nor the model code.
     from src.models.backbones import ModelError
-    from src.training.checkpoint import load_trained
+    from src.models.trained import load_trained
 
     torch_device = pick_device(device, InferenceError)
     try:

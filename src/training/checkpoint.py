@@ -1,13 +1,11 @@
-"""Checkpoints that are safe to load and impossible to half-write.
+"""Writing checkpoints that are impossible to half-write (reading them: `src/models/trained.py`).
 
-Loading goes through `src.safe_load` (tensors and plain containers only, so a crafted file is refused
-instead of running code). Saving writes a temporary file in the same folder, fsyncs it and renames
-it over the target: a crash or a full disk during a save leaves the previous checkpoint intact.
+Saving writes a temporary file in the same folder, fsyncs it and renames it over the target: a
+crash or a full disk during a save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import shutil
 import threading
 import time
@@ -18,39 +16,8 @@ from pathlib import Path
 import torch
 
 from src.atomic import atomic_destination
-from src.config import Config, ConfigError, config_from_dict
-from src.data.dataset import ClassIndex, DatasetError
-from src.errors import state_dict_problem
-from src.models.factory import IdentificationModel, create_model
-from src.safe_load import CheckpointError, safe_torch_load
+from src.safe_load import CheckpointError
 from src.training.artifacts import RunPaths, write_metrics_csv
-
-FORMAT_VERSION = 1
-# The keys every checkpoint of this project has, and their types: anything else is another
-# program's file or a damaged one.
-REQUIRED = {"format_version": int, "model_state": dict, "epoch": int, "config": dict, "classes": (list, tuple)}
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A training checkpoint of this project, validated. Raises CheckpointError."""
-    state = safe_torch_load(path, map_location)
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
-        raise CheckpointError(f"{path}: not a checkpoint of this project (missing "
-                              f"{[k for k in REQUIRED if not isinstance(state, dict) or k not in state]})")
-    wrong = [key for key, kind in REQUIRED.items()
-             if not isinstance(state[key], kind) or isinstance(state[key], bool)]
-    if wrong:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (malformed "
-                              + ", ".join(f"{key}: {type(state[key]).__name__}" for key in wrong) + ")")
-    if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {state['format_version']} is newer than this "
-                              f"code understands ({FORMAT_VERSION}); update the project")
-    broken = next((key for key, value in state["model_state"].items() if isinstance(value, torch.Tensor)
-                   and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
-    if broken is not None:  # training stops before saving such weights: a damaged or diverged file
-        raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first: {broken}); "
-                              "not a usable checkpoint")
-    return state
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -259,47 +226,3 @@ class CheckpointSaver:
         """Write `(snapshot, path)` pairs in the background, then the CSV of the last one's history."""
         history = items[-1][0].tree["history"]
         self.writer.save(items, after=lambda: write_metrics_csv(self.paths.metrics, history))
-
-
-# ---------------------------------------------------------------------------------------------
-# A trained model, for evaluation and inference
-
-
-@dataclass
-class TrainedModel:
-    """A checkpoint ready to use: its model in eval mode on the device, and what it was trained on
-    (evaluation and inference)."""
-
-    sha256: str
-    checkpoint: dict
-    config: Config
-    classes: ClassIndex
-    model: IdentificationModel
-    device: torch.device
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def load_trained(path: Path, device: torch.device) -> TrainedModel:
-    """The checkpoint's model with its weights. The backbone is built without pretrained weights
-    (they would be downloaded only to be overwritten by the checkpoint's)."""
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
-    try:
-        config = config_from_dict(checkpoint["config"])
-        classes = ClassIndex.from_list(checkpoint["classes"])
-    except (ConfigError, DatasetError) as exc:
-        raise CheckpointError(f"{path}: the config or class list stored in the checkpoint is invalid ({exc})") from None
-    # The random initialisation is overwritten by the checkpoint's weights; fork_rng keeps it from
-    # advancing the caller's global torch RNG (loading a model must not change a seeded script's draws).
-    with torch.random.fork_rng(devices=[]):
-        model = create_model(config.model.model_copy(update={"pretrained": False}), len(classes))
-    try:
-        model.load_state_dict(checkpoint["model_state"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model its config describes "
-                              f"({state_dict_problem(exc)})") from None
-    return TrainedModel(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)

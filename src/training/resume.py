@@ -2,7 +2,6 @@
 a checkpoint (`starting_state`), and what may change between a run and its resumption."""
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import shutil
@@ -20,7 +19,7 @@ from src.data.dataset import ClassIndex
 from src.errors import first_line, is_whole, state_dict_problem
 from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
-from src.training.checkpoint import CheckpointError, load_checkpoint
+from src.models.trained import CheckpointError, load_checkpoint
 
 if TYPE_CHECKING:  # train.py imports this module
     from src.training.train import Runtime
@@ -49,14 +48,6 @@ RESUMABLE_CHANGES = {
     "trainer.compile_mode", "trainer.progress", "trainer.output_dir", "trainer.deterministic",
     "trainer.checkpoint_interval_s",
 }
-
-
-def data_fingerprint(rows: list[tuple[str, str]], classes: ClassIndex) -> str:
-    digest = hashlib.sha256()
-    for rel, name in sorted(rows):
-        digest.update(f"{rel}\t{name}\n".encode())
-    digest.update("\n".join(classes.names).encode())
-    return digest.hexdigest()
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

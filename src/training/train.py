@@ -25,17 +25,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
-from src.data.dataset import ClassIndex, DatasetError, PreparedData
+from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import IGNORED, BatchSource, build_source
 from src.errors import capped, show_warnings
 from src.models.backbones import ModelError
 from src.models.factory import create_model
+from src.models.trained import FORMAT_VERSION, CheckpointError
 from src.tables import progress_bar
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line
-from src.training.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointSaver, device_snapshot
-from src.training.resume import (RunState, check_resume_compatible, check_training_state, data_fingerprint,
-                                 read_resume_checkpoint, rng_state, starting_state)
+from src.training.checkpoint import CheckpointSaver, device_snapshot
+from src.training.resume import (RunState, check_resume_compatible, check_training_state, read_resume_checkpoint,
+                                 rng_state, starting_state)
 from src.training.stopping import StopRequest, Terminated, TrainingStopped, sigterm_raises
 
 # Devices on which the checkpoint's weights are snapshotted every epoch while validation runs, kept if

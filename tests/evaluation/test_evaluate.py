@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from src.config import load_config
-from src.data.dataset import ClassIndex, PreparedData
+from src.data.dataset import ClassIndex, PreparedData, data_fingerprint
 from src.evaluation import evaluate
 from src.evaluation.evaluate import EmbeddedSplit, open_set_section, threshold_section
 from src.evaluation.report import render_markdown, rounded, trained_for
@@ -24,8 +24,9 @@ from src.inference.identify import Identifier
 from src.models.factory import IdentificationModel, create_model
 from src.models.scoring import SCORE_KINDS
 from src.training.artifacts import threshold_sidecar_path
-from src.training.checkpoint import atomic_save, load_checkpoint
-from src.training.resume import RunState, data_fingerprint
+from src.models.trained import load_checkpoint
+from src.training.checkpoint import atomic_save
+from src.training.resume import RunState
 from src.training.train import checkpoint_dict
 from tests.conftest import REPO, arithmetic_flags, write_config
 

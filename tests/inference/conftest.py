@@ -24,7 +24,8 @@ from src.data.augment import BatchAugment
 from src.data.decode import cache_size_for, decode_for_cache
 from src.data.standin import individual_name, render
 from src.models.factory import create_model
-from src.training.checkpoint import FORMAT_VERSION, atomic_save
+from src.models.trained import FORMAT_VERSION
+from src.training.checkpoint import atomic_save
 
 STANDIN_SIZE = 36          # rendered side in pixels (each side varies by 10%, as real crops do)
 TRAIN_INDIVIDUALS = 16

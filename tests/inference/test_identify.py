@@ -17,7 +17,7 @@ from src.data.io import ImageLoadError
 from src.data.lists import REJECTED_NAME
 from src.evaluation.evaluate import embed_split, evaluation_config
 from src.training.artifacts import threshold_sidecar_path
-from src.training.checkpoint import load_trained
+from src.models.trained import load_trained
 from src.evaluation.metrics import choose_open_set_threshold
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery

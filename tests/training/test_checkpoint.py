@@ -11,8 +11,8 @@ import torch
 
 from src.training import checkpoint, train
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
-from src.training.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriter, atomic_save,
-                                     safe_torch_load, snapshot)
+from src.safe_load import CheckpointError, safe_torch_load
+from src.training.checkpoint import CheckpointSaver, CheckpointWriter, atomic_save, snapshot
 from tests.conftest import write_config
 
 

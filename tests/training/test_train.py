@@ -23,7 +23,7 @@ from src.data.lists import read_list
 from src.training import distributed as dist_utils
 from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
-from src.training.checkpoint import load_checkpoint
+from src.models.trained import load_checkpoint
 from src.training.train import (batch_stats, build_model_and_optimizer, make_runtime, run, seed_everything,
                                 wrap_for_training)
 from src.training.train import main as train_main
