@@ -50,4 +50,10 @@ def print_stdout(text: str) -> None:
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_stdout()
+
+
+def drop_stdout() -> None:
+    """Send whatever is still written to stdout to /dev/null: after a write failed (a closed pipe),
+    Python would fail again, with a traceback, when it flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

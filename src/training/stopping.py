@@ -34,6 +34,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.reason = ""  # said with the signal's name when it did not come as a signal
         self._previous: dict = {}
         self.second_signal_exits = True
 
@@ -68,10 +69,16 @@ class StopRequest:
             return
         self.signal_name = signal.Signals(signum).name
 
+    def request(self, signal_name: str, reason: str) -> None:
+        """Stop as a signal would: SIGPIPE when the run's own output could not be written."""
+        if self.signal_name is None:
+            self.signal_name, self.reason = signal_name, f" ({reason})"
+
     def stopped(self, where: str, saved: Path, note: str = "") -> TrainingStopped:
-        """The error that ends a run stopped by the signal (exit 130 for SIGINT, 143 for SIGTERM)."""
-        return TrainingStopped(f"stopped by {self.signal_name} {where}; saved {saved}{note}",
-                               exit_code=130 if self.signal_name == "SIGINT" else 143, resumable=True)
+        """The error that ends a run stopped by the signal: exit 128 + its number (130 for SIGINT,
+        143 for SIGTERM, 141 for SIGPIPE), as a shell reports a process the signal ended."""
+        return TrainingStopped(f"stopped by {self.signal_name}{self.reason} {where}; saved {saved}{note}",
+                               exit_code=128 + signal.Signals[self.signal_name].value, resumable=True)
 
     def requested(self, step: int, runtime: Runtime) -> bool:
         """Single process: checked every step. Under torchrun the ranks agree every 10 steps, so all

@@ -31,7 +31,7 @@ from src.errors import capped, show_warnings
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.models.trained import FORMAT_VERSION, CheckpointError
-from src.tables import progress_bar
+from src.tables import drop_stdout, progress_bar
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line
 from src.training.checkpoint import CheckpointSaver, device_snapshot
@@ -68,6 +68,7 @@ class Runtime:
     dist: dist_utils.DistInfo
     amp_dtype: torch.dtype | None  # None: fp32
     batch_stats: Callable = batch_stats
+    output_lost: OSError | None = None  # why stdout could not be written; `fit` then stops, saved
 
     def autocast(self):
         """Mixed precision as configured (fp32 when amp_dtype is None)."""
@@ -75,8 +76,15 @@ class Runtime:
                               enabled=self.amp_dtype is not None)
 
     def print(self, *args, **kwargs) -> None:
-        if self.dist.is_main:
-            print(*args, **kwargs, flush=True)
+        """On the main process. A stdout that cannot be written (its pipe closed: `| head`, a pager
+        quit; a full disk) must not end the run with a traceback and lose the epochs not yet saved:
+        its output is dropped from then on, and the run stops after the epoch, saved (`fit`)."""
+        if self.dist.is_main and self.output_lost is None:
+            try:
+                print(*args, **kwargs, flush=True)
+            except OSError as exc:
+                self.output_lost = exc
+                drop_stdout()
 
 
 @dataclass
@@ -481,11 +489,13 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         improved = val["top1"] > state.best_val_top1
         if improved:
             state.best_val_top1, state.best_epoch = val["top1"], epoch
-        stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
-        saver.save(build_checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
         runtime.print(epoch_line(row, max_epochs))
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
+        if runtime.output_lost is not None:
+            stop.request("SIGPIPE", f"stdout could not be written: {runtime.output_lost}")
+        stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
+        saver.save(build_checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
         if stopping:
             saver.wait()
             raise stop.stopped(f"after epoch {epoch}", paths.last)
