@@ -106,7 +106,10 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
 # --- keying -------------------------------------------------------------------------------------
 
 def _file_digest(path: Path) -> str:
-    """blake2b of the file bytes; an unreadable file gets a marker so its return changes the key."""
+    """blake2b of the file bytes; an unreadable file gets a marker so its return changes the key.
+    A FIFO or a device is never opened: a FIFO waits for a writer, and /dev/zero never ends."""
+    if not path.is_file():
+        return "unreadable:not-a-regular-file"
     try:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, partial(hashlib.blake2b, digest_size=16)).hexdigest()

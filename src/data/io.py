@@ -57,11 +57,22 @@ def as_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "<in-me
         raise ImageLoadError(name, f"cannot be converted to RGB ({exc})") from None
 
 
+def file_problem(path: Path) -> str | None:
+    """None for a regular file (or a link to one), else why it is no image file: a link to nothing,
+    or a FIFO, socket or device (opening a FIFO would wait for a writer forever)."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "broken link"
+    return "not a regular file" if path.exists() else "file not found"
+
+
 def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Fully decoded RGB image with EXIF orientation applied. Raises ImageLoadError."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(path, "file not found")
+    problem = file_problem(path)
+    if problem is not None:
+        raise ImageLoadError(path, problem)
     if path.stat().st_size == 0:  # e.g. an interrupted copy; Pillow would only say "unidentified"
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:

@@ -37,11 +37,11 @@ from torch import nn
 from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
 from src.data.decode import cache_size_for, decode_for_cache, square_resize
-from src.data.io import ImageLoadError, as_rgb
+from src.data.io import ImageLoadError, as_rgb, file_problem
 from src.data.lists import REJECTED_NAME
 from src.devices import pick_device, reproducible_arithmetic
 from src.errors import first_line, positive_int
-from src.inference.inputs import Skipped, file_problem
+from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError
 from src.tables import counted

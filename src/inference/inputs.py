@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.data.io import IMAGE_EXTENSIONS
+from src.data.io import IMAGE_EXTENSIONS, file_problem
 from src.errors import capped
 from src.tables import counted
 
@@ -28,16 +28,6 @@ def printable(path: str | Path) -> str:
     as surrogates, which a strict UTF-8 stdout refuses with a traceback; they are shown as U+FFFD,
     as a terminal shows those bytes (the CSV keeps them, so that it still names the file)."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def file_problem(path: Path) -> str | None:
-    """None for a regular file (or a link to one), else why it is no image file: a link to nothing,
-    or a FIFO, socket or device (opening a FIFO would wait for a writer forever)."""
-    if path.is_file():
-        return None
-    if path.is_symlink() and not path.exists():
-        return "broken link"
-    return "not a regular file" if path.exists() else "file not found"
 
 
 @dataclass(frozen=True)

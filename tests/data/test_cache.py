@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -401,3 +402,17 @@ def test_decode_for_cache_takes_the_centre_square_of_a_tall_image_too(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "tall.png")
     out = decode_for_cache(tmp_path / "tall.png", 20)
     np.testing.assert_array_equal(out[3:-3], np.broadcast_to([0, 255, 0], (14, 20, 3)))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="POSIX FIFOs and devices")
+def test_a_fifo_or_a_device_in_the_list_is_left_out_unopened(dataset):
+    """Hashing the files for the cache's key opened them: a FIFO waits for a writer for ever, and
+    /dev/zero never ends (training hung before its first step, and ignored SIGTERM)."""
+    raw, _, rows = dataset
+    os.mkfifo(raw / "face_images/fifo.png")
+    (raw / "face_images/zero.png").symlink_to("/dev/zero")
+    rows = rows + [("face_images/fifo.png", "x"), ("face_images/zero.png", "y")]
+    cached = _build(dataset, rows=rows, workers=2)
+    assert cached.kept == list(range(5))
+    assert cached.failed == [("face_images/fifo.png", "not a regular file"),
+                             ("face_images/zero.png", "not a regular file")]
