@@ -16,6 +16,10 @@ Row = tuple[str, str]  # (path relative to the raw folder, individual): one line
 # What inference calls a photo it rejects; an individual of that name (in any case) would read as a
 # rejection, so no stage accepts it (`name_problem`).
 REJECTED_NAME = "unknown"
+# Zero-width space, word joiner, byte-order mark; the bidirectional marks, embeddings, overrides and
+# isolates (Unicode's "Bidi_Control" characters).
+INVISIBLE_OR_DIRECTION = frozenset("\u200b\u2060\ufeff\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                   "\u2066\u2067\u2068\u2069")
 
 
 class ListFormatError(ValueError):
@@ -63,13 +67,20 @@ def name_problem(name) -> str | None:
     """What keeps `name` from being an individual's name (`individual name 'x' <problem>`), or None:
     the one rule of annotations, split lists, a checkpoint's class list and galleries. A name with
     whitespace would not read back from a list; a control character (a terminal escape, say) would
-    be replayed by every listing that prints the name; `unknown` would read as a rejected photo."""
+    be replayed by every listing that prints the name; a zero-width space makes a second name that
+    looks like the first, and a text-direction control reorders the line it is printed in (other
+    format characters, a soft hyphen or the zero-width joiner inside many emoji, are part of names
+    people type); `unknown` would read as a rejected photo."""
     if not isinstance(name, str) or not name:
         return "must be a non-empty string"
     if any(c.isspace() for c in name):
         return "contains whitespace"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "holds a control character"
+    control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"holds a control character (U+{ord(control):04X})"
+    hidden = next((c for c in name if c in INVISIBLE_OR_DIRECTION), None)
+    if hidden is not None:
+        return f"holds an invisible or text-direction character (U+{ord(hidden):04X})"
     if name.lower() == REJECTED_NAME:
         return "is what inference calls a rejected photo"
     return None

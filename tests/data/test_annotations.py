@@ -151,7 +151,7 @@ def test_the_name_of_a_rejected_photo_is_no_individual_s(tmp_path):
         check_names(records, spaces_to_underscores=False)
     with pytest.raises(AnnotationError, match=r"individual name 'Unknown' is what inference calls a rejected"):
         check_names([Record("a.png", "Unknown", "CZoo", "f:1")], spaces_to_underscores=False)
-    with pytest.raises(AnnotationError, match=r"f:1: individual name 'Zo\\x07e' holds a control character; rename"):
+    with pytest.raises(AnnotationError, match=r"f:1: individual name 'Zo\\x07e' holds a control character \(U\+0007\); rename"):
         check_names([Record("a.png", "Zo\x07e", "CZoo", "f:1")], spaces_to_underscores=True)
     fix_file = tmp_path / "fix.txt"
     fix_file.write_text("Abeni -> unknown\n")

@@ -127,6 +127,9 @@ def test_class_index_is_sorted_stable_and_round_trips():
     # would otherwise have an individual that gallery enroll --from-split refuses
     (["Zo\x07e"], "class name 'Zo\\\\x07e' holds a control character"),
     (["Unknown"], "class name 'Unknown' is what inference calls a rejected photo"),
+    # a second "Zuri" that looks like the first, and a name that reorders the line it is printed in
+    (["Zuri\u200b"], r"holds an invisible or text-direction character \(U\+200B\)"),
+    (["Ab\u202eeni"], r"holds an invisible or text-direction character \(U\+202E\)"),
 ])
 def test_class_index_refuses_bad_names(names, message):
     with pytest.raises(DatasetError, match=message):

@@ -409,9 +409,13 @@ def test_a_folder_given_as_the_gallery_is_named_as_such(learned, unseen, tmp_pat
 
 
 def test_names_with_format_characters_are_names_and_control_characters_are_not():
-    """A soft hyphen or a zero-width joiner (inside many emoji) is part of a name someone typed."""
+    """A soft hyphen or a zero-width joiner (inside many emoji) is part of a name someone typed; a
+    zero-width space makes a second "Zuri" that looks like the first, a right-to-left override
+    reorders the listing it is printed in."""
     assert gallery_cli.name_problem("Zo\u00adé") is None and gallery_cli.name_problem("Ali\u200dce") is None
-    assert "control character" in gallery_cli.name_problem("Zuri\x07")
+    assert "control character (U+0007)" in gallery_cli.name_problem("Zuri\x07")
+    assert "invisible or text-direction character (U+200B)" in gallery_cli.name_problem("Zuri\u200b")
+    assert "invisible or text-direction character (U+202E)" in gallery_cli.name_problem("Ab\u202eeni")
 
 
 def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
