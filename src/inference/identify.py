@@ -36,6 +36,7 @@ from torch import nn
 
 from src.config import Config, ConfigError, config_from_dict
 from src.data.augment import BatchAugment
+from src.data.dataset import ClassIndex, DatasetError
 from src.data.decode import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb, file_problem
 from src.data.lists import REJECTED_NAME
@@ -134,7 +135,13 @@ class ModelInfo:
 
     @classmethod
     def from_json(cls, raw: dict) -> ModelInfo:
-        return cls(tuple(raw["classes"]), config_from_dict(raw["config"]), raw["checkpoint_sha256"])
+        """Raises ValueError for a class list a checkpoint could not hold (`ClassIndex`'s rule: a
+        class named `unknown` would pass a rejected photo for a prediction)."""
+        try:
+            classes = ClassIndex(raw["classes"]).names
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+        return cls(classes, config_from_dict(raw["config"]), raw["checkpoint_sha256"])
 
 
 def export_info_path(onnx_path: Path) -> Path:
@@ -154,8 +161,9 @@ class StoredThresholds:
         value = self.values.get(kind)
         if value is None:
             return Threshold(None, self.origin if not self.values else f"{self.origin}, but none for {kind} scores")
-        if not math.isfinite(value):
-            raise InferenceError(f"{self.origin}: threshold {value} is not a finite number")
+        if not math.isfinite(value) or abs(value) > THRESHOLD_LIMIT:
+            raise InferenceError(f"{self.origin}: the {kind} threshold {value} is not a number in -1..1, the range "
+                                 "of the scores; re-run evaluation or pass --threshold")
         return Threshold(float(value), self.origin)
 
 
@@ -220,6 +228,11 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
     return StoredThresholds(values, f"stored in {path.name}: {method}")
 
 
+# Every score is a cosine similarity or a probability: -1..1, and evaluation's "reject all" and
+# "accept all" values lie 1e-5 beyond.
+THRESHOLD_LIMIT = 1.0 + 1e-5
+
+
 def given_threshold(value: float) -> Threshold:
     """A threshold given by the user. Every score is a cosine similarity or a probability, so one
     outside -1..1 would reject every photo, or accept every one, and is refused; but for evaluation's
@@ -227,7 +240,7 @@ def given_threshold(value: float) -> Threshold:
     report is accepted)."""
     if not math.isfinite(value):
         raise InferenceError(f"--threshold {value} is not a finite number")
-    if abs(value) > 1.0 + 1e-5:
+    if abs(value) > THRESHOLD_LIMIT:
         raise InferenceError(f"--threshold {value} is outside -1..1, the range of the scores (cosine "
                              "similarities or probabilities): it would reject every photo or accept every one")
     return Threshold(value, "--threshold")

@@ -174,6 +174,18 @@ def test_an_export_json_that_disagrees_with_the_onnx_graph_exits_2_in_one_line(e
     assert err == f"error: {tmp_path / 'learned_best.onnx'}: {message}; export again\n", err
 
 
+def test_a_class_named_unknown_in_the_export_json_is_refused(exported, unseen, tmp_path, capsys):
+    """A prediction of that class read as a rejected photo (the summary and CSV said otherwise)."""
+    out, info = exported
+    shutil.copy(out / "learned_best.onnx", tmp_path)
+    edited = json.loads(json.dumps(info))
+    edited["model"]["classes"][4] = "unknown"
+    (tmp_path / "learned_best.json").write_text(json.dumps(edited))
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(next(iter(unseen.values()))[0])]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.json'}: not a valid export description "
+                                       "(ValueError: class name 'unknown' is what inference calls a rejected photo)\n")
+
+
 @pytest.mark.parametrize("threshold, problem", [
     ("0.5", "TypeError: the classifier threshold is '0.5', not a number"),  # was a TypeError traceback
     ([0.5], "TypeError: the classifier threshold is [0.5], not a number"),

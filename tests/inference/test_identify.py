@@ -109,15 +109,16 @@ def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, 
     assert identifier.threshold.value is None and "no stored threshold" in identifier.describe()
 
     sidecar = threshold_sidecar_path(checkpoint)
-    sidecar.write_text(json.dumps({"thresholds": {"classifier": 1.5, "nearest": 0.9, "prototype": None},
+    # 1.00001: evaluation's "reject all" value, 1e-5 above the highest score there can be
+    sidecar.write_text(json.dumps({"thresholds": {"classifier": 1.00001, "nearest": 0.9, "prototype": None},
                                    "method": "test rule", "checkpoint_sha256": identifier.info.checkpoint_sha256}))
     stored = Identifier.from_checkpoint(checkpoint)  # no gallery: the classifier's threshold
-    assert stored.threshold.value == 1.5 and "test rule" in stored.describe()
+    assert stored.threshold.value == 1.00001 and "test rule" in stored.describe()
     thresholds = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
     assert thresholds.for_kind("nearest").value == 0.9  # a gallery's own scale gets its own threshold
     assert thresholds.for_kind("prototype").value is None and "none for prototype" in thresholds.for_kind("prototype").origin
     image = next(iter(unseen.values()))[0]
-    [prediction] = stored.identify(image)  # softmax scores never reach 1.5
+    [prediction] = stored.identify(image)  # softmax scores never reach 1.00001
     assert prediction.unknown and prediction.label == REJECTED_NAME and prediction.names
 
     [accepted] = Identifier.from_checkpoint(checkpoint, threshold=0.0).identify(image)
@@ -142,6 +143,12 @@ def test_a_threshold_for_other_weights_is_ignored_and_a_broken_one_refused(learn
         with pytest.raises(InferenceError, match=f"not a valid threshold file .*{problem}") as exc:
             Identifier.from_checkpoint(checkpoint)
         assert "\n" not in str(exc.value)
+    # A number no score can reach rejected every photo without a word, where --threshold refuses it.
+    sidecar.write_text(json.dumps({"thresholds": {"classifier": 5}, "method": "m", "checkpoint_sha256": sha256}))
+    with pytest.raises(InferenceError, match=r"the classifier threshold 5.0 is not a number in -1..1, the range of "
+                                             r"the scores; re-run evaluation or pass --threshold$"):
+        Identifier.from_checkpoint(checkpoint)
+    assert Identifier.from_checkpoint(checkpoint, threshold=0.5).threshold.value == 0.5
     # edited and saved on Windows (a BOM)
     sidecar.write_bytes(b"\xef\xbb\xbf" + json.dumps({"thresholds": {"classifier": 0.5}, "method": "m",
                                                       "checkpoint_sha256": sha256}).encode())
