@@ -1,6 +1,7 @@
 """Decode any common image file to an RGB PIL image, or fail with a reason a user can act on."""
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Decompression-bomb guard: 64 megapixels is ~8000x8000, far above any face crop or camera-trap frame
 # we expect; anything larger is refused rather than allowed to exhaust memory.
 MAX_PIXELS = 64_000_000
+_OPENING = threading.Lock()  # see load_rgb
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -76,15 +78,18 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if path.stat().st_size == 0:  # e.g. an interrupted copy; Pillow would only say "unidentified"
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        # Pillow warns of a huge image in open(): an error here, as the limit below. The warning
+        # filters are the process's, not the thread's, so threads that decode take turns to open
+        # (a header read), or one thread's filter ends while another opens and the warning is printed.
+        with _OPENING, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > max_pixels:
-                    raise ImageLoadError(
-                        path, f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")
-                img.load()  # decodes everything now, so truncation is caught here
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > max_pixels:
+                raise ImageLoadError(path, f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")
+            img.load()  # decodes everything now, so truncation is caught here
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:

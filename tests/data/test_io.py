@@ -1,6 +1,11 @@
 """Decoding any image file to RGB: the same picture gives the same pixels in every container."""
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,3 +66,30 @@ def test_an_in_memory_image_over_the_pixel_limit_is_refused_like_a_file(tmp_path
         assert load(600).size == (30, 20)
         with pytest.raises(ImageLoadError, match="30x20 exceeds the 599-pixel limit"):
             load(599)
+
+
+def _png_header(path, width: int, height: int) -> None:
+    """A PNG that declares `width x height` pixels (all a decoder reads before it refuses)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_images_too_large_for_pillow_are_refused_without_its_warning_in_any_thread(tmp_path):
+    """Pillow warns in open() past ~89 megapixels; the warning filter that turns it into our refusal
+    is the process's, so decoding threads (predict's, the cache's) let the warning through on stderr."""
+    path = tmp_path / "huge.png"
+    _png_header(path, 10_000, 10_000)
+
+    def refusal(_) -> str:
+        with pytest.raises(ImageLoadError) as info:
+            load_rgb(path)
+        return str(info.value)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(8) as pool:
+            reasons = set(pool.map(refusal, range(200)))
+    assert [reason.split(" (")[0] for reason in reasons] == [f"{path}: exceeds the 64,000,000-pixel limit"]
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
