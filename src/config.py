@@ -149,6 +149,9 @@ class TrainerConfig(_Section):
         return value
 
 
+MAX_NAME_BYTES = 200  # of a run name (UTF-8), see Config._file_name
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -167,6 +170,11 @@ class Config(_Section):
                                   or any(unicodedata.category(c) == "Cc" for c in value)):
             raise PydanticCustomError("run_name", "must be usable as a file name: not empty, no '/', '\\', "
                                       "'..' or control characters")
+        if value is not None and len(value.encode()) > MAX_NAME_BYTES:
+            # Found only when the first checkpoint was written, an epoch into the run.
+            raise PydanticCustomError("run_name", f"is {len(value.encode())} bytes long; at most {MAX_NAME_BYTES}: "
+                                      "file names hold 255 bytes, and the run's longest file adds 36 "
+                                      "(.<name>_best.pt.threshold.json.tmp-<pid>)")
         return value
 
     def to_dict(self) -> dict:

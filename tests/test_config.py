@@ -86,6 +86,8 @@ def test_every_shipped_training_config_validates(path):
     ("trainer:\n  batch_size: 1\n", "'trainer.batch_size'"),
     ("name: ../elsewhere\n", "'name': must be usable as a file name"),
     ("name: runs/a\n", "'name': must be usable as a file name"),
+    # a traceback (File name too long) before training, or a failed first checkpoint after an epoch
+    (f"name: {'a' * 201}\n", "'name': is 201 bytes long; at most 200: file names hold 255 bytes"),
     ("name: ''\n", "'name': must be usable as a file name"),
     ("name: \"a\\nb\"\n", "'name': must be usable as a file name"),
     ("model:\n  embedding_dim: 2000000000\n", "'model.embedding_dim': Input should be less than or equal to 8192"),
