@@ -39,8 +39,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {state['format_version']} is newer than this "
                               f"code understands ({FORMAT_VERSION}); update the project")
-    broken = next((key for key, value in state["model_state"].items() if isinstance(value, torch.Tensor)
-                   and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    # Names to tensors of real numbers (BatchNorm counts its batches in int64): a key of another type
+    # was an AttributeError traceback in torch, and int8 or complex weights were cast without a word.
+    odd = next(((key, value) for key, value in state["model_state"].items()
+                if not isinstance(key, str) or not isinstance(value, torch.Tensor)
+                or not (value.is_floating_point() or value.dtype == torch.int64)), None)
+    if odd is not None:
+        key, value = odd
+        what = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        problem = (f"the key {key!r} is a {type(key).__name__}, not a string" if not isinstance(key, str)
+                   else f"{key!r} is a {what}")
+        raise CheckpointError(f"{path}: not a checkpoint of this project (model_state: {problem}; weights are "
+                              "floating-point tensors under string names)")
+    broken = next((key for key, value in state["model_state"].items()
+                   if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
     if broken is not None:  # training stops before saving such weights: a damaged or diverged file
         raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first: {broken}); "
                               "not a usable checkpoint")

@@ -164,6 +164,15 @@ def _project_keys(**changes) -> dict:
     (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")])}), p),
      "the weights hold NaN or infinite values (first: b); not a usable checkpoint"),
     (lambda p: torch.save(_project_keys(config="resnet18", epoch=None), p), "malformed epoch: NoneType, config: str"),
+    # an AttributeError traceback in torch's load_state_dict; weights cast to float without a word
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2), 5: torch.zeros(1)}), p),
+     "not a checkpoint of this project (model_state: the key 5 is a int, not a string; weights are "
+     "floating-point tensors under string names)"),
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2, dtype=torch.int8)}), p),
+     "(model_state: 'a' is a torch.int8 tensor; "),
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2, dtype=torch.complex64)}), p),
+     "(model_state: 'a' is a torch.complex64 tensor; "),
+    (lambda p: torch.save(_project_keys(model_state={"a": [1.0]}), p), "(model_state: 'a' is a list; "),
 ])
 def test_unusable_files_exit_2_in_one_line_naming_the_problem(tiny_data, tmp_path, capsys, write, message):
     path = tmp_path / "x_last.pt"
