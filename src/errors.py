@@ -1,12 +1,14 @@
-"""One-line error messages: from exceptions raised by libraries (torch, onnxruntime, ...), and for
-arguments of the Python API that its command lines check while parsing."""
+"""One-line error messages: from exceptions raised by libraries (torch, onnxruntime, ...), for
+arguments of the Python API that its command lines check while parsing, and the commands' parsers."""
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import numbers
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 from pathlib import Path
 
 NAMES_SHOWN = 3  # names listed in a message before "and N more", so that it stays one short line
@@ -69,6 +71,27 @@ def positive_int(name: str, value, error: type[Exception]) -> int:
     if not is_whole(value) or value < 1:
         raise error(f"{name} must be a whole number of at least 1, not {value!r}")
     return int(value)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's argument parser whose errors are one line, as the command's own are: argparse
+    prints its usage block (3-5 lines) before `error: ...`; `--help` still shows it all."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def command_parser(module: str, description: str) -> CommandParser:
+    """The parser of `python -m <module>`, described by the first line of `description`."""
+    return CommandParser(prog=f"python -m {module}", description=description.split("\n")[0])
+
+
+def path_argument(text: str) -> Path:
+    """An argparse `type` for paths: an empty string is refused, where Path("") is the current folder
+    (`--out ''`, an unset shell variable, wrote a report or an export into it; `--raw-dir ''` read it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (it would mean the current folder)")
+    return Path(text)
 
 
 def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:

@@ -31,6 +31,28 @@ def test_ctrl_c_gives_one_line_and_exit_code_130(module, monkeypatch, capsys):
     assert capsys.readouterr().err == "error: stopped by Ctrl-C (SIGINT)\n"
 
 
+@pytest.mark.parametrize("module", [*COMMANDS, "src.training.train"])
+def test_option_errors_are_one_line_too(module, capsys):
+    """argparse printed its usage block (3-5 lines) before the error; --help still shows it."""
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--no-such-option"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.endswith(f" (see python -m {module} --help)\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["src.inference.export", "--checkpoint", "m.pt", "--out", ""],
+                                  ["src.evaluation.evaluate", "--checkpoint", "m.pt", "--out", ""],
+                                  ["src.data.prepare", "--raw-dir", "", "--out-dir", "prepared"],
+                                  ["src.training.train", "--config", "c.yaml", "--resume", ""]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys):
+    """`--out "$OUT"` with OUT unset wrote an export or a report into the current folder."""
+    module, *options = argv
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(options)
+    assert "an empty path (it would mean the current folder)" in capsys.readouterr().err
+
+
 def test_ctrl_c_in_a_terminal_stops_a_command_and_its_workers_quietly(tmp_path):
     """The whole process group gets SIGINT, as from a terminal: the command, its fork server and the
     worker processes drawing stand-in images."""

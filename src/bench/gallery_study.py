@@ -33,7 +33,7 @@ import numpy as np
 from src.config import config_from_dict
 from src.bench.data import prepared_standin
 from src.data.dataset import PreparedData
-from src.errors import stops_on_ctrl_c
+from src.errors import command_parser, path_argument, stops_on_ctrl_c
 from src.evaluation.evaluate import evaluate
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
@@ -47,8 +47,8 @@ DRAWS = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.bench.gallery_study", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = command_parser("src.bench.gallery_study", __doc__)
+    parser.add_argument("--out", type=path_argument, required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--individuals", type=int, default=100)
     parser.add_argument("--images", type=int, default=30, help="per individual")

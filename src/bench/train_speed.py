@@ -36,7 +36,7 @@ from torch.profiler import ProfilerActivity
 from src.bench.data import MIN_IMAGES, prepared_standin
 from src.config import CompileMode, DataConfig, config_from_dict
 from src.data.dataset import PreparedData
-from src.errors import stops_on_ctrl_c
+from src.errors import command_parser, path_argument, stops_on_ctrl_c
 from src.models.backbones import BACKBONES
 from src.training.checkpoint import CheckpointSaver
 from src.training.resume import RunState
@@ -52,7 +52,7 @@ UNSTEADY = 0.10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.bench.train_speed", description=__doc__.split("\n")[0])
+    parser = command_parser("src.bench.train_speed", __doc__)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], choices=BACKBONES)
     parser.add_argument("--size", type=int, default=224)
@@ -67,13 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", nargs="+", default=["default"], metavar="MODE",
                         choices=get_args(CompileMode),
                         help="trainer.compile_mode; several: ours and the ceiling are run for each")
-    parser.add_argument("--naive-script", type=Path, default=NAIVE)
+    parser.add_argument("--naive-script", type=path_argument, default=NAIVE)
     parser.add_argument("--profile", action="store_true",
                         help="after each measurement, profile one epoch of ours (torch.profiler) and print a table")
     parser.add_argument("--profile-rows", type=int, default=20, help="operators in the profile table")
-    parser.add_argument("--profile-trace", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--profile-trace", type=path_argument, default=None, metavar="DIR",
                         help="also write each profiled epoch as a Chrome trace (chrome://tracing, Perfetto) here")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep data here (default: a temp dir)")
+    parser.add_argument("--work-dir", type=path_argument, default=None, help="keep data here (default: a temp dir)")
     args = parser.parse_args(argv)
     # What the naive script, the stand-in generator and prepare would each refuse later, after minutes
     # of data generation, with their own usage lines.

@@ -41,7 +41,7 @@ from src.data.lists import Row, canonical_name, write_list
 from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, SplitError,
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import LABELS_FIX, Exclusion, ImageCheck, build_report, check_images, write_report
-from src.errors import missing, stops_on_ctrl_c
+from src.errors import command_parser, missing, path_argument, stops_on_ctrl_c
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
 DEFAULT_OUT_DIR = DataConfig.model_fields["root"].default  # where training looks by default
@@ -334,18 +334,17 @@ def _log_splits(prepared: dict) -> None:
 # --- command line -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m src.data.prepare",
-        description="Prepare the dataset: merged and min-N lists, splits, metadata, validation report.")
+    p = command_parser("src.data.prepare",
+                       "Prepare the dataset: merged and min-N lists, splits, metadata, validation report.")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--folder", type=Path, metavar="ROOT",
+    source.add_argument("--folder", type=path_argument, metavar="ROOT",
                         help="a folder per individual: <root>/<individual>/<image>")
-    source.add_argument("--list", dest="list_file", type=Path, metavar="FILE",
+    source.add_argument("--list", dest="list_file", type=path_argument, metavar="FILE",
                         help="a '<relative path> <individual>' list; paths relative to --raw-dir")
-    p.add_argument("--raw-dir", type=Path, metavar="DIR",
+    p.add_argument("--raw-dir", type=path_argument, metavar="DIR",
                    help=f"the cvjena release (default {DEFAULT_RAW_DIR}), or the folder --list paths are "
                         f"relative to (default: the list's folder)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, metavar="DIR",
+    p.add_argument("--out-dir", type=path_argument, default=DEFAULT_OUT_DIR, metavar="DIR",
                    help=f"outputs go to <out-dir>/annotations/ (default {DEFAULT_OUT_DIR})")
     p.add_argument("--min-images", type=int, default=DEFAULT_MIN_IMAGES, metavar="N",
                    help=f"keep individuals with at least this many usable images (default {DEFAULT_MIN_IMAGES})")
@@ -357,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open-set-individuals", type=int, default=DEFAULT_OPEN_SET_INDIVIDUALS, metavar="K",
                    help=f"individuals held out for the open-set split (default {DEFAULT_OPEN_SET_INDIVIDUALS}; "
                         "0 disables it)")
-    p.add_argument("--labels-fix", type=Path, metavar="FILE",
+    p.add_argument("--labels-fix", type=path_argument, metavar="FILE",
                    help="aliases and exclusions (YAML or text), applied before filtering")
     p.add_argument("--spaces-to-underscores", action="store_true",
                    help="replace whitespace in individual names by '_' instead of refusing them")

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from src import atomic
 from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAMES, RELEASE_FOLDER,
                                   AnnotationError, parse_cvjena_line)
-from src.errors import stops_on_ctrl_c
+from src.errors import command_parser, path_argument, stops_on_ctrl_c
 from src.parallel import WorkerDied, map_in_processes
 from src.textfiles import read_utf8
 
@@ -505,11 +505,10 @@ def calibrate(individuals: int, images: int, size: int, seed: int, epochs: int) 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m src.data.standin",
-        description="Write synthetic stand-in face images (NOT chimpanzees) in the cvjena raw layout.")
-    p.add_argument("--out", type=Path, help="raw folder to write (holds datasets_cropped_chimpanzee_faces/)")
-    p.add_argument("--from-annotations", type=Path, metavar="DIR",
+    p = command_parser("src.data.standin",
+                       "Write synthetic stand-in face images (NOT chimpanzees) in the cvjena raw layout.")
+    p.add_argument("--out", type=path_argument, help="raw folder to write (holds datasets_cropped_chimpanzee_faces/)")
+    p.add_argument("--from-annotations", type=path_argument, metavar="DIR",
                    help="folder with annotations_czoo.txt and annotations_ctai.txt: one image per line")
     p.add_argument("--individuals", type=int, help="small set: number of individuals (--calibrate: default 10)")
     p.add_argument("--images", type=int, help="small set: images per individual (--calibrate: default 40)")

@@ -8,7 +8,6 @@ quietly when it is the last (a file being written), with a warning naming it els
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.errors import capped, missing, show_warnings, stops_on_ctrl_c
+from src.errors import capped, command_parser, missing, path_argument, show_warnings, stops_on_ctrl_c
 from src.evaluation.plots import plot_training_curves
 from src.training.artifacts import METRICS_COLUMNS
 
@@ -87,9 +86,9 @@ def _is_png(path: Path) -> bool:
 
 @stops_on_ctrl_c
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.evaluation.curves", description=__doc__.split("\n")[0])
-    parser.add_argument("metrics_csv", type=Path, help="artifacts/<name>_metrics.csv written by training")
-    parser.add_argument("--out", type=Path, default=None,
+    parser = command_parser("src.evaluation.curves", __doc__)
+    parser.add_argument("metrics_csv", type=path_argument, help="artifacts/<name>_metrics.csv written by training")
+    parser.add_argument("--out", type=path_argument, default=None,
                         help="PNG to write (default: <name>_curves.png beside the CSV)")
     args = parser.parse_args(argv)
     show_warnings()

@@ -34,7 +34,7 @@ from src.config import Config, ConfigError, ModelConfig
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import build_source
 from src.devices import pick_device, reproducible_arithmetic
-from src.errors import positive_int, show_warnings, stops_on_ctrl_c
+from src.errors import command_parser, path_argument, positive_int, show_warnings, stops_on_ctrl_c
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
@@ -87,15 +87,15 @@ class EmbeddedSplit:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.evaluation.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="artifacts/<name>_best.pt")
+    parser = command_parser("src.evaluation.evaluate", __doc__)
+    parser.add_argument("--checkpoint", required=True, type=path_argument, help="artifacts/<name>_best.pt")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
-    parser.add_argument("--data-root", type=Path, default=None,
+    parser.add_argument("--data-root", type=path_argument, default=None,
                         help="prepared dataset (default: data.root of the checkpoint's config)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
+    parser.add_argument("--cache-dir", type=path_argument, default=None,
                         help="decoded-image cache folder (default: data.cache_dir of the checkpoint's config; "
                              "<data-root>/cache with --data-root)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=path_argument, default=None,
                         help="run folder (default: runs/eval/<checkpoint stem>_<split>)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")

@@ -44,7 +44,7 @@ import torch
 
 from src import atomic
 from src.data.standin import individual_name, render
-from src.errors import positive_int, stops_on_ctrl_c
+from src.errors import command_parser, path_argument, positive_int, stops_on_ctrl_c
 from src.inference.identify import (CHECKPOINT_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES,
                                     USAGE_ERRORS, Identifier, InferenceError, OnnxBackend, export_info_path,
                                     stored_thresholds)
@@ -62,9 +62,9 @@ Runner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.inference.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="folder for the exported files")
+    parser = command_parser("src.inference.export", __doc__)
+    parser.add_argument("--checkpoint", required=True, type=path_argument)
+    parser.add_argument("--out", required=True, type=path_argument, help="folder for the exported files")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                         help=f"timed single-image runs per format (default {DEFAULT_RUNS})")

@@ -42,7 +42,7 @@ from src import atomic, locks
 from src.data.dataset import DatasetError, PreparedData
 from src.data import lists
 from src.data.lists import canonical_name
-from src.errors import capped, stops_on_ctrl_c
+from src.errors import capped, command_parser, path_argument, stops_on_ctrl_c
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
@@ -286,12 +286,12 @@ def read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.inference.gallery", description=__doc__.split("\n")[0])
+    parser = command_parser("src.inference.gallery", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     enroll = commands.add_parser("enroll", help="add photos of a new or enrolled individual")
-    enroll.add_argument("--gallery", required=True, type=Path, help="gallery file (.npz); created if absent")
-    enroll.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint predictions will use")
+    enroll.add_argument("--gallery", required=True, type=path_argument, help="gallery file (.npz); created if absent")
+    enroll.add_argument("--checkpoint", required=True, type=path_argument, help="the checkpoint predictions will use")
     source = enroll.add_mutually_exclusive_group(required=True)
     source.add_argument("--name", help="the individual the images show")
     source.add_argument("--from-split", nargs=2, metavar=("ROOT", "SPLIT"),
@@ -302,10 +302,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     enroll.add_argument("images", nargs="*", help="with --name: images, folders or glob patterns")
 
     listing = commands.add_parser("list", help="the enrolled individuals and their photo counts")
-    listing.add_argument("--gallery", required=True, type=Path)
+    listing.add_argument("--gallery", required=True, type=path_argument)
 
     remove = commands.add_parser("remove", help="remove individuals with all their photos")
-    remove.add_argument("--gallery", required=True, type=Path)
+    remove.add_argument("--gallery", required=True, type=path_argument)
     remove.add_argument("names", nargs="+")
 
     args = parser.parse_args(argv)

@@ -75,7 +75,9 @@ def collect_images(patterns: Sequence[str | Path]) -> Inputs:
     repeats = 0
     for pattern in map(str, patterns):
         path = Path(pattern)
-        if path.is_dir():
+        if not pattern:  # Path("") is the current folder: an unset shell variable would score all of it
+            found, others, reason = [], [], "an empty path"
+        elif path.is_dir():
             found, others = _images(_files_under(path))
             reason = "no image files in it" if others else "empty folder: no files in it"
         elif path.exists() or path.is_symlink():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 from src import atomic
-from src.errors import stops_on_ctrl_c
+from src.errors import command_parser, path_argument, stops_on_ctrl_c
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, DEFAULT_TOP_K, USAGE_ERRORS, Identifier,
                                      Prediction)
@@ -44,10 +44,10 @@ Result = Prediction | Skipped
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.inference.predict", description=__doc__.split("\n")[0])
+    parser = command_parser("src.inference.predict", __doc__)
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, help="training checkpoint, e.g. artifacts/<name>_best.pt")
-    model.add_argument("--onnx", type=Path, help="exported model (python -m src.inference.export); "
+    model.add_argument("--checkpoint", type=path_argument, help="training checkpoint, e.g. artifacts/<name>_best.pt")
+    model.add_argument("--onnx", type=path_argument, help="exported model (python -m src.inference.export); "
                                                  "runs with ONNX Runtime")
     parser.add_argument("inputs", nargs="+", help="images, folders or glob patterns")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
@@ -55,13 +55,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None,
                         help="call an image unknown when its best score is below this (default: the "
                              "threshold evaluation stored beside the checkpoint, if any)")
-    parser.add_argument("--gallery", type=Path, default=None,
+    parser.add_argument("--gallery", type=path_argument, default=None,
                         help="name the individuals of this gallery (python -m src.inference.gallery) "
                              "instead of the training individuals")
     parser.add_argument("--match", choices=MATCH_MODES, default=None,
                         help=f"with --gallery: score an individual by its nearest enrolled photo or by "
                              f"its prototype (default {DEFAULT_MATCH})")
-    parser.add_argument("--output", type=Path, default=None, help="also write the results to .csv or .json")
+    parser.add_argument("--output", type=path_argument, default=None, help="also write the results to .csv or .json")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (an ONNX model: cpu or cuda)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import IGNORED, BatchSource, build_source
-from src.errors import capped, show_warnings
+from src.errors import capped, command_parser, path_argument, show_warnings
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.models.trained import FORMAT_VERSION, CheckpointError
@@ -125,10 +125,16 @@ class EpochSums:
 # Set-up
 
 
+def resume_argument(text: str) -> str:
+    """`auto` or a checkpoint's path, as given; an empty one is refused (`path_argument`)."""
+    path_argument(text)
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.training.train", description=__doc__.split("\n")[0])
+    parser = command_parser("src.training.train", __doc__)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("--resume", default=None, metavar="CHECKPOINT|auto",
+    parser.add_argument("--resume", default=None, metavar="CHECKPOINT|auto", type=resume_argument,
                         help="continue from a checkpoint; 'auto' takes <trainer.output_dir>/<name>_last.pt if present")
     return parser.parse_args(argv)
 

@@ -86,3 +86,10 @@ def test_two_links_to_one_photo_are_two_inputs(tmp_path):
     (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
     inputs = collect_images([tmp_path])
     assert (inputs.files, inputs.repeats) == ([tmp_path / "a.png", tmp_path / "link.png"], 0)
+
+
+def test_an_empty_input_is_skipped_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """`predict "$PHOTOS"` with PHOTOS unset scored every image under the current folder."""
+    (tmp_path / "a.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert collect_images([""]).entries == [Skipped("", "an empty path")]
