@@ -42,6 +42,7 @@ from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, Split
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import LABELS_FIX, Exclusion, ImageCheck, build_report, check_images, write_report
 from src.errors import command_parser, missing, path_argument, stops_on_ctrl_c
+from src.tables import drop_stdout
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
 DEFAULT_OUT_DIR = DataConfig.model_fields["root"].default  # where training looks by default
@@ -398,12 +399,23 @@ def _run(args: argparse.Namespace) -> PrepareResult:
                    spaces_to_underscores=args.spaces_to_underscores, workers=args.workers)
 
 
+class _StdoutLines(logging.StreamHandler):
+    """A reader that stops early (`prepare ... | head -1`) closes the pipe: the run goes on and its
+    lines are dropped, where logging reported each one in a 20-line "--- Logging error ---"."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            drop_stdout()
+        else:
+            super().handleError(record)
+
+
 @contextmanager
 def _progress_on_stdout() -> Iterator[None]:
     """Progress lines of this module and `src.data.download` on stdout while the command runs
     (errors go to stderr); removed afterwards, so that calling `main` twice does not print twice."""
     parent = logging.getLogger("src.data")
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutLines(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     level = parent.level
     parent.addHandler(handler)

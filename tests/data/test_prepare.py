@@ -451,3 +451,16 @@ def test_the_report_counts_exclusions_per_source(tmp_path):
     result = prepare(raw, tmp_path / "out", **_quiet())
     counts = result.report["counts"]
     assert (counts["CTai"]["excluded"], counts["CZoo"]["excluded"], counts["all"]["excluded"]) == (1, 0, 1)
+
+
+def test_a_reader_that_stops_early_ends_the_progress_lines_quietly(tmp_path):
+    """`prepare ... | head -1`: logging reported every later line in a 20-line "--- Logging error ---"."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    process = subprocess.Popen([sys.executable, "-m", "src.data.prepare", "--raw-dir", str(raw), "--out-dir",
+                                str(tmp_path / "out"), "--open-set-individuals", "2"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("input ")
+    process.stdout.close()  # while it decodes the images: every later line meets a closed pipe
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and err == ""
+    assert (tmp_path / "out" / "annotations" / "prepared.json").is_file()
