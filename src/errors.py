@@ -26,23 +26,31 @@ def show_warnings() -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
 
 
-def stops_on_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:
-    """A command's `main` that Ctrl-C ends with one line and INTERRUPTED_EXIT instead of a traceback
-    (training has its own, which first saves a checkpoint once training is under way)."""
+class StdoutError(OSError):
+    """The command's results could not be written to stdout (a full disk); a closed pipe is not one."""
+
+
+def command_main(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's `main` that Ctrl-C ends with one line and INTERRUPTED_EXIT, and a stdout it cannot
+    write with one line and exit code 2, instead of a traceback (training has its own, which first
+    saves a checkpoint once training is under way)."""
     @functools.wraps(main)
-    def main_stopping_on_ctrl_c(*args, **kwargs) -> int:
+    def main_with_one_line_stops(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
             print(STOPPED_BY_CTRL_C, file=sys.stderr)
             return INTERRUPTED_EXIT
-    return main_stopping_on_ctrl_c
+        except StdoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return main_with_one_line_stops
 
 
 def uncaught_ctrl_c_says_one_line() -> None:
     """A KeyboardInterrupt that nothing catches prints STOPPED_BY_CTRL_C instead of a traceback: Ctrl-C
     in a command's first seconds, while Python imports torch and before `main` (and its
-    `stops_on_ctrl_c`) runs. Python still exits by SIGINT (130 in a shell); only what it prints changes."""
+    `command_main`) runs. Python still exits by SIGINT (130 in a shell); only what it prints changes."""
     print_exception = sys.excepthook
 
     def print_ctrl_c_in_one_line(kind, value, traceback) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from src.errors import StdoutError
+
 
 def counted(count: int, noun: str) -> str:
     """`1 image`, `2 images`: the count with the noun in the number it takes (a plural in -s)."""
@@ -46,11 +48,14 @@ def format_rows(rows: Sequence[Sequence[str]], align: str) -> str:
 def print_stdout(text: str) -> None:
     """`text` (a table, a line) on stdout. A reader that stops early (`... | head`) closes the pipe:
     what follows (a summary on stderr, a file to save) still happens, without a BrokenPipeError
-    traceback, now or when Python flushes stdout at exit."""
+    traceback, now or when Python flushes stdout at exit. Any other failure (a full disk) raises
+    StdoutError, which a command ends with in one line (`errors.command_main`)."""
     try:
         print(text, flush=True)
-    except BrokenPipeError:
+    except OSError as exc:
         drop_stdout()
+        if not isinstance(exc, BrokenPipeError):
+            raise StdoutError(f"cannot write the results to stdout ({exc.strerror or exc})") from None
 
 
 def drop_stdout() -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from src.config import config_from_dict
 from src.bench.data import prepared_standin
 from src.data.dataset import PreparedData
-from src.errors import command_parser, path_argument, stops_on_ctrl_c
+from src.errors import command_main, command_parser, path_argument
 from src.evaluation.evaluate import evaluate
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
@@ -168,7 +168,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()

@@ -36,7 +36,7 @@ from torch.profiler import ProfilerActivity
 from src.bench.data import MIN_IMAGES, prepared_standin
 from src.config import CompileMode, DataConfig, config_from_dict
 from src.data.dataset import PreparedData
-from src.errors import command_parser, path_argument, stops_on_ctrl_c
+from src.errors import command_main, command_parser, path_argument
 from src.models.backbones import BACKBONES
 from src.training.checkpoint import CheckpointSaver
 from src.training.resume import RunState
@@ -318,7 +318,7 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile is None:

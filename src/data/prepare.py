@@ -41,7 +41,7 @@ from src.data.lists import Row, canonical_name, write_list
 from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, SplitError,
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import LABELS_FIX, Exclusion, ImageCheck, build_report, check_images, write_report
-from src.errors import command_parser, missing, path_argument, stops_on_ctrl_c
+from src.errors import command_main, command_parser, missing, path_argument
 from src.tables import drop_stdout
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv: Sequence[str] | None = None) -> int:
     """0 on success, 1 when --strict found problems, 2 with one `error:` line for bad input."""
     args = build_parser().parse_args(argv)

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from src import atomic
 from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAMES, RELEASE_FOLDER,
                                   AnnotationError, parse_cvjena_line)
-from src.errors import command_parser, path_argument, stops_on_ctrl_c
+from src.errors import command_main, command_parser, path_argument
 from src.parallel import WorkerDied, map_in_processes
 from src.textfiles import read_utf8
 
@@ -548,7 +548,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"an image is drawn at {SUPERSAMPLE}x its size, so a large one only costs memory)")
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.errors import capped, command_parser, missing, path_argument, show_warnings, stops_on_ctrl_c
+from src.errors import capped, command_main, command_parser, missing, path_argument, show_warnings
 from src.evaluation.plots import plot_training_curves
 from src.training.artifacts import METRICS_COLUMNS
 
@@ -84,7 +84,7 @@ def _is_png(path: Path) -> bool:
         return False
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv=None) -> int:
     parser = command_parser("src.evaluation.curves", __doc__)
     parser.add_argument("metrics_csv", type=path_argument, help="artifacts/<name>_metrics.csv written by training")

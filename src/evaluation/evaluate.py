@@ -34,7 +34,7 @@ from src.config import Config, ConfigError, ModelConfig
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import build_source
 from src.devices import pick_device, reproducible_arithmetic
-from src.errors import command_parser, path_argument, positive_int, show_warnings, stops_on_ctrl_c
+from src.errors import command_main, command_parser, path_argument, positive_int, show_warnings
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
@@ -473,7 +473,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     return report
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     show_warnings()

@@ -44,7 +44,7 @@ import torch
 
 from src import atomic
 from src.data.standin import individual_name, render
-from src.errors import command_parser, path_argument, positive_int, stops_on_ctrl_c
+from src.errors import command_main, command_parser, path_argument, positive_int
 from src.inference.identify import (CHECKPOINT_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES,
                                     USAGE_ERRORS, Identifier, InferenceError, OnnxBackend, export_info_path,
                                     stored_thresholds)
@@ -198,7 +198,7 @@ def format_checks(checks: dict) -> str:
     return format_rows(rows, "<<<<") + f"\nlatency: {checks['latency']}"
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:

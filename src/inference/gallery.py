@@ -42,7 +42,7 @@ from src import atomic, locks
 from src.data.dataset import DatasetError, PreparedData
 from src.data import lists
 from src.data.lists import canonical_name
-from src.errors import capped, command_parser, path_argument, stops_on_ctrl_c
+from src.errors import capped, command_main, command_parser, path_argument
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
@@ -465,7 +465,7 @@ def remove_individuals(args: argparse.Namespace) -> int:
     return 0
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = {"enroll": enroll, "list": list_gallery, "remove": remove_individuals}[args.command]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 from src import atomic
-from src.errors import command_parser, path_argument, stops_on_ctrl_c
+from src.errors import command_main, command_parser, path_argument
 from src.inference.gallery import Gallery, GalleryError
 from src.inference.identify import (DEFAULT_BATCH_SIZE, DEFAULT_MATCH, DEFAULT_TOP_K, USAGE_ERRORS, Identifier,
                                      Prediction)
@@ -131,7 +131,7 @@ def write_json(path: Path, results: Sequence[Result], identifier: Identifier, mo
     atomic.write_text(path, json.dumps(payload, indent=2) + "\n")  # ASCII: odd bytes of names are escaped
 
 
-@stops_on_ctrl_c
+@command_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -432,6 +432,19 @@ def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
     assert process.wait(timeout=120) == 0 and "Traceback" not in err, err
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_list_into_a_full_disk_exits_2_in_one_line(tmp_path):
+    """`gallery list > listing.txt` on a full disk was an OSError traceback (predict's table too)."""
+    gallery = Gallery.new("0" * 64, 2)
+    gallery.add("Zuri", np.array([[1.0, 0.0]]), ["a.png"])
+    gallery.save(tmp_path / "g.npz")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.inference.gallery", "list", "--gallery",
+                                 str(tmp_path / "g.npz")], cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert (result.returncode, result.stderr) == (
+        2, "error: cannot write the results to stdout (No space left on device)\n")
+
+
 def test_enroll_into_a_reader_that_stops_early_still_saves(learned, unseen, tmp_path):
     """Its "already enrolled" lines come before the save: a closed pipe there lost the new photos."""
     name, photos = next(iter(unseen.items()))
