@@ -20,6 +20,7 @@ from src.evaluation.plots import plot_training_curves
 from src.training.artifacts import METRICS_COLUMNS
 
 METRICS_SUFFIX = "_metrics.csv"
+MAX_VALUE = 1e100  # of any value plotted
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 log = logging.getLogger(__name__)
@@ -40,21 +41,30 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
             absent = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
             if absent:
                 raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {absent})")
-            rows, unread, last = [], [], None
+            rows, unread, last_cut_short = [], [], False
             for row in reader:  # blank lines are not rows
-                last = reader.line_num
+                cells = [row[column] for column in METRICS_COLUMNS]
+                last_cut_short = any(cell in (None, "") for cell in cells)  # a half-written line
                 try:
-                    rows.append([float(row[column]) for column in METRICS_COLUMNS])
-                except (TypeError, ValueError):  # a short or half-written line: None or '' cells
-                    unread.append(last)
-            if unread and unread[-1] == last:
+                    values = [] if last_cut_short else [float(cell) for cell in cells]
+                except ValueError:
+                    values = []
+                # Training writes finite values only; 1e308 and -1e308 (a hand edit) broke matplotlib's
+                # axes (NaN fails the comparison too).
+                if values and all(abs(value) <= MAX_VALUE for value in values):
+                    rows.append(values)
+                else:
+                    unread.append(reader.line_num)
+            if last_cut_short:
                 unread.pop()  # the last row, cut short: a file being written
     except UnicodeDecodeError as exc:
         raise CurvesError(f"{path}: not a metrics CSV of this project (not UTF-8 text: {exc.reason})") from None
     except csv.Error as exc:  # e.g. a field over the csv module's size limit
         raise CurvesError(f"{path}: not a metrics CSV of this project ({exc})") from None
     if not rows:
-        raise CurvesError(f"{path}: no finished epoch yet")
+        raise CurvesError(f"{path}: no finished epoch yet" if not unread else
+                          f"{path}: no epoch row to plot (line {capped([str(n) for n in unread])}: values that "
+                          f"are not numbers, or beyond ±{MAX_VALUE:g})")
     if unread:
         log.warning("%s: left out line %s, not a complete epoch row", path, capped([str(n) for n in unread]))
     table = np.array(rows, dtype=np.float64)

@@ -45,6 +45,12 @@ def test_a_damaged_line_before_the_last_is_named(tmp_path, caplog):
     (None, "metrics file not found"),
     ("folder", "metrics file is a folder, not a file"),
     (f"{HEADER}\n", "no finished epoch yet"),
+    (f"{HEADER}\n1,0.001,4.0", "no finished epoch yet"),  # the first row, being written
+    # hand edits: a matplotlib traceback ("arange: cannot compute length"), and "no finished epoch yet"
+    (f"{HEADER}\n1,0.1,1e308,0.1,0.3,3.9,0.1,0.3\n2,0.1,-1e308,0.1,0.3,3.9,0.1,0.3\n",
+     "no epoch row to plot (line 2, 3: values that are not numbers, or beyond ±1e+100)"),
+    (f"{HEADER}\n1,0.1,abc,0.1,0.3,3.9,0.1,0.3\n", "no epoch row to plot (line 2: "),
+    (f"{HEADER}\n1,0.1,nan,0.1,0.3,3.9,0.1,0.3\n", "no epoch row to plot (line 2: "),
     ("epoch,loss\n1,2.0\n", "missing columns"),
     (f"{HEADER}\n" + "x" * 200_000 + "\n", "field larger than field limit"),  # was a csv.Error traceback
 ])
