@@ -211,7 +211,9 @@ def load_config(path: str | Path) -> Config:
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a config file (e.g. configs/train_chimp_min10.yaml)")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" if not path.exists() else
+                          f"{path}: not a regular file (a pipe or a device, as `<(...)` gives); the run is named "
+                          "after its config file: save the config as a file")
     raw = parse_yaml(read_utf8(path, ConfigError), path, ConfigError)
     if raw is None:  # an empty file (or one of comments) is a mistake, not a request for every default
         raise ConfigError(f"{path}: empty config; expected sections (data, model, trainer, ...), "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from src.errors import first_line
+from src.errors import first_line, missing
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch's file format (and numpy's .npz)
@@ -36,7 +36,7 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        raise CheckpointError(f"{path}: checkpoint file {missing(path, folder=False)}")  # a FIFO: not found, before
     if path.stat().st_size == 0:  # e.g. a copy that was interrupted
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:

@@ -58,6 +58,9 @@ def test_unparseable_yaml_and_missing_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+    if Path("/dev/null").exists():  # `--config <(...)` is a pipe: it was "config file not found"
+        with pytest.raises(ConfigError, match=r"^/dev/null: not a regular file \(a pipe or a device"):
+            load_config("/dev/null")
 
 
 @pytest.mark.parametrize("content, message", [

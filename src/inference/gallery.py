@@ -42,7 +42,7 @@ from src import atomic, locks
 from src.data.dataset import DatasetError, PreparedData
 from src.data import lists
 from src.data.lists import canonical_name
-from src.errors import capped, command_main, command_parser, path_argument
+from src.errors import capped, command_main, command_parser, missing, path_argument
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
@@ -232,7 +232,7 @@ def existing_gallery(path: str | Path) -> Path:
     path = Path(path)
     refuse_folder(path)
     if not path.is_file():
-        raise GalleryError(f"{path}: gallery file not found")
+        raise GalleryError(f"{path}: gallery file {missing(path, folder=False)}")
     return path
 
 

@@ -41,7 +41,7 @@ from src.data.decode import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb, file_problem
 from src.data.lists import REJECTED_NAME
 from src.devices import pick_device, reproducible_arithmetic
-from src.errors import first_line, positive_int
+from src.errors import first_line, missing, positive_int
 from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError
@@ -314,7 +314,7 @@ class OnnxBackend:
             raise InferenceError(f"--device {device}: this onnxruntime has no {provider} "
                                  f"(it has {', '.join(onnxruntime.get_available_providers())})")
         if not Path(path).is_file():
-            raise InferenceError(f"{path}: ONNX file not found")
+            raise InferenceError(f"{path}: ONNX file {missing(path, folder=False)}")
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=[provider])
         except Exception as exc:  # onnxruntime raises its own exception types, not exported by name

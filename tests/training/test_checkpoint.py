@@ -160,6 +160,7 @@ def _project_keys(**changes) -> dict:
     (lambda p: torch.save({"x": _Payload()}, p, pickle_protocol=4), "not a safe checkpoint"),  # zip, protocol 4
     (lambda p: p.write_bytes(b""), "empty file (0 bytes), not a checkpoint"),
     (lambda p: p.mkdir(), "a folder, not a checkpoint file"),
+    (lambda p: os.mkfifo(p), "checkpoint file is not a regular file (a pipe or a device)"),  # was "not found"
     (lambda p: torch.save(_project_keys(format_version="1"), p), "malformed format_version: str"),
     (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")])}), p),
      "the weights hold NaN or infinite values (first: b); not a usable checkpoint"),
