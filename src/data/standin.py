@@ -51,6 +51,7 @@ NAMES = (
 
 SUPERSAMPLE = 2  # shapes are drawn at twice the output size and box-filtered down, for smooth edges
 MIN_SIZE, MAX_SIZE = 16, 2048  # --size; at 100,000 the drawing took 23 GB before the OOM killer came
+MAX_IMAGES = 1_000_000  # --individuals x --images
 _CIRCLE = np.stack([np.cos(np.linspace(0, 2 * np.pi, 33)[:-1]),
                     np.sin(np.linspace(0, 2 * np.pi, 33)[:-1])], axis=1)
 
@@ -543,6 +544,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("individuals", "images", "workers", "epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
+    if small and args.individuals * args.images > MAX_IMAGES:  # 10^11 x 10^11 ran silently for minutes
+        p.error(f"--individuals x --images must be at most {MAX_IMAGES:,} (the real release has 7,187 images), "
+                f"not {args.individuals * args.images:,}")
     if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:
         p.error(f"--size must be from {MIN_SIZE} to {MAX_SIZE} (real face crops are a few hundred pixels; "
                 f"an image is drawn at {SUPERSAMPLE}x its size, so a large one only costs memory)")

@@ -148,11 +148,15 @@ def test_bad_annotation_input_is_one_line_and_exit_1(tmp_path, capsys, content, 
     ["--out", "x", "--individuals", "2"],                                          # --images missing
     ["--out", "x", "--individuals", "2", "--images", "2", "--from-annotations", "a"],
     ["--out", "x", "--individuals", "0", "--images", "2"],
+    ["--out", "x", "--individuals", "100000000000", "--images", "100000000000"],  # ran for minutes, silently
 ])
-def test_bad_arguments_exit_2(argv):
+def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         standin.main(argv)
     assert exc.value.code == 2
+    if argv[-1] == "100000000000":
+        assert "--individuals x --images must be at most 1,000,000 (the real release has 7,187 images), not " \
+               "10,000,000,000,000,000,000,000" in capsys.readouterr().err
 
 
 def test_names_are_unique_without_whitespace_and_sources_alternate():
