@@ -415,6 +415,8 @@ class LabelsFix:
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the old name is empty")
             if name_problem(new) is not None:
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name {name_problem(new)}")
+            if new == old:  # was "alias chain 'Abeni' -> 'Abeni' -> 'Abeni'"
+                raise AnnotationError(f"{path}: alias {old!r} -> {new!r} renames nothing; drop it")
             if new in self.aliases:
                 raise AnnotationError(f"{path}: alias chain {old!r} -> {new!r} -> "
                                       f"{self.aliases[new]!r}; point {old!r} at the final name")

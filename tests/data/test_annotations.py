@@ -292,6 +292,7 @@ def test_labels_fix_text_matches_yaml(tmp_path):
     ("fix.txt", "A -> B\nB -> C\n", "alias chain 'A' -> 'B' -> 'C'"),
     ("fix.txt", "A -> B C\n", "the new name contains whitespace"),
     ("fix.txt", "A -> B\x07\n", "the new name holds a control character"),
+    ("fix.yaml", "aliases:\n  Abeni: Abeni\n", "alias 'Abeni' -> 'Abeni' renames nothing; drop it"),
     ("fix.yaml", "aliases: [A, B]\n", "aliases must map"),
     ("fix.yaml", "alias: {A: B}\n", r"unknown key\(s\) \['alias'\]"),
     ("fix.yaml", "exclude_names: Adult\n", "exclude_names must be a list"),
