@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,14 @@ def training_arithmetic():
     yield wanted
     (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
      torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_a_terminal_delivers_it():
+    """Started in the background (`bash scripts/test.sh &`, nohup), the suite inherits SIGINT ignored,
+    and so would every command its tests start: the commands keep an ignored SIGINT ignored, as a
+    shell's background jobs expect, and the tests of Ctrl-C failed. A handler is reset to the default
+    in the commands the tests start, as in a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
