@@ -212,8 +212,8 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
     elif checkpoint is not None:
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
-        planned, now = checkpoint["config"]["trainer"]["max_epochs"], config.trainer.max_epochs
-        if planned != now and config.trainer.schedule == "cosine":
+        planned, now = _flatten(checkpoint["config"]).get("trainer.max_epochs"), config.trainer.max_epochs
+        if planned is not None and planned != now and config.trainer.schedule == "cosine":
             change = "it rises again: a warm restart" if now > planned else "it falls faster"
             runtime.print(f"note: trainer.max_epochs {planned} -> {now}: from here the learning rate follows the "
                           f"cosine of a {now}-epoch run ({change})")

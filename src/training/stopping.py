@@ -92,8 +92,8 @@ class StopRequest:
         sent to one process stops them all, with the same message and exit code)."""
         code = signal.Signals[self.signal_name].value if self.signal_name else 0
         code = int(dist_utils.max_over_ranks([code], runtime.dist, runtime.device)[0])
-        if code and self.signal_name is None:
-            self.signal_name = signal.Signals(code).name
+        if code and signal.Signals(code).name != self.signal_name:  # another rank's signal wins
+            self.signal_name, self.reason = signal.Signals(code).name, ""
         return bool(code)
 
 

@@ -498,7 +498,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
         runtime.print(epoch_line(row, max_epochs))
         if row["skipped_images"]:
             runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
-        if runtime.output_lost is not None:
+        if runtime.output_lost is not None and epoch < max_epochs:  # the last epoch is saved anyway
             stop.request("SIGPIPE", f"stdout could not be written: {runtime.output_lost}")
         stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
         saver.save(build_checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
@@ -518,8 +518,11 @@ def _report(message: str, all_ranks_agree: bool) -> None:
     if rank == 0 or not all_ranks_agree:
         # One write of the whole line: print() writes the text and its newline separately, and
         # lines of ranks failing at the same moment ran into each other.
-        sys.stderr.write(("" if rank == 0 else f"[rank {rank}] ") + message + "\n")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(("" if rank == 0 else f"[rank {rank}] ") + message + "\n")
+            sys.stderr.flush()
+        except OSError:  # stderr on the pipe that closed (`2>&1 | head`): the exit code still says it
+            pass
 
 
 def main(argv=None) -> int:

@@ -97,32 +97,40 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninter
     assert_same_run(tmp_path / "artifacts", uninterrupted)
 
 
-@pytest.mark.parametrize("stdout", ["closed after epoch 1", "/dev/full"])
-def test_a_run_whose_output_cannot_be_written_stops_saved(tiny_data, tmp_path, stdout):
-    """`train ... | head -1`, a pager quit, or a log file on a full disk: the run died at its next
-    print with a BrokenPipeError traceback, losing the epochs a checkpoint interval still held."""
-    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3, "trainer.checkpoint_interval_s": 1000})
-    if stdout == "/dev/full":
-        if not Path("/dev/full").exists():
-            pytest.skip("no /dev/full here")
-        with open("/dev/full", "w") as full:
-            result = subprocess.run([sys.executable, "-m", "src.training.train", "--config", str(config_path)],
-                                    cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=240)
-        code, stderr, stopped_after, problem = result.returncode, result.stderr, 1, "No space left on device"
-    else:
-        process = start_training(config_path)
-        wait_for_epoch_line(process, 1)
-        process.stdout.close()  # the reader is gone: the next line cannot be written
-        stderr = process.stderr.read()
-        code, stopped_after, problem = process.wait(timeout=120), 2, "Broken pipe"
-    assert code == 141 and "Traceback" not in stderr, stderr
-    assert stderr.splitlines() == [f"error: stopped by SIGPIPE (stdout could not be written: [Errno "
-                                   f"{32 if problem == 'Broken pipe' else 28}] {problem}) after epoch {stopped_after}; "
-                                   f"saved {tmp_path / 'artifacts' / 'tiny_last.pt'}. Resume with: python -m "
-                                   f"src.training.train --config {config_path} --resume auto"]
-    assert load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"] == stopped_after
+def test_a_run_whose_output_cannot_be_written_stops_saved(tiny_data, tmp_path):
+    """`train ... | head -1`, a pager quit, or `2>&1 | head` (its error line has nowhere to go
+    either): the run died at its next print with a BrokenPipeError traceback, losing the epochs a
+    checkpoint interval still held."""
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 6, "trainer.checkpoint_interval_s": 1000})
+    process = subprocess.Popen([sys.executable, "-m", "src.training.train", "--config", str(config_path)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_epoch_line(process, 1)
+    process.stdout.close()  # the reader is gone: the next line cannot be written, nor the error line
+    assert process.wait(timeout=120) == 141
+    stopped_after = load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"]
+    assert 2 <= stopped_after < 6  # the epoch whose line met the closed pipe, saved
     csv_lines = (tmp_path / "artifacts" / "tiny_metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + stopped_after
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_a_run_whose_output_is_on_a_full_disk_stops_saved_unless_finished(tiny_data, tmp_path, epochs):
+    """The first line fails: a run with epochs to go stops after the first, saved and resumable; a
+    run whose first epoch is its last has nothing to stop (it was "stopped ... Resume with", exit 141)."""
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": epochs,
+                                                       "trainer.checkpoint_interval_s": 1000})
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.training.train", "--config", str(config_path)],
+                                cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=240)
+    assert load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"] == 1
+    if epochs == 1:
+        assert (result.returncode, result.stderr) == (0, "")
+    else:
+        assert result.returncode == 141 and result.stderr.splitlines() == [
+            "error: stopped by SIGPIPE (stdout could not be written: [Errno 28] No space left on device) after "
+            f"epoch 1; saved {tmp_path / 'artifacts' / 'tiny_last.pt'}. Resume with: python -m src.training.train "
+            f"--config {config_path} --resume auto"]
 
 
 def test_extending_a_finished_run(tiny_data, tmp_path):
