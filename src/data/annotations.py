@@ -14,6 +14,7 @@ file) is the only place that changes them, so the default run reproduces the pub
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -309,8 +310,13 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
             continue
         fixed = "_".join(name.split())
         if name_problem(fixed) is not None:  # 'Unknown' too: read beside predictions, it would pass for one
-            raise AnnotationError(f"{record.origin}: individual name {name!r} {problem}; rename it in --labels-fix "
-                                  f"('{name} -> Unnamed_1') or drop it ('exclude-name {name}')")
+            # A name that cannot be typed (a terminal escape, which would also act if printed raw) is
+            # named in a YAML fix file by its escapes, as JSON writes them.
+            how = (f"('{name} -> Unnamed_1') or drop it ('exclude-name {name}')" if name.isprintable() else
+                   f"(in a YAML file: aliases: {{{json.dumps(name)}: Unnamed_1}}) or drop it "
+                   f"(exclude_names: [{json.dumps(name)}])")
+            raise AnnotationError(f"{record.origin}: individual name {name!r} {name_problem(fixed)}; rename it in "
+                                  f"--labels-fix {how}")
         if not spaces_to_underscores:
             raise AnnotationError(
                 f"{record.origin}: individual name {name!r} contains whitespace; rename it "

@@ -16,10 +16,12 @@ Row = tuple[str, str]  # (path relative to the raw folder, individual): one line
 # What inference calls a photo it rejects; an individual of that name (in any case) would read as a
 # rejection, so no stage accepts it (`name_problem`).
 REJECTED_NAME = "unknown"
-# Zero-width space, word joiner, byte-order mark; the bidirectional marks, embeddings, overrides and
-# isolates (Unicode's "Bidi_Control" characters).
-INVISIBLE_OR_DIRECTION = frozenset("\u200b\u2060\ufeff\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                                   "\u2066\u2067\u2068\u2069")
+# Zero-width space, word joiner, invisible operators, byte-order mark, combining grapheme joiner,
+# Mongolian vowel separator, Hangul fillers (blank letters); the bidirectional marks, embeddings,
+# overrides and isolates (Unicode's "Bidi_Control" characters).
+INVISIBLE_OR_DIRECTION = frozenset("\u200b\u2060\u2061\u2062\u2063\u2064\ufeff\u034f\u180e"
+                                   "\u115f\u1160\u3164\uffa0"
+                                   "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class ListFormatError(ValueError):

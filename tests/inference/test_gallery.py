@@ -416,6 +416,8 @@ def test_names_with_format_characters_are_names_and_control_characters_are_not()
     assert "control character (U+0007)" in gallery_cli.name_problem("Zuri\x07")
     assert "invisible or text-direction character (U+200B)" in gallery_cli.name_problem("Zuri\u200b")
     assert "invisible or text-direction character (U+202E)" in gallery_cli.name_problem("Ab\u202eeni")
+    for blank in ("\u2063", "\u3164", "\u034f", "\u180e"):  # invisible separator, Hangul filler, CGJ, MVS
+        assert f"(U+{ord(blank):04X})" in gallery_cli.name_problem(f"Zuri{blank}")
 
 
 def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
