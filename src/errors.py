@@ -26,24 +26,28 @@ def show_warnings() -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
 
 
-class StdoutError(OSError):
-    """The command's results could not be written to stdout (a full disk); a closed pipe is not one."""
+# Why a command's stdout could not be written (a full disk; a closed pipe is no failure): the
+# command goes on, so that a --output file or a gallery is still saved, and `command_main` then ends
+# it with this line and exit code 2.
+STDOUT_FAILURES: list[str] = []
 
 
 def command_main(main: Callable[..., int]) -> Callable[..., int]:
-    """A command's `main` that Ctrl-C ends with one line and INTERRUPTED_EXIT, and a stdout it cannot
-    write with one line and exit code 2, instead of a traceback (training has its own, which first
-    saves a checkpoint once training is under way)."""
+    """A command's `main` that Ctrl-C ends with one line and INTERRUPTED_EXIT, and that ends with one
+    line and exit code 2 when its results could not be written to stdout, instead of a traceback
+    (training has its own, which first saves a checkpoint once training is under way)."""
     @functools.wraps(main)
     def main_with_one_line_stops(*args, **kwargs) -> int:
+        STDOUT_FAILURES.clear()
         try:
-            return main(*args, **kwargs)
+            code = main(*args, **kwargs)
         except KeyboardInterrupt:
             print(STOPPED_BY_CTRL_C, file=sys.stderr)
             return INTERRUPTED_EXIT
-        except StdoutError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        if STDOUT_FAILURES:
+            print(f"error: {STDOUT_FAILURES[0]}", file=sys.stderr)
+            return max(code, 2)
+        return code
     return main_with_one_line_stops
 
 

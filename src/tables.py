@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from src.errors import StdoutError
+from src.errors import STDOUT_FAILURES
 
 
 def counted(count: int, noun: str) -> str:
@@ -48,14 +48,14 @@ def format_rows(rows: Sequence[Sequence[str]], align: str) -> str:
 def print_stdout(text: str) -> None:
     """`text` (a table, a line) on stdout. A reader that stops early (`... | head`) closes the pipe:
     what follows (a summary on stderr, a file to save) still happens, without a BrokenPipeError
-    traceback, now or when Python flushes stdout at exit. Any other failure (a full disk) raises
-    StdoutError, which a command ends with in one line (`errors.command_main`)."""
+    traceback, now or when Python flushes stdout at exit. Any other failure (a full disk) is
+    recorded: the command still saves what it saves, then ends with one line (`errors.command_main`)."""
     try:
         print(text, flush=True)
     except OSError as exc:
         drop_stdout()
         if not isinstance(exc, BrokenPipeError):
-            raise StdoutError(f"cannot write the results to stdout ({exc.strerror or exc})") from None
+            STDOUT_FAILURES.append(f"cannot write the results to stdout ({exc.strerror or exc})")
 
 
 def drop_stdout() -> None:

@@ -255,3 +255,17 @@ def test_csv_and_json_outputs_carry_the_best_score_and_the_unknown_flag(learned,
             results = json.loads(out.read_text())["results"]
             assert [r["unknown"] for r in results] == [unknown] * 3
             assert all(r["score"] == r["top_k"][0]["score"] == max(t["score"] for t in r["top_k"]) for r in results)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_table_that_cannot_be_written_still_leaves_the_output_file(learned, unseen, tmp_path):
+    """`predict ... --output r.csv > table.txt` on a full disk: the table's failure was a traceback, and
+    then an exit before r.csv was written; it is one line, after the file."""
+    photo = next(iter(unseen.values()))[0]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.inference.predict", "--checkpoint", str(learned.checkpoint),
+                                 str(photo), "--output", str(tmp_path / "r.csv")],
+                                cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=240)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "error: cannot write the results to stdout (No space left on device)"
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 2  # header and the photo's row
