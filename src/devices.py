@@ -37,9 +37,9 @@ def reproducible_arithmetic() -> Iterator[None]:
     which costs little for a single pass over the data. Evaluation chooses its thresholds with it
     and inference compares scores with them under it: TF32 (training turns it on for the process)
     keeps 10 bits of mantissa, and can move a score far more than the 2e-7 that evaluation leaves
-    between a threshold and any score (`metrics.SCORE_NOISE`). The process's own settings are restored afterwards: `evaluate()` called between
-    training runs (a sweep, a notebook) must not leave deterministic cuDNN and fp32 matmuls
-    switched on for them."""
+    between a threshold and any score (`metrics.SCORE_NOISE`). The process's own settings are
+    restored afterwards: `evaluate()` called between training runs (a sweep, a notebook) must not
+    leave deterministic cuDNN and fp32 matmuls switched on for them."""
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.benchmark = False

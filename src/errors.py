@@ -8,8 +8,8 @@ import logging
 import numbers
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 NAMES_SHOWN = 3  # names listed in a message before "and N more", so that it stays one short line
 

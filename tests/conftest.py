@@ -100,4 +100,3 @@ def ctrl_c_as_a_terminal_delivers_it():
     in the commands the tests start, as in a terminal."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-

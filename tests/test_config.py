@@ -7,7 +7,7 @@ import yaml
 
 from src.config import Config, ConfigError, ModelConfig, TrainerConfig, load_config
 from src.models.heads import HEADS
-from src.models.scoring import HEAD_SCORES
+from src.models.scoring import HEAD_SCORES, MATCH_MODES, MATCHES
 from src.training import train
 from src.training.resume import _flatten
 from src.training.train import OPTIMIZERS
@@ -37,6 +37,7 @@ def test_the_schema_offers_exactly_the_registered_heads_and_optimizers():
     would pass validation only to fail when the model or optimizer is built. (The backbones'
     registry is the schema's list itself.)"""
     assert set(get_args(ModelConfig.model_fields["head"].annotation)) == set(HEADS) == set(HEAD_SCORES)
+    assert tuple(MATCHES) == MATCH_MODES
     assert set(get_args(TrainerConfig.model_fields["optimizer"].annotation)) == set(OPTIMIZERS)
 
 

@@ -44,7 +44,8 @@ def test_option_errors_are_one_line_too(module, capsys):
 @pytest.mark.parametrize("argv", [["src.inference.export", "--checkpoint", "m.pt", "--out", ""],
                                   ["src.evaluation.evaluate", "--checkpoint", "m.pt", "--out", ""],
                                   ["src.data.prepare", "--raw-dir", "", "--out-dir", "prepared"],
-                                  ["src.training.train", "--config", "c.yaml", "--resume", ""]])
+                                  ["src.training.train", "--config", "c.yaml", "--resume", ""],
+                                  ["src.training.train", "--config", ""]])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys):
     """`--out "$OUT"` with OUT unset wrote an export or a report into the current folder."""
     module, *options = argv

@@ -327,6 +327,8 @@ def enroll_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], Input
         inputs = collect_images(args.images)
         return [(path, args.name) for path in inputs.files], inputs
     root, split = args.from_split
+    if not root:  # PreparedData.load("") would read the current folder's prepared data
+        raise GalleryError("--from-split: an empty ROOT (it would mean the current folder)")
     try:
         data = PreparedData.load(root)
         return [(data.raw_dir / rel, name) for rel, name in data.split(split, open_set=args.open_set)], Inputs([])

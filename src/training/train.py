@@ -133,7 +133,7 @@ def resume_argument(text: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = command_parser("src.training.train", __doc__)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--config", required=True, type=path_argument, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None, metavar="CHECKPOINT|auto", type=resume_argument,
                         help="continue from a checkpoint; 'auto' takes <trainer.output_dir>/<name>_last.pt if present")
     return parser.parse_args(argv)

@@ -152,7 +152,7 @@ def test_dataset_refuses_individuals_outside_the_class_index(root):
         ImageListDataset(ROWS, root, ClassIndex(["Abeni", "Bako"]), cache_size=12)
 
 
-def test_skip_unreadable_drops_missing_images_and_counts_them(root, caplog):
+def test_unreadable_images_are_dropped_and_counted(root, caplog):
     data = PreparedData.load(root)
     classes = ClassIndex.from_rows(ROWS)
     (data.raw_dir / ROWS[0][0]).unlink()

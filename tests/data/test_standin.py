@@ -149,6 +149,7 @@ def test_bad_annotation_input_is_one_line_and_exit_1(tmp_path, capsys, content, 
     ["--out", "x", "--individuals", "2", "--images", "2", "--from-annotations", "a"],
     ["--out", "x", "--individuals", "0", "--images", "2"],
     ["--out", "x", "--individuals", "100000000000", "--images", "100000000000"],  # ran for minutes, silently
+    ["--calibrate", "--individuals", "100000000000", "--images", "100000000000"],
 ])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -491,3 +491,10 @@ def test_a_photo_enrolled_by_absolute_path_is_recognised_when_given_relative(tmp
     todo = gallery_cli.not_yet_enrolled(gallery, [(Path("a.png"), "Zuri"), (Path("b.png"), "Zuri")])
     assert len(todo) == 1 and str((tmp_path / "b.png").resolve()) in todo[0]  # (path as given,) absolute path, name
     assert "already enrolled as Zuri: a.png" in capsys.readouterr().out
+
+
+def test_an_empty_from_split_root_is_refused(tmp_path, capsys):
+    """`--from-split "$DATA" train` with DATA unset read the current folder's prepared data."""
+    assert gallery_cli.main(["enroll", "--gallery", str(tmp_path / "g.npz"), "--checkpoint", "m.pt",
+                             "--from-split", "", "train"]) == 2
+    assert capsys.readouterr().err == "error: --from-split: an empty ROOT (it would mean the current folder)\n"

@@ -253,4 +253,3 @@ def test_the_model_runs_with_the_arithmetic_evaluation_chose_thresholds_with(tra
     embeddings, logits = TorchBackend(Model(), torch.device("cpu"))(torch.ones(2, 3, 1, 1))
     assert seen == [(False, True, False, False)] and embeddings.shape == logits.shape == (2, 3)
     assert arithmetic_flags() == training_arithmetic
-
