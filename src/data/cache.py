@@ -108,7 +108,7 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
 def _file_digest(path: Path) -> str:
     """blake2b of the file bytes; an unreadable file gets a marker so its return changes the key.
     A FIFO or a device is never opened: a FIFO waits for a writer, and /dev/zero never ends."""
-    if path.exists() and not path.is_file():  # a missing file keeps its marker below, and caches their keys
+    if path.exists() and not path.is_file():  # a missing file keeps the marker below: caches keep their keys
         return "unreadable:not-a-regular-file"
     try:
         with open(path, "rb") as f:
