@@ -86,9 +86,29 @@ class PreparedData:
                 raise DatasetError(f"no split {name!r}: prepare writes {', '.join(written)}{more}")
             raise DatasetError(f"{path}: split file not found; {_RERUN}")
         try:
-            return read_list(path)
+            rows = read_list(path)
         except ListFormatError as exc:
             raise DatasetError(str(exc)) from None
+        check_repeats(rows, path)
+        return rows
+
+
+def check_repeats(rows: list[Row], path: Path) -> None:
+    """Prepare lists each image once; a hand-edited list may not. An image under two individuals is
+    refused (it would be trained as both); one listed again under the same one is warned about, since
+    it is read, trained and scored once per line."""
+    labels: dict[str, str] = {}
+    repeated = []
+    for rel, name in rows:
+        if rel in labels:
+            if labels[rel] != name:
+                raise DatasetError(f"{path}: {rel} is listed as {labels[rel]!r} and as {name!r}: an image shows one "
+                                   "individual (re-run prepare, or edit the list)")
+            repeated.append(rel)
+        labels[rel] = name
+    if repeated:
+        log.warning("%s: %d line(s) repeat an earlier one (first: %s); each line counts, so such an image "
+                    "weighs more in training and scores", path, len(repeated), repeated[0])
 
 
 class ClassIndex:

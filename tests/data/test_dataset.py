@@ -173,3 +173,19 @@ def test_unreadable_images_are_dropped_and_counted(root, caplog):
 def test_collate_of_an_all_unreadable_batch_is_empty():
     images, labels, skipped = collate_skip_none([None, None])
     assert images.numel() == 0 and labels.numel() == 0 and skipped == 2
+
+
+def test_an_image_listed_twice_is_warned_about_and_under_two_names_refused(root, caplog):
+    """Prepare lists each image once; a hand edit may list one again (it weighs twice) or under
+    another individual (it would be trained as both)."""
+    data = PreparedData.load(root)
+    train = root / "annotations" / "train.txt"
+    first = train.read_text().splitlines()[0]
+    train.write_text(train.read_text() + first + "\n")
+    with caplog.at_level(logging.WARNING, logger="src.data.dataset"):
+        assert data.split("train")[-1] == data.split("train")[0]
+    assert f"{train}: 1 line(s) repeat an earlier one (first: {first.rsplit(maxsplit=1)[0]})" in caplog.text
+    rel, name = first.rsplit(maxsplit=1)
+    train.write_text(train.read_text() + f"{rel} Someone_else\n")
+    with pytest.raises(DatasetError, match=rf"{rel} is listed as '{name}' and as 'Someone_else': an image shows one"):
+        data.split("train")
