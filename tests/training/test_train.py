@@ -524,8 +524,7 @@ def test_validation_individuals_absent_from_training_are_refused(tiny_data, tmp_
     meta = data / "annotations" / "prepared.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "raw_dir": str(PreparedData.load(tiny_data).raw_dir)}))
     val = data / "annotations" / "val.txt"
-    path = val.read_text().split()[0]
-    val.write_text(val.read_text() + f"{path} Stranger\n")
+    val.write_text(val.read_text() + "face_images/stranger.png Stranger\n")
     with pytest.raises(DatasetError, match="validation split has individuals absent from training: \\['Stranger'\\]"):
         run(load_config(write_config(tmp_path, data, **{"trainer.max_epochs": 1})))
 
