@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from src.data.io import IMAGE_EXTENSIONS
-from src.data.lists import ListFormatError, canonical_name, name_problem, read_numbered_list
+from src.data.lists import ListFormatError, canonical_name, name_problem, read_numbered_list, underscored
 from src.errors import missing
 from src.textfiles import parse_yaml, read_utf8
 
@@ -308,14 +308,15 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
         problem = name_problem(name)
         if problem is None or name in renamed:
             continue
-        fixed = "_".join(name.split())
-        if name_problem(fixed) is not None:  # 'Unknown' too: read beside predictions, it would pass for one
+        fixed = underscored(name)
+        left = name_problem(fixed)
+        if left is not None:  # 'Unknown' too: read beside predictions, it would pass for one
             # A name that cannot be typed (a terminal escape, which would also act if printed raw) is
             # named in a YAML fix file by its escapes, as JSON writes them.
             how = (f"('{name} -> Unnamed_1') or drop it ('exclude-name {name}')" if name.isprintable() else
                    f"(in a YAML file: aliases: {{{json.dumps(name)}: Unnamed_1}}) or drop it "
                    f"(exclude_names: [{json.dumps(name)}])")
-            raise AnnotationError(f"{record.origin}: individual name {name!r} {name_problem(fixed)}; rename it in "
+            raise AnnotationError(f"{record.origin}: individual name {name!r} {left}; rename it in "
                                   f"--labels-fix {how}")
         if not spaces_to_underscores:
             raise AnnotationError(
@@ -419,8 +420,9 @@ class LabelsFix:
         for old, new in self.aliases.items():
             if not old:
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the old name is empty")
-            if name_problem(new) is not None:
-                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name {name_problem(new)}")
+            problem = name_problem(new)
+            if problem is not None:
+                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name {problem}")
             if new == old:  # was "alias chain 'Abeni' -> 'Abeni' -> 'Abeni'"
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r} renames nothing; drop it")
             if new in self.aliases:

@@ -88,6 +88,12 @@ def name_problem(name) -> str | None:
     return None
 
 
+def underscored(name: str) -> str:
+    """`name` with each run of whitespace replaced by '_': the mend suggested for (or, with
+    `prepare --spaces-to-underscores`, applied to) a name with whitespace."""
+    return "_".join(name.split())
+
+
 def write_list(path: str | Path, rows) -> None:
     """Write `(relative_path, individual)` rows; refuses names that would not read back."""
     path = Path(path)

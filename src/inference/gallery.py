@@ -64,7 +64,7 @@ def name_problem(name) -> str | None:
     problem = lists.name_problem(name)
     if problem is None:
         return None
-    fixed = "_".join(name.split()) if isinstance(name, str) else ""
+    fixed = lists.underscored(name) if isinstance(name, str) else ""
     suggestion = f" (e.g. {fixed!r})" if fixed != name and lists.name_problem(fixed) is None else ""
     return f"individual name {name!r} {problem}{suggestion}"
 
