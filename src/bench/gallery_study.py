@@ -37,8 +37,8 @@ from src.errors import command_main, command_parser, path_argument
 from src.evaluation.evaluate import evaluate
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
-from src.inference.identify import Embedded, Identifier, Threshold
-from src.models.scoring import MATCH_MODES
+from src.inference.identify import Embedded, Identifier, Threshold, stored_thresholds
+from src.models.scoring import MATCH_MODES, SCORE_KINDS
 from src.training.artifacts import RunPaths
 from src.training.train import run
 
@@ -134,18 +134,22 @@ def study_known_and_new(base: Identifier, train_gallery: Path, new_items, new_na
     return result
 
 
-def study_open_set(base: Identifier, train_gallery: Path, test_items, test_names, unknown_items) -> dict:
-    """With the stored threshold: known photos accepted and right, unknown individuals' photos rejected."""
-    result = {"threshold": base.threshold.value, "origin": base.threshold.origin}
-    for match in (*MATCH_MODES, "classifier"):
-        gallery = None if match == "classifier" else Gallery.load(train_gallery)
-        identifier = Identifier(base.backend, base.info, base.threshold, gallery,
-                                match if gallery is not None else MATCH_MODES[0])
+def study_open_set(base: Identifier, checkpoint: Path, train_gallery: Path, test_items, test_names,
+                   unknown_items) -> dict:
+    """With the stored thresholds: known photos accepted and right, unknown individuals' photos rejected.
+    Each kind of score has its own scale, so each is cut at its own threshold (`SCORE_KINDS`)."""
+    stored = stored_thresholds(checkpoint, base.info.checkpoint_sha256)
+    result = {"origin": stored.origin}
+    for kind in SCORE_KINDS:
+        gallery = None if kind == "classifier" else Gallery.load(train_gallery)
+        threshold = stored.for_kind(kind)
+        identifier = Identifier(base.backend, base.info, threshold, gallery, kind if gallery else MATCH_MODES[0])
         known = identifier.decide(test_items, 1)
         unknown = identifier.decide(unknown_items, 1)
-        result[match] = {"known_accepted_and_right": float(np.mean([p.label == n for p, n in zip(known, test_names)])),
-                         "known_accuracy_without_threshold": float(np.mean([p.names[0] == n for p, n in zip(known, test_names)])),
-                         "unknown_rejected": float(np.mean([p.unknown for p in unknown]))}
+        result[kind] = {"threshold": threshold.value,
+                        "known_accepted_and_right": float(np.mean([p.label == n for p, n in zip(known, test_names)])),
+                        "known_accuracy_without_threshold": float(np.mean([p.names[0] == n for p, n in zip(known, test_names)])),
+                        "unknown_rejected": float(np.mean([p.unknown for p in unknown]))}
     return result
 
 
@@ -158,13 +162,13 @@ def markdown(report: dict) -> str:
     for match, row in report["known_and_new"].items():
         lines.append(f"| {match} | {row['known']:.3f} | {row['new']:.3f} | {row['individuals']} |")
     open_set = report["open_set"]
-    lines += ["", f"threshold {open_set['threshold']} ({open_set['origin']})", "",
-              "| scored against | known: right without threshold | known: accepted and right | unknown: rejected |",
-              "|---|---|---|---|"]
-    for match in (*MATCH_MODES, "classifier"):
-        row = open_set[match]
-        lines.append(f"| {match} | {row['known_accuracy_without_threshold']:.3f} | {row['known_accepted_and_right']:.3f} "
-                     f"| {row['unknown_rejected']:.3f} |")
+    lines += ["", f"thresholds: {open_set['origin']}", "",
+              "| scored against | threshold | known: right without threshold | known: accepted and right "
+              "| unknown: rejected |", "|---|---|---|---|---|"]
+    for kind in SCORE_KINDS:
+        row = open_set[kind]
+        lines.append(f"| {kind} | {row['threshold']} | {row['known_accuracy_without_threshold']:.3f} "
+                     f"| {row['known_accepted_and_right']:.3f} | {row['unknown_rejected']:.3f} |")
     return "\n".join(lines)
 
 
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
                        "open_set": {k: evaluation["open_set"].get(k) for k in ("auroc", "baks", "baus", "threshold")}},
         "new_individuals": study_new_individuals(base, new_items, new_names),
         "known_and_new": study_known_and_new(base, train_gallery, new_items, new_names, test_items, test_names),
-        "open_set": study_open_set(base, train_gallery, test_items, test_names, unknown["unknown_test"][0]),
+        "open_set": study_open_set(base, checkpoint, train_gallery, test_items, test_names,
+                                   unknown["unknown_test"][0]),
         "seconds": time.perf_counter() - started,
     }
     (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -110,6 +110,7 @@ def map_at_r(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: n
     precision among the first i. Unlike 1-NN accuracy it rewards ranking *all* of an individual's images
     first, so it separates embeddings that 1-NN rates the same. Ties: gallery order.
     """
+    _check_in_gallery(query_labels, gallery_labels)
     order = np.argsort(-similarity, axis=1, kind="stable")
     relevant = gallery_labels[order] == query_labels[:, None]
     r = (gallery_labels[None, :] == query_labels[:, None]).sum(axis=1)
@@ -129,10 +130,19 @@ def cmc(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.nda
     individuals rather than images keeps several images of one wrong individual from filling the list.
     Ties count against the model: an individual scored equal to the true one ranks before it.
     """
+    _check_in_gallery(query_labels, gallery_labels)
     individuals, scores = individual_scores(similarity, gallery_labels)
     true_scores = scores[np.arange(len(scores)), np.searchsorted(individuals, query_labels)]
     rank = (scores >= true_scores[:, None]).sum(axis=1)
     return np.array([(rank <= k).mean() for k in range(1, max_rank + 1)], dtype=np.float64)
+
+
+def _check_in_gallery(query_labels: np.ndarray, gallery_labels: np.ndarray) -> None:
+    """A query individual without a gallery image has no R for mAP@R (NaN) and no column in the CMC's
+    per-individual scores (`searchsorted` would silently score it as a neighbouring individual)."""
+    missing = np.setdiff1d(np.unique(query_labels), np.unique(gallery_labels))
+    if len(missing):
+        raise ValueError(f"{len(missing)} query individual(s) have no gallery image (e.g. {missing[0]!r})")
 
 
 def retrieval_metrics(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> dict:

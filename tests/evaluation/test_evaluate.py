@@ -17,7 +17,7 @@ import torch
 from src.config import load_config
 from src.data.dataset import ClassIndex, PreparedData, data_fingerprint
 from src.evaluation import evaluate
-from src.evaluation.evaluate import EmbeddedSplit, open_set_section, threshold_section
+from src.evaluation.evaluate import EmbeddedSplit, data_warnings, open_set_section, threshold_section
 from src.evaluation.report import render_markdown, rounded, trained_for
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier
@@ -463,3 +463,12 @@ def test_closed_set_thresholds_are_chosen_on_the_correct_val_predictions_only():
     threshold = section["thresholds"]["nearest"]
     assert np.mean(scores[:20] >= threshold) >= 0.95
     assert (scores[20:] < threshold).all()
+
+
+def test_the_val_split_is_warned_about_having_chosen_the_checkpoint_and_thresholds():
+    splits = {"train": [("a.png", "A")], "val": [("b.png", "A")], "test": [("c.png", "A")]}
+    sidecar = Path("x_best.pt.threshold.json")
+    for open_set in (False, True):
+        val = data_warnings(splits, "val", open_set, True, sidecar, True)
+        assert len(val) == 1 and "chose this checkpoint" in val[0] and "report the test split" in val[0]
+        assert data_warnings(splits, "test", open_set, True, sidecar, True) == []

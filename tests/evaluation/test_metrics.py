@@ -245,3 +245,14 @@ def test_keep_fraction_counts_the_images_it_may_lose_despite_float_rounding():
     rule lose no image where it may lose one."""
     scores = np.arange(1, 11) / 10  # 0.1 .. 1.0
     assert metrics.keep_fraction_threshold(scores, keep=0.9) == pytest.approx(0.15)
+
+
+def test_retrieval_refuses_a_query_individual_without_gallery_images():
+    # Individual 1 has no gallery image: CMC scored it as its neighbour in the sorted individuals (2),
+    # rank 1 = 1.0 for a query that can never be right, and mAP@R was NaN.
+    gallery, queries = np.array([0, 0, 2, 2]), np.array([1, 0])
+    similarity = np.array([[0.1, 0.2, 0.9, 0.8], [0.9, 0.1, 0.3, 0.2]])
+    with pytest.raises(ValueError, match="no gallery image"):
+        metrics.cmc(similarity, queries, gallery)
+    with pytest.raises(ValueError, match="no gallery image"):
+        metrics.map_at_r(similarity, queries, gallery)
