@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,41 +117,39 @@ def check_images(records: Sequence[Record], raw_dir: Path,
 
 
 def listed_twice(records: Sequence[Record]) -> list[Exclusion]:
-    """Repeated paths: later copies when the label agrees, every copy when the labels disagree
-    (nothing says which label is right)."""
-    by_path: dict[str, list[Record]] = defaultdict(list)
-    for record in records:
-        by_path[record.path].append(record)
-    exclusions = []
-    for copies in by_path.values():
-        if len(copies) == 1:
-            continue
-        names = sorted({r.individual for r in copies})
-        if len(names) == 1:
-            exclusions += [Exclusion(r, "listed twice", f"first listed at {copies[0].origin}")
-                           for r in copies[1:]]
-        else:
-            exclusions += [Exclusion(r, "listed twice", f"listed as {', '.join(names)}") for r in copies]
-    return exclusions
+    """Repeated paths (see `_repeats`)."""
+    return _repeats(records, lambda r: r.path, "listed twice",
+                    same=lambda first: f"first listed at {first.origin}",
+                    conflicting=lambda r, copies, names: f"listed as {', '.join(names)}")
 
 
 def exact_duplicates(records: Sequence[Record], checks: dict[str, ImageCheck]) -> list[Exclusion]:
-    """Identical pixels under different paths: keep the first copy (in input order) when all copies
-    carry the same individual, exclude every copy when they disagree. A duplicate left in would land
-    in train and test alike and inflate accuracy."""
+    """Identical pixels under different paths (see `_repeats`). A duplicate left in would land in
+    train and test alike and inflate accuracy."""
+    return _repeats(records, lambda r: checks[r.path].digest, "duplicate",
+                    same=lambda first: f"same pixels as {first.path}",
+                    conflicting=lambda r, copies, names: f"same pixels labelled {', '.join(names)}: "
+                                                         f"{', '.join(c.path for c in copies if c is not r)}")
+
+
+def _repeats(records: Sequence[Record], key: Callable[[Record], str], category: str,
+             same: Callable[[Record], str],
+             conflicting: Callable[[Record, list[Record], list[str]], str]) -> list[Exclusion]:
+    """Records sharing a `key`: every copy after the first (in input order) when all carry one
+    individual, detail `same(first)`; every copy when they disagree (nothing says which label is
+    right), detail `conflicting(record, copies, sorted individuals)`."""
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in records:
-        groups[checks[record.path].digest].append(record)
+        groups[key(record)].append(record)
     exclusions = []
     for copies in groups.values():
         if len(copies) == 1:
             continue
         names = sorted({r.individual for r in copies})
         if len(names) == 1:
-            exclusions += [Exclusion(r, "duplicate", f"same pixels as {copies[0].path}") for r in copies[1:]]
+            exclusions += [Exclusion(r, category, same(copies[0])) for r in copies[1:]]
         else:
-            exclusions += [Exclusion(r, "duplicate", f"same pixels labelled {', '.join(names)}: "
-                                     f"{', '.join(c.path for c in copies if c is not r)}") for r in copies]
+            exclusions += [Exclusion(r, category, conflicting(r, copies, names)) for r in copies]
     return exclusions
 
 
