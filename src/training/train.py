@@ -1,8 +1,8 @@
 """Train an identification model from a config: `python -m src.training.train --config <yaml>`.
 
 Read top to bottom: `make_runtime` -> `load_data` -> `build_model_and_optimizer` -> `wrap_for_training`,
-then per epoch (in `fit`) `train_one_epoch`, `evaluate` and `CheckpointSaver.save` (a snapshot, written
-in the background when due). Resuming (`starting_state`) is in `resume.py`, stopping on a signal
+then per epoch (in `fit`) `train_one_epoch`, `validate`, `epoch_row` and `record_epoch`, and
+`CheckpointSaver.save` (a snapshot, written in the background when due). Resuming (`starting_state`) is in `resume.py`, stopping on a signal
 (`StopRequest`) in `stopping.py`. Works unchanged under `torchrun --nproc_per_node N`.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from src.models.trained import FORMAT_VERSION, CheckpointError
 from src.tables import drop_stdout, progress_bar
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line
-from src.training.checkpoint import CheckpointSaver, device_snapshot
+from src.training.checkpoint import CheckpointSaver, Snapshot, device_snapshot
 from src.training.resume import (RunState, check_resume_compatible, check_training_state, read_resume_checkpoint,
                                  rng_state, starting_state)
 from src.training.stopping import StopRequest, Terminated, TrainingStopped, sigterm_raises
@@ -456,48 +456,23 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
     previous_row_at = time.perf_counter()
     for epoch in range(state.epoch + 1, max_epochs + 1):
         started = time.perf_counter()
-        try:
+        with pending_best_written_on_stop(saver, paths, runtime):
             sums = train_one_epoch(train_runner, model, train_source, optimizer, scheduler, scaler, epoch,
                                    state, config, runtime, stop)
-        except TrainingStopped:
-            written = saver.write_pending_best()
-            if written is not None:
-                runtime.print(f"wrote epoch {written} (the best so far) to {paths.best} and {paths.last}")
-            raise
         if state.step < len(train_source):
-            state.partial = sums.reduced_state(runtime)
-            saver.save(build_checkpoint, improved=False, force=True)
-            saver.wait()
-            earlier_best = state.best_epoch == 0 and paths.best.is_file()  # this run has no best epoch yet
-            raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last,
-                               f" ({paths.best.name} is still the earlier run's)" if earlier_best else "")
+            stop_mid_epoch(epoch, sums, state, saver, build_checkpoint, paths, stop, runtime, len(train_source))
         train = sums.means(runtime)  # waits for the device: train_seconds is the steps' own
         validation_started = time.perf_counter()
-        val_sums = evaluate(eval_runner, model, val_source, config, runtime)
-        early_weights = (device_snapshot(weights_dict(model, optimizer))
-                         if saver.enabled and runtime.device.type in SNAPSHOT_DURING_VALIDATION else None)
-        val = val_sums.means(runtime)
-        if val["images"] == 0:  # the plain pipeline finds unreadable images only when it reads them
-            saver.write_pending_best()  # images deleted mid-run: the good epochs held in memory are kept
-            raise no_validation_images(val_source.num_images, data, config)
+        val, early_weights = validate(eval_runner, model, optimizer, val_source, saver, data, config, runtime)
         now = time.perf_counter()
-        # The times are kept in the history (not the guide's CSV): the speed benchmark reads them.
         # `seconds` runs from the previous epoch's row, so that epoch's checkpoint snapshot and epoch
         # line count too: the epochs' seconds add up to the run's wall time after set-up.
-        row = {"epoch": epoch, "lr": sums.lr, "train_loss": train["loss"], "train_top1": train["top1"],
-               "train_top5": train["top5"], "val_loss": val["loss"], "val_top1": val["top1"],
-               "val_top5": val["top5"], "seconds": now - previous_row_at,
-               "train_seconds": validation_started - started, "val_seconds": now - validation_started,
-               "skipped_images": train_source.skipped + val_source.skipped}
+        row = epoch_row(epoch, sums.lr, train, val, seconds=now - previous_row_at,
+                        train_seconds=validation_started - started, val_seconds=now - validation_started,
+                        skipped_images=train_source.skipped + val_source.skipped)
         previous_row_at = now
-        state.history.append(row)
-        state.epoch, state.step, state.partial = epoch, 0, None
-        improved = val["top1"] > state.best_val_top1
-        if improved:
-            state.best_val_top1, state.best_epoch = val["top1"], epoch
-        runtime.print(epoch_line(row, max_epochs))
-        if row["skipped_images"]:
-            runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
+        improved = record_epoch(state, row)
+        report_epoch(row, max_epochs, runtime)
         if runtime.output_lost is not None and epoch < max_epochs:  # the last epoch is saved anyway
             stop.request("SIGPIPE", f"stdout could not be written: {runtime.output_lost}")
         stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
@@ -509,6 +484,71 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
     runtime.print(f"done: best val top1={state.best_val_top1:.4f} at epoch {state.best_epoch}; "
                   f"{paths.best}, {paths.last}, {paths.metrics}")
     return state
+
+
+@contextmanager
+def pending_best_written_on_stop(saver: CheckpointSaver, paths: RunPaths, runtime: Runtime):
+    """A TrainingStopped (a non-finite loss) passes through, after the best epoch held in memory is
+    written: the stop loses none of the good epochs before it."""
+    try:
+        yield
+    except TrainingStopped:
+        written = saver.write_pending_best()
+        if written is not None:
+            runtime.print(f"wrote epoch {written} (the best so far) to {paths.best} and {paths.last}")
+        raise
+
+
+def stop_mid_epoch(epoch: int, sums: EpochSums, state: RunState, saver: CheckpointSaver,
+                   build_checkpoint: Callable[[bool], dict], paths: RunPaths, stop: StopRequest,
+                   runtime: Runtime, steps_per_epoch: int) -> NoReturn:
+    """A stop request ended the epoch early: save its steps and sums so far, then stop."""
+    state.partial = sums.reduced_state(runtime)
+    saver.save(build_checkpoint, improved=False, force=True)
+    saver.wait()
+    earlier_best = state.best_epoch == 0 and paths.best.is_file()  # this run has no best epoch yet
+    raise stop.stopped(f"in epoch {epoch} after step {state.step}/{steps_per_epoch}", paths.last,
+                       f" ({paths.best.name} is still the earlier run's)" if earlier_best else "")
+
+
+def validate(runner, model, optimizer, source: BatchSource, saver: CheckpointSaver, data: PreparedData,
+             config: Config, runtime: Runtime) -> tuple[dict[str, float | int], Snapshot | None]:
+    """The epoch's validation means, and its weights snapshotted while validation still runs on the
+    device (SNAPSHOT_DURING_VALIDATION; None elsewhere)."""
+    sums = evaluate(runner, model, source, config, runtime)
+    early_weights = (device_snapshot(weights_dict(model, optimizer))
+                     if saver.enabled and runtime.device.type in SNAPSHOT_DURING_VALIDATION else None)
+    val = sums.means(runtime)
+    if val["images"] == 0:  # the plain pipeline finds unreadable images only when it reads them
+        saver.write_pending_best()  # images deleted mid-run: the good epochs held in memory are kept
+        raise no_validation_images(source.num_images, data, config)
+    return val, early_weights
+
+
+def epoch_row(epoch: int, lr: float, train: dict, val: dict, *, seconds: float, train_seconds: float,
+              val_seconds: float, skipped_images: int) -> dict:
+    """The epoch's row of `RunState.history`. The times are kept there (not in the guide's CSV):
+    the speed benchmark reads them."""
+    return {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
+            "train_top5": train["top5"], "val_loss": val["loss"], "val_top1": val["top1"],
+            "val_top5": val["top5"], "seconds": seconds, "train_seconds": train_seconds,
+            "val_seconds": val_seconds, "skipped_images": skipped_images}
+
+
+def record_epoch(state: RunState, row: dict) -> bool:
+    """Append `row` to the history and mark the epoch done; whether it is the best so far."""
+    state.history.append(row)
+    state.epoch, state.step, state.partial = row["epoch"], 0, None
+    improved = row["val_top1"] > state.best_val_top1
+    if improved:
+        state.best_val_top1, state.best_epoch = row["val_top1"], row["epoch"]
+    return improved
+
+
+def report_epoch(row: dict, max_epochs: int, runtime: Runtime) -> None:
+    runtime.print(epoch_line(row, max_epochs))
+    if row["skipped_images"]:
+        runtime.print(f"  warning: {row['skipped_images']} unreadable images skipped this epoch")
 
 
 def _report(message: str, all_ranks_agree: bool) -> None:
