@@ -36,6 +36,15 @@ class RunState:
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
 
+    def record_epoch(self, row: dict) -> bool:
+        """Append a finished epoch's `row` to the history; whether its val top-1 is the best so far."""
+        self.history.append(row)
+        self.epoch, self.step, self.partial = row["epoch"], 0, None
+        improved = row["val_top1"] > self.best_val_top1
+        if improved:
+            self.best_val_top1, self.best_epoch = row["val_top1"], row["epoch"]
+        return improved
+
 
 # What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "best_val_top1", "best_epoch", "history")

@@ -1,9 +1,10 @@
 """Train an identification model from a config: `python -m src.training.train --config <yaml>`.
 
 Read top to bottom: `make_runtime` -> `load_data` -> `build_model_and_optimizer` -> `wrap_for_training`,
-then per epoch (in `fit`) `train_one_epoch`, `validate`, `epoch_row` and `record_epoch`, and
-`CheckpointSaver.save` (a snapshot, written in the background when due). Resuming (`starting_state`) is in `resume.py`, stopping on a signal
-(`StopRequest`) in `stopping.py`. Works unchanged under `torchrun --nproc_per_node N`.
+then per epoch (in `fit`) `train_one_epoch`, `validate`, `RunState.record_epoch` and
+`CheckpointSaver.save` (a snapshot, written in the background when due). Resuming (`starting_state`) is
+in `resume.py`, stopping on a signal (`StopRequest`) in `stopping.py`. Works unchanged under
+`torchrun --nproc_per_node N`.
 """
 from __future__ import annotations
 
@@ -471,7 +472,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
                         train_seconds=validation_started - started, val_seconds=now - validation_started,
                         skipped_images=train_source.skipped + val_source.skipped)
         previous_row_at = now
-        improved = record_epoch(state, row)
+        improved = state.record_epoch(row)
         report_epoch(row, max_epochs, runtime)
         if runtime.output_lost is not None and epoch < max_epochs:  # the last epoch is saved anyway
             stop.request("SIGPIPE", f"stdout could not be written: {runtime.output_lost}")
@@ -533,16 +534,6 @@ def epoch_row(epoch: int, lr: float, train: dict, val: dict, *, seconds: float, 
             "train_top5": train["top5"], "val_loss": val["loss"], "val_top1": val["top1"],
             "val_top5": val["top5"], "seconds": seconds, "train_seconds": train_seconds,
             "val_seconds": val_seconds, "skipped_images": skipped_images}
-
-
-def record_epoch(state: RunState, row: dict) -> bool:
-    """Append `row` to the history and mark the epoch done; whether it is the best so far."""
-    state.history.append(row)
-    state.epoch, state.step, state.partial = row["epoch"], 0, None
-    improved = row["val_top1"] > state.best_val_top1
-    if improved:
-        state.best_val_top1, state.best_epoch = row["val_top1"], row["epoch"]
-    return improved
 
 
 def report_epoch(row: dict, max_epochs: int, runtime: Runtime) -> None:
