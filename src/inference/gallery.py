@@ -59,7 +59,7 @@ class GalleryError(ValueError):
     """A gallery that cannot be used as asked; one line (the command lines exit 2)."""
 
 
-def name_problem(name) -> str | None:
+def name_refusal(name) -> str | None:
     """Why `name` cannot be an individual's (`lists.name_problem`), as a sentence, or None."""
     problem = lists.name_problem(name)
     if problem is None:
@@ -70,7 +70,7 @@ def name_problem(name) -> str | None:
 
 
 def check_name(name: str) -> None:
-    problem = name_problem(name)
+    problem = name_refusal(name)
     if problem is not None:
         raise GalleryError(problem)
 
@@ -136,7 +136,7 @@ class Gallery:
         for failed, message in problems:
             if failed:
                 raise GalleryError(f"{path}: {problem}: {message}")
-        bad_name = next(filter(None, map(name_problem, names.tolist())), None)  # the names enroll refuses
+        bad_name = next(filter(None, map(name_refusal, names.tolist())), None)  # the names enroll refuses
         if bad_name is not None:
             raise GalleryError(f"{path}: {problem}: {bad_name}")
         return cls(str(sha256), names.tolist(), embeddings.astype(np.float32),

@@ -363,6 +363,7 @@ def _dataset(tmp_path, n=5):
 
 
 def _assert_rows_match(cached, raw, rows):
+    assert len(cached.kept) == len(cached.images) > 0
     for position, index in enumerate(cached.kept):
         expected = decode_for_cache(raw / rows[index][0], ORDER_CACHE_SIZE)
         np.testing.assert_array_equal(cached.images[position].numpy(), expected)

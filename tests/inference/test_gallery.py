@@ -118,7 +118,7 @@ def test_enroll_skips_unreadable_photos_and_refuses_bad_names(learned, unseen, t
     assert "holds a control character" in err
     assert "individual name 'two words' contains whitespace (e.g. 'two_words')" in err
     assert "individual name 'unknown' is what inference calls a rejected photo" in err
-    assert gallery_cli.name_problem("unknown ") == "individual name 'unknown ' contains whitespace"  # no suggestion
+    assert gallery_cli.name_refusal("unknown ") == "individual name 'unknown ' contains whitespace"  # no suggestion
     assert Gallery.load(gallery).counts() == {name: 1}
 
 
@@ -412,12 +412,12 @@ def test_names_with_format_characters_are_names_and_control_characters_are_not()
     """A soft hyphen or a zero-width joiner (inside many emoji) is part of a name someone typed; a
     zero-width space makes a second "Zuri" that looks like the first, a right-to-left override
     reorders the listing it is printed in."""
-    assert gallery_cli.name_problem("Zo\u00adé") is None and gallery_cli.name_problem("Ali\u200dce") is None
-    assert "control character (U+0007)" in gallery_cli.name_problem("Zuri\x07")
-    assert "invisible or text-direction character (U+200B)" in gallery_cli.name_problem("Zuri\u200b")
-    assert "invisible or text-direction character (U+202E)" in gallery_cli.name_problem("Ab\u202eeni")
+    assert gallery_cli.name_refusal("Zo\u00adé") is None and gallery_cli.name_refusal("Ali\u200dce") is None
+    assert "control character (U+0007)" in gallery_cli.name_refusal("Zuri\x07")
+    assert "invisible or text-direction character (U+200B)" in gallery_cli.name_refusal("Zuri\u200b")
+    assert "invisible or text-direction character (U+202E)" in gallery_cli.name_refusal("Ab\u202eeni")
     for blank in ("\u2063", "\u3164", "\u034f", "\u180e"):  # invisible separator, Hangul filler, CGJ, MVS
-        assert f"(U+{ord(blank):04X})" in gallery_cli.name_problem(f"Zuri{blank}")
+        assert f"(U+{ord(blank):04X})" in gallery_cli.name_refusal(f"Zuri{blank}")
 
 
 def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
