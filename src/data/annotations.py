@@ -36,6 +36,9 @@ SINGLE_FIELDS = ("Name", "Age", "Age_group", "Gender")
 FIELD_SPELLINGS = {"Age_Group": "Age_group"}
 
 RELEASE_FOLDER = "datasets_cropped_chimpanzee_faces"
+# Written by `python -m src.data.standin` beside the release's data folders: synthetic images in the
+# release's layout, under the real names, must never pass for the release (`holds_standins`).
+STANDIN_MARKER = "STANDIN.txt"
 # (source, folder, annotation file) in merge order: CZoo first, as in the published merged list.
 CVJENA_SOURCES = (("CZoo", "data_CZoo", "annotations_czoo.txt"),
                   ("CTai", "data_CTai", "annotations_ctai.txt"))
@@ -175,6 +178,11 @@ def find_release_base(raw_dir: str | Path) -> Path:
                               "public release; --folder or --list read your own photos)")
     nested = raw_dir / RELEASE_FOLDER
     return nested if nested.is_dir() else raw_dir
+
+
+def holds_standins(raw_dir: str | Path) -> bool:
+    """Whether the release layout under `raw_dir` was drawn by `src.data.standin` (its STANDIN_MARKER)."""
+    return Path(raw_dir).is_dir() and (find_release_base(raw_dir) / STANDIN_MARKER).is_file()
 
 
 def read_cvjena(raw_dir: str | Path) -> list[Record]:

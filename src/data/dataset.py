@@ -44,6 +44,7 @@ class PreparedData:
     min_images: int
     seed: int
     num_classes: int
+    standins: bool = False  # synthetic images of src.data.standin (prepared.json's `standins`)
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
@@ -71,7 +72,7 @@ class PreparedData:
             raise DatasetError(f"{path}: a value has the wrong type ("
                                + ", ".join(f"{key}: {meta[key]!r}"[:80] for key in wrong) + f"); {_RERUN}")
         return cls(root=root, raw_dir=root / meta["raw_dir"], min_images=meta["min_images"], seed=meta["seed"],
-                   num_classes=meta["num_classes"])
+                   num_classes=meta["num_classes"], standins=meta.get("standins") is True)
 
     def split(self, name: str, open_set: bool = False) -> list[Row]:
         """Rows of `annotations/<name>.txt`, or of `annotations/open_set/<name>.txt` when open_set."""

@@ -24,7 +24,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from src import atomic
-from src.data.annotations import AnnotationError, read_cvjena
+from src.data.annotations import STANDIN_MARKER, AnnotationError, holds_standins, read_cvjena
 
 DEFAULT_URL = "https://github.com/cvjena/chimpanzee_faces/archive/refs/heads/master.zip"
 TERMS = ("C-Zoo/C-Tai (Freytag et al., GCPR 2016): non-commercial use only (research, education), "
@@ -52,6 +52,10 @@ def fetch_release(raw_dir: str | Path, url: str = DEFAULT_URL, *, attempts: int 
     once the release is verified, and kept otherwise, so that a rerun does not download it again.
     """
     raw_dir = Path(raw_dir)
+    if holds_standins(raw_dir):  # complete in the release's layout, so it would pass for the release
+        raise DownloadError(f"{raw_dir} holds stand-in images (synthetic, not chimpanzees; see its "
+                            f"{STANDIN_MARKER}), not the release: give --raw-dir another folder, or delete "
+                            f"{raw_dir} to download the release there")
     try:
         counts = verify_release(raw_dir)
         log.info("release already in %s; nothing to download", raw_dir)

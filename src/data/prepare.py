@@ -34,7 +34,7 @@ from pathlib import Path
 from src import atomic
 from src.config import DataConfig
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
-                                  read_cvjena, read_folder, read_list_file)
+                                  holds_standins, read_cvjena, read_folder, read_list_file)
 from src.data.dataset import FORMAT_VERSION
 from src.data.download import DEFAULT_URL, DownloadError, fetch_release
 from src.data.lists import Row, canonical_name, write_list
@@ -216,14 +216,14 @@ def write_lists(annotations_dir: Path, min_images: int, usable: Sequence[Record]
 def prepared_info(raw_dir: Path, input_kind: str, min_images: int, seed: int, fractions: Sequence[float],
                   kept: Sequence[Record], closed: dict[str, list[Row]],
                   open_set: dict[str, list[Row]] | None, unknown: Sequence[str], fix: LabelsFix | None,
-                  problems: int) -> dict:
+                  problems: int, standins: bool) -> dict:
     """The content of `prepared.json`: the DESIGN.md keys first, then counts a reader may check."""
     num_classes = len({r.individual for r in kept})
     info = {"raw_dir": str(raw_dir), "min_images": min_images, "seed": seed, "num_classes": num_classes,
             "num_images": len(kept), "format_version": FORMAT_VERSION, "input": input_kind,
             "fractions": list(fractions), "splits": {s: len(rows) for s, rows in closed.items()},
             "sources": count_summary(kept)["per_source"], "labels_fix": fix.source if fix else None,
-            "problems": problems, "open_set": None}
+            "problems": problems, "standins": standins, "open_set": None}
     if open_set is not None:
         info["open_set"] = {
             "num_classes": num_classes - len(unknown), "num_unknown": len(unknown),
@@ -270,6 +270,10 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     fix = LabelsFix.load(labels_fix) if isinstance(labels_fix, (str, Path)) else labels_fix
     raw, input_kind, parsed = read_input(_path(raw_dir), _path(folder), _path(list_file))
     log.info("input      %s: %s", input_kind, raw)
+    standins = input_kind == "cvjena" and holds_standins(raw)
+    if standins:
+        log.warning("stand-in   these are synthetic images drawn by src.data.standin, not chimpanzees "
+                    "(prepared.json records it; training says so)")
     log.info("parsed     %s", describe(parsed))
     fixed, fix_exclusions, fix_info = apply_labels_fix(parsed, fix)
     fixed = check_names(fixed, spaces_to_underscores)
@@ -304,7 +308,7 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     log.info("kept       %s -> num_classes %d", describe(kept), kept_individuals)
     closed, open_set, unknown = splits
     prepared = prepared_info(raw, input_kind, min_images, seed, fractions, kept, closed, open_set,
-                             unknown, fix, report["problems"])
+                             unknown, fix, report["problems"], standins)
     write_lists(annotations_dir, min_images, usable, kept, closed, open_set, unknown)
     write_metadata(annotations_dir / "metadata.csv", parsed, fixed, exclusions, checks, closed, open_set)
     atomic.write_text(annotations_dir / "prepared.json", json.dumps(prepared, indent=2) + "\n")

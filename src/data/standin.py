@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from src import atomic
 from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAMES, RELEASE_FOLDER,
-                                  AnnotationError, parse_cvjena_line)
+                                  STANDIN_MARKER, AnnotationError, parse_cvjena_line)
 from src.errors import command_main, command_parser, path_argument
 from src.parallel import WorkerDied, map_in_processes
 from src.textfiles import read_utf8
@@ -399,6 +399,14 @@ def _source_dir(out: Path, folder: str) -> Path:
     return out / RELEASE_FOLDER / folder
 
 
+def _mark(out: Path) -> None:
+    """Written first, so that a partly drawn tree is marked too."""
+    atomic.write_text(out / RELEASE_FOLDER / STANDIN_MARKER,
+                      "Synthetic stand-in images drawn by `python -m src.data.standin`: not chimpanzees, not "
+                      "the C-Zoo/C-Tai release.\nprepare says so, and `prepare --download` will not take this "
+                      "folder for the release.\n")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The two ways to build a raw folder.
 
@@ -408,6 +416,7 @@ def generate_from_annotations(out: Path, annotations: Path, size: int, seed: int
 
     The copied keypoints refer to the real crops, not to the drawn face: real crop sizes are not known.
     """
+    _mark(out)
     jobs, texts = [], {}
     for source, folder, filename in CVJENA_SOURCES:
         src = annotations / filename
@@ -429,6 +438,7 @@ def generate_from_annotations(out: Path, annotations: Path, size: int, seed: int
 
 def generate_small(out: Path, individuals: int, images: int, size: int, seed: int, workers: int) -> int:
     """`individuals` x `images` new images, keypoints matching the drawn faces; returns image count."""
+    _mark(out)
     members = make_members(individuals, seed)
     folders = {source: folder for source, folder, _ in CVJENA_SOURCES}
     entries: dict[str, list[tuple[str, Member]]] = {source: [] for source in folders}

@@ -190,6 +190,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def load_data(config: Config, data: PreparedData,
               runtime: Runtime) -> tuple[ClassIndex, BatchSource, BatchSource, str]:
+    if data.standins:
+        runtime.print(f"note: {config.data.root} holds stand-in images (synthetic, not chimpanzees): its numbers "
+                      "say nothing about chimpanzees")
     train_rows = data.split("train", open_set=config.data.open_set)
     val_rows = data.split("val", open_set=config.data.open_set)
     classes = ClassIndex.from_rows(train_rows)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from src.data import standin
 from src.data.download import DownloadError, download, fetch_release
 from src.data.prepare import main
 
@@ -198,3 +199,16 @@ def test_a_url_that_is_not_a_url_is_one_line_and_exit_2(tmp_path, capsys):
                  "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == "error: --url mirror.example.org/chimps.zip: unknown url type: 'mirror.example.org/chimps.zip'\n"
+
+
+def test_stand_in_images_are_not_taken_for_the_release(tmp_path, serve, capsys):
+    """A complete stand-in tree in the release's layout would pass its check: a later --download into
+    the same folder would "find the release" and prepare cartoons as chimpanzees."""
+    raw = tmp_path / "raw"
+    standin.generate_small(raw, individuals=2, images=3, size=32, seed=0, workers=1)
+    before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
+    server = serve(release_zip())
+    assert main(["--download", "--url", server.url, "--raw-dir", str(raw), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {raw} holds stand-in images (synthetic, not chimpanzees") and err.count("\n") == 1
+    assert server.requests == [] and sorted(p.relative_to(raw) for p in raw.rglob("*")) == before

@@ -16,6 +16,8 @@ from PIL import Image
 
 from src.data.annotations import AnnotationError, LabelsFix, Record
 from src.data import prepare as prepare_module
+from src.data import standin
+from src.data.dataset import PreparedData
 from src.data.lists import read_list
 from src.data.prepare import PrepareError, apply_labels_fix, main, prepare
 from src.data.splits import SplitError
@@ -78,6 +80,7 @@ def test_prepare_writes_the_design_layout(tmp_path):
         "format_version": 1}
     assert prepared["open_set"]["num_classes"] == 4 and prepared["open_set"]["num_unknown"] == 2
     assert prepared["sources"] == {"CZoo": 22, "CTai": 51}
+    assert prepared["standins"] is False
 
     merged = read_list(ann / "annotations_merged_all.txt")
     assert len(merged) == 84 and merged[0] == (f"{RELEASE}/data_CZoo/face_images/img-Kofi-0.png", "Kofi")
@@ -464,3 +467,12 @@ def test_a_reader_that_stops_early_ends_the_progress_lines_quietly(tmp_path):
     err = process.stderr.read()
     assert process.wait(timeout=120) == 0 and err == ""
     assert (tmp_path / "out" / "annotations" / "prepared.json").is_file()
+
+
+def test_stand_in_images_are_said_to_be_so_and_recorded(tmp_path, caplog):
+    """Stand-ins carry the release's layout and real names: nothing else tells them from the release."""
+    standin.generate_small(tmp_path / "raw", individuals=3, images=10, size=32, seed=0, workers=1)
+    with caplog.at_level("INFO", logger="src.data"):
+        result = prepare(tmp_path / "raw", tmp_path / "out", open_set_individuals=0)
+    assert result.prepared["standins"] is True and PreparedData.load(tmp_path / "out").standins
+    assert "synthetic images drawn by src.data.standin, not chimpanzees" in caplog.text

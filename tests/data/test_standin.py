@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from src.data import standin
-from src.data.annotations import read_cvjena
+from src.data.annotations import holds_standins, read_cvjena
 
 SHARED_RAW = Path(__file__).resolve().parents[3] / "shared" / "chimpanzee_faces" / "annotations" / "raw"
 CURRENT_EXCERPT = SHARED_RAW.parent / "format-current-release-excerpt.txt"
@@ -37,6 +37,7 @@ def small_raw(tmp_path_factory) -> Path:
 def test_small_set_has_the_cvjena_layout_and_parses(small_raw):
     records = read_cvjena(small_raw)
     assert len(records) == 24
+    assert holds_standins(small_raw) and holds_standins(small_raw / RELEASE)  # either raw folder form
     assert {r.source for r in records} == {"CZoo", "CTai"}
     names = {r.individual for r in records}
     assert names == {standin.individual_name(i) for i in range(4)}
@@ -106,7 +107,7 @@ def test_from_annotations_copies_every_line_and_writes_one_image_each(tmp_path):
     for _, folder, filename in standin.CVJENA_SOURCES:
         assert (raw / RELEASE / folder / filename).read_bytes() == (annotations / filename).read_bytes()
     records = read_cvjena(raw)
-    assert len(records) == 100 and len(_pngs(raw)) == 100
+    assert len(records) == 100 and len(_pngs(raw)) == 100 and holds_standins(raw)
     assert all((raw / r.path).is_file() for r in records)
 
 

@@ -49,6 +49,7 @@ def test_cli_prints_the_guides_epoch_line_and_writes_the_artifacts(tiny_data, tm
     lines = [line for line in result.stdout.splitlines() if line.startswith("[Epoch")]
     assert [EPOCH_LINE.match(line).groups() for line in lines] == [("1", "2"), ("2", "2")]
     assert "\r" not in result.stdout + result.stderr  # no progress bar outside a terminal
+    assert f"note: {tiny_data} holds stand-in images (synthetic, not chimpanzees)" in result.stdout
     artifacts = tmp_path / "artifacts"
     assert sorted(p.name for p in artifacts.iterdir()) == [".tiny.lock", "tiny_best.pt", "tiny_last.pt",
                                                             "tiny_metrics.csv"]  # the lock: claim_outputs
