@@ -489,6 +489,10 @@ def main(argv=None) -> int:
     print(f"{args.split}: top1={closed['top1']:.4f} top5={closed['top5']:.4f} "
           f"balanced={closed['balanced_accuracy']:.4f} 1-NN={retrieval['one_nn_accuracy']:.4f} "
           f"mAP@R={retrieval['map_at_r']:.4f}")
+    open_set = report["open_set"]
+    if open_set["evaluated"]:
+        print(f"{args.split} + unknown_{args.split}: AUROC={open_set['auroc']:.4f} BAKS={open_set['baks']:.4f} "
+              f"BAUS={open_set['baus']:.4f} (threshold {open_set['threshold']:.6f}, chosen on val + unknown_val)")
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -194,10 +194,12 @@ def open_set_checkpoint(tiny_data, tmp_path_factory) -> Path:
 
 
 def test_open_set_evaluation(open_set_checkpoint, tiny_data, tmp_path, capsys):
-    code, _ = run_main(capsys, "--checkpoint", open_set_checkpoint, "--out", tmp_path)
-    assert code == 0
+    assert evaluate.main(["--checkpoint", str(open_set_checkpoint), "--out", str(tmp_path), "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     open_set, data = report["open_set"], PreparedData.load(tiny_data)
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"test + unknown_test: AUROC={open_set['auroc']:.4f} BAKS={open_set['baks']:.4f} BAUS={open_set['baus']:.4f} "
+        f"(threshold {open_set['threshold']:.6f}, chosen on val + unknown_val)")
     assert open_set["evaluated"] is True
     assert all(0.0 <= value <= 1.0 for value in unit_values(report))
     assert open_set["measured_on"] == ["test", "unknown_test"]
