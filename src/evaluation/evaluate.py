@@ -395,23 +395,26 @@ def write_threshold_sidecar(run: TrainedModel, threshold: dict) -> None:
 # Main
 
 
-def default_out(checkpoint: Path, split: str) -> Path:
-    """`runs/eval/<checkpoint stem>_<split>`: the stem keeps `_best` and `_last` evaluations apart."""
-    return Path("runs") / "eval" / f"{checkpoint.stem}_{split}"
+def default_out(checkpoint: Path, split: str, data_root: str | Path | None = None) -> Path:
+    """`runs/eval/<checkpoint stem>_<split>`: the stem keeps `_best` and `_last` evaluations apart.
+    With a `data_root` (another dataset), `<stem>_<its folder name>_<split>`: it must not replace the
+    evaluation on the checkpoint's own data."""
+    on = "" if data_root is None else f"_{Path(data_root).resolve().name}"
+    return Path("runs") / "eval" / f"{Path(checkpoint).stem}{on}_{split}"
 
 
 def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str = "test",
              data_root: str | Path | None = None, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              cache_dir: str | Path | None = None) -> dict:
     """Evaluate as described at the top of this module; returns the report as written. `out`
-    defaults to `runs/eval/<checkpoint stem>_<split>` (as on the command line). Raises
+    defaults to `default_out` (as on the command line). Raises
     EvaluationError, CheckpointError, DatasetError, ConfigError or ModelError on unusable input."""
     if split not in SPLITS:
         raise EvaluationError(f"split must be one of {', '.join(SPLITS)}, not {split!r} (the train split is "
                               "the retrieval gallery: evaluated against itself every image would find itself)")
     batch_size = positive_int("batch_size", batch_size, EvaluationError)
     checkpoint = Path(checkpoint)
-    out = default_out(checkpoint, split) if out is None else Path(out)
+    out = default_out(checkpoint, split, data_root) if out is None else Path(out)
     data_root = None if data_root is None else Path(data_root)
     cache_dir = None if cache_dir is None else Path(cache_dir)
     torch_device = pick_device(device, EvaluationError)
@@ -478,7 +481,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
 def main(argv=None) -> int:
     args = parse_args(argv)
     show_warnings()
-    out = args.out or default_out(args.checkpoint, args.split)
+    out = args.out or default_out(args.checkpoint, args.split, args.data_root)
     try:
         report = evaluate(args.checkpoint, out, args.split, args.data_root, args.device, args.batch_size,
                           args.cache_dir)

@@ -474,3 +474,9 @@ def test_the_val_split_is_warned_about_having_chosen_the_checkpoint_and_threshol
         val = data_warnings(splits, "val", open_set, True, sidecar, True)
         assert len(val) == 1 and "chose this checkpoint" in val[0] and "report the test split" in val[0]
         assert data_warnings(splits, "test", open_set, True, sidecar, True) == []
+
+
+def test_the_default_report_folder_keeps_evaluations_on_other_data_apart(tmp_path):
+    checkpoint = Path("artifacts/demo_best.pt")
+    assert evaluate.default_out(checkpoint, "test") == Path("runs/eval/demo_best_test")
+    assert evaluate.default_out(checkpoint, "val", tmp_path / "mine") == Path("runs/eval/demo_best_mine_val")
