@@ -1,5 +1,5 @@
-"""The measurement behind the README's gallery tables: nearest-neighbour against prototype matching for
-individuals enrolled after training, and the stored open-set threshold at work.
+"""The measurement behind the gallery tables of docs/INFERENCE.md: nearest-neighbour against prototype
+matching for individuals enrolled after training, and the stored open-set thresholds at work.
 
     python -m src.bench.gallery_study --out /tmp/study --device cuda       # a few minutes on one GPU
     python -m src.bench.gallery_study --out /tmp/smoke --device cpu \
@@ -14,8 +14,8 @@ the embeddings of every image, each decided by `Identifier.decide` as `predict` 
 2. one gallery for known and new: the training split enrolled with `gallery enroll --from-split`,
    plus the held-out individuals from 5 photos; queries: the known test photos and the other photos
    of the new individuals;
-3. open set: the gallery holds the training split only, the threshold is the one evaluation stored
-   (chosen on val + unknown_val); known test photos should be accepted and named correctly, photos of
+3. open set: the gallery holds the training split only, each kind of score is cut at the threshold
+   evaluation stored for it (chosen on val + unknown_val); known test photos should be accepted and named correctly, photos of
    the unknown_test individuals rejected. The classifier (no gallery) is shown for comparison.
 
 Prints markdown tables and writes `<out>/study.json`. Stand-ins are not chimpanzees: the numbers

@@ -463,7 +463,7 @@ def generate_small(out: Path, individuals: int, images: int, size: int, seed: in
 def calibrate(individuals: int, images: int, size: int, seed: int, epochs: int) -> float:
     """Train torchvision resnet18 (random init) on CPU, print per-epoch val accuracy, return the last.
 
-    The first 3/4 of each individual's images train, the rest validate. This is the number the README
+    The first 3/4 of each individual's images train, the rest validate. This is the number docs/STANDIN.md
     quotes: it says how hard the nuisance makes the task, so retune the ranges above if it drifts.
     """
     import torch

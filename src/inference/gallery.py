@@ -15,7 +15,7 @@ Matching (`Gallery.scores`, `scoring.MATCH_MODES`): `prototype` (the default) sc
 by the cosine similarity to its mean embedding, renormalised; `nearest` by its most similar enrolled
 photo (the 1-NN similarity that evaluation reports and calibrates its threshold on). Averaging
 cancels the pose and lighting of single photos, which is why prototypes identified new individuals
-better in the measurements quoted in the README (Galleries).
+better in the measurements quoted in docs/INFERENCE.md (Galleries).
 
 Storage: one `.npz` written by numpy and read with `allow_pickle=False`: plain arrays only, so a
 crafted file cannot run code. Its member names are checked before anything is read, and each

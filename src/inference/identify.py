@@ -52,7 +52,7 @@ from src.training.artifacts import threshold_sidecar_path
 if TYPE_CHECKING:  # gallery.py builds on this module; at run time a gallery is used by its methods
     from src.inference.gallery import Gallery
 
-DEFAULT_MATCH = "prototype"  # measured better for new individuals: README, Galleries
+DEFAULT_MATCH = "prototype"  # measured better for new individuals: docs/INFERENCE.md, Galleries
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "logits")
 EXPORT_FORMAT_VERSION = 1

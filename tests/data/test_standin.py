@@ -171,7 +171,7 @@ def test_names_are_unique_without_whitespace_and_sources_alternate():
 def test_learnable_but_not_trivial():
     """A ridge classifier on 16x16 standardised grey pixels: clearly above chance, far from perfect.
 
-    Cheap proxy for the resnet18 calibration in the README (calibration); over seeds 0-7 it scores
+    Cheap proxy for the resnet18 calibration in docs/STANDIN.md; over seeds 0-7 it scores
     0.33-0.48 against a chance of 0.17, so the bounds leave room without ever passing a broken
     generator (constant identities give chance, no nuisance gives ~1.0).
     """

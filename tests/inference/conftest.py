@@ -4,7 +4,7 @@
 embeddings at chance for individuals it never saw. Tests about recognising individuals use `learned`
 instead: resnet18 trained for 96 steps on 16 stand-in individuals, through the project's own decoding
 and batch augmentation, saved in the checkpoint layout of src/training/train.py. It identifies unseen
-individuals enrolled from 4 photos at about 3.5x chance; the README (Galleries) quotes a properly
+individuals enrolled from 4 photos at about 3.5x chance; docs/INFERENCE.md (Galleries) quotes a properly
 trained model.
 """
 from __future__ import annotations

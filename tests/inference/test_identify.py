@@ -63,7 +63,7 @@ def test_held_out_individuals_are_rejected_as_unknown(learned, strangers):
 
     The known photos are the training photos: a model trained for seconds knows its individuals
     reliably only on those (on new photos of them it is right ~40% of the time). The measured open set
-    of a properly trained model is in the README (Galleries).
+    of a properly trained model is in docs/INFERENCE.md (Galleries).
     """
     identifier = Identifier.from_checkpoint(learned.checkpoint)
     known_paths = [p for ps in learned.images.values() for p in ps]

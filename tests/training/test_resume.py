@@ -386,7 +386,7 @@ def test_keys_a_resume_may_change_are_keys_of_the_config():
 
 @pytest.mark.parametrize("old_best_kept", [True, False])
 def test_a_run_continued_under_another_name_and_folder_has_its_own_best(tiny_run, tmp_path, capsys, old_best_kept):
-    """The README's way to extend a run from a renamed config: `--resume <the old _last.pt>`. The new
+    """docs/TRAINING.md's way to extend a run from a renamed config: `--resume <the old _last.pt>`. The new
     files get the best epoch so far, or, where its weights are gone, the best of the epochs trained
     from here; the final line never names a `_best.pt` that is missing or another run's."""
     old = tmp_path / "old"
