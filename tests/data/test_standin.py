@@ -132,7 +132,7 @@ def test_current_release_spelling_is_written_in_the_older_format(tmp_path):
     ("face_images/../a.png Name A Age 1 Age_group Infant Gender Male RightEye Inf Inf LeftEye Inf Inf "
      "MouthCenter Inf Inf LeftEarlobe Inf Inf RightEarlobe Inf Inf\n", "face_images/<file>.png"),
 ])
-def test_bad_annotation_input_is_one_line_and_exit_1(tmp_path, capsys, content, message):
+def test_bad_annotation_input_is_one_line_and_exit_2(tmp_path, capsys, content, message):
     folder = tmp_path / "annotations"
     folder.mkdir()
     if content is not None:
@@ -205,7 +205,7 @@ def test_bad_seed_and_calibration_sizes_exit_2(argv, message, capsys):
     assert exc.value.code == 2 and f"error: {message}" in capsys.readouterr().err
 
 
-def test_annotations_that_are_not_utf8_are_one_line_and_exit_1(tmp_path, capsys):
+def test_annotations_that_are_not_utf8_are_one_line_and_exit_2(tmp_path, capsys):
     folder = tmp_path / "annotations"
     folder.mkdir()
     (folder / "annotations_czoo.txt").write_bytes("face_images/a.png Name Zuri\n".encode("utf-16"))
