@@ -13,7 +13,8 @@ than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapixels) is s
 reason, as are missing paths, broken links, FIFOs and other files that are not regular, folders
 without image files and patterns without a match, and the rest is processed. A table goes to the
 terminal; `--output` writes every input (skipped ones with their reason) as CSV or JSON,
-atomically (a file already there is replaced whole or not at all) and creating missing folders.
+atomically (a file already there is replaced whole or not at all) and creating missing folders;
+it replaces only an earlier result of predict (another file there is refused before any work).
 A progress bar shows for folders when stderr is a terminal.
 
 Exit codes: 0 every input scored (identified or unknown); 1 some input skipped; 2 unusable options,
@@ -71,8 +72,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, not {args.output.name!r}")
     if args.match is not None and args.gallery is None:  # without a gallery the classifier scores
         parser.error("--match chooses how a gallery is matched; it needs --gallery")
+    if args.output is not None:
+        problem = output_problem(args.output)
+        if problem is not None:
+            parser.error(f"--output {args.output}: {problem}")
     args.match = args.match or DEFAULT_MATCH
     return args
+
+
+CSV_HEADER_START = "image,prediction,score,unknown,skipped"
+JSON_KEYS = frozenset({"model", "scored_against", "threshold", "threshold_origin", "results"})
+
+
+def output_problem(path: Path) -> str | None:
+    """Why `--output` must not be written, or None. It replaces only an earlier result of predict: a
+    mistyped `--output exported/x_best.json` (the export's description), `annotations/prepared.json`,
+    `<checkpoint>.threshold.json`, `annotations/metadata.csv` or `<name>_metrics.csv` was silently
+    replaced by the results, after every image had been identified."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_dir():
+        return "is a folder; name a .csv or .json file"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError as exc:
+        return f"cannot read the file already there ({exc.strerror or exc})"
+    if not head.strip():  # an empty file (made by `touch`, or a shell's `>`): nothing to lose
+        return None
+    if path.suffix.lower() == ".csv":
+        ours = head.lstrip(b"\xef\xbb\xbf").startswith(CSV_HEADER_START.encode())
+    else:
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            payload = None
+        ours = isinstance(payload, dict) and set(payload) == JSON_KEYS
+    return None if ours else "exists and is not a result of predict; refusing to replace it (name another file)"
 
 
 def build_identifier(args: argparse.Namespace) -> Identifier:
@@ -103,7 +139,7 @@ def write_csv(path: Path, results: Sequence[Result], top_k: int) -> None:
 
     A file name that is not UTF-8 on disk (Python holds its odd bytes as surrogates) is written
     back as its original bytes, as the table on stdout shows it, so that it still names the file."""
-    header = ["image", "prediction", "score", "unknown", "skipped"]
+    header = CSV_HEADER_START.split(",")
     header += [f"{field}_{i}" for i in range(1, top_k + 1) for field in ("name", "score")]
     buffer = io.StringIO()
     writer = csv.writer(buffer)

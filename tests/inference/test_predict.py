@@ -269,3 +269,39 @@ def test_a_table_that_cannot_be_written_still_leaves_the_output_file(learned, un
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == "error: cannot write the results to stdout (No space left on device)"
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 2  # header and the photo's row
+
+
+@pytest.mark.parametrize("name, content", [
+    ("x_best.json", '{"format_version": 1, "model": {}, "thresholds": {}, "checks": {}}\n'),  # an export's description
+    ("prepared.json", '{"raw_dir": "/data/raw", "min_images": 10, "seed": 0}\n'),
+    ("x_metrics.csv", "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5\n1,0.1,2,0,0,2,0,0\n"),
+    ("notes.json", "not json at all"),
+])
+def test_an_output_that_is_not_an_earlier_result_is_refused_before_any_work(learned, unseen, tmp_path, name, content):
+    """`--output exported/x_best.json` (or prepared.json, metadata.csv, a metrics CSV): a mistyped path
+    silently replaced that file with the results, destroying an export or a prepared dataset."""
+    target = tmp_path / name
+    target.write_text(content)
+    photo = next(iter(unseen.values()))[0]
+    result = subprocess.run([sys.executable, "-m", "src.inference.predict", "--checkpoint", str(learned.checkpoint),
+                             str(photo), "--output", str(target)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: --output {target}: exists and is not a result of predict"), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert target.read_text() == content
+
+
+def test_an_earlier_result_is_replaced_and_a_folder_refused(learned, unseen, tmp_path, capsys):
+    photo = next(iter(unseen.values()))[0]
+    for name in ("r.csv", "r.json"):
+        out = tmp_path / name
+        argv = ["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(out)]
+        assert predict.main(argv) == 0
+        first = out.read_bytes()
+        assert predict.main([*argv, "--top-k", "2"]) == 0  # a result of predict: replaced
+        assert out.read_bytes() != first
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(tmp_path / "folder.csv")])
+    assert stop.value.code == 2 and "is a folder" in capsys.readouterr().err
