@@ -231,3 +231,38 @@ def test_the_thresholds_evaluation_stored_travel_with_the_export(learned, tmp_pa
     info = json.loads((tmp_path / "out" / "learned_best.json").read_text())
     assert info["thresholds"]["values"] == thresholds
     assert Identifier.from_onnx(tmp_path / "out" / "learned_best.onnx").threshold.value == 0.25
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(errno.ENOSPC, "No space left on device")])
+def test_an_export_stopped_midway_leaves_the_earlier_export_whole(exported, tiny_run, unseen, tmp_path, capsys,
+                                                                   monkeypatch, stop):
+    """Ctrl-C during the latency runs (the longest part), or a full disk when the JSON is written,
+    after the .onnx of another checkpoint of the same name had replaced the earlier one: the earlier
+    JSON then described other weights and predict --onnx refused the earlier export, which was lost."""
+    out, _ = exported
+    for name in ("learned_best.onnx", "learned_best.torchscript.pt", "learned_best.json"):
+        shutil.copy(out / name, tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    other = tmp_path / "retrained" / "learned_best.pt"
+    other.parent.mkdir()
+    shutil.copy(tiny_run["best"], other)
+
+    def interrupted(*args, **kwargs):
+        raise stop
+
+    if isinstance(stop, OSError):
+        monkeypatch.setattr(export.atomic, "write_text", interrupted)
+    else:
+        monkeypatch.setattr(export, "median_latency_ms", interrupted)
+    if isinstance(stop, OSError):
+        assert export.main(["--checkpoint", str(other), "--out", str(tmp_path), "--runs", "1"]) == 2
+        assert "cannot write the export" in capsys.readouterr().err
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            export.export(other, tmp_path, runs=1)
+    monkeypatch.undo()
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    assert after == before  # nothing replaced, no staged file left behind
+    capsys.readouterr()
+    photo = next(iter(unseen.values()))[0]
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(photo)]) == 0
