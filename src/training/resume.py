@@ -177,7 +177,35 @@ def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path 
     if missing:
         raise CheckpointError(f"cannot resume from {path}: it lacks the training state to continue "
                               f"(missing {', '.join(missing)})")
+    check_not_going_back(path, checkpoint, paths)
     return path, checkpoint
+
+
+def progress(checkpoint: dict) -> tuple:
+    """(epochs done, steps into the next): how far a checkpoint's run had come."""
+    return checkpoint.get("epoch", 0), checkpoint.get("step", 0)
+
+
+def describe_progress(checkpoint: dict) -> str:
+    epoch, step = progress(checkpoint)
+    return f"epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")
+
+
+def check_not_going_back(path: Path, checkpoint: dict, paths: RunPaths) -> None:
+    """`--resume artifacts/<name>_best.pt` (or an older copy) continues under this run's files and
+    replaces its `_last.pt`: where that file had come further, the later epochs were lost without a
+    word (the CSV rewritten without them). Refused; the `_last.pt` is what resumes."""
+    if not paths.last.is_file() or path.resolve() == paths.last.resolve():
+        return
+    try:
+        last = load_checkpoint(paths.last)
+    except CheckpointError:  # a damaged file: nothing a resume could continue from
+        return
+    if progress(last) > progress(checkpoint):
+        raise CheckpointError(f"cannot resume from {path} ({describe_progress(checkpoint)}): it would replace "
+                              f"{paths.last}, which has come further ({describe_progress(last)}); resume that "
+                              f"one (--resume auto), or move it away first to go back to "
+                              f"{describe_progress(checkpoint)}")
 
 
 def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state: RunState, runtime: Runtime) -> None:

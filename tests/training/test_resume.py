@@ -497,3 +497,23 @@ def test_a_best_file_of_another_epoch_is_not_brought_along(tmp_path):
     bring_best_along(_minimal(3), old / "run_last.pt", paths, state, SimpleNamespace(print=said.append))
     assert not paths.best.exists() and (state.best_epoch, state.best_val_top1) == (0, -1.0)
     assert "is not beside it" in said[0]
+
+
+def test_resuming_the_best_file_would_not_replace_a_last_file_that_came_further(tiny_run, tmp_path, capsys):
+    """`--resume artifacts/<name>_best.pt` by mistake (tab completion): the run went on from the best
+    epoch and replaced `_last.pt` and the CSV, losing every later epoch without a word."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    last = load_checkpoint(tiny_run["last"])
+    atomic_save(last, artifacts / "tiny_last.pt")
+    atomic_save({**last, "epoch": 1, "history": last["history"][:1], "best_epoch": 1,
+                 "best_val_top1": last["history"][0]["val_top1"]}, artifacts / "tiny_best.pt")
+    shutil.copy2(tiny_run["metrics"], artifacts / "tiny_metrics.csv")
+    before = {path.name: path.read_bytes() for path in artifacts.iterdir()}
+    config = write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 4})
+    assert train_module.main(["--config", str(config), "--resume", str(artifacts / "tiny_best.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume from {artifacts / 'tiny_best.pt'} (epoch 1): it would replace "
+                          f"{artifacts / 'tiny_last.pt'}, which has come further (epoch 3)"), err
+    assert err.count("\n") == 1
+    assert {path.name: path.read_bytes() for path in artifacts.iterdir() if path.name != ".tiny.lock"} == before
