@@ -51,6 +51,10 @@ class PreparedData:
         """Read `<root>/annotations/prepared.json`; a relative raw_dir is taken relative to root."""
         root = Path(root)
         path = root / "annotations" / "prepared.json"
+        if not path.is_file() and (root / "prepared.json").is_file():
+            # `--data-root data/x/annotations`: the message below suggested preparing into it.
+            raise DatasetError(f"{root} is the annotations folder of a prepared dataset: give the dataset's own "
+                               f"folder, {root.parent} (the --out-dir of prepare)")
         if not path.is_file():
             # E.g. evaluate run from another folder on a checkpoint whose config says `data/...`.
             relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"

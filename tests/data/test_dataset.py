@@ -189,3 +189,12 @@ def test_an_image_listed_twice_is_warned_about_and_under_two_names_refused(root,
     train.write_text(train.read_text() + f"{rel} Someone_else\n")
     with pytest.raises(DatasetError, match=rf"{rel} is listed as '{name}' and as 'Someone_else': an image shows one"):
         data.split("train")
+
+
+def test_the_annotations_folder_given_as_the_root_names_its_parent(root):
+    """`evaluate --data-root data/x/annotations` (or `gallery enroll --from-split`): the error said to
+    run prepare with `--out-dir data/x/annotations`, which would nest a second dataset inside the first."""
+    with pytest.raises(DatasetError) as exc:
+        PreparedData.load(root / "annotations")
+    assert str(exc.value) == (f"{root / 'annotations'} is the annotations folder of a prepared dataset: give the "
+                              f"dataset's own folder, {root} (the --out-dir of prepare)")
