@@ -11,7 +11,7 @@ import glob
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 # A write to `x` goes through `.x.tmp-<pid>` in the same folder.
 TEMPORARY_INFIX = ".tmp-"
@@ -33,6 +33,38 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
     finally:
         tmp.unlink(missing_ok=True)
     sync_folder(path.parent)
+
+
+@contextmanager
+def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
+    """Yields `stage(path)`, the temporary path to write `path` at (beside it, with `atomic` functions
+    or any writer). When the block ends, every staged file written replaces its destination, in the
+    order staged (stage last the file that describes the others), and its folder is fsynced; on an
+    exception none does and the staged files are removed: a set of files that belong together (an
+    export, a report folder) stays whole, the earlier set or the new one, if the run is stopped midway."""
+    staged: dict[Path, Path] = {}
+
+    def stage(path: str | Path) -> Path:
+        path = Path(path)
+        staged[path] = path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
+        return staged[path]
+
+    try:
+        yield stage
+        written = {path: tmp for path, tmp in staged.items() if tmp.is_file()}  # a writer may have given up
+        for tmp in written.values():
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        for path, tmp in written.items():
+            os.replace(tmp, path)
+        for folder in {path.parent for path in written}:
+            sync_folder(folder)
+    finally:
+        for tmp in staged.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # its folder is not there, or is a file: nothing was written
+                pass
 
 
 def sync_folder(folder: str | Path) -> None:

@@ -82,3 +82,21 @@ def test_leftovers_are_only_the_temporary_files_of_that_path(tmp_path):
         path.write_text("partial")
     assert atomic.remove_leftovers(target) == [mine]
     assert all(path.exists() for path in others) and not mine.exists()
+
+
+def test_files_replaced_together_all_or_none(tmp_path):
+    old = {"model.onnx": b"old model", "model.json": b"describes the old model"}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.replaced_together() as stage:
+            atomic.write_bytes(stage(tmp_path / "model.onnx"), b"new model")
+            raise KeyboardInterrupt  # stopped before the description was written
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == old  # no staged file left either
+
+    with atomic.replaced_together() as stage:
+        atomic.write_bytes(stage(tmp_path / "model.onnx"), b"new model")
+        stage(tmp_path / "curves.png")  # staged, never written: nothing to replace
+        atomic.write_bytes(stage(tmp_path / "model.json"), b"describes the new model")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == {
+        "model.onnx": b"new model", "model.json": b"describes the new model"}

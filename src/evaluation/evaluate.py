@@ -187,7 +187,9 @@ def embed_split(run: TrainedModel, config: Config, rows: list[tuple[str, str]], 
         bar.update()
     bar.close()
     if not kept:
-        raise EvaluationError(f"{desc}: none of its {len(rows)} images could be read")
+        raise EvaluationError(f"{desc}: none of its {len(rows)} images could be read under {raw_dir} (raw_dir of "
+                              "prepared.json): were they moved or deleted? (moved: prepare again with --raw-dir "
+                              "at their new place)")
     embeddings, logits = np.concatenate(embeddings), np.concatenate(logits)
     # A NaN would count differently in each metric (argsort puts it last, argmax first): none is reported.
     broken = np.flatnonzero(~(np.isfinite(embeddings).all(axis=1) & np.isfinite(logits).all(axis=1)))
@@ -367,20 +369,27 @@ def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, open_set
 
 
 def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_csv: Path, out: Path) -> dict:
-    """Figures, CSV, report.json and report.md in `out`; returns the report as written."""
+    """Figures, CSV, report.json and report.md in `out`; returns the report as written. They replace
+    an earlier evaluation's files together (stopped while drawing, the folder held a new confusion
+    matrix beside a report.json naming another checkpoint), and its training curves go when this
+    evaluation has none."""
     atomic.make_folder(out)
-    plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
-    atomic.write_text(out / "confusion_matrix.csv", confusion_csv(matrix, names))
-    plot_cmc(report["retrieval"]["cmc"], out / "cmc.png")
-    report["figures"] = {"confusion_matrix": "confusion_matrix.png", "cmc": "cmc.png", "training_curves": None}
-    try:
-        plot_training_curves(read_metrics_csv(metrics_csv), out / "training_curves.png", title=metrics_csv.name)
-        report["figures"]["training_curves"] = "training_curves.png"
-    except CurvesError as exc:
-        log.info("no training curves: %s", exc)
-    report = rounded(report)
-    atomic.write_text(out / "report.json", json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    atomic.write_text(out / "report.md", render_markdown(report))
+    with atomic.replaced_together() as stage:
+        plot_confusion_matrix(matrix, names, stage(out / "confusion_matrix.png"))
+        atomic.write_text(stage(out / "confusion_matrix.csv"), confusion_csv(matrix, names))
+        plot_cmc(report["retrieval"]["cmc"], stage(out / "cmc.png"))
+        report["figures"] = {"confusion_matrix": "confusion_matrix.png", "cmc": "cmc.png", "training_curves": None}
+        try:
+            plot_training_curves(read_metrics_csv(metrics_csv), stage(out / "training_curves.png"),
+                                 title=metrics_csv.name)
+            report["figures"]["training_curves"] = "training_curves.png"
+        except CurvesError as exc:
+            log.info("no training curves: %s", exc)
+        report = rounded(report)
+        atomic.write_text(stage(out / "report.json"), json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        atomic.write_text(stage(out / "report.md"), render_markdown(report))
+    if report["figures"]["training_curves"] is None:
+        (out / "training_curves.png").unlink(missing_ok=True)
     return report
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -146,11 +145,6 @@ def median_latency_ms(runner: Runner, image: torch.Tensor, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-def staged(path: Path) -> Path:
-    """Where a file of the export is written before the export is complete: hidden, beside `path`."""
-    return path.with_name(f".{path.name}.staged-{os.getpid()}")
-
-
 def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, runs: int = DEFAULT_RUNS) -> dict:
     """Export, check and time each format; write the JSON beside them. Returns the checks.
     Raises InferenceError (or CheckpointError, ConfigError) with one line."""
@@ -168,47 +162,31 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
     exporters = {"onnx": partial(export_onnx, checkpoint_sha256=identifier.info.checkpoint_sha256),
                  "torchscript": export_torchscript}
 
-    # Every file is written beside its destination under a hidden name first and they all replace the
-    # earlier export together, once every check has run: an export stopped midway (Ctrl-C during the
-    # latency runs, a full disk at the JSON) left a new .onnx beside the earlier JSON, and predict
-    # --onnx then refused both, the earlier export lost.
     info_path = export_info_path(paths["onnx"])
-    staging = {name: staged(paths[name]) for name in formats}
-    staging["description"] = staged(info_path)
+    runners: dict[str, Runner] = {"pytorch": identifier.backend}
     try:
-        runners: dict[str, Runner] = {"pytorch": identifier.backend}
-        try:
+        # The files replace an earlier export together, once every check has run: an export stopped
+        # midway (Ctrl-C during the timing, a full disk at the JSON) left a new .onnx beside the
+        # earlier JSON, and predict --onnx refused both.
+        with atomic.replaced_together() as stage:
             atomic.make_folder(out)
             for name in formats:
-                runners[name] = exporters[name](module, batch[:TRACE_BATCH], staging[name])
-        except OSError as exc:  # a file where the folder should be, no permission, a full disk
-            raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None
-        reference = identifier.backend(batch)
-        checks = {"check_images": CHECK_IMAGES, "traced_batch": TRACE_BATCH, "tolerance": TOLERANCE, "opset": OPSET,
-                  "files": {name: paths[name].name for name in formats},
-                  "description": info_path.name,
-                  "max_abs_diff": {name: max_differences(reference, runners[name](batch)) for name in formats},
-                  "latency_ms_per_image": {name: median_latency_ms(runner, batch[:1], runs)
-                                           for name, runner in runners.items()},
-                  "latency": f"CPU, batch 1, median of {runs} runs, {torch.get_num_threads()} threads",
-                  "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
-        stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
-        info = {"format_version": EXPORT_FORMAT_VERSION, "model": identifier.info.to_json(),
-                "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
-        try:
-            atomic.write_text(staging["description"], json.dumps(info, indent=2) + "\n")
-            for name in formats:  # the description last: until then it still describes the earlier files
-                os.replace(staging[name], paths[name])
-            os.replace(staging["description"], info_path)
-            atomic.sync_folder(out)
-        except OSError as exc:
-            raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None
-    finally:
-        for path in staging.values():
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:  # no folder there to hold it (--out is a file): nothing was written
-                pass
+                runners[name] = exporters[name](module, batch[:TRACE_BATCH], stage(paths[name]))
+            reference = identifier.backend(batch)
+            checks = {"check_images": CHECK_IMAGES, "traced_batch": TRACE_BATCH, "tolerance": TOLERANCE,
+                      "opset": OPSET, "files": {name: paths[name].name for name in formats},
+                      "description": info_path.name,
+                      "max_abs_diff": {name: max_differences(reference, runners[name](batch)) for name in formats},
+                      "latency_ms_per_image": {name: median_latency_ms(runner, batch[:1], runs)
+                                               for name, runner in runners.items()},
+                      "latency": f"CPU, batch 1, median of {runs} runs, {torch.get_num_threads()} threads",
+                      "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
+            stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
+            info = {"format_version": EXPORT_FORMAT_VERSION, "model": identifier.info.to_json(),
+                    "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
+            atomic.write_text(stage(info_path), json.dumps(info, indent=2) + "\n")  # last: it describes the rest
+    except OSError as exc:  # a file where the folder should be, no permission, a full disk
+        raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None
     return checks
 
 

@@ -480,3 +480,53 @@ def test_the_default_report_folder_keeps_evaluations_on_other_data_apart(tmp_pat
     checkpoint = Path("artifacts/demo_best.pt")
     assert evaluate.default_out(checkpoint, "test") == Path("runs/eval/demo_best_test")
     assert evaluate.default_out(checkpoint, "val", tmp_path / "mine") == Path("runs/eval/demo_best_mine_val")
+
+
+def test_images_moved_since_prepare_are_named_as_the_likely_cause(checkpoint, data_copy, tmp_path, capsys):
+    """The raw folder renamed after training: the error said only that no image could be read."""
+    prepared = data_copy / "annotations" / "prepared.json"
+    info = json.loads(prepared.read_text())
+    info["raw_dir"] = str(tmp_path / "moved away")
+    prepared.write_text(json.dumps(info))
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
+    assert code == 2 and err[-1].startswith("error: split 'train': none of its"), err
+    assert f"under {tmp_path / 'moved away'} (raw_dir of prepared.json): were they moved or deleted?" in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_stopped_while_writing_leaves_the_earlier_report_whole(checkpoint, closed_report, tmp_path,
+                                                                             monkeypatch):
+    """Ctrl-C while the figures were drawn left the new confusion matrix beside the earlier
+    report.json (of another checkpoint): a report folder that contradicted itself."""
+    out, _ = closed_report
+    folder = tmp_path / "eval"
+    shutil.copytree(out, folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    retrained = tmp_path / "retrained" / checkpoint.name
+    retrained.parent.mkdir()
+    state = torch.load(checkpoint, weights_only=True)
+    generator = torch.Generator().manual_seed(0)  # other weights: other predictions, another confusion matrix
+    state["model_state"] = {key: value + torch.randn(value.shape, generator=generator) * value.std()
+                            if key == "neck.1.weight" else value
+                            for key, value in state["model_state"].items()}
+    torch.save(state, retrained)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "plot_cmc", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(retrained, folder, device="cpu")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no staged file left either
+
+
+def test_training_curves_of_an_earlier_evaluation_go_when_this_one_has_none(checkpoint, closed_report, tmp_path):
+    out, _ = closed_report
+    folder = tmp_path / "eval"
+    shutil.copytree(out, folder)
+    assert (folder / "training_curves.png").is_file()
+    alone = tmp_path / "alone" / checkpoint.name  # no metrics CSV beside it
+    alone.parent.mkdir()
+    shutil.copy(checkpoint, alone)
+    report = evaluate.evaluate(alone, folder, device="cpu")
+    assert report["figures"]["training_curves"] is None and not (folder / "training_curves.png").exists()
