@@ -26,6 +26,7 @@ from src.inference.identify import (DEFAULT_MATCH, Embedded, Identifier, Inferen
 from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES
 from tests.conftest import arithmetic_flags
+from tests.inference.conftest import UNSEEN_START, render_individuals
 
 SHOTS = 4  # photos enrolled per new individual; the other 6 are queries
 
@@ -40,31 +41,49 @@ def enrolled(learned, unseen, tmp_path_factory):
     return path
 
 
-def queries(individuals: dict) -> tuple[list, list[str]]:
-    paths = [p for ps in individuals.values() for p in ps[SHOTS:]]
-    return paths, [name for name, ps in individuals.items() for _ in ps[SHOTS:]]
+@pytest.fixture(scope="module")
+def more_queries(unseen, tmp_path_factory) -> dict[str, list]:
+    """The unseen individuals' 6 query photos plus 12 more each (108 queries in all)."""
+    folder = tmp_path_factory.mktemp("more_queries")
+    extra = [render_individuals(folder, range(UNSEEN_START, UNSEEN_START + 6), 6, tag) for tag in ("query", "query2")]
+    return {name: [*paths[SHOTS:], *extra[0][name], *extra[1][name]] for name, paths in unseen.items()}
 
 
 @pytest.mark.parametrize("match", MATCH_MODES)
 def test_unseen_individuals_enrolled_from_a_few_photos_are_identified_well_above_chance(learned, enrolled, unseen,
-                                                                                         match):
+                                                                                         more_queries, match):
     identifier = Identifier.from_checkpoint(learned.checkpoint, gallery=Gallery.load(enrolled), match=match)
-    paths, truth = queries(unseen)
+    paths = [p for ps in more_queries.values() for p in ps]
+    truth = [name for name, ps in more_queries.items() for _ in ps]
     predictions = identifier.identify(paths, top_k=3)
     accuracy = np.mean([p.label == t for p, t in zip(predictions, truth)])
     chance = 1 / len(unseen)
-    assert accuracy >= 2 * chance, f"{match}: {accuracy:.2f} vs chance {chance:.2f}"
+    # The accuracy moves with the weights, which move with the stand-ins' pixels (Pillow, numpy), the
+    # CPU type and the torch build. Over 8 training seeds and 7 other pixel streams, on the 36 queries
+    # this test used to have, nearest scored 0.25-0.61 and prototype 0.28-0.69 against its bound of
+    # 2x chance (0.33): one pixel stream failed both, another passed at exactly 0.333. On these 108:
+    # nearest 0.35-0.54, prototype 0.43-0.69. 1.75x chance (0.29) is 6 queries below the lowest, and
+    # 3.5 standard deviations above what a model at chance scores on 108 queries (0.17 +- 0.036).
+    assert accuracy >= 1.75 * chance, f"{match}: {accuracy:.2f} vs chance {chance:.2f}"
     assert all(set(p.names) <= set(unseen) and len(p.names) == 3 for p in predictions)
 
 
-def test_held_out_individuals_are_rejected_as_unknown(learned, strangers):
+def test_held_out_individuals_are_rejected_as_unknown(learned, strangers, tmp_path_factory):
     """Classifier scores against the training individuals, threshold chosen as evaluation chooses it
     (best BAKS + BAUS) on half the known photos and half the strangers, measured on the other halves.
 
     The known photos are the training photos: a model trained for seconds knows its individuals
     reliably only on those (on new photos of them it is right ~40% of the time). The measured open set
     of a properly trained model is in docs/INFERENCE.md (Galleries).
+
+    The rates move with the weights (the stand-ins' pixels, the CPU type, the torch build): over 8 training
+    seeds and 7 other pixel streams, 0.61-0.94 of 36 strangers were rejected (0.61 against a
+    bound of 0.6: one photo), and 0.17-0.46 of the known photos. Measured on 108 strangers (12 more
+    individuals, never enrolled nor used for the threshold): 0.63-0.95, and always at least 0.42 more
+    than the known photos; the bounds are 0.5 and 0.25.
     """
+    more = render_individuals(tmp_path_factory.mktemp("more_strangers"), range(UNSEEN_START + 62, UNSEEN_START + 74),
+                              6, "stranger")
     identifier = Identifier.from_checkpoint(learned.checkpoint)
     known_paths = [p for ps in learned.images.values() for p in ps]
     truth = np.array([name for name, ps in learned.images.items() for _ in ps])
@@ -78,10 +97,11 @@ def test_held_out_individuals_are_rejected_as_unknown(learned, strangers):
         np.repeat(np.arange(len(names[::2])), len(strangers[names[0]])), np.array([p.scores[0] for p in calibration]))
 
     rejecting = Identifier.from_checkpoint(learned.checkpoint, threshold=threshold)
-    strangers_rejected = np.mean([p.unknown for p in rejecting.identify([p for n in names[1::2] for p in strangers[n]])])
+    measured = [p for n in names[1::2] for p in strangers[n]] + [p for ps in more.values() for p in ps]
+    strangers_rejected = np.mean([p.unknown for p in rejecting.identify(measured)])
     known_rejected = np.mean([p.unknown for p in rejecting.identify([p for p, h in zip(known_paths, half) if not h])])
-    # Measured here: 0.89 of the strangers rejected, 0.48 of the known photos (a weak model).
-    assert strangers_rejected >= 0.6 and strangers_rejected >= known_rejected + 0.25, \
+    # Measured here (seed 0, this machine): 0.91 of the 108 strangers rejected, 0.38 of the known photos.
+    assert strangers_rejected >= 0.5 and strangers_rejected >= known_rejected + 0.25, \
         (threshold, strangers_rejected, known_rejected)
 
 
