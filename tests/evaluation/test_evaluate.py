@@ -128,7 +128,9 @@ def test_threshold_is_stored_beside_the_checkpoint(closed_report, checkpoint, ti
     # one threshold per way inference scores a photo; ArcFace's classifier score is a cosine too
     assert sidecar["thresholds"] == report["threshold"]["thresholds"]
     assert set(sidecar["thresholds"]) == set(SCORE_KINDS)
-    assert all(-1.0 <= value <= 1.0 for value in sidecar["thresholds"].values())
+    # None where no val photo was predicted right: tiny_run is near chance on val (1-5 of 18 right
+    # per kind, depending on the CPU type and thread count it trained with); the next test checks that.
+    assert all(value is None or -1.0 <= value <= 1.0 for value in sidecar["thresholds"].values())
     assert sidecar["split"] == "val" and "95%" in sidecar["method"]
     # the checksum is the original checkpoint's: evaluation never rewrites it
     assert sidecar["checkpoint_sha256"] == sha256(tiny_run["best"]) == report["checkpoint"]["sha256"]
@@ -148,13 +150,23 @@ def test_stored_thresholds_keep_95_percent_of_the_correct_val_predictions_at_inf
         rows = [i for i, (_, row_name) in enumerate(train) if row_name == name]
         gallery.add(name, np.stack([embedded[i] for i in rows]), [train[i][0] for i in rows])
     val = data.split("val")
+    checked = []
     for kind, scored_by in {"classifier": {}, "nearest": {"gallery": gallery, "match": "nearest"},
                             "prototype": {"gallery": gallery, "match": "prototype"}}.items():
         identifier = Identifier.from_checkpoint(checkpoint, **scored_by)
-        assert identifier.threshold.value is not None, kind
         predictions = identifier.identify([data.raw_dir / path for path, _ in val], top_k=1)
         accepted = [not p.unknown for p, (_, name) in zip(predictions, val) if p.names[0] == name]
-        assert accepted and np.mean(accepted) >= 0.95, (kind, identifier.threshold, accepted)
+        # tiny_run is near chance on val: which photos (if any) a kind gets right depends on the
+        # weights, and so on the CPU type, thread count and the stand-ins' pixels. With none right
+        # the rule has nothing to keep, and evaluation stores no threshold for that kind.
+        if not accepted:
+            assert identifier.threshold.value is None, (kind, identifier.threshold)
+            continue
+        assert identifier.threshold.value is not None, kind
+        assert np.mean(accepted) >= 0.95, (kind, identifier.threshold, accepted)
+        checked.append(kind)
+    if not checked:
+        pytest.skip("tiny_run predicted no val photo right by any way of scoring: nothing to keep")
 
 
 def test_same_inputs_give_an_identical_report(closed_report, checkpoint, tmp_path, capsys):
