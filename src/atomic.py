@@ -37,9 +37,9 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
-    """Yields `stage(path)`, the temporary path to write `path` at (beside it, with `atomic` functions
-    or any writer). When the block ends, every staged file written replaces its destination, in the
-    order staged (stage last the file that describes the others), and its folder is fsynced; on an
+    """Yields `stage(path)`, the temporary path to write `path` at (beside it, with this module's
+    writers, which fsync it). When the block ends, every staged file written replaces its destination,
+    in the order staged (stage last the file that describes the others), and its folder is fsynced; on an
     exception none does and the staged files are removed: a set of files that belong together (an
     export, a report folder) stays whole, the earlier set or the new one, if the run is stopped midway."""
     staged: dict[Path, Path] = {}
@@ -52,9 +52,6 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
     try:
         yield stage
         written = {path: tmp for path, tmp in staged.items() if tmp.is_file()}  # a writer may have given up
-        for tmp in written.values():
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
         for path, tmp in written.items():
             os.replace(tmp, path)
         for folder in {path.parent for path in written}:

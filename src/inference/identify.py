@@ -63,6 +63,10 @@ DEFAULT_TOP_K = 5  # individuals listed per photo
 # Decoding threads: PIL releases the GIL while it decompresses, so a few threads overlap the files.
 DECODE_THREADS = min(4, os.cpu_count() or 1)
 
+# Every score is a cosine similarity or a probability: -1..1, and evaluation's "reject all" and
+# "accept all" values lie 1e-5 beyond.
+THRESHOLD_LIMIT = 1.0 + 1e-5
+
 ImageInput = str | Path | Image.Image
 
 
@@ -226,11 +230,6 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
         return StoredThresholds({}, f"{path.name} was chosen for other weights of this file (re-run "
                                     "evaluation) and no --threshold given")
     return StoredThresholds(values, f"stored in {path.name}: {method}")
-
-
-# Every score is a cosine similarity or a probability: -1..1, and evaluation's "reject all" and
-# "accept all" values lie 1e-5 beyond.
-THRESHOLD_LIMIT = 1.0 + 1e-5
 
 
 def given_threshold(value: float) -> Threshold:

@@ -93,19 +93,20 @@ def output_problem(path: Path) -> str | None:
         return None
     if path.is_dir():
         return "is a folder; name a .csv or .json file"
+    csv_file = path.suffix.lower() == ".csv"
     try:
         with open(path, "rb") as handle:
-            head = handle.read(1 << 20)
+            content = handle.read(1 << 20) if csv_file else handle.read()  # a CSV is told by its header
     except OSError as exc:
         return f"cannot read the file already there ({exc.strerror or exc})"
-    if not head.strip():  # an empty file (made by `touch`, or a shell's `>`): nothing to lose
+    if not content.strip():  # an empty file (made by `touch`, or a shell's `>`): nothing to lose
         return None
-    if path.suffix.lower() == ".csv":
-        ours = head.lstrip(b"\xef\xbb\xbf").startswith(CSV_HEADER_START.encode())
+    if csv_file:
+        ours = content.lstrip(b"\xef\xbb\xbf").startswith(CSV_HEADER_START.encode())
     else:
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            payload = json.loads(content)
+        except ValueError:
             payload = None
         ours = isinstance(payload, dict) and set(payload) == JSON_KEYS
     return None if ours else "exists and is not a result of predict; refusing to replace it (name another file)"
