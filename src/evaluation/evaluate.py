@@ -412,18 +412,35 @@ def default_out(checkpoint: Path, split: str, data_root: str | Path | None = Non
     return Path("runs") / "eval" / f"{Path(checkpoint).stem}{on}_{split}"
 
 
+def check_default_out_is_free(out: Path, checkpoint: Path) -> None:
+    """The default folder is named after the checkpoint's file name alone, so the `<name>_best.pt` of
+    two runs in different output_dirs share it: refuse to replace the other's evaluation while that
+    checkpoint is still there (an explicit --out replaces whatever it names)."""
+    try:
+        earlier = Path(json.loads((out / "report.json").read_text(encoding="utf-8"))["checkpoint"]["path"])
+        if os.path.samefile(earlier, checkpoint):
+            return
+    except (OSError, ValueError, KeyError, TypeError):  # no report, an unreadable one, or its checkpoint gone
+        return
+    raise EvaluationError(f"{out} holds the evaluation of {earlier}, another checkpoint of the same name; "
+                          "pass --out DIR to keep both")
+
+
 def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str = "test",
              data_root: str | Path | None = None, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              cache_dir: str | Path | None = None) -> dict:
     """Evaluate as described at the top of this module; returns the report as written. `out`
-    defaults to `default_out` (as on the command line). Raises
+    defaults to `default_out` (as on the command line), not taken from another checkpoint. Raises
     EvaluationError, CheckpointError, DatasetError, ConfigError or ModelError on unusable input."""
     if split not in SPLITS:
         raise EvaluationError(f"split must be one of {', '.join(SPLITS)}, not {split!r} (the train split is "
                               "the retrieval gallery: evaluated against itself every image would find itself)")
     batch_size = positive_int("batch_size", batch_size, EvaluationError)
     checkpoint = Path(checkpoint)
-    out = default_out(checkpoint, split, data_root) if out is None else Path(out)
+    if out is None:
+        out = default_out(checkpoint, split, data_root)
+        check_default_out_is_free(out, checkpoint)
+    out = Path(out)
     data_root = None if data_root is None else Path(data_root)
     cache_dir = None if cache_dir is None else Path(cache_dir)
     torch_device = pick_device(device, EvaluationError)
@@ -492,7 +509,7 @@ def main(argv=None) -> int:
     show_warnings()
     out = args.out or default_out(args.checkpoint, args.split, args.data_root)
     try:
-        report = evaluate(args.checkpoint, out, args.split, args.data_root, args.device, args.batch_size,
+        report = evaluate(args.checkpoint, args.out, args.split, args.data_root, args.device, args.batch_size,
                           args.cache_dir)
     except (EvaluationError, CheckpointError, DatasetError, ConfigError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -542,3 +542,27 @@ def test_training_curves_of_an_earlier_evaluation_go_when_this_one_has_none(chec
     shutil.copy(checkpoint, alone)
     report = evaluate.evaluate(alone, folder, device="cpu")
     assert report["figures"]["training_curves"] is None and not (folder / "training_curves.png").exists()
+
+
+def test_the_default_folder_is_not_taken_from_a_checkpoint_of_the_same_name(checkpoint, closed_report, tmp_path,
+                                                                             monkeypatch, capsys):
+    """`<name>_best.pt` of two runs in different output_dirs share `runs/eval/<name>_best_test`: the
+    second evaluation replaced the first one's report without a word."""
+    monkeypatch.chdir(tmp_path)
+    folder = evaluate.default_out(checkpoint, "test")
+    shutil.copytree(closed_report[0], folder)  # the evaluation of `checkpoint`
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    namesake = tmp_path / "other_run" / checkpoint.name
+    namesake.parent.mkdir()
+    shutil.copy2(checkpoint, namesake)
+    code, err = run_main(capsys, "--checkpoint", namesake)
+    assert code == 2
+    assert err == [f"error: {folder} holds the evaluation of {checkpoint}, another checkpoint of the same name; "
+                   "pass --out DIR to keep both"]
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    evaluate.check_default_out_is_free(folder, checkpoint)  # its own checkpoint evaluated again: replaced
+    evaluate.check_default_out_is_free(folder, Path(os.path.relpath(checkpoint)))  # however the path is written
+    report = json.loads((folder / "report.json").read_text())
+    report["checkpoint"]["path"] = str(tmp_path / "gone" / checkpoint.name)
+    (folder / "report.json").write_text(json.dumps(report))
+    evaluate.check_default_out_is_free(folder, namesake)  # the earlier checkpoint gone: nothing to keep apart
