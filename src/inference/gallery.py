@@ -5,8 +5,9 @@
     python -m src.inference.gallery list --gallery g.npz
     python -m src.inference.gallery remove --gallery g.npz Zuri
 
-A gallery holds, for every enrolled photo, its L2-normalised embedding, its individual and the file
-it came from, plus the sha256 of the checkpoint that computed the embeddings. Embeddings of other
+A gallery holds, for every enrolled photo, its L2-normalised embedding, its individual, the file it
+came from and the sha256 of that file's bytes (so a copy or a moved photo is recognised as enrolled),
+plus the sha256 of the checkpoint that computed the embeddings. Embeddings of other
 weights live in another space, so a gallery refuses any other checkpoint (and exports of one). It
 holds only what was enrolled; `--from-split <prepared root> train` enrolls the training individuals
 from the prepared data, so one gallery can cover known and new individuals alike.
@@ -26,6 +27,7 @@ leaves half a gallery.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
 import sys
@@ -49,8 +51,10 @@ from src.models.scoring import gallery_scores
 from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC, holds_torch_pickle
 from src.tables import counted, format_rows, print_stdout
 
-FORMAT_VERSION = 1
-ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources")
+FORMAT_VERSION = 2  # 2 added `digests`; a format-1 gallery is read with its photos' digests unknown
+ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources", "digests")
+FORMAT_1_ARRAYS = ARRAYS[:-1]
+UNKNOWN_DIGEST = ""  # a photo enrolled by format 1, or added from Python without its file's digest
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 ALREADY_ENROLLED_SHOWN = 10  # photos named one by one when enrolled again; beyond, a count
 
@@ -85,10 +89,11 @@ class Gallery:
     embeddings: np.ndarray  # M x D float32, unit rows
     labels: np.ndarray      # M int64
     sources: list[str]      # M absolute paths of the enrolled photos
+    digests: list[str]      # M sha256 of the photos' bytes (hex), or UNKNOWN_DIGEST
 
     @classmethod
     def new(cls, checkpoint_sha256: str, dim: int) -> Gallery:
-        return cls(checkpoint_sha256, [], np.zeros((0, dim), np.float32), np.zeros(0, np.int64), [])
+        return cls(checkpoint_sha256, [], np.zeros((0, dim), np.float32), np.zeros(0, np.int64), [], [])
 
     # --- storage --------------------------------------------------------------------------------
 
@@ -117,7 +122,10 @@ class Gallery:
         version = int(arrays["format_version"])
         if version > FORMAT_VERSION:
             raise GalleryError(f"{path}: gallery format {version} is newer than this code reads ({FORMAT_VERSION})")
+        if version >= 2 and "digests" not in arrays:
+            raise GalleryError(f"{path}: {problem}: format {version} needs digests")
         names, embeddings, labels, sources = (arrays[k] for k in ("names", "embeddings", "labels", "sources"))
+        digests = arrays["digests"] if version >= 2 else np.full(labels.shape, UNKNOWN_DIGEST)
         sha256 = arrays["checkpoint_sha256"]
         problems = [
             (sha256.shape != () or sha256.dtype.kind != "U", "checkpoint_sha256 must be one string"),
@@ -131,6 +139,7 @@ class Gallery:
              "embeddings must be rows of length 1"),
             (labels.shape != embeddings.shape[:1] or labels.dtype.kind not in "iu", "labels must be one integer per embedding"),
             (sources.shape != labels.shape or sources.dtype.kind != "U", "sources must be one string per embedding"),
+            (digests.shape != labels.shape or digests.dtype.kind != "U", "digests must be one string per embedding"),
             (not np.array_equal(np.unique(labels), np.arange(names.size)), "every individual needs an embedding, and labels must index names"),
         ]
         for failed, message in problems:
@@ -140,14 +149,15 @@ class Gallery:
         if bad_name is not None:
             raise GalleryError(f"{path}: {problem}: {bad_name}")
         return cls(str(sha256), names.tolist(), embeddings.astype(np.float32),
-                   labels.astype(np.int64), sources.tolist())
+                   labels.astype(np.int64), sources.tolist(), digests.tolist())
 
     def save(self, path: str | Path) -> None:
         """Write atomically. A gallery that `load` would refuse (its fields edited by hand into an
         inconsistent state) raises GalleryError instead, and the file already at `path` is kept."""
         arrays = {"format_version": np.int64(FORMAT_VERSION), "checkpoint_sha256": np.str_(self.checkpoint_sha256),
                   "names": np.array(self.names, dtype=np.str_), "embeddings": np.asarray(self.embeddings),
-                  "labels": np.asarray(self.labels), "sources": np.array(self.sources, dtype=np.str_)}
+                  "labels": np.asarray(self.labels), "sources": np.array(self.sources, dtype=np.str_),
+                  "digests": np.array(self.digests, dtype=np.str_)}
         self._validated({key: np.asarray(value) for key, value in arrays.items()}, Path(path),
                         problem="not saved, the gallery is inconsistent")
         buffer = io.BytesIO()
@@ -173,15 +183,25 @@ class Gallery:
         """Enrolled file -> its individual, to skip files enrolled before."""
         return {source: self.names[label] for source, label in zip(self.sources, self.labels.tolist())}
 
-    def add(self, name: str, embeddings: np.ndarray, sources: Sequence[str]) -> None:
+    def photos(self) -> dict[str, tuple[str, str]]:
+        """Digest of an enrolled photo's bytes -> (its individual, its file): a copy of it, or the
+        photo moved, is the same photo."""
+        return {digest: (self.names[label], source)
+                for digest, label, source in zip(self.digests, self.labels.tolist(), self.sources)
+                if digest != UNKNOWN_DIGEST}
+
+    def add(self, name: str, embeddings: np.ndarray, sources: Sequence[str],
+            digests: Sequence[str] | None = None) -> None:
         """Enroll photos of `name`: a new individual, or more photos of an enrolled one.
         `embeddings` is `M x D` (D the model's embedding size, e.g. from `Identifier.embed`), one row
-        per file of `sources`; rows are L2-normalised here. Raises GalleryError, leaving the gallery
-        unchanged, for input that would make it unusable (and, once saved, unloadable)."""
+        per file of `sources`, with the sha256 of each file's bytes in `digests` (`photo_digest`; None:
+        unknown); rows are L2-normalised here. Raises GalleryError, leaving the gallery unchanged, for
+        input that would make it unusable (and, once saved, unloadable)."""
         name = canonical_name(name)
         check_name(name)
         embeddings = np.asarray(embeddings)
         sources = [str(source) for source in sources]
+        digests = [UNKNOWN_DIGEST] * len(sources) if digests is None else [str(digest) for digest in digests]
         dim = self.embeddings.shape[1]
         if embeddings.ndim != 2 or embeddings.dtype.kind not in "fiu" or embeddings.shape[1] != dim:
             raise GalleryError(f"{name}: embeddings must be a 2-D array of {dim}-dimensional rows (one per "
@@ -191,6 +211,8 @@ class Gallery:
         if len(sources) != len(embeddings):
             raise GalleryError(f"{name}: {len(embeddings)} embeddings but {len(sources)} sources; give one "
                                "file per embedding")
+        if len(digests) != len(sources):
+            raise GalleryError(f"{name}: {len(sources)} sources but {len(digests)} digests; give one per file")
         norms = np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
         if not (np.isfinite(norms).all() and (norms > 0).all()):
             raise GalleryError(f"{name}: embeddings must be finite and non-zero")
@@ -201,6 +223,7 @@ class Gallery:
         self.embeddings = np.concatenate([self.embeddings, unit])
         self.labels = np.concatenate([self.labels, np.full(len(unit), label, np.int64)])
         self.sources += sources
+        self.digests += digests
 
     def remove(self, name: str) -> None:
         name = canonical_name(name)
@@ -210,7 +233,9 @@ class Gallery:
             raise GalleryError(f"no individual {name!r} in the gallery{hint}")
         label = self.names.index(name)
         keep = self.labels != label
-        self.embeddings, self.sources = self.embeddings[keep], [s for s, k in zip(self.sources, keep) if k]
+        self.embeddings = self.embeddings[keep]
+        self.sources, self.digests = ([item for item, kept in zip(column, keep) if kept]
+                                      for column in (self.sources, self.digests))
         self.labels = self.labels[keep] - (self.labels[keep] > label)
         del self.names[label]
 
@@ -243,10 +268,10 @@ def gallery_members(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, zip
     if holds_torch_pickle(names):
         raise GalleryError(f"{path} is a PyTorch checkpoint, not a gallery (a .npz from `gallery enroll`)")
     members = {name.removesuffix(".npy"): name for name in names if name.endswith(".npy")}
-    missing = [key for key in ARRAYS if key not in members]
+    missing = [key for key in FORMAT_1_ARRAYS if key not in members]  # a format 2 without digests: `_validated`
     if missing:
         raise GalleryError(f"{path}: not a gallery file (missing {capped(missing)})")
-    return [(key, archive.getinfo(members[key])) for key in ARRAYS]
+    return [(key, archive.getinfo(members[key])) for key in ARRAYS if key in members]
 
 
 def read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -> np.ndarray:
@@ -336,17 +361,42 @@ def enroll_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], Input
         raise GalleryError(str(exc)) from None
 
 
-def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tuple[Path, str, str]]:
-    """(path as given, absolute path, individual) of the files the gallery does not hold yet.
-    Enrolling a folder again is not a failure: only its new photos are added."""
-    owners = gallery.owners()
+def photo_digest(path: str | Path) -> str:
+    """sha256 of the file's bytes, or UNKNOWN_DIGEST when it cannot be read (embedding it then
+    reports why)."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return UNKNOWN_DIGEST
+
+
+def learn_digests(gallery: Gallery) -> None:
+    """The digests a format-1 gallery lacks, of its photos still where enroll found them (it stores
+    absolute paths; a relative one was added from Python and names no file for certain)."""
+    gallery.digests = [photo_digest(source) if digest == UNKNOWN_DIGEST and Path(source).is_absolute() else digest
+                       for digest, source in zip(gallery.digests, gallery.sources)]
+
+
+def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tuple[Path, str, str, str]]:
+    """(path as given, absolute path, individual, digest) of the photos the gallery does not hold
+    yet, by path or by content (a copy, or the folder moved), each once. Enrolling a folder again
+    is not a failure: only its new photos are added."""
+    owners, photos = gallery.owners(), gallery.photos()
     todo, enrolled = [], []
     for path, name in jobs:
         key = str(Path(path).resolve())
         if key in owners:
             enrolled.append(f"already enrolled as {owners[key]}: {printable(path)}")
-        else:
-            todo.append((path, key, name))
+            continue
+        digest = photo_digest(path)
+        if digest in photos:
+            owner, source = photos[digest]
+            enrolled.append(f"already enrolled as {owner}: {printable(path)} (the same photo as {printable(source)})")
+            continue
+        if digest != UNKNOWN_DIGEST:
+            photos[digest] = (name, key)  # a second copy among these photos
+        todo.append((path, key, name, digest))
     # Each one named while they are few; a split enrolled again would print hundreds of lines.
     for line in enrolled[:ALREADY_ENROLLED_SHOWN]:
         print_stdout(line)
@@ -355,17 +405,19 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
     return todo
 
 
-def embed_jobs(identifier: Identifier, todo: list[tuple[Path, str, str]]
-               ) -> tuple[dict[str, tuple[list[np.ndarray], list[str]]], list[Skipped]]:
-    """Per individual, the embeddings and absolute paths of its readable photos; and the unreadable
-    ones, named as given (as the inputs that named no file are)."""
-    enrolled: dict[str, tuple[list[np.ndarray], list[str]]] = defaultdict(lambda: ([], []))
+def embed_jobs(identifier: Identifier, todo: list[tuple[Path, str, str, str]]
+               ) -> tuple[dict[str, tuple[list[np.ndarray], list[str], list[str]]], list[Skipped]]:
+    """Per individual, the embeddings, absolute paths and digests of its readable photos; and the
+    unreadable ones, named as given (as the inputs that named no file are)."""
+    enrolled: dict[str, tuple[list[np.ndarray], list[str], list[str]]] = defaultdict(lambda: ([], [], []))
     skipped = []
-    results = (item for batch in identifier.embed([path for path, _, _ in todo]) for item in batch)
-    for (_, key, name), item in zip(todo, results):
+    results = (item for batch in identifier.embed([path for path, _, _, _ in todo]) for item in batch)
+    for (_, key, name, digest), item in zip(todo, results):
         if isinstance(item, Embedded):
-            enrolled[name][0].append(item.embedding)
-            enrolled[name][1].append(key)
+            embeddings, sources, digests = enrolled[name]
+            embeddings.append(item.embedding)
+            sources.append(key)
+            digests.append(digest)
         else:
             skipped.append(item)
     return enrolled, skipped
@@ -417,10 +469,11 @@ def enroll(args: argparse.Namespace) -> int:
         gallery = (Gallery.load(args.gallery) if args.gallery.exists()
                    else Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim))
         gallery.check_checkpoint(info.checkpoint_sha256, info.config.model.embedding_dim)
+        learn_digests(gallery)
         enrolled, unreadable = embed_jobs(identifier, not_yet_enrolled(gallery, jobs))
         before = gallery.counts()
-        for name, (embeddings, sources) in enrolled.items():
-            gallery.add(name, np.stack(embeddings), sources)
+        for name, (embeddings, sources, digests) in enrolled.items():
+            gallery.add(name, np.stack(embeddings), sources, digests)
         if enrolled:
             save(gallery, args.gallery)
     skipped = inputs.skipped + unreadable

@@ -301,9 +301,12 @@ def test_adding_from_python_validates_and_normalises_and_save_never_writes_an_un
     for embeddings, sources, message in bad:
         with pytest.raises(GalleryError, match=message):
             gallery.add("Zuri", embeddings, sources)
-    assert gallery.names == [] and gallery.embeddings.shape == (0, 4) and gallery.sources == []
+    with pytest.raises(GalleryError, match="1 sources but 2 digests"):
+        gallery.add("Zuri", np.ones((1, 4)), ["a"], ["0" * 64, "1" * 64])
+    assert gallery.names == [] and gallery.embeddings.shape == (0, 4) and gallery.sources == gallery.digests == []
     gallery.add("Zuri", np.array([[3.0, 0, 0, 4.0], [0, 2.0, 0, 0]]), ["a.png", Path("b.png")])
     assert np.allclose(gallery.embeddings, [[0.6, 0, 0, 0.8], [0, 1, 0, 0]]) and gallery.sources == ["a.png", "b.png"]
+    assert gallery.digests == ["", ""]  # unknown: not read from files the caller named
     path = tmp_path / "g.npz"
     gallery.save(path)
     gallery.labels = np.array([0, 3])  # edited by hand into an inconsistent state
@@ -470,7 +473,9 @@ def _save_arrays(path, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"names": np.array(["Zuri", "Zuri"])}, "names must be unique"),   # g2: two columns named alike
-    ({"format_version": np.int64(2)}, "gallery format 2 is newer than this code reads (1)"),  # g4
+    ({"format_version": np.int64(3)}, "gallery format 3 is newer than this code reads (2)"),  # g4
+    ({"format_version": np.int64(2)}, "corrupt gallery: format 2 needs digests"),
+    ({"format_version": np.int64(2), "digests": np.array(["0" * 64])}, "digests must be one string per embedding"),
     # g6: Abeni has no embedding; `nearest` scores one column per label present, so every column after
     # it would carry the next individual's name
     ({"labels": np.array([0, 0])}, "every individual needs an embedding"),
@@ -498,3 +503,44 @@ def test_an_empty_from_split_root_is_refused(tmp_path, capsys):
     assert gallery_cli.main(["enroll", "--gallery", str(tmp_path / "g.npz"), "--checkpoint", "m.pt",
                              "--from-split", "", "train"]) == 2
     assert capsys.readouterr().err == "error: --from-split: an empty ROOT (it would mean the current folder)\n"
+
+
+def test_a_copied_or_moved_photo_is_enrolled_once(learned, unseen, tmp_path, capsys):
+    """Photos were recognised by path only: the same folder enrolled again after moving it, or a copy
+    of a photo in another individual's folder, was added again (a prototype weighting it twice)."""
+    gallery = tmp_path / "g.npz"
+    (first, photos), (second, others) = list(unseen.items())[:2]
+    assert enroll(gallery, learned.checkpoint, first, *photos[:3]) == 0
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for photo in photos[:3]:
+        shutil.copy2(photo, moved / f"renamed_{photo.name}")
+    shutil.copy2(photos[0], tmp_path / "mislabelled.png")
+    capsys.readouterr()
+    before = gallery.read_bytes()
+    assert enroll(gallery, learned.checkpoint, first, moved) == 0
+    assert enroll(gallery, learned.checkpoint, second, tmp_path / "mislabelled.png") == 0
+    out = capsys.readouterr().out
+    assert f"already enrolled as {first}: {moved / f'renamed_{photos[1].name}'} (the same photo as {photos[1]})" in out
+    assert f"already enrolled as {first}: {tmp_path / 'mislabelled.png'} (the same photo as {photos[0]})" in out
+    assert out.count("(unchanged: nothing enrolled)") == 2 and gallery.read_bytes() == before
+
+    shutil.copy2(others[0], tmp_path / "copy.png")  # one photo given twice in one call: enrolled once
+    assert enroll(gallery, learned.checkpoint, second, others[0], tmp_path / "copy.png") == 0
+    assert f"{second}: +1 image (new individual, 1 now)" in capsys.readouterr().out
+    assert Gallery.load(gallery).digests == [hashlib.sha256(p.read_bytes()).hexdigest() for p in [*photos[:3], others[0]]]
+
+
+def test_a_format_1_gallery_is_read_and_learns_the_digests_of_its_photos_still_there(tmp_path, capsys):
+    there, gone = tmp_path / "there.png", tmp_path / "gone.png"
+    there.write_bytes(b"photo")
+    _save_arrays(tmp_path / "g.npz", sources=np.array([str(there), str(gone)]))
+    gallery = Gallery.load(tmp_path / "g.npz")
+    assert gallery.digests == ["", ""]
+    gallery_cli.learn_digests(gallery)
+    assert gallery.digests == [hashlib.sha256(b"photo").hexdigest(), ""]
+    shutil.copy2(there, tmp_path / "copy.png")
+    assert gallery_cli.not_yet_enrolled(gallery, [(tmp_path / "copy.png", "Abeni")]) == []
+    assert f"already enrolled as Zuri: {tmp_path / 'copy.png'} (the same photo as {there})" in capsys.readouterr().out
+    gallery.save(tmp_path / "g.npz")  # now in format 2
+    assert Gallery.load(tmp_path / "g.npz").digests == gallery.digests
