@@ -248,11 +248,12 @@ def lr_lambda(config: Config, steps_per_epoch: int):
 
 
 # trainer.optimizer -> a builder from (parameter groups, trainer config, device). AdamW is fused on
-# CUDA: one kernel for the whole update instead of a few per parameter tensor.
+# CUDA: one kernel for the whole update instead of a few per parameter tensor. SGD is Nesterov where
+# it has momentum; torch refuses Nesterov without it, and momentum 0 is a valid config (plain SGD).
 OPTIMIZERS = {
     "adamw": lambda groups, trainer, device: torch.optim.AdamW(groups, lr=trainer.lr, fused=device.type == "cuda"),
     "sgd": lambda groups, trainer, device: torch.optim.SGD(groups, lr=trainer.lr, momentum=trainer.momentum,
-                                                           nesterov=True),
+                                                           nesterov=trainer.momentum > 0),
 }
 
 

@@ -499,6 +499,14 @@ def test_sgd_uses_the_configured_momentum(tiny_data, tmp_path):
     assert all(group["momentum"] == 0.8 and group["nesterov"] for group in optimizer.param_groups)
 
 
+def test_sgd_without_momentum_is_plain_sgd(tiny_data, tmp_path):
+    """`trainer.momentum: 0` is a valid config (plain SGD): it must not crash building the optimizer
+    (torch refuses Nesterov without momentum)."""
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.optimizer": "sgd", "trainer.momentum": 0.0}))
+    model, optimizer, _, _ = build_model_and_optimizer(config, TINY_INDIVIDUALS, make_runtime(config), 4)
+    assert all(group["momentum"] == 0.0 and not group["nesterov"] for group in optimizer.param_groups)
+
+
 def test_label_smoothing_and_grad_clipping_reach_the_step(tiny_data, tmp_path, monkeypatch):
     smoothing, clipped = [], []
     real_ce, real_clip = train_module.F.cross_entropy, torch.nn.utils.clip_grad_norm_
