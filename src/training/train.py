@@ -257,8 +257,12 @@ OPTIMIZERS = {
 }
 
 
-def build_model_and_optimizer(config: Config, num_classes: int, runtime: Runtime, steps_per_epoch: int):
-    model = create_model(config.model, num_classes)
+def build_model_and_optimizer(config: Config, num_classes: int, runtime: Runtime, steps_per_epoch: int,
+                              resuming: bool = False):
+    # Resuming, the checkpoint's weights replace any pretrained ones: those need not be downloadable
+    # (a node offline) nor still on disk.
+    model = create_model(config.model.model_copy(update={"pretrained": False}) if resuming else config.model,
+                         num_classes)
     if config.trainer.sync_batchnorm and runtime.dist.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
@@ -444,7 +448,8 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, classes, fingerprint, resume_path)
         check_training_state(checkpoint, resume_path, len(train_source))
-    model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source))
+    model, optimizer, scheduler, scaler = build_model_and_optimizer(config, len(classes), runtime, len(train_source),
+                                                                    resuming=checkpoint is not None)
     state = starting_state(checkpoint, resume_path, paths, (model, optimizer, scheduler, scaler), config, runtime)
     if state.epoch == config.trainer.max_epochs:  # resumed from a finished run
         return state

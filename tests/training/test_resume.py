@@ -144,6 +144,20 @@ def test_extending_a_finished_run(tiny_data, tmp_path):
     assert [line.split(",")[0] for line in csv_lines] == ["epoch", "1", "2"]
 
 
+def test_a_resume_needs_no_pretrained_weights(tiny_data, tmp_path):
+    """The checkpoint's weights replace the pretrained ones, yet a resume loaded those first: a
+    weights file since deleted (or ImageNet weights offline) made the run impossible to continue."""
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), weights)
+    overrides = {"model.pretrained": str(weights)}
+    run(load_config(write_config(tmp_path, tiny_data, **overrides, **{"trainer.max_epochs": 1})))
+    weights.unlink()
+    state = run(load_config(write_config(tmp_path, tiny_data, **overrides, **{"trainer.max_epochs": 2})), resume="auto")
+    assert state.epoch == 2
+
+
 def test_incompatible_config_is_refused_listing_differences(tiny_run, tmp_path):
     changed = write_config(tmp_path, tiny_run["data_root"],
                            **{"model.embedding_dim": 64, "trainer.lr": 0.1, "trainer.max_epochs": 3})
