@@ -116,6 +116,8 @@ class TrainerConfig(_Section):
     amp: bool = True
     amp_dtype: Literal["bf16", "fp16"] = "bf16"
     channels_last: bool = True
+    """Model weights and input batches in channels_last (NHWC) memory order, which GPU convolutions
+    run fastest in; `false`: both in the default NCHW order."""
     compile: bool = False
     """torch.compile the model (CUDA; costs a minute of compilation, pays off on long runs)."""
     compile_mode: CompileMode = "default"

@@ -79,12 +79,16 @@ class BatchAugment:
     the module methods of the same names.
     """
 
-    def __init__(self, augment: AugmentConfig, image_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, augment: AugmentConfig, image_size: int, dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.channels_last):
         """`dtype`: of the output. Under bf16 autocast the model's first convolution casts its input
-        to bf16 anyway; writing bf16 here spares that pass and halves the output's bytes."""
+        to bf16 anyway; writing bf16 here spares that pass and halves the output's bytes.
+        `memory_format`: of the output; channels_last is the cache's own NHWC order, and convolutions
+        run in the layout of their input whatever the weights' (`trainer.channels_last`)."""
         self.augment = augment
         self.image_size = image_size
         self.dtype = dtype
+        self.memory_format = memory_format
         self._constants: dict[torch.device, Constants] = {}
 
     # --- public --------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ class BatchAugment:
             erase=u[:, 11] < a.random_erasing, erase_box=erase_box)
 
     def train(self, batch_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augmented `N x 3 x image_size x image_size` of `dtype`, normalised, channels_last."""
+        """Augmented `N x 3 x image_size x image_size` of `dtype`, normalised, in `memory_format`."""
         return self.apply_uniform(batch_u8, self.draw(batch_u8.shape[0], generator, batch_u8.device))
 
     def apply_uniform(self, batch_u8: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -152,9 +156,9 @@ class BatchAugment:
 
     def _sliced(self, batch_u8: torch.Tensor,
                 compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """`dtype` channels_last output, computed by `compute` one slice of the batch at a time.
+        """Output of `dtype` in `memory_format`, computed by `compute` one slice of the batch at a time.
 
-        `compute` returns N x 3 x H x W of any layout and dtype; the output is made channels_last and
+        `compute` returns N x 3 x H x W of any layout and dtype; the output is made `memory_format` and
         `dtype` from it (no copy where it already is).
         """
         _check_batch(batch_u8)
@@ -165,9 +169,9 @@ class BatchAugment:
         # Autocast would run the colour arithmetic in bf16 and change the result; it is cheap in fp32.
         with torch.autocast(batch_u8.device.type, enabled=False):
             if step >= n:
-                return compute(slice(None)).to(self.dtype, memory_format=torch.channels_last)
+                return compute(slice(None)).to(self.dtype, memory_format=self.memory_format)
             out = torch.empty((n, 3, self.image_size, self.image_size), dtype=self.dtype,
-                              device=batch_u8.device, memory_format=torch.channels_last)
+                              device=batch_u8.device, memory_format=self.memory_format)
             for start in range(0, n, step):
                 out[start:start + step] = compute(slice(start, start + step))  # the copy converts
             return out

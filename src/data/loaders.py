@@ -1,8 +1,8 @@
 """Batch sources: what the training loop iterates, for both data pipelines.
 
-A source yields `(images, labels)` already on the training device: images normalised, channels_last,
-float32 or autocast's dtype; labels int64. Both pipelines share everything but where the uint8 pixels
-come from:
+A source yields `(images, labels)` already on the training device: images normalised, channels_last
+(unless `trainer.channels_last: false`), float32 or autocast's dtype; labels int64. Both pipelines
+share everything but where the uint8 pixels come from:
 
 - `cached`: every image is decoded once into a memory-mapped uint8 cache (`src/data/cache.py`), kept
   in GPU memory on CUDA; a step is one gather plus batch augmentation on the device.
@@ -238,7 +238,8 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
     BatchSource; `batch_size`: other than `trainer.batch_size` (evaluation's, from 1: the model in eval
     mode needs no two images for BatchNorm)."""
     cache_size = cache_size_for(config.data.image_size)
-    augment = BatchAugment(config.augment, config.data.image_size, dtype)
+    memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
+    augment = BatchAugment(config.augment, config.data.image_size, dtype, memory_format)
     if config.trainer.compile and device.type == "cuda":
         # Fuses the ~70 small kernels of a batch's augmentation into a few: on a fast GPU their
         # launches cost about as much host time as a resnet18 step.

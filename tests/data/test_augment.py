@@ -314,3 +314,15 @@ def test_the_cpus_slice_by_slice_path_gives_the_whole_batch_result(monkeypatch, 
     monkeypatch.setattr(augment, "CPU_SLICE_BYTES", slice_bytes)
     torch.testing.assert_close(aug.apply(batch, params), whole_train, atol=0, rtol=0)
     torch.testing.assert_close(aug.eval(batch), whole_eval, atol=0, rtol=0)
+
+
+def test_the_output_memory_format_is_the_one_asked_for():
+    """`trainer.channels_last: false` left the batches channels_last, so the convolutions still ran
+    NHWC: only the weights' order changed. Both orders hold the same values."""
+    batch = _batch(8, 37)
+    nhwc, nchw = (BatchAugment(AugmentConfig(), 32, memory_format=f) for f in (torch.channels_last,
+                                                                                torch.contiguous_format))
+    for fast, plain in [(nhwc.train(batch, _generator(0)), nchw.train(batch, _generator(0))),
+                        (nhwc.eval(batch), nchw.eval(batch))]:
+        assert plain.is_contiguous() and not plain.is_contiguous(memory_format=torch.channels_last)
+        assert fast.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, plain)

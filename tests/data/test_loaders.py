@@ -170,6 +170,20 @@ def test_padded_evaluation_batches_have_one_size_and_the_same_images(tiny_data, 
         assert padded_images.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_batches_follow_trainer_channels_last(tiny_data, tmp_path):
+    data = PreparedData.load(tiny_data)
+    rows = data.split("val")[:11]  # two padded batches of 8
+    for channels_last in (True, False):
+        config = load_config(write_config(tmp_path, tiny_data, **{"trainer.channels_last": channels_last,
+                                                                  "trainer.batch_size": 8}))
+        for train in (True, False):
+            source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=train,
+                                  device=torch.device("cpu"), pad=not train)
+            for images, _ in source.batches(1):
+                assert images.is_contiguous(memory_format=torch.channels_last) == channels_last, (train, channels_last)
+                assert images.is_contiguous() != channels_last
+
+
 @pytest.mark.parametrize("pipeline", ["plain", "cached"])
 def test_an_unreadable_image_is_counted_every_epoch_and_batches_keep_their_size(tiny_data, tmp_path, pipeline):
     config = load_config(write_config(tmp_path, tiny_data, **{"data.pipeline": pipeline, "trainer.batch_size": 8}))
