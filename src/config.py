@@ -131,7 +131,8 @@ class TrainerConfig(_Section):
     seed: int = Field(0, ge=-(2**63), lt=2**64)
     """Any integer torch.manual_seed accepts."""
     deterministic: bool = False
-    """Ask cuDNN/cuBLAS for deterministic kernels (slower). CPU runs are deterministic anyway."""
+    """Ask cuDNN/cuBLAS for deterministic kernels (slower; sets CUBLAS_WORKSPACE_CONFIG=:4096:8 unless
+    set; an operation without a deterministic kernel warns). CPU runs are deterministic anyway."""
     checkpoint_interval_s: float = Field(0.0, ge=0, allow_inf_nan=True)
     """Write the checkpoints at most this often (seconds); the run's end and a stop signal always
     write, and the best epoch is kept in memory until then. 0: after every epoch. A crash loses at

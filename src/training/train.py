@@ -186,6 +186,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     # Both ways, so that an earlier deterministic run in the same process does not carry over.
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace (PyTorch's reproducibility notes). It reads
+        # this when it starts, at the first matrix product, after this point; a user's own value wins.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def load_data(config: Config, data: PreparedData,

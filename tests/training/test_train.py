@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -282,6 +283,18 @@ def test_determinism_setting_does_not_carry_over_to_the_next_run(first, second):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+def test_a_deterministic_run_fixes_the_cublas_workspace_unless_set(monkeypatch):
+    """Without CUBLAS_WORKSPACE_CONFIG, cuBLAS matrix products may differ between runs on a GPU."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seed_everything(0, False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    seed_everything(0, True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    seed_everything(0, True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 @pytest.mark.parametrize("below", [[], ["runs"]])
