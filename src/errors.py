@@ -6,17 +6,50 @@ import argparse
 import functools
 import logging
 import numbers
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 NAMES_SHOWN = 3  # names listed in a message before "and N more", so that it stays one short line
 
 
-# A command's exit code when Ctrl-C stops it: 128 + SIGINT, what a shell reports for a process it killed.
+# A command's exit code when Ctrl-C or SIGTERM stops it: 128 + the signal's number, what a shell
+# reports for a process the signal killed.
 INTERRUPTED_EXIT = 130
 STOPPED_BY_CTRL_C = "error: stopped by Ctrl-C (SIGINT)"
+TERMINATED_EXIT = 143
+STOPPED_BY_SIGTERM = "error: stopped by SIGTERM"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (`sigterm_raises`) as Ctrl-C raises KeyboardInterrupt; a
+    BaseException like it, so that an `except Exception` around a library call does not take it for
+    that call's failure."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (`kill`, a batch scheduler's time limit) raises Terminated in the block. Its default
+    ends the process on the spot, silently, where the exception unwinds as Ctrl-C does: worker pools
+    shut down, temporary files are removed, and the command ends with one line. Main thread only, and
+    only where nothing else handles SIGTERM (training's StopRequest takes over inside)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(_signum, _frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def show_warnings() -> None:
@@ -33,17 +66,22 @@ STDOUT_FAILURES: list[str] = []
 
 
 def command_main(main: Callable[..., int]) -> Callable[..., int]:
-    """A command's `main` that Ctrl-C ends with one line and INTERRUPTED_EXIT, and that ends with one
-    line and exit code 2 when its results could not be written to stdout, instead of a traceback
-    (training has its own, which first saves a checkpoint once training is under way)."""
+    """A command's `main` that Ctrl-C or SIGTERM ends with one line and INTERRUPTED_EXIT or
+    TERMINATED_EXIT, and that ends with one line and exit code 2 when its results could not be
+    written to stdout, instead of a traceback (training has its own, which first saves a checkpoint
+    once training is under way)."""
     @functools.wraps(main)
     def main_with_one_line_stops(*args, **kwargs) -> int:
         STDOUT_FAILURES.clear()
         try:
-            code = main(*args, **kwargs)
+            with sigterm_raises():
+                code = main(*args, **kwargs)
         except KeyboardInterrupt:
             print(STOPPED_BY_CTRL_C, file=sys.stderr)
             return INTERRUPTED_EXIT
+        except Terminated:
+            print(STOPPED_BY_SIGTERM, file=sys.stderr)
+            return TERMINATED_EXIT
         if STDOUT_FAILURES:
             print(f"error: {STDOUT_FAILURES[0]}", file=sys.stderr)
             return max(code, 2)

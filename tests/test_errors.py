@@ -1,4 +1,4 @@
-"""Ctrl-C ends every command with one line and exit code 130, not a traceback."""
+"""Ctrl-C and SIGTERM end every command with one line and exit code 130 or 143, not a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from src.errors import INTERRUPTED_EXIT
+from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated
 from tests.conftest import REPO
 
 # Every command but training, which saves a checkpoint first (tests/training).
@@ -21,14 +21,16 @@ COMMANDS = ["src.data.prepare", "src.data.standin", "src.evaluation.evaluate", "
             "src.bench.gallery_study"]
 
 
+@pytest.mark.parametrize("stop, code, line", [(KeyboardInterrupt, INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)"),
+                                               (Terminated, TERMINATED_EXIT, "error: stopped by SIGTERM")])
 @pytest.mark.parametrize("module", COMMANDS)
-def test_ctrl_c_gives_one_line_and_exit_code_130(module, monkeypatch, capsys):
+def test_ctrl_c_and_sigterm_give_one_line_and_their_exit_codes(module, stop, code, line, monkeypatch, capsys):
     def interrupted(*_args, **_kwargs):
-        raise KeyboardInterrupt
+        raise stop
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
-    assert importlib.import_module(module).main([]) == INTERRUPTED_EXIT
-    assert capsys.readouterr().err == "error: stopped by Ctrl-C (SIGINT)\n"
+    assert importlib.import_module(module).main([]) == code
+    assert capsys.readouterr().err == line + "\n"
 
 
 @pytest.mark.parametrize("module", [*COMMANDS, "src.training.train"])
@@ -54,9 +56,13 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys):
     assert "an empty path (it would mean the current folder)" in capsys.readouterr().err
 
 
-def test_ctrl_c_in_a_terminal_stops_a_command_and_its_workers_quietly(tmp_path):
-    """The whole process group gets SIGINT, as from a terminal: the command, its fork server and the
-    worker processes drawing stand-in images."""
+@pytest.mark.parametrize("group, signum, code, line", [
+    (True, signal.SIGINT, INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)"),  # Ctrl-C in a terminal
+    (False, signal.SIGTERM, TERMINATED_EXIT, "error: stopped by SIGTERM"),  # `kill PID`; it ended silently
+])
+def test_a_signal_stops_a_command_and_its_workers_quietly(tmp_path, group, signum, code, line):
+    """Ctrl-C signals the whole process group, as from a terminal: the command, its fork server and
+    the worker processes drawing stand-in images; `kill` the command alone."""
     out = tmp_path / "raw"
     process = subprocess.Popen([sys.executable, "-m", "src.data.standin", "--out", str(out), "--individuals", "40",
                                 "--images", "40", "--size", "256", "--workers", "2"], cwd=REPO,
@@ -66,12 +72,24 @@ def test_ctrl_c_in_a_terminal_stops_a_command_and_its_workers_quietly(tmp_path):
         while not any(out.rglob("*.png")):  # the workers are drawing
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGINT)
+        (os.killpg if group else os.kill)(process.pid, signum)
         _, err = process.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while _group_alive(process.pid):  # the fork server and the workers end with the command
+            assert time.monotonic() < deadline, "processes of the command's group still running"
+            time.sleep(0.1)
     finally:
-        if process.poll() is None:
+        if _group_alive(process.pid):
             os.killpg(process.pid, signal.SIGKILL)
-    assert (process.returncode, err) == (INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)\n")
+    assert (process.returncode, err) == (code, line + "\n")
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads which libraries a process has loaded")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,27 +94,3 @@ class StopRequest:
         if code and signal.Signals(code).name != self.signal_name:  # another rank's signal wins
             self.signal_name, self.reason = signal.Signals(code).name, ""
         return bool(code)
-
-
-class Terminated(Exception):
-    """SIGTERM before training started (`sigterm_raises`)."""
-
-
-@contextmanager
-def sigterm_raises():
-    """SIGTERM raises Terminated until `StopRequest` takes over, as Ctrl-C raises KeyboardInterrupt.
-    Its default ends the process on the spot: silently, leaving the image cache's worker processes
-    and fork server running, where an exception stops the workers and exits with one line."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def terminate(_signum, _frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -28,7 +28,8 @@ from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import IGNORED, BatchSource, build_source
-from src.errors import capped, command_parser, path_argument, show_warnings
+from src.errors import (INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, capped, command_parser, path_argument,
+                        show_warnings, sigterm_raises)
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.models.trained import FORMAT_VERSION, CheckpointError
@@ -38,7 +39,7 @@ from src.training.artifacts import RunPaths, epoch_line
 from src.training.checkpoint import CheckpointSaver, Snapshot, device_snapshot
 from src.training.resume import (RunState, check_resume_compatible, check_training_state, read_resume_checkpoint,
                                  rng_state, starting_state)
-from src.training.stopping import StopRequest, Terminated, TrainingStopped, sigterm_raises
+from src.training.stopping import StopRequest, TrainingStopped
 
 # Devices on which the checkpoint's weights are snapshotted every epoch while validation runs, kept if
 # the epoch is saved and dropped if not. The ~300 copies (resnet18 and its AdamW state) queue behind
@@ -580,7 +581,7 @@ def main(argv=None) -> int:
         _report(f"error: {exc}", all_ranks_agree=False)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:  # before training started (then StopRequest handles them)
-        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        name, code = ("SIGTERM", TERMINATED_EXIT) if isinstance(exc, Terminated) else ("SIGINT", INTERRUPTED_EXIT)
         _report(f"error: stopped by {name} before training started; no checkpoint was written", all_ranks_agree=False)
         return code
     except TrainingStopped as exc:
