@@ -29,9 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from pydantic import ValidationError
 
-from src.config import config_from_dict
-from src.bench.data import prepared_standin
+from src.config import ConfigError, DataConfig, config_from_dict
+from src.bench.data import MIN_IMAGES, prepared_standin
+from src.data import standin
 from src.data.dataset import PreparedData
 from src.errors import command_main, command_parser, path_argument
 from src.evaluation.evaluate import evaluate
@@ -57,7 +60,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--workers", type=int, default=8)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # What the stand-in generator, prepare and training would each refuse later, after the data were
+    # made (training with a traceback), checked before any work.
+    try:
+        DataConfig(image_size=args.image_size)
+    except ValidationError as exc:
+        parser.error(f"--image-size {args.image_size}: {exc.errors()[0]['msg']}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda (the default) requested but no CUDA GPU is available; use --device cpu")
+    problems = {"--held-out must be at least 2 (the open-set split divides them into unknown_val and "
+                "unknown_test)": args.held_out < 2,
+                "--individuals must leave at least 2 known individuals besides --held-out":
+                    args.individuals - args.held_out < 2,
+                f"--images must be at least {MIN_IMAGES} (prepare keeps individuals with that many)":
+                    args.images < MIN_IMAGES,
+                f"--size must be from {standin.MIN_SIZE} to {standin.MAX_SIZE}":
+                    not standin.MIN_SIZE <= args.size <= standin.MAX_SIZE,
+                "--epochs must be at least 1": args.epochs < 1}
+    for problem, found in problems.items():
+        if found:
+            parser.error(problem)
+    return args
 
 
 def train_model(args: argparse.Namespace, root: Path) -> Path:

@@ -2,6 +2,8 @@
 import json
 import types
 
+import pytest
+
 from src.bench import gallery_study
 from src.inference.identify import Prediction
 from src.training.artifacts import threshold_sidecar_path
@@ -28,3 +30,23 @@ def test_open_set_study_cuts_each_kind_of_score_at_its_own_threshold(tmp_path, m
     result = gallery_study.study_open_set(base, checkpoint, tmp_path / "g.npz", [1], ["A"], [1])
     assert used == stored
     assert {kind: result[kind]["threshold"] for kind in stored} == stored
+
+
+@pytest.mark.parametrize("options, message", [
+    ([], "--device cuda (the default) requested but no CUDA GPU is available; use --device cpu"),
+    (["--device", "cpu", "--held-out", "0"], "--held-out must be at least 2"),
+    (["--device", "cpu", "--individuals", "5", "--held-out", "4"], "--individuals must leave at least 2 known"),
+    (["--device", "cpu", "--images", "2"], "--images must be at least 10"),
+    (["--device", "cpu", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--device", "cpu", "--size", "8"], "--size must be from 16 to 2048"),
+    (["--device", "cpu", "--image-size", "8"], "--image-size 8:"),
+])
+def test_bad_options_stop_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, options, message):
+    """They used to surface after the stand-in data were made, from training, as a traceback."""
+    monkeypatch.setattr(gallery_study.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        gallery_study.main(["--out", str(tmp_path / "study"), *options])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "study").exists()
