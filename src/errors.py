@@ -132,8 +132,9 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def command_parser(module: str, description: str) -> CommandParser:
-    """The parser of `python -m <module>`, described by the first line of `description`."""
-    return CommandParser(prog=f"python -m {module}", description=description.split("\n")[0])
+    """The parser of `python -m <module>`, described by the first paragraph of `description` (a
+    docstring's summary may run over two lines; its first line alone ended mid-sentence in --help)."""
+    return CommandParser(prog=f"python -m {module}", description=" ".join(description.split("\n\n")[0].split()))
 
 
 def path_argument(text: str) -> Path:

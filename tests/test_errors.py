@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated
+from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, command_parser
 from tests.conftest import REPO
 
 # Every command but training, which saves a checkpoint first (tests/training).
@@ -110,3 +110,10 @@ def test_ctrl_c_while_a_command_imports_torch_gives_one_line(tmp_path):
     # Python ends an unhandled KeyboardInterrupt by SIGINT (130 in a shell); `main` returns 130 itself.
     assert process.returncode in (-signal.SIGINT, INTERRUPTED_EXIT)
     assert err == "error: stopped by Ctrl-C (SIGINT)\n"
+
+
+def test_a_commands_help_describes_it_by_the_docstrings_whole_first_paragraph():
+    # The gallery study's summary runs over two lines; its first line alone ended mid-sentence.
+    parser = command_parser("src.x", "Measure nearest-neighbour against prototype\nmatching, and more.\n\n"
+                                            "    python -m src.x --out o\n")
+    assert parser.description == "Measure nearest-neighbour against prototype matching, and more."

@@ -1,4 +1,4 @@
-"""Training throughput, three ways, in one run on the same data and model:
+"""Training throughput, three ways, in one run on the same data and model: naive, ours and the ceiling.
 
 1. naive: the user's first loop (`../shared/bench/naive_reference.py`: PIL + torchvision transforms in
    DataLoader workers), run as a subprocess;

@@ -524,7 +524,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--individuals", type=int, help="small set: number of individuals (--calibrate: default 10)")
     p.add_argument("--images", type=int, help="small set: images per individual (--calibrate: default 40)")
     p.add_argument("--size", type=int, help="nominal image side in pixels (default 128; 64 with --calibrate)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all CPUs)")
     p.add_argument("--calibrate", action="store_true",
                    help="train resnet18 on CPU on an in-memory set and print val accuracy; writes nothing")

@@ -63,9 +63,11 @@ Runner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = command_parser("src.inference.export", __doc__)
-    parser.add_argument("--checkpoint", required=True, type=path_argument)
+    parser.add_argument("--checkpoint", required=True, type=path_argument,
+                        help="training checkpoint, e.g. artifacts/<name>_best.pt")
     parser.add_argument("--out", required=True, type=path_argument, help="folder for the exported files")
-    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats",
+                        help="one or both (default both)")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                         help=f"timed single-image runs per format (default {DEFAULT_RUNS})")
     args = parser.parse_args(argv)

@@ -64,7 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"its prototype (default {DEFAULT_MATCH})")
     parser.add_argument("--output", type=path_argument, default=None, help="also write the results to .csv or .json")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (an ONNX model: cpu or cuda)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
