@@ -442,6 +442,8 @@ def changing(path: Path) -> Iterator[None]:
     two commands at once would each write their own change, and the later would silently drop the
     earlier's. The second waits, and says so."""
     refuse_folder(path)  # `.` has no name to put a lock file beside
+    if path.exists():  # a file that is no gallery (a checkpoint given by mistake) gets no lock file beside it
+        Gallery.load(path)
     lock = path.with_name(f".{path.name}.lock")
     with ExitStack() as stack:
         try:

@@ -544,3 +544,17 @@ def test_a_format_1_gallery_is_read_and_learns_the_digests_of_its_photos_still_t
     assert f"already enrolled as Zuri: {tmp_path / 'copy.png'} (the same photo as {there})" in capsys.readouterr().out
     gallery.save(tmp_path / "g.npz")  # now in format 2
     assert Gallery.load(tmp_path / "g.npz").digests == gallery.digests
+
+
+def test_a_file_that_is_no_gallery_gets_no_lock_file_beside_it(learned, unseen, tmp_path, capsys):
+    """`--gallery artifacts/x_best.pt` by mistake was refused, but left `.x_best.pt.lock` beside it."""
+    checkpoint, notes = tmp_path / "x_best.pt", tmp_path / "notes.md"
+    shutil.copy2(learned.checkpoint, checkpoint)
+    notes.write_text("# not a gallery\n")
+    photo = next(iter(unseen.values()))[0]
+    for wrong in (checkpoint, notes):
+        assert enroll(wrong, learned.checkpoint, "Zuri", photo) == 2
+        assert gallery_cli.main(["remove", "--gallery", str(wrong), "Zuri"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and "is a PyTorch checkpoint, not a gallery" in err[0] and "not a gallery file" in err[2]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.md", "x_best.pt"]
