@@ -57,8 +57,8 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
     dropped, so BatchNorm never sees a batch of one and compiled shapes stay fixed); each rank takes
     its contiguous slice of every global batch, so the images in a global step do not depend on the
     number of processes. Evaluation: every image exactly once, ranks taking interleaved shares, in
-    the fewest batches of at most `batch_size` (per rank) whose sizes differ by one at most (a source
-    with `pad` pads the smaller ones by a row).
+    the fewest batches of at most `batch_size // world_size` (a rank's share of the global batch)
+    whose sizes differ by one at most (a source with `pad` pads the smaller ones by a row).
     """
     if train:
         generator = torch.Generator().manual_seed(_seed(seed, epoch))

@@ -290,8 +290,8 @@ def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime):
     Training: DDP around the model, torch.compile around that. Evaluation bypasses DDP, which may
     run collectives in a forward, while ranks can hold different numbers of validation batches;
     `evaluate` shares rank 0's buffers once instead.
-    dynamic=False: training batches have one shape; the last, smaller validation batch costs one
-    extra compilation instead of making every kernel shape-generic.
+    dynamic=False: training batches have one shape, and validation batches another (the source pads
+    them to one size, `BatchSource.pad`), so no kernel needs to be shape-generic.
     """
     compile_ = (partial(torch.compile, dynamic=False, mode=config.trainer.compile_mode)
                 if config.trainer.compile else (lambda module: module))
