@@ -30,8 +30,9 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
                      chunksize: int = 1) -> Iterator:
     """`map(function, items)` in `workers` processes, results in order, as they come.
 
-    `preload` is the module of `function` (the caller's `__name__`): the fork server imports it once
-    (torch, for the cache: about a second), so that the workers start without importing anything.
+    `preload` is the module of `function` (the caller's `__name__`): the fork server imports it once,
+    so that the workers start without importing anything (the cache's, `src.data.decode`, is kept
+    free of torch, whose import takes about a second).
     concurrent.futures rather than `multiprocessing.Pool`: a Pool replaces a worker that was killed
     (out of memory, say) and waits forever for the task it held; the executor raises instead.
     At most one process per CPU core: the work is CPU-bound, and a typo such as `workers: 400` would

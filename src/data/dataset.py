@@ -221,7 +221,8 @@ def collate_skip_none(batch: list[tuple[Any, int] | None]) -> tuple[Any, torch.T
 
     DataLoader workers are separate processes, so a counter on the dataset never reaches the training
     loop; the count travels with the batch instead. A batch with nothing left gives an empty image
-    tensor and empty labels. The kept images must share a shape (resize in the transform).
+    tensor and empty labels. The kept images must share a shape (`ImageListDataset` decodes every
+    one at the cache size).
     """
     kept = [sample for sample in batch if sample is not None]
     skipped = len(batch) - len(kept)
