@@ -8,8 +8,9 @@ checks, filtering, splits, reports) is written once:
 - a list file, `<relative path> <individual>` per line (`src/data/lists.py`);
 - a folder per individual, `root/<individual>/<image>`.
 
-Names are kept exactly as published here; `LabelsFix` (aliases and exclusions from a user-editable
-file) is the only place that changes them, so the default run reproduces the published counts.
+Names are kept as published here, only brought to Unicode's composed form (`canonical_name`); `LabelsFix`
+(aliases and exclusions from a user-editable file) and `check_names` with `--spaces-to-underscores` are the
+only places that change them, so the default run reproduces the published counts.
 """
 from __future__ import annotations
 

@@ -182,7 +182,8 @@ def _sources(records: Iterable[Record]) -> list[str]:
 
 
 def placeholder_names(records: Sequence[Record]) -> list[dict]:
-    """Names that are an age-group word (including every age group the data uses) or 'unknown'."""
+    """Names that are an age-group word (including every age group the data uses) or a word for "no
+    name" ('unknown', 'unnamed', 'n/a', ...: PLACEHOLDER_WORDS)."""
     words = PLACEHOLDER_WORDS | {_normalise(r.age_group) for r in records if r.age_group}
     flags = [{"name": name, "images": len(group), "sources": _sources(group)}
              for name, group in _by_individual(records).items() if _normalise(name) in words]
