@@ -264,11 +264,12 @@ def best_scores(query: EmbeddedSplit, gallery: EmbeddedSplit, kind: str, classes
 
 @dataclass
 class OpenSetSide:
-    """Known and unknown images of one side (threshold choice or measurement) against the gallery."""
+    """Known and unknown images of one side (threshold choice or measurement), scored by one of
+    `best_scores`' kinds (the 1-NN similarity for the open-set section, each kind for the thresholds)."""
 
     known_labels: np.ndarray
-    known_correct: np.ndarray  # 1-NN individual is the true one
-    known_scores: np.ndarray   # best gallery similarity
+    known_correct: np.ndarray  # the predicted individual is the true one
+    known_scores: np.ndarray   # the predicted individual's score
     unknown_labels: np.ndarray
     unknown_scores: np.ndarray
 
