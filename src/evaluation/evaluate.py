@@ -341,8 +341,8 @@ def trained_on(splits: dict[str, list[tuple[str, str]]], run: TrainedModel) -> b
     return data_fingerprint(splits["train"], run.classes) == run.checkpoint.get("data_fingerprint")
 
 
-def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, open_set: bool, trained_here: bool,
-                  sidecar: Path, writable: bool) -> list[str]:
+def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, trained_here: bool, sidecar: Path,
+                  writable: bool) -> list[str]:
     """What makes the numbers less trustworthy without making them wrong to compute, or keeps the
     thresholds from inference. `trained_here`: whether the train split is the checkpoint's
     (`trained_on`); `writable`: whether the sidecar's folder can be written."""
@@ -472,7 +472,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
                     else {"evaluated": False, "note": CLOSED_MODEL_NOTE})
     sidecar, trained_here = threshold_sidecar_path(checkpoint), trained_on(splits, run)
     writable = os.access(sidecar.parent, os.W_OK)
-    warnings = data_warnings(splits, split, open_set, trained_here, sidecar, writable)
+    warnings = data_warnings(splits, split, trained_here, sidecar, writable)
 
     report = {
         "report_version": REPORT_VERSION,

@@ -482,10 +482,9 @@ def test_closed_set_thresholds_are_chosen_on_the_correct_val_predictions_only():
 def test_the_val_split_is_warned_about_having_chosen_the_checkpoint_and_thresholds():
     splits = {"train": [("a.png", "A")], "val": [("b.png", "A")], "test": [("c.png", "A")]}
     sidecar = Path("x_best.pt.threshold.json")
-    for open_set in (False, True):
-        val = data_warnings(splits, "val", open_set, True, sidecar, True)
-        assert len(val) == 1 and "chose this checkpoint" in val[0] and "report the test split" in val[0]
-        assert data_warnings(splits, "test", open_set, True, sidecar, True) == []
+    val = data_warnings(splits, "val", True, sidecar, True)
+    assert len(val) == 1 and "chose this checkpoint" in val[0] and "report the test split" in val[0]
+    assert data_warnings(splits, "test", True, sidecar, True) == []
 
 
 def test_the_default_report_folder_keeps_evaluations_on_other_data_apart(tmp_path):
