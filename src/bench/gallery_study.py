@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from src.config import ConfigError, DataConfig, config_from_dict
+from src.config import DataConfig, config_from_dict
 from src.bench.data import MIN_IMAGES, prepared_standin
 from src.data import standin
 from src.data.dataset import PreparedData
