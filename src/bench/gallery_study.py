@@ -107,8 +107,8 @@ def embed_split(identifier: Identifier, data: PreparedData, split: str) -> tuple
     return items, np.array([name for _, name in rows])
 
 
-def gallery_of(sha: str, items: list[Embedded], names: np.ndarray) -> Gallery:
-    gallery = Gallery.new(sha, len(items[0].embedding))
+def enrolled_into(gallery: Gallery, items: list[Embedded], names: np.ndarray) -> Gallery:
+    """`gallery` with the photos `items` added, each under its individual in `names`."""
     for name in dict.fromkeys(names):
         chosen = [item for item, n in zip(items, names) if n == name]
         gallery.add(name, np.stack([item.embedding for item in chosen]), [item.source for item in chosen])
@@ -136,7 +136,8 @@ def study_new_individuals(base: Identifier, items, names) -> dict:
             values = []
             for seed in range(DRAWS):
                 enrolled = split_shots(names, shots, seed)
-                gallery = gallery_of(base.info.checkpoint_sha256, [i for i, e in zip(items, enrolled) if e], names[enrolled])
+                gallery = enrolled_into(Gallery.new(base.info.checkpoint_sha256, len(items[0].embedding)),
+                                        [i for i, e in zip(items, enrolled) if e], names[enrolled])
                 identifier = Identifier(base.backend, base.info, Threshold(None, "study"), gallery, match)
                 values.append(accuracy(identifier, [i for i, e in zip(items, enrolled) if not e], names[~enrolled]))
             result[f"{match}@{shots}"] = float(np.mean(values))
@@ -147,10 +148,8 @@ def study_known_and_new(base: Identifier, train_gallery: Path, new_items, new_na
     enrolled = split_shots(new_names, 5, 0)
     result = {}
     for match in MATCH_MODES:
-        gallery = Gallery.load(train_gallery)
-        for name in dict.fromkeys(new_names[enrolled]):
-            chosen = [i for i, n, e in zip(new_items, new_names, enrolled) if e and n == name]
-            gallery.add(name, np.stack([i.embedding for i in chosen]), [i.source for i in chosen])
+        gallery = enrolled_into(Gallery.load(train_gallery), [i for i, e in zip(new_items, enrolled) if e],
+                                new_names[enrolled])
         identifier = Identifier(base.backend, base.info, Threshold(None, "study"), gallery, match)
         result[match] = {"known": accuracy(identifier, test_items, test_names),
                          "new": accuracy(identifier, [i for i, e in zip(new_items, enrolled) if not e], new_names[~enrolled]),
