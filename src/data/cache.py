@@ -64,7 +64,7 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
     """The cache of `rows` (`(relative_path, individual)`), reused when valid, else (re)built.
 
     Hashes every image file (blake2b, ~1 GB/s per core) to find the key, so a changed image is
-    never served stale; decodes with `workers` processes when building.
+    never served stale; decodes with `workers` processes when building (0: in this process).
     """
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
     rel_paths = [rel for rel, _ in rows]
@@ -241,7 +241,8 @@ def _open(cache_dir: Path, key: str, meta: dict, built: bool) -> CachedImages:
 
 def _decode_all_into(target: Path, paths: Sequence[Path], cache_size: int, workers: int
                      ) -> list[str | None]:
-    """Decode `paths[i]` into row i of `target` with `workers` processes; the failure reasons.
+    """Decode `paths[i]` into row i of `target` with `workers` processes (0: in this one); the
+    failure reasons.
 
     Processes, not threads: PIL releases the GIL while decoding, but load_rgb's Python work does
     not, so threads stop scaling (16 cores, 7,150 PNGs: 4.6 s with processes, 8.0 s with threads,
