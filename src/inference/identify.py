@@ -66,6 +66,9 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)
 # Every score is a cosine similarity or a probability: -1..1, and evaluation's "reject all" and
 # "accept all" values lie 1e-5 beyond.
 THRESHOLD_LIMIT = 1.0 + 1e-5
+# What reading a damaged or hand-edited JSON file and its fields raises (a list where a mapping was,
+# a missing key, a number too large for a float, nesting too deep for the parser).
+MALFORMED_JSON = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
 
 ImageInput = str | Path | Image.Image
 
@@ -193,7 +196,7 @@ def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds]:
         thresholds = raw["thresholds"]
         return (ModelInfo.from_json(raw["model"]),
                 StoredThresholds(threshold_values(thresholds["values"]), str(thresholds["origin"])))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+    except MALFORMED_JSON as exc:
         raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
 
 
@@ -223,7 +226,7 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
         raw = json.loads(read_utf8(path, ValueError))
         values = threshold_values(raw["thresholds"])
         method = str(raw.get("method", "method not recorded"))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+    except MALFORMED_JSON as exc:
         raise InferenceError(f"{path}: not a valid threshold file ({type(exc).__name__}: {exc}); "
                              "re-run evaluation or pass --threshold") from None
     if raw.get("checkpoint_sha256", checkpoint_sha256) != checkpoint_sha256:
