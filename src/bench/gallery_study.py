@@ -51,15 +51,15 @@ DRAWS = 3
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = command_parser("src.bench.gallery_study", __doc__)
-    parser.add_argument("--out", type=path_argument, required=True)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
-    parser.add_argument("--individuals", type=int, default=100)
-    parser.add_argument("--images", type=int, default=30, help="per individual")
-    parser.add_argument("--held-out", type=int, default=30, help="individuals never trained on")
-    parser.add_argument("--size", type=int, default=128, help="stand-in image side")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--out", type=path_argument, required=True, help="folder for the data, model and results")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="default cuda")
+    parser.add_argument("--individuals", type=int, default=100, help="stand-in individuals (default 100)")
+    parser.add_argument("--images", type=int, default=30, help="per individual (default 30)")
+    parser.add_argument("--held-out", type=int, default=30, help="individuals never trained on (default 30)")
+    parser.add_argument("--size", type=int, default=128, help="stand-in image side (default 128)")
+    parser.add_argument("--image-size", type=int, default=112, help="training image size (default 112)")
+    parser.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
+    parser.add_argument("--workers", type=int, default=8, help="processes making the data (default 8)")
     args = parser.parse_args(argv)
     # What the stand-in generator, prepare and training would each refuse later, after the data were
     # made (training with a traceback), checked before any work.

@@ -53,24 +53,30 @@ UNSTEADY = 0.10
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = command_parser("src.bench.train_speed", __doc__)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], choices=BACKBONES)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=6, help="epochs of our loop; the first (compile, warm-up) is not timed")
-    parser.add_argument("--naive-epochs", type=int, default=2)
-    parser.add_argument("--individuals", type=int, default=87)
-    parser.add_argument("--images", type=int, default=82, help="per individual (87 x 82 ~ the 7,150 of min10)")
-    parser.add_argument("--workers", type=int, default=16, help="DataLoader workers of the naive loop")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], choices=BACKBONES,
+                        help="one or more backbones (default: resnet18 resnet50)")
+    parser.add_argument("--size", type=int, default=224, help="training image size in pixels (default 224)")
+    parser.add_argument("--batch-size", type=int, default=128, help="default 128")
+    parser.add_argument("--epochs", type=int, default=6,
+                        help="epochs of our loop; the first (compile, warm-up) is not timed (default 6)")
+    parser.add_argument("--naive-epochs", type=int, default=2,
+                        help="epochs of the naive loop; the first (workers starting) is not timed unless alone (default 2)")
+    parser.add_argument("--individuals", type=int, default=87, help="stand-in individuals (default 87)")
+    parser.add_argument("--images", type=int, default=82,
+                        help="per individual (default 82: 87 x 82 ~ the 7,150 of min10)")
+    parser.add_argument("--workers", type=int, default=16, help="DataLoader workers of the naive loop (default 16)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: on for CUDA)")
     parser.add_argument("--compile-mode", nargs="+", default=["default"], metavar="MODE",
                         choices=get_args(CompileMode),
-                        help="trainer.compile_mode; several: ours and the ceiling are run for each")
-    parser.add_argument("--naive-script", type=path_argument, default=NAIVE)
+                        help="trainer.compile_mode; several: ours and the ceiling are run for each (default: default)")
+    parser.add_argument("--naive-script", type=path_argument, default=NAIVE,
+                        help="the naive loop to compare with (default: ../shared/bench/naive_reference.py)")
     parser.add_argument("--profile", action="store_true",
                         help="after each measurement, profile one epoch of ours (torch.profiler) and print a table")
-    parser.add_argument("--profile-rows", type=int, default=20, help="operators in the profile table")
+    parser.add_argument("--profile-rows", type=int, default=20, help="operators in the profile table (default 20)")
     parser.add_argument("--profile-trace", type=path_argument, default=None, metavar="DIR",
                         help="also write each profiled epoch as a Chrome trace (chrome://tracing, Perfetto) here")
     parser.add_argument("--work-dir", type=path_argument, default=None, help="keep data here (default: a temp dir)")
