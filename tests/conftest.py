@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny prepared stand-in dataset and a config to train on it in seconds."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
+import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,24 @@ def fresh_copy(tmp_path):
         shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
         return target
     return copy
+
+
+def main_in_process(main, argv: list[str], capsys, caplog) -> subprocess.CompletedProcess:
+    """A command's main(argv) in this process, as `subprocess.run` reports `python -m` (without the
+    seconds a new interpreter takes to import torch). Its stderr also holds what the command's would:
+    the logged warnings (pytest's log capture keeps them from show_warnings' handler) and Python's
+    warnings, so that a test of one line sees them."""
+    capsys.readouterr()
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code = main(argv)
+    out, err = capsys.readouterr()
+    err += "".join(f"warning: {record.getMessage()}\n" for record in caplog.records
+                   if record.levelno >= logging.WARNING)
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught
+                   if not issubclass(w.category, DeprecationWarning))  # ignored outside __main__
+    return subprocess.CompletedProcess([main.__module__, *argv], code, out, err)
 
 
 def arithmetic_flags() -> tuple[bool, bool, bool, bool]:

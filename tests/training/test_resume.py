@@ -27,7 +27,7 @@ from src.training.resume import (RunState, bring_best_along, check_resume_compat
                                  restore, restore_rng, rng_state)
 from src.training.stopping import StopRequest, TrainingStopped
 from src.training.train import run
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, main_in_process, write_config
 from tests.training.test_train import train_cli
 
 EPOCHS = 3
@@ -57,6 +57,13 @@ def wait_for_epoch_line(process, epoch: int, timeout=180):
     raise AssertionError(f"no epoch {epoch} line; stderr: {process.stderr.read()}")
 
 
+def train_in_process(capsys, caplog, config_path, *extra) -> subprocess.CompletedProcess:
+    """The refusals and notes of a resume need the command's exit code and output, not a new
+    interpreter importing torch (3-4 s each): the real command line keeps its tests (kill -9,
+    SIGTERM, a closed pipe, a full disk; test_train.py)."""
+    return main_in_process(train_module.main, ["--config", str(config_path), *map(str, extra)], capsys, caplog)
+
+
 def assert_same_run(artifacts, reference):
     assert (artifacts / "tiny_metrics.csv").read_text() == (reference / "tiny_metrics.csv").read_text()
     for kind in ("best", "last"):
@@ -67,7 +74,7 @@ def assert_same_run(artifacts, reference):
             assert torch.equal(ours["model_state"][key], value), key
 
 
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, uninterrupted):
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, uninterrupted, capsys, caplog):
     config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": EPOCHS})
     process = start_training(config_path)
     wait_for_epoch_line(process, 1)
@@ -78,7 +85,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, un
     process.send_signal(signal.SIGKILL)  # during epoch 2 (or the write of epoch 1's checkpoint)
     process.wait()
     assert load_checkpoint(last)["epoch"] >= 1
-    result = train_cli(config_path, "--resume", "auto")
+    # The kill needs a process of its own, the resume does not (the SIGTERM test resumes on the command line).
+    result = train_in_process(capsys, caplog, config_path, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     assert_same_run(tmp_path / "artifacts", uninterrupted)
@@ -133,9 +141,10 @@ def test_a_run_whose_output_is_on_a_full_disk_stops_saved_unless_finished(tiny_d
             f"--config {config_path} --resume auto"]
 
 
-def test_extending_a_finished_run(tiny_data, tmp_path):
+def test_extending_a_finished_run(tiny_data, tmp_path, capsys, caplog):
     run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})))
-    result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2}), "--resume", "auto")
+    extended = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})
+    result = train_in_process(capsys, caplog, extended, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert [line[:11] for line in result.stdout.splitlines() if line.startswith("[Epoch")] == ["[Epoch 2/2]"]
     assert ("note: trainer.max_epochs 1 -> 2: from here the learning rate follows the cosine of a 2-epoch run "
@@ -158,10 +167,10 @@ def test_a_resume_needs_no_pretrained_weights(tiny_data, tmp_path):
     assert state.epoch == 2
 
 
-def test_incompatible_config_is_refused_listing_differences(tiny_run, tmp_path):
+def test_incompatible_config_is_refused_listing_differences(tiny_run, tmp_path, capsys, caplog):
     changed = write_config(tmp_path, tiny_run["data_root"],
                            **{"model.embedding_dim": 64, "trainer.lr": 0.1, "trainer.max_epochs": 3})
-    result = train_cli(changed, "--resume", str(tiny_run["last"]))
+    result = train_in_process(capsys, caplog, changed, "--resume", str(tiny_run["last"]))
     assert result.returncode == 2
     assert "model.embedding_dim: 32 -> 64" in result.stderr and "trainer.lr" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -183,41 +192,42 @@ def test_speed_settings_may_change_on_resume(tiny_run):
                                 checkpoint["data_fingerprint"], tiny_run["last"])
 
 
-def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path):
+def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path, capsys, caplog):
     config_path = write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 3})
     (tmp_path / "artifacts").mkdir()
     shutil.copy2(tiny_run["last"], tmp_path / "artifacts" / "tiny_last.pt")
-    result = train_cli(config_path, "--resume", "auto")
+    result = train_in_process(capsys, caplog, config_path, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "has finished all 3 epochs: nothing to train" in result.stdout
     assert "[Epoch" not in result.stdout and "resumed" not in result.stdout
     assert not (tmp_path / "artifacts" / "tiny_metrics.csv").exists()  # nothing rewritten
 
 
-def test_a_second_run_into_the_same_outputs_is_refused(tiny_data, tmp_path):
+def test_a_second_run_into_the_same_outputs_is_refused(tiny_data, tmp_path, capsys, caplog):
     config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
     with exclusive(tmp_path / "artifacts" / ".tiny.lock"):  # as a run in progress holds it
-        result = train_cli(config_path)
+        result = train_in_process(capsys, caplog, config_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: another run is training 'tiny' into ")
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == [".tiny.lock"]
-    assert train_cli(config_path).returncode == 0  # once it has ended
+    assert train_in_process(capsys, caplog, config_path).returncode == 0  # once it has ended
 
 
-def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_data, tmp_path):
-    result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}), "--resume", "auto")
+def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_data, tmp_path, capsys, caplog):
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
+    result = train_in_process(capsys, caplog, config_path, "--resume", "auto")
     assert result.returncode == 0 and "resumed" not in result.stdout
 
 
-def test_truncated_and_random_checkpoints_give_one_line_errors(tiny_run, tmp_path):
+def test_truncated_and_random_checkpoints_give_one_line_errors(tiny_run, tmp_path, capsys, caplog):
     data = tiny_run["last"].read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(4096))
     for path in (truncated, garbage):
-        result = train_cli(tiny_run["config_path"], "--resume", str(path))
+        result = train_in_process(capsys, caplog, tiny_run["config_path"], "--resume", str(path))
         assert result.returncode == 2, result.stderr
         assert str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -230,7 +240,7 @@ class _CreatesAFile:
         return (open, (self.path, "w"))
 
 
-def test_malicious_pickle_is_refused_without_running_code(tiny_run, tmp_path):
+def test_malicious_pickle_is_refused_without_running_code(tiny_run, tmp_path, capsys, caplog):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as handle:
@@ -239,7 +249,7 @@ def test_malicious_pickle_is_refused_without_running_code(tiny_run, tmp_path):
     for path in (evil, tmp_path / "evil_zip.pt"):
         with pytest.raises(CheckpointError, match="not a safe checkpoint|not a PyTorch checkpoint"):
             load_checkpoint(path)
-        result = train_cli(tiny_run["config_path"], "--resume", str(path))
+        result = train_in_process(capsys, caplog, tiny_run["config_path"], "--resume", str(path))
         assert result.returncode == 2
     assert not marker.exists()
 
@@ -302,11 +312,11 @@ def test_an_image_deleted_mid_run_is_skipped_and_counted(tiny_data, tmp_path, fr
     assert "skipping unreadable image" in stderr and victim_rel.split("/")[-1] in stderr
 
 
-def test_a_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path):
+def test_a_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path, capsys, caplog):
     """The open-set split has other individuals: resuming the closed-set run on it must not start."""
     other = write_config(tmp_path, tiny_run["data_root"],
                          **{"data.open_set": True, "data.num_classes": 4, "trainer.max_epochs": 3})
-    result = train_cli(other, "--resume", str(tiny_run["last"]))
+    result = train_in_process(capsys, caplog, other, "--resume", str(tiny_run["last"]))
     assert result.returncode == 2
     assert "the individuals (class list) differ" in result.stderr and "data.open_set: False -> True" in result.stderr
 
