@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
+from src.config import load_config
+from src.training.train import run
 from tests.conftest import REPO, write_config
 from tests.test_locks import HOLD as HOLD_LOCK
 
@@ -51,10 +54,8 @@ def test_metrics_match_a_single_process_run(tiny_data, tmp_path):
     overrides = {"trainer.max_epochs": 1, "trainer.lr": 1e-6}
     (tmp_path / "single").mkdir()
     (tmp_path / "multi").mkdir()
-    single = subprocess.run([sys.executable, "-m", "src.training.train", "--config",
-                             str(write_config(tmp_path / "single", tiny_data, **overrides))],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
+    # In this process: the reference needs no interpreter of its own (one thread, as the command's).
+    run(load_config(write_config(tmp_path / "single", tiny_data, **overrides)))
     multi = torchrun(write_config(tmp_path / "multi", tiny_data, **overrides))
     assert multi.returncode == 0, multi.stderr
     [one] = metrics(tmp_path / "single" / "artifacts" / "tiny_metrics.csv")
@@ -101,10 +102,18 @@ def test_uneven_validation_shards_do_not_hang(tiny_data, tmp_path, fresh_copy):
     assert result.stdout.count("[Epoch 1/1]") == 1
 
 
-def test_one_process_under_torchrun_uses_the_process_group(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_run(tiny_data, tmp_path_factory):
+    """One epoch under `torchrun --nproc_per_node 1`: the result and the folder of its config and
+    artifacts (tests that go on from it copy them)."""
+    directory = tmp_path_factory.mktemp("one_process")
+    return torchrun(write_config(directory, tiny_data, **{"trainer.max_epochs": 1}), processes=1), directory
+
+
+def test_one_process_under_torchrun_uses_the_process_group(one_process_run):
     """`torchrun --nproc_per_node 1` is the cheapest check of the NCCL path on one GPU: it must set up
     the process group and DDP, not fall back to the plain single-process path."""
-    result = torchrun(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}), processes=1)
+    result, _ = one_process_run
     assert result.returncode == 0, result.stderr
     assert "torchrun: 1 process(es), gloo" in result.stdout
 
@@ -225,13 +234,14 @@ def test_a_run_already_training_stops_every_rank_in_one_line_each(tiny_data, tmp
     assert not (tmp_path / "artifacts" / "tiny_last.pt").exists()
 
 
-def test_processes_that_resume_from_different_checkpoints_are_refused(tiny_data, tmp_path):
+def test_processes_that_resume_from_different_checkpoints_are_refused(tiny_data, tmp_path, one_process_run):
     """Two machines that do not share trainer.output_dir: one finds a checkpoint, the other none.
     Before, they trained different epochs together, combining unrelated gradients."""
     script = tmp_path / "own_output_dir.py"
     script.write_text(OWN_OUTPUT_DIR_PER_RANK)
-    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
-    assert torchrun(config_path, processes=1).returncode == 0  # rank 0's folder now holds epoch 1
+    result, directory = one_process_run
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(directory / "artifacts", tmp_path / "artifacts")  # rank 0's folder now holds epoch 1
     config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})
     result = subprocess.run([*TORCHRUN, "2", str(script), "--config", str(config_path), "--resume", "auto"],
                             cwd=REPO, capture_output=True, text=True, timeout=240,
