@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -87,7 +88,14 @@ def main_in_process(main, argv: list[str], capsys, caplog) -> subprocess.Complet
     caplog.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as exited:  # argparse's errors: the status the interpreter would exit with
+            code = exited.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+            code = code or 0
     out, err = capsys.readouterr()
     err += "".join(f"warning: {record.getMessage()}\n" for record in caplog.records
                    if record.levelno >= logging.WARNING)

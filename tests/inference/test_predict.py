@@ -16,7 +16,7 @@ import torch
 
 from src.data.io import MAX_PIXELS
 from src.inference import gallery, predict
-from tests.conftest import REPO
+from tests.conftest import REPO, main_in_process
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
@@ -277,15 +277,16 @@ def test_a_table_that_cannot_be_written_still_leaves_the_output_file(learned, un
     ("x_metrics.csv", "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5\n1,0.1,2,0,0,2,0,0\n"),
     ("notes.json", "not json at all"),
 ])
-def test_an_output_that_is_not_an_earlier_result_is_refused_before_any_work(learned, unseen, tmp_path, name, content):
+def test_an_output_that_is_not_an_earlier_result_is_refused_before_any_work(learned, unseen, tmp_path, capsys, caplog,
+                                                                           name, content):
     """`--output exported/x_best.json` (or prepared.json, metadata.csv, a metrics CSV): a mistyped path
     silently replaced that file with the results, destroying an export or a prepared dataset."""
     target = tmp_path / name
     target.write_text(content)
     photo = next(iter(unseen.values()))[0]
-    result = subprocess.run([sys.executable, "-m", "src.inference.predict", "--checkpoint", str(learned.checkpoint),
-                             str(photo), "--output", str(target)], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    # In this process: the refusal is main's (the tests above and below run the real command line).
+    result = main_in_process(predict.main, ["--checkpoint", str(learned.checkpoint), str(photo), "--output",
+                                            str(target)], capsys, caplog)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: --output {target}: exists and is not a result of predict"), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
