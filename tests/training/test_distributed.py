@@ -29,37 +29,46 @@ def metrics(path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
-def test_two_processes_train_write_once_and_resume(tiny_data, tmp_path):
-    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
-    first = torchrun(config_path)
+# A tiny learning rate keeps the weights of the two-process and the single-process run together
+# (test_metrics_match_a_single_process_run); the other checks of that run do not depend on it.
+TWO_PROCESS_RUN = {"trainer.max_epochs": 1, "trainer.lr": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_data, tmp_path_factory):
+    """One epoch under `torchrun --nproc_per_node 2`: the result and the folder of its config and
+    artifacts (tests that go on from it copy them)."""
+    directory = tmp_path_factory.mktemp("two_processes")
+    return torchrun(write_config(directory, tiny_data, **TWO_PROCESS_RUN)), directory
+
+
+def test_two_processes_train_write_once_and_resume(tiny_data, tmp_path, two_process_run):
+    first, directory = two_process_run
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("[Epoch 1/1]") == 1  # rank 0 alone prints
     assert "torchrun: 2 process(es), gloo, global batch 16 (8 per process)" in first.stdout
-    artifacts = tmp_path / "artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == [".tiny.lock", "tiny_best.pt", "tiny_last.pt",
-                                                            "tiny_metrics.csv"]  # the lock: claim_outputs
-    extended = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})
+    assert sorted(p.name for p in (directory / "artifacts").iterdir()) == [
+        ".tiny.lock", "tiny_best.pt", "tiny_last.pt", "tiny_metrics.csv"]  # the lock: claim_outputs
+    artifacts = shutil.copytree(directory / "artifacts", tmp_path / "artifacts")
+    extended = write_config(tmp_path, tiny_data, **{**TWO_PROCESS_RUN, "trainer.max_epochs": 2})
     second = torchrun(extended, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and second.stdout.count("[Epoch 2/2]") == 1
     assert [row["epoch"] for row in metrics(artifacts / "tiny_metrics.csv")] == [1.0, 2.0]
 
 
-def test_metrics_match_a_single_process_run(tiny_data, tmp_path):
+def test_metrics_match_a_single_process_run(tiny_data, tmp_path, two_process_run):
     """Same global batch, seed, order and augmentation draws (each rank takes its slice of the global
     batch). What differs is BatchNorm: each rank normalises its half-batch with its own statistics
     (SyncBatchNorm, which would remove that, is CUDA-only). A tiny learning rate keeps the weights
     of both runs together, so the losses differ only by that normalisation: measured ~1.5%; the
     tolerance is 5%. Top-k over 64 images moves in steps of 1.6% and is not compared."""
-    overrides = {"trainer.max_epochs": 1, "trainer.lr": 1e-6}
-    (tmp_path / "single").mkdir()
-    (tmp_path / "multi").mkdir()
-    # In this process: the reference needs no interpreter of its own (one thread, as the command's).
-    run(load_config(write_config(tmp_path / "single", tiny_data, **overrides)))
-    multi = torchrun(write_config(tmp_path / "multi", tiny_data, **overrides))
+    multi, directory = two_process_run
     assert multi.returncode == 0, multi.stderr
-    [one] = metrics(tmp_path / "single" / "artifacts" / "tiny_metrics.csv")
-    [two] = metrics(tmp_path / "multi" / "artifacts" / "tiny_metrics.csv")
+    # In this process: the reference needs no interpreter of its own (one thread, as the command's).
+    run(load_config(write_config(tmp_path, tiny_data, **TWO_PROCESS_RUN)))
+    [one] = metrics(tmp_path / "artifacts" / "tiny_metrics.csv")
+    [two] = metrics(directory / "artifacts" / "tiny_metrics.csv")
     assert two["lr"] == one["lr"]
     for key in ("train_loss", "val_loss"):
         assert two[key] == pytest.approx(one[key], rel=0.05), key
