@@ -27,7 +27,7 @@ from src.models.trained import load_checkpoint
 from src.training.train import (batch_stats, build_model_and_optimizer, make_runtime, run, seed_everything,
                                 wrap_for_training)
 from src.training.train import main as train_main
-from tests.conftest import REPO, TINY_INDIVIDUALS, write_config
+from tests.conftest import REPO, TINY_INDIVIDUALS, main_in_process, write_config
 
 EPOCH_LINE = re.compile(r"^\[Epoch (\d+)/(\d+)\] lr=\d\.\d{5} \| train_loss=\d+\.\d{4} top1=[01]\.\d{4} "
                         r"\| val_loss=\d+\.\d{4} top1=[01]\.\d{4}$")
@@ -161,16 +161,26 @@ def test_same_seed_same_metrics(tiny_data, tmp_path):
     ({"data.num_classes": 87}, "data.num_classes: config says 87"),
     ({"model.head": "cosface"}, "'model.head'"),
 ])
-def test_config_errors_exit_2_with_one_line(tiny_data, tmp_path, override, needle):
-    result = train_cli(write_config(tmp_path, tiny_data, **override))
+def test_config_errors_exit_2_with_one_line(tiny_data, tmp_path, capsys, caplog, override, needle):
+    # main() in this process: the refusal is its own (the next test runs the real command line).
+    result = main_in_process(train_main, ["--config", str(write_config(tmp_path, tiny_data, **override))], capsys,
+                             caplog)
     assert result.returncode == 2
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_the_command_line_refuses_a_bad_config_in_one_line(tiny_data, tmp_path):
+    result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.max_epoch": 3}))
+    assert result.returncode == 2
+    assert "unknown key 'trainer.max_epoch'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cuda_without_gpu_is_a_config_error(tiny_data, tmp_path):
-    result = train_cli(write_config(tmp_path, tiny_data, **{"trainer.device": "cuda"}))
+def test_cuda_without_gpu_is_a_config_error(tiny_data, tmp_path, capsys, caplog):
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.device": "cuda"})
+    result = main_in_process(train_main, ["--config", str(config_path)], capsys, caplog)
     assert result.returncode == 2 and "trainer.device" in result.stderr
 
 
