@@ -13,7 +13,9 @@ import pytest
 
 from src import parallel
 from src.parallel import WorkerDied, map_in_processes
+from tests import parallel_tasks
 from tests.conftest import REPO
+from tests.parallel_tasks import exit_abruptly, note_and_wait, sigint_disposition
 
 # A user's script with no `if __name__ == "__main__":` guard: every time it is executed it notes
 # its process id, then builds an image cache with two worker processes.
@@ -58,32 +60,18 @@ def test_no_more_processes_than_cores(monkeypatch):
     assert started == [2]
 
 
-def exit_abruptly(item: int) -> int:
-    """What the kernel's out-of-memory killer does to a worker, as far as its pool can tell."""
-    if item == 3:
-        os._exit(9)
-    return item
-
-
 def test_a_worker_that_dies_is_an_error_not_a_hang():
     # multiprocessing.Pool, used before, replaced the dead worker and waited for its task forever.
     with pytest.raises(WorkerDied, match="a worker process died without a result"):
-        list(map_in_processes(exit_abruptly, range(8), 2, __name__))
-
-
-def note_and_wait(path: str) -> str:
-    """A task that leaves a trace: the file it was given."""
-    with open(path, "w"):
-        pass
-    time.sleep(0.05)
-    return path
+        list(map_in_processes(exit_abruptly, range(8), 2, parallel_tasks.__name__))
 
 
 def test_a_map_stopped_early_drops_the_tasks_not_begun(tmp_path):
     """Interrupted (Ctrl-C, SIGTERM) or no longer read, a map does not run its whole queue first
     (200 x 50 ms here on 2 workers): executor.map cancels its pending tasks when left early, which a
     stopped cache build relies on."""
-    results = map_in_processes(note_and_wait, [str(tmp_path / f"{i}") for i in range(200)], 2, __name__)
+    results = map_in_processes(note_and_wait, [str(tmp_path / f"{i}") for i in range(200)], 2,
+                               parallel_tasks.__name__)
     next(results)
     results.close()
     assert len(list(tmp_path.iterdir())) < 50
@@ -117,10 +105,6 @@ def test_a_module_run_with_dash_m_reaches_its_own_functions_in_the_workers(tmp_p
     assert len(list((tmp_path / "raw").rglob("*.png"))) == 20
 
 
-def sigint_disposition(_item) -> str:
-    return signal.Signals(signal.SIGINT).name if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "handled"
-
-
 def test_ctrl_c_while_workers_start_stops_the_caller_alone(tmp_path):
     """Ctrl-C in a terminal signals the whole process group. The fork server (importing torch here)
     and the workers ignore it, so none prints a traceback of its own; the caller stops them."""
@@ -142,7 +126,7 @@ def test_ctrl_c_while_workers_start_stops_the_caller_alone(tmp_path):
 
 
 def test_workers_ignore_ctrl_c():
-    assert set(map_in_processes(sigint_disposition, range(4), 2, __name__)) == {"SIGINT"}
+    assert set(map_in_processes(sigint_disposition, range(4), 2, parallel_tasks.__name__)) == {"SIGINT"}
 
 
 # A caller killed with SIGKILL (`kill -9`, the out-of-memory killer) while its workers are busy.
