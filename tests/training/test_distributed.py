@@ -10,8 +10,9 @@ import time
 import pytest
 
 from src.config import load_config
+from src.training.train import main as train_main
 from src.training.train import run
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, main_in_process, write_config
 from tests.test_locks import HOLD as HOLD_LOCK
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun on gloo, tested on Linux")
@@ -35,14 +36,28 @@ TWO_PROCESS_RUN = {"trainer.max_epochs": 1, "trainer.lr": 1e-6}
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tiny_data, tmp_path_factory):
-    """One epoch under `torchrun --nproc_per_node 2`: the result and the folder of its config and
-    artifacts (tests that go on from it copy them)."""
+def uneven_data(tiny_data, tmp_path_factory):
+    """tiny_data less its last validation image: 17 on 2 processes with 8 per batch, so rank 0
+    evaluates 2 batches and rank 1 one."""
+    data = tmp_path_factory.mktemp("uneven") / "data"
+    shutil.copytree(tiny_data, data)
+    prepared = data / "annotations" / "prepared.json"
+    prepared.write_text(prepared.read_text().replace(str(tiny_data), str(data)))
+    val = data / "annotations" / "val.txt"
+    val.write_text("".join(val.read_text().splitlines(keepends=True)[:-1]))
+    return data
+
+
+@pytest.fixture(scope="module")
+def two_process_run(uneven_data, tmp_path_factory):
+    """One epoch under `torchrun --nproc_per_node 2` on uneven_data: the result and the folder of its
+    config and artifacts (tests that go on from it copy them). Three tests check it: its own run
+    costs seconds of importing torch in three processes."""
     directory = tmp_path_factory.mktemp("two_processes")
-    return torchrun(write_config(directory, tiny_data, **TWO_PROCESS_RUN)), directory
+    return torchrun(write_config(directory, uneven_data, **TWO_PROCESS_RUN), timeout=180), directory
 
 
-def test_two_processes_train_write_once_and_resume(tiny_data, tmp_path, two_process_run):
+def test_two_processes_train_write_once_and_resume(uneven_data, tmp_path, two_process_run):
     first, directory = two_process_run
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("[Epoch 1/1]") == 1  # rank 0 alone prints
@@ -50,14 +65,14 @@ def test_two_processes_train_write_once_and_resume(tiny_data, tmp_path, two_proc
     assert sorted(p.name for p in (directory / "artifacts").iterdir()) == [
         ".tiny.lock", "tiny_best.pt", "tiny_last.pt", "tiny_metrics.csv"]  # the lock: claim_outputs
     artifacts = shutil.copytree(directory / "artifacts", tmp_path / "artifacts")
-    extended = write_config(tmp_path, tiny_data, **{**TWO_PROCESS_RUN, "trainer.max_epochs": 2})
+    extended = write_config(tmp_path, uneven_data, **{**TWO_PROCESS_RUN, "trainer.max_epochs": 2})
     second = torchrun(extended, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and second.stdout.count("[Epoch 2/2]") == 1
     assert [row["epoch"] for row in metrics(artifacts / "tiny_metrics.csv")] == [1.0, 2.0]
 
 
-def test_metrics_match_a_single_process_run(tiny_data, tmp_path, two_process_run):
+def test_metrics_match_a_single_process_run(uneven_data, tmp_path, two_process_run):
     """Same global batch, seed, order and augmentation draws (each rank takes its slice of the global
     batch). What differs is BatchNorm: each rank normalises its half-batch with its own statistics
     (SyncBatchNorm, which would remove that, is CUDA-only). A tiny learning rate keeps the weights
@@ -66,7 +81,7 @@ def test_metrics_match_a_single_process_run(tiny_data, tmp_path, two_process_run
     multi, directory = two_process_run
     assert multi.returncode == 0, multi.stderr
     # In this process: the reference needs no interpreter of its own (one thread, as the command's).
-    run(load_config(write_config(tmp_path, tiny_data, **TWO_PROCESS_RUN)))
+    run(load_config(write_config(tmp_path, uneven_data, **TWO_PROCESS_RUN)))
     [one] = metrics(tmp_path / "artifacts" / "tiny_metrics.csv")
     [two] = metrics(directory / "artifacts" / "tiny_metrics.csv")
     assert two["lr"] == one["lr"]
@@ -98,15 +113,10 @@ def test_a_failing_process_ends_the_job_with_its_error(tiny_data, tmp_path):
     assert time.monotonic() - started < 120
 
 
-def test_uneven_validation_shards_do_not_hang(tiny_data, tmp_path, fresh_copy):
+def test_uneven_validation_shards_do_not_hang(two_process_run):
     """17 validation images on 2 processes with 8 per batch: rank 0 evaluates 2 batches, rank 1 one.
     Evaluation must not run collectives per batch (DDP's forward would wait for the other rank)."""
-    data = fresh_copy(tiny_data)
-    prepared = data / "annotations" / "prepared.json"
-    prepared.write_text(prepared.read_text().replace(str(tiny_data), str(data)))
-    val = data / "annotations" / "val.txt"
-    val.write_text("".join(val.read_text().splitlines(keepends=True)[:-1]))
-    result = torchrun(write_config(tmp_path, data, **{"trainer.max_epochs": 1}), timeout=180)
+    result, _ = two_process_run  # run with a timeout: a hang fails it
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("[Epoch 1/1]") == 1
 
@@ -155,13 +165,15 @@ def test_run_twice_in_one_torchrun_worker_resumes_on_every_rank(tiny_data, tmp_p
     assert [row["epoch"] for row in metrics(tmp_path / "artifacts" / "tiny_metrics.csv")] == [1.0, 2.0]
 
 
-def test_rank_variables_without_torchrun_give_one_line(tiny_data, tmp_path):
+def test_rank_variables_without_torchrun_give_one_line(tiny_data, tmp_path, monkeypatch, capsys, caplog):
     """RANK and WORLD_SIZE left in the environment by something other than torchrun (no
     MASTER_ADDR / MASTER_PORT) end the run with one line and exit 2, not a rendezvous traceback."""
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "RANK": "0", "WORLD_SIZE": "1"}
-    result = subprocess.run([sys.executable, "-m", "src.training.train", "--config",
-                             str(write_config(tmp_path, tiny_data))], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env=env)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    # main() in this process: the environment is all it reads (torchrun's tests run the command line).
+    result = main_in_process(train_main, ["--config", str(write_config(tmp_path, tiny_data))], capsys, caplog)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: launch with torchrun, "
