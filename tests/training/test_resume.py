@@ -28,7 +28,6 @@ from src.training.resume import (RunState, bring_best_along, check_resume_compat
 from src.training.stopping import StopRequest, TrainingStopped
 from src.training.train import run
 from tests.conftest import REPO, main_in_process, write_config
-from tests.training.test_train import train_cli
 
 EPOCHS = 3
 
@@ -85,14 +84,14 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, un
     process.send_signal(signal.SIGKILL)  # during epoch 2 (or the write of epoch 1's checkpoint)
     process.wait()
     assert load_checkpoint(last)["epoch"] >= 1
-    # The kill needs a process of its own, the resume does not (the SIGTERM test resumes on the command line).
+    # The kill needs a process of its own, the resume does not (test_distributed.py resumes on the command line).
     result = train_in_process(capsys, caplog, config_path, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     assert_same_run(tmp_path / "artifacts", uninterrupted)
 
 
-def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninterrupted):
+def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninterrupted, capsys, caplog):
     config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": EPOCHS})
     process = start_training(config_path)
     wait_for_epoch_line(process, 1)
@@ -100,7 +99,8 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninter
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143
     assert f"--config {config_path} --resume auto" in stderr and "Traceback" not in stderr
-    result = train_cli(config_path, "--resume", str(tmp_path / "artifacts" / "tiny_last.pt"))
+    # The signal needs a process of its own, the resume does not (test_distributed.py resumes on the command line).
+    result = train_in_process(capsys, caplog, config_path, "--resume", str(tmp_path / "artifacts" / "tiny_last.pt"))
     assert result.returncode == 0, result.stderr
     assert_same_run(tmp_path / "artifacts", uninterrupted)
 
@@ -297,19 +297,26 @@ def test_non_finite_loss_writes_the_best_epoch_held_in_memory(tiny_data, tmp_pat
     assert len(rows) == 1 + best["epoch"]
 
 
-def test_an_image_deleted_mid_run_is_skipped_and_counted(tiny_data, tmp_path, fresh_copy):
+def test_an_image_deleted_mid_run_is_skipped_and_counted(tiny_data, tmp_path, fresh_copy, monkeypatch, capsys,
+                                                         caplog):
     data = fresh_copy(tiny_data)
     prepared = (data / "annotations" / "prepared.json").read_text()
     (data / "annotations" / "prepared.json").write_text(prepared.replace(str(tiny_data), str(data)))
     config_path = write_config(tmp_path, data, **{"trainer.max_epochs": 3, "data.pipeline": "plain"})
     victim_rel = (data / "annotations" / "train.txt").read_text().split()[0]
-    process = start_training(config_path)
-    wait_for_epoch_line(process, 1)
-    (data / "raw" / victim_rel).unlink()
-    stdout, stderr = process.communicate(timeout=180)
-    assert process.returncode == 0, stderr
-    assert "unreadable images skipped" in stdout
-    assert "skipping unreadable image" in stderr and victim_rel.split("/")[-1] in stderr
+    real_train_one_epoch = train_module.train_one_epoch
+
+    def deleting_after_epoch_1(*args, **kwargs):
+        sums = real_train_one_epoch(*args, **kwargs)
+        (data / "raw" / victim_rel).unlink(missing_ok=True)  # after epoch 1's steps: epochs 2 and 3 miss it
+        return sums
+
+    # In this process, deleted at a known point (it was deleted when a command's epoch line came).
+    monkeypatch.setattr(train_module, "train_one_epoch", deleting_after_epoch_1)
+    result = train_in_process(capsys, caplog, config_path)
+    assert result.returncode == 0, result.stderr
+    assert "unreadable images skipped" in result.stdout
+    assert "skipping unreadable image" in result.stderr and victim_rel.split("/")[-1] in result.stderr
 
 
 def test_a_checkpoint_of_another_dataset_is_refused(tiny_run, tmp_path, capsys, caplog):
