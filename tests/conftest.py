@@ -83,7 +83,8 @@ def main_in_process(main, argv: list[str], capsys, caplog) -> subprocess.Complet
     """A command's main(argv) in this process, as `subprocess.run` reports `python -m` (without the
     seconds a new interpreter takes to import torch). Its stderr also holds what the command's would:
     the logged warnings (pytest's log capture keeps them from show_warnings' handler) and Python's
-    warnings, so that a test of one line sees them."""
+    warnings, so that a test of one line sees them. An exception main() lets out, which the command
+    would print as a traceback, fails the test."""
     capsys.readouterr()
     caplog.clear()
     with warnings.catch_warnings(record=True) as caught:

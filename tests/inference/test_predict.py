@@ -284,7 +284,7 @@ def test_an_output_that_is_not_an_earlier_result_is_refused_before_any_work(lear
     target = tmp_path / name
     target.write_text(content)
     photo = next(iter(unseen.values()))[0]
-    # In this process: the refusal is main's (the tests above and below run the real command line).
+    # In this process: the refusal is main's (the tests above run the real command line).
     result = main_in_process(predict.main, ["--checkpoint", str(learned.checkpoint), str(photo), "--output",
                                             str(target)], capsys, caplog)
     assert result.returncode == 2, result.stderr
