@@ -64,6 +64,10 @@ def show_warnings() -> None:
 # it with this line and exit code 2.
 STDOUT_FAILURES: list[str] = []
 
+# Whether a command's `main` is running in this thread: a command that runs another's (the benchmarks
+# make their data with standin's and prepare's) leaves a stop to the outermost.
+_RUNNING = threading.local()
+
 
 def command_main(main: Callable[..., int]) -> Callable[..., int]:
     """A command's `main` that Ctrl-C or SIGTERM ends with one line and INTERRUPTED_EXIT or
@@ -73,15 +77,25 @@ def command_main(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def main_with_one_line_stops(*args, **kwargs) -> int:
         STDOUT_FAILURES.clear()
+        # Run by another command, a stop is raised on: caught here it became an exit code, and the
+        # outer command went on, or failed with a second line and exit code 1.
+        nested = getattr(_RUNNING, "command", False)
+        _RUNNING.command = True
         try:
             with sigterm_raises():
                 code = main(*args, **kwargs)
         except KeyboardInterrupt:
+            if nested:
+                raise
             print(STOPPED_BY_CTRL_C, file=sys.stderr)
             return INTERRUPTED_EXIT
         except Terminated:
+            if nested:
+                raise
             print(STOPPED_BY_SIGTERM, file=sys.stderr)
             return TERMINATED_EXIT
+        finally:
+            _RUNNING.command = nested
         if STDOUT_FAILURES:
             print(f"error: {STDOUT_FAILURES[0]}", file=sys.stderr)
             return max(code, 2)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, command_parser
+from src.bench.data import prepared_standin
+from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, command_main, command_parser
 from tests.conftest import REPO
 
 # Every command but training, which saves a checkpoint first (tests/training).
@@ -30,6 +31,25 @@ def test_ctrl_c_and_sigterm_give_one_line_and_their_exit_codes(module, stop, cod
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
     assert importlib.import_module(module).main([]) == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize("stop, code, line", [
+    (KeyboardInterrupt, INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)"),
+    (Terminated, TERMINATED_EXIT, "error: stopped by SIGTERM")])
+def test_a_command_run_by_another_leaves_the_stop_to_it(stop, code, line, monkeypatch, tmp_path, capsys):
+    """The benchmarks make their data with standin's main: a stop there printed its line, returned its
+    code, and the benchmark then failed with `could not make the stand-in data` and exit code 1."""
+    def interrupted(*_args, **_kwargs):
+        raise stop
+
+    @command_main
+    def benchmark() -> int:
+        prepared_standin(tmp_path, 4, 10, 16)
+        return 0
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    assert benchmark() == code
     assert capsys.readouterr().err == line + "\n"
 
 
