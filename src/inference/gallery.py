@@ -383,7 +383,8 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
     yet, by path or by content (a copy, or the folder moved), each once. Enrolling a folder again
     is not a failure: only its new photos are added."""
     owners, photos = gallery.owners(), gallery.photos()
-    todo, enrolled = [], []
+    given: dict[str, Path] = {}  # digest -> the first of these photos with it
+    todo, enrolled, repeated = [], [], []
     for path, name in jobs:
         key = str(Path(path).resolve())
         if key in owners:
@@ -394,14 +395,18 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
             owner, source = photos[digest]
             enrolled.append(f"already enrolled as {owner}: {printable(path)} (the same photo as {printable(source)})")
             continue
+        if digest in given:  # not "already enrolled": the first may yet prove unreadable, and is then skipped
+            repeated.append(f"given twice: {printable(path)} (the same photo as {printable(given[digest])})")
+            continue
         if digest != UNKNOWN_DIGEST:
-            photos[digest] = (name, key)  # a second copy among these photos
+            given[digest] = path
         todo.append((path, key, name, digest))
     # Each one named while they are few; a split enrolled again would print hundreds of lines.
-    for line in enrolled[:ALREADY_ENROLLED_SHOWN]:
-        print_stdout(line)
-    if len(enrolled) > ALREADY_ENROLLED_SHOWN:
-        print_stdout(f"... and {len(enrolled) - ALREADY_ENROLLED_SHOWN} more photos already enrolled")
+    for lines, what in ((enrolled, "already enrolled"), (repeated, "given twice")):
+        for line in lines[:ALREADY_ENROLLED_SHOWN]:
+            print_stdout(line)
+        if len(lines) > ALREADY_ENROLLED_SHOWN:
+            print_stdout(f"... and {len(lines) - ALREADY_ENROLLED_SHOWN} more photos {what}")
     return todo
 
 

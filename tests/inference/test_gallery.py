@@ -531,6 +531,19 @@ def test_a_copied_or_moved_photo_is_enrolled_once(learned, unseen, tmp_path, cap
     assert Gallery.load(gallery).digests == [hashlib.sha256(p.read_bytes()).hexdigest() for p in [*photos[:3], others[0]]]
 
 
+def test_a_photo_given_twice_is_not_called_enrolled_when_it_could_not_be_read(learned, unseen, tmp_path, capsys):
+    """The second of two copies given in one call was reported `already enrolled as Zuri`, though the
+    first, and so the photo, was then skipped as unreadable."""
+    gallery, photo = tmp_path / "g.npz", next(iter(unseen.values()))[0]
+    for copy in ("bad1.png", "bad2.png"):
+        (tmp_path / copy).write_bytes(b"not an image")
+    assert enroll(gallery, learned.checkpoint, "Zuri", photo, tmp_path / "bad1.png", tmp_path / "bad2.png") == 1
+    out, err = capsys.readouterr()
+    assert "already enrolled" not in out
+    assert f"given twice: {tmp_path / 'bad2.png'} (the same photo as {tmp_path / 'bad1.png'})" in out
+    assert f"skipped {tmp_path / 'bad1.png'}: not an image" in err and Gallery.load(gallery).counts() == {"Zuri": 1}
+
+
 def test_a_format_1_gallery_is_read_and_learns_the_digests_of_its_photos_still_there(tmp_path, capsys):
     there, gone = tmp_path / "there.png", tmp_path / "gone.png"
     there.write_bytes(b"photo")
