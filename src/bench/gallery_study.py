@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     args.images < MIN_IMAGES,
                 f"--size must be from {standin.MIN_SIZE} to {standin.MAX_SIZE}":
                     not standin.MIN_SIZE <= args.size <= standin.MAX_SIZE,
-                "--epochs must be at least 1": args.epochs < 1}
+                "--epochs must be at least 1": args.epochs < 1,
+                "--workers must be at least 0": args.workers < 0}
     for problem, found in problems.items():
         if found:
             parser.error(problem)

@@ -40,6 +40,7 @@ def test_open_set_study_cuts_each_kind_of_score_at_its_own_threshold(tmp_path, m
     (["--device", "cpu", "--epochs", "0"], "--epochs must be at least 1"),
     (["--device", "cpu", "--size", "8"], "--size must be from 16 to 2048"),
     (["--device", "cpu", "--image-size", "8"], "--image-size 8:"),
+    (["--device", "cpu", "--workers", "-1"], "--workers must be at least 0"),  # training's data.workers refuses it
 ])
 def test_bad_options_stop_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, options, message):
     """They used to surface after the stand-in data were made, from training, as a traceback."""
