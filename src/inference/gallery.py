@@ -101,17 +101,8 @@ class Gallery:
     def load(cls, path: str | Path) -> Gallery:
         """Read and validate a gallery file. Raises GalleryError (pickled content included)."""
         path = existing_gallery(path)
-        with open(path, "rb") as handle:
-            magic = handle.read(len(ZIP_MAGIC))
-        if magic.startswith(PICKLE_MAGIC):
-            raise GalleryError(f"{path}: refused: it is a pickle (loading it could run code); galleries are .npz")
-        if magic != ZIP_MAGIC:
-            raise GalleryError(f"{path}: not a gallery file (.npz written by `gallery enroll`)")
-        try:
-            with zipfile.ZipFile(path) as archive:
-                arrays = {key: read_member(archive, member, path) for key, member in gallery_members(archive, path)}
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
+        with gallery_archive(path) as (archive, members):
+            arrays = {key: read_member(archive, member, path) for key, member in members}
         return cls._validated(arrays, path)
 
     @classmethod
@@ -259,6 +250,23 @@ def existing_gallery(path: str | Path) -> Path:
     if not path.is_file():
         raise GalleryError(f"{path}: gallery file {missing(path, folder=False)}")
     return path
+
+
+@contextmanager
+def gallery_archive(path: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[str, zipfile.ZipInfo]]]]:
+    """The open .npz at `path` and its gallery arrays' members (`gallery_members`); a file that is no
+    gallery is refused from its first bytes and member names alone, before any array is read."""
+    with open(path, "rb") as handle:
+        magic = handle.read(len(ZIP_MAGIC))
+    if magic.startswith(PICKLE_MAGIC):
+        raise GalleryError(f"{path}: refused: it is a pickle (loading it could run code); galleries are .npz")
+    if magic != ZIP_MAGIC:
+        raise GalleryError(f"{path}: not a gallery file (.npz written by `gallery enroll`)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            yield archive, gallery_members(archive, path)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise GalleryError(f"{path}: truncated or corrupt gallery file ({exc})") from None
 
 
 def gallery_members(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, zipfile.ZipInfo]]:
@@ -448,7 +456,8 @@ def changing(path: Path) -> Iterator[None]:
     earlier's. The second waits, and says so."""
     refuse_folder(path)  # `.` has no name to put a lock file beside
     if path.exists():  # a file that is no gallery (a checkpoint given by mistake) gets no lock file beside it
-        Gallery.load(path)
+        with gallery_archive(path):
+            pass
     lock = path.with_name(f".{path.name}.lock")
     with ExitStack() as stack:
         try:
