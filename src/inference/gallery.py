@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import io
 import math
+import re
 import sys
 import zipfile
 from collections import defaultdict
@@ -55,6 +56,7 @@ FORMAT_VERSION = 2  # 2 added `digests`; a format-1 gallery is read with its pho
 ARRAYS = ("format_version", "checkpoint_sha256", "names", "embeddings", "labels", "sources", "digests")
 FORMAT_1_ARRAYS = ARRAYS[:-1]
 UNKNOWN_DIGEST = ""  # a photo enrolled by format 1, or added from Python without its file's digest
+SHA256_HEX = re.compile("[0-9a-f]{64}")  # hashlib's hexdigest
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 ALREADY_ENROLLED_SHOWN = 10  # photos named one by one when enrolled again; beyond, a count
 
@@ -89,7 +91,11 @@ class Gallery:
     embeddings: np.ndarray  # M x D float32, unit rows
     labels: np.ndarray      # M int64
     sources: list[str]      # M absolute paths of the enrolled photos
-    digests: list[str]      # M sha256 of the photos' bytes (hex), or UNKNOWN_DIGEST
+    digests: list[str] | None = None  # M sha256 of the photos' bytes (hex) or UNKNOWN_DIGEST; None: all unknown
+
+    def __post_init__(self) -> None:
+        if self.digests is None:  # built from its fields by code written before format 2
+            self.digests = [UNKNOWN_DIGEST] * len(self.sources)
 
     @classmethod
     def new(cls, checkpoint_sha256: str, dim: int) -> Gallery:
@@ -192,7 +198,7 @@ class Gallery:
         check_name(name)
         embeddings = np.asarray(embeddings)
         sources = [str(source) for source in sources]
-        digests = [UNKNOWN_DIGEST] * len(sources) if digests is None else [str(digest) for digest in digests]
+        digests = [UNKNOWN_DIGEST] * len(sources) if digests is None else list(digests)
         dim = self.embeddings.shape[1]
         if embeddings.ndim != 2 or embeddings.dtype.kind not in "fiu" or embeddings.shape[1] != dim:
             raise GalleryError(f"{name}: embeddings must be a 2-D array of {dim}-dimensional rows (one per "
@@ -204,6 +210,10 @@ class Gallery:
                                "file per embedding")
         if len(digests) != len(sources):
             raise GalleryError(f"{name}: {len(sources)} sources but {len(digests)} digests; give one per file")
+        if not all(isinstance(digest, str) and (digest == UNKNOWN_DIGEST or SHA256_HEX.fullmatch(digest))
+                   for digest in digests):
+            raise GalleryError(f"{name}: digests must be the photos' sha256 as 64 hex digits (`photo_digest`), "
+                               "or '' where unknown")
         norms = np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
         if not (np.isfinite(norms).all() and (norms > 0).all()):
             raise GalleryError(f"{name}: embeddings must be finite and non-zero")

@@ -303,6 +303,9 @@ def test_adding_from_python_validates_and_normalises_and_save_never_writes_an_un
             gallery.add("Zuri", embeddings, sources)
     with pytest.raises(GalleryError, match="1 sources but 2 digests"):
         gallery.add("Zuri", np.ones((1, 4)), ["a"], ["0" * 64, "1" * 64])
+    for digest in (hashlib.sha256(b"x").digest(), "abc", "A" * 64, None):  # bytes would have been stored as "b'...'"
+        with pytest.raises(GalleryError, match="digests must be the photos' sha256 as 64 hex digits"):
+            gallery.add("Zuri", np.ones((1, 4)), ["a"], [digest])
     assert gallery.names == [] and gallery.embeddings.shape == (0, 4) and gallery.sources == gallery.digests == []
     gallery.add("Zuri", np.array([[3.0, 0, 0, 4.0], [0, 2.0, 0, 0]]), ["a.png", Path("b.png")])
     assert np.allclose(gallery.embeddings, [[0.6, 0, 0, 0.8], [0, 1, 0, 0]]) and gallery.sources == ["a.png", "b.png"]
@@ -313,6 +316,8 @@ def test_adding_from_python_validates_and_normalises_and_save_never_writes_an_un
     with pytest.raises(GalleryError, match="not saved"):
         gallery.save(path)
     assert Gallery.load(path).counts() == {"Zuri": 2}
+    old_style = Gallery("0" * 64, ["Zuri"], np.eye(1, 4, dtype=np.float32), np.zeros(1, np.int64), ["a.png"])
+    assert old_style.digests == [""]  # built from its fields as before format 2: every digest unknown
     emptied = Gallery.load(path)
     emptied.remove("Zuri")
     emptied.save(path)  # an emptied gallery is still a valid file
