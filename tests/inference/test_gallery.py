@@ -533,7 +533,8 @@ def test_a_copied_or_moved_photo_is_enrolled_once(learned, unseen, tmp_path, cap
     shutil.copy2(others[0], tmp_path / "copy.png")  # one photo given twice in one call: enrolled once
     assert enroll(gallery, learned.checkpoint, second, others[0], tmp_path / "copy.png") == 0
     assert f"{second}: +1 image (new individual, 1 now)" in capsys.readouterr().out
-    assert Gallery.load(gallery).digests == [hashlib.sha256(p.read_bytes()).hexdigest() for p in [*photos[:3], others[0]]]
+    enrolled = [*photos[:3], others[0]]
+    assert Gallery.load(gallery).digests == [hashlib.sha256(p.read_bytes()).hexdigest() for p in enrolled]
 
 
 def test_a_photo_given_twice_is_not_called_enrolled_when_it_could_not_be_read(learned, unseen, tmp_path, capsys):
