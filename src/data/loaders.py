@@ -15,7 +15,9 @@ step and resumed sees exactly the batches an uninterrupted run sees.
 """
 from __future__ import annotations
 
+import signal
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -209,8 +211,11 @@ class PlainSource(BatchSource):
 
     def _pixels(self, plan):
         loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers,
-                            collate_fn=collate_skip_none, pin_memory=self.device.type == "cuda")
-        for pixels, labels, skipped in loader:
+                            collate_fn=collate_skip_none, pin_memory=self.device.type == "cuda",
+                            worker_init_fn=leave_sigterm_to_the_main_process)
+        with sigterm_held():  # the workers start here, and inherit the held SIGTERM
+            batches = iter(loader)
+        for pixels, labels, skipped in batches:
             self.skipped += skipped
             if self.train and skipped:
                 pixels, labels = refill(pixels, labels, skipped)
@@ -227,6 +232,32 @@ def refill(pixels: torch.Tensor, labels: torch.Tensor, missing: int) -> tuple[to
                            "above): were the raw images moved or deleted? Prepare the data again")
     again = torch.arange(missing) % len(labels)
     return torch.cat([pixels, pixels[again]]), torch.cat([labels, labels[again]])
+
+
+def leave_sigterm_to_the_main_process(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. A batch scheduler signals every process of a job, and torch's
+    workers die of a SIGTERM not sent by their parent, which makes torch raise in the main process
+    (`DataLoader worker ... is killed by signal`) in the middle of a step: a traceback instead of
+    training's stop at the step boundary with a checkpoint, after which the workers end as at every
+    epoch's end. A SIGTERM that came before this ran was held (`sigterm_held`) and is dropped now."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+@contextmanager
+def sigterm_held() -> Iterator[None]:
+    """SIGTERM blocked in this thread for the block, delivered at its end. Processes forked in the
+    block start with it blocked: torch's worker handler, installed before `worker_init_fn` runs,
+    would otherwise die of a SIGTERM that arrives in between."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no fork, no signal masks
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,

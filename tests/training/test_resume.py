@@ -105,6 +105,31 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninter
     assert_same_run(tmp_path / "artifacts", uninterrupted)
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes in /proc")
+def test_sigterm_to_every_process_of_a_plain_pipeline_run_stops_it_saved(tiny_data, tmp_path):
+    """A batch scheduler signals the whole job: DataLoader workers killed by it made torch raise in
+    the main process mid-step (`DataLoader worker ... is killed by signal: Terminated`), a traceback
+    and no mid-epoch checkpoint."""
+    config_path = write_config(tmp_path, tiny_data, **{"data.pipeline": "plain", "data.workers": 2,
+                                                       "trainer.max_epochs": 50, "trainer.batch_size": 8})
+    process = subprocess.Popen([sys.executable, "-m", "src.training.train", "--config", str(config_path)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        deadline = time.monotonic() + 120
+        while len(children.read_text().split()) < 2:  # the epoch's DataLoader workers are running
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, stderr
+    assert stderr.startswith("error: stopped by SIGTERM in epoch 1") and stderr.count("\n") == 1, stderr
+    assert load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"] == 0  # the mid-epoch save
+
+
 def test_a_run_whose_output_cannot_be_written_stops_saved(tiny_data, tmp_path):
     """`train ... | head -1`, a pager quit, or `2>&1 | head` (its error line has nowhere to go
     either): the run died at its next print with a BrokenPipeError traceback, losing the epochs a
