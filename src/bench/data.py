@@ -1,10 +1,16 @@
-"""The benchmarks' data: a prepared stand-in dataset, made once for each set of parameters."""
+"""What the benchmarks share: a prepared stand-in dataset, made once for each set of parameters, and
+training that ends a benchmark in one line when it is stopped."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+from src.config import Config
 from src.data import prepare, standin
+from src.training.resume import RunState
+from src.training.stopping import TrainingStopped
+from src.training.train import run
 
 MIN_IMAGES = prepare.DEFAULT_MIN_IMAGES  # per individual, as the real data is prepared
 
@@ -23,6 +29,16 @@ def prepared_standin(work: Path, individuals: int, images: int, size: int, *, he
         failed = failed or prepare.main(["--raw-dir", str(root / "raw"), "--out-dir", str(root), "--min-images",
                                          str(MIN_IMAGES), "--seed", "0", "--open-set-individuals", str(held_out)])
         if failed:
-            raise SystemExit("could not make the stand-in data (see above)")
+            raise SystemExit("error: could not make the stand-in data (see above)")
         print(f"stand-in data: {individuals} x {images} images in {time.perf_counter() - started:.0f} s", flush=True)
     return root
+
+
+def train(config: Config) -> RunState:
+    """`train.run`, where a run that training stops (Ctrl-C, SIGTERM, a non-finite loss) ends the
+    benchmark with training's own line and exit code instead of a traceback."""
+    try:
+        return run(config)
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None

@@ -33,7 +33,7 @@ import torch
 from pydantic import ValidationError
 
 from src.config import DataConfig, config_from_dict
-from src.bench.data import MIN_IMAGES, prepared_standin
+from src.bench.data import MIN_IMAGES, prepared_standin, train
 from src.data import standin
 from src.data.dataset import PreparedData
 from src.errors import command_main, command_parser, path_argument
@@ -43,7 +43,6 @@ from src.inference.gallery import Gallery
 from src.inference.identify import Embedded, Identifier, Threshold, stored_thresholds
 from src.models.scoring import MATCH_MODES, SCORE_KINDS
 from src.training.artifacts import RunPaths
-from src.training.train import run
 
 SHOTS = (1, 3, 5)
 DRAWS = 3
@@ -94,7 +93,7 @@ def train_model(args: argparse.Namespace, root: Path) -> Path:
         "trainer": {"max_epochs": args.epochs, "batch_size": 64, "lr": 0.002, "warmup_epochs": min(2, args.epochs),
                     "device": args.device, "amp": args.device == "cuda", "output_dir": str(args.out / "artifacts"),
                     "progress": "never"}})
-    run(config)
+    train(config)
     return RunPaths(config.trainer.output_dir, config.name).best
 
 

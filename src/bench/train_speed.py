@@ -33,7 +33,7 @@ from torch.autograd import DeviceType
 from torch._dynamo.utils import compile_times
 from torch.profiler import ProfilerActivity
 
-from src.bench.data import MIN_IMAGES, prepared_standin
+from src.bench.data import MIN_IMAGES, prepared_standin, train
 from src.config import CompileMode, DataConfig, config_from_dict
 from src.data.dataset import PreparedData
 from src.errors import command_main, command_parser, path_argument
@@ -41,7 +41,7 @@ from src.models.backbones import BACKBONES
 from src.training.checkpoint import CheckpointSaver
 from src.training.resume import RunState
 from src.training.stopping import StopRequest
-from src.training.train import (build_model_and_optimizer, evaluate, load_data, make_runtime, run, seed_everything,
+from src.training.train import (build_model_and_optimizer, evaluate, load_data, make_runtime, seed_everything,
                                 train_one_epoch, wrap_for_training)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ def ours_throughput(arch: str, mode: str, data_root: Path, work: Path, args, tra
     config = bench_config(arch, mode, data_root, work, args, args.epochs)
     compiled_before, started = compile_seconds(), time.perf_counter()
     with timed_saves() as save_seconds:
-        state = run(config)
+        state = train(config)
     wall = time.perf_counter() - started
     images = train_images // args.batch_size * args.batch_size
     timed = timed_epochs(state.history, save_seconds)

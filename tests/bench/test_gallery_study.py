@@ -4,9 +4,11 @@ import types
 
 import pytest
 
+from src.bench import data as bench_data
 from src.bench import gallery_study
 from src.inference.identify import Prediction
 from src.training.artifacts import threshold_sidecar_path
+from src.training.stopping import TrainingStopped
 
 
 def test_open_set_study_cuts_each_kind_of_score_at_its_own_threshold(tmp_path, monkeypatch):
@@ -51,3 +53,17 @@ def test_bad_options_stop_with_one_line_before_any_work(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "study").exists()
+
+
+def test_a_stopped_training_ends_the_study_in_training_s_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM while the study trained: training saved and raised TrainingStopped, which the
+    study let out as a traceback."""
+    def stopped(_config):
+        raise TrainingStopped("stopped by SIGTERM in epoch 2 after step 3/9; saved x_last.pt", 143, resumable=True)
+
+    monkeypatch.setattr(gallery_study, "prepared_standin", lambda *_args, **_kwargs: tmp_path)
+    monkeypatch.setattr(bench_data, "run", stopped)
+    with pytest.raises(SystemExit) as stop:
+        gallery_study.main(["--out", str(tmp_path / "study"), "--device", "cpu"])
+    assert stop.value.code == 143
+    assert capsys.readouterr().err == "error: stopped by SIGTERM in epoch 2 after step 3/9; saved x_last.pt\n"
