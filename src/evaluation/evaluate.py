@@ -41,7 +41,7 @@ from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_
 from src.evaluation.report import confusion_csv, render_markdown, rounded
 from src.models.backbones import ModelError
 from src.models.scoring import SCORE_KINDS, classifier_scores, gallery_scores
-from src.models.trained import CheckpointError, TrainedModel, load_trained
+from src.models.trained import CheckpointError, TrainedModel, file_sha256, load_trained
 from src.tables import progress_bar
 from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths, threshold_sidecar_path
@@ -416,10 +416,12 @@ def default_out(checkpoint: Path, split: str, data_root: str | Path | None = Non
 def check_default_out_is_free(out: Path, checkpoint: Path) -> None:
     """The default folder is named after the checkpoint's file name alone, so the `<name>_best.pt` of
     two runs in different output_dirs share it: refuse to replace the other's evaluation while that
-    checkpoint is still there (an explicit --out replaces whatever it names)."""
+    checkpoint is still there, unless it holds the same weights (an explicit --out replaces whatever
+    it names)."""
     try:
-        earlier = Path(json.loads((out / "report.json").read_text(encoding="utf-8"))["checkpoint"]["path"])
-        if os.path.samefile(earlier, checkpoint):
+        evaluated = json.loads((out / "report.json").read_text(encoding="utf-8"))["checkpoint"]
+        earlier = Path(evaluated["path"])
+        if os.path.samefile(earlier, checkpoint) or evaluated["sha256"] == file_sha256(checkpoint):
             return
     except (OSError, ValueError, KeyError, TypeError):  # no report, an unreadable one, or its checkpoint gone
         return

@@ -27,7 +27,6 @@ leaves half a gallery.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import math
 import re
@@ -49,6 +48,7 @@ from src.errors import capped, command_main, command_parser, missing, path_argum
 from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
+from src.models.trained import file_sha256
 from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC, holds_torch_pickle
 from src.tables import counted, format_rows, print_stdout
 
@@ -383,8 +383,7 @@ def photo_digest(path: str | Path) -> str:
     """sha256 of the file's bytes, or UNKNOWN_DIGEST when it cannot be read (embedding it then
     reports why)."""
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return file_sha256(Path(path))
     except OSError:
         return UNKNOWN_DIGEST
 

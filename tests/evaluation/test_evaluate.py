@@ -553,13 +553,19 @@ def test_the_default_folder_is_not_taken_from_a_checkpoint_of_the_same_name(chec
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     namesake = tmp_path / "other_run" / checkpoint.name
     namesake.parent.mkdir()
-    shutil.copy2(checkpoint, namesake)
+    state = torch.load(checkpoint, weights_only=True)
+    state["epoch"] += 1  # another run's checkpoint: other bytes
+    torch.save(state, namesake)
     code, err = run_main(capsys, "--checkpoint", namesake)
     assert code == 2
     assert err == [f"error: {folder} holds the evaluation of {checkpoint}, another checkpoint of the same name; "
                    "pass --out DIR to keep both"]
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     evaluate.check_default_out_is_free(folder, checkpoint)  # its own checkpoint evaluated again: replaced
+    copy = tmp_path / "copy" / checkpoint.name
+    copy.parent.mkdir()
+    shutil.copy2(checkpoint, copy)
+    evaluate.check_default_out_is_free(folder, copy)  # the same weights elsewhere: the same evaluation
     evaluate.check_default_out_is_free(folder, Path(os.path.relpath(checkpoint)))  # however the path is written
     report = json.loads((folder / "report.json").read_text())
     report["checkpoint"]["path"] = str(tmp_path / "gone" / checkpoint.name)
