@@ -76,26 +76,23 @@ def command_main(main: Callable[..., int]) -> Callable[..., int]:
     once training is under way)."""
     @functools.wraps(main)
     def main_with_one_line_stops(*args, **kwargs) -> int:
+        if getattr(_RUNNING, "command", False):
+            # Run by another command, which reports stops and stdout failures: a stop caught here became
+            # an exit code, and the outer command went on, or failed with a second line and exit code 1.
+            return main(*args, **kwargs)
         STDOUT_FAILURES.clear()
-        # Run by another command, a stop is raised on: caught here it became an exit code, and the
-        # outer command went on, or failed with a second line and exit code 1.
-        nested = getattr(_RUNNING, "command", False)
         _RUNNING.command = True
         try:
             with sigterm_raises():
                 code = main(*args, **kwargs)
         except KeyboardInterrupt:
-            if nested:
-                raise
             print(STOPPED_BY_CTRL_C, file=sys.stderr)
             return INTERRUPTED_EXIT
         except Terminated:
-            if nested:
-                raise
             print(STOPPED_BY_SIGTERM, file=sys.stderr)
             return TERMINATED_EXIT
         finally:
-            _RUNNING.command = nested
+            _RUNNING.command = False
         if STDOUT_FAILURES:
             print(f"error: {STDOUT_FAILURES[0]}", file=sys.stderr)
             return max(code, 2)

@@ -15,8 +15,8 @@ the embeddings of every image, each decided by `Identifier.decide` as `predict` 
    plus the held-out individuals from 5 photos; queries: the known test photos and the other photos
    of the new individuals;
 3. open set: the gallery holds the training split only, each kind of score is cut at the threshold
-   evaluation stored for it (chosen on val + unknown_val); known test photos should be accepted and named correctly, photos of
-   the unknown_test individuals rejected. The classifier (no gallery) is shown for comparison.
+   evaluation stored for it (chosen on val + unknown_val); known test photos should be accepted and
+   named correctly, photos of the unknown_test individuals rejected. The classifier (no gallery) is shown for comparison.
 
 Prints markdown tables and writes `<out>/study.json`. Stand-ins are not chimpanzees: the numbers
 compare the rules with each other, they say nothing about accuracy on real faces.
