@@ -528,7 +528,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all CPUs)")
     p.add_argument("--calibrate", action="store_true",
                    help="train resnet18 on CPU on an in-memory set and print val accuracy; writes nothing")
-    p.add_argument("--epochs", type=int, default=10, help="with --calibrate (default 10)")
+    p.add_argument("--epochs", type=int, help="with --calibrate only (default 10)")
     return p
 
 
@@ -545,16 +545,18 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         for flag in ("individuals", "images"):  # at least one training and one validation image each
             if getattr(args, flag) is not None and getattr(args, flag) < 2:
                 p.error(f"--calibrate needs --{flag} of at least 2")
-        if args.epochs < 1:
+        if args.epochs is not None and args.epochs < 1:
             p.error("--epochs must be at least 1")
         return
+    if args.epochs is not None:
+        p.error("--epochs goes with --calibrate (writing stand-ins trains nothing)")
     if args.out is None:
         p.error("--out is required")
     if (args.from_annotations is not None) == small:
         p.error("give either --from-annotations DIR or --individuals N --images M")
     if small and (args.individuals is None or args.images is None):
         p.error("--individuals and --images go together")
-    for flag in ("individuals", "images", "workers", "epochs"):
+    for flag in ("individuals", "images", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:
@@ -568,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     _check_args(p, args)
     if args.calibrate:
-        calibrate(args.individuals or 10, args.images or 40, args.size or 64, args.seed, args.epochs)
+        calibrate(args.individuals or 10, args.images or 40, args.size or 64, args.seed, args.epochs or 10)
         return 0
     size, start = args.size or 128, time.perf_counter()
     try:
