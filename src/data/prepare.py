@@ -36,7 +36,7 @@ from src.config import DataConfig
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
                                   holds_standins, read_cvjena, read_folder, read_list_file)
 from src.data.dataset import FORMAT_VERSION
-from src.data.download import DEFAULT_URL, DownloadError, fetch_release
+from src.data.download import DEFAULT_URL, DownloadError, absent_images, fetch_release
 from src.data.lists import Row, canonical_name, write_list
 from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, SplitError,
                              choose_unknown, open_set_split, split_counts, stratified_split)
@@ -108,6 +108,18 @@ def apply_labels_fix(records: list[Record], fix: LabelsFix | None
     log.info("labels fix %s: %d alias(es) applied, %s image(s) excluded%s", fix.source, len(renamed),
              f"{len(excluded):,}", f"; unused entries: {', '.join(unused)}" if unused else "")
     return kept, [Exclusion(r, LABELS_FIX, reason) for r, reason in excluded], info
+
+
+def check_release_complete(records: Sequence[Record], raw: Path) -> None:
+    """Every image the release's annotations list (less the labels fix's exclusions) must be there. One
+    missing means an interrupted download, unpacking or copy, and preparing the rest would give another
+    dataset (fewer images, fewer individuals, other splits) under the release's name. A user's own
+    list or folder has no such reference, so there a missing file is a reported problem instead."""
+    absent, summary = absent_images(records, raw)
+    if absent:
+        raise PrepareError(f"the release in {raw} is incomplete: {len(absent):,} annotated image(s) missing "
+                           f"(first: {absent[0].path}; present: {summary}); --download completes it, or list "
+                           f"images to leave out as exclude-image in a --labels-fix file")
 
 
 # --- 5. filtering and counting ------------------------------------------------------------------
@@ -279,6 +291,8 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     fixed = check_names(fixed, spaces_to_underscores)
     annotated_kept = filter_min_images(fixed, min_images)
     log.info("min%-7d %s by the annotations alone", min_images, describe(annotated_kept))
+    if input_kind == "cvjena":
+        check_release_complete(fixed, raw)
     annotated_individuals = {r.individual for r in annotated_kept}
     # Refused before decoding: problem images can only lower this count. Fewer than 2 individuals is
     # left to the end, which names --min-images and writes the report saying why.

@@ -141,12 +141,12 @@ def test_raw_dir_may_be_the_release_folder(tmp_path):
 def test_problem_images_are_excluded_and_reported(tmp_path):
     raw = make_release(tmp_path / "raw", CZOO, CTAI)
     faces = raw / RELEASE / "data_CTai" / "face_images"
-    (faces / "img-Tita-0.png").unlink()
+    (faces / "img-Tita-0.png").write_bytes(b"")  # e.g. a copy stopped midway
     (faces / "img-Tita-1.png").write_bytes(b"not an image")
     shutil.copy(faces / "img-Wapi-0.png", faces / "img-Wapi-1.png")
     result = prepare(raw, tmp_path / "out", **_quiet())
     excluded = {(e["path"].rsplit("/", 1)[1], e["category"]) for e in result.report["excluded"]}
-    assert excluded == {("img-Tita-0.png", "missing file"), ("img-Tita-1.png", "unreadable"),
+    assert excluded == {("img-Tita-0.png", "unreadable"), ("img-Tita-1.png", "unreadable"),
                         ("img-Wapi-1.png", "duplicate")}
     assert result.problems == 3
     # Tita falls to 9 usable images and Wapi to 9: both below the threshold now
@@ -178,7 +178,7 @@ def test_a_split_that_cannot_be_made_leaves_the_earlier_output_whole(tmp_path, m
 
 def test_strict_exits_1_on_problems(tmp_path, capsys):
     raw = make_release(tmp_path / "raw", CZOO, CTAI)
-    (raw / RELEASE / "data_CZoo" / "face_images" / "img-Kofi-0.png").unlink()
+    (raw / RELEASE / "data_CZoo" / "face_images" / "img-Kofi-0.png").write_bytes(b"not an image")
     args = ["--raw-dir", str(raw), "--out-dir", str(tmp_path / "out"), "--open-set-individuals", "2"]
     assert main(args) == 0
     assert main(args + ["--strict"]) == 1
@@ -209,19 +209,46 @@ def test_labels_fix_is_applied_before_filtering(tmp_path):
 @pytest.mark.skipif(not (REAL_RAW / "annotations_ctai.txt").is_file(),
                     reason=f"no real annotations in {REAL_RAW}")
 def test_real_annotations_without_images(tmp_path, caplog):
-    """The real files with no images: counts by the annotations are logged, every image is reported
-    missing, and the run stops with a one-line reason after writing the report."""
+    """The real files with no images: counts by the annotations are logged, then the run stops with
+    one line saying the release is incomplete, before decoding or writing anything."""
     for folder, filename in (("data_CZoo", "annotations_czoo.txt"), ("data_CTai", "annotations_ctai.txt")):
         (tmp_path / "raw" / RELEASE / folder).mkdir(parents=True)
         shutil.copy(REAL_RAW / filename, tmp_path / "raw" / RELEASE / folder / filename)
     caplog.set_level("INFO", logger="src.data.prepare")
-    with pytest.raises(PrepareError, match="0 individual.*7,187 of 7,187 images excluded"):
+    with pytest.raises(PrepareError, match="incomplete: 7,187 annotated image.s. missing .* present: CZoo 0 of "
+                                           "2,109, CTai 0 of 5,078"):
         prepare(tmp_path / "raw", tmp_path / "out", workers=2)
     assert "7,187 images / 102 individuals (CZoo 2,109, CTai 5,078)" in caplog.text
     assert "7,150 images / 87 individuals (CZoo 2,109, CTai 5,041) by the annotations alone" in caplog.text
-    report = json.loads((tmp_path / "out" / "annotations" / "validation_report.json").read_text())
-    assert report["counts"]["all"]["parsed_images"] == 7187 and report["problems"] == 7187
-    assert not (tmp_path / "out" / "annotations" / "prepared.json").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_release_with_missing_images_is_refused_whole(tmp_path, monkeypatch, capsys):
+    """A partly downloaded or copied release used to be prepared from what was there (exit 0, fewer
+    individuals, other splits): now one line says it is incomplete, and the earlier output stays whole.
+    An image left out on purpose goes into the labels fix; a list's missing file stays a problem."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    prepare(raw, tmp_path / "out", **_quiet())
+    annotations = tmp_path / "out" / "annotations"
+    before = {p: p.read_bytes() for p in annotations.rglob("*") if p.is_file()}
+    missing = f"{RELEASE}/data_CTai/face_images/img-Tita-3.png"
+    (raw / missing).unlink()
+    shutil.rmtree(raw / RELEASE / "data_CZoo" / "face_images")  # as if the copy stopped
+    monkeypatch.setattr("src.data.prepare.check_images", lambda *a: pytest.fail("images decoded"))
+    args = ["--raw-dir", str(raw), "--out-dir", str(tmp_path / "out"), "--open-set-individuals", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: the release in {raw.resolve()} is incomplete: 23 "
+                                                   f"annotated image(s) missing (first: {RELEASE}/data_CZoo/")
+    assert "present: CZoo 0 of 22, CTai 61 of 62); --download completes it" in err
+    assert {p: p.read_bytes() for p in annotations.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    fix = tmp_path / "fix.txt"  # the same images left out on purpose
+    fix.write_text(f"exclude-image {missing}\n" + "".join(f"exclude-image {RELEASE}/data_CZoo/face_images/img-{name}-"
+                                                          f"{i}.png\n" for name, n in CZOO.items() for i in range(n)))
+    result = prepare(raw, tmp_path / "out", labels_fix=fix, **_quiet())
+    assert result.problems == 0 and result.report["labels_fix"]["excluded_images"] == 23
+    assert result.prepared["num_images"] == 20 + 10 + 10 + 10  # Fredy, Adult, Wapi, Tita (10 of 11 left)
 
 
 def _folder(root: Path, sizes: dict[str, int]) -> Path:
@@ -450,7 +477,7 @@ def test_a_failed_rerun_leaves_no_prepared_json_beside_its_new_report(tmp_path):
 
 def test_the_report_counts_exclusions_per_source(tmp_path):
     raw = make_release(tmp_path / "raw", CZOO, CTAI)
-    (raw / RELEASE / "data_CTai" / "face_images" / "img-Tita-0.png").unlink()
+    (raw / RELEASE / "data_CTai" / "face_images" / "img-Tita-0.png").write_bytes(b"")
     result = prepare(raw, tmp_path / "out", **_quiet())
     counts = result.report["counts"]
     assert (counts["CTai"]["excluded"], counts["CZoo"]["excluded"], counts["all"]["excluded"]) == (1, 0, 1)
