@@ -49,6 +49,8 @@ DEFAULT_OUT_DIR = DataConfig.model_fields["root"].default  # where training look
 DEFAULT_MIN_IMAGES = 10
 DEFAULT_OPEN_SET_INDIVIDUALS = 10
 DEFAULT_SEED = 0
+# The two files named after --min-images; a rerun with another N removes the earlier N's.
+MIN_IMAGES_FILES = re.compile(r"(annotations_merged|kept_ids)_min\d+\.txt")
 OPEN_SET_FILES = ("train.txt", "val.txt", "test.txt", "unknown_ids.txt", "unknown_val.txt",
                   "unknown_test.txt")
 
@@ -208,11 +210,16 @@ def _write_names(path: Path, names: Sequence[str]) -> None:
 def write_lists(annotations_dir: Path, min_images: int, usable: Sequence[Record], kept: Sequence[Record],
                 closed: dict[str, list[Row]], open_set: dict[str, list[Row]] | None,
                 unknown: Sequence[str]) -> None:
-    """The list files of docs/DESIGN.md; stale open-set files are removed when it is disabled."""
+    """The list files of docs/DESIGN.md. Those of an earlier run with another --min-images, or with the
+    open-set split when it is now disabled, are removed: beside the current ones they would pass for
+    lists of this dataset."""
     write_list(annotations_dir / "annotations_merged_all.txt", [(r.path, r.individual) for r in usable])
-    write_list(annotations_dir / f"annotations_merged_min{min_images}.txt",
-               [(r.path, r.individual) for r in kept])
-    _write_names(annotations_dir / f"kept_ids_min{min_images}.txt", sorted({r.individual for r in kept}))
+    current = (f"annotations_merged_min{min_images}.txt", f"kept_ids_min{min_images}.txt")
+    write_list(annotations_dir / current[0], [(r.path, r.individual) for r in kept])
+    _write_names(annotations_dir / current[1], sorted({r.individual for r in kept}))
+    for path in annotations_dir.iterdir():
+        if MIN_IMAGES_FILES.fullmatch(path.name) and path.name not in current:
+            path.unlink()
     for split, rows in closed.items():
         write_list(annotations_dir / f"{split}.txt", rows)
     open_dir = annotations_dir / "open_set"

@@ -438,6 +438,19 @@ def test_a_rerun_without_open_set_removes_the_earlier_open_set_lists(tmp_path):
     assert not any(open_dir.glob("*.txt"))
 
 
+def test_a_rerun_with_another_min_images_removes_the_earlier_min_lists(tmp_path):
+    """`--min-images 5` then the default left annotations_merged_min5.txt and kept_ids_min5.txt beside
+    the min10 ones, lists of a run that is no longer the prepared dataset; a user's own file stays."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    ann = tmp_path / "out" / "annotations"
+    prepare(raw, tmp_path / "out", **_quiet(min_images=5))
+    assert {p.name for p in ann.glob("*_min*.txt")} == {"annotations_merged_min5.txt", "kept_ids_min5.txt"}
+    (ann / "kept_ids_min5_mine.txt").write_text("Kofi\n")
+    prepare(raw, tmp_path / "out", **_quiet())
+    assert {p.name for p in ann.glob("*_min*.txt")} == {"annotations_merged_min10.txt", "kept_ids_min10.txt",
+                                                       "kept_ids_min5_mine.txt"}
+
+
 def test_open_set_columns_and_counts_match_the_lists(tmp_path):
     raw = make_release(tmp_path / "raw", CZOO, CTAI)
     result = prepare(raw, tmp_path / "out", **_quiet(open_set_individuals=3))  # 3: the two sides differ
