@@ -27,11 +27,11 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from src import atomic
+from src import atomic, locks
 from src.config import DataConfig
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
                                   holds_standins, read_cvjena, read_folder, read_list_file)
@@ -320,22 +320,39 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     # Split before writing anything, so that a split that cannot be made leaves an earlier output whole.
     splits = make_splits([(r.path, r.individual) for r in kept], fractions, seed, open_set_individuals) \
         if kept_individuals >= 2 else None
-    (annotations_dir / "prepared.json").unlink(missing_ok=True)  # a failed run leaves none behind
-    md_path, _ = write_report(report, annotations_dir)
-    if splits is None:
-        raise PrepareError(f"{kept_individuals} individual(s) with at least {min_images} usable images; "
-                           f"identification needs 2 or more ({len(exclusions):,} of {len(parsed):,} "
-                           f"images excluded, see {md_path})")
-    log.info("kept       %s -> num_classes %d", describe(kept), kept_individuals)
-    closed, open_set, unknown = splits
-    prepared = prepared_info(raw, input_kind, min_images, seed, fractions, kept, closed, open_set,
-                             unknown, fix, report["problems"], standins)
-    write_lists(annotations_dir, min_images, usable, kept, closed, open_set, unknown)
-    write_metadata(annotations_dir / "metadata.csv", parsed, fixed, exclusions, checks, closed, open_set)
-    atomic.write_text(annotations_dir / "prepared.json", json.dumps(prepared, indent=2) + "\n")
+    # Two runs into one --out-dir (say a job array's `prepare && train`, or another seed tried at once)
+    # would interleave their files: one seed's train.txt beside the other's prepared.json. Each writes
+    # all of its files under the lock, so the last one to write leaves a whole output.
+    with _writing_alone(annotations_dir):
+        (annotations_dir / "prepared.json").unlink(missing_ok=True)  # a failed run leaves none behind
+        md_path, _ = write_report(report, annotations_dir)
+        if splits is None:
+            raise PrepareError(f"{kept_individuals} individual(s) with at least {min_images} usable images; "
+                               f"identification needs 2 or more ({len(exclusions):,} of {len(parsed):,} "
+                               f"images excluded, see {md_path})")
+        log.info("kept       %s -> num_classes %d", describe(kept), kept_individuals)
+        closed, open_set, unknown = splits
+        prepared = prepared_info(raw, input_kind, min_images, seed, fractions, kept, closed, open_set,
+                                 unknown, fix, report["problems"], standins)
+        write_lists(annotations_dir, min_images, usable, kept, closed, open_set, unknown)
+        write_metadata(annotations_dir / "metadata.csv", parsed, fixed, exclusions, checks, closed, open_set)
+        atomic.write_text(annotations_dir / "prepared.json", json.dumps(prepared, indent=2) + "\n")
     _log_splits(prepared)
     log.info("wrote      %s (report: %s)", annotations_dir, md_path.name)
     return PrepareResult(annotations_dir, prepared, report)
+
+
+@contextmanager
+def _writing_alone(annotations_dir: Path) -> Iterator[None]:
+    """Hold `annotations/.prepare.lock` for the block, saying so when another run holds it first."""
+    lock = annotations_dir / ".prepare.lock"
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(locks.exclusive(lock, wait=False))
+        except locks.LockHeld:
+            log.warning("waiting    for another prepare writing into %s ...", annotations_dir)
+            stack.enter_context(locks.exclusive(lock))
+        yield
 
 
 def _path(value: str | Path | None) -> Path | None:

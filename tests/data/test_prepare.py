@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from itertools import count
 from pathlib import Path
 
@@ -449,6 +450,32 @@ def test_a_rerun_with_another_min_images_removes_the_earlier_min_lists(tmp_path)
     prepare(raw, tmp_path / "out", **_quiet())
     assert {p.name for p in ann.glob("*_min*.txt")} == {"annotations_merged_min10.txt", "kept_ids_min10.txt",
                                                        "kept_ids_min5_mine.txt"}
+
+
+def test_two_runs_into_one_out_dir_do_not_mix_their_files(tmp_path, monkeypatch, caplog):
+    """A second prepare (another seed) that wrote while the first was writing left the first's
+    prepared.json and metadata beside the second's split lists. Now whichever writes last writes whole."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    for seed in (0, 1):
+        prepare(raw, tmp_path / f"seed{seed}", **_quiet(seed=seed))
+    write_metadata = prepare_module.write_metadata
+    second = threading.Thread(target=prepare, args=(raw, tmp_path / "out"), kwargs=_quiet(seed=1))
+
+    def first_run_writing(*args):
+        if not second.is_alive():  # the second run's own call passes through
+            second.start()
+            second.join(timeout=2)  # the whole second run, unless it waits for this one
+        write_metadata(*args)
+
+    monkeypatch.setattr(prepare_module, "write_metadata", first_run_writing)
+    prepare(raw, tmp_path / "out", **_quiet(seed=0))
+    second.join()
+    out = tmp_path / "out" / "annotations"
+    seed = json.loads((out / "prepared.json").read_text())["seed"]
+    expected = tmp_path / f"seed{seed}" / "annotations"
+    for name in ("train.txt", "val.txt", "test.txt", "open_set/unknown_ids.txt", "metadata.csv"):
+        assert (out / name).read_text() == (expected / name).read_text(), name
+    assert f"waiting    for another prepare writing into {out} ..." in caplog.text
 
 
 def test_open_set_columns_and_counts_match_the_lists(tmp_path):
