@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -27,21 +29,24 @@ def _png_bytes(seed: int) -> bytes:
 
 
 def release_zip(images_per_source: int = 4, leave_out: str | None = None) -> bytes:
-    """A stand-in of the public archive: top folder, both annotation files, their images."""
+    """A stand-in of the public archive: top folder, both annotation files, their images, in the
+    archive's order (the repository's paths sorted: each annotation file before its face_images/)."""
+    members = {"chimpanzee_faces-master/README.md": b"stand-in\n"}
+    seed = 0
+    for folder, filename, name in SOURCES:
+        lines = []
+        for i in range(images_per_source):
+            image = f"img-{name}-{i}.png"
+            lines.append(f"face_images/{image} Name {name} Age 5 Age_group Adult Gender Male RightEye 1 2 "
+                         f"LeftEye 3 4 MouthCenter 5 6 LeftEarlobe Inf Inf RightEarlobe Inf Inf \n")
+            if image != leave_out:
+                seed += 1
+                members[f"{TOP}/{folder}/face_images/{image}"] = _png_bytes(seed)
+        members[f"{TOP}/{folder}/{filename}"] = "".join(lines).encode()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        zf.writestr("chimpanzee_faces-master/README.md", "stand-in\n")
-        seed = 0
-        for folder, filename, name in SOURCES:
-            lines = []
-            for i in range(images_per_source):
-                image = f"img-{name}-{i}.png"
-                lines.append(f"face_images/{image} Name {name} Age 5 Age_group Adult Gender Male RightEye 1 2 "
-                             f"LeftEye 3 4 MouthCenter 5 6 LeftEarlobe Inf Inf RightEarlobe Inf Inf \n")
-                if image != leave_out:
-                    seed += 1
-                    zf.writestr(f"{TOP}/{folder}/face_images/{image}", _png_bytes(seed))
-            zf.writestr(f"{TOP}/{folder}/{filename}", "".join(lines))
+        for path in sorted(members):
+            zf.writestr(path, members[path])
     return buffer.getvalue()
 
 
@@ -159,6 +164,31 @@ def test_incomplete_release_fails_verification_and_keeps_the_archive(tmp_path, s
     # A rerun unpacks the kept archive, not a corrected --url: the message says how to get out of that.
     with pytest.raises(DownloadError, match=r"after unpacking .*raw.zip; it lacks those images: delete it"):
         fetch_release(tmp_path / "raw", "http://127.0.0.1:9/other.zip", wait_s=0)
+
+
+def test_unpacking_stopped_mid_file_leaves_no_truncated_image(tmp_path, serve, monkeypatch):
+    """Stopped while writing the archive's last image, unpacking left it truncated beside every other
+    file: the rerun found the release complete and prepare dropped that image as unreadable (exit 0,
+    one image fewer). Now the file is absent until whole, so the rerun unpacks the kept archive again."""
+    server = serve(release_zip())
+    copy = shutil.copyfileobj
+
+    def stopped_on_the_last_image(src, dst):
+        if "img-Kofi-3.png" in Path(dst.name).name:
+            dst.write(src.read(100))
+            raise KeyboardInterrupt
+        copy(src, dst)
+
+    monkeypatch.setattr("src.data.download.shutil.copyfileobj", stopped_on_the_last_image)
+    raw = tmp_path / "raw"
+    with pytest.raises(KeyboardInterrupt):
+        fetch_release(raw, server.url, wait_s=0)
+    monkeypatch.undo()
+    assert fetch_release(raw, server.url, wait_s=0) == {"CZoo": 4, "CTai": 4}
+    faces = raw / "datasets_cropped_chimpanzee_faces" / "data_CZoo" / "face_images"
+    assert Image.open(faces / "img-Kofi-3.png").load() is not None  # whole: it decodes
+    assert len(server.requests) == 1 and not (tmp_path / "raw.zip").exists()  # unpacked from the kept archive
+    assert sorted(p.name for p in faces.iterdir()) == [f"img-Kofi-{i}.png" for i in range(4)]  # no .part left
 
 
 def test_corrupt_archive_is_deleted(tmp_path, serve):
