@@ -3,8 +3,8 @@
 Closed set (`stratified_split`): every individual is split on its own, so each split holds every
 individual in (nearly) the requested proportion. Per individual with n images, `split_counts` gives
 each split the whole part of `n * fraction`, hands the images left over one at a time to the splits
-with the largest fractional parts (ties: train, then val, then test), and finally makes sure val and
-test hold at least one image each by taking from the largest split. With the default 70/15/15:
+with the largest fractional parts (ties: train, then val, then test), and finally makes sure every
+split holds at least one image by taking from the largest split. With the default 70/15/15:
 
     n        3      4      5      6      7      8      9      10     20      100
     train    1      2      3      4      5      6      6      7      14      70
@@ -55,7 +55,7 @@ def split_counts(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> tupl
     by_remainder = sorted(range(3), key=lambda i: -(exact[i] - counts[i]))  # stable: train first
     for i in by_remainder[:n - sum(counts)]:
         counts[i] += 1
-    for i in (1, 2):
+    for i in range(3):  # train too: --fractions 0.1 0.45 0.45 left it empty for n = 3, 4, 6
         if counts[i] == 0:
             counts[max(range(3), key=lambda j: counts[j])] -= 1
             counts[i] = 1
