@@ -289,10 +289,16 @@ def _read_individual_folder(root: Path, folder: Path) -> list[Record]:
         paths += [Path(top, f) for f in files if not _hidden(f)]
     records = []
     for path in sorted(paths):
+        rel = path.relative_to(root).as_posix()
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # its bytes were held as surrogates; the lists could not hold it
+            shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise AnnotationError(f"{root}/{shown}: a file or folder name that is not UTF-8 (written in another "
+                                  f"encoding, e.g. unpacked from an old archive); rename it") from None
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise AnnotationError(f"{path}: unknown image format {path.suffix or '(no extension)'!r}; "
                                   f"supported: {' '.join(IMAGE_EXTENSIONS)}")
-        rel = path.relative_to(root).as_posix()
         records.append(Record(path=rel, individual=folder.name, source="folder", origin=rel))
     return records
 

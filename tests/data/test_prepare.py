@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -417,6 +418,21 @@ def test_cli_folder_names_that_would_not_read_back_from_the_lists(tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{folder}: a folder name starting with {folder[0]!r} cannot go into" in err, err
     assert not (tmp_path / "out" / "annotations" / "prepared.json").exists()
+
+
+@pytest.mark.parametrize("individual, image", [(b"Zo\xe9", b"0.png"), (b"Kofi", b"\xff.png")])
+def test_cli_folder_and_file_names_that_are_not_utf8(tmp_path, capsys, individual, image):
+    """Names in another encoding (a Latin-1 'Zoé') reach Python with surrogates, which the UTF-8 lists
+    cannot hold: the split seeded by the name ended in a UnicodeEncodeError traceback."""
+    root = _folder(tmp_path / "photos", {"Lome": 3, "Pia": 3})
+    _png(root / os.fsdecode(individual) / os.fsdecode(image))
+    argv = ["--folder", str(root), "--out-dir", str(tmp_path / "out"), "--min-images", "3",
+            "--open-set-individuals", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    shown = (individual + b"/" + image).decode("utf-8", "backslashreplace")
+    assert err == f"error: {root}/{shown}: a file or folder name that is not UTF-8 (written in another encoding, " \
+                  "e.g. unpacked from an old archive); rename it\n"
 
 
 def test_the_labels_fix_summary_counts_aliases_not_unicode_forms(tmp_path):
