@@ -190,6 +190,10 @@ def read_cvjena(raw_dir: str | Path) -> list[Record]:
     """Both annotation files of the release under `raw_dir`, merged (CZoo first)."""
     raw_dir = Path(raw_dir)
     base = find_release_base(raw_dir)
+    if not any((base / folder).is_dir() for _, folder, _ in CVJENA_SOURCES):  # an empty or wrong folder
+        raise AnnotationError(f"no release in {raw_dir}: expected {RELEASE_FOLDER}/ in it, or "
+                              f"{' and '.join(f'{folder}/' for _, folder, _ in CVJENA_SOURCES)} (--download fetches "
+                              f"the public release; --folder or --list read your own photos)")
     records = []
     for source, folder, filename in CVJENA_SOURCES:
         annotation_file = base / folder / filename

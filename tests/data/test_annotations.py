@@ -128,6 +128,13 @@ def test_read_cvjena_missing_annotation_file_or_folder(tmp_path):
         read_cvjena(tmp_path)
     with pytest.raises(AnnotationError, match="raw folder .* not found"):
         read_cvjena(tmp_path / "nowhere")
+    # An empty folder, or one of the release's sub-folders given for it, said "missing annotation
+    # file .../data_CZoo/data_CZoo/annotations_czoo.txt".
+    for wrong in (tmp_path / "empty", base / "data_CZoo"):
+        wrong.mkdir(exist_ok=True)
+        with pytest.raises(AnnotationError, match=f"^no release in {wrong}: expected datasets_cropped_chimpanzee_"
+                                                  "faces/ in it, or data_CZoo/ and data_CTai/ .--download fetches"):
+            read_cvjena(wrong)
 
 
 def test_names_with_whitespace_are_refused_or_replaced():
