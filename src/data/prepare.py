@@ -6,12 +6,13 @@ Stages, one function each, in this order:
 2. `apply_labels_fix` the user's aliases and exclusions (`--labels-fix`), before any filtering
 3. `check_names`     individual names must not contain whitespace (the list format splits on it)
                      nor be `unknown` (what inference calls a rejected photo)
+   `check_release_complete` the cvjena release only: every annotated image must be there
 4. `check_images`    decode every image; missing, unreadable, repeated and duplicate images are excluded
 5. `filter_min_images` keep individuals with at least `--min-images` usable images
 6. `make_splits`     stratified train/val/test and the open-set hold-out (`src/data/splits.py`)
 7. `build_report` (`src/data/validate.py`), `write_lists`, `write_metadata`, `prepared_info`: the
    validation report, the lists, `metadata.csv` and `prepared.json` (removed before the first write
-   and written last, so its presence means the rest is complete and current)
+   and written last, so its presence means the rest is complete and current), all under a lock
 
 The file layout under `<out-dir>/annotations/` is the contract in docs/DESIGN.md. The function
 `prepare` runs everything and returns a `PrepareResult`, so tests and other stages need no subprocess.
