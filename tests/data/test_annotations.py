@@ -8,7 +8,8 @@ import pytest
 
 from src.data.annotations import (AnnotationError, LabelsFix, Record, check_names, parse_annotation_file,
                                   parse_cvjena_line, read_cvjena, read_folder, read_list_file)
-from src.data.prepare import count_summary, filter_min_images
+from src.data.prepare import count_summary, filter_min_images, make_splits
+from src.data.splits import DEFAULT_FRACTIONS
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 REAL = SHARED / "chimpanzee_faces" / "annotations"
@@ -38,6 +39,23 @@ def test_real_annotation_counts():
     assert count_summary(kept) == {"images": 7150, "individuals": 87,
                                    "per_source": {"CZoo": 2109, "CTai": 5041}}
     assert count_summary(merged)["images"] - len(kept) == 37  # the 15 individuals below 10 images
+
+
+@needs_real
+def test_real_min10_split_has_the_documented_counts():
+    """README and DATA.md: seed 0 splits the min10 set 5,007 / 1,089 / 1,054, every one of the 87
+    individuals in each of the three disjoint splits, and the open-set split keeps 77 and holds out 10."""
+    records = [*parse_annotation_file(REAL / "raw" / "annotations_czoo.txt", "CZoo", "data_CZoo"),
+               *parse_annotation_file(REAL / "raw" / "annotations_ctai.txt", "CTai", "data_CTai")]
+    rows = [(r.path, r.individual) for r in filter_min_images(records, 10)]
+    closed, open_set, unknown = make_splits(rows, DEFAULT_FRACTIONS, 0, 10)
+    assert {split: len(part) for split, part in closed.items()} == {"train": 5007, "val": 1089, "test": 1054}
+    names = {name for _, name in rows}
+    assert len(names) == 87 and all({name for _, name in part} == names for part in closed.values())
+    assert sorted(row for part in closed.values() for row in part) == sorted(rows)  # disjoint, complete
+    assert len(unknown) == 10 and len({name for _, name in open_set["train"]}) == 77
+    assert make_splits(rows, DEFAULT_FRACTIONS, 0, 10) == (closed, open_set, unknown)
+    assert make_splits(rows, DEFAULT_FRACTIONS, 1, 10)[0]["train"] != closed["train"]
 
 
 @needs_real
