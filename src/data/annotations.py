@@ -198,7 +198,11 @@ def read_cvjena(raw_dir: str | Path) -> list[Record]:
     for source, folder, filename in CVJENA_SOURCES:
         annotation_file = base / folder / filename
         prefix = (base / folder).relative_to(raw_dir).as_posix()
-        records += parse_annotation_file(annotation_file, source, prefix)
+        found = parse_annotation_file(annotation_file, source, prefix)
+        if not found:  # else the dataset would be the other source's alone, silently
+            raise AnnotationError(f"{annotation_file}: no annotation lines, where the release has faces in both "
+                                  f"files (a download or copy that stopped?); --download fetches it again")
+        records += found
     return records
 
 

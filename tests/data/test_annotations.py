@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from src.data.annotations import (AnnotationError, LabelsFix, Record, check_names, parse_annotation_file,
-                                  parse_cvjena_line, read_cvjena, read_folder, read_list_file)
+from src.data.annotations import (AnnotationError, LabelsFix, Record, check_names,
+                                  parse_annotation_file, parse_cvjena_line, read_cvjena, read_folder, read_list_file)
 from src.data.prepare import count_summary, filter_min_images, make_splits
 from src.data.splits import DEFAULT_FRACTIONS
 
@@ -153,6 +153,15 @@ def test_read_cvjena_missing_annotation_file_or_folder(tmp_path):
         with pytest.raises(AnnotationError, match=f"^no release in {wrong}: expected datasets_cropped_chimpanzee_"
                                                   "faces/ in it, or data_CZoo/ and data_CTai/ .--download fetches"):
             read_cvjena(wrong)
+
+
+def test_an_empty_annotation_file_of_the_release_is_refused(tmp_path):
+    """An empty annotations_ctai.txt (a copy that stopped) gave a dataset of C-Zoo alone, exit 0."""
+    base = _release(tmp_path)
+    (base / "data_CTai" / "annotations_ctai.txt").write_text("\n")
+    with pytest.raises(AnnotationError, match="annotations_ctai.txt: no annotation lines, where the release "
+                                              "has faces in both files .* --download fetches it again"):
+        read_cvjena(tmp_path)
 
 
 def test_names_with_whitespace_are_refused_or_replaced():

@@ -191,6 +191,17 @@ def test_unpacking_stopped_mid_file_leaves_no_truncated_image(tmp_path, serve, m
     assert sorted(p.name for p in faces.iterdir()) == [f"img-Kofi-{i}.png" for i in range(4)]  # no .part left
 
 
+def test_an_emptied_annotation_file_is_fetched_again(tmp_path, serve):
+    """The release check took a release with an empty annotations_ctai.txt for complete (C-Zoo alone)."""
+    server = serve(release_zip())
+    raw = tmp_path / "raw"
+    fetch_release(raw, server.url, wait_s=0)
+    annotations = raw / "datasets_cropped_chimpanzee_faces" / "data_CTai" / "annotations_ctai.txt"
+    annotations.write_text("")
+    assert fetch_release(raw, server.url, wait_s=0) == {"CZoo": 4, "CTai": 4}
+    assert len(server.requests) == 2 and annotations.read_text().count("\n") == 4
+
+
 def test_corrupt_archive_is_deleted(tmp_path, serve):
     payload = bytearray(release_zip())
     payload[len(payload) // 2] ^= 0xFF  # inside some member's data: its CRC no longer matches
