@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from itertools import count
 from pathlib import Path
 
@@ -494,7 +495,9 @@ def test_two_runs_into_one_out_dir_do_not_mix_their_files(tmp_path, monkeypatch,
     def first_run_writing(*args):
         if not second.is_alive():  # the second run's own call passes through
             second.start()
-            second.join(timeout=2)  # the whole second run, unless it waits for this one
+            deadline = time.monotonic() + 60  # the whole second run, unless it waits for this one
+            while second.is_alive() and "waiting    for another" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
         write_metadata(*args)
 
     monkeypatch.setattr(prepare_module, "write_metadata", first_run_writing)
