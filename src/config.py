@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from pathlib import Path
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -29,6 +29,8 @@ class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored. allow_inf_nan=False: `.inf`
     # or `.nan` is a typo for every number here (an infinite warm-up or lr cannot train).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset()
+    """This section's keys that a resumed run may change (see `RESUMABLE_CHANGES`)."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -43,6 +45,10 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    # Where the images are read from and how: the individuals and training images must stay the same
+    # (the resume checks the class list and the split's fingerprint).
+    RESUMABLE = frozenset({"root", "pipeline", "cache_dir", "cache_on_device", "workers"})
+
     root: Path = Path("data/chimpanzee_faces")
     """The `--out-dir` of `python -m src.data.prepare` (holds `annotations/prepared.json`)."""
     num_classes: int = Field(87, gt=1)
@@ -98,6 +104,11 @@ class ModelConfig(_Section):
 
 
 class TrainerConfig(_Section):
+    # max_epochs may grow (extending a finished run; the rest of the learning-rate schedule is re-drawn,
+    # and the resume says so); amp changes numerics slightly but keeps the run meaningful.
+    RESUMABLE = frozenset({"max_epochs", "device", "amp", "amp_dtype", "compile", "compile_mode", "progress",
+                           "output_dir", "deterministic", "checkpoint_interval_s"})
+
     max_epochs: int = Field(50, gt=0)
     batch_size: int = Field(64, ge=2)
     """Global batch size: split evenly across processes under torchrun, at least 2 images each
@@ -156,6 +167,8 @@ MAX_NAME_BYTES = 200  # of a run name (UTF-8), see Config._file_name
 
 
 class Config(_Section):
+    RESUMABLE = frozenset({"name"})  # a run continued under new files (`--resume <its _last.pt>`)
+
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
@@ -183,6 +196,30 @@ class Config(_Section):
     def to_dict(self) -> dict:
         """Plain, JSON-safe dict (stored inside checkpoints, loadable with weights_only)."""
         return self.model_dump(mode="json")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """`{"trainer": {"lr": 0.1}}` -> `{"trainer.lr": 0.1}`: a config dict (`Config.to_dict`) by dotted key."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resumable(section: type[_Section], prefix: str = "") -> frozenset[str]:
+    keys = {prefix + key for key in section.RESUMABLE}
+    for key, field in section.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+            keys |= _resumable(field.annotation, f"{prefix}{key}.")
+    return frozenset(keys)
+
+
+# The dotted keys that change how fast or where a run goes, not what it computes: a resume may change
+# them, every other key must match the checkpoint's (src/training/resume.py). Each section lists its own.
+RESUMABLE_CHANGES = _resumable(Config)
 
 
 def _describe(error: ValidationError) -> str:

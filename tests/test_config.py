@@ -5,11 +5,10 @@ from typing import get_args
 import pytest
 import yaml
 
-from src.config import Config, ConfigError, ModelConfig, TrainerConfig, load_config
+from src.config import Config, ConfigError, ModelConfig, TrainerConfig, flatten, load_config
 from src.models.heads import HEADS
 from src.models.scoring import HEAD_SCORES, MATCH_MODES, MATCHES
 from src.training import train
-from src.training.resume import _flatten
 from src.training.train import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +158,7 @@ DELIBERATE = {"data.workers",                   # a GPU machine's cores
 
 
 def test_schema_defaults_are_the_baseline_guide_config():
-    written = set(_flatten(yaml.safe_load(BASELINE.read_text())))
-    baseline, defaults = _flatten(load_config(BASELINE).to_dict()), _flatten(Config().to_dict())
+    written = set(flatten(yaml.safe_load(BASELINE.read_text())))
+    baseline, defaults = flatten(load_config(BASELINE).to_dict()), flatten(Config().to_dict())
     differing = {key for key in written if baseline[key] != defaults[key]}
     assert differing == DELIBERATE, {key: (baseline[key], defaults[key]) for key in differing ^ DELIBERATE}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from src import atomic
-from src.config import Config
+from src.config import RESUMABLE_CHANGES, Config, flatten
 from src.data.dataset import ClassIndex
 from src.errors import first_line, is_whole, state_dict_problem
 from src.training import distributed as dist_utils
@@ -48,31 +48,12 @@ class RunState:
 
 # What a checkpoint needs beyond load_checkpoint's keys to continue training (evaluation needs none).
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "best_val_top1", "best_epoch", "history")
-# Keys that change how fast or where a run goes, not what it computes; anything else must match.
-# trainer.max_epochs may change (extending a finished run), which re-draws the rest of the learning-
-# rate schedule: the resume says so. amp changes numerics slightly but keeps the run meaningful.
-RESUMABLE_CHANGES = {
-    "name", "data.root", "data.pipeline", "data.cache_dir", "data.cache_on_device", "data.workers",
-    "trainer.max_epochs", "trainer.device", "trainer.amp", "trainer.amp_dtype", "trainer.compile",
-    "trainer.compile_mode", "trainer.progress", "trainer.output_dir", "trainer.deterministic",
-    "trainer.checkpoint_interval_s",
-}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def check_resume_compatible(checkpoint: dict, config: Config, classes: ClassIndex, fingerprint: str,
                             path: Path) -> None:
     """Raise CheckpointError listing every incompatible difference."""
-    old, new = _flatten(checkpoint["config"]), _flatten(config.to_dict())
+    old, new = flatten(checkpoint["config"]), flatten(config.to_dict())
     differences = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
                    if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
     if list(checkpoint["classes"]) != list(classes.names):
@@ -249,7 +230,7 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
     elif checkpoint is not None:
         runtime.print(f"resumed from {resume_path} at epoch {state.epoch + 1}"
                       + (f", step {state.step}" if state.step else ""))
-        planned, now = _flatten(checkpoint["config"]).get("trainer.max_epochs"), config.trainer.max_epochs
+        planned, now = flatten(checkpoint["config"]).get("trainer.max_epochs"), config.trainer.max_epochs
         if planned is not None and planned != now and config.trainer.schedule == "cosine":
             change = "it rises again: a warm restart" if now > planned else "it falls faster"
             runtime.print(f"note: trainer.max_epochs {planned} -> {now}: from here the learning rate follows the "
