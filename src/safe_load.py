@@ -30,8 +30,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; one-line message naming the file."""
 
 
-def safe_torch_load(path: str | Path, map_location="cpu"):
-    """`torch.load` restricted to tensors and plain containers, with one-line errors."""
+def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False):
+    """`torch.load` restricted to tensors and plain containers, with one-line errors. `mmap`: the
+    tensors are memory-mapped from the file, not read, until used (for a caller that needs only the
+    other fields of a checkpoint of a few hundred MB)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
@@ -42,7 +44,7 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
         message = str(exc)

@@ -20,6 +20,7 @@ from src.errors import first_line, is_whole, state_dict_problem
 from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.models.trained import CheckpointError, load_checkpoint
+from src.safe_load import safe_torch_load
 
 if TYPE_CHECKING:  # train.py imports this module
     from src.training.train import Runtime
@@ -178,10 +179,12 @@ def check_not_going_back(path: Path, checkpoint: dict, paths: RunPaths) -> None:
     word (the CSV rewritten without them). Refused; the `_last.pt` is what resumes."""
     if not paths.last.is_file() or path.resolve() == paths.last.resolve():
         return
-    try:
-        last = load_checkpoint(paths.last)
+    try:  # two numbers are needed, not the weights: memory-mapped, they are never read
+        last = safe_torch_load(paths.last, mmap=True)
     except CheckpointError:  # a damaged file: nothing a resume could continue from
         return
+    if not isinstance(last, dict) or not all(is_whole(number) for number in progress(last)):
+        return  # not one of this project's checkpoints (load_checkpoint would refuse it)
     if progress(last) > progress(checkpoint):
         raise CheckpointError(f"cannot resume from {path} ({describe_progress(checkpoint)}): it would replace "
                               f"{paths.last}, which has come further ({describe_progress(last)}); resume that "

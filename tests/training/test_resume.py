@@ -23,8 +23,8 @@ from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.models.trained import CheckpointError, load_checkpoint
 from src.training.checkpoint import atomic_save
-from src.training.resume import (RunState, bring_best_along, check_resume_compatible, check_training_state,
-                                 restore, restore_rng, rng_state)
+from src.training.resume import (RunState, bring_best_along, check_not_going_back, check_resume_compatible,
+                                 check_training_state, restore, restore_rng, rng_state)
 from src.training.stopping import StopRequest, TrainingStopped
 from src.training.train import run
 from tests.conftest import REPO, main_in_process, write_config
@@ -572,3 +572,20 @@ def test_resuming_the_best_file_would_not_replace_a_last_file_that_came_further(
                           f"{artifacts / 'tiny_last.pt'}, which has come further (epoch 3)"), err
     assert err.count("\n") == 1
     assert {path.name: path.read_bytes() for path in artifacts.iterdir() if path.name != ".tiny.lock"} == before
+
+
+def test_the_last_file_a_resume_would_replace_is_read_without_its_weights(tmp_path, monkeypatch):
+    """Checking that `--resume <older file>` does not go back behind `_last.pt` needs its epoch and step;
+    it loaded the whole file (a few hundred MB of weights and optimizer state for resnet50) to read them."""
+    import src.safe_load
+
+    paths = RunPaths(tmp_path, "run")
+    torch.save({**_minimal(3), "model_state": {"weight": torch.ones(1000)}}, paths.last)
+    loads = []
+    torch_load = torch.load
+    monkeypatch.setattr(src.safe_load.torch, "load", lambda path, **kwargs: loads.append((path, kwargs.get("mmap")))
+                        or torch_load(path, **kwargs))
+    older = tmp_path / "run_best.pt"
+    with pytest.raises(CheckpointError, match=r"\(epoch 1\): it would replace .*run_last.pt, which has come further"):
+        check_not_going_back(older, _minimal(1), paths)
+    assert loads == [(paths.last, True)]  # memory-mapped: no tensor is read
