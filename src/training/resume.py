@@ -183,8 +183,9 @@ def check_not_going_back(path: Path, checkpoint: dict, paths: RunPaths) -> None:
         last = safe_torch_load(paths.last, mmap=True)
     except CheckpointError:  # a damaged file: nothing a resume could continue from
         return
-    if not isinstance(last, dict) or not all(is_whole(number) for number in progress(last)):
-        return  # not one of this project's checkpoints (load_checkpoint would refuse it)
+    numbers = (*progress(last), *progress(checkpoint)) if isinstance(last, dict) else (None,)
+    if not all(is_whole(number) for number in numbers):
+        return  # a damaged file; check_training_state names a malformed `checkpoint`
     if progress(last) > progress(checkpoint):
         raise CheckpointError(f"cannot resume from {path} ({describe_progress(checkpoint)}): it would replace "
                               f"{paths.last}, which has come further ({describe_progress(last)}); resume that "

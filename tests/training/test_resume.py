@@ -589,3 +589,17 @@ def test_the_last_file_a_resume_would_replace_is_read_without_its_weights(tmp_pa
     with pytest.raises(CheckpointError, match=r"\(epoch 1\): it would replace .*run_last.pt, which has come further"):
         check_not_going_back(older, _minimal(1), paths)
     assert loads == [(paths.last, True)]  # memory-mapped: no tensor is read
+
+
+def test_a_resume_checkpoint_with_a_malformed_step_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    """A hand-edited step (`"x"`) in a checkpoint of the same epoch as the run's `_last.pt` ended in a
+    TypeError traceback when the two were compared."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    shutil.copy2(tiny_run["last"], artifacts / "tiny_last.pt")
+    edited = tmp_path / "edited.pt"
+    torch.save({**load_checkpoint(tiny_run["last"]), "step": "x"}, edited)
+    config = write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 4})
+    assert train_module.main(["--config", str(config), "--resume", str(edited)]) == 2
+    assert capsys.readouterr().err == (f"error: cannot resume from {edited}: malformed training state "
+                                       "(step 'x' (an epoch has 4))\n")
