@@ -17,6 +17,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, NoReturn
 
 import numpy as np
@@ -394,12 +395,17 @@ def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config
 @contextmanager
 def claim_outputs(paths: RunPaths, runtime: Runtime):
     """Hold `<output_dir>/.<name>.lock` for the run (rank 0, which alone writes): a second run of
-    the same name into the same folder would interleave its checkpoints and CSV with this one's."""
+    the same name into the same folder would interleave its checkpoints and CSV with this one's.
+    The lock file goes when the run ends, and so do the folders it was created in if the run wrote
+    nothing there (a run refused for its data or checkpoint leaves no trace)."""
     with ExitStack() as stack:
         held, locked, unwritable, folder = False, False, None, None
         if runtime.dist.is_main:
+            new_folders = missing_folders(Path(paths.output_dir))
             try:
                 locked = stack.enter_context(locks.exclusive(paths.lock, wait=False))  # False: no flock here
+                if locked:  # runs before the lock is released: no other run can have locked the file
+                    stack.callback(remove_claim, paths.lock, new_folders)
             except locks.LockHeld:
                 held = True
             except OSError as exc:  # output_dir is under a file, or cannot be created or written
@@ -425,6 +431,26 @@ def claim_outputs(paths: RunPaths, runtime: Runtime):
                              for left in atomic.remove_leftovers(path)):
                 runtime.print(f"note: removed {leftover}, a partial write of a run that was killed")
         yield
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_claim(lock: Path, new_folders: list[Path]) -> None:
+    """Remove the run's lock file, then the folders it was created in, as far as they are empty. A
+    failure here must not replace the run's own outcome: a file left behind is harmless."""
+    try:
+        lock.unlink(missing_ok=True)
+        for folder in new_folders:
+            folder.rmdir()  # fails where the run wrote its files (or someone else did): kept
+    except OSError:
+        pass
 
 
 def run(config: Config | dict, resume: str | None = None) -> RunState:

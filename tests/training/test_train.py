@@ -52,8 +52,7 @@ def test_cli_prints_the_guides_epoch_line_and_writes_the_artifacts(tiny_data, tm
     assert "\r" not in result.stdout + result.stderr  # no progress bar outside a terminal
     assert f"note: {tiny_data} holds stand-in images (synthetic, not chimpanzees)" in result.stdout
     artifacts = tmp_path / "artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == [".tiny.lock", "tiny_best.pt", "tiny_last.pt",
-                                                            "tiny_metrics.csv"]  # the lock: claim_outputs
+    assert sorted(p.name for p in artifacts.iterdir()) == ["tiny_best.pt", "tiny_last.pt", "tiny_metrics.csv"]
     header = (artifacts / "tiny_metrics.csv").read_text().splitlines()[0]
     assert header == "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5"
 
@@ -168,6 +167,21 @@ def test_config_errors_exit_2_with_one_line(tiny_data, tmp_path, capsys, caplog,
     assert result.returncode == 2
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_refused_run_leaves_no_lock_file_nor_a_folder_it_created(tiny_data, tmp_path, capsys, caplog):
+    """A run refused after claiming its outputs (a data.num_classes that does not fit the data, a checkpoint
+    that cannot resume) left `<output_dir>/.<name>.lock` behind, and the folders made to hold it."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("kept")
+    for output_dir in (tmp_path / "new" / "artifacts", existing):
+        config_path = write_config(tmp_path, tiny_data, **{"data.num_classes": 87,
+                                                            "trainer.output_dir": str(output_dir)})
+        result = main_in_process(train_main, ["--config", str(config_path)], capsys, caplog)
+        assert result.returncode == 2 and "data.num_classes: config says 87" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "tiny.yaml"]
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
 
 
 def test_the_command_line_refuses_a_bad_config_in_one_line(tiny_data, tmp_path):
@@ -329,7 +343,7 @@ def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tiny_da
     assert train_main(["--config", str(config_path)]) == 2
     assert capsys.readouterr().err == (f"error: trainer.output_dir: {folder} is a folder, where the run writes a "
                                        "file; move it, or give the run another name\n")
-    assert sorted(p.name for p in paths.output_dir.iterdir()) == sorted([folder.name, ".tiny.lock"])
+    assert [p.name for p in paths.output_dir.iterdir()] == [folder.name]  # and no lock file
 
 
 @pytest.mark.parametrize("batch, processes, reason", [
@@ -566,3 +580,17 @@ def test_the_last_epoch_is_written_even_when_checkpoints_are_due_rarely(tiny_dat
                                                               "trainer.checkpoint_interval_s": 3600}))
     run(config)
     assert load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")["epoch"] == 2
+
+
+def test_a_lock_file_that_cannot_be_removed_does_not_change_the_runs_outcome(tiny_data, tmp_path, monkeypatch):
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}))
+
+    unlink = train_module.Path.unlink
+
+    def refuse_the_lock(path, missing_ok=False):
+        if path.name == ".tiny.lock":
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok)
+    monkeypatch.setattr(train_module.Path, "unlink", refuse_the_lock)
+    assert [row["epoch"] for row in run(config).history] == [1]
+    assert (tmp_path / "artifacts" / ".tiny.lock").exists()
