@@ -34,13 +34,17 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_boolean_numbers(cls, value, info: ValidationInfo):
+    def _no_boolean_numbers_nor_empty_paths(cls, value, info: ValidationInfo):
         # YAML reads yes/no/on/off/true/false as booleans, which pydantic would turn into 1/0 for a
         # number (`max_epochs: yes` training one epoch); booleans only where a key accepts them.
         annotation = cls.model_fields[info.field_name].annotation
         types = {annotation, *get_args(annotation)}
         if isinstance(value, bool) and bool not in types and types & {int, float}:
             raise PydanticCustomError("bool_not_number", "Input should be a number, not true/false")
+        # Path("") is the current folder: `output_dir: ""` (a templated config's unset variable) wrote
+        # the run's checkpoints there, as the command line's empty paths did (errors.path_argument).
+        if value == "" and Path in types:
+            raise PydanticCustomError("empty_path", "an empty path (it would mean the current folder)")
         return value
 
 
