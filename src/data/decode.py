@@ -26,13 +26,14 @@ def cache_size_for(image_size: int) -> int:
     return int(round(image_size * 8 / 7))
 
 
-def decode_for_cache(path: str | Path, cache_size: int) -> np.ndarray:
+def decode_for_cache(path: str | Path, cache_size: int, data: bytes | None = None) -> np.ndarray:
     """`cache_size x cache_size x 3` uint8: the image's centre square resized with antialiasing.
 
     The plain pipeline calls it too, in its DataLoader workers every epoch (`ImageListDataset`), so
-    both pipelines see the same pixels. Raises ImageLoadError.
+    both pipelines see the same pixels. `data`: the file's bytes, if read already (`load_rgb`).
+    Raises ImageLoadError.
     """
-    return square_resize(load_rgb(path), cache_size)
+    return square_resize(load_rgb(path, data=data), cache_size)
 
 
 def square_resize(image: Image.Image, cache_size: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Decode any common image file to an RGB PIL image, or fail with a reason a user can act on."""
 from __future__ import annotations
 
+import io
 import threading
 import warnings
 from pathlib import Path
@@ -69,13 +70,18 @@ def file_problem(path: Path) -> str | None:
     return "not a regular file" if path.exists() else "file not found"
 
 
-def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Fully decoded RGB image with EXIF orientation applied. Raises ImageLoadError."""
+def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> Image.Image:
+    """Fully decoded RGB image with EXIF orientation applied. Raises ImageLoadError.
+
+    `data`: the file's bytes when the caller has read them already (e.g. to hash them), decoded
+    instead of reading the file again; `path` then only names the image in errors."""
     path = Path(path)
-    problem = file_problem(path)
-    if problem is not None:
-        raise ImageLoadError(path, problem)
-    if path.stat().st_size == 0:  # e.g. an interrupted copy; Pillow would only say "unidentified"
+    if data is None:
+        problem = file_problem(path)
+        if problem is not None:
+            raise ImageLoadError(path, problem)
+    size = path.stat().st_size if data is None else len(data)
+    if size == 0:  # e.g. an interrupted copy; Pillow would only say "unidentified"
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:
         # Pillow warns of a huge image in open(): an error here, as the limit below. The warning
@@ -83,7 +89,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         # (a header read), or one thread's filter ends while another opens and the warning is printed.
         with _OPENING, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(path if data is None else io.BytesIO(data))
         with img:
             if img.width * img.height > max_pixels:
                 raise ImageLoadError(path, f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")

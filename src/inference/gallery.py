@@ -27,13 +27,15 @@ leaves half a gallery.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import itertools
 import math
 import re
 import sys
 import zipfile
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +45,12 @@ import numpy as np
 from src import atomic, locks
 from src.data.dataset import DatasetError, PreparedData
 from src.data import lists
+from src.data.io import file_problem
 from src.data.lists import canonical_name
 from src.errors import capped, command_main, command_parser, missing, path_argument
-from src.inference.identify import USAGE_ERRORS, Embedded, Identifier
+from src.inference.identify import DEFAULT_BATCH_SIZE, USAGE_ERRORS, Embedded, Identifier, PhotoBytes
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
-from src.models.trained import file_sha256
 from src.safe_load import PICKLE_MAGIC, ZIP_MAGIC, holds_torch_pickle
 from src.tables import counted, format_rows, print_stdout
 
@@ -379,13 +381,25 @@ def enroll_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], Input
         raise GalleryError(str(exc)) from None
 
 
-def photo_digest(path: str | Path) -> str:
-    """sha256 of the file's bytes, or UNKNOWN_DIGEST when it cannot be read (embedding it then
-    reports why)."""
+def read_photo(path: Path) -> bytes | None:
+    """The file's bytes, or None when it is no regular file (a FIFO would wait for a writer forever)
+    or cannot be read (embedding it then reports why)."""
+    if file_problem(path) is not None:
+        return None
     try:
-        return file_sha256(Path(path))
+        return path.read_bytes()
     except OSError:
-        return UNKNOWN_DIGEST
+        return None
+
+
+def digest_of(data: bytes | None) -> str:
+    """sha256 of a photo's bytes (`read_photo`), or UNKNOWN_DIGEST for a file that could not be read."""
+    return UNKNOWN_DIGEST if data is None else hashlib.sha256(data).hexdigest()
+
+
+def photo_digest(path: str | Path) -> str:
+    """sha256 of the file's bytes, or UNKNOWN_DIGEST when it cannot be read."""
+    return digest_of(read_photo(Path(path)))
 
 
 def learn_digests(gallery: Gallery) -> None:
@@ -395,19 +409,28 @@ def learn_digests(gallery: Gallery) -> None:
                        for digest, source in zip(gallery.digests, gallery.sources)]
 
 
-def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tuple[Path, str, str, str]]:
-    """(path as given, absolute path, individual, digest) of the photos the gallery does not hold
-    yet, by path or by content (a copy, or the folder moved), each once. Enrolling a folder again
-    is not a failure: only its new photos are added."""
+# A photo to enroll: its bytes (or, when they could not be read, its path as given, for embedding
+# to say why), its absolute path, its individual and its digest.
+NewPhoto = tuple[PhotoBytes | Path, str, str, str]
+
+
+def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> Iterator[NewPhoto]:
+    """The photos the gallery does not hold yet, by path or by content (a copy, or the folder
+    moved), each once. Enrolling a folder again is not a failure: only its new photos are added.
+
+    Lazily, so that `embed_jobs` holds one batch's bytes at a time: each file is read once, when its
+    turn comes, and decoded from the bytes its digest was computed from. The photos left out are
+    named once all are done."""
     owners, photos = gallery.owners(), gallery.photos()
     given: dict[str, Path] = {}  # digest -> the first of these photos with it
-    todo, enrolled, repeated = [], [], []
+    enrolled, repeated = [], []
     for path, name in jobs:
         key = str(Path(path).resolve())
         if key in owners:
             enrolled.append(f"already enrolled as {owners[key]}: {printable(path)}")
             continue
-        digest = photo_digest(path)
+        data = read_photo(path)
+        digest = digest_of(data)
         if digest in photos:
             owner, source = photos[digest]
             enrolled.append(f"already enrolled as {owner}: {printable(path)} (the same photo as {printable(source)})")
@@ -417,31 +440,33 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> list[tup
             continue
         if digest != UNKNOWN_DIGEST:
             given[digest] = path
-        todo.append((path, key, name, digest))
+        yield (path if data is None else PhotoBytes(path, data)), key, name, digest
     # Each one named while they are few; a split enrolled again would print hundreds of lines.
     for lines, what in ((enrolled, "already enrolled"), (repeated, "given twice")):
         for line in lines[:ALREADY_ENROLLED_SHOWN]:
             print_stdout(line)
         if len(lines) > ALREADY_ENROLLED_SHOWN:
             print_stdout(f"... and {len(lines) - ALREADY_ENROLLED_SHOWN} more photos {what}")
-    return todo
 
 
-def embed_jobs(identifier: Identifier, todo: list[tuple[Path, str, str, str]]
+def embed_jobs(identifier: Identifier, todo: Iterable[NewPhoto]
                ) -> tuple[dict[str, tuple[list[np.ndarray], list[str], list[str]]], list[Skipped]]:
     """Per individual, the embeddings, absolute paths and digests of its readable photos; and the
-    unreadable ones, named as given (as the inputs that named no file are)."""
+    unreadable ones, named as given (as the inputs that named no file are). One batch at a time, so
+    that only one batch's bytes are held."""
     enrolled: dict[str, tuple[list[np.ndarray], list[str], list[str]]] = defaultdict(lambda: ([], [], []))
     skipped = []
-    results = (item for batch in identifier.embed([path for path, _, _, _ in todo]) for item in batch)
-    for (_, key, name, digest), item in zip(todo, results):
-        if isinstance(item, Embedded):
-            embeddings, sources, digests = enrolled[name]
-            embeddings.append(item.embedding)
-            sources.append(key)
-            digests.append(digest)
-        else:
-            skipped.append(item)
+    photos = iter(todo)
+    while batch := list(itertools.islice(photos, DEFAULT_BATCH_SIZE)):
+        results = (item for embedded in identifier.embed([image for image, _, _, _ in batch]) for item in embedded)
+        for (_, key, name, digest), item in zip(batch, results):
+            if isinstance(item, Embedded):
+                embeddings, sources, digests = enrolled[name]
+                embeddings.append(item.embedding)
+                sources.append(key)
+                digests.append(digest)
+            else:
+                skipped.append(item)
     return enrolled, skipped
 
 

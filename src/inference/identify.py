@@ -70,7 +70,18 @@ THRESHOLD_LIMIT = 1.0 + 1e-5
 # a missing key, a number too large for a float, nesting too deep for the parser).
 MALFORMED_JSON = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
 
-ImageInput = str | Path | Image.Image
+
+@dataclass(frozen=True)
+class PhotoBytes:
+    """A photo file's bytes, read already (`gallery enroll` hashes them): decoded from memory, so
+    the file is read once; named by its path."""
+
+    path: Path
+    data: bytes
+
+
+ImageInput = str | Path | Image.Image | PhotoBytes
+ONE_IMAGE = (str, os.PathLike, Image.Image, PhotoBytes)  # the types of one input
 
 
 class InferenceError(RuntimeError):
@@ -263,6 +274,8 @@ class Preprocess:
         """uint8 `S x S x 3` at the cache size. Raises ImageLoadError."""
         if isinstance(image, Image.Image):
             return square_resize(as_rgb(image), self.cache_size)
+        if isinstance(image, PhotoBytes):
+            return decode_for_cache(image.path, self.cache_size, image.data)
         if Path(image).is_dir():
             raise ImageLoadError(image, "a folder, not an image (the Python API takes image files; "
                                         "`src.inference.inputs.collect_images` lists a folder's files)")
@@ -364,12 +377,12 @@ class OnnxBackend:
 def check_inputs(inputs) -> list[ImageInput]:
     """Any iterable of paths and PIL images (a list, a tuple, a generator such as `Path.glob`), as a
     list; anything else is a TypeError naming what was given."""
-    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image)):
+    if isinstance(inputs, (bytes, *ONE_IMAGE)):
         raise TypeError(f"expected a list of images, got one {type(inputs).__name__}; "
                         "`identify` takes a single image too")
     items = list(inputs)
     for index, item in enumerate(items):
-        if not isinstance(item, (str, os.PathLike, Image.Image)):
+        if not isinstance(item, ONE_IMAGE):
             raise TypeError(f"image {index}: expected a path (str or pathlib.Path) or a PIL image, "
                             f"got {type(item).__name__}")
     return items
@@ -497,7 +510,7 @@ class Identifier:
                  batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:
         """Predictions for one image (a path or a PIL image) or a list of them.
         Raises ImageLoadError for the first unreadable one."""
-        inputs = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else check_inputs(images)
+        inputs = [images] if isinstance(images, ONE_IMAGE) else check_inputs(images)
         predictions = []
         for item in self.predict(inputs, top_k, batch_size):
             if isinstance(item, Skipped):
@@ -534,4 +547,6 @@ class Identifier:
 
 
 def _source_name(image: ImageInput, index: int) -> str:
+    if isinstance(image, PhotoBytes):
+        return str(image.path)
     return f"<image {index}>" if isinstance(image, Image.Image) else str(image)

@@ -1,6 +1,7 @@
 """Galleries: the command line, matching arithmetic, safe and atomic storage, checkpoint binding."""
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import os
@@ -498,7 +499,7 @@ def test_a_photo_enrolled_by_absolute_path_is_recognised_when_given_relative(tmp
     gallery = Gallery.new("0" * 64, 2)
     gallery.add("Zuri", np.array([[1.0, 0.0]]), [str((tmp_path / "a.png").resolve())])
     monkeypatch.chdir(tmp_path)
-    todo = gallery_cli.not_yet_enrolled(gallery, [(Path("a.png"), "Zuri"), (Path("b.png"), "Zuri")])
+    todo = list(gallery_cli.not_yet_enrolled(gallery, [(Path("a.png"), "Zuri"), (Path("b.png"), "Zuri")]))
     assert len(todo) == 1 and str((tmp_path / "b.png").resolve()) in todo[0]  # (path as given,) absolute path, name
     assert "already enrolled as Zuri: a.png" in capsys.readouterr().out
 
@@ -559,7 +560,7 @@ def test_a_format_1_gallery_is_read_and_learns_the_digests_of_its_photos_still_t
     gallery_cli.learn_digests(gallery)
     assert gallery.digests == [hashlib.sha256(b"photo").hexdigest(), ""]
     shutil.copy2(there, tmp_path / "copy.png")
-    assert gallery_cli.not_yet_enrolled(gallery, [(tmp_path / "copy.png", "Abeni")]) == []
+    assert list(gallery_cli.not_yet_enrolled(gallery, [(tmp_path / "copy.png", "Abeni")])) == []
     assert f"already enrolled as Zuri: {tmp_path / 'copy.png'} (the same photo as {there})" in capsys.readouterr().out
     gallery.save(tmp_path / "g.npz")  # now in format 2
     assert Gallery.load(tmp_path / "g.npz").digests == gallery.digests
@@ -588,3 +589,38 @@ def test_a_change_reads_the_gallery_once(tmp_path, monkeypatch):
     monkeypatch.setattr(gallery_cli, "read_member", lambda *args: read.append(args[1].filename) or real(*args))
     assert gallery_cli.main(["remove", "--gallery", str(tmp_path / "g.npz"), "Zuri"]) == 0
     assert sorted(read) == sorted(f"{key}.npy" for key in gallery_cli.FORMAT_1_ARRAYS)
+
+
+def test_enroll_reads_each_photo_once_and_stores_what_its_path_would_give(learned, unseen, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Each new photo was read twice, once for its digest and once to decode it; now its bytes serve
+    both, a batch at a time (not every file's bytes held until the first batch is embedded)."""
+    photos = next(iter(unseen.values()))[:3]
+    truncated, copy = tmp_path / "truncated.png", tmp_path / "copy.png"
+    truncated.write_bytes(photos[0].read_bytes()[:100])
+    shutil.copy2(photos[1], copy)
+    inputs = [*photos, truncated, copy]
+    events = []
+    real_open, real_embed = io.open, Identifier.embed
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            events.append(Path(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)  # Pillow's Image.open
+    monkeypatch.setattr(io, "open", counting_open)        # Path.open, Path.read_bytes
+    monkeypatch.setattr(Identifier, "embed", lambda self, images: events.append("embed") or real_embed(self, images))
+    monkeypatch.setattr(gallery_cli, "DEFAULT_BATCH_SIZE", 2, raising=False)
+    assert enroll(tmp_path / "g.npz", learned.checkpoint, "Zuri", *inputs) == 1
+    monkeypatch.undo()
+
+    assert [events.count(path) for path in inputs] == [1] * len(inputs)
+    assert events.index("embed") < events.index(photos[2])
+    out, err = capsys.readouterr()
+    assert f"given twice: {copy} (the same photo as {photos[1]})" in out
+    assert f"skipped {truncated}: corrupt or truncated image" in err
+    gallery = Gallery.load(tmp_path / "g.npz")
+    assert gallery.digests == [hashlib.sha256(photo.read_bytes()).hexdigest() for photo in photos]
+    expected = [item.embedding for batch in Identifier.embedder(learned.checkpoint).embed(photos) for item in batch]
+    np.testing.assert_allclose(gallery.embeddings, np.stack(expected), atol=1e-5)
