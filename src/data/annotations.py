@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from src.data.io import IMAGE_EXTENSIONS
+from src.data.io import IMAGE_EXTENSIONS, files_under
 from src.data.lists import ListFormatError, canonical_name, name_problem, read_numbered_list, underscored
 from src.errors import missing
 from src.textfiles import parse_yaml, read_utf8
@@ -282,21 +282,10 @@ def read_folder(root: str | Path) -> list[Record]:
 
 
 def _read_individual_folder(root: Path, folder: Path) -> list[Record]:
-    """Every file under `folder`, following symlinked sub-folders (photos linked in from another disk
-    are common; `rglob` skips them) and visiting each real folder once, so a link to an ancestor
-    cannot loop. A broken link is kept, so that it is reported as a missing file, not dropped."""
-    paths, seen = [], {os.path.realpath(folder)}
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        unseen = []
-        for name in dirs:
-            real = os.path.realpath(Path(top, name))
-            if not _hidden(name) and real not in seen:
-                seen.add(real)
-                unseen.append(name)
-        dirs[:] = unseen
-        paths += [Path(top, f) for f in files if not _hidden(f)]
+    """Every file under `folder` (`files_under`: linked sub-folders followed, each real folder once). A
+    broken link is kept, so that it is reported as a missing file, not dropped."""
     records = []
-    for path in sorted(paths):
+    for path in sorted(files_under(folder, _hidden)):
         rel = path.relative_to(root).as_posix()
         try:
             rel.encode("utf-8")

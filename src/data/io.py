@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,24 @@ def file_problem(path: Path) -> str | None:
     if path.is_symlink() and not path.exists():
         return "broken link"
     return "not a regular file" if path.exists() else "file not found"
+
+
+def files_under(folder: Path, hidden: Callable[[str], bool]) -> list[Path]:
+    """Every entry under `folder` that is no folder (broken links and FIFOs too, for the caller to
+    report), following linked sub-folders (photos linked in from another disk are common; `rglob`
+    skips them) and visiting each real folder once, so that a link to an ancestor cannot loop. Files
+    and folders whose names `hidden` accepts are left out. In no particular order."""
+    paths, seen = [], {os.path.realpath(folder)}
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        unseen = []
+        for name in dirs:
+            real = os.path.realpath(Path(top, name))
+            if not hidden(name) and real not in seen:
+                seen.add(real)
+                unseen.append(name)
+        dirs[:] = unseen
+        paths += [Path(top, name) for name in files if not hidden(name)]
+    return paths
 
 
 def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> Image.Image:

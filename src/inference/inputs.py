@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.data.io import IMAGE_EXTENSIONS, file_problem
+from src.data.io import IMAGE_EXTENSIONS, file_problem, files_under
 from src.errors import capped
 from src.tables import counted
 
@@ -59,12 +59,12 @@ class Inputs:
 
 
 def collect_images(patterns: Sequence[str | Path]) -> Inputs:
-    """Each input's files, in the order given: a path, a folder's image files (recursively, by name
-    with numbers as numbers, hidden ones left out) or a glob pattern's image files (a matching
-    folder's too); a Skipped, in its place, for an entry that is no regular file (a broken link, a
-    FIFO) and for an input that yields nothing (missing path, folder without image files, glob
-    without a match). A file named more than once counts once (by its absolute path: two links to
-    one photo are two inputs).
+    """Each input's files, in the order given: a path, a folder's image files (recursively, linked
+    sub-folders too, by name with numbers as numbers, hidden ones left out) or a glob pattern's image
+    files (a matching folder's too); a Skipped, in its place, for an entry that is no regular file (a
+    broken link, a FIFO) and for an input that yields nothing (missing path, folder without image
+    files, glob without a match). A file named more than once counts once (by its absolute path: two
+    links to one photo are two inputs).
 
     In folders and among a pattern's matches a file is an image by its extension (IMAGE_EXTENSIONS,
     as `prepare --folder` reads folders), so that a camera's sidecar files or a Thumbs.db are no
@@ -112,9 +112,7 @@ def _absolute(path: Path) -> Path:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.rglob("*")
-                   if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
-                  key=_natural_order)
+    return sorted(files_under(folder, hidden=lambda name: name.startswith(".")), key=_natural_order)
 
 
 def _images(files: Iterable[Path]) -> tuple[list[Path], list[Path]]:

@@ -5,8 +5,8 @@
         [--output out.csv|out.json] [--device cpu|cuda|cuda:N] [--batch-size N]
     python -m src.inference.predict --onnx exported/chimp_best.onnx photos/   # ONNX Runtime, no model code
 
-Inputs are images, folders (searched recursively; hidden files left out) and glob patterns (a
-matching folder is searched too); a file named twice counts once. In folders and a pattern's
+Inputs are images, folders (searched recursively, linked sub-folders too; hidden files left out)
+and glob patterns (a matching folder is searched too); a file named twice counts once. In folders and a pattern's
 matches, files not named as images (notes.txt, Thumbs.db) are left out and counted. Every file is
 decoded as training decodes images; one that is not an image, is corrupt or truncated, or is larger
 than the decompression-bomb limit (`src.data.io.MAX_PIXELS`, 64 megapixels) is skipped with its

@@ -93,3 +93,16 @@ def test_an_empty_input_is_skipped_not_read_as_the_current_folder(tmp_path, monk
     (tmp_path / "a.png").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert collect_images([""]).entries == [Skipped("", "an empty path")]
+
+
+def test_linked_sub_folders_are_searched_and_a_link_to_an_ancestor_does_not_loop(tmp_path):
+    """A linked sub-folder (photos from another disk) was left out without a word, though `prepare
+    --folder` follows such links."""
+    other_disk, photos = tmp_path / "other_disk", tmp_path / "photos"
+    other_disk.mkdir()
+    photos.mkdir()
+    (other_disk / "b.png").touch()
+    (photos / "a.png").touch()
+    (photos / "camera2").symlink_to(other_disk)
+    (photos / "loop").symlink_to(photos)
+    assert listed(collect_images([photos])) == ([photos / "a.png", photos / "camera2" / "b.png"], [])
