@@ -14,7 +14,8 @@ reason, as are missing paths, broken links, FIFOs and other files that are not r
 without image files and patterns without a match, and the rest is processed. A table goes to the
 terminal; `--output` writes every input (skipped ones with their reason) as CSV or JSON,
 atomically (a file already there is replaced whole or not at all) and creating missing folders;
-it replaces only an earlier result of predict (another file there is refused before any work).
+it replaces only an earlier result of predict (another file there, or a file where its folder
+should be, is refused before any work).
 A progress bar shows for folders when stderr is a terminal.
 
 Exit codes: 0 every input scored (identified or unknown); 1 some input skipped; 2 unusable options,
@@ -90,6 +91,10 @@ def output_problem(path: Path) -> str | None:
     mistyped `--output exported/x_best.json` (the export's description), `annotations/prepared.json`,
     `<checkpoint>.threshold.json`, `annotations/metadata.csv` or `<name>_metrics.csv` was silently
     replaced by the results, after every image had been identified."""
+    try:
+        atomic.check_folder_possible(path.parent)  # found now, not after every image is identified
+    except NotADirectoryError as exc:
+        return f"cannot write it ({exc})"
     if not path.exists() and not path.is_symlink():
         return None
     if path.is_dir():

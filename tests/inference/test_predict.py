@@ -137,14 +137,17 @@ def test_a_checkpoint_with_an_unusable_class_list_exits_2_in_one_line(learned, t
                           "is invalid (class name 'Zuri Two'") and err.count("\n") == 1, err
 
 
-def test_an_output_that_cannot_be_written_exits_2_in_one_line(learned, unseen, tmp_path, capsys):
+def test_an_output_that_cannot_be_written_exits_2_in_one_line_before_any_work(learned, unseen, tmp_path, capsys):
+    """A file where the output's folder should be was found only after every photo was identified."""
     (tmp_path / "a_file").write_text("not a folder")
     photo = next(iter(unseen.values()))[0]
-    argv = ["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(tmp_path / "a_file" / "out.csv")]
-    assert predict.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: --output {tmp_path / 'a_file' / 'out.csv'}: cannot write it"), err
-    assert not any("Traceback" in line for line in err)
+    for output in (tmp_path / "a_file" / "out.csv", tmp_path / "a_file" / "sub" / "out.json"):
+        with pytest.raises(SystemExit) as stop:
+            predict.main(["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(output)])
+        out, err = capsys.readouterr()
+        assert stop.value.code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"error: --output {output}: cannot write it ([Errno 20] a file, not a folder: "
+                              f"'{tmp_path / 'a_file'}')"), err
 
 
 def test_an_image_above_pillows_own_limit_is_skipped_as_too_large(learned, tmp_path, capsys):
