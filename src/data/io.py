@@ -9,13 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 # Decompression-bomb guard: 64 megapixels is ~8000x8000, far above any face crop or camera-trap frame
 # we expect; anything larger is refused rather than allowed to exhaust memory.
 MAX_PIXELS = 64_000_000
 _OPENING = threading.Lock()  # see load_rgb
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# EXIF orientation (2-8) -> the transposition that shows the photo upright, as the EXIF standard defines it.
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 
 
 class ImageLoadError(Exception):
@@ -39,6 +43,14 @@ def _white(img: Image.Image, values: np.ndarray) -> float:
     return max(float(values.max()), 1.0)
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Not `ImageOps.exif_transpose`: it also rewrites the
+    EXIF block without the orientation tag, which raises (TypeError, struct.error) on the malformed
+    blocks many cameras and editors write (Pillow issues #3973, #4037, #6882), for pixels that are fine."""
+    method = UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
+    return img if method is None else img.transpose(method)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # PIL's convert("RGB") clips these instead of rescaling, so scale by hand.
@@ -57,7 +69,7 @@ def as_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "<in-me
     if image.width * image.height > max_pixels:
         raise ImageLoadError(name, f"{image.width}x{image.height} exceeds the {max_pixels:,}-pixel limit")
     try:
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return _to_rgb(_upright(image))
     except (OSError, ValueError) as exc:
         raise ImageLoadError(name, f"cannot be converted to RGB ({exc})") from None
 
@@ -114,8 +126,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None 
             if img.width * img.height > max_pixels:
                 raise ImageLoadError(path, f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit")
             img.load()  # decodes everything now, so truncation is caught here
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except ImageLoadError:
         raise
     except UnidentifiedImageError:

@@ -57,6 +57,35 @@ def test_an_in_memory_image_gets_its_exif_orientation_like_a_file(tmp_path):
         assert as_rgb(opened).size == load_rgb(tmp_path / "rotated.jpg").size == (4, 10)
 
 
+def exif_block(orientation: int, malformed: bool) -> bytes:
+    """A little-endian EXIF block holding the orientation and, if `malformed`, an XResolution stored as
+    text (its type is a fraction), as some cameras and editors write it."""
+    entries = [struct.pack("<HHI4s", 0x0112, 3, 1, struct.pack("<HH", orientation, 0))]
+    if malformed:
+        entries.append(struct.pack("<HHI4s", 0x011A, 2, 3, b"72\0\0"))
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd
+
+
+# What the EXIF standard says each orientation's stored pixels are, from the upright photo.
+STORED_AS = {1: lambda up: up, 2: np.fliplr, 3: lambda up: np.rot90(up, 2), 4: np.flipud,
+             5: lambda up: up.transpose(1, 0, 2), 6: lambda up: np.rot90(up, 1),
+             7: lambda up: np.rot90(up, 2).transpose(1, 0, 2), 8: lambda up: np.rot90(up, -1)}
+
+
+@pytest.mark.parametrize("malformed", [False, True])
+@pytest.mark.parametrize("orientation", sorted(STORED_AS))
+def test_every_exif_orientation_decodes_upright_even_beside_a_malformed_tag(tmp_path, orientation, malformed):
+    """A camera's EXIF block with a malformed tag made Pillow's exif_transpose raise TypeError while
+    rewriting the block: a traceback that stopped predict, gallery enroll and prepare."""
+    upright = np.arange(4 * 10 * 3, dtype=np.uint8).reshape(4, 10, 3)
+    stored = Image.fromarray(np.ascontiguousarray(STORED_AS[orientation](upright)))
+    stored.save(tmp_path / "photo.png", exif=exif_block(orientation, malformed))
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "photo.png")), upright)
+    with Image.open(tmp_path / "photo.png") as opened:
+        assert np.array_equal(np.asarray(as_rgb(opened)), upright)
+
+
 def test_an_in_memory_image_over_the_pixel_limit_is_refused_like_a_file(tmp_path):
     Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
     def from_memory(limit):
