@@ -139,3 +139,5 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None 
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None
     except (SyntaxError, ValueError) as exc:
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None
+    except Exception as exc:  # Pillow's format parsers raise other types too on a damaged file
+        raise ImageLoadError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from None

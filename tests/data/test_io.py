@@ -86,6 +86,15 @@ def test_every_exif_orientation_decodes_upright_even_beside_a_malformed_tag(tmp_
         assert np.array_equal(np.asarray(as_rgb(opened)), upright)
 
 
+def test_a_damaged_file_whose_decoder_raises_an_unexpected_type_is_an_image_load_error(tmp_path):
+    """Pillow opens a file by its content: a DDS header with no pixel format (here named .png) raised
+    NotImplementedError, a traceback that ended a whole predict run."""
+    header = struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 0) + bytes(44)
+    (tmp_path / "IMG_0001.png").write_bytes(b"DDS " + header + bytes(64))
+    with pytest.raises(ImageLoadError, match="cannot be decoded \\(NotImplementedError: Unknown pixel format"):
+        load_rgb(tmp_path / "IMG_0001.png")
+
+
 def test_an_in_memory_image_over_the_pixel_limit_is_refused_like_a_file(tmp_path):
     Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
     def from_memory(limit):
