@@ -529,7 +529,7 @@ def enroll(args: argparse.Namespace) -> int:
     skipped = inputs.skipped + unreadable
 
     for item in skipped:
-        print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
+        print(f"skipped {printable(item.source)}: {item.reason}", file=sys.stderr)
     for note in inputs.notes():
         print(f"note: {note}", file=sys.stderr)
     after = gallery.counts()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.data.io import IMAGE_EXTENSIONS, file_problem, files_under
+from src.data.lists import INVISIBLE_OR_DIRECTION
 from src.errors import capped
 from src.tables import counted
 
@@ -26,8 +28,14 @@ class Skipped:
 def printable(path: str | Path) -> str:
     """A file name for a terminal. One that is not UTF-8 on disk reaches Python with its odd bytes
     as surrogates, which a strict UTF-8 stdout refuses with a traceback; they are shown as U+FFFD,
-    as a terminal shows those bytes (the CSV keeps them, so that it still names the file)."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    as a terminal shows those bytes (the CSV keeps them, so that it still names the file). Control
+    and text-direction characters are shown escaped (`\\n`, `\\x1b`, `\\u202e`): a newline split
+    a row of the table in two, and a terminal escape was replayed by the terminal (the rule of
+    individuals' names, `lists.name_problem`)."""
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(char.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(char) == "Cc" or char in INVISIBLE_OR_DIRECTION else char
+                   for char in text)
 
 
 @dataclass(frozen=True)

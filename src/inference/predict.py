@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if predictions:
         print_stdout(format_table(predictions))
     for item in skipped:
-        print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
+        print(f"skipped {printable(item.source)}: {item.reason}", file=sys.stderr)
     notes = inputs.notes()
     left_out = f" ({'; '.join(notes)})" if notes else ""
     print(f"{len(predictions) - unknown} identified, {unknown} unknown, {len(skipped)} skipped{left_out}; "

@@ -214,6 +214,28 @@ def test_a_file_name_that_is_not_utf8_is_shown_and_written(learned, unseen, tmp_
     assert f"already enrolled as Zuri: {tmp_path}/caf\ufffd.png" in capsys.readouterr().out
 
 
+def test_control_characters_in_file_names_are_shown_escaped_and_written_as_they_are(learned, unseen, tmp_path,
+                                                                                    capsys):
+    """A newline in a photo's name split its row of the table in two, and a terminal escape in one was
+    replayed by the terminal; the CSV keeps the names as they are, so that they still name the files."""
+    photo = next(iter(unseen.values()))[0]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("two\nlines.png", "red\x1b[31m.png"):
+        shutil.copy(photo, folder / name)
+    (folder / "text\u202egnp.png").write_text("not a photo")
+    out = tmp_path / "out.csv"
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(folder), "--output", str(out)]) == 1
+    table, err = capsys.readouterr()
+    assert [line.split()[0] for line in table.splitlines()] == [
+        "image", f"{folder}/red\\x1b[31m.png", f"{folder}/two\\nlines.png"]
+    assert f"skipped {folder}/text\\u202egnp.png: not an image" in err
+    assert "\x1b" not in err + table and "\u202e" not in err
+    with open(out, newline="") as handle:
+        written = [row[0] for row in csv.reader(handle)][1:]
+    assert written == [str(folder / name) for name in ("red\x1b[31m.png", "text\u202egnp.png", "two\nlines.png")]
+
+
 def test_a_reader_that_stops_early_does_not_stop_the_run(learned, unseen, tmp_path):
     """`predict ... | head`: the closed pipe ends the table, not the run; --output is still written."""
     out = tmp_path / "out.json"
