@@ -145,10 +145,10 @@ def test_annotations_saved_by_a_windows_editor_give_the_same_dataset(tmp_path):
     """CRLF line endings, a byte-order mark and tabs between fields change nothing in any output."""
     raw = make_release(tmp_path / "raw", CZOO, CTAI)
     prepare(raw, tmp_path / "unix", **_quiet())
-    for annotations in (raw / RELEASE).glob("data_*/annotations_*.txt"):
-        text = annotations.read_text().replace(" Name ", "\tName\t").replace("\n", "\r\n")
-        annotations.write_text(text, encoding="utf-8-sig", newline="")
-    assert b"\r\n" in annotations.read_bytes()
+    for annotation_file in (raw / RELEASE).glob("data_*/annotations_*.txt"):
+        text = annotation_file.read_text().replace(" Name ", "\tName\t").replace("\n", "\r\n")
+        annotation_file.write_text(text, encoding="utf-8-sig", newline="")
+    assert b"\r\n" in annotation_file.read_bytes()
     prepare(raw, tmp_path / "windows", **_quiet())
     unix, windows = tmp_path / "unix" / "annotations", tmp_path / "windows" / "annotations"
     for path in sorted(unix.rglob("*.txt")) + [unix / "metadata.csv"]:
