@@ -8,6 +8,7 @@ instead of running code).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
     """The checkpoint's model with its weights. The backbone is built without pretrained weights
     (they would be downloaded only to be overwritten by the checkpoint's)."""
     path = Path(path)
+    before = _identity(path)
     checkpoint = load_checkpoint(path)
     try:
         config = config_from_dict(checkpoint["config"])
@@ -96,4 +98,19 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes "
                               f"({state_dict_problem(exc)})") from None
-    return TrainedModel(file_sha256(path), checkpoint, config, classes, model.to(device).eval(), device)
+    sha256 = file_sha256(path)
+    # The checksum is read after the weights: training replacing the file in between (a new best epoch
+    # of a running run) would tie these weights to the other file's checksum, and so evaluation's
+    # thresholds to weights they were not chosen for.
+    if _identity(path) != before:
+        raise CheckpointError(f"{path}: replaced while it was being read (a training run saving it?); run again")
+    return TrainedModel(sha256, checkpoint, config, classes, model.to(device).eval(), device)
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced (a new inode) or rewritten in place (size, modification time)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns

@@ -24,6 +24,7 @@ from src.inference.identify import Identifier
 from src.models.factory import IdentificationModel, create_model
 from src.models.scoring import SCORE_KINDS
 from src.training.artifacts import threshold_sidecar_path
+from src.models import trained
 from src.models.trained import load_checkpoint
 from src.training.checkpoint import atomic_save
 from src.training.resume import RunState
@@ -571,3 +572,26 @@ def test_the_default_folder_is_not_taken_from_a_checkpoint_of_the_same_name(chec
     report["checkpoint"]["path"] = str(tmp_path / "gone" / checkpoint.name)
     (folder / "report.json").write_text(json.dumps(report))
     evaluate.check_default_out_is_free(folder, namesake)  # the earlier checkpoint gone: nothing to keep apart
+
+
+def test_a_checkpoint_replaced_while_it_is_loaded_fails_in_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    """Training saving a new best epoch between the read of the weights and that of the checksum: the
+    report and the threshold file named the new file's checksum for thresholds of the old weights."""
+    copy = tmp_path / "run" / checkpoint.name
+    copy.parent.mkdir()
+    shutil.copy2(checkpoint, copy)
+    state = torch.load(checkpoint, weights_only=True)
+    state["epoch"] += 1  # the next best epoch: other bytes
+    newer = tmp_path / "newer.pt"
+    torch.save(state, newer)
+    real = trained.create_model
+
+    def saved_meanwhile(*args, **kwargs):
+        os.replace(newer, copy)  # how training saves: an atomic rename over the file
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trained, "create_model", saved_meanwhile)
+    code, err = run_main(capsys, "--checkpoint", copy, "--out", tmp_path / "out")
+    assert code == 2 and err == [f"error: {copy}: replaced while it was being read (a training run saving it?); "
+                                 "run again"]
+    assert not (tmp_path / "out").exists() and not threshold_sidecar_path(copy).exists()
