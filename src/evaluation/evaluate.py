@@ -6,7 +6,7 @@
 Read top to bottom: `load_trained` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
 `embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier),
 `retrieval_section` (embeddings against the train gallery), `by_source_section`, `open_set_section`,
-`threshold_section` -> `write_outputs` (report.json, report.md, figures) and the threshold sidecar.
+`threshold_section` -> `write_outputs` (report.json, report.md, figures and the threshold sidecar).
 
 The run folder (default `runs/eval/<checkpoint stem>_<split>`) gets `report.json` with every number,
 `report.md` with the tables and figures, `confusion_matrix.png/.csv`, `cmc.png` and, when the
@@ -369,11 +369,13 @@ def data_warnings(splits: dict[str, list[tuple[str, str]]], split: str, trained_
 # Outputs
 
 
-def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_csv: Path, out: Path) -> dict:
-    """Figures, CSV, report.json and report.md in `out`; returns the report as written. They replace
-    an earlier evaluation's files together (stopped while drawing, the folder held a new confusion
-    matrix beside a report.json naming another checkpoint), and its training curves go when this
-    evaluation has none."""
+def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_csv: Path, out: Path,
+                  checkpoint_sha256: str) -> dict:
+    """Figures, CSV, report.json and report.md in `out`, and the threshold sidecar when the report
+    names one; returns the report as written. They replace an earlier evaluation's files together
+    (stopped while drawing, the folder held a new confusion matrix beside a report.json naming another
+    checkpoint; a sidecar that failed to write left a report saying it was stored), and its training
+    curves go when this evaluation has none."""
     atomic.make_folder(out)
     with atomic.replaced_together() as stage:
         plot_confusion_matrix(matrix, names, stage(out / "confusion_matrix.png"))
@@ -387,6 +389,8 @@ def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_cs
         except CurvesError as exc:
             log.info("no training curves: %s", exc)
         report = rounded(report)
+        if report["threshold"]["sidecar"] is not None:
+            write_threshold_sidecar(report["threshold"], checkpoint_sha256, stage(report["threshold"]["sidecar"]))
         atomic.write_text(stage(out / "report.json"), json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
         atomic.write_text(stage(out / "report.md"), render_markdown(report))
     if report["figures"]["training_curves"] is None:
@@ -394,11 +398,11 @@ def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_cs
     return report
 
 
-def write_threshold_sidecar(run: TrainedModel, threshold: dict) -> None:
+def write_threshold_sidecar(threshold: dict, checkpoint_sha256: str, path: Path) -> None:
     """`<checkpoint>.threshold.json` for inference; the checksum ties it to these exact weights."""
     payload = {"thresholds": threshold["thresholds"], "method": threshold["method"], "split": threshold["split"],
-               "checkpoint_sha256": run.sha256}
-    atomic.write_text(Path(threshold["sidecar"]), json.dumps(rounded(payload), indent=2, sort_keys=True) + "\n")
+               "checkpoint_sha256": checkpoint_sha256}
+    atomic.write_text(path, json.dumps(rounded(payload), indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,9 +500,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     }
     metrics_csv = RunPaths(checkpoint.parent, config.name).metrics
     try:
-        report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out)
-        if report["threshold"]["sidecar"] is not None:
-            write_threshold_sidecar(run, report["threshold"])
+        report = write_outputs(report, matrix, list(run.classes.names), metrics_csv, out, run.sha256)
     except OSError as exc:
         raise EvaluationError(f"could not write the results ({exc})") from None
     for warning in warnings:

@@ -1,6 +1,7 @@
 """The evaluation command end to end on the tiny stand-in run: report, figures, threshold, bad input."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -595,3 +596,24 @@ def test_a_checkpoint_replaced_while_it_is_loaded_fails_in_one_line(checkpoint, 
     assert code == 2 and err == [f"error: {copy}: replaced while it was being read (a training run saving it?); "
                                  "run again"]
     assert not (tmp_path / "out").exists() and not threshold_sidecar_path(copy).exists()
+
+
+def test_a_threshold_file_that_cannot_be_written_leaves_the_earlier_report(checkpoint, closed_report, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The sidecar was written after the report: when that failed (a full disk), the command said so but
+    left a new report stating the thresholds were stored for inference, beside an earlier sidecar."""
+    folder = tmp_path / "eval"
+    shutil.copytree(closed_report[0], folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    alone = tmp_path / "alone" / checkpoint.name  # no metrics CSV beside it: a report that differs
+    alone.parent.mkdir()
+    shutil.copy(checkpoint, alone)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(threshold_sidecar_path(alone)))
+
+    monkeypatch.setattr(evaluate, "write_threshold_sidecar", disk_full)
+    code, err = run_main(capsys, "--checkpoint", alone, "--out", folder)
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert not threshold_sidecar_path(alone).exists()
