@@ -256,3 +256,53 @@ def test_retrieval_refuses_a_query_individual_without_gallery_images():
         metrics.cmc(similarity, queries, gallery)
     with pytest.raises(ValueError, match="no gallery image"):
         metrics.map_at_r(similarity, queries, gallery)
+
+
+def test_every_metric_matches_a_brute_force_loop_on_tied_scores():
+    """Scores drawn from three values, so that ties are everywhere; small splits, one class, one image,
+    individuals missing from the predictions. Each metric against a loop written from its definition
+    with the documented tie rules (classifier: lower class id first; 1-NN and mAP@R: gallery order;
+    CMC: an individual tied with the true one ranks before it; AUROC: a tie counts one half)."""
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        classes, count = int(rng.integers(2, 7)), int(rng.integers(1, 12))
+        labels, scores = rng.integers(0, classes, count), rng.integers(0, 3, (count, classes)) / 2
+        ranked = [sorted(range(classes), key=lambda c: (-row[c], c)) for row in scores]
+        for k in range(1, classes + 1):
+            expected = np.mean([label in order[:k] for label, order in zip(labels, ranked)])
+            assert metrics.top_k_accuracy(labels, scores, k) == pytest.approx(expected)
+        predictions = np.array([order[0] for order in ranked])
+        result = metrics.classification_metrics(labels, scores)
+        recalls, f1s = [], []
+        for c in np.unique(labels):
+            hits = np.sum((predictions == c) & (labels == c))
+            predicted, actual = np.sum(predictions == c), np.sum(labels == c)
+            recalls.append(hits / actual)
+            f1s.append(2 * hits / (predicted + actual))
+        assert result["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+        assert result["macro_f1"] == pytest.approx(np.mean(f1s))
+        matrix = metrics.confusion(labels, predictions, classes)
+        assert result["top1"] == pytest.approx(np.trace(matrix) / count)
+        assert np.mean([row["accuracy"] for row in metrics.per_individual(matrix, list("abcdef"))]) == pytest.approx(
+            result["balanced_accuracy"])
+
+        gallery_labels = rng.integers(0, classes, int(rng.integers(1, 10)))
+        query_labels = rng.choice(np.unique(gallery_labels), count)
+        similarity = rng.integers(0, 3, (count, len(gallery_labels))) / 2
+        precisions, nearest, individual_ranks = [], [], []
+        for query, row in zip(query_labels, similarity):
+            order = sorted(range(len(gallery_labels)), key=lambda j: (-row[j], j))
+            relevant = [gallery_labels[j] == query for j in order]
+            r = sum(relevant)
+            precisions.append(sum(np.mean(relevant[:i + 1]) for i in range(r) if relevant[i]) / r)
+            nearest.append(relevant[0])
+            best = {individual: row[gallery_labels == individual].max() for individual in np.unique(gallery_labels)}
+            individual_ranks.append(sum(score >= best[query] for score in best.values()))
+        assert metrics.map_at_r(similarity, query_labels, gallery_labels) == pytest.approx(np.mean(precisions))
+        assert metrics.one_nn_accuracy(similarity, query_labels, gallery_labels) == pytest.approx(np.mean(nearest))
+        assert metrics.cmc(similarity, query_labels, gallery_labels) == pytest.approx(
+            [np.mean(np.array(individual_ranks) <= k) for k in range(1, metrics.CMC_RANKS + 1)])
+
+        best_similarity, unknown = rng.integers(0, 4, 10) / 3, np.arange(10) < int(rng.integers(1, 10))
+        pairs = [(u > k) + 0.5 * (u == k) for u in 1 - best_similarity[unknown] for k in 1 - best_similarity[~unknown]]
+        assert metrics.unknown_auroc(best_similarity, unknown) == pytest.approx(np.mean(pairs))
