@@ -138,19 +138,77 @@ def test_crop_scale_and_aspect_stay_in_range():
     crop_scale_min, n = 0.6, 20_000
     aug = BatchAugment(AugmentConfig(crop_scale_min=crop_scale_min, rotation_degrees=10), 32)
     params = aug.sample_params(n, _generator(4), "cpu")
-    # The area of the affine actually applied: |det| of its linear part on a square image.
-    area = crop_affine(params, 37, 37)[:, :, :2].det().abs()
+    # The crop actually applied, from its affine on a square image: the columns' lengths are the
+    # crop's half sides in grid units (a rotation keeps lengths), |det| its area fraction.
+    theta = crop_affine(params, 37, 37)
+    width, height = theta[:, :, 0].norm(dim=1), theta[:, :, 1].norm(dim=1)
+    area = theta[:, :, :2].det().abs()
     assert area.min() >= crop_scale_min - 1e-5 and area.max() <= 1 + 1e-5
     torch.testing.assert_close(area, params.area, atol=1e-5, rtol=0)
     assert abs(area.mean().item() - (1 + crop_scale_min) / 2) < 0.01  # uniform in [min, 1]
     assert area.min() < crop_scale_min + 0.01 and area.max() > 0.99  # the whole range is used
-    ratio = params.log_ratio.exp()
+    ratio = width / height
     assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+    assert ratio.min() < 0.76 and ratio.max() > 1.32  # the whole range where the crop fits...
+    # ...and no more than fits: both sides within the image, so the range narrows as area nears 1.
+    assert torch.all(ratio >= area - 1e-5) and torch.all(ratio <= 1 / area + 1e-5)
     # The crop rectangle (before rotation) lies inside the image.
-    width, height = (params.area * ratio).sqrt(), (params.area / ratio).sqrt()
-    assert torch.all(params.centre[:, 0].abs() + width <= 1 + 1e-5)
-    assert torch.all(params.centre[:, 1].abs() + height <= 1 + 1e-5)
+    assert torch.all(theta[:, 0, 2].abs() + width <= 1 + 1e-5)
+    assert torch.all(theta[:, 1, 2].abs() + height <= 1 + 1e-5)
     assert params.angle.abs().max() <= math.radians(10) + 1e-6
+
+
+def _with(aug: BatchAugment, n: int, **values) -> augment.AugmentParams:
+    """Parameters of `n` samples, those named set to the given values (the others drawn)."""
+    values = {name: torch.as_tensor(value, dtype=torch.bool if name == "flip" else torch.float32)
+              for name, value in values.items()}
+    return dataclasses.replace(aug.sample_params(n, _generator(30), "cpu"), **values)
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_crop_and_flip_are_torchvisions_resized_crop_and_hflip(compiling, monkeypatch):
+    """The crop's position, size and aspect and the flip, against torchvision on a non-square input.
+    Crops larger than the output: where torchvision upscales a crop it clamps at the crop's own
+    edge, where this reads on into the image (one resampling of the whole image)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    height, width, size = 24, 36, 16
+    boxes = [(2, 5, 20, 30), (0, 17, 18, 19), (6, 0, 18, 24), (0, 0, 24, 36)]  # top, left, height, width
+    sides = torch.tensor([[w / width, h / height] for _, _, h, w in boxes])
+    centre = torch.tensor([[(2 * left + w) / width - 1, (2 * top + h) / height - 1] for top, left, h, w in boxes])
+    aug = BatchAugment(AugmentConfig(**NO_AUGMENT), size)
+    batch = torch.randint(0, 256, (len(boxes), height, width, 3), dtype=torch.uint8, generator=_generator(31))
+    flip = [False, True, False, True]
+    params = _with(aug, len(boxes), area=sides.prod(dim=1), log_ratio=(sides[:, 0] / sides[:, 1]).log(),
+                   centre=centre, flip=flip)
+    out = aug.apply(batch, params)
+    for i, (top, left, h, w) in enumerate(boxes):
+        expected = TF.resized_crop(batch[i].permute(2, 0, 1).float() / 255, top, left, h, w, [size, size],
+                                   antialias=False)
+        expected = TF.horizontal_flip(expected) if flip[i] else expected
+        torch.testing.assert_close(out[i], _normalise(expected), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+@pytest.mark.parametrize("height, width", [(20, 20), (20, 40), (40, 20)])
+def test_rotation_is_torchvisions_rotate(height, width, compiling, monkeypatch):
+    """Angle and direction (positive: counter-clockwise, as torchvision), also on a non-square input,
+    where the rotation must be one in pixels, not in the image's -1..1 coordinates. The crop is the
+    central 20 x 20 pixels, output at 20 px; compared inside the circle that stays in the image."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    size, angles = 20, [0.5, -0.9, 2.0]
+    aug = BatchAugment(AugmentConfig(**NO_AUGMENT), size)
+    batch = torch.randint(0, 256, (len(angles), height, width, 3), dtype=torch.uint8, generator=_generator(32))
+    side_w, side_h = size / width, size / height
+    params = _with(aug, len(angles), angle=angles, area=[side_w * side_h] * 3,
+                   log_ratio=[math.log(side_w / side_h)] * 3, centre=torch.zeros(3, 2))
+    out = aug.apply(batch, params)
+    offsets = torch.arange(size) + 0.5 - size / 2
+    inside = offsets[:, None] ** 2 + offsets[None, :] ** 2 < (size / 2 - 1.5) ** 2
+    for i, angle in enumerate(angles):
+        expected = TF.rotate(batch[i].permute(2, 0, 1).float() / 255, math.degrees(angle),
+                             interpolation=TF.InterpolationMode.BILINEAR)
+        expected = _normalise(TF.center_crop(expected, [size, size]))
+        torch.testing.assert_close(out[i][:, inside], expected[:, inside], atol=1e-4, rtol=0)
 
 
 def test_colour_jitter_matches_torchvision_brightness_contrast_saturation():
@@ -291,6 +349,19 @@ def test_random_parameters_are_drawn_independently():
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             assert abs(matrix[i, j]) < 0.05, (names[i], names[j], matrix[i, j])
+
+
+def test_flip_and_erasing_rates_and_erasing_aspect_match_config():
+    """At n = 20,000 a rate off by 5% of its value is over 4.5 standard deviations out: the small
+    batches that check the pixels above could not tell."""
+    n, hflip, erasing = 20_000, 0.3, 0.4
+    p = _params(n, hflip=hflip, random_erasing=erasing)
+    assert _binomial_ok(int(p.flip.sum()), n, hflip) and _binomial_ok(int(p.erase.sum()), n, erasing)
+    # Erased rectangles: aspect (width / height) log-uniform over torchvision's 0.3..3.3.
+    log_aspect = (p.erase_box[:, 3] / p.erase_box[:, 2]).log()
+    assert log_aspect.min() >= math.log(0.3) - 1e-5 and log_aspect.max() <= math.log(3.3) + 1e-5
+    assert log_aspect.min() < math.log(0.31) and log_aspect.max() > math.log(3.2)
+    assert abs(log_aspect.mean().item() - math.log(0.3 * 3.3) / 2) < 0.02
 
 
 def test_rotation_shift_and_jitter_are_symmetric_around_no_change():
