@@ -108,7 +108,11 @@ def test_relabelling_reuses_the_cache(dataset):
 def test_changed_image_bytes_rebuild_and_prune_the_old_cache(dataset):
     raw, cache_dir, rows = dataset
     first = _build(dataset)
-    _write_png(raw / rows[2][0], seed=99, size=(32, 32))  # same name and size, new pixels
+    edited = raw / rows[2][0]
+    before = edited.stat()
+    _write_png(edited, seed=99, size=(32, 32))  # same name and dimensions, new pixels...
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...the old time (a copy that keeps it)
+    assert (edited.stat().st_size, edited.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     second = _build(dataset)
     assert second.built and second.key != first.key
     _assert_matches_fresh_decode(second, raw, rows)
@@ -259,7 +263,14 @@ def _kept_out_of_range(data_path, meta_path):
     meta_path.write_text(json.dumps(meta), encoding="utf-8")
 
 
-@pytest.mark.parametrize("damage", [_swap_kept, _kept_out_of_range])
+def _other_key(data_path, meta_path):
+    """Another cache's metadata (a file copied or renamed by hand) with this one's name."""
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["key"] = "0" * len(meta["key"])
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+@pytest.mark.parametrize("damage", [_swap_kept, _kept_out_of_range, _other_key])
 def test_metadata_that_does_not_match_the_image_list_is_rebuilt(dataset, damage, caplog):
     first = _build(dataset)
     damage(first.path, first.path.with_suffix(".json"))
@@ -281,11 +292,13 @@ def test_other_tmp_files_in_the_cache_dir_are_left_alone(dataset):
     assert all(other.exists() for other in others)
 
 
-def test_another_pillow_version_rebuilds(dataset, monkeypatch):
-    """Pillow's decoders and resampling change between releases: cached pixels must equal what
-    this Pillow decodes."""
+@pytest.mark.parametrize("module, name", [(PIL, "__version__"), (cache, "DECODE_SETTINGS"),
+                                          (cache, "FORMAT_VERSION")])
+def test_another_pillow_version_decoding_or_format_rebuilds(dataset, monkeypatch, module, name):
+    """Pillow's decoders and resampling change between releases, and this project's decoding and
+    file format between its versions: cached pixels must equal what this code decodes."""
     first = _build(dataset)
-    monkeypatch.setattr(PIL, "__version__", "0.0.0")
+    monkeypatch.setattr(module, name, "changed")
     second = _build(dataset)
     assert second.built and second.key != first.key
     assert not first.path.exists()  # same list and size: superseded
