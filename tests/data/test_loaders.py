@@ -1,13 +1,14 @@
 """Batch plans (what each process sees in each step, whatever the number of processes) and the
 host-cache staging path."""
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from src.config import ConfigError, load_config
-from src.data import cache
+from src.data import cache, loaders
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
 from src.data.loaders import IGNORED, STAGING_SLOTS, BatchSource, batch_plan, build_source, pad_batch, refill, staged_batches
 from src.parallel import WorkerDied
@@ -90,6 +91,21 @@ def test_staged_batches_gather_every_batch_from_a_memory_mapped_cache(tmp_path):
     images = _memory_mapped_cache(tmp_path)
     plan = batch_plan(len(images), 4, train=False, seed=0, epoch=0)
     assert len(plan) > 2 * STAGING_SLOTS and len(plan[-1]) == 3
+    for indices, pixels in zip(plan, staged_batches(images, plan, torch.device("cpu")), strict=True):
+        assert torch.equal(pixels, images[indices])
+
+
+def test_a_staged_batch_is_handed_over_only_once_gathered(tmp_path, monkeypatch):
+    """A gather slower than the loop (a cold page cache): each batch waits for its own gather."""
+    images = _memory_mapped_cache(tmp_path)
+    real_take = np.take
+
+    def slow_take(*args, **kwargs):
+        time.sleep(0.02)
+        return real_take(*args, **kwargs)
+
+    monkeypatch.setattr(loaders.np, "take", slow_take)
+    plan = batch_plan(len(images), 4, train=False, seed=0, epoch=0)
     for indices, pixels in zip(plan, staged_batches(images, plan, torch.device("cpu")), strict=True):
         assert torch.equal(pixels, images[indices])
 
@@ -255,3 +271,16 @@ def test_an_unreadable_validation_image_is_not_replaced_by_repeats(tiny_data, tm
     labels = torch.cat([batch_labels for _, batch_labels in source.batches(0)])
     assert sorted(labels[labels != IGNORED].tolist()) == sorted(classes.index(name) for _, name in rows[1:])
     assert source.skipped == 1
+
+
+@pytest.mark.parametrize("pipeline", ["plain", "cached"])
+def test_batches_from_a_step_are_those_an_uninterrupted_epoch_gives_there(tiny_data, tmp_path, pipeline):
+    """A run resumed mid-epoch (`batches(epoch, start_step)`) sees the same images, labels and
+    augmentation draws from that step on: the draws are seeded by the step, not by the count."""
+    config, data, rows = _rows_and_config(tiny_data, tmp_path, "train", **{"data.pipeline": pipeline})
+    source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True,
+                          device=torch.device("cpu"))
+    whole, resumed = list(source.batches(1)), list(source.batches(1, start_step=2))
+    assert len(whole) > 3 and len(resumed) == len(whole) - 2
+    for (images, labels), (resumed_images, resumed_labels) in zip(whole[2:], resumed):
+        assert torch.equal(labels, resumed_labels) and torch.equal(images, resumed_images)
