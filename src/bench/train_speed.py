@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         DataConfig(image_size=args.size)
     except ValidationError as exc:
         parser.error(f"--size {args.size}: {exc.errors()[0]['msg']}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but no CUDA GPU is available; use --device cpu")
     problems = {"--batch-size must be at least 2 (BatchNorm needs 2 images a step)": args.batch_size < 2,
                 "--individuals must be at least 2": args.individuals < 2,
                 f"--images must be at least {MIN_IMAGES} (prepare keeps individuals with that many)":

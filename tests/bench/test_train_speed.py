@@ -111,6 +111,18 @@ def test_bad_options_are_refused_before_any_data_is_made(tmp_path, capsys, optio
     assert not list(tmp_path.iterdir())
 
 
+def test_cuda_without_a_gpu_is_refused_before_any_data_is_made(tmp_path, capsys, monkeypatch):
+    """Before, the stand-in data were made, then a RuntimeError traceback ("Found no NVIDIA driver")."""
+    monkeypatch.setattr(train_speed.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        train_speed.main(["--device", "cuda", "--work-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda requested but no CUDA GPU is available; use --device cpu")
+    assert err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failing_naive_script_is_named_with_its_last_line(tmp_path):
     """Before, a CalledProcessError traceback that did not say why the script failed."""
     script = tmp_path / "naive.py"
