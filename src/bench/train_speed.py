@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -124,7 +125,9 @@ def naive_throughput(arch: str, data_root: Path, args) -> float | None:
     command = [sys.executable, str(args.naive_script), "--list", str(data_root / "annotations" / "train.txt"),
                "--root", str(raw_dir), "--arch", arch, "--epochs", str(args.naive_epochs),
                "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--size", str(args.size)]
-    finished = subprocess.run(command, capture_output=True, text=True)
+    # The script trains on a GPU whenever one is visible: hidden from it when ours runs on the CPU.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
     if finished.returncode:
         last = (finished.stderr.strip().splitlines() or ["no message"])[-1]
         raise SystemExit(f"error: the naive reference {args.naive_script} failed (exit {finished.returncode}): {last}")

@@ -123,6 +123,21 @@ def test_cuda_without_a_gpu_is_refused_before_any_data_is_made(tmp_path, capsys,
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("device, expected", [("cpu", 10.0), ("cuda", 500.0)])
+def test_the_naive_loop_runs_on_the_device_ours_runs_on(tmp_path, monkeypatch, device, expected):
+    """The naive script takes the GPU whenever it sees one: with --device cpu on a GPU machine, ours
+    on the CPU was compared with the naive loop on the GPU."""
+    script = tmp_path / "naive.py"
+    script.write_text("import json, os\n"
+                      "on_cpu = os.environ.get('CUDA_VISIBLE_DEVICES') == ''  # what hides the GPU from torch\n"
+                      "for epoch in (1, 2):\n"
+                      "    print(json.dumps({'epoch': epoch, 'img_per_s': 10.0 if on_cpu else 500.0}))\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(train_speed, "PreparedData", SimpleNamespace(load=lambda root: SimpleNamespace(raw_dir=root)))
+    args = SimpleNamespace(naive_script=script, naive_epochs=2, workers=1, batch_size=8, size=32, device=device)
+    assert train_speed.naive_throughput("resnet18", tmp_path, args) == expected
+
+
 def test_a_failing_naive_script_is_named_with_its_last_line(tmp_path):
     """Before, a CalledProcessError traceback that did not say why the script failed."""
     script = tmp_path / "naive.py"
