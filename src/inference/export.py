@@ -7,8 +7,8 @@ Writes into `--out`, named after the checkpoint:
 
 - `<stem>.onnx` (opset 17): input `images`, float32 `N x 3 x S x S` normalised as training's eval
   path (`BatchAugment.eval`); outputs `embeddings` (`N x D`, L2-normalised) and `logits` (`N x C`);
-  the batch axis is dynamic; the checkpoint's sha256 in its metadata. `predict --onnx` runs it with
-  ONNX Runtime alone, after checking that sha256 against the JSON below.
+  the batch axis is dynamic; in its metadata the checkpoint's sha256 and that of the JSON's model
+  description. `predict --onnx` runs it with ONNX Runtime alone, after checking both against the JSON below.
 - `<stem>.torchscript.pt`: the same module traced (`torch.jit.load`, no project code needed).
 - `<stem>.json`: the class names, the training config (preprocessing, head), the checkpoint's sha256
   (galleries are tied to it), the threshold evaluation stored (export again after re-evaluating), and
@@ -45,9 +45,9 @@ import torch
 from src import atomic
 from src.data.standin import individual_name, render
 from src.errors import command_main, command_parser, path_argument, positive_int
-from src.inference.identify import (CHECKPOINT_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES,
-                                    USAGE_ERRORS, Identifier, InferenceError, OnnxBackend, export_info_path,
-                                    stored_thresholds)
+from src.inference.identify import (CHECKPOINT_METADATA, DESCRIPTION_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME,
+                                    OUTPUT_NAMES, USAGE_ERRORS, Identifier, InferenceError, OnnxBackend,
+                                    description_sha256, export_info_path, stored_thresholds)
 from src.tables import format_rows
 
 FORMATS = ("onnx", "torchscript")
@@ -90,9 +90,9 @@ def standin_batch(identifier: Identifier, count: int) -> torch.Tensor:
     return identifier.preprocess.normalise(pixels, torch.device("cpu")).contiguous()
 
 
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, checkpoint_sha256: str) -> Runner:
-    """Write the ONNX file, with the checkpoint's sha256 in its metadata (`predict --onnx` checks it
-    against the JSON beside it); returns a runner on it in ONNX Runtime (CPU)."""
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> Runner:
+    """Write the ONNX file, with `metadata` (what `predict --onnx` checks against the JSON beside
+    it); returns a runner on it in ONNX Runtime (CPU)."""
     exported = io.BytesIO()  # in memory: the metadata is added before the one write to disk
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # "legacy exporter" (see above)
@@ -100,7 +100,7 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, chec
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
     model = onnx.load_from_string(exported.getvalue())
-    onnx.helper.set_model_props(model, {CHECKPOINT_METADATA: checkpoint_sha256})
+    onnx.helper.set_model_props(model, metadata)
     atomic.write_bytes(path, model.SerializeToString())
     return OnnxBackend(path, "cpu")
 
@@ -161,7 +161,9 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
     batch = standin_batch(identifier, CHECK_IMAGES)
     stem = checkpoint.stem
     paths = {"onnx": out / f"{stem}.onnx", "torchscript": out / f"{stem}.torchscript.pt"}
-    exporters = {"onnx": partial(export_onnx, checkpoint_sha256=identifier.info.checkpoint_sha256),
+    model_description = identifier.info.to_json()
+    exporters = {"onnx": partial(export_onnx, metadata={CHECKPOINT_METADATA: identifier.info.checkpoint_sha256,
+                                                        DESCRIPTION_METADATA: description_sha256(model_description)}),
                  "torchscript": export_torchscript}
 
     info_path = export_info_path(paths["onnx"])
@@ -184,7 +186,7 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
                       "latency": f"CPU, batch 1, median of {runs} runs, {torch.get_num_threads()} threads",
                       "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
             stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
-            info = {"format_version": EXPORT_FORMAT_VERSION, "model": identifier.info.to_json(),
+            info = {"format_version": EXPORT_FORMAT_VERSION, "model": model_description,
                     "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
             atomic.write_text(stage(info_path), json.dumps(info, indent=2) + "\n")  # last: it describes the rest
     except OSError as exc:  # a file where the folder should be, no permission, a full disk

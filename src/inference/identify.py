@@ -19,6 +19,7 @@ Stages, one function each:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -56,8 +57,10 @@ DEFAULT_MATCH = "prototype"  # measured better for new individuals: docs/INFEREN
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "logits")
 EXPORT_FORMAT_VERSION = 1
-# Metadata key of an exported ONNX file: the sha256 of the checkpoint it was exported from.
+# Metadata keys of an exported ONNX file: the sha256 of the checkpoint it was exported from, and that
+# of the description (class names, config) written into its JSON (`description_sha256`).
 CHECKPOINT_METADATA = "checkpoint_sha256"
+DESCRIPTION_METADATA = "description_sha256"
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_TOP_K = 5  # individuals listed per photo
 # Decoding threads: PIL releases the GIL while it decompresses, so a few threads overlap the files.
@@ -162,6 +165,12 @@ class ModelInfo:
         return cls(classes, config_from_dict(raw["config"]), raw["checkpoint_sha256"])
 
 
+def description_sha256(model: dict) -> str:
+    """Of an export JSON's `model` section (class names, config, checkpoint) as written, keys sorted:
+    hashed as stored, so that a later code's new config defaults do not change it."""
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
+
+
 def export_info_path(onnx_path: Path) -> Path:
     """`out/x_best.onnx` -> `out/x_best.json`: what `export` writes and `predict --onnx` reads."""
     return Path(onnx_path).with_suffix(".json")
@@ -190,8 +199,9 @@ def score_kind(gallery: Gallery | None, match: str) -> str:
     return "classifier" if gallery is None else match
 
 
-def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds]:
-    """The model info and thresholds stored by `export` beside an ONNX file."""
+def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds, str]:
+    """The model info and thresholds stored by `export` beside an ONNX file, and the info's
+    `description_sha256`."""
     if onnx_path.suffix.lower() != ".onnx" or onnx_path.is_dir():
         what = "a folder" if onnx_path.is_dir() else "not an .onnx file"
         raise InferenceError(f"--onnx {onnx_path}: {what}; give the <name>.onnx that export wrote")
@@ -206,7 +216,8 @@ def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds]:
                                  f"reads {EXPORT_FORMAT_VERSION}; export again")
         thresholds = raw["thresholds"]
         return (ModelInfo.from_json(raw["model"]),
-                StoredThresholds(threshold_values(thresholds["values"]), str(thresholds["origin"])))
+                StoredThresholds(threshold_values(thresholds["values"]), str(thresholds["origin"])),
+                description_sha256(raw["model"]))
     except MALFORMED_JSON as exc:
         raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
 
@@ -340,10 +351,11 @@ class OnnxBackend:
         """The file must come from the checkpoint its JSON describes: the JSON is rewritten by every
         export of a checkpoint with the same name, also one with `--format torchscript` only, and
         would then give another model's class names, threshold and gallery checksum to this one."""
-        recorded = self.session.get_modelmeta().custom_metadata_map.get(CHECKPOINT_METADATA)
-        if recorded is None:
-            raise InferenceError(f"{self.path}: does not record the checkpoint it was exported from (an older "
-                                 "export); export it again")
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        recorded = metadata.get(CHECKPOINT_METADATA)
+        if recorded is None or DESCRIPTION_METADATA not in metadata:
+            raise InferenceError(f"{self.path}: does not record the checkpoint and description it was exported "
+                                 "with (an older export); export it again")
         if recorded != checkpoint_sha256:
             raise InferenceError(f"{self.path} was exported from checkpoint sha256 {recorded[:12]}..., but "
                                  f"{description.name} describes {checkpoint_sha256[:12]}... (a later export of "
@@ -368,6 +380,14 @@ class OnnxBackend:
             if len(declared) != len(dims) or any(isinstance(d, int) and d != e for d, e in zip(declared, dims)):
                 raise InferenceError(f"{self.path}: {holds.format(' x '.join(map(str, declared)))}, but "
                                      f"{description.name} {says}; export again")
+
+    def check_description(self, digest: str, description: Path) -> None:
+        """The JSON's class names and config must be those exported with the file (after the shapes,
+        whose messages say more): an edit that reordered or renamed the classes gave the same
+        scores other names, silently."""
+        if self.session.get_modelmeta().custom_metadata_map.get(DESCRIPTION_METADATA) != digest:
+            raise InferenceError(f"{self.path}: {description.name} is not the description exported with it "
+                                 "(its class names or config were edited); export again")
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         embeddings, logits = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.contiguous().numpy()})
@@ -448,11 +468,12 @@ class Identifier:
     def from_onnx(cls, path: str | Path, device: str = "cpu", gallery: Gallery | None = None,
                   threshold: float | None = None, match: str = DEFAULT_MATCH) -> Identifier:
         """An exported model; classes, preprocessing and threshold come from the JSON beside it."""
-        info, stored = read_export_info(Path(path))
+        info, stored, digest = read_export_info(Path(path))
         chosen = stored.for_kind(score_kind(gallery, match)) if threshold is None else given_threshold(threshold)
         backend = OnnxBackend(Path(path), device)
         backend.check_exported_from(info.checkpoint_sha256, export_info_path(path))
         backend.check_shapes(info, export_info_path(path))
+        backend.check_description(digest, export_info_path(path))
         return cls(backend, info, chosen, gallery, match)
 
     @property

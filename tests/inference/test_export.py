@@ -266,3 +266,47 @@ def test_an_export_stopped_midway_leaves_the_earlier_export_whole(exported, tiny
     capsys.readouterr()
     photo = next(iter(unseen.values()))[0]
     assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(photo)]) == 0
+
+
+def reverse_classes(model):
+    model["classes"].reverse()
+
+
+def rename_a_class(model):
+    model["classes"][0] = "Zola"
+
+
+def edit_backbone(model):
+    model["config"]["model"]["backbone"] = "resnet50"
+
+
+@pytest.mark.parametrize("edit", [reverse_classes, rename_a_class, edit_backbone])
+def test_an_export_json_edited_where_the_graph_cannot_tell_exits_2_in_one_line(exported, unseen, tmp_path, capsys,
+                                                                                edit):
+    """Same counts and sizes as the graph, so the shape check passed: reordered or renamed classes
+    named every photo after another individual, silently."""
+    out, info = exported
+    shutil.copy(out / "learned_best.onnx", tmp_path)
+    edited = json.loads(json.dumps(info))
+    edit(edited["model"])
+    (tmp_path / "learned_best.json").write_text(json.dumps(edited))
+    photo = next(iter(unseen.values()))[0]
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(photo)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.onnx'}: learned_best.json is not the "
+                                       "description exported with it (its class names or config were edited); "
+                                       "export again\n")
+
+
+def test_an_onnx_file_exported_without_the_description_check_is_refused(exported, unseen, tmp_path, capsys):
+    import onnx
+
+    out, _ = exported
+    shutil.copy(out / "learned_best.json", tmp_path)
+    model = onnx.load(str(out / "learned_best.onnx"))
+    kept = [prop for prop in model.metadata_props if prop.key == "checkpoint_sha256"]  # as exports were before
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "learned_best.onnx"))
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(next(iter(unseen.values()))[0])]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.onnx'}: does not record the checkpoint "
+                                       "and description it was exported with (an older export); export it again\n")
