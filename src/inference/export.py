@@ -11,8 +11,8 @@ Writes into `--out`, named after the checkpoint:
   description. `predict --onnx` runs it with ONNX Runtime alone, after checking both against the JSON below.
 - `<stem>.torchscript.pt`: the same module traced (`torch.jit.load`, no project code needed).
 - `<stem>.json`: the class names, the training config (preprocessing, head), the checkpoint's sha256
-  (galleries are tied to it), the threshold evaluation stored (export again after re-evaluating), and
-  the checks below.
+  (galleries are tied to it), the threshold evaluation stored (export again after re-evaluating), the
+  .onnx file's sha256 (`predict --onnx` refuses a damaged copy), and the checks below.
 
 Checks, on real inputs: stand-in face images (`src.data.standin`) decoded and normalised exactly as
 `predict` does go through PyTorch and each export as a batch of 8, not the traced batch of 2, so the
@@ -188,6 +188,8 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
             stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
             info = {"format_version": EXPORT_FORMAT_VERSION, "model": model_description,
                     "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
+            if "onnx" in formats:  # the staged file holds the bytes that replace the .onnx
+                info["onnx_sha256"] = runners["onnx"].file_sha256()
             atomic.write_text(stage(info_path), json.dumps(info, indent=2) + "\n")  # last: it describes the rest
     except OSError as exc:  # a file where the folder should be, no permission, a full disk
         raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None

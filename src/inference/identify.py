@@ -199,9 +199,20 @@ def score_kind(gallery: Gallery | None, match: str) -> str:
     return "classifier" if gallery is None else match
 
 
-def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds, str]:
-    """The model info and thresholds stored by `export` beside an ONNX file, and the info's
-    `description_sha256`."""
+@dataclass(frozen=True)
+class ExportDescription:
+    """What `export` writes beside an ONNX file: the model info, the stored thresholds, and what
+    `OnnxBackend` checks the file against (`onnx_sha256` is None after a `--format torchscript`
+    export, which does not write the .onnx file)."""
+
+    info: ModelInfo
+    thresholds: StoredThresholds
+    description_sha256: str
+    onnx_sha256: str | None
+
+
+def read_export_info(onnx_path: Path) -> ExportDescription:
+    """The JSON that `export` wrote beside an ONNX file."""
     if onnx_path.suffix.lower() != ".onnx" or onnx_path.is_dir():
         what = "a folder" if onnx_path.is_dir() else "not an .onnx file"
         raise InferenceError(f"--onnx {onnx_path}: {what}; give the <name>.onnx that export wrote")
@@ -215,9 +226,9 @@ def read_export_info(onnx_path: Path) -> tuple[ModelInfo, StoredThresholds, str]
             raise InferenceError(f"{path}: export format {raw.get('format_version')!r}, this code "
                                  f"reads {EXPORT_FORMAT_VERSION}; export again")
         thresholds = raw["thresholds"]
-        return (ModelInfo.from_json(raw["model"]),
-                StoredThresholds(threshold_values(thresholds["values"]), str(thresholds["origin"])),
-                description_sha256(raw["model"]))
+        return ExportDescription(ModelInfo.from_json(raw["model"]),
+                                 StoredThresholds(threshold_values(thresholds["values"]), str(thresholds["origin"])),
+                                 description_sha256(raw["model"]), raw.get("onnx_sha256"))
     except MALFORMED_JSON as exc:
         raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
 
@@ -389,6 +400,18 @@ class OnnxBackend:
             raise InferenceError(f"{self.path}: {description.name} is not the description exported with it "
                                  "(its class names or config were edited); export again")
 
+    def file_sha256(self) -> str:
+        with self.path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+
+    def check_file(self, onnx_sha256: str | None, description: Path) -> None:
+        """The file must hold the bytes export wrote, where the JSON records them: a damaged copy
+        whose graph still loads gave wrong scores (weights of a corrupted file: embeddings of length
+        1e-10) with exit 0."""
+        if onnx_sha256 is not None and self.file_sha256() != onnx_sha256:
+            raise InferenceError(f"{self.path}: not the file {description.name} was exported with (its sha256 "
+                                 "differs: a damaged or altered copy); copy or export it again")
+
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         embeddings, logits = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.contiguous().numpy()})
         return embeddings, logits
@@ -468,12 +491,15 @@ class Identifier:
     def from_onnx(cls, path: str | Path, device: str = "cpu", gallery: Gallery | None = None,
                   threshold: float | None = None, match: str = DEFAULT_MATCH) -> Identifier:
         """An exported model; classes, preprocessing and threshold come from the JSON beside it."""
-        info, stored, digest = read_export_info(Path(path))
-        chosen = stored.for_kind(score_kind(gallery, match)) if threshold is None else given_threshold(threshold)
+        exported = read_export_info(Path(path))
+        info, json_path = exported.info, export_info_path(path)
+        chosen = (exported.thresholds.for_kind(score_kind(gallery, match)) if threshold is None
+                  else given_threshold(threshold))
         backend = OnnxBackend(Path(path), device)
-        backend.check_exported_from(info.checkpoint_sha256, export_info_path(path))
-        backend.check_shapes(info, export_info_path(path))
-        backend.check_description(digest, export_info_path(path))
+        backend.check_exported_from(info.checkpoint_sha256, json_path)
+        backend.check_shapes(info, json_path)
+        backend.check_description(exported.description_sha256, json_path)
+        backend.check_file(exported.onnx_sha256, json_path)
         return cls(backend, info, chosen, gallery, match)
 
     @property

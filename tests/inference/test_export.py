@@ -36,6 +36,7 @@ def test_exports_match_pytorch_on_stand_in_images(exported):
     assert checks["check_images"] > checks["traced_batch"]  # the dynamic batch axis was exercised
     assert all(ms > 0 for ms in checks["latency_ms_per_image"].values())
     assert len(info["model"]["classes"]) == 16 and info["thresholds"]["values"] == {}  # not evaluated
+    assert info["onnx_sha256"] == hashlib.sha256((out / "learned_best.onnx").read_bytes()).hexdigest()
 
 
 def test_predict_from_onnx_matches_the_checkpoint(learned, exported, unseen):
@@ -310,3 +311,19 @@ def test_an_onnx_file_exported_without_the_description_check_is_refused(exported
     assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(next(iter(unseen.values()))[0])]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.onnx'}: does not record the checkpoint "
                                        "and description it was exported with (an older export); export it again\n")
+
+
+def test_a_damaged_onnx_file_that_still_loads_exits_2_in_one_line(exported, unseen, tmp_path, capsys):
+    """Its metadata and shapes intact, its weights not: it ran and named photos from garbage scores."""
+    import onnx
+
+    out, _ = exported
+    shutil.copy(out / "learned_best.json", tmp_path)
+    model = onnx.load(str(out / "learned_best.onnx"))
+    weights = max(model.graph.initializer, key=lambda tensor: len(tensor.raw_data))
+    weights.raw_data = bytes(len(weights.raw_data))  # zeroed, as a damaged block of the file reads
+    onnx.save(model, str(tmp_path / "learned_best.onnx"))
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(next(iter(unseen.values()))[0])]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.onnx'}: not the file learned_best.json "
+                                       "was exported with (its sha256 differs: a damaged or altered copy); copy or "
+                                       "export it again\n")
