@@ -131,10 +131,21 @@ def naive_throughput(arch: str, data_root: Path, args) -> float | None:
     if finished.returncode:
         last = (finished.stderr.strip().splitlines() or ["no message"])[-1]
         raise SystemExit(f"error: the naive reference {args.naive_script} failed (exit {finished.returncode}): {last}")
-    output = finished.stdout
-    epochs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    timed = epochs[1:] or epochs  # the first epoch starts the workers
-    return statistics.median(e["img_per_s"] for e in timed)
+    speeds = [speed for speed in map(epoch_speed, finished.stdout.splitlines()) if speed is not None]
+    if not speeds:
+        raise SystemExit(f"error: the naive reference {args.naive_script} printed no epoch line (a JSON object "
+                         "with a number img_per_s, one per epoch, as naive_reference.py prints)")
+    timed = speeds[1:] or speeds  # the first epoch starts the workers
+    return statistics.median(timed)
+
+
+def epoch_speed(line: str) -> float | None:
+    """The img_per_s of one of the naive script's epoch lines; None for any other line."""
+    try:
+        speed = json.loads(line).get("img_per_s")
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return None
+    return float(speed) if isinstance(speed, (int, float)) and not isinstance(speed, bool) else None
 
 
 @dataclass

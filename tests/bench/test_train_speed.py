@@ -138,6 +138,28 @@ def test_the_naive_loop_runs_on_the_device_ours_runs_on(tmp_path, monkeypatch, d
     assert train_speed.naive_throughput("resnet18", tmp_path, args) == expected
 
 
+def test_a_naive_script_without_epoch_lines_is_named(tmp_path, monkeypatch):
+    """Before, a StatisticsError (no lines) or JSONDecodeError / KeyError (other lines) traceback."""
+    script = tmp_path / "naive.py"
+    script.write_text("print('{starting')\nprint('[1, 2]')\nprint('{\"epoch\": 1, \"speed\": 5}')\n")
+    monkeypatch.setattr(train_speed, "PreparedData", SimpleNamespace(load=lambda root: SimpleNamespace(raw_dir=root)))
+    args = SimpleNamespace(naive_script=script, naive_epochs=2, workers=1, batch_size=8, size=32, device="cpu")
+    with pytest.raises(SystemExit, match=rf"^error: the naive reference {script} printed no epoch line \(a JSON "
+                                         "object with a number img_per_s, one per epoch, as naive_reference.py "
+                                         r"prints\)$"):
+        train_speed.naive_throughput("resnet18", tmp_path, args)
+
+
+def test_the_naive_speed_is_the_median_of_its_epoch_lines_after_the_first(tmp_path, monkeypatch):
+    script = tmp_path / "naive.py"
+    lines = ["loading", '{"epoch": 1, "img_per_s": 1.0}', '{"epoch": 2, "img_per_s": 30}', "[1]",
+             '{"epoch": 3, "img_per_s": 20.0}', '{"epoch": 4, "img_per_s": 40.0}']
+    script.write_text("".join(f"print({line!r})\n" for line in lines))
+    monkeypatch.setattr(train_speed, "PreparedData", SimpleNamespace(load=lambda root: SimpleNamespace(raw_dir=root)))
+    args = SimpleNamespace(naive_script=script, naive_epochs=4, workers=1, batch_size=8, size=32, device="cpu")
+    assert train_speed.naive_throughput("resnet18", tmp_path, args) == 30.0  # of 30, 20, 40: not epoch 1
+
+
 def test_a_failing_naive_script_is_named_with_its_last_line(tmp_path):
     """Before, a CalledProcessError traceback that did not say why the script failed."""
     script = tmp_path / "naive.py"
