@@ -495,32 +495,32 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
 
     max_epochs = config.trainer.max_epochs
     previous_row_at = time.perf_counter()
-    for epoch in range(state.epoch + 1, max_epochs + 1):
-        started = time.perf_counter()
-        with pending_best_written_on_stop(saver, paths, runtime):
+    with pending_best_written_on_failure(saver, paths, runtime):
+        for epoch in range(state.epoch + 1, max_epochs + 1):
+            started = time.perf_counter()
             sums = train_one_epoch(train_runner, model, train_source, optimizer, scheduler, scaler, epoch,
                                    state, config, runtime, stop)
-        if state.step < len(train_source):
-            stop_mid_epoch(epoch, sums, state, saver, build_checkpoint, paths, stop, runtime, len(train_source))
-        train = sums.means(runtime)  # waits for the device: train_seconds is the steps' own
-        validation_started = time.perf_counter()
-        val, early_weights = validate(eval_runner, model, optimizer, val_source, saver, data, config, runtime)
-        now = time.perf_counter()
-        # `seconds` runs from the previous epoch's row, so that epoch's checkpoint snapshot and epoch
-        # line count too: the epochs' seconds add up to the run's wall time after set-up.
-        row = epoch_row(epoch, sums.lr, train, val, seconds=now - previous_row_at,
-                        train_seconds=validation_started - started, val_seconds=now - validation_started,
-                        skipped_images=train_source.skipped + val_source.skipped)
-        previous_row_at = now
-        improved = state.record_epoch(row)
-        report_epoch(row, max_epochs, runtime)
-        if runtime.output_lost is not None and epoch < max_epochs:  # the last epoch is saved anyway
-            stop.request("SIGPIPE", f"stdout could not be written: {runtime.output_lost}")
-        stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
-        saver.save(build_checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
-        if stopping:
-            saver.wait()
-            raise stop.stopped(f"after epoch {epoch}", paths.last)
+            if state.step < len(train_source):
+                stop_mid_epoch(epoch, sums, state, saver, build_checkpoint, paths, stop, runtime, len(train_source))
+            train = sums.means(runtime)  # waits for the device: train_seconds is the steps' own
+            validation_started = time.perf_counter()
+            val, early_weights = validate(eval_runner, model, optimizer, val_source, data, config, runtime)
+            now = time.perf_counter()
+            # `seconds` runs from the previous epoch's row, so that epoch's checkpoint snapshot and epoch
+            # line count too: the epochs' seconds add up to the run's wall time after set-up.
+            row = epoch_row(epoch, sums.lr, train, val, seconds=now - previous_row_at,
+                            train_seconds=validation_started - started, val_seconds=now - validation_started,
+                            skipped_images=train_source.skipped + val_source.skipped)
+            previous_row_at = now
+            improved = state.record_epoch(row)
+            report_epoch(row, max_epochs, runtime)
+            if runtime.output_lost is not None and epoch < max_epochs:  # the last epoch is saved anyway
+                stop.request("SIGPIPE", f"stdout could not be written: {runtime.output_lost}")
+            stopping = stop.agreed(runtime)  # all ranks stop after this epoch, or none does
+            saver.save(build_checkpoint, improved, force=epoch == max_epochs or stopping, weights=early_weights)
+            if stopping:
+                saver.wait()
+                raise stop.stopped(f"after epoch {epoch}", paths.last)
     saver.wait()
     runtime.print(f"done: best val top1={state.best_val_top1:.4f} at epoch {state.best_epoch}; "
                   f"{paths.best}, {paths.last}, {paths.metrics}")
@@ -528,12 +528,14 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
 
 
 @contextmanager
-def pending_best_written_on_stop(saver: CheckpointSaver, paths: RunPaths, runtime: Runtime):
-    """A TrainingStopped (a non-finite loss) passes through, after the best epoch held in memory is
-    written: the stop loses none of the good epochs before it."""
+def pending_best_written_on_failure(saver: CheckpointSaver, paths: RunPaths, runtime: Runtime):
+    """A non-finite loss (TrainingStopped) or images found unreadable mid-run (DatasetError: a
+    training batch, or the validation pass, with none readable) passes through after the best epoch
+    held in memory is written: the run loses none of the good epochs before it. (A stop request's
+    forced save has written it already.)"""
     try:
         yield
-    except TrainingStopped:
+    except (TrainingStopped, DatasetError):
         written = saver.write_pending_best()
         if written is not None:
             runtime.print(f"wrote epoch {written} (the best so far) to {paths.best} and {paths.last}")
@@ -552,16 +554,15 @@ def stop_mid_epoch(epoch: int, sums: EpochSums, state: RunState, saver: Checkpoi
                        f" ({paths.best.name} is still the earlier run's)" if earlier_best else "")
 
 
-def validate(runner, model, optimizer, source: BatchSource, saver: CheckpointSaver, data: PreparedData,
-             config: Config, runtime: Runtime) -> tuple[dict[str, float | int], Snapshot | None]:
+def validate(runner, model, optimizer, source: BatchSource, data: PreparedData, config: Config,
+             runtime: Runtime) -> tuple[dict[str, float | int], Snapshot | None]:
     """The epoch's validation means, and its weights snapshotted while validation still runs on the
-    device (SNAPSHOT_DURING_VALIDATION; None elsewhere)."""
+    device (SNAPSHOT_DURING_VALIDATION, on rank 0, which alone writes; None elsewhere)."""
     sums = evaluate(runner, model, source, config, runtime)
     early_weights = (device_snapshot(weights_dict(model, optimizer))
-                     if saver.enabled and runtime.device.type in SNAPSHOT_DURING_VALIDATION else None)
+                     if runtime.dist.is_main and runtime.device.type in SNAPSHOT_DURING_VALIDATION else None)
     val = sums.means(runtime)
     if val["images"] == 0:  # the plain pipeline finds unreadable images only when it reads them
-        saver.write_pending_best()  # images deleted mid-run: the good epochs held in memory are kept
         raise no_validation_images(source.num_images, data, config)
     return val, early_weights
 

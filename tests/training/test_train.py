@@ -412,7 +412,8 @@ def test_partial_writes_of_a_killed_run_are_removed_at_the_next_start(tiny_data,
         assert f"note: removed {path}, a partial write of a run that was killed" in out
 
 
-def test_val_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memory(tiny_data, tmp_path, monkeypatch):
+def test_val_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memory(tiny_data, tmp_path, monkeypatch,
+                                                                                  capsys):
     """The plain pipeline finds unreadable images only when it reads them: validation that read none
     stops the run (exit 2), and a best epoch not yet written (interval 1 h) is written first."""
     real_evaluate, calls = train_module.evaluate, []
@@ -427,10 +428,40 @@ def test_val_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memor
     monkeypatch.setattr(train_module, "evaluate", images_gone_after_the_first_epoch)
     config = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3, "trainer.checkpoint_interval_s": 3600,
                                                   "data.pipeline": "plain"})
+    capsys.readouterr()
     with pytest.raises(train_module.DatasetError, match="nothing to validate the epochs on"):
         run(load_config(config))
     artifacts = tmp_path / "artifacts"
-    assert load_checkpoint(artifacts / "tiny_best.pt")["epoch"] == load_checkpoint(artifacts / "tiny_last.pt")["epoch"] == 1
+    best, last = load_checkpoint(artifacts / "tiny_best.pt"), load_checkpoint(artifacts / "tiny_last.pt")
+    assert best["epoch"] == last["epoch"] == 1
+    assert f"wrote epoch 1 (the best so far) to {artifacts / 'tiny_best.pt'}" in capsys.readouterr().out
+
+
+def test_train_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_memory(tiny_data, tmp_path, fresh_copy,
+                                                                                    monkeypatch, capsys):
+    """A training batch with no readable image stops the run (DatasetError); the best epoch held in
+    memory (interval 1 h) is written first, as for a non-finite loss. Before, it was lost."""
+    data = fresh_copy(tiny_data)
+    prepared = data / "annotations" / "prepared.json"
+    prepared.write_text(prepared.read_text().replace(str(tiny_data), str(data)))
+    real_evaluate = train_module.evaluate
+
+    def images_gone_after_the_first_epoch(*args, **kwargs):
+        sums = real_evaluate(*args, **kwargs)
+        shutil.rmtree(data / "raw")  # the second call finds none either: the run stops before it
+        return sums
+
+    monkeypatch.setattr(train_module, "evaluate", images_gone_after_the_first_epoch)
+    config = write_config(tmp_path, data, **{"trainer.max_epochs": 3, "trainer.checkpoint_interval_s": 3600,
+                                             "data.pipeline": "plain"})
+    capsys.readouterr()
+    with pytest.raises(DatasetError, match="all .* images of a training batch could not be read"):
+        run(load_config(config))
+    artifacts = tmp_path / "artifacts"
+    best, last = load_checkpoint(artifacts / "tiny_best.pt"), load_checkpoint(artifacts / "tiny_last.pt")
+    assert best["epoch"] == last["epoch"] == 1
+    assert len(read_rows(artifacts / "tiny_metrics.csv")) == 1
+    assert f"wrote epoch 1 (the best so far) to {artifacts / 'tiny_best.pt'}" in capsys.readouterr().out
 
 
 def test_an_image_the_cache_leaves_out_is_a_warning_line(tiny_data, tmp_path):
