@@ -18,7 +18,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable
 
 import numpy as np
 import torch
@@ -500,8 +500,13 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             started = time.perf_counter()
             sums = train_one_epoch(train_runner, model, train_source, optimizer, scheduler, scaler, epoch,
                                    state, config, runtime, stop)
-            if state.step < len(train_source):
-                stop_mid_epoch(epoch, sums, state, saver, build_checkpoint, paths, stop, runtime, len(train_source))
+            if state.step < len(train_source):  # a stop request ended the epoch: save its steps and sums so far
+                state.partial = sums.reduced_state(runtime)
+                saver.save(build_checkpoint, improved=False, force=True)
+                saver.wait()
+                earlier_best = state.best_epoch == 0 and paths.best.is_file()  # this run has no best epoch yet
+                raise stop.stopped(f"in epoch {epoch} after step {state.step}/{len(train_source)}", paths.last,
+                                   f" ({paths.best.name} is still the earlier run's)" if earlier_best else "")
             train = sums.means(runtime)  # waits for the device: train_seconds is the steps' own
             validation_started = time.perf_counter()
             val, early_weights = validate(eval_runner, model, optimizer, val_source, data, config, runtime)
@@ -540,18 +545,6 @@ def pending_best_written_on_failure(saver: CheckpointSaver, paths: RunPaths, run
         if written is not None:
             runtime.print(f"wrote epoch {written} (the best so far) to {paths.best} and {paths.last}")
         raise
-
-
-def stop_mid_epoch(epoch: int, sums: EpochSums, state: RunState, saver: CheckpointSaver,
-                   build_checkpoint: Callable[[bool], dict], paths: RunPaths, stop: StopRequest,
-                   runtime: Runtime, steps_per_epoch: int) -> NoReturn:
-    """A stop request ended the epoch early: save its steps and sums so far, then stop."""
-    state.partial = sums.reduced_state(runtime)
-    saver.save(build_checkpoint, improved=False, force=True)
-    saver.wait()
-    earlier_best = state.best_epoch == 0 and paths.best.is_file()  # this run has no best epoch yet
-    raise stop.stopped(f"in epoch {epoch} after step {state.step}/{steps_per_epoch}", paths.last,
-                       f" ({paths.best.name} is still the earlier run's)" if earlier_best else "")
 
 
 def validate(runner, model, optimizer, source: BatchSource, data: PreparedData, config: Config,
