@@ -143,6 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_runtime(config: Config) -> Runtime:
+    """The run's device, process group and arithmetic; first refuses what they cannot run."""
     wanted = config.trainer.device
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device: 'cuda' requested but no CUDA GPU is available; set trainer.device: cpu")
@@ -155,6 +156,13 @@ def make_runtime(config: Config) -> Runtime:
     if batch // info.world_size < 2:
         raise ConfigError(f"trainer.batch_size: {batch} gives each of the {info.world_size} processes "
                           f"{batch // info.world_size} image a step; BatchNorm needs at least 2")
+    if info.enabled and config.trainer.compile and config.trainer.compile_mode in CUDA_GRAPH_MODES:
+        # CUDA graphs and DDP's gradient hooks are a combination PyTorch's tracker lists open bugs for
+        # (e.g. pytorch/pytorch#128218, #139207); refuse it rather than hang or crash mid-run.
+        raise ConfigError(f"trainer.compile_mode: '{config.trainer.compile_mode}' uses CUDA graphs, which "
+                          "this project runs in a single process only; use 'default' under torchrun")
+    if config.trainer.sync_batchnorm and info.enabled and device.type != "cuda":
+        raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only; set it to false on the CPU")
     # TF32 for what autocast leaves in fp32 (and for fp32 runs): on Ampere and later GPUs several
     # times faster, at a precision training does not notice. Evaluation and inference turn it off for
     # their passes (devices.reproducible_arithmetic).
@@ -163,15 +171,10 @@ def make_runtime(config: Config) -> Runtime:
     amp_dtype = None
     if config.trainer.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if config.trainer.amp_dtype == "bf16" else torch.float16
-    if info.enabled and config.trainer.compile and config.trainer.compile_mode in CUDA_GRAPH_MODES:
-        # CUDA graphs and DDP's gradient hooks are a combination PyTorch's tracker lists open bugs for
-        # (e.g. pytorch/pytorch#128218, #139207); refuse it rather than hang or crash mid-run.
-        raise ConfigError(f"trainer.compile_mode: '{config.trainer.compile_mode}' uses CUDA graphs, which "
-                          "this project runs in a single process only; use 'default' under torchrun")
-    if config.trainer.sync_batchnorm and info.enabled and device.type != "cuda":
-        raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only; set it to false on the CPU")
-    # Compiled, a dozen small metric kernels per step become one (launches are what cost on a GPU).
-    stats = torch.compile(batch_stats, dynamic=False) if config.trainer.compile and device.type == "cuda" else batch_stats
+    stats = batch_stats
+    if config.trainer.compile and device.type == "cuda":
+        # A dozen small metric kernels per step become one (launches are what cost on a GPU).
+        stats = torch.compile(batch_stats, dynamic=False)
     runtime = Runtime(device, info, amp_dtype, stats)
     if info.enabled:
         runtime.print(f"torchrun: {info.world_size} process(es), {torch.distributed.get_backend()}, global batch "
