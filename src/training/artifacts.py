@@ -31,7 +31,7 @@ class RunPaths:
 
     @property
     def lock(self) -> Path:
-        """Held while a run writes the three files above (`train.claim_outputs`)."""
+        """Held while a run writes the three files above (`outputs.claim_outputs`)."""
         return Path(self.output_dir) / f".{self.name}.lock"
 
 

@@ -3,8 +3,8 @@
 Read top to bottom: `make_runtime` -> `load_data` -> `build_model_and_optimizer` -> `wrap_for_training`,
 then per epoch (in `fit`) `train_one_epoch`, `validate`, `RunState.record_epoch` and
 `CheckpointSaver.save` (a snapshot, written in the background when due). Resuming (`starting_state`) is
-in `resume.py`, stopping on a signal (`StopRequest`) in `stopping.py`. Works unchanged under
-`torchrun --nproc_per_node N`.
+in `resume.py`, stopping on a signal (`StopRequest`) in `stopping.py`, the lock on the run's files
+(`claim_outputs`) in `outputs.py`. Works unchanged under `torchrun --nproc_per_node N`.
 """
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import os
 import random
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from src import atomic, locks
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import IGNORED, BatchSource, build_source
@@ -38,6 +36,7 @@ from src.tables import drop_stdout, progress_bar
 from src.training import distributed as dist_utils
 from src.training.artifacts import RunPaths, epoch_line
 from src.training.checkpoint import CheckpointSaver, Snapshot, device_snapshot
+from src.training.outputs import claim_outputs
 from src.training.resume import (RunState, check_resume_compatible, check_training_state, read_resume_checkpoint,
                                  rng_state, starting_state)
 from src.training.stopping import StopRequest, TrainingStopped
@@ -393,67 +392,6 @@ def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config
 
 # ---------------------------------------------------------------------------------------------
 # Main
-
-
-@contextmanager
-def claim_outputs(paths: RunPaths, runtime: Runtime):
-    """Hold `<output_dir>/.<name>.lock` for the run (rank 0, which alone writes): a second run of
-    the same name into the same folder would interleave its checkpoints and CSV with this one's.
-    The lock file goes when the run ends, and so do the folders it was created in if the run wrote
-    nothing there (a run refused for its data or checkpoint leaves no trace)."""
-    with ExitStack() as stack:
-        held, locked, unwritable, folder = False, False, None, None
-        if runtime.dist.is_main:
-            new_folders = missing_folders(Path(paths.output_dir))
-            try:
-                locked = stack.enter_context(locks.exclusive(paths.lock, wait=False))  # False: no flock here
-                if locked:  # runs before the lock is released: no other run can have locked the file
-                    stack.callback(remove_claim, paths.lock, new_folders)
-            except locks.LockHeld:
-                held = True
-            except OSError as exc:  # output_dir is under a file, or cannot be created or written
-                unwritable = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or type(exc).__name__
-            # A folder where the run writes a file: found now, not when the first checkpoint is written.
-            folder = next((path for path in (paths.best, paths.last, paths.metrics) if path.is_dir()), None)
-        # Every rank stops, not rank 0 alone (the others would wait for it in the first collective).
-        held, failed, blocked = dist_utils.max_over_ranks([held, unwritable is not None, folder is not None],
-                                                          runtime.dist, runtime.device)
-        if failed:
-            raise ConfigError(f"trainer.output_dir: cannot write in {paths.output_dir} "
-                              f"({unwritable or 'on rank 0'})")
-        if blocked:
-            where = f"{folder} is a folder" if folder else "rank 0 found a folder"
-            raise ConfigError(f"trainer.output_dir: {where}, where the run writes a file; move it, or give the "
-                              "run another name")
-        if held:
-            raise CheckpointError(f"another run is training '{paths.name}' into {paths.output_dir} (it holds "
-                                  f"{paths.lock}); wait for it to end, or give this run another name or "
-                                  "trainer.output_dir")
-        if locked:  # no write of these files can be in progress
-            for leftover in (left for path in (paths.best, paths.last, paths.metrics)
-                             for left in atomic.remove_leftovers(path)):
-                runtime.print(f"note: removed {leftover}, a partial write of a run that was killed")
-        yield
-
-
-def missing_folders(folder: Path) -> list[Path]:
-    """`folder` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def remove_claim(lock: Path, new_folders: list[Path]) -> None:
-    """Remove the run's lock file, then the folders it was created in, as far as they are empty. A
-    failure here must not replace the run's own outcome: a file left behind is harmless."""
-    try:
-        lock.unlink(missing_ok=True)
-        for folder in new_folders:
-            folder.rmdir()  # fails where the run wrote its files (or someone else did): kept
-    except OSError:
-        pass
 
 
 def run(config: Config | dict, resume: str | None = None) -> RunState:

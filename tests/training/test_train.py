@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -616,12 +617,12 @@ def test_the_last_epoch_is_written_even_when_checkpoints_are_due_rarely(tiny_dat
 def test_a_lock_file_that_cannot_be_removed_does_not_change_the_runs_outcome(tiny_data, tmp_path, monkeypatch):
     config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}))
 
-    unlink = train_module.Path.unlink
+    unlink = Path.unlink
 
     def refuse_the_lock(path, missing_ok=False):
         if path.name == ".tiny.lock":
             raise PermissionError(13, "Permission denied", str(path))
         unlink(path, missing_ok)
-    monkeypatch.setattr(train_module.Path, "unlink", refuse_the_lock)
+    monkeypatch.setattr(Path, "unlink", refuse_the_lock)
     assert [row["epoch"] for row in run(config).history] == [1]
     assert (tmp_path / "artifacts" / ".tiny.lock").exists()
