@@ -327,6 +327,8 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
     bar = _progress(len(source), start, config, runtime, f"epoch {epoch}")
     for step, (images, labels) in enumerate(source.batches(epoch, start), start):
         with runtime.autocast():
+            # logits: the class scores, which the top-1/top-5 rank; loss_logits: the same with the
+            # head's margin at each image's label (ArcFace; a linear head has none): what the loss trains.
             _, logits, loss_logits = runner(images, labels)
         loss = F.cross_entropy(loss_logits, labels, label_smoothing=config.trainer.label_smoothing)
         sums.add(runtime.batch_stats(loss.detach(), logits.detach(), labels))
