@@ -12,7 +12,8 @@ Writes into `--out`, named after the checkpoint:
 - `<stem>.torchscript.pt`: the same module traced (`torch.jit.load`, no project code needed).
 - `<stem>.json`: the class names, the training config (preprocessing, head), the checkpoint's sha256
   (galleries are tied to it), the threshold evaluation stored (export again after re-evaluating), the
-  .onnx file's sha256 (`predict --onnx` refuses a damaged copy), and the checks below.
+  .onnx file's sha256 (`predict --onnx` refuses a damaged copy), the preprocessing spelled out (to
+  run the .onnx file without this project), and the checks below.
 
 Checks, on real inputs: stand-in face images (`src.data.standin`) decoded and normalised exactly as
 `predict` does go through PyTorch and each export as a batch of 8, not the traced batch of 2, so the
@@ -43,6 +44,8 @@ import onnxruntime
 import torch
 
 from src import atomic
+from src.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from src.data.decode import cache_size_for
 from src.data.standin import individual_name, render
 from src.errors import command_main, command_parser, path_argument, positive_int
 from src.inference.identify import (CHECKPOINT_METADATA, DESCRIPTION_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME,
@@ -187,6 +190,7 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
                       "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
             stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
             info = {"format_version": EXPORT_FORMAT_VERSION, "model": model_description,
+                    "preprocessing": preprocessing(identifier.info.config.data.image_size),
                     "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
             if "onnx" in formats:  # the staged file holds the bytes that replace the .onnx
                 info["onnx_sha256"] = runners["onnx"].file_sha256()
@@ -194,6 +198,21 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
     except OSError as exc:  # a file where the folder should be, no permission, a full disk
         raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None
     return checks
+
+
+def preprocessing(image_size: int) -> dict:
+    """How a photo becomes the `images` input, for running the .onnx file without this project (predict
+    does it with `decode_for_cache` and `BatchAugment.eval`; a test follows this recipe with PIL and
+    NumPy alone and gets predict's embeddings)."""
+    cache_size = cache_size_for(image_size)
+    offset = round((cache_size - image_size) / 2)
+    return {"recipe": f"decode to RGB, turned upright by its EXIF orientation; take the centre square (side: the "
+                      f"shorter side, offset (longer - shorter) / 2, not rounded); resize it to {cache_size} x "
+                      f"{cache_size} with PIL's bicubic filter (antialiased); keep pixels {offset} to "
+                      f"{offset + image_size - 1} in each direction ({image_size} x {image_size}); divide by 255, "
+                      "subtract mean and divide by std per channel; stack as float32 N x 3 x H x W (RGB)",
+            "resize": cache_size, "crop": image_size, "crop_offset": offset,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
 def format_checks(checks: dict) -> str:

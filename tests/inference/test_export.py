@@ -327,3 +327,30 @@ def test_a_damaged_onnx_file_that_still_loads_exits_2_in_one_line(exported, unse
     assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.onnx'}: not the file learned_best.json "
                                        "was exported with (its sha256 differs: a damaged or altered copy); copy or "
                                        "export it again\n")
+
+
+def test_the_exported_recipe_alone_gives_predicts_embeddings(exported, unseen):
+    """Someone running the .onnx file without this project follows the JSON's `preprocessing` with
+    PIL and NumPy, and gets the embeddings predict --onnx computes."""
+    import onnxruntime
+    from PIL import Image, ImageOps
+
+    out, info = exported
+    recipe = info["preprocessing"]
+    photos = [paths[0] for paths in unseen.values()]
+    inputs = []
+    for path in photos:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) / 2, (image.height - side) / 2
+        square = image.resize((recipe["resize"],) * 2, Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+        start, end = recipe["crop_offset"], recipe["crop_offset"] + recipe["crop"]
+        pixels = np.asarray(square, dtype=np.float32)[start:end, start:end] / 255
+        inputs.append(((pixels - recipe["mean"]) / recipe["std"]).transpose(2, 0, 1))
+    session = onnxruntime.InferenceSession(str(out / "learned_best.onnx"), providers=["CPUExecutionProvider"])
+    embeddings, _ = session.run(None, {"images": np.stack(inputs).astype(np.float32)})
+    expected = [item.embedding for batch in Identifier.from_onnx(out / "learned_best.onnx").embed(photos)
+                for item in batch]
+    assert recipe["crop"] == info["model"]["config"]["data"]["image_size"]
+    assert np.abs(embeddings - np.stack(expected)).max() < 1e-5
