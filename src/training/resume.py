@@ -203,17 +203,27 @@ def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state
     old_best = RunPaths(resume_path.parent, checkpoint["config"].get("name")).best
     if state.best_epoch == state.epoch and state.step == 0:  # the checkpoint itself is that epoch
         source = resume_path
-    elif old_best.is_file() and load_checkpoint(old_best)["epoch"] == state.best_epoch:
+    elif old_best.is_file() and saved_epoch(old_best) == state.best_epoch:
         source = old_best
     else:
         runtime.print(f"note: epoch {state.best_epoch}, the best of {resume_path}, is not beside it in "
-                      f"{old_best.name}; {paths.best} will be the best of the epochs trained from here")
+                      f"{old_best.name} (missing, damaged or of another epoch); {paths.best} will be the best "
+                      "of the epochs trained from here")
         state.best_val_top1, state.best_epoch = -1.0, 0
         return
     if source.resolve() != paths.best.resolve():
         with atomic.atomic_destination(paths.best) as temporary:
             shutil.copyfile(source, temporary)
     runtime.print(f"note: {paths.best} is epoch {state.best_epoch}, the best so far, from {source}")
+
+
+def saved_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint file holds, or None when it is damaged: a best file that cannot be
+    brought along is chosen afresh, as a missing one is, not a reason to refuse the resume."""
+    try:
+        return load_checkpoint(path)["epoch"]
+    except CheckpointError:
+        return None
 
 
 def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: RunPaths, trained: tuple,

@@ -538,14 +538,18 @@ def _minimal(epoch):
     return {"format_version": 1, "model_state": {}, "epoch": epoch, "config": {"name": "run"}, "classes": ["a"]}
 
 
-def test_a_best_file_of_another_epoch_is_not_brought_along(tmp_path):
+@pytest.mark.parametrize("best_file", [_minimal(1), b"PK\x03\x04 cut off"], ids=["another epoch", "damaged"])
+def test_a_best_file_of_another_epoch_is_not_brought_along(tmp_path, best_file):
     """r4: the test of a run continued under another name only has a best file of the right epoch or
     none; one of another epoch (the old run went on after this _last.pt was copied) must not become
-    the new run's _best.pt under the resumed run's best score."""
+    the new run's _best.pt under the resumed run's best score. A damaged one refused the resume."""
     old = tmp_path / "old"
     old.mkdir()
     torch.save(_minimal(3), old / "run_last.pt")
-    torch.save(_minimal(1), old / "run_best.pt")  # not epoch 2, the best the checkpoint names
+    if isinstance(best_file, bytes):
+        (old / "run_best.pt").write_bytes(best_file)
+    else:
+        torch.save(best_file, old / "run_best.pt")  # not epoch 2, the best the checkpoint names
     state = RunState(epoch=3, best_epoch=2, best_val_top1=0.7)
     paths = RunPaths(tmp_path / "new", "longer")
     said = []
