@@ -1,5 +1,6 @@
 """Resuming a run: the state that carries across epochs (`RunState`), reading and restoring it from
-a checkpoint (`starting_state`), and what may change between a run and its resumption."""
+a checkpoint (`starting_state`), and refusing changes a resume may not make (`check_resume_compatible`;
+the keys it may change: `src.config.RESUMABLE_CHANGES`)."""
 from __future__ import annotations
 
 import math
