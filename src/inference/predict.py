@@ -93,11 +93,12 @@ def output_problem(path: Path) -> str | None:
     replaced by the results, after every image had been identified."""
     try:
         atomic.check_folder_possible(path.parent)  # found now, not after every image is identified
-    except NotADirectoryError as exc:
+        there, folder = path.exists() or path.is_symlink(), path.is_dir()
+    except OSError as exc:  # a file where a folder should be; a folder this user cannot search
         return f"cannot write it ({exc})"
-    if not path.exists() and not path.is_symlink():
+    if not there:
         return None
-    if path.is_dir():
+    if folder:
         return "is a folder; name a .csv or .json file"
     csv_file = path.suffix.lower() == ".csv"
     try:

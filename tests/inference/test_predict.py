@@ -150,6 +150,27 @@ def test_an_output_that_cannot_be_written_exits_2_in_one_line_before_any_work(le
                               f"'{tmp_path / 'a_file'}')"), err
 
 
+def test_an_output_in_a_folder_that_cannot_be_searched_exits_2_in_one_line(learned, unseen, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Path.exists raises PermissionError (Python 3.11) for a path in a folder without search
+    permission: a traceback. Simulated, since the tests may run as root, whom no permission stops."""
+    locked = tmp_path / "locked"
+    exists = Path.exists
+
+    def exists_or_no_permission(path, *args, **kwargs):
+        if locked in Path(path).parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists_or_no_permission)
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--checkpoint", str(learned.checkpoint), str(next(iter(unseen.values()))[0]),
+                      "--output", str(locked / "out.csv")])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"error: --output {locked / 'out.csv'}: cannot write it ([Errno 13] Permission denied"), err
+
+
 def test_an_image_above_pillows_own_limit_is_skipped_as_too_large(learned, tmp_path, capsys):
     png_header_only(tmp_path / "huge.png", 20_000, 20_000)  # 400 Mpx: Pillow refuses it when opening
     assert predict.main(["--checkpoint", str(learned.checkpoint), str(tmp_path / "huge.png")]) == 1
