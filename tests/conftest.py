@@ -79,6 +79,23 @@ def fresh_copy(tmp_path):
     return copy
 
 
+@pytest.fixture
+def unsearchable(monkeypatch):
+    """`unsearchable(folder)`: Path.exists raises PermissionError for every path in `folder`, as Python
+    3.11 does for a user without search permission on it. Simulated: the tests may run as root, whom no
+    permission stops."""
+    exists = Path.exists
+
+    def make(folder: Path) -> Path:
+        def exists_or_no_permission(path, *args, **kwargs):
+            if folder in Path(path).parents:
+                raise PermissionError(13, "Permission denied", str(path))
+            return exists(path, *args, **kwargs)
+        monkeypatch.setattr(Path, "exists", exists_or_no_permission)
+        return folder
+    return make
+
+
 def main_in_process(main, argv: list[str], capsys, caplog) -> subprocess.CompletedProcess:
     """A command's main(argv) in this process, as `subprocess.run` reports `python -m` (without the
     seconds a new interpreter takes to import torch). Its stderr also holds what the command's would:

@@ -462,6 +462,8 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
         atomic.check_folder_possible(out)  # found now, not after the whole evaluation
     except NotADirectoryError as exc:
         raise EvaluationError(f"--out {out}: {exc.filename} is a file, not a folder") from None
+    except OSError as exc:  # a folder this user cannot search (Path.exists raises it on Python 3.11)
+        raise EvaluationError(f"--out {out}: cannot write there ({exc})") from None
     config = evaluation_config(run.config, data_root, cache_dir)
     open_set, root = config.data.open_set, config.data.root
     data = PreparedData.load(root)

@@ -394,6 +394,15 @@ def test_an_out_path_below_a_file_fails_before_evaluating(checkpoint, tmp_path, 
     assert code == 2 and err == [f"error: --out {tmp_path / 'a_file' / 'run'}: {tmp_path / 'a_file'} is a file, not a folder"]
 
 
+def test_an_out_path_in_a_folder_that_cannot_be_searched_fails_in_one_line(checkpoint, tmp_path, capsys,
+                                                                          unsearchable):
+    """Path.exists raised PermissionError: a traceback."""
+    locked = unsearchable(tmp_path / "locked")
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--out", locked / "run")
+    assert code == 2 and err == [f"error: --out {locked / 'run'}: cannot write there ([Errno 13] Permission denied: "
+                                 f"'{locked / 'run'}')"], err
+
+
 def test_the_python_api_takes_str_paths_and_restores_the_torch_settings(closed_report, checkpoint, tmp_path,
                                                                           monkeypatch, training_arithmetic):
     """`evaluate()` from a script: str paths as the command line's, the default run folder, and the
