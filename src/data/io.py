@@ -70,7 +70,7 @@ def as_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "<in-me
         raise ImageLoadError(name, f"{image.width}x{image.height} exceeds the {max_pixels:,}-pixel limit")
     try:
         return _to_rgb(_upright(image))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # Pillow raises other types too (SyntaxError for an EXIF block it cannot parse)
         raise ImageLoadError(name, f"cannot be converted to RGB ({exc})") from None
 
 

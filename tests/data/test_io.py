@@ -86,6 +86,17 @@ def test_every_exif_orientation_decodes_upright_even_beside_a_malformed_tag(tmp_
         assert np.array_equal(np.asarray(as_rgb(opened)), upright)
 
 
+def test_an_exif_block_pillow_cannot_parse_is_an_image_load_error_in_memory_as_in_a_file(tmp_path):
+    """An EXIF block whose TIFF header is garbage makes Pillow's getexif raise SyntaxError: load_rgb
+    reported it as an ImageLoadError, as_rgb (a PIL image given to `identify`) let it out as a traceback."""
+    block = b"Exif\0\0XX*\0" + struct.pack("<I", 8) + b"\0\0"
+    Image.new("RGB", (10, 4)).save(tmp_path / "photo.png", exif=block)
+    with pytest.raises(ImageLoadError, match="not a TIFF file"):
+        load_rgb(tmp_path / "photo.png")
+    with Image.open(tmp_path / "photo.png") as opened, pytest.raises(ImageLoadError, match="not a TIFF file"):
+        as_rgb(opened)
+
+
 def test_a_damaged_file_whose_decoder_raises_an_unexpected_type_is_an_image_load_error(tmp_path):
     """Pillow opens a file by its content: a DDS header with no pixel format (here named .png) raised
     NotImplementedError, a traceback that ended a whole predict run."""
