@@ -562,6 +562,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:
         p.error(f"--size must be from {MIN_SIZE} to {MAX_SIZE} (real face crops are a few hundred pixels; "
                 f"an image is drawn at {SUPERSAMPLE}x its size, so a large one only costs memory)")
+    if args.individuals == 1:  # its only individual lands in one zoo's file, the other's stays empty
+        p.error("--individuals must be at least 2: one individual cannot be prepared (nothing to tell apart)")
 
 
 @command_main
