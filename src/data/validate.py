@@ -330,7 +330,7 @@ def _source_counts(parsed: Sequence[Record], exclusions: Sequence[Exclusion], us
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """Writes `validation_report.json` (everything) and `validation_report.md` (the same, lists
-    capped); returns their paths, the Markdown one first."""
+    capped, labels-fix exclusions only counted); returns their paths, the Markdown one first."""
     atomic.make_folder(out_dir)
     json_path, md_path = out_dir / "validation_report.json", out_dir / "validation_report.md"
     atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
@@ -375,10 +375,17 @@ def _markdown_exclusions(excluded: list[dict]) -> list[str]:
     if not excluded:
         return ["None."]
     by_category = Counter(e["category"] for e in excluded)
-    lines = [f"- {category}: {count:,}" for category, count in by_category.most_common()]
+    lines = [f"- {category}: {count:,}" + (" (as the labels-fix file asks; listed in validation_report.json)"
+                                           if category == LABELS_FIX else "")
+             for category, count in by_category.most_common()]
+    # Only problem images get a row: hundreds of exclusions the user asked for (a whole placeholder name)
+    # would otherwise fill the capped table and push the images that need a look out of it.
+    problems = [e for e in excluded if e["category"] in PROBLEM_CATEGORIES]
+    if not problems:
+        return lines
     lines += ["", "| path | individual | reason |", "| --- | --- | --- |"]
     rows = [f"| `{e['path']}` | {e['individual']} | {e['category']}"
-            f"{': ' + e['detail'] if e['detail'] else ''} |" for e in excluded]
+            f"{': ' + e['detail'] if e['detail'] else ''} |" for e in problems]
     return lines + _capped(rows)
 
 

@@ -188,3 +188,18 @@ def test_report_files_and_capped_markdown(tmp_path):
     assert "**100 problem(s)**" in text and "- missing file: 100" in text
     assert "... and 60 more (all in validation_report.json)" in text
     assert "None applied (names as published)." in render_markdown(_report(0))
+
+
+def test_markdown_lists_problem_images_not_the_labels_fix_exclusions(tmp_path):
+    """A labels fix dropping a whole placeholder name (416 images in C-Tai) must not push the problem
+    images that need a look out of the capped table."""
+    report = _report(0)
+    fix_entry = {"path": "adult/1.png", "individual": "Adult", "source": "CTai", "origin": "a:1",
+                 "category": "labels-fix", "detail": "name Adult excluded"}
+    problem = {"path": "broken.png", "individual": "Kofi", "source": "CTai", "origin": "a:2",
+               "category": "unreadable", "detail": "not an image in a known format"}
+    report["excluded"] = [fix_entry] * 50 + [problem]
+    text = render_markdown(report)
+    assert "| `broken.png` | Kofi | unreadable: not an image in a known format |" in text
+    assert "adult/1.png" not in text and "more (all in" not in text
+    assert "- labels-fix: 50 (as the labels-fix file asks; listed in validation_report.json)" in text
