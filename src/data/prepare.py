@@ -316,11 +316,12 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     log.info("usable     %s", describe(usable))
 
     annotations_dir = Path(out_dir) / "annotations"
-    report = build_report(raw, input_kind, min_images, parsed, fixed, exclusions, usable, kept, fix_info)
     kept_individuals = len({r.individual for r in kept})
     # Split before writing anything, so that a split that cannot be made leaves an earlier output whole.
     splits = make_splits([(r.path, r.individual) for r in kept], fractions, seed, open_set_individuals) \
         if kept_individuals >= 2 else None
+    report = build_report(raw, input_kind, min_images, parsed, fixed, exclusions, usable, kept, fix_info,
+                          splits[0] if splits else None, checks)
     # Two runs into one --out-dir (say a job array's `prepare && train`, or another seed tried at once)
     # would interleave their files: one seed's train.txt beside the other's prepared.json. Each writes
     # all of its files under the lock, so the last one to write leaves a whole output.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from src import atomic
 from src.data.annotations import Record
 from src.data.dataset import FORMAT_VERSION
 from src.data.io import ImageLoadError, load_rgb
+from src.data.lists import Row
 from src.errors import missing
 
 PROBLEM_CATEGORIES = ("listed twice", "missing file", "unreadable", "duplicate")
@@ -298,8 +300,10 @@ def count_problems(exclusions: Iterable[Exclusion]) -> int:
 
 def build_report(raw_dir: Path, input_kind: str, min_images: int, parsed: Sequence[Record],
                  fixed: Sequence[Record], exclusions: Sequence[Exclusion], usable: Sequence[Record],
-                 kept: Sequence[Record], fix_info: dict | None) -> dict:
-    """The validation report's content (rendered by `src.data.validate.write_report`)."""
+                 kept: Sequence[Record], fix_info: dict | None, closed: dict[str, list[Row]] | None,
+                 checks: dict[str, ImageCheck]) -> dict:
+    """The validation report's content (rendered by `src.data.validate.write_report`); `closed` is the
+    closed-set split, None when fewer than 2 individuals are kept."""
     annotated = Counter(r.individual for r in fixed)
     usable_counts = Counter(r.individual for r in usable)
     below = [{"name": name, "images": usable_counts.get(name, 0), "annotated": n,
@@ -308,6 +312,7 @@ def build_report(raw_dir: Path, input_kind: str, min_images: int, parsed: Sequen
     return {"format_version": FORMAT_VERSION, "raw_dir": str(raw_dir), "input": input_kind,
             "min_images": min_images, "problems": count_problems(exclusions),
             "counts": _source_counts(parsed, exclusions, usable, kept),
+            "splits": split_summary(closed, checks),
             "excluded": [e.as_dict() for e in exclusions], "below_threshold": below,
             "label_quality": label_quality(fixed), "labels_fix": fix_info}
 
@@ -326,6 +331,31 @@ def _source_counts(parsed: Sequence[Record], exclusions: Sequence[Exclusion], us
         "kept_images": len(per(kept, source)),
         "kept_individuals": len({r.individual for r in per(kept, source)})}
         for source in [*sources, None]}
+
+
+def split_summary(closed: dict[str, list[Row]] | None, checks: dict[str, ImageCheck]) -> dict | None:
+    """What training and scoring will see: per split the images, individuals and those with a single
+    image there (their val or test score rests on one photo); images per individual (class balance);
+    and images whose pixels lie in two splits (leakage: 0 unless duplicate detection failed)."""
+    if closed is None:
+        return None
+    per_individual = Counter(name for rows in closed.values() for _, name in rows)
+    sizes = sorted(per_individual.values())
+    splits = {}
+    for split, rows in closed.items():
+        counts = Counter(name for _, name in rows)
+        splits[split] = {"images": len(rows), "individuals": len(counts),
+                         "single_image": sorted(name for name, n in counts.items() if n == 1)}
+    splits_of_pixels: dict[str, set[str]] = defaultdict(set)
+    for split, rows in closed.items():
+        for path, _ in rows:
+            splits_of_pixels[checks[path].digest].add(split)
+    return {"per_split": splits,
+            "images_per_individual": {
+                "min": sizes[0], "median": statistics.median(sizes), "max": sizes[-1],
+                "fewest": sorted(name for name, n in per_individual.items() if n == sizes[0]),
+                "most": sorted(name for name, n in per_individual.items() if n == sizes[-1])},
+            "same_pixels_in_two_splits": sum(len(found) > 1 for found in splits_of_pixels.values())}
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -352,6 +382,8 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {source} | {c['parsed_images']:,} | {c['parsed_individuals']:,} | "
                      f"{c['excluded']:,} | {c['usable_images']:,} | {c['kept_images']:,} | "
                      f"{c['kept_individuals']:,} |")
+    lines += ["", f"## Splits of the min{n} set", ""]
+    lines += _markdown_splits(report["splits"])
     lines += ["", "## Excluded images", ""]
     lines += _markdown_exclusions(report["excluded"])
     lines += ["", f"## Individuals below {n} usable images", ""]
@@ -362,6 +394,28 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Labels fix", ""]
     lines += _markdown_labels_fix(report["labels_fix"])
     return "\n".join(lines) + "\n"
+
+
+def _markdown_splits(summary: dict | None) -> list[str]:
+    if summary is None:
+        return ["None: fewer than 2 individuals kept."]
+    lines = ["| split | images | individuals | individuals with 1 image |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {split} | {s['images']:,} | {s['individuals']:,} | {len(s['single_image']):,} |"
+              for split, s in summary["per_split"].items()]
+    sizes = summary["images_per_individual"]
+    lines += ["", f"- images per individual: min {sizes['min']:,} ({_names(sizes['fewest'])}), median "
+                  f"{sizes['median']:g}, max {sizes['max']:,} ({_names(sizes['most'])}): the largest class has "
+                  f"{sizes['max'] / sizes['min']:.1f} times the images of the smallest"]
+    lines += [f"- scored on a single image in {split}: {_names(s['single_image'])}"
+              for split, s in summary["per_split"].items() if split != "train" and s["single_image"]]
+    lines.append(f"- images with the same pixels in two splits: {summary['same_pixels_in_two_splits']:,} (exact "
+                 "duplicates are excluded before splitting; photos taken moments apart are not detected and "
+                 "may be in train and test alike)")
+    return lines
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit:,} more" if len(names) > limit else "")
 
 
 def _capped(items: list[str]) -> list[str]:

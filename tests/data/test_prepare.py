@@ -120,7 +120,15 @@ def test_prepare_writes_the_design_layout(tmp_path):
     assert report["problems"] == 0 and report["excluded"] == []
     assert [b["name"] for b in report["below_threshold"]] == ["Freddy", "Zita"]
     assert [f["name"] for f in report["label_quality"]["placeholder_names"]] == ["Adult"]
-    assert (ann / "validation_report.md").is_file()
+    assert {s: (v["images"], v["individuals"]) for s, v in report["splits"]["per_split"].items()} == {
+        s: (len(rows), len({n for _, n in rows})) for s, rows in splits.items()}
+    assert report["splits"]["per_split"]["test"]["single_image"] == ["Adult", "Lome", "Tita", "Wapi"]
+    assert report["splits"]["images_per_individual"] == {"min": 10, "median": 10.5, "max": 20,
+                                                         "fewest": ["Adult", "Lome", "Wapi"], "most": ["Fredy"]}
+    assert report["splits"]["same_pixels_in_two_splits"] == 0
+    markdown = (ann / "validation_report.md").read_text()
+    assert "| test | 9 | 6 | 4 |" in markdown
+    assert "- scored on a single image in test: Adult, Lome, Tita, Wapi" in markdown
 
 
 def test_prepare_is_deterministic_and_seeded(tmp_path):

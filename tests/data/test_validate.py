@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from src.data.annotations import Record, parse_annotation_file
-from src.data.validate import (check_image, check_images, label_quality, levenshtein, render_markdown,
-                               write_report)
+from src.data.validate import (ImageCheck, check_image, check_images, label_quality, levenshtein, render_markdown,
+                               split_summary, write_report)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 RAW = SHARED / "chimpanzee_faces" / "annotations" / "raw"
@@ -177,7 +177,7 @@ def _report(excluded: int) -> dict:
     return {"raw_dir": "/raw", "input": "folder", "min_images": 10, "problems": excluded,
             "counts": {"all": {"parsed_images": excluded, "parsed_individuals": 1, "excluded": excluded,
                                "usable_images": 0, "kept_images": 0, "kept_individuals": 0}},
-            "excluded": [entry] * excluded, "below_threshold": [],
+            "splits": None, "excluded": [entry] * excluded, "below_threshold": [],
             "label_quality": label_quality([]), "labels_fix": None}
 
 
@@ -203,3 +203,18 @@ def test_markdown_lists_problem_images_not_the_labels_fix_exclusions(tmp_path):
     assert "| `broken.png` | Kofi | unreadable: not an image in a known format |" in text
     assert "adult/1.png" not in text and "more (all in" not in text
     assert "- labels-fix: 50 (as the labels-fix file asks; listed in validation_report.json)" in text
+
+
+def test_split_summary_counts_pixels_shared_by_two_splits():
+    """The leakage count must see a face in train and test under two paths (e.g. splits edited by hand)."""
+    closed = {"train": [("a.png", "Kofi"), ("b.png", "Kofi"), ("c.png", "Lome")],
+              "val": [("d.png", "Kofi"), ("e.png", "Lome")], "test": [("copy_of_a.png", "Kofi"), ("f.png", "Lome")]}
+    checks = {path: ImageCheck(digest=path) for rows in closed.values() for path, _ in rows}
+    checks["copy_of_a.png"] = checks["a.png"]
+    summary = split_summary(closed, checks)
+    assert summary["same_pixels_in_two_splits"] == 1
+    assert summary["per_split"]["val"] == {"images": 2, "individuals": 2, "single_image": ["Kofi", "Lome"]}
+    assert summary["images_per_individual"] == {"min": 3, "median": 3.5, "max": 4, "fewest": ["Lome"],
+                                                "most": ["Kofi"]}
+    assert split_summary(None, checks) is None
+    assert "None: fewer than 2 individuals kept." in render_markdown(_report(1))
