@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import statistics
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ AGE_GROUP_ORDER = ("infant", "juvenile", "subadult", "adult", "elderly")
 # Photos of one individual span a few years at most, so a recorded age that differs by more than this
 # from the individual's usual age is suspect (C-Tai has ages 11 years apart for one name).
 AGE_SPAN_YEARS = 2.0
-# Near-duplicate names: edit distance at most 1 (2 for names of 8+ letters), case-insensitive, and the
+# Near-duplicate names: edit distance at most 1 (2 for names of 8+ letters), ignoring case and accents, and the
 # rarer name at most this share of the other's images. Rarity separates a one-off typo ('Woodstiock',
 # 1 image, beside 'Woodstock', 87) from two real animals with similar names ('Tita' 41, 'Zita' 42).
 RARER_SHARE = 0.2
@@ -203,18 +204,25 @@ def levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
+def _folded(name: str) -> str:
+    """The name without case or accents ('Zoé', 'ZOE' -> 'zoe'): spellings of one name typed differently."""
+    return "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c)).casefold()
+
+
 def near_duplicate_names(records: Sequence[Record], rarer_share: float = RARER_SHARE) -> list[dict]:
-    """Pairs of names that look like one name misspelled, compared across all sources."""
+    """Pairs of names that look like one name misspelled, compared across all sources. Names equal but
+    for case or accents (distance 0) are flagged whatever their counts."""
     groups = _by_individual(records)
     counts = {name: len(group) for name, group in groups.items()}
     names = sorted(counts)
+    folded = {name: _folded(name) for name in names}
     flags = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            limit = 2 if min(len(a), len(b)) >= 8 else 1
-            if abs(len(a) - len(b)) > limit:  # cheap test first: the distance is at least this
+            limit = 2 if min(len(folded[a]), len(folded[b])) >= 8 else 1
+            if abs(len(folded[a]) - len(folded[b])) > limit:  # cheap test first: the distance is at least this
                 continue
-            distance = levenshtein(a.lower(), b.lower())
+            distance = levenshtein(folded[a], folded[b])
             if distance > limit:
                 continue
             rare, common = sorted((a, b), key=lambda n: (counts[n], n))

@@ -218,3 +218,13 @@ def test_split_summary_counts_pixels_shared_by_two_splits():
                                                 "most": ["Kofi"]}
     assert split_summary(None, checks) is None
     assert "None: fewer than 2 individuals kept." in render_markdown(_report(1))
+
+
+def test_names_differing_only_by_accents_or_case_folding_are_flagged_whatever_their_counts():
+    """'Zoé' and 'Zoe', or 'Straße' and 'STRASSE', with many images each are one animal typed two ways;
+    the rarity rule that keeps 'Tita' and 'Zita' apart must not hide them."""
+    records = _people([("Zoé", 12, {}), ("Zoe", 12, {}), ("Straße", 10, {}), ("STRASSE", 11, {}),
+                       ("Tita", 41, {}), ("Zita", 42, {})])
+    flags = label_quality(records)["near_duplicate_names"]
+    assert {(f["name"], f["similar_to"], f["edit_distance"]) for f in flags} == {
+        ("Zoe", "Zoé", 0), ("Straße", "STRASSE", 0)}
