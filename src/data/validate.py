@@ -160,11 +160,16 @@ def _repeats(records: Sequence[Record], key: Callable[[Record], str], category: 
 
 def label_quality(records: Sequence[Record]) -> dict[str, list[dict]]:
     """Every label-quality flag over the records, each with image counts; see the module doc."""
+    placeholders = placeholder_names(records)
+    # A placeholder pools many animals: its mixed sexes and ages say nothing about one animal's labels,
+    # and its `outliers` would be images with nothing wrong to exclude.
+    placeholder_set = {f["name"] for f in placeholders}
+    named = [r for r in records if r.individual not in placeholder_set]
     return {
-        "placeholder_names": placeholder_names(records),
+        "placeholder_names": placeholders,
         "near_duplicate_names": near_duplicate_names(records),
-        "sex_inconsistent": sex_inconsistencies(records),
-        "age_inconsistent": age_inconsistencies(records),
+        "sex_inconsistent": sex_inconsistencies(named),
+        "age_inconsistent": age_inconsistencies(named),
         "names_in_several_sources": names_in_several_sources(records),
     }
 

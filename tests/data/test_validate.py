@@ -165,9 +165,12 @@ def test_label_quality_on_the_real_annotations():
         ("Freddy", "Fredy"), ("Wapii", "Wapi"), ("Akouba", "Akrouba"), ("Woodstiock", "Woodstock"),
         ("Liliou", "Lilou"), ("Ibrahiim", "Ibrahim")}
     assert {f["name"] for f in flags["sex_inconsistent"]} == {
-        "Adult", "Kinshasa", "Shogun", "Atra", "Wala", "Caramel", "Akwaba", "Jacobo", "Mustapha"}
+        "Kinshasa", "Shogun", "Atra", "Wala", "Caramel", "Akwaba", "Jacobo", "Mustapha"}
+    assert sum(len(f["outliers"]) for f in flags["sex_inconsistent"]) == 10
     victor = next(f for f in flags["age_inconsistent"] if f["name"] == "Victor")
     assert victor["ages"] == {"3": 224, "32": 2}
+    assert len(flags["age_inconsistent"]) == 23 and "Adult" not in {f["name"] for f in flags["age_inconsistent"]}
+    assert sum(len(f["outliers"]) for f in flags["age_inconsistent"]) == 17
     assert flags["names_in_several_sources"] == []
 
 
@@ -228,3 +231,13 @@ def test_names_differing_only_by_accents_or_case_folding_are_flagged_whatever_th
     flags = label_quality(records)["near_duplicate_names"]
     assert {(f["name"], f["similar_to"], f["edit_distance"]) for f in flags} == {
         ("Zoe", "Zoé", 0), ("Straße", "STRASSE", 0)}
+
+
+def test_a_placeholder_name_gets_no_sex_or_age_flags():
+    """'Adult' pools many animals (C-Tai's unidentified faces): its mixed sexes and ages are expected,
+    and its "outliers" would send images with nothing wrong to exclude_images."""
+    records = _people([("Adult", 20, {"gender": "Female", "age": 30.0, "age_group": "Adult"}),
+                       ("Adult", 2, {"gender": "Male", "age": 4.0, "age_group": "Infant"})])
+    flags = label_quality(records)
+    assert [f["name"] for f in flags["placeholder_names"]] == ["Adult"]
+    assert flags["sex_inconsistent"] == [] and flags["age_inconsistent"] == []
