@@ -37,6 +37,8 @@ def parse_yaml(text: str, path: Path, error: type[Exception], *, strings_only: b
     string it is written as (for names: YAML 1.1 reads `No` as False, `null` as None, `007` as 7)."""
     try:
         document = yaml.load(text, Loader=_NamesLoader if strings_only else _Loader)
+    except RecursionError:  # PyYAML recurses per level: `[[[...]]]` 500 deep ends the stack
+        raise error(f"{path}: not valid YAML (nested too deep)") from None
     except yaml.YAMLError as exc:
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
         raise error(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML"

@@ -41,6 +41,13 @@ def test_yaml_syntax_errors_name_the_file_line_and_problem():
         parse_yaml("a: [1,\nb: }\n", "f.yaml", InputError)
 
 
+def test_yaml_nested_too_deep_is_one_line_naming_the_file():
+    """Before, PyYAML's recursive parser ended a command with a RecursionError traceback."""
+    for text in ["[" * 50_000 + "]" * 50_000, "- " * 50_000 + "x"]:
+        with pytest.raises(InputError, match=r"^f.yaml: not valid YAML \(nested too deep\)$"):
+            parse_yaml(text, "f.yaml", InputError)
+
+
 def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("Zoë and Bébé".encode("latin-1"))
