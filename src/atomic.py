@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from src.errors import signals_held
+
 # A write to `x` goes through `.x.tmp-<pid>` in the same folder.
 TEMPORARY_INFIX = ".tmp-"
 
@@ -41,7 +43,10 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
     writers, which fsync it). When the block ends, every staged file written replaces its destination,
     in the order staged (stage last the file that describes the others), and its folder is fsynced; on an
     exception none does and the staged files are removed: a set of files that belong together (an
-    export, a report folder) stays whole, the earlier set or the new one, if the run is stopped midway."""
+    export, a report folder) stays whole, the earlier set or the new one, if the run is stopped midway
+    (Ctrl-C and SIGTERM wait for the renames to end). Only a stop no process can delay (kill -9, a power
+    cut) during the renames, or a rename that fails (a folder where a file should be)
+    leaves some files of each set."""
     staged: dict[Path, Path] = {}
 
     def stage(path: str | Path) -> Path:
@@ -52,10 +57,11 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
     try:
         yield stage
         written = {path: tmp for path, tmp in staged.items() if tmp.is_file()}  # a writer may have given up
-        for path, tmp in written.items():
-            os.replace(tmp, path)
-        for folder in {path.parent for path in written}:
-            sync_folder(folder)
+        with signals_held():  # a stop between two renames would mix the sets; it comes after the last
+            for path, tmp in written.items():
+                os.replace(tmp, path)
+            for folder in {path.parent for path in written}:
+                sync_folder(folder)
     finally:
         for tmp in staged.values():
             try:

@@ -52,6 +52,28 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C or SIGTERM arriving in the block reaches its handler at the end of the block: for steps
+    that must not be left halfway (starting a worker process, renaming a set of files). Main thread
+    only (signal handlers can be set nowhere else); elsewhere signals come as they always do.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    # A handler set outside Python (getsignal gives None) could not be put back: it stays.
+    held = {signum: signal.signal(signum, lambda number, _frame: arrived.append(number))
+            for signum in signums if signal.getsignal(signum) is not None}
+    try:
+        yield
+    finally:
+        for signum, previous in held.items():
+            signal.signal(signum, previous)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+
+
 def show_warnings() -> None:
     """A command's set-up: the warnings its modules log (a cache that left images out, a damaged CSV
     line) go to stderr as `warning: ...` lines, as the commands print their own. Without it Python

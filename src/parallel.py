@@ -16,6 +16,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 
+from src.errors import signals_held
+
 # A forked child gets a copy of every lock some thread of the parent held at that moment (torch's
 # thread pools, a checkpoint-writer thread, tqdm's monitor, logging); one that was held is never
 # released and the child hangs. A fork server is started clean and forks the workers from itself.
@@ -46,8 +48,10 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
         # Functions of `__main__` (a module of ours run with -m) need it in the workers, where it is
         # imported by name: our entry points are guarded. Any other caller's main stays out. The
         # executor starts its workers as `map` submits the tasks, so the block covers all of them.
+        # Signals are held: a worker whose start a KeyboardInterrupt cut short fails with a traceback
+        # of its own once this process has exited.
         try:
-            with _signals_held(), nullcontext() if preload == "__main__" else _main_script_hidden():
+            with signals_held(), nullcontext() if preload == "__main__" else _main_script_hidden():
                 if START_METHOD == "forkserver":
                     _start_fork_server()
                 results = executor.map(function, items, chunksize=chunksize)
@@ -94,30 +98,6 @@ def _running(pid: int) -> bool:
     except (ProcessLookupError, PermissionError):  # gone (PermissionError: its id reused by another user)
         return False
     return True
-
-
-@contextmanager
-def _signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
-    """Ctrl-C or SIGTERM arriving in the block reaches its handler at the end of the block.
-
-    The block starts worker processes: a KeyboardInterrupt raised halfway through a start leaves a
-    worker that fails with a traceback of its own once this process has exited. Main thread only
-    (signal handlers can be set nowhere else); elsewhere signals come as they always do.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived = []
-    # A handler set outside Python (getsignal gives None) could not be put back: it stays.
-    held = {signum: signal.signal(signum, lambda number, _frame: arrived.append(number))
-            for signum in signums if signal.getsignal(signum) is not None}
-    try:
-        yield
-    finally:
-        for signum, previous in held.items():
-            signal.signal(signum, previous)
-        for signum in dict.fromkeys(arrived):
-            signal.raise_signal(signum)
 
 
 def _start_fork_server() -> None:

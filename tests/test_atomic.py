@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 
 import pytest
 
 from src import atomic
+from src.errors import Terminated, sigterm_raises
 
 
 def test_a_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
@@ -100,3 +102,24 @@ def test_files_replaced_together_all_or_none(tmp_path):
         atomic.write_bytes(stage(tmp_path / "model.json"), b"describes the new model")
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == {
         "model.onnx": b"new model", "model.json": b"describes the new model"}
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_stop_between_the_renames_comes_after_the_last(tmp_path, monkeypatch, signum, stop):
+    """Ctrl-C or SIGTERM as the first staged file is renamed: before, the stop came before the second
+    rename, and a new model.onnx stood beside the JSON describing the old one."""
+    for name in ["model.onnx", "model.json"]:
+        (tmp_path / name).write_text(f"old {name}")
+    real_replace = os.replace
+
+    def replace_then_signal(source, target):
+        real_replace(source, target)
+        signal.raise_signal(signum)
+
+    with pytest.raises(stop), sigterm_raises():
+        with atomic.replaced_together() as stage:
+            for name in ["model.onnx", "model.json"]:  # the description last
+                stage(tmp_path / name).write_text(f"new {name}")
+            monkeypatch.setattr(os, "replace", replace_then_signal)
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == {
+        "model.onnx": "new model.onnx", "model.json": "new model.json"}
