@@ -41,6 +41,9 @@ def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False)
         raise CheckpointError(f"{path}: checkpoint file {missing(path, folder=False)}")  # a FIFO: not found, before
     if path.stat().st_size == 0:  # e.g. a copy that was interrupted
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    if _compressed_torch_zip(path):
+        raise CheckpointError(f"{path}: not a file torch.save wrote: its zip members are compressed, and loading "
+                              "would inflate each in memory whole (a zip bomb of 2 MB took 2 GB)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
@@ -73,6 +76,22 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
 def holds_torch_pickle(member_names: list[str]) -> bool:
     """Whether a zip with these members is torch's format (a checkpoint or a TorchScript archive)."""
     return any(name.rpartition("/")[2] == TORCH_PICKLE for name in member_names)
+
+
+def _compressed_torch_zip(path: Path) -> bool:
+    """Whether `path` is torch's zip layout with a compressed member that torch.load reads: torch.save
+    stores each as it is, torch.load inflates a compressed one whole before reading it. (torch.jit.save
+    compresses its `code/`, which torch.load never reads.)"""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                return False
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except Exception:  # unreadable or damaged: torch.load says which
+        return False
+    return holds_torch_pickle([member.filename for member in members]) \
+        and any(member.compress_type != zipfile.ZIP_STORED and "/code/" not in member.filename for member in members)
 
 
 def _file_kind(path: Path) -> str:

@@ -3,6 +3,7 @@ import errno
 import os
 import pickle
 import warnings
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -132,6 +133,16 @@ def _zip_with_an_undecodable_name(path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _zip_bomb(path) -> None:
+    """torch's zip layout, its tensor data compressed: 10 MB of zeros in a file of 10 kB."""
+    torch.save({"x": torch.zeros(2_500_000)}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
 def _project_keys(**changes) -> dict:
     return {"format_version": 1, "model_state": {}, "epoch": 1, "config": {}, "classes": ["a", "b"], **changes}
 
@@ -158,6 +169,8 @@ def _project_keys(**changes) -> dict:
     (lambda p: torch.save({"x": _Payload()}, p), "not a safe checkpoint"),  # torch's own zip format
     (lambda p: torch.save({"x": _SystemCall()}, p), "not a safe checkpoint"),
     (lambda p: torch.save({"x": _Payload()}, p, pickle_protocol=4), "not a safe checkpoint"),  # zip, protocol 4
+    # loaded: torch inflated each member in memory (a file of 2 MB took 2 GB)
+    (lambda p: _zip_bomb(p), "not a file torch.save wrote: its zip members are compressed"),
     (lambda p: p.write_bytes(b""), "empty file (0 bytes), not a checkpoint"),
     (lambda p: p.mkdir(), "a folder, not a checkpoint file"),
     (lambda p: os.mkfifo(p), "checkpoint file is not a regular file (a pipe or a device)"),  # was "not found"
