@@ -40,14 +40,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {state['format_version']} is newer than this "
                               f"code understands ({FORMAT_VERSION}); update the project")
-    # Names to tensors of real numbers (BatchNorm counts its batches in int64): a key of another type
-    # was an AttributeError traceback in torch, and int8 or complex weights were cast without a word.
+    # Names to dense tensors of real numbers (BatchNorm counts its batches in int64): a key of another
+    # type was an AttributeError traceback in torch, int8 or complex weights were cast without a word,
+    # and sparse, nested or data-less (meta) tensors, which weights_only allows, were tracebacks below.
     odd = next(((key, value) for key, value in state["model_state"].items()
-                if not isinstance(key, str) or not isinstance(value, torch.Tensor)
+                if not isinstance(key, str) or not isinstance(value, torch.Tensor) or _unusual_layout(value)
                 or not (value.is_floating_point() or value.dtype == torch.int64)), None)
     if odd is not None:
         key, value = odd
-        what = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        what = type(value).__name__ if not isinstance(value, torch.Tensor) else \
+            f"{_unusual_layout(value) or value.dtype} tensor"
         problem = (f"the key {key!r} is a {type(key).__name__}, not a string" if not isinstance(key, str)
                    else f"{key!r} is a {what}")
         raise CheckpointError(f"{path}: not a checkpoint of this project (model_state: {problem}; weights are "
@@ -58,6 +60,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first: {broken}); "
                               "not a usable checkpoint")
     return state
+
+
+def _unusual_layout(tensor: torch.Tensor) -> str | None:
+    """What makes `tensor` other than a dense one holding its data, if anything."""
+    if tensor.is_meta:
+        return "meta (data-less)"
+    if tensor.is_nested:
+        return "nested"
+    return None if tensor.layout == torch.strided else str(tensor.layout)
 
 
 @dataclass

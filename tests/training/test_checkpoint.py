@@ -187,6 +187,15 @@ def _project_keys(**changes) -> dict:
     (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2, dtype=torch.complex64)}), p),
      "(model_state: 'a' is a torch.complex64 tensor; "),
     (lambda p: torch.save(_project_keys(model_state={"a": [1.0]}), p), "(model_state: 'a' is a list; "),
+    # tensors weights_only allows: tracebacks (meta: Tensor.item(); sparse, nested: NotImplementedError)
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2, device="meta")}), p),
+     "(model_state: 'a' is a meta (data-less) tensor; "),
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2).to_sparse()}), p),
+     "(model_state: 'a' is a torch.sparse_coo tensor; "),
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.ones(2, 2).to_sparse_csr()}), p),
+     "(model_state: 'a' is a torch.sparse_csr tensor; "),
+    (lambda p: torch.save(_project_keys(model_state={"a": torch.nested.nested_tensor([torch.ones(2)])}), p),
+     "(model_state: 'a' is a nested tensor; "),
 ])
 def test_unusable_files_exit_2_in_one_line_naming_the_problem(tiny_data, tmp_path, capsys, write, message):
     path = tmp_path / "x_last.pt"
