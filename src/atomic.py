@@ -2,13 +2,16 @@
 
 Every output of the project that another stage or a later run reads goes through here: write to a
 temporary file in the same folder (same file system, so the rename is atomic), flush and fsync it,
-rename it over the target, fsync the folder so the rename itself survives a power cut.
+rename it over the target, fsync the folder so the rename itself survives a power cut. As a write in
+place would, the new file keeps the permissions of the one it replaces, and a symbolic link at the
+target is written through (the file it points to is replaced, the link stays).
 """
 from __future__ import annotations
 
 import errno
 import glob
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +26,7 @@ TEMPORARY_INFIX = ".tmp-"
 def atomic_destination(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write; on success it replaces `path` durably, on
     an exception it is removed and `path` is untouched."""
-    path = Path(path)
+    path = _through_link(Path(path))
     make_folder(path.parent)
     tmp = path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
     try:
@@ -31,7 +34,7 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
             yield tmp
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            _take_place_of(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     sync_folder(path.parent)
@@ -50,7 +53,7 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
     staged: dict[Path, Path] = {}
 
     def stage(path: str | Path) -> Path:
-        path = Path(path)
+        path = _through_link(Path(path))
         staged[path] = path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
         return staged[path]
 
@@ -59,7 +62,7 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
         written = {path: tmp for path, tmp in staged.items() if tmp.is_file()}  # a writer may have given up
         with signals_held():  # a stop between two renames would mix the sets; it comes after the last
             for path, tmp in written.items():
-                os.replace(tmp, path)
+                _take_place_of(tmp, path)
             for folder in {path.parent for path in written}:
                 sync_folder(folder)
     finally:
@@ -68,6 +71,22 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
                 tmp.unlink(missing_ok=True)
             except OSError:  # its folder is not there, or is a file: nothing was written
                 pass
+
+
+def _through_link(path: Path) -> Path:
+    """The file a symbolic link at `path` points to, which a write replaces, as `open(path, "w")` would:
+    renaming over the link itself left the file it points to (a shared gallery, say) as it was."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path  # realpath: a link loop is no error
+
+
+def _take_place_of(tmp: Path, path: Path) -> None:
+    """Renames `tmp` over `path`, with the permissions of the file it replaces, as a write in place keeps
+    them: a file that its owner had made private (0600) became readable by all (the umask's 0644)."""
+    try:
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+    except FileNotFoundError:  # a new file: the umask's permissions
+        pass
+    os.replace(tmp, path)
 
 
 def sync_folder(folder: str | Path) -> None:
@@ -83,7 +102,7 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     """Removes the temporary files of writes to `path` that were killed before their rename (kill -9,
     a power cut: nothing ran to clean up) and returns them. Only while no other process can be writing
     `path` (one holding its lock), whose temporary file this would remove."""
-    path = Path(path)
+    path = _through_link(Path(path))
     leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}{TEMPORARY_INFIX}*"))
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)

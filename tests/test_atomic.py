@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 
 import pytest
 
@@ -123,3 +124,33 @@ def test_a_stop_between_the_renames_comes_after_the_last(tmp_path, monkeypatch, 
             monkeypatch.setattr(os, "replace", replace_then_signal)
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == {
         "model.onnx": "new model.onnx", "model.json": "new model.json"}
+
+
+
+def _replaced_together_with(path, text: str) -> None:
+    with atomic.replaced_together() as stage:
+        stage(path).write_text(text)
+
+
+@pytest.mark.parametrize("write", [atomic.write_text, _replaced_together_with])
+def test_a_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path, write):
+    """Before, the new file had the umask's permissions: a file made private (0600) became 0644."""
+    private = tmp_path / "private.csv"
+    private.write_text("old")
+    private.chmod(0o600)
+    write(private, "new")
+    assert private.read_text() == "new" and stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("write", [atomic.write_text, _replaced_together_with])
+def test_a_write_to_a_symbolic_link_replaces_the_file_it_points_to(tmp_path, write):
+    """As `open(path, "w")` does. Before, the link became a file and the one it points to (a shared
+    gallery, say) kept the old contents."""
+    (tmp_path / "shared").mkdir()
+    real = tmp_path / "shared" / "gallery.npz"
+    real.write_text("old")
+    link = tmp_path / "gallery.npz"
+    link.symlink_to(real)
+    write(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert sorted(path.name for path in (tmp_path / "shared").iterdir()) == ["gallery.npz"]
