@@ -62,7 +62,10 @@ def map_in_processes(function: Callable, items: Iterable, workers: int, preload:
             raise
         try:
             yield from results
-        except BrokenProcessPool:
+        except BrokenProcessPool as exc:
+            if exc.__cause__ is not None:  # the traceback of a result or exception the pipe could not unpickle
+                problem = [line for line in str(exc.__cause__).splitlines() if line.strip("' ")][-1]
+                raise WorkerDied(f"a worker's result or error could not be passed back ({problem})") from None
             raise WorkerDied(f"a worker process died without a result (out of memory?); try fewer "
                              f"workers than {workers}") from None
 

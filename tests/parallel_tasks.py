@@ -25,3 +25,15 @@ def note_and_wait(path: str) -> str:
 
 def sigint_disposition(_item) -> str:
     return signal.Signals(signal.SIGINT).name if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "handled"
+
+
+class TwoPartError(Exception):
+    """An exception that pickles but does not unpickle (its __init__ takes two arguments, its args
+    hold one): the project's ImageLoadError is one."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+
+
+def raise_two_part_error(item: int) -> int:
+    raise TwoPartError(str(item), "unreadable")

@@ -15,7 +15,7 @@ from src import parallel
 from src.parallel import WorkerDied, map_in_processes
 from tests import parallel_tasks
 from tests.conftest import REPO
-from tests.parallel_tasks import exit_abruptly, note_and_wait, sigint_disposition
+from tests.parallel_tasks import exit_abruptly, note_and_wait, raise_two_part_error, sigint_disposition
 
 # A user's script with no `if __name__ == "__main__":` guard: every time it is executed it notes
 # its process id, then builds an image cache with two worker processes.
@@ -64,6 +64,13 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
     # multiprocessing.Pool, used before, replaced the dead worker and waited for its task forever.
     with pytest.raises(WorkerDied, match="a worker process died without a result"):
         list(map_in_processes(exit_abruptly, range(8), 2, parallel_tasks.__name__))
+
+
+def test_an_error_that_cannot_be_passed_back_is_named_not_taken_for_a_dead_worker():
+    """Before, it read "a worker process died without a result (out of memory?); try fewer workers"."""
+    with pytest.raises(WorkerDied, match=r"^a worker's result or error could not be passed back \(TypeError: "
+                                         r".*missing 1 required positional argument: 'reason'\)$"):
+        list(map_in_processes(raise_two_part_error, range(2), 2, parallel_tasks.__name__))
 
 
 def test_a_map_stopped_early_drops_the_tasks_not_begun(tmp_path):
