@@ -1,7 +1,8 @@
 """Advisory file locks (POSIX `flock`): one process at a time over a shared output.
 
-The kernel releases a lock when its process ends, even by `kill -9`, so a lock file left behind is
-harmless and never needs cleaning up. Windows has no `flock`: there the locks do nothing and say so.
+The kernel releases a lock when its process ends, even by `kill -9` (a child forked while it is held
+does not keep it), so a lock file left behind is harmless and never needs cleaning up. Windows has no
+`flock`: there the locks do nothing and say so.
 """
 from __future__ import annotations
 
@@ -16,6 +17,22 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+
+
+# The lock files this process holds open. A child forked meanwhile (a DataLoader worker) shares each
+# one's open file, and with it the lock, which then outlived a parent killed outright until every
+# child had ended: closed in the child, the lock stays the parent's alone.
+_held: set = set()
+
+
+def _close_held_in_child() -> None:
+    for handle in _held:
+        handle.close()
+    _held.clear()
+
+
+if fcntl is not None:
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class LockHeld(RuntimeError):
@@ -47,9 +64,11 @@ def exclusive(path: str | Path, *, wait: bool = True) -> Iterator[bool]:
         # folder, say): this lock guards nothing another process would see, so lock the file there now.
         handle.close()
     with handle:
+        _held.add(handle)
         try:
             yield True
         finally:
+            _held.discard(handle)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -1,7 +1,9 @@
 """Advisory locks: exclusive between processes, released at the end of the block and at exit."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -78,3 +80,25 @@ def test_a_lock_file_replaced_while_waiting_is_locked_afresh(tmp_path, monkeypat
     finally:
         release.set()
         thread.join(10)
+
+
+HOLD_AND_FORK = ("import os, sys, time; from src.locks import exclusive\nwith exclusive(sys.argv[1]):\n"
+                 "    if os.fork() == 0:\n        time.sleep(30); os._exit(0)\n"
+                 "    print('held', flush=True); time.sleep(60)")
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path):
+    """A child forked while the lock is held (a DataLoader worker) shared its open file, and so the
+    lock: killed by kill -9, a training run's lock stayed held ~5 s more, until its workers noticed."""
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(lock)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()
+        holder.wait()
+        with exclusive(lock, wait=False) as real:  # the child still sleeps
+            assert real
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # the child, in the holder's session
