@@ -56,6 +56,8 @@ def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False)
             raise CheckpointError(f"{path}: not a safe checkpoint: it holds Python objects other than tensors "
                                   "and plain data (refused: loading it could run code)") from None
         raise _unreadable(path, exc) from None
+    except PermissionError as exc:  # was "not a PyTorch checkpoint", from a file that could not be opened
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
     except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
         raise _unreadable(path, exc) from None
 

@@ -206,6 +206,21 @@ def test_unusable_files_exit_2_in_one_line_naming_the_problem(tiny_data, tmp_pat
     assert message in captured.err and "unpickled" not in captured.out
 
 
+def test_a_checkpoint_that_cannot_be_read_says_so(tmp_path, monkeypatch):
+    """What a file without read permission gives (faked: root reads it anyway). Before, the message
+    was "not a PyTorch checkpoint", as for an image given by mistake."""
+    path = tmp_path / "x_best.pt"
+    torch.save({"x": torch.zeros(2)}, path)
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    monkeypatch.setattr(type(path), "open", denied)
+    with pytest.raises(CheckpointError, match=r"x_best.pt: cannot read the checkpoint \(Permission denied\)$"):
+        safe_torch_load(path)
+
+
 def _state(epoch: int) -> dict:
     row = {column: float(epoch) for column in METRICS_COLUMNS}
     return {"epoch": epoch, "w": torch.full((2,), float(epoch)), "history": [row] * epoch}
