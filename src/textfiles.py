@@ -12,11 +12,14 @@ def read_utf8(path: Path, error: type[Exception]) -> str:
     """The text of `path`, without the byte-order mark some Windows editors write first (it would be
     part of the first line: a list's first path, "file not found"); raises `error` naming the file and
     the first bad byte when it is not UTF-8 (a binary file or another encoding given by mistake),
-    instead of a UnicodeDecodeError traceback."""
+    instead of a UnicodeDecodeError traceback; and `error` naming the file and the system's reason when
+    it cannot be read (no permission: a PermissionError traceback before)."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def read_json(path: Path, error: type[Exception]):

@@ -55,6 +55,15 @@ def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path):
         read_utf8(path, InputError)
 
 
+def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    """Callers check that the file is there; one without read permission (faked here by a folder, as
+    root reads anything) was a PermissionError traceback (`train --config` on a chmod 000 file)."""
+    unreadable = tmp_path / "folder.yaml"
+    unreadable.mkdir()
+    with pytest.raises(InputError, match=r"^.*folder.yaml: cannot read it \(Is a directory\)$"):
+        read_utf8(unreadable, InputError)
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     """A list saved by a Windows editor: its first path must read back without an invisible U+FEFF."""
     path = tmp_path / "train.txt"
