@@ -62,6 +62,16 @@ def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False)
         raise _unreadable(path, exc) from None
 
 
+def unusual_layout(tensor: torch.Tensor) -> str | None:
+    """What makes `tensor` other than a dense one holding its data, if anything: weights_only loads
+    sparse, nested and meta (data-less) tensors, which weights cannot be (tracebacks further on)."""
+    if tensor.is_meta:
+        return "meta (data-less)"
+    if tensor.is_nested:
+        return "nested"
+    return None if tensor.layout == torch.strided else str(tensor.layout)
+
+
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     """A file torch.load gave up on: a damaged checkpoint (the error may help) or another kind of file
     (a CSV, a config, an image: torch's IndexError or opcode complaint would only confuse; a TorchScript

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from src.config import BackboneName
-from src.safe_load import CheckpointError, safe_torch_load
+from src.safe_load import CheckpointError, safe_torch_load, unusual_layout
 
 
 class ModelError(RuntimeError):
@@ -41,8 +41,9 @@ def _local_weights(path: Path) -> dict:
         raise ModelError(f"model.pretrained: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"model.pretrained: {path} does not hold a state dict of tensors")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and not unusual_layout(v)
+                                              for v in state.values()):
+        raise ModelError(f"model.pretrained: {path} does not hold a state dict of dense tensors")
     return state
 
 

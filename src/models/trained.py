@@ -18,7 +18,7 @@ from src.config import Config, ConfigError, config_from_dict
 from src.data.dataset import ClassIndex, DatasetError
 from src.errors import state_dict_problem
 from src.models.factory import IdentificationModel, create_model
-from src.safe_load import CheckpointError, safe_torch_load
+from src.safe_load import CheckpointError, safe_torch_load, unusual_layout
 
 FORMAT_VERSION = 1
 # The keys every checkpoint of this project has, and their types: anything else is another
@@ -44,12 +44,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     # type was an AttributeError traceback in torch, int8 or complex weights were cast without a word,
     # and sparse, nested or data-less (meta) tensors, which weights_only allows, were tracebacks below.
     odd = next(((key, value) for key, value in state["model_state"].items()
-                if not isinstance(key, str) or not isinstance(value, torch.Tensor) or _unusual_layout(value)
+                if not isinstance(key, str) or not isinstance(value, torch.Tensor) or unusual_layout(value)
                 or not (value.is_floating_point() or value.dtype == torch.int64)), None)
     if odd is not None:
         key, value = odd
         what = type(value).__name__ if not isinstance(value, torch.Tensor) else \
-            f"{_unusual_layout(value) or value.dtype} tensor"
+            f"{unusual_layout(value) or value.dtype} tensor"
         problem = (f"the key {key!r} is a {type(key).__name__}, not a string" if not isinstance(key, str)
                    else f"{key!r} is a {what}")
         raise CheckpointError(f"{path}: not a checkpoint of this project (model_state: {problem}; weights are "
@@ -60,15 +60,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first: {broken}); "
                               "not a usable checkpoint")
     return state
-
-
-def _unusual_layout(tensor: torch.Tensor) -> str | None:
-    """What makes `tensor` other than a dense one holding its data, if anything."""
-    if tensor.is_meta:
-        return "meta (data-less)"
-    if tensor.is_nested:
-        return "nested"
-    return None if tensor.layout == torch.strided else str(tensor.layout)
 
 
 @dataclass

@@ -89,6 +89,17 @@ def test_weights_of_another_shape_are_a_model_error_naming_them(tmp_path):
         create_model(ModelConfig(backbone="resnet18", pretrained=path), 4)
 
 
+@pytest.mark.parametrize("unusual", [lambda weight: torch.empty_like(weight, device="meta"), torch.Tensor.to_sparse])
+def test_weights_that_are_not_dense_tensors_are_a_model_error(tmp_path, unusual):
+    """weights_only loads them; load_state_dict then raised a RuntimeError (a traceback)."""
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = unusual(state["conv1.weight"])
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match="does not hold a state dict of dense tensors"):
+        create_model(ModelConfig(backbone="resnet18", pretrained=path), 4)
+
+
 def test_the_configured_dropout_reaches_the_neck():
     model = create_model(ModelConfig(backbone="resnet18", pretrained=False, dropout=0.3), 4)
     assert model.neck[0].p == 0.3
