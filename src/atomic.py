@@ -47,9 +47,9 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
     in the order staged (stage last the file that describes the others), and its folder is fsynced; on an
     exception none does and the staged files are removed: a set of files that belong together (an
     export, a report folder) stays whole, the earlier set or the new one, if the run is stopped midway
-    (Ctrl-C and SIGTERM wait for the renames to end). Only a stop no process can delay (kill -9, a power
-    cut) during the renames, or a rename that fails (a folder where a file should be)
-    leaves some files of each set."""
+    (Ctrl-C and SIGTERM wait for the renames to end; a folder where a file should be is refused before
+    the first). Only a stop no process can delay (kill -9, a power cut) during the renames, or a rename
+    failing for another reason (an I/O error), leaves some files of each set."""
     staged: dict[Path, Path] = {}
 
     def stage(path: str | Path) -> Path:
@@ -60,6 +60,9 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
     try:
         yield stage
         written = {path: tmp for path, tmp in staged.items() if tmp.is_file()}  # a writer may have given up
+        blocked = next((path for path in written if path.is_dir()), None)
+        if blocked is not None:  # its rename would fail after the others had been made
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(blocked))
         with signals_held():  # a stop between two renames would mix the sets; it comes after the last
             for path, tmp in written.items():
                 _take_place_of(tmp, path)

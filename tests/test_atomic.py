@@ -154,3 +154,15 @@ def test_a_write_to_a_symbolic_link_replaces_the_file_it_points_to(tmp_path, wri
     write(link, "new")
     assert link.is_symlink() and real.read_text() == "new"
     assert sorted(path.name for path in (tmp_path / "shared").iterdir()) == ["gallery.npz"]
+
+
+def test_a_folder_where_a_staged_file_goes_is_refused_before_any_rename(tmp_path):
+    """Before, model.onnx was replaced, then the rename onto the folder failed: a mixed set."""
+    (tmp_path / "model.onnx").write_text("old model.onnx")
+    (tmp_path / "model.json").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"a folder, not a file: '.*model.json'$"):
+        with atomic.replaced_together() as stage:
+            for name in ["model.onnx", "model.json"]:
+                stage(tmp_path / name).write_text(f"new {name}")
+    assert (tmp_path / "model.onnx").read_text() == "old model.onnx"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.onnx"]
