@@ -197,7 +197,7 @@ def _project_keys(**changes) -> dict:
     (lambda p: torch.save(_project_keys(model_state={"a": torch.nested.nested_tensor([torch.ones(2)])}), p),
      "(model_state: 'a' is a nested tensor; "),
 ])
-@pytest.mark.filterwarnings("ignore:(Sparse CSR tensor support|The PyTorch API of nested tensors):UserWarning")  # making them
+@pytest.mark.filterwarnings("ignore:(Sparse CSR tensor support|The PyTorch API of nested tensors):UserWarning")
 def test_unusable_files_exit_2_in_one_line_naming_the_problem(tiny_data, tmp_path, capsys, write, message):
     path = tmp_path / "x_last.pt"
     write(path)
