@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from src import atomic
 
@@ -40,9 +40,11 @@ class LockHeld(RuntimeError):
 
 
 @contextmanager
-def exclusive(path: str | Path, *, wait: bool = True) -> Iterator[bool]:
+def exclusive(path: str | Path, *, wait: bool = True,
+              on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
     """Hold an exclusive lock on `path` (created if missing) for the block; yields whether the lock
-    is real. `wait=False`: raise LockHeld at once when another process holds it."""
+    is real. `wait=False`: raise LockHeld at once when another process holds it. `on_wait`: called
+    once before waiting for another process (to say why the command pauses)."""
     if fcntl is None:
         yield False
         return
@@ -51,13 +53,18 @@ def exclusive(path: str | Path, *, wait: bool = True) -> Iterator[bool]:
         atomic.make_folder(path.parent)
         handle = open(path, "a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise LockHeld(f"{path} is held by another process") from None
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
+                fcntl.flock(handle, fcntl.LOCK_EX)
             if _names(handle, path):
                 break
-        except BlockingIOError:
-            handle.close()
-            raise LockHeld(f"{path} is held by another process") from None
-        except BaseException:  # Ctrl-C while waiting, say
+        except BaseException:  # LockHeld; Ctrl-C while waiting, say
             handle.close()
             raise
         # The file was deleted or replaced between our open and our lock (a clean-up of the output

@@ -28,8 +28,9 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from src import atomic, locks
@@ -347,13 +348,8 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
 @contextmanager
 def _writing_alone(annotations_dir: Path) -> Iterator[None]:
     """Hold `annotations/.prepare.lock` for the block, saying so when another run holds it first."""
-    lock = annotations_dir / ".prepare.lock"
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(locks.exclusive(lock, wait=False))
-        except locks.LockHeld:
-            log.warning("waiting    for another prepare writing into %s ...", annotations_dir)
-            stack.enter_context(locks.exclusive(lock))
+    say = partial(log.warning, "waiting    for another prepare writing into %s ...", annotations_dir)
+    with locks.exclusive(annotations_dir / ".prepare.lock", on_wait=say):
         yield
 
 

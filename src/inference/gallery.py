@@ -492,14 +492,12 @@ def changing(path: Path) -> Iterator[None]:
     if path.exists():  # a file that is no gallery (a checkpoint given by mistake) gets no lock file beside it
         with gallery_archive(path):
             pass
-    lock = path.with_name(f".{path.name}.lock")
+    def say() -> None:
+        print(f"waiting for another gallery command to finish with {path} ...", file=sys.stderr, flush=True)
+
     with ExitStack() as stack:
         try:
-            try:
-                stack.enter_context(locks.exclusive(lock, wait=False))
-            except locks.LockHeld:
-                print(f"waiting for another gallery command to finish with {path} ...", file=sys.stderr, flush=True)
-                stack.enter_context(locks.exclusive(lock))
+            stack.enter_context(locks.exclusive(path.with_name(f".{path.name}.lock"), on_wait=say))
         except OSError as exc:  # its folder cannot be written: neither can the gallery
             raise unwritable(path, exc) from None
         yield
