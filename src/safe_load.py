@@ -6,6 +6,7 @@ read such files (models, training, evaluation, inference), so none has to import
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 import pickletools
 import re
@@ -60,6 +61,12 @@ def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False)
         raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
     except Exception as exc:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
         raise _unreadable(path, exc) from None
+
+
+def file_sha256(path: Path) -> str:
+    """What names a checkpoint's (or an export's) exact bytes: galleries, reports and exports record it."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def unusual_layout(tensor: torch.Tensor) -> str | None:

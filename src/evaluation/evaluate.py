@@ -41,7 +41,8 @@ from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_
 from src.evaluation.report import confusion_csv, render_markdown, rounded
 from src.models.backbones import ModelError
 from src.models.scoring import SCORE_KINDS, classifier_scores, gallery_scores
-from src.models.trained import CheckpointError, TrainedModel, file_sha256, load_trained
+from src.models.trained import CheckpointError, TrainedModel, load_trained
+from src.safe_load import file_sha256
 from src.tables import progress_bar
 from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths, threshold_sidecar_path

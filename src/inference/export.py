@@ -51,6 +51,7 @@ from src.errors import command_main, command_parser, path_argument, positive_int
 from src.inference.identify import (CHECKPOINT_METADATA, DESCRIPTION_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME,
                                     OUTPUT_NAMES, USAGE_ERRORS, Identifier, InferenceError, OnnxBackend,
                                     description_sha256, export_info_path, stored_thresholds)
+from src.safe_load import file_sha256
 from src.tables import format_rows
 
 FORMATS = ("onnx", "torchscript")
@@ -193,7 +194,7 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
                     "preprocessing": preprocessing(identifier.info.config.data.image_size),
                     "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
             if "onnx" in formats:  # the staged file holds the bytes that replace the .onnx
-                info["onnx_sha256"] = runners["onnx"].file_sha256()
+                info["onnx_sha256"] = file_sha256(runners["onnx"].path)
             atomic.write_text(stage(info_path), json.dumps(info, indent=2) + "\n")  # last: it describes the rest
     except OSError as exc:  # a file where the folder should be, no permission, a full disk
         raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None

@@ -45,7 +45,7 @@ from src.devices import pick_device, reproducible_arithmetic
 from src.errors import first_line, missing, positive_int
 from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES, classifier_scores
-from src.safe_load import CheckpointError
+from src.safe_load import CheckpointError, file_sha256
 from src.tables import counted
 from src.textfiles import read_utf8
 from src.training.artifacts import threshold_sidecar_path
@@ -400,15 +400,11 @@ class OnnxBackend:
             raise InferenceError(f"{self.path}: {description.name} is not the description exported with it "
                                  "(its class names or config were edited); export again")
 
-    def file_sha256(self) -> str:
-        with self.path.open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-
     def check_file(self, onnx_sha256: str | None, description: Path) -> None:
         """The file must hold the bytes export wrote, where the JSON records them: a damaged copy
         whose graph still loads gave wrong scores (weights of a corrupted file: embeddings of length
         1e-10) with exit 0."""
-        if onnx_sha256 is not None and self.file_sha256() != onnx_sha256:
+        if onnx_sha256 is not None and file_sha256(self.path) != onnx_sha256:
             raise InferenceError(f"{self.path}: not the file {description.name} was exported with (its sha256 "
                                  "differs: a damaged or altered copy); copy or export it again")
 

@@ -7,7 +7,6 @@ instead of running code).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from src.config import Config, ConfigError, config_from_dict
 from src.data.dataset import ClassIndex, DatasetError
 from src.errors import state_dict_problem
 from src.models.factory import IdentificationModel, create_model
-from src.safe_load import CheckpointError, safe_torch_load, unusual_layout
+from src.safe_load import CheckpointError, file_sha256, safe_torch_load, unusual_layout
 
 FORMAT_VERSION = 1
 # The keys every checkpoint of this project has, and their types: anything else is another
@@ -73,11 +72,6 @@ class TrainedModel:
     classes: ClassIndex
     model: IdentificationModel
     device: torch.device
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load_trained(path: Path, device: torch.device) -> TrainedModel:
