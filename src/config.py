@@ -67,8 +67,8 @@ class DataConfig(_Section):
     cache_dir: Path | None = None
     """Where the decoded-image cache lives; default (None) `<root>/cache`: see `cache_folder`."""
     cache_on_device: bool = True
-    """Keep the uint8 cache in GPU memory when training on CUDA (else it stays memory-mapped in host
-    memory and each batch goes to the GPU through a pinned buffer)."""
+    """Keep the uint8 cache in GPU memory when training on CUDA (else, or where it does not fit, it stays
+    memory-mapped in host memory and each batch goes to the GPU through a pinned buffer)."""
     workers: int = Field(4, ge=0)
     """DataLoader workers for the plain pipeline, and processes building the cache (at most one per core)."""
 

@@ -15,6 +15,7 @@ step and resumed sees exactly the batches an uninterrupted run sees.
 """
 from __future__ import annotations
 
+import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from src.data.cache import load_or_build_cache
 from src.data.decode import cache_size_for
 from src.data.dataset import ClassIndex, DatasetError, ImageListDataset, collate_skip_none
 from src.parallel import WorkerDied
+
+log = logging.getLogger(__name__)
 
 
 def _seed(*parts: int) -> int:
@@ -293,7 +296,18 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
     kept = np.asarray(cached.kept, dtype=np.int64)
     labels = torch.tensor([classes.index(rows[i][1]) for i in kept], dtype=torch.long, device=device)
     images = cached.images
-    if device.type == "cuda":
-        if config.data.cache_on_device:
-            images = images.to(device)  # else it stays memory-mapped: CachedSource stages each batch
+    if device.type == "cuda" and config.data.cache_on_device:
+        images = cache_on_gpu(images, device)  # else it stays memory-mapped: CachedSource stages each batch
     return CachedSource(labels=labels, images=images, left_out=len(cached.failed), **common)
+
+
+def cache_on_gpu(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The whole cache copied into `device`'s memory; one too large for it stays in host memory (as
+    with `data.cache_on_device: false`) with a warning, rather than ending the run with a traceback."""
+    try:
+        return images.to(device)
+    except torch.OutOfMemoryError:
+        log.warning("the image cache (%.2f GiB) does not fit in the free memory of %s: it stays in host memory "
+                    "and each batch is copied over (data.cache_on_device: false skips the attempt)",
+                    images.nbytes / 2**30, device)
+        return images

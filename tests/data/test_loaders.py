@@ -129,6 +129,26 @@ def test_staged_batches_on_the_gpu_survive_the_reuse_of_their_buffers(tmp_path):
         assert pixels.is_cuda and torch.equal(pixels.cpu(), images[indices])
 
 
+def test_a_cache_too_large_for_the_gpu_stays_in_host_memory(tiny_data, tmp_path, monkeypatch, caplog):
+    """`data.cache_on_device: true` (the default) with a GPU that cannot hold the cache, simulated here:
+    the copy runs out of GPU memory. Before, training and evaluation ended in torch's OutOfMemoryError
+    traceback; now the cache is staged from host memory, as with `false`, and a warning says so."""
+    config, data, rows = _rows_and_config(tiny_data, tmp_path, "train")
+    copy, make_tensor = torch.Tensor.to, torch.tensor
+
+    def out_of_gpu_memory(tensor, *args, **kwargs):
+        if any(str(arg).startswith("cuda") for arg in (*args, *kwargs.values())):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return copy(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", out_of_gpu_memory)
+    monkeypatch.setattr(torch, "tensor", lambda *args, device=None, **kwargs: make_tensor(*args, **kwargs))  # labels
+    source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True,
+                          device=torch.device("cuda"))
+    assert source.device.type == "cuda" and source.images.device.type == "cpu"  # staged_batches' path
+    assert "does not fit in the free memory of cuda" in caplog.text and "data.cache_on_device: false" in caplog.text
+
+
 def test_a_training_batch_with_unreadable_images_keeps_its_size():
     pixels, labels = torch.arange(3).view(3, 1) * 10, torch.tensor([0, 1, 2])
     filled, filled_labels = refill(pixels, labels, missing=4)
