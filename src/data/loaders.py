@@ -199,9 +199,9 @@ def staged_batches(images: torch.Tensor, plan: list[torch.Tensor], device: torch
         for step in range(len(plan)):
             staging = pending.result()
             pixels = staging.to(device, non_blocking=True)
-            if cuda:
+            if cuda:  # the copy runs on `device`'s stream, which need not be the current device's (cuda:N)
                 copied[step % STAGING_SLOTS] = torch.cuda.Event()
-                copied[step % STAGING_SLOTS].record()
+                copied[step % STAGING_SLOTS].record(torch.cuda.current_stream(device))
             if step + 1 < len(plan):
                 pending = pool.submit(gather, step + 1)
             yield pixels

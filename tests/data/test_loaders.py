@@ -129,6 +129,27 @@ def test_staged_batches_on_the_gpu_survive_the_reuse_of_their_buffers(tmp_path):
         assert pixels.is_cuda and torch.equal(pixels.cpu(), images[indices])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers and asynchronous copies need CUDA")
+def test_a_staging_buffer_is_reused_only_after_the_copy_on_its_own_gpu(tmp_path, monkeypatch):
+    """The copy to `cuda:N` runs on that GPU's stream. The event that guards a buffer's reuse was
+    recorded on the current device's stream instead (`Event.record()` with no stream): on `cuda:1`
+    with GPU 0 current, it did not wait for the copy, and the buffer could be refilled while copied."""
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # another than the current one, given two
+    streams = []
+
+    class RecordedEvent(torch.cuda.Event):
+        def record(self, stream=None):
+            streams.append(stream)
+            return super().record(stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", RecordedEvent)
+    images = _memory_mapped_cache(tmp_path, n=40, size=16)
+    plan = batch_plan(len(images), 8, train=True, seed=1, epoch=0)
+    for indices, pixels in zip(plan, staged_batches(images, plan, device), strict=True):
+        assert pixels.device == device and torch.equal(pixels.cpu(), images[indices])
+    assert len(streams) == len(plan) and all(stream is not None and stream.device == device for stream in streams)
+
+
 def test_a_cache_too_large_for_the_gpu_stays_in_host_memory(tiny_data, tmp_path, monkeypatch, caplog):
     """`data.cache_on_device: true` (the default) with a GPU that cannot hold the cache, simulated here:
     the copy runs out of GPU memory. Before, training and evaluation ended in torch's OutOfMemoryError
