@@ -39,6 +39,10 @@ def init_distributed(device_type: str) -> DistInfo:
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                     int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
     if device_type == "cuda":
+        gpus = torch.cuda.device_count()
+        if info.local_rank >= gpus:  # torch.cuda.set_device would raise `invalid device ordinal`
+            raise ConfigError(f"torchrun: this process has LOCAL_RANK {info.local_rank} but sees {gpus} CUDA GPU(s): "
+                              f"start at most one process per GPU (--nproc_per_node {gpus} or fewer)")
         torch.cuda.set_device(info.local_rank)
     if dist.is_initialized():
         # A second `run()` in the same torchrun worker (e.g. `run(config)` then

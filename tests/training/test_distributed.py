@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from src.config import load_config
 from src.training.train import main as train_main
@@ -178,6 +179,28 @@ def test_rank_variables_without_torchrun_give_one_line(tiny_data, tmp_path, monk
     assert result.stderr.strip().splitlines() == [
         "error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: launch with torchrun, "
         "or unset RANK and WORLD_SIZE to train in one process"]
+
+
+def test_more_processes_than_gpus_give_one_line(tiny_data, tmp_path, monkeypatch, capsys, caplog):
+    """`torchrun --nproc_per_node 4` on a machine that shows the processes 2 GPUs, simulated as rank 3:
+    before, ranks 2 and 3 ended in torch's `invalid device ordinal` traceback at torch.cuda.set_device."""
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def set_device(index):
+        if index >= 2:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.device": "cuda"})
+    result = main_in_process(train_main, ["--config", str(config_path)], capsys, caplog)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "[rank 3] error: torchrun: this process has LOCAL_RANK 3 but sees 2 CUDA GPU(s): start at most "
+        "one process per GPU (--nproc_per_node 2 or fewer)"]
 
 
 SIGNAL_RANK_1_AFTER_EPOCH_1 = """
