@@ -28,7 +28,8 @@ import PIL
 import torch
 
 from src import atomic, locks
-from src.data.decode import DECODE_SETTINGS, decode_into
+from src.data.decode import DECODE_SETTINGS, decode_into, unreadable_digest
+from src.data.io import ImageLoadError, read_image_bytes
 from src.parallel import map_in_processes
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
             if exclusive:
                 _remove_temporaries(cache_dir)
             started = time.perf_counter()
-            _build(cache_dir, key, raw_dir, rel_paths, cache_size, workers)
+            key = _build(cache_dir, key, raw_dir, rel_paths, digests, cache_size, workers)
             log.info("built image cache %s (%d images, %d px) in %.1f s", key, len(rel_paths),
                      cache_size, time.perf_counter() - started)
             superseded = {_slot(raw_dir, rel_paths, cache_size), _legacy_slot(rel_paths, cache_size)}
@@ -106,15 +107,14 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
 # --- keying -------------------------------------------------------------------------------------
 
 def _file_digest(path: Path) -> str:
-    """blake2b of the file bytes; an unreadable file gets a marker so its return changes the key.
-    A FIFO or a device is never opened: a FIFO waits for a writer, and /dev/zero never ends."""
-    if path.exists() and not path.is_file():  # a missing file keeps the marker below: caches keep their keys
-        return "unreadable:not-a-regular-file"
+    """blake2b of the file bytes; a file that cannot be read gets the build's marker for it
+    (`unreadable_digest`), so its return changes the key. A FIFO or a device is never opened: a FIFO
+    waits for a writer, and /dev/zero never ends."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, partial(hashlib.blake2b, digest_size=16)).hexdigest()
-    except OSError as exc:
-        return f"unreadable:{type(exc).__name__}"
+        data = read_image_bytes(path)
+    except ImageLoadError as exc:
+        return unreadable_digest(exc)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _content_digests(paths: Sequence[Path], workers: int) -> list[str]:
@@ -240,9 +240,9 @@ def _open(cache_dir: Path, key: str, meta: dict, built: bool) -> CachedImages:
 # --- building -----------------------------------------------------------------------------------
 
 def _decode_all_into(target: Path, paths: Sequence[Path], cache_size: int, workers: int
-                     ) -> list[str | None]:
-    """Decode `paths[i]` into row i of `target` with `workers` processes (0: in this one); the
-    failure reasons.
+                     ) -> list[tuple[str | None, str | None]]:
+    """Decode `paths[i]` into row i of `target` with `workers` processes (0: in this one); each
+    path's failure reason and marker of an unreadable file (`decode_into`).
 
     Processes, not threads: PIL releases the GIL while decoding, but load_rgb's Python work does
     not, so threads stop scaling (16 cores, 7,150 PNGs: 4.6 s with processes, 8.0 s with threads,
@@ -267,21 +267,27 @@ def _drop_rows(path: Path, kept: Sequence[int], row_bytes: int) -> None:
         data.truncate(len(kept) * row_bytes)
 
 
-def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], cache_size: int,
-           workers: int) -> None:
-    """Decode every row into `<key>.u8` and describe it in `<key>.json`, both renamed into place.
+def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], digests: Sequence[str],
+           cache_size: int, workers: int) -> str:
+    """Decode every row into `<key>.u8` and describe it in `<key>.json`, both renamed into place;
+    the key they were stored under. `key` is that of the files' `digests`; a file the build could not
+    read is keyed by its marker instead, so the next start that can read it builds a cache with it
+    rather than reuse this one, which would leave it out for as long as its bytes stay the same.
 
     The data file is renamed before the metadata: a crash in between leaves data without metadata,
     which the next start treats as corrupt and rebuilds. A metadata write that fails (disk full)
     removes the data file: under a key that may never recur, nothing else would.
     """
-    data = _data_path(cache_dir, key)
-    temporary = data.with_name(f"{data.name}.{os.getpid()}.tmp")
+    temporary = _data_path(cache_dir, key).with_name(f"{key}.u8.{os.getpid()}.tmp")
     row_bytes = cache_size * cache_size * 3
     try:
         with open(temporary, "wb") as out:
             out.truncate(len(rel_paths) * row_bytes)  # every row's place, for the workers to fill
-        reasons = _decode_all_into(temporary, [raw_dir / rel for rel in rel_paths], cache_size, workers)
+        decoded = _decode_all_into(temporary, [raw_dir / rel for rel in rel_paths], cache_size, workers)
+        reasons = [reason for reason, _ in decoded]
+        key = _cache_key(rel_paths, [unreadable or digest for (_, unreadable), digest in zip(decoded, digests)],
+                         cache_size)
+        data = _data_path(cache_dir, key)
         kept = [row for row, reason in enumerate(reasons) if reason is None]
         failed = [(rel, reason) for rel, reason in zip(rel_paths, reasons) if reason is not None]
         if failed:
@@ -300,6 +306,7 @@ def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], c
     except BaseException:
         data.unlink(missing_ok=True)
         raise
+    return key
 
 
 # --- housekeeping -------------------------------------------------------------------------------

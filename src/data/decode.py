@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from src.data.io import ImageLoadError, load_rgb
+from src.data.io import ImageLoadError, load_rgb, read_image_bytes
 
 # Part of the cache key (with Pillow's version, whose decoders and resampling change between
 # releases): change this string whenever decode_for_cache changes its output.
@@ -53,9 +53,16 @@ def square_resize(image: Image.Image, cache_size: int) -> np.ndarray:
     return np.array(square)
 
 
-def decode_into(job: tuple[int, Path], target: Path, cache_size: int) -> str | None:
-    """Worker body: decode image `job = (row, path)` into its row of `target`; None, or the reason it
-    could not be decoded.
+def unreadable_digest(error: ImageLoadError) -> str:
+    """What stands for the bytes of a file that could not be read in the cache key: why, so that
+    the key changes, and the cache is built again, once the file can be read."""
+    return f"unreadable:{error.reason}"
+
+
+def decode_into(job: tuple[int, Path], target: Path, cache_size: int) -> tuple[str | None, str | None]:
+    """Worker body: decode image `job = (row, path)` into its row of `target`; the reason it could
+    not be decoded (None when it was), and, when its file could not be read at all (a passing I/O
+    error, say, where bytes that do not decode are the image's own), `unreadable_digest` to key it by.
 
     Workers write their rows themselves. Sent back through a pipe, every 200 KB row had to be
     unpickled and written by the parent, which competed with the workers for the cores and, with
@@ -64,11 +71,14 @@ def decode_into(job: tuple[int, Path], target: Path, cache_size: int) -> str | N
     """
     row, path = job
     try:
-        pixels = decode_for_cache(path, cache_size)
+        data = read_image_bytes(path)
     except ImageLoadError as exc:
-        return exc.reason
+        return exc.reason, unreadable_digest(exc)
+    try:
+        pixels = decode_for_cache(path, cache_size, data)
+    except ImageLoadError as exc:
+        return exc.reason, None
     with open(target, "r+b") as out:
         out.seek(row * pixels.nbytes)
         out.write(pixels.data)
-    return None
-
+    return None, None

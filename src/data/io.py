@@ -84,6 +84,24 @@ def file_problem(path: Path) -> str | None:
     return "not a regular file" if path.exists() else "file not found"
 
 
+def read_image_bytes(path: Path) -> bytes:
+    """The whole file, for a caller that keys what it decodes by these very bytes (`load_rgb`'s
+    `data`). Raises ImageLoadError when the file cannot be read, which says nothing of its bytes:
+    a missing file, a FIFO or a device (never opened), a read the system refused."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise ImageLoadError(path, problem)
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise _read_refused(path, exc) from None
+
+
+def _read_refused(path: Path, exc: OSError) -> ImageLoadError:
+    return ImageLoadError(path, f"cannot be read ({exc.strerror or exc})")
+
+
 def files_under(folder: Path, hidden: Callable[[str], bool]) -> list[Path]:
     """Every entry under `folder` that is no folder (broken links and FIFOs too, for the caller to
     report), following linked sub-folders (photos linked in from another disk are common; `rglob`
@@ -135,7 +153,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None 
         raise ImageLoadError(path, f"exceeds the {max_pixels:,}-pixel limit ({exc})") from None
     except OSError as exc:
         if exc.errno is not None:  # the system refused the read (permissions, I/O error), not the decoder
-            raise ImageLoadError(path, f"cannot be read ({exc.strerror})") from None
+            raise _read_refused(path, exc) from None
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None
     except (SyntaxError, ValueError) as exc:
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None

@@ -1,6 +1,7 @@
 """The decoded-image cache: same pixels as a fresh decode, reused, invalidated and repaired."""
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import logging
@@ -216,6 +217,37 @@ def test_unreadable_images_are_excluded_and_reported(dataset, caplog):
     assert "2 of 7 images could not be read" in caplog.text
     _write_png(raw / "face_images/missing.png", seed=7)
     assert _build(dataset, rows=rows).kept == [0, 1, 3, 4, 5, 6]
+
+
+def test_an_image_the_build_could_not_read_is_decoded_once_it_can_be(dataset, monkeypatch):
+    """A read refused while the cache was built (an I/O error on a network share, a file briefly
+    locked) says nothing of the image: it was remembered with the cache, keyed by the file's unchanged
+    bytes, and the image was left out of every later run. Bytes that do not decode stay remembered."""
+    raw, _, rows = dataset
+    (raw / "face_images/broken.png").write_bytes(b"not a png")
+    rows = rows + [("face_images/broken.png", "x")]
+    flaky = raw / rows[1][0]
+    real_open, decode_all = open, cache._decode_all_into
+
+    def refused(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == flaky:
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def decode_with_reads_refused(*args, **kwargs):  # the key's hashing before it reads the file
+        with monkeypatch.context() as patch:
+            patch.setattr(builtins, "open", refused)
+            return decode_all(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "_decode_all_into", decode_with_reads_refused)
+    first = _build(dataset, rows=rows)
+    assert first.failed == [(rows[1][0], "cannot be read (Input/output error)"),
+                            ("face_images/broken.png", "not an image in a known format")]
+    monkeypatch.setattr(cache, "_decode_all_into", decode_all)
+    second = _build(dataset, rows=rows)
+    assert second.built and second.failed == first.failed[1:]
+    _assert_matches_fresh_decode(second, raw, rows)
+    assert not _build(dataset, rows=rows).built
 
 
 @pytest.mark.parametrize("workers", [0, 2])
