@@ -28,7 +28,7 @@ import PIL
 import torch
 
 from src import atomic, locks
-from src.data.decode import DECODE_SETTINGS, decode_into, unreadable_digest
+from src.data.decode import DECODE_SETTINGS, content_digest, decode_into, unreadable_digest
 from src.data.io import ImageLoadError, read_image_bytes
 from src.parallel import map_in_processes
 
@@ -90,7 +90,7 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
             if exclusive:
                 _remove_temporaries(cache_dir)
             started = time.perf_counter()
-            key = _build(cache_dir, key, raw_dir, rel_paths, digests, cache_size, workers)
+            key = _build(cache_dir, key, raw_dir, rel_paths, cache_size, workers)
             log.info("built image cache %s (%d images, %d px) in %.1f s", key, len(rel_paths),
                      cache_size, time.perf_counter() - started)
             superseded = {_slot(raw_dir, rel_paths, cache_size), _legacy_slot(rel_paths, cache_size)}
@@ -107,14 +107,13 @@ def load_or_build_cache(rows: Sequence[tuple[str, str]], raw_dir: str | Path,
 # --- keying -------------------------------------------------------------------------------------
 
 def _file_digest(path: Path) -> str:
-    """blake2b of the file bytes; a file that cannot be read gets the build's marker for it
-    (`unreadable_digest`), so its return changes the key. A FIFO or a device is never opened: a FIFO
+    """The digest the build gives the file (`decode_into`): of its bytes, or, for a file that cannot
+    be read, a marker, so that its return changes the key. A FIFO or a device is never opened: a FIFO
     waits for a writer, and /dev/zero never ends."""
     try:
-        data = read_image_bytes(path)
+        return content_digest(read_image_bytes(path))
     except ImageLoadError as exc:
         return unreadable_digest(exc)
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _content_digests(paths: Sequence[Path], workers: int) -> list[str]:
@@ -240,9 +239,9 @@ def _open(cache_dir: Path, key: str, meta: dict, built: bool) -> CachedImages:
 # --- building -----------------------------------------------------------------------------------
 
 def _decode_all_into(target: Path, paths: Sequence[Path], cache_size: int, workers: int
-                     ) -> list[tuple[str | None, str | None]]:
+                     ) -> list[tuple[str | None, str]]:
     """Decode `paths[i]` into row i of `target` with `workers` processes (0: in this one); each
-    path's failure reason and marker of an unreadable file (`decode_into`).
+    path's failure reason and the digest of the bytes decoded (`decode_into`).
 
     Processes, not threads: PIL releases the GIL while decoding, but load_rgb's Python work does
     not, so threads stop scaling (16 cores, 7,150 PNGs: 4.6 s with processes, 8.0 s with threads,
@@ -267,12 +266,13 @@ def _drop_rows(path: Path, kept: Sequence[int], row_bytes: int) -> None:
         data.truncate(len(kept) * row_bytes)
 
 
-def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], digests: Sequence[str],
-           cache_size: int, workers: int) -> str:
-    """Decode every row into `<key>.u8` and describe it in `<key>.json`, both renamed into place;
-    the key they were stored under. `key` is that of the files' `digests`; a file the build could not
-    read is keyed by its marker instead, so the next start that can read it builds a cache with it
-    rather than reuse this one, which would leave it out for as long as its bytes stay the same.
+def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], cache_size: int,
+           workers: int) -> str:
+    """Decode every row into a cache and describe it, both renamed into place; the key they were
+    stored under: that of the bytes decoded, which differs from `key` (the files as hashed before)
+    where a file changed in between, or was read by one and not the other. A file the build could
+    not read is keyed by its marker, so the next start that can read it builds a cache with it rather
+    than reuse this one, which would leave it out for as long as its bytes stay the same.
 
     The data file is renamed before the metadata: a crash in between leaves data without metadata,
     which the next start treats as corrupt and rebuilds. A metadata write that fails (disk full)
@@ -285,8 +285,7 @@ def _build(cache_dir: Path, key: str, raw_dir: Path, rel_paths: Sequence[str], d
             out.truncate(len(rel_paths) * row_bytes)  # every row's place, for the workers to fill
         decoded = _decode_all_into(temporary, [raw_dir / rel for rel in rel_paths], cache_size, workers)
         reasons = [reason for reason, _ in decoded]
-        key = _cache_key(rel_paths, [unreadable or digest for (_, unreadable), digest in zip(decoded, digests)],
-                         cache_size)
+        key = _cache_key(rel_paths, [digest for _, digest in decoded], cache_size)
         data = _data_path(cache_dir, key)
         kept = [row for row, reason in enumerate(reasons) if reason is None]
         failed = [(rel, reason) for rel, reason in zip(rel_paths, reasons) if reason is not None]

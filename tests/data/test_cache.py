@@ -122,6 +122,27 @@ def test_changed_image_bytes_rebuild_and_prune_the_old_cache(dataset):
     assert sorted(p.name for p in cache_dir.glob("*.u8")) == [second.path.name]
 
 
+def test_an_image_edited_while_the_cache_is_built_is_keyed_by_the_bytes_decoded(dataset, monkeypatch):
+    """The key hashed each file, the build read it again to decode it: an edit in between stored the
+    edited pixels under the original bytes' key. Put back, the original was served the edited pixels;
+    left as edited, the cache was built again at the next start."""
+    raw, _, rows = dataset
+    edited = raw / rows[2][0]
+    original, decode_all = edited.read_bytes(), cache._decode_all_into
+
+    def decode_after_an_edit(*args, **kwargs):  # the key's hashing done, the decoding to come
+        _write_png(edited, seed=99, size=(32, 32))
+        return decode_all(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "_decode_all_into", decode_after_an_edit)
+    first = _build(dataset)
+    monkeypatch.setattr(cache, "_decode_all_into", decode_all)
+    _assert_matches_fresh_decode(first, raw, rows)
+    assert not _build(dataset).built
+    edited.write_bytes(original)
+    _assert_matches_fresh_decode(_build(dataset), raw, rows)
+
+
 def test_two_datasets_of_the_same_layout_share_a_cache_folder(dataset, tmp_path):
     """Their lists read alike (the stand-ins' or the public release's layout), their images differ:
     building one's cache must not delete the other's, or alternating runs rebuild every time."""
