@@ -30,7 +30,7 @@ import torch
 from src import atomic, locks
 from src.data.decode import DECODE_SETTINGS, content_digest, decode_into, unreadable_digest
 from src.data.io import ImageLoadError, read_image_bytes
-from src.parallel import map_in_processes
+from src.parallel import WorkerDied, map_in_processes
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,12 @@ def _decode_all_into(target: Path, paths: Sequence[Path], cache_size: int, worke
     """
     decode = partial(decode_into, target=target, cache_size=cache_size)
     jobs = list(enumerate(paths))
-    if workers == 0:
-        return list(map(decode, jobs))
-    return list(map_in_processes(decode, jobs, workers, decode_into.__module__, DECODE_CHUNKSIZE))
+    try:
+        if workers == 0:
+            return list(map(decode, jobs))
+        return list(map_in_processes(decode, jobs, workers, decode_into.__module__, DECODE_CHUNKSIZE))
+    except MemoryError as exc:  # as for a worker killed for lack of memory: the build stops, keeping nothing
+        raise WorkerDied(f"{exc}; try fewer workers than {workers}" if workers > 1 else str(exc)) from None
 
 
 def _drop_rows(path: Path, kept: Sequence[int], row_bytes: int) -> None:

@@ -70,8 +70,16 @@ def as_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "<in-me
         raise ImageLoadError(name, f"{image.width}x{image.height} exceeds the {max_pixels:,}-pixel limit")
     try:
         return _to_rgb(_upright(image))
+    except MemoryError:
+        raise _out_of_memory(name) from None
     except Exception as exc:  # Pillow raises other types too (SyntaxError for an EXIF block it cannot parse)
         raise ImageLoadError(name, f"cannot be converted to RGB ({exc})") from None
+
+
+def _out_of_memory(name: str | Path) -> MemoryError:
+    """The machine's shortage, not the image's fault: no ImageLoadError, which would leave the image
+    out (and the cache remember it so) where the run should stop, or try again with more memory."""
+    return MemoryError(f"{name}: out of memory while decoding")
 
 
 def file_problem(path: Path) -> str | None:
@@ -147,6 +155,8 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None 
             return _to_rgb(_upright(img))
     except ImageLoadError:
         raise
+    except MemoryError:
+        raise _out_of_memory(path) from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image in a known format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own check, in open()

@@ -18,9 +18,11 @@ from PIL import Image
 
 from src import atomic, locks
 from src.data import cache, decode
+from src.data import io as image_io
 from src.data.cache import load_or_build_cache
 from src.data.decode import cache_size_for, decode_for_cache
 from src.data.io import ImageLoadError
+from src.parallel import WorkerDied
 
 CACHE_SIZE = 24
 REPO = Path(__file__).resolve().parents[2]
@@ -269,6 +271,18 @@ def test_an_image_the_build_could_not_read_is_decoded_once_it_can_be(dataset, mo
     assert second.built and second.failed == first.failed[1:]
     _assert_matches_fresh_decode(second, raw, rows)
     assert not _build(dataset, rows=rows).built
+
+
+def test_running_out_of_memory_while_decoding_stops_the_build_naming_the_image(dataset, monkeypatch):
+    """A MemoryError was taken for a bad image: the image was left out and remembered so with the
+    cache. The build stops as when the system kills a worker for lack of memory, and keeps nothing."""
+    def out_of_memory(image):
+        raise MemoryError()
+
+    monkeypatch.setattr(image_io, "_to_rgb", out_of_memory)
+    with pytest.raises(WorkerDied, match="img 0.png: out of memory while decoding"):
+        _build(dataset)
+    assert sorted(p.name for p in dataset[1].iterdir()) == [".lock"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from src.data import io as image_io
 from src.data.io import ImageLoadError, as_rgb, load_rgb
 
 GREYS = np.tile(np.arange(20, 220, 2, dtype=np.uint16), (10, 1))  # 8-bit grey levels, 10 x 100
@@ -104,6 +105,22 @@ def test_a_damaged_file_whose_decoder_raises_an_unexpected_type_is_an_image_load
     (tmp_path / "IMG_0001.png").write_bytes(b"DDS " + header + bytes(64))
     with pytest.raises(ImageLoadError, match="cannot be decoded \\(NotImplementedError: Unknown pixel format"):
         load_rgb(tmp_path / "IMG_0001.png")
+
+
+def test_running_out_of_memory_while_decoding_is_not_taken_for_a_bad_image(tmp_path, monkeypatch):
+    """The catch-all for decoders' odd exception types turned a MemoryError into "cannot be decoded":
+    the machine's shortage reported as the image's fault, and the image left out (by the cache, for
+    good). It passes through, naming the image."""
+    Image.new("RGB", (10, 4)).save(tmp_path / "photo.png")
+
+    def out_of_memory(image):
+        raise MemoryError()
+
+    monkeypatch.setattr(image_io, "_to_rgb", out_of_memory)
+    with pytest.raises(MemoryError, match="photo.png: out of memory while decoding"):
+        load_rgb(tmp_path / "photo.png")
+    with pytest.raises(MemoryError, match="<in-memory image>: out of memory while decoding"):
+        as_rgb(Image.new("RGB", (10, 4)))
 
 
 def test_an_in_memory_image_over_the_pixel_limit_is_refused_like_a_file(tmp_path):
