@@ -15,6 +15,9 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 # we expect; anything larger is refused rather than allowed to exhaust memory.
 MAX_PIXELS = 64_000_000
 _OPENING = threading.Lock()  # see load_rgb
+# Deep greys are scaled in float64, for its rounding, this many pixels at a time: the whole image at once
+# took over 1 GB at the pixel limit (a float64 copy and its temporaries, 24 bytes a pixel).
+SCALING_BLOCK_PIXELS = 1 << 16
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # EXIF orientation (2-8) -> the transposition that shows the photo upright, as the EXIF standard defines it.
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -54,9 +57,17 @@ def _upright(img: Image.Image) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # PIL's convert("RGB") clips these instead of rescaling, so scale by hand.
-        values = np.asarray(img, dtype=np.float64)
-        values = np.clip(values / _white(img, values) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(values, "L").convert("RGB")
+        values = np.asarray(img)
+        white = _white(img, values)
+        grey = np.empty(values.shape, np.uint8)
+        rows = max(1, SCALING_BLOCK_PIXELS // max(1, img.width))
+        for top in range(0, img.height, rows):
+            block = values[top:top + rows].astype(np.float64)
+            block /= white
+            block *= 255.0
+            block += 0.5
+            grey[top:top + rows] = np.clip(block, 0, 255, out=block)  # truncated, as astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "P", "PA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

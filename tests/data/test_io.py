@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,33 @@ def test_values_beyond_16_bits_are_scaled_by_their_maximum(tmp_path):
     path = tmp_path / "wide.tif"
     Image.fromarray(np.full((4, 4), 1 << 20, dtype=np.int32), "I").save(path)
     assert np.asarray(load_rgb(path)).min() == 255
+
+
+@pytest.mark.parametrize("name, values, white", [
+    ("every 16-bit value", np.arange(65536, dtype=np.uint16).reshape(256, 256), 65535),
+    ("32-bit values beyond 16 bits", np.random.default_rng(1).integers(-1000, 3 << 20, (64, 64), dtype=np.int32), None),
+    ("floats beyond [0, 1]", np.random.default_rng(2).normal(0.5, 2.0, (64, 64)).astype(np.float32), None),
+])
+def test_deep_greys_keep_the_pixels_of_scaling_in_float64(name, values, white, tmp_path):
+    """Scaled a block of rows at a time, to the very pixels of scaling the whole image in float64."""
+    path = tmp_path / ("deep.png" if values.dtype == np.uint16 else "deep.tif")
+    Image.fromarray(values).save(path)
+    white = white or max(float(values.max()), 1.0)
+    expected = np.clip(values.astype(np.float64) / white * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(load_rgb(path)), np.repeat(expected[..., None], 3, axis=2)), name
+
+
+def test_deep_greys_are_scaled_without_a_float64_copy_of_the_image(tmp_path):
+    """A float64 copy of the whole image and its temporaries took over 1 GB at the 64-megapixel limit."""
+    values = np.random.default_rng(0).integers(0, 65536, (1000, 2000), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    tracemalloc.start()
+    try:
+        load_rgb(tmp_path / "deep.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * values.size, f"{peak / values.size:.1f} bytes per pixel"
 
 
 def test_transparent_pixels_decode_as_black_in_files_and_in_memory(tmp_path):
