@@ -94,7 +94,7 @@ _RUNNING = threading.local()
 def command_main(main: Callable[..., int]) -> Callable[..., int]:
     """A command's `main` that Ctrl-C or SIGTERM ends with one line and INTERRUPTED_EXIT or
     TERMINATED_EXIT, and that ends with one line and exit code 2 when its results could not be
-    written to stdout, instead of a traceback (training has its own, which first saves a checkpoint
+    written to stdout or memory ran out, instead of a traceback (training has its own, which first saves a checkpoint
     once training is under way)."""
     @functools.wraps(main)
     def main_with_one_line_stops(*args, **kwargs) -> int:
@@ -107,6 +107,9 @@ def command_main(main: Callable[..., int]) -> Callable[..., int]:
         try:
             with sigterm_raises():
                 code = main(*args, **kwargs)
+        except MemoryError as exc:
+            print(out_of_memory(exc), file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print(STOPPED_BY_CTRL_C, file=sys.stderr)
             return INTERRUPTED_EXIT
@@ -134,6 +137,12 @@ def uncaught_ctrl_c_says_one_line() -> None:
         else:
             print_exception(kind, value, traceback)
     sys.excepthook = print_ctrl_c_in_one_line
+
+
+def out_of_memory(exc: MemoryError) -> str:
+    """The one line for the machine running out of memory (decoding an image too large for it, too
+    many workers): a shortage, not bad input, yet a traceback helps no one either."""
+    return f"error: {first_line(exc) if str(exc) else 'out of memory'}"
 
 
 def first_line(exc: BaseException) -> str:

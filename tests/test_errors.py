@@ -34,6 +34,21 @@ def test_ctrl_c_and_sigterm_give_one_line_and_their_exit_codes(module, stop, cod
     assert capsys.readouterr().err == line + "\n"
 
 
+@pytest.mark.parametrize("shortage, line", [(MemoryError("x.png: out of memory while decoding"),
+                                              "error: x.png: out of memory while decoding"),
+                                             (MemoryError(), "error: out of memory")])
+@pytest.mark.parametrize("module", COMMANDS)
+def test_running_out_of_memory_gives_one_line_and_exit_code_2(module, shortage, line, monkeypatch, capsys):
+    """A MemoryError (an image too large for this machine to decode, since it is no longer taken for a
+    bad image) ended every command with a traceback."""
+    def out_of_memory(*_args, **_kwargs):
+        raise shortage
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", out_of_memory)
+    assert importlib.import_module(module).main([]) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
 @pytest.mark.parametrize("stop, code, line", [
     (KeyboardInterrupt, INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)"),
     (Terminated, TERMINATED_EXIT, "error: stopped by SIGTERM")])

@@ -28,7 +28,7 @@ from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import IGNORED, BatchSource, build_source
 from src.errors import (INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, capped, command_parser, first_line,
-                        path_argument, show_warnings, sigterm_raises)
+                        out_of_memory, path_argument, show_warnings, sigterm_raises)
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.models.trained import FORMAT_VERSION, CheckpointError
@@ -478,12 +478,12 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
 @contextmanager
 def pending_best_written_on_failure(saver: CheckpointSaver, paths: RunPaths, runtime: Runtime):
     """A non-finite loss (TrainingStopped), images found unreadable mid-run (DatasetError: a
-    training batch, or the validation pass, with none readable) or the GPU running out of memory
-    passes through after the best epoch held in memory is written: the run loses none of the good
+    training batch, or the validation pass, with none readable) or memory running out (the GPU's or
+    the host's) passes through after the best epoch held in memory is written: the run loses none of the good
     epochs before it. (A stop request's forced save has written it already.)"""
     try:
         yield
-    except (TrainingStopped, DatasetError, torch.OutOfMemoryError):
+    except (TrainingStopped, DatasetError, torch.OutOfMemoryError, MemoryError):
         written = saver.write_pending_best()
         if written is not None:
             runtime.print(f"wrote epoch {written} (the best so far) to {paths.best} and {paths.last}")
@@ -546,6 +546,9 @@ def main(argv=None) -> int:
     except torch.OutOfMemoryError as exc:  # CUDA's; the CPU's allocator raises a plain RuntimeError
         _report(f"error: the GPU ran out of memory ({first_line(exc)}): lower trainer.batch_size or data.image_size",
                 all_ranks_agree=False)
+        return 2
+    except MemoryError as exc:  # the host's: e.g. the plain pipeline decoding an image too large for it
+        _report(out_of_memory(exc), all_ranks_agree=False)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:  # before training started (then StopRequest handles them)
         name, code = ("SIGTERM", TERMINATED_EXIT) if isinstance(exc, Terminated) else ("SIGINT", INTERRUPTED_EXIT)

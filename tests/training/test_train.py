@@ -465,25 +465,30 @@ def test_train_images_that_vanish_mid_run_stop_it_keeping_the_epochs_held_in_mem
     assert f"wrote epoch 1 (the best so far) to {artifacts / 'tiny_best.pt'}" in capsys.readouterr().out
 
 
-def test_a_gpu_out_of_memory_mid_run_is_one_line_and_keeps_the_epochs_held_in_memory(tiny_data, tmp_path,
-                                                                                      monkeypatch, capsys, caplog):
-    """torch.OutOfMemoryError (CUDA's, simulated here) in epoch 2's validation: before, a traceback, and
-    epoch 1, the best so far, held in memory (interval 1 h), was lost. Now it is written first, as for a
-    non-finite loss, and the run ends with exit 2 and one line naming the setting to lower."""
+@pytest.mark.parametrize("shortage, line", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"),
+     "error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): "
+     "lower trainer.batch_size or data.image_size"),
+    (MemoryError("x.png: out of memory while decoding"), "error: x.png: out of memory while decoding")])
+def test_running_out_of_memory_mid_run_is_one_line_and_keeps_the_epochs_held_in_memory(
+        shortage, line, tiny_data, tmp_path, monkeypatch, capsys, caplog):
+    """Running out of memory (CUDA's, simulated here, or the host's, e.g. the plain pipeline decoding an
+    image) in epoch 2's validation: before, a traceback, and epoch 1, the best so far, held in memory
+    (interval 1 h), was lost. Now it is written first, as for a non-finite loss, and the run ends with
+    exit 2 and one line."""
     real_evaluate, calls = train_module.evaluate, []
 
     def out_of_memory_in_the_second_validation(*args, **kwargs):
         calls.append(None)
         if len(calls) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+            raise shortage
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "evaluate", out_of_memory_in_the_second_validation)
     config = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3, "trainer.checkpoint_interval_s": 3600})
     result = main_in_process(train_main, ["--config", str(config)], capsys, caplog)
     assert result.returncode == 2
-    assert result.stderr == ("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): "
-                             "lower trainer.batch_size or data.image_size\n")
+    assert result.stderr == line + "\n"
     artifacts = tmp_path / "artifacts"
     best, last = load_checkpoint(artifacts / "tiny_best.pt"), load_checkpoint(artifacts / "tiny_last.pt")
     assert best["epoch"] == last["epoch"] == 1
