@@ -539,6 +539,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if (args.individuals or 1) * (args.images or 1) > MAX_IMAGES:  # 10^11 x 10^11 ran silently for minutes
         p.error(f"--individuals x --images must be at most {MAX_IMAGES:,} (the real release has 7,187 images), "
                 f"not {(args.individuals or 1) * (args.images or 1):,}")
+    if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:  # with --calibrate too (-5 crashed in Pillow)
+        p.error(f"--size must be from {MIN_SIZE} to {MAX_SIZE} (real face crops are a few hundred pixels; "
+                f"an image is drawn at {SUPERSAMPLE}x its size, so a large one only costs memory)")
     if args.calibrate:
         if args.out or args.from_annotations:
             p.error("--calibrate writes nothing: drop --out and --from-annotations")
@@ -559,9 +562,6 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("individuals", "images", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
-    if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:
-        p.error(f"--size must be from {MIN_SIZE} to {MAX_SIZE} (real face crops are a few hundred pixels; "
-                f"an image is drawn at {SUPERSAMPLE}x its size, so a large one only costs memory)")
     if args.individuals == 1:  # its only individual lands in one zoo's file, the other's stays empty
         p.error("--individuals must be at least 2: one individual cannot be prepared (nothing to tell apart)")
 

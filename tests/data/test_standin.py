@@ -204,6 +204,8 @@ def test_learnable_but_not_trivial():
     (["--out", "x", "--individuals", "1", "--images", "1", "--size", "8"], "--size must be from 16 to 2048"),
     (["--out", "x", "--individuals", "1", "--images", "1", "--epochs", "3"], "--epochs goes with --calibrate"),
     (["--calibrate", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--calibrate", "--size", "-5"], "--size must be from 16 to 2048"),   # was a traceback from Pillow
+    (["--calibrate", "--size", "0"], "--size must be from 16 to 2048"),    # was silently the default, 64
     (["--out", "x", "--individuals", "1", "--images", "3"], "--individuals must be at least 2"),
 ])
 def test_bad_seed_and_calibration_sizes_exit_2(argv, message, capsys):
