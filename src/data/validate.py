@@ -317,11 +317,9 @@ def build_report(raw_dir: Path, input_kind: str, min_images: int, parsed: Sequen
                  checks: dict[str, ImageCheck]) -> dict:
     """The validation report's content (rendered by `src.data.validate.write_report`); `closed` is the
     closed-set split, None when fewer than 2 individuals are kept."""
-    annotated = Counter(r.individual for r in fixed)
     usable_counts = Counter(r.individual for r in usable)
-    below = [{"name": name, "images": usable_counts.get(name, 0), "annotated": n,
-              "sources": sorted({r.source for r in fixed if r.individual == name})}
-             for name, n in sorted(annotated.items()) if usable_counts.get(name, 0) < min_images]
+    below = [{"name": name, "images": usable_counts[name], "annotated": len(group), "sources": _sources(group)}
+             for name, group in sorted(_by_individual(fixed).items()) if usable_counts[name] < min_images]
     return {"format_version": FORMAT_VERSION, "raw_dir": str(raw_dir), "input": input_kind,
             "min_images": min_images, "problems": count_problems(exclusions),
             "counts": _source_counts(parsed, exclusions, usable, kept),
