@@ -151,7 +151,9 @@ def parse_annotation_file(path: str | Path, source: str, prefix: str = "") -> li
     `origin` names it relative to the raw folder when `prefix` is given.
     """
     path = Path(path)
-    lines = _read_text(path).splitlines()
+    if not path.is_file():
+        raise AnnotationError(f"missing annotation file {path}")
+    lines = read_utf8(path, AnnotationError).splitlines()
     short = f"{prefix}/{path.name}" if prefix else str(path)  # origin: relative to the raw folder
     records = []
     for lineno, line in enumerate(lines, 1):
@@ -204,12 +206,6 @@ def read_cvjena(raw_dir: str | Path) -> list[Record]:
                                   f"files (a download or copy that stopped?); --download fetches it again")
         records += found
     return records
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise AnnotationError(f"missing annotation file {path}")
-    return read_utf8(path, AnnotationError)
 
 
 def _relative_image_path(text: str, prefix: str, where: str) -> str:
@@ -380,7 +376,7 @@ class LabelsFix:
         path = Path(path)
         if not path.is_file():
             raise AnnotationError(f"labels-fix file {path} not found")
-        text = _read_text(path)
+        text = read_utf8(path, AnnotationError)
         fix = cls._from_yaml(text, path) if path.suffix.lower() in (".yaml", ".yml") \
             else cls._from_text(text, path)
         fix.source = str(path)
@@ -413,16 +409,17 @@ class LabelsFix:
             if not line:
                 continue
             keyword, _, rest = line.partition(" ")
+            rest = rest.strip()
             if "->" in line:
                 old, _, new = (part.strip() for part in line.partition("->"))
                 if fix.aliases.get(old, new) != new:
                     raise AnnotationError(f"{path}:{lineno}: {old!r} already has the alias "
                                           f"{fix.aliases[old]!r}; keep one")
                 fix.aliases[old] = new
-            elif keyword == "exclude-name" and rest.strip():
-                fix.exclude_names.add(rest.strip())
-            elif keyword == "exclude-image" and rest.strip():
-                fix.exclude_images.add(rest.strip())
+            elif keyword == "exclude-name" and rest:
+                fix.exclude_names.add(rest)
+            elif keyword == "exclude-image" and rest:
+                fix.exclude_images.add(rest)
             else:
                 raise AnnotationError(f"{path}:{lineno}: expected 'Old -> New', 'exclude-name <name>' "
                                       f"or 'exclude-image <path>', got {line!r}")
@@ -435,7 +432,7 @@ class LabelsFix:
             problem = name_problem(new)
             if problem is not None:
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name {problem}")
-            if new == old:  # was "alias chain 'Abeni' -> 'Abeni' -> 'Abeni'"
+            if new == old:  # else the chain test below would report 'Abeni' -> 'Abeni' -> 'Abeni'
                 raise AnnotationError(f"{path}: alias {old!r} -> {new!r} renames nothing; drop it")
             if new in self.aliases:
                 raise AnnotationError(f"{path}: alias chain {old!r} -> {new!r} -> "
