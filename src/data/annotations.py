@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -332,8 +333,8 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
                 f"(e.g. {fixed!r}), alias it in --labels-fix, or pass --spaces-to-underscores")
         renamed[name] = fixed
     existing = {r.individual for r in records} - set(renamed)
-    clashes = sorted(old for old, new in renamed.items()
-                     if new in existing or list(renamed.values()).count(new) > 1)
+    targets = Counter(renamed.values())
+    clashes = sorted(old for old, new in renamed.items() if new in existing or targets[new] > 1)
     if clashes:
         raise AnnotationError(f"--spaces-to-underscores would merge {clashes[0]!r} into an existing "
                               f"individual {renamed[clashes[0]]!r}; rename one of them")

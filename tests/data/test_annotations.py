@@ -176,6 +176,9 @@ def test_names_with_whitespace_are_refused_or_replaced():
     clash = records + [Record("c.png", "Mr_Bean", "CZoo", "f:3")]
     with pytest.raises(AnnotationError, match="would merge 'Mr Bean' into an existing individual"):
         check_names(clash, spaces_to_underscores=True)
+    spelled_twice = records + [Record("c.png", "Mr\tBean", "CZoo", "f:3")]  # both become 'Mr_Bean'
+    with pytest.raises(AnnotationError, match=r"would merge 'Mr\\tBean' into an existing individual 'Mr_Bean'"):
+        check_names(spelled_twice, spaces_to_underscores=True)
 
 
 def test_the_name_of_a_rejected_photo_is_no_individual_s(tmp_path):
