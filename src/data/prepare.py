@@ -136,11 +136,8 @@ def filter_min_images(records: Sequence[Record], min_images: int) -> list[Record
 
 def count_summary(records: Sequence[Record]) -> dict:
     """{"images", "individuals", "per_source": {source: images}}; sources in first-seen order."""
-    per_source: dict[str, int] = {}
-    for record in records:
-        per_source[record.source] = per_source.get(record.source, 0) + 1
     return {"images": len(records), "individuals": len({r.individual for r in records}),
-            "per_source": per_source}
+            "per_source": dict(Counter(r.source for r in records))}
 
 
 def describe(records: Sequence[Record]) -> str:
