@@ -84,12 +84,10 @@ def stratified_split(rows: Sequence[Row], fractions: Sequence[float] = DEFAULT_F
             n_train, n_val, _ = split_counts(len(paths), fractions)
         except SplitError as exc:
             raise SplitError(f"{individual}: {exc}") from None
-        shuffled = paths[:]
-        random.Random(f"{seed}/{individual}").shuffle(shuffled)
-        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
-                  "test": (n_train + n_val, len(paths))}
-        for split, (start, stop) in bounds.items():
-            result[split] += [(p, individual) for p in shuffled[start:stop]]
+        random.Random(f"{seed}/{individual}").shuffle(paths)  # a fresh list, from group_by_individual
+        parts = {"train": paths[:n_train], "val": paths[n_train:n_train + n_val], "test": paths[n_train + n_val:]}
+        for split, part in parts.items():
+            result[split] += [(p, individual) for p in part]
     return {split: sorted(part) for split, part in result.items()}
 
 
