@@ -533,12 +533,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    small = args.individuals is not None or args.images is not None
     if args.seed < 0:
         p.error("--seed must be at least 0")
-    if (args.individuals or 1) * (args.images or 1) > MAX_IMAGES:  # 10^11 x 10^11 ran silently for minutes
+    requested = (args.individuals or 1) * (args.images or 1)
+    if requested > MAX_IMAGES:  # 10^11 x 10^11 ran silently for minutes
         p.error(f"--individuals x --images must be at most {MAX_IMAGES:,} (the real release has 7,187 images), "
-                f"not {(args.individuals or 1) * (args.images or 1):,}")
+                f"not {requested:,}")
     if args.size is not None and not MIN_SIZE <= args.size <= MAX_SIZE:  # with --calibrate too (-5 crashed in Pillow)
         p.error(f"--size must be from {MIN_SIZE} to {MAX_SIZE} (real face crops are a few hundred pixels; "
                 f"an image is drawn at {SUPERSAMPLE}x its size, so a large one only costs memory)")
@@ -555,6 +555,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--epochs goes with --calibrate (writing stand-ins trains nothing)")
     if args.out is None:
         p.error("--out is required")
+    small = args.individuals is not None or args.images is not None
     if (args.from_annotations is not None) == small:
         p.error("give either --from-annotations DIR or --individuals N --images M")
     if small and (args.individuals is None or args.images is None):
