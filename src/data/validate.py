@@ -243,13 +243,14 @@ def sex_inconsistencies(records: Sequence[Record]) -> list[dict]:
     majority, ready to paste into `exclude_images`."""
     flags = []
     for name, group in _by_individual(records).items():
-        known = Counter(r.gender for r in group if _normalise(r.gender) in ("male", "female"))
+        sexes = [_normalise(r.gender) for r in group]  # 'Male' and 'male' are one sex
+        known = Counter(sex for sex in sexes if sex in ("male", "female"))
         if len(known) < 2:
             continue
         majority = known.most_common(1)[0][0]
         flags.append({"name": name, "images": len(group), "sources": _sources(group),
                       "sexes": dict(Counter(r.gender for r in group).most_common()),
-                      "outliers": [r.path for r in group if r.gender in known and r.gender != majority]})
+                      "outliers": [r.path for r, sex in zip(group, sexes) if sex in known and sex != majority]})
     return sorted(flags, key=lambda f: -f["images"])
 
 

@@ -233,6 +233,15 @@ def test_names_differing_only_by_accents_or_case_folding_are_flagged_whatever_th
         ("Zoe", "Zoé", 0), ("Straße", "STRASSE", 0)}
 
 
+def test_sexes_are_compared_whatever_their_case():
+    """A hand-edited 'male' beside the release's 'Male' is the same sex, not a second one."""
+    records = _people([("Kofi", 10, {"gender": "Male"}), ("Kofi", 1, {"gender": "male"}),
+                       ("Zuri", 10, {"gender": "Female"}), ("Zuri", 1, {"gender": "male"})])
+    flags = label_quality(records)["sex_inconsistent"]
+    assert [(f["name"], f["sexes"]) for f in flags] == [("Zuri", {"Female": 10, "male": 1})]
+    assert flags[0]["outliers"] == [records[-1].path]
+
+
 def test_a_placeholder_name_gets_no_sex_or_age_flags():
     """'Adult' pools many animals (C-Tai's unidentified faces): its mixed sexes and ages are expected,
     and its "outliers" would send images with nothing wrong to exclude_images."""
