@@ -301,7 +301,7 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_FILES
 
 
-# --- names: no whitespace, not 'unknown' ------------------------------------------------------------
+# --- names: what lists.name_problem refuses ---------------------------------------------------------
 
 def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Record]:
     """Refuse individual names with whitespace, or replace each run of it by '_' when asked; refuse

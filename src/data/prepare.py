@@ -4,8 +4,9 @@ Stages, one function each, in this order:
 
 1. `read_input`      the cvjena release, a list file or a folder per individual -> records
 2. `apply_labels_fix` the user's aliases and exclusions (`--labels-fix`), before any filtering
-3. `check_names`     individual names must not contain whitespace (the list format splits on it)
-                     nor be `unknown` (what inference calls a rejected photo)
+3. `check_names`     individual names must pass `lists.name_problem`: no whitespace (the list format
+                     splits on it), no control or invisible characters, not `unknown` (what inference
+                     calls a rejected photo)
    `check_release_complete` the cvjena release only: every annotated image must be there
 4. `check_images`    decode every image; missing, unreadable, repeated and duplicate images are excluded
 5. `filter_min_images` keep individuals with at least `--min-images` usable images
