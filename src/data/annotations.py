@@ -217,7 +217,7 @@ def _relative_image_path(text: str, prefix: str, where: str) -> str:
     if rel.suffix.lower() not in IMAGE_EXTENSIONS:
         raise AnnotationError(f"{where}: unknown image format {rel.suffix or '(no extension)'!r} in "
                               f"{text!r}; supported: {' '.join(IMAGE_EXTENSIONS)}")
-    return (PurePosixPath(prefix) / rel).as_posix() if prefix and prefix != "." else rel.as_posix()
+    return (PurePosixPath(prefix) / rel).as_posix()  # an empty prefix is '.', which joins to `rel` alone
 
 
 # --- generic inputs: a list file and a folder per individual ------------------------------------
