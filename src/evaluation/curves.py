@@ -33,9 +33,9 @@ class CurvesError(ValueError):
 def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
     """Every complete epoch row of a metrics CSV, one array per column of METRICS_COLUMNS."""
     path = Path(path)
-    if not path.is_file():
-        raise CurvesError(f"{path}: metrics file {missing(path, folder=False)}")
     try:
+        if not path.is_file():
+            raise CurvesError(f"{path}: metrics file {missing(path, folder=False)}")
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM
             reader = csv.DictReader(handle)
             absent = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
@@ -61,6 +61,8 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
         raise CurvesError(f"{path}: not a metrics CSV of this project (not UTF-8 text: {exc.reason})") from None
     except csv.Error as exc:  # e.g. a field over the csv module's size limit
         raise CurvesError(f"{path}: not a metrics CSV of this project ({exc})") from None
+    except OSError as exc:  # no permission to read it: evaluation then leaves the curves out
+        raise CurvesError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not rows:
         raise CurvesError(f"{path}: no finished epoch yet" if not unread else
                           f"{path}: no epoch row to plot (line {capped([str(n) for n in unread])}: values that "

@@ -1,6 +1,7 @@
 """Training curves from a metrics CSV, finished or still being written."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,26 @@ def test_a_metrics_file_saved_with_a_bom_is_read(tmp_path):
     csv = tmp_path / "x_metrics.csv"
     csv.write_bytes(b"\xef\xbb\xbf" + f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n".encode())
     assert curves.read_metrics_csv(csv)["epoch"].tolist() == [1.0]
+
+
+def refuse_to_open(monkeypatch, refused: Path) -> None:
+    """`refused` cannot be opened, as for a user without read permission (simulated: the tests may run
+    as root, whom no permission stops)."""
+    open_path = Path.open
+
+    def open_or_no_permission(path, *args, **kwargs):
+        if path == refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open_path(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "open", open_or_no_permission)
+
+
+def test_a_metrics_file_that_cannot_be_read_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    """A PermissionError traceback before (and evaluation then failed to write its whole report)."""
+    csv = tmp_path / "x_metrics.csv"
+    csv.write_text(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n")
+    refuse_to_open(monkeypatch, csv)
+    assert curves.main([str(csv)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {csv}: cannot read it (Permission denied)"]
+    assert not (tmp_path / "x_curves.png").exists()
+

@@ -31,6 +31,7 @@ from src.training.checkpoint import atomic_save
 from src.training.resume import RunState
 from src.training.train import checkpoint_dict
 from tests.conftest import REPO, arithmetic_flags, write_config
+from tests.evaluation.test_curves import refuse_to_open
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_KEYS = {"report_version", "checkpoint", "data", "closed_set", "retrieval", "by_source", "open_set",
@@ -552,6 +553,15 @@ def test_training_curves_of_an_earlier_evaluation_go_when_this_one_has_none(chec
     shutil.copy(checkpoint, alone)
     report = evaluate.evaluate(alone, folder, device="cpu")
     assert report["figures"]["training_curves"] is None and not (folder / "training_curves.png").exists()
+
+
+def test_a_metrics_csv_that_cannot_be_read_only_leaves_the_training_curves_out(checkpoint, tmp_path, monkeypatch):
+    """Its PermissionError failed the whole evaluation: "could not write the results", no report."""
+    metrics = checkpoint.with_name("tiny_metrics.csv")
+    assert metrics.is_file()
+    refuse_to_open(monkeypatch, metrics)
+    report = evaluate.evaluate(checkpoint, tmp_path / "eval", device="cpu")
+    assert report["figures"]["training_curves"] is None and (tmp_path / "eval" / "report.json").is_file()
 
 
 def test_the_default_folder_is_not_taken_from_a_checkpoint_of_the_same_name(checkpoint, closed_report, tmp_path,
