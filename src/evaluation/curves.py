@@ -84,7 +84,11 @@ def check_output(out: Path) -> None:
     (a typo such as `--out artifacts/x_best.pt` must not turn a checkpoint, or the CSV, into a picture)."""
     if out.suffix.lower() != ".png":
         raise CurvesError(f"--out {out}: the curves are a PNG; name it <something>.png")
-    if out.exists() and not _is_png(out):
+    try:
+        replaces_another_file = out.exists() and not _is_png(out)
+    except OSError as exc:  # a folder this user cannot search (Path.exists raises it on Python 3.11)
+        raise CurvesError(f"cannot write {out} ({exc})") from None
+    if replaces_another_file:
         raise CurvesError(f"--out {out}: exists and is not a PNG; refusing to replace it")
 
 

@@ -130,3 +130,12 @@ def test_a_metrics_file_that_cannot_be_read_fails_in_one_line(tmp_path, capsys, 
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {csv}: cannot read it (Permission denied)"]
     assert not (tmp_path / "x_curves.png").exists()
 
+
+def test_an_out_path_in_a_folder_that_cannot_be_searched_fails_in_one_line(tmp_path, capsys, unsearchable):
+    """Path.exists raised PermissionError: a traceback."""
+    csv = tmp_path / "x_metrics.csv"
+    csv.write_text(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n")
+    out = unsearchable(tmp_path / "locked") / "curves.png"
+    assert curves.main([str(csv), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot write {out} ([Errno 13] Permission denied: '{out}')"]
