@@ -2,8 +2,9 @@
 
     python -m src.evaluation.curves artifacts/<name>_metrics.csv [--out artifacts/<name>_curves.png]
 
-Training rewrites `<name>_metrics.csv` after every epoch, so running this again redraws the curves
-up to the last finished epoch. A line that cannot be read is left out rather than failing the plot:
+Training rewrites `<name>_metrics.csv` whenever it writes its checkpoints (after every epoch, or at
+most every `trainer.checkpoint_interval_s` seconds), so running this again redraws the curves up to
+the last epoch written. A line that cannot be read is left out rather than failing the plot:
 quietly when it is the last (a file being written), with a warning naming it elsewhere.
 """
 from __future__ import annotations
