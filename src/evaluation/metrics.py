@@ -90,16 +90,10 @@ def per_individual(matrix: np.ndarray, names: list[str]) -> list[dict]:
 
 # --- retrieval: embeddings against a gallery -------------------------------------------------------
 
-def nearest_neighbour(similarity: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Label and similarity of each query's most similar gallery image (ties: first in the gallery)."""
-    best = similarity.argmax(axis=1)
-    return gallery_labels[best], similarity[np.arange(len(similarity)), best]
-
-
 def one_nn_accuracy(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> float:
-    """Fraction of queries whose most similar gallery image shows the same individual."""
-    predicted, _ = nearest_neighbour(similarity, gallery_labels)
-    return float((predicted == query_labels).mean())
+    """Fraction of queries whose most similar gallery image shows the same individual (ties: first in
+    the gallery)."""
+    return float((gallery_labels[similarity.argmax(axis=1)] == query_labels).mean())
 
 
 def map_at_r(similarity: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> float:
