@@ -8,7 +8,9 @@ caller checks that). Open-set functions take each query's best gallery similarit
 
 scikit-learn computes what it has (balanced accuracy, macro-F1, the confusion matrix, AUROC); written
 here by hand, with the definition in each docstring, are top-k accuracy (one line, checked against
-`sklearn.metrics.top_k_accuracy_score` in the tests), 1-NN accuracy and mAP@R (checked against
+`sklearn.metrics.top_k_accuracy_score` in the tests; that one gives a tie to the higher class id, where
+the predictions and the confusion matrix take the lower, and refuses a 2-individual score matrix whose
+labels hold one individual), 1-NN accuracy and mAP@R (checked against
 pytorch-metric-learning's AccuracyCalculator in the tests; here they share one similarity matrix
 with the CMC curve and the gallery matching, on numpy, instead of a kNN search each), the CMC curve,
 BAKS/BAUS and the threshold choices, which neither library has.

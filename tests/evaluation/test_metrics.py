@@ -32,6 +32,18 @@ def test_top_k_matches_sklearn(random_case, k):
     assert metrics.top_k_accuracy(labels, scores, k) == pytest.approx(expected)
 
 
+def test_top_k_is_written_by_hand_for_what_sklearn_does_otherwise():
+    """Why top_k_accuracy is not sklearn's: top-1 must agree with the predictions (argmax: a tie goes
+    to the lower class id), and a model of 2 individuals must be scored on a split of one of them."""
+    tied = np.array([[1.0, 1.0, 0.0]])
+    assert metrics.top_k_accuracy(np.array([0]), tied, 1) == 1.0 and tied.argmax() == 0
+    assert top_k_accuracy_score([0], tied, k=1, labels=[0, 1, 2]) == 0.0
+    two = np.array([[0.2, 0.8], [0.9, 0.1]])
+    assert metrics.top_k_accuracy(np.array([1, 1]), two, 1) == 0.5
+    with pytest.raises(ValueError, match="binary"):
+        top_k_accuracy_score([1, 1], two, k=1, labels=[0, 1])
+
+
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_classification_metrics_by_hand_and_against_sklearn():
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
