@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from src.errors import signals_held
 
-# A write to `x` goes through `.x.tmp-<pid>` in the same folder.
+# A write to `x` goes through `.x.tmp-<pid>` in the same folder (`_temporary`).
 TEMPORARY_INFIX = ".tmp-"
 
 
@@ -28,7 +28,7 @@ def atomic_destination(path: str | Path) -> Iterator[Path]:
     an exception it is removed and `path` is untouched."""
     path = _through_link(Path(path))
     make_folder(path.parent)
-    tmp = path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with naming(path):
             yield tmp
@@ -54,7 +54,7 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
 
     def stage(path: str | Path) -> Path:
         path = _through_link(Path(path))
-        staged[path] = path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
+        staged[path] = _temporary(path)
         return staged[path]
 
     try:
@@ -74,6 +74,11 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
                 tmp.unlink(missing_ok=True)
             except OSError:  # its folder is not there, or is a file: nothing was written
                 pass
+
+
+def _temporary(path: Path) -> Path:
+    """Where this process writes `path` before renaming it over it (`remove_leftovers` finds them)."""
+    return path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
 
 
 def _through_link(path: Path) -> Path:
