@@ -53,7 +53,7 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextmanager
-def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+def signals_held() -> Iterator[None]:
     """Ctrl-C or SIGTERM arriving in the block reaches its handler at the end of the block: for steps
     that must not be left halfway (starting a worker process, renaming a set of files). Main thread
     only (signal handlers can be set nowhere else); elsewhere signals come as they always do.
@@ -64,7 +64,7 @@ def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
     arrived = []
     # A handler set outside Python (getsignal gives None) could not be put back: it stays.
     held = {signum: signal.signal(signum, lambda number, _frame: arrived.append(number))
-            for signum in signums if signal.getsignal(signum) is not None}
+            for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not None}
     try:
         yield
     finally:

@@ -41,7 +41,7 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path) -> N
     _save(figure, path)
 
 
-def plot_cmc(cmc: list[float], path: Path, title: str = "CMC: gallery = train split") -> None:
+def plot_cmc(cmc: list[float], path: Path) -> None:
     """Identification rate against rank (1..len(cmc))."""
     ranks = np.arange(1, len(cmc) + 1)
     figure = Figure(figsize=(5.0, 3.6))
@@ -54,12 +54,12 @@ def plot_cmc(cmc: list[float], path: Path, title: str = "CMC: gallery = train sp
     axes.set_ylim(0.0, 1.02)
     axes.set_xlabel("rank")
     axes.set_ylabel("identification rate")
-    axes.set_title(title)
+    axes.set_title("CMC: gallery = train split")
     axes.grid(alpha=0.3)
     _save(figure, path)
 
 
-def plot_training_curves(history: dict[str, np.ndarray], path: Path, title: str = "") -> None:
+def plot_training_curves(history: dict[str, np.ndarray], path: Path, title: str) -> None:
     """Loss, top-1, top-5 and learning rate against epoch, train and validation on the same axes."""
     figure = Figure(figsize=(10.0, 7.0))
     panels = figure.subplots(2, 2, sharex=True)
@@ -80,5 +80,5 @@ def plot_training_curves(history: dict[str, np.ndarray], path: Path, title: str 
     for axes in panels[1]:
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.suptitle(title or "Training curves")
+    figure.suptitle(title)
     _save(figure, path)
