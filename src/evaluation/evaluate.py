@@ -3,10 +3,11 @@
     python -m src.evaluation.evaluate --checkpoint artifacts/<name>_best.pt [--split test]
         [--data-root DIR] [--cache-dir DIR] [--out DIR] [--device cpu|cuda|cuda:N] [--batch-size N]
 
-Read top to bottom: `load_trained` (checkpoint -> model) -> `read_splits` and `check_individuals` ->
-`embed_split` (every image of a split through the model once) -> `closed_set_section` (the classifier),
-`retrieval_section` (embeddings against the train gallery), `by_source_section`, `open_set_section`,
-`threshold_section` -> `write_outputs` (report.json, report.md, figures and the threshold sidecar).
+Read top to bottom: `load_trained` and `check_reported_fields` (checkpoint -> model) -> `read_splits`
+and `check_individuals` -> `embed_split` (every image of a split through the model once) ->
+`closed_set_section` (the classifier), `retrieval_section` (embeddings against the train gallery),
+`by_source_section`, `open_set_section`, `threshold_section` -> `write_outputs` (report.json,
+report.md, figures and the threshold sidecar).
 
 The run folder (default `runs/eval/<checkpoint stem>_<split>`) gets `report.json` with every number,
 `report.md` with the tables and figures, `confusion_matrix.png/.csv`, `cmc.png` and, when the
@@ -20,10 +21,13 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
+import reprlib
 import sys
 from dataclasses import dataclass
 from functools import partial
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,7 @@ from src.config import Config, ConfigError, ModelConfig
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import build_source
 from src.devices import pick_device, reproducible_arithmetic
-from src.errors import command_main, command_parser, path_argument, positive_int, show_warnings
+from src.errors import command_main, command_parser, is_whole, path_argument, positive_int, show_warnings
 from src.evaluation import metrics
 from src.evaluation.curves import CurvesError, read_metrics_csv
 from src.evaluation.plots import plot_cmc, plot_confusion_matrix, plot_training_curves
@@ -106,6 +110,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     return args
+
+
+def check_reported_fields(run: TrainedModel, path: Path) -> None:
+    """The optional fields of the checkpoint that the report copies must be plain numbers: a step
+    count and a finite best val top-1. A tensor or infinity there (a checkpoint edited by hand or
+    written by another program) failed as report.json was written, after the whole evaluation."""
+    step, best = run.checkpoint.get("step", 0), run.checkpoint.get("best_val_top1")
+    malformed = []
+    if not is_whole(step) or step < 0:
+        malformed.append(f"step {reprlib.repr(step)}")
+    if best is not None and not (isinstance(best, Real) and math.isfinite(best)):
+        malformed.append(f"best_val_top1 {reprlib.repr(best)}")
+    if malformed:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (malformed {'; '.join(malformed)})")
 
 
 def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | None) -> Config:
@@ -459,6 +477,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, split: str =
 def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, cache_dir: Path | None,
               device: torch.device, batch_size: int) -> dict:
     run = load_trained(checkpoint, device)
+    check_reported_fields(run, checkpoint)
     try:
         atomic.check_folder_possible(out)  # found now, not after the whole evaluation
     except NotADirectoryError as exc:

@@ -375,6 +375,19 @@ def test_weights_that_do_not_fit_name_the_mismatch(checkpoint, tmp_path, capsys)
     assert "weights do not fit the model its config describes (size mismatch for head." in err[0]
 
 
+@pytest.mark.parametrize("field, value, shown", [("best_val_top1", float("inf"), "inf"),
+                                                  ("best_val_top1", torch.tensor(0.5), "tensor(0.5000)"),
+                                                  ("step", torch.tensor(3), "tensor(3)"), ("step", -1, "-1")])
+def test_report_fields_that_are_not_plain_numbers_fail_in_one_line(field, value, shown, checkpoint, tmp_path, capsys):
+    """A checkpoint edited by hand or written by another program: report.json could not hold the value
+    (a ValueError or TypeError traceback once every image had been through the model, nothing written)."""
+    edited = tmp_path / "x_best.pt"
+    atomic_save({**load_checkpoint(checkpoint), field: value}, edited)
+    code, err = run_main(capsys, "--checkpoint", edited, "--out", tmp_path / "out")
+    assert code == 2 and err == [f"error: {edited}: not a checkpoint of this project (malformed {field} {shown})"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_outputs_that_are_not_finite_fail_in_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     real = IdentificationModel.embed_and_classify
 
