@@ -340,16 +340,16 @@ def threshold_section(embedded: dict[str, EmbeddedSplit], open_set: bool, scorer
     so this heuristic only bounds what rejection costs on known ones. `sidecar`: where inference
     will read them, None when they are for the report only.
     """
-    thresholds = {}
-    for kind, scorer in scorers.items():
-        if open_set:
-            thresholds[kind] = OpenSetSide.score(embedded["val"], embedded["unknown_val"], scorer).choose_threshold()
-        else:
-            predicted, scores = scorer(embedded["val"])
-            thresholds[kind] = metrics.keep_fraction_threshold(scores[predicted == embedded["val"].names])
+    val = embedded["val"]
     if open_set:
+        thresholds = {kind: OpenSetSide.score(val, embedded["unknown_val"], scorer).choose_threshold()
+                      for kind, scorer in scorers.items()}
         split, method = "open_set/val + open_set/unknown_val", "maximises (BAKS + BAUS) / 2 on the validation side"
     else:
+        thresholds = {}
+        for kind, scorer in scorers.items():
+            predicted, scores = scorer(val)
+            thresholds[kind] = metrics.keep_fraction_threshold(scores[predicted == val.names])
         split, method = "val", "keeps 95% of the correct predictions of the val split (closed-set heuristic)"
     return {"thresholds": thresholds, "split": split, "method": method,
             "sidecar": None if sidecar is None else str(sidecar)}
