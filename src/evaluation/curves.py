@@ -42,21 +42,16 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
             absent = [column for column in METRICS_COLUMNS if column not in (reader.fieldnames or [])]
             if absent:
                 raise CurvesError(f"{path}: not a metrics CSV of this project (missing columns {absent})")
-            rows, unread, last_cut_short = [], [], False
+            rows, unread, cut_short = [], [], False
             for row in reader:  # blank lines are not rows
                 cells = [row[column] for column in METRICS_COLUMNS]
-                last_cut_short = any(cell in (None, "") for cell in cells)  # a half-written line
-                try:
-                    values = [] if last_cut_short else [float(cell) for cell in cells]
-                except ValueError:
-                    values = []
-                # Training writes finite values only; 1e308 and -1e308 (a hand edit) broke matplotlib's
-                # axes (NaN fails the comparison too).
-                if values and all(abs(value) <= MAX_VALUE for value in values):
-                    rows.append(values)
-                else:
+                cut_short = any(cell in (None, "") for cell in cells)  # a half-written line
+                values = None if cut_short else _plottable(cells)
+                if values is None:
                     unread.append(reader.line_num)
-            if last_cut_short:
+                else:
+                    rows.append(values)
+            if cut_short:
                 unread.pop()  # the last row, cut short: a file being written
     except UnicodeDecodeError as exc:
         raise CurvesError(f"{path}: not a metrics CSV of this project (not UTF-8 text: {exc.reason})") from None
@@ -72,6 +67,16 @@ def read_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
         log.warning("%s: left out line %s, not a complete epoch row", path, capped([str(n) for n in unread]))
     table = np.array(rows, dtype=np.float64)
     return {column: table[:, i] for i, column in enumerate(METRICS_COLUMNS)}
+
+
+def _plottable(cells: list[str]) -> list[float] | None:
+    """The row's values, or None unless each is a number within ±MAX_VALUE: training writes finite
+    values only, and 1e308 or -1e308 (a hand edit) broke matplotlib's axes (NaN fails the comparison)."""
+    try:
+        values = [float(cell) for cell in cells]
+    except ValueError:
+        return None
+    return values if all(abs(value) <= MAX_VALUE for value in values) else None
 
 
 def default_output(csv_path: Path) -> Path:
