@@ -28,9 +28,10 @@ def read_json(path: Path, error: type[Exception]):
     text = read_utf8(path, error)
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        problem = str(exc) if isinstance(exc, ValueError) else "nested too deep"
-        raise error(f"{path}: not valid JSON ({problem})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deep)") from None
+    except ValueError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
 
 
 def parse_yaml(text: str, path: Path, error: type[Exception], *, strings_only: bool = False):
