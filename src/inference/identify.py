@@ -43,7 +43,7 @@ from src.data.io import ImageLoadError, as_rgb, file_problem
 from src.data.lists import REJECTED_NAME
 from src.devices import pick_device, reproducible_arithmetic
 from src.errors import first_line, missing, positive_int
-from src.inference.inputs import Skipped
+from src.inference.inputs import Skipped, unusable_path
 from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError, file_sha256
 from src.tables import counted
@@ -298,10 +298,13 @@ class Preprocess:
             return square_resize(as_rgb(image), self.cache_size)
         if isinstance(image, PhotoBytes):
             return decode_for_cache(image.path, self.cache_size, image.data)
-        if Path(image).is_dir():
+        try:
+            folder, problem = Path(image).is_dir(), file_problem(Path(image))
+        except OSError as exc:
+            raise ImageLoadError(image, unusable_path(exc)) from None
+        if folder:
             raise ImageLoadError(image, "a folder, not an image (the Python API takes image files; "
                                         "`src.inference.inputs.collect_images` lists a folder's files)")
-        problem = file_problem(Path(image))
         if problem is not None:
             raise ImageLoadError(image, problem)
         return decode_for_cache(image, self.cache_size)

@@ -38,6 +38,13 @@ def printable(path: str | Path) -> str:
                    for char in text)
 
 
+def unusable_path(exc: OSError) -> str:
+    """Why a path the system refuses to look up is skipped: `Path.is_dir` and `is_file` raise, rather
+    than answer False, for a name longer than the file system allows (255 bytes) or a folder this user
+    cannot search."""
+    return f"not a usable path ({exc.strerror or exc})"
+
+
 @dataclass(frozen=True)
 class Inputs:
     """The inputs' files and Skipped entries in the order given (the table, the CSV and the JSON
@@ -82,22 +89,10 @@ def collect_images(patterns: Sequence[str | Path]) -> Inputs:
     not_images: dict[Path, Path] = {}  # absolute path: as found
     repeats = 0
     for pattern in map(str, patterns):
-        path = Path(pattern)
-        if not pattern:  # Path("") is the current folder: an unset shell variable would score all of it
-            found, others, reason = [], [], "an empty path"
-        elif path.is_dir():
-            found, others = _images(_files_under(path))
-            reason = "no image files in it" if others else "empty folder: no files in it"
-        elif path.exists() or path.is_symlink():
-            found, others, reason = [path], [], ""
-        elif glob.has_magic(pattern):
-            matches = sorted(map(Path, glob.glob(pattern, recursive=True)), key=_natural_order)
-            # dict: `photos/**` matches a folder and the files in it
-            found, others = _images(dict.fromkeys(file for match in matches
-                                                  for file in (_files_under(match) if match.is_dir() else [match])))
-            reason = "no image file matches this pattern" if others else "no file matches this pattern"
-        else:
-            found, others, reason = [], [], "file not found"
+        try:
+            found, others, reason = _expand(pattern)
+        except OSError as exc:
+            found, others, reason = [], [], unusable_path(exc)
         not_images.update((_absolute(other), other) for other in others)
         if not found:
             entries.append(Skipped(pattern, reason))
@@ -112,6 +107,25 @@ def collect_images(patterns: Sequence[str | Path]) -> Inputs:
                 entries.append(entry)
     left_out = [found_as for absolute, found_as in not_images.items() if absolute not in seen]  # named on its own too
     return Inputs(entries, repeats, left_out)
+
+
+def _expand(pattern: str) -> tuple[list[Path], list[Path], str]:
+    """The files one input names: (image files, files not named as images, why it names none)."""
+    path = Path(pattern)
+    if not pattern:  # Path("") is the current folder: an unset shell variable would score all of it
+        return [], [], "an empty path"
+    if path.is_dir():
+        found, others = _images(_files_under(path))
+        return found, others, "no image files in it" if others else "empty folder: no files in it"
+    if path.exists() or path.is_symlink():
+        return [path], [], ""
+    if glob.has_magic(pattern):
+        matches = sorted(map(Path, glob.glob(pattern, recursive=True)), key=_natural_order)
+        # dict: `photos/**` matches a folder and the files in it
+        found, others = _images(dict.fromkeys(file for match in matches
+                                              for file in (_files_under(match) if match.is_dir() else [match])))
+        return found, others, "no image file matches this pattern" if others else "no file matches this pattern"
+    return [], [], "file not found"
 
 
 def _absolute(path: Path) -> Path:

@@ -233,6 +233,18 @@ def test_the_python_api_names_a_fifo_and_a_broken_link_as_such(learned, odd_entr
     assert results[1:] == [Skipped(str(fifo), "not a regular file"), Skipped(str(link), "broken link")]
 
 
+def test_the_python_api_skips_a_path_the_file_system_refuses_to_look_up():
+    """A name longer than the file system allows (255 bytes) raised an OSError from `predict`, which
+    yields a Skipped for every unreadable input."""
+    config = Config.model_validate({"model": {"embedding_dim": 2}, "data": {"image_size": 32}})
+    identifier = Identifier(backend=None, info=ModelInfo(("x", "y"), config, "0" * 64),
+                            threshold=Threshold(None, "test"))
+    too_long = "x" * 300 + ".png"
+    assert list(identifier.predict([too_long])) == [Skipped(too_long, "not a usable path (File name too long)")]
+    with pytest.raises(ImageLoadError, match="File name too long"):
+        identifier.identify(too_long)
+
+
 def _unit(degrees):
     return np.array([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))])
 

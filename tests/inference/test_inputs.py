@@ -106,3 +106,13 @@ def test_linked_sub_folders_are_searched_and_a_link_to_an_ancestor_does_not_loop
     (photos / "camera2").symlink_to(other_disk)
     (photos / "loop").symlink_to(photos)
     assert listed(collect_images([photos])) == ([photos / "a.png", photos / "camera2" / "b.png"], [])
+
+
+def test_a_path_the_file_system_refuses_to_look_up_is_skipped(tmp_path):
+    """A name longer than the file system allows (255 bytes) made `Path.is_dir` raise: `predict` and
+    `gallery enroll` stopped with an OSError traceback instead of skipping the input."""
+    (tmp_path / "a.png").touch()
+    too_long = str(tmp_path / ("x" * 300 + ".png"))
+    assert listed(collect_images([too_long, tmp_path / "a.png", too_long[:-4] + "*.png"])) == (
+        [tmp_path / "a.png"], [Skipped(too_long, "not a usable path (File name too long)"),
+                               Skipped(too_long[:-4] + "*.png", "not a usable path (File name too long)")])
