@@ -157,12 +157,16 @@ class ModelInfo:
     @classmethod
     def from_json(cls, raw: dict) -> ModelInfo:
         """Raises ValueError for a class list a checkpoint could not hold (`ClassIndex`'s rule: a
-        class named `unknown` would pass a rejected photo for a prediction)."""
+        class named `unknown` would pass a rejected photo for a prediction), TypeError for a checksum
+        that is no string (the messages about other weights quote its start)."""
         try:
             classes = ClassIndex(raw["classes"]).names
         except DatasetError as exc:
             raise ValueError(str(exc)) from None
-        return cls(classes, config_from_dict(raw["config"]), raw["checkpoint_sha256"])
+        checkpoint_sha256 = raw["checkpoint_sha256"]
+        if not isinstance(checkpoint_sha256, str):
+            raise TypeError(f"checkpoint_sha256 is {checkpoint_sha256!r}, not a string")
+        return cls(classes, config_from_dict(raw["config"]), checkpoint_sha256)
 
 
 def description_sha256(model: dict) -> str:

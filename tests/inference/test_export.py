@@ -205,6 +205,20 @@ def test_a_class_named_unknown_in_the_export_json_is_refused(exported, unseen, t
                                        "(ValueError: class name 'unknown' is what inference calls a rejected photo)\n")
 
 
+@pytest.mark.parametrize("sha256", [None, 123])
+def test_a_checkpoint_sha256_edited_into_a_non_string_is_refused_in_one_line(exported, unseen, tmp_path, capsys,
+                                                                               sha256):
+    """Was a TypeError traceback: the message naming other weights sliced the JSON's value as a string."""
+    out, info = exported
+    shutil.copy(out / "learned_best.onnx", tmp_path)
+    edited = json.loads(json.dumps(info))
+    edited["model"]["checkpoint_sha256"] = sha256
+    (tmp_path / "learned_best.json").write_text(json.dumps(edited))
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(next(iter(unseen.values()))[0])]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'learned_best.json'}: not a valid export description "
+                                       f"(TypeError: checkpoint_sha256 is {sha256!r}, not a string)\n")
+
+
 @pytest.mark.parametrize("threshold, problem", [
     ("0.5", "TypeError: the classifier threshold is '0.5', not a number"),  # was a TypeError traceback
     ([0.5], "TypeError: the classifier threshold is [0.5], not a number"),
