@@ -450,21 +450,18 @@ def not_yet_enrolled(gallery: Gallery, jobs: list[tuple[Path, str]]) -> Iterator
 
 
 def embed_jobs(identifier: Identifier, todo: Iterable[NewPhoto]
-               ) -> tuple[dict[str, tuple[list[np.ndarray], list[str], list[str]]], list[Skipped]]:
-    """Per individual, the embeddings, absolute paths and digests of its readable photos; and the
-    unreadable ones, named as given (as the inputs that named no file are). One batch at a time, so
-    that only one batch's bytes are held."""
-    enrolled: dict[str, tuple[list[np.ndarray], list[str], list[str]]] = defaultdict(lambda: ([], [], []))
+               ) -> tuple[dict[str, list[tuple[np.ndarray, str, str]]], list[Skipped]]:
+    """Per individual, (embedding, absolute path, digest) of each readable photo; and the unreadable
+    ones, named as given (as the inputs that named no file are). One batch at a time, so that only
+    one batch's bytes are held."""
+    enrolled: dict[str, list[tuple[np.ndarray, str, str]]] = defaultdict(list)
     skipped = []
     photos = iter(todo)
     while batch := list(itertools.islice(photos, DEFAULT_BATCH_SIZE)):
-        results = (item for embedded in identifier.embed([image for image, _, _, _ in batch]) for item in embedded)
+        results = itertools.chain.from_iterable(identifier.embed([image for image, _, _, _ in batch]))
         for (_, key, name, digest), item in zip(batch, results):
             if isinstance(item, Embedded):
-                embeddings, sources, digests = enrolled[name]
-                embeddings.append(item.embedding)
-                sources.append(key)
-                digests.append(digest)
+                enrolled[name].append((item.embedding, key, digest))
             else:
                 skipped.append(item)
     return enrolled, skipped
@@ -520,7 +517,8 @@ def enroll(args: argparse.Namespace) -> int:
         learn_digests(gallery)
         enrolled, unreadable = embed_jobs(identifier, not_yet_enrolled(gallery, jobs))
         before = gallery.counts()
-        for name, (embeddings, sources, digests) in enrolled.items():
+        for name, photos in enrolled.items():
+            embeddings, sources, digests = zip(*photos)
             gallery.add(name, np.stack(embeddings), sources, digests)
         if enrolled:
             save(gallery, args.gallery)
