@@ -237,8 +237,8 @@ class Gallery:
         label = self.names.index(name)
         keep = self.labels != label
         self.embeddings = self.embeddings[keep]
-        self.sources, self.digests = ([item for item, kept in zip(column, keep) if kept]
-                                      for column in (self.sources, self.digests))
+        self.sources = list(itertools.compress(self.sources, keep))
+        self.digests = list(itertools.compress(self.digests, keep))
         self.labels = self.labels[keep] - (self.labels[keep] > label)
         del self.names[label]
 
