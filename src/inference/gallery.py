@@ -165,13 +165,13 @@ class Gallery:
 
     # --- contents -------------------------------------------------------------------------------
 
-    def check_checkpoint(self, checkpoint_sha256: str, embedding_dim: int | None = None) -> None:
+    def check_checkpoint(self, checkpoint_sha256: str, embedding_dim: int) -> None:
         if checkpoint_sha256 != self.checkpoint_sha256:
             raise GalleryError(
                 f"the gallery was enrolled with another checkpoint (sha256 {self.checkpoint_sha256[:12]}..., "
                 f"this one is {checkpoint_sha256[:12]}...): its embeddings do not compare with this model's; "
                 "enroll the individuals again with this checkpoint")
-        if embedding_dim is not None and self.embeddings.shape[1] != embedding_dim:
+        if self.embeddings.shape[1] != embedding_dim:
             raise GalleryError(f"corrupt gallery: its embeddings have {self.embeddings.shape[1]} dimensions, "
                                f"the model's {embedding_dim}")
 
