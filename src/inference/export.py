@@ -31,7 +31,6 @@ import io
 import json
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from src.data.decode import cache_size_for
 from src.data.standin import individual_name, render
 from src.errors import command_main, command_parser, path_argument, positive_int
 from src.inference.identify import (CHECKPOINT_METADATA, DESCRIPTION_METADATA, EXPORT_FORMAT_VERSION, INPUT_NAME,
-                                    OUTPUT_NAMES, USAGE_ERRORS, Identifier, InferenceError, OnnxBackend,
+                                    OUTPUT_NAMES, USAGE_ERRORS, Identifier, InferenceError, OnnxBackend, PhotoBytes,
                                     description_sha256, export_info_path, stored_thresholds)
 from src.safe_load import file_sha256
 from src.tables import format_rows
@@ -81,16 +80,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def standin_batch(identifier: Identifier, count: int) -> torch.Tensor:
-    """`count` stand-in face images as PNG files, through predict's own decoding and normalisation:
+    """`count` stand-in face images as PNG bytes, through predict's own decoding and normalisation:
     real inputs, unlike random tensors, exercise the ranges a deployed model sees."""
-    size = identifier.preprocess.cache_size
-    with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for i in range(count):
-            path = Path(folder) / f"standin{i}.png"
-            render(individual_name(i), f"export-check/{i}", size, seed=0)[0].save(path)
-            paths.append(path)
-        pixels = [identifier.preprocess.decode(path) for path in paths]
+    pixels = []
+    for i in range(count):
+        png = io.BytesIO()
+        render(individual_name(i), f"export-check/{i}", identifier.preprocess.cache_size, seed=0)[0].save(png, "PNG")
+        pixels.append(identifier.preprocess.decode(PhotoBytes(Path(f"standin{i}.png"), png.getvalue())))
     return identifier.preprocess.normalise(pixels, torch.device("cpu")).contiguous()
 
 
