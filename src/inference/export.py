@@ -149,7 +149,7 @@ def median_latency_ms(runner: Runner, image: torch.Tensor, runs: int) -> float:
 
 def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, runs: int = DEFAULT_RUNS) -> dict:
     """Export, check and time each format; write the JSON beside them. Returns the checks.
-    Raises InferenceError (or CheckpointError, ConfigError) with one line."""
+    Raises one of USAGE_ERRORS (InferenceError, CheckpointError, ...) with one line."""
     checkpoint, out = Path(checkpoint), Path(out)
     formats = [formats] if isinstance(formats, str) else list(formats)
     unknown = [name for name in formats if name not in FORMATS]

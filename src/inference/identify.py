@@ -91,8 +91,10 @@ class InferenceError(RuntimeError):
     """A model, export or option that cannot be used; one line (the command line exits 2)."""
 
 
-# What the command lines report as one line and exit 2 on (with gallery.GalleryError).
-USAGE_ERRORS = (InferenceError, CheckpointError, ConfigError)
+# What the command lines report as one line and exit 2 on (with gallery.GalleryError). OSError: a
+# model, export or gallery path the system refuses to look up (a name over 255 bytes, a folder this
+# user cannot search), where a missing file is named by the checks that raise the others.
+USAGE_ERRORS = (InferenceError, CheckpointError, ConfigError, OSError)
 
 
 # ---------------------------------------------------------------------------------------------

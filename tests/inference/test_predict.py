@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from src.data.io import MAX_PIXELS
-from src.inference import gallery, predict
+from src.inference import export, gallery, predict
 from tests.conftest import REPO, main_in_process
 
 
@@ -343,3 +344,26 @@ def test_an_earlier_result_is_replaced_and_a_folder_refused(learned, unseen, tmp
     with pytest.raises(SystemExit) as stop:
         predict.main(["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(tmp_path / "folder.csv")])
     assert stop.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+TOO_LONG = "x" * 300  # a file name longer than the file system allows (255 bytes)
+
+
+@pytest.mark.parametrize("command, argv", [
+    (predict.main, ["--checkpoint", f"{TOO_LONG}.pt", "a.png"]),
+    (predict.main, ["--onnx", f"{TOO_LONG}.onnx", "a.png"]),
+    (predict.main, ["--checkpoint", "x.pt", "--gallery", f"{TOO_LONG}.npz", "a.png"]),
+    (gallery.main, ["list", "--gallery", f"{TOO_LONG}.npz"]),
+    (gallery.main, ["enroll", "--gallery", "g.npz", "--checkpoint", f"{TOO_LONG}.pt", "--name", "Zuri", "a.png"]),
+    (export.main, ["--checkpoint", f"{TOO_LONG}.pt", "--out", "exported"]),
+], ids=["predict-checkpoint", "predict-onnx", "predict-gallery", "gallery-list", "enroll-checkpoint", "export"])
+def test_a_model_or_gallery_path_the_file_system_refuses_exits_2_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                             command, argv):
+    """Path.is_file and is_dir raise, rather than answer False, for a name over 255 bytes: each
+    command stopped with an OSError traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert command(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"error: [Errno {errno.ENAMETOOLONG}] File name too long: "), err
+    assert list(tmp_path.iterdir()) == []  # nothing made: no lock file, no export folder
