@@ -161,12 +161,12 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
     batch = standin_batch(identifier, CHECK_IMAGES)
     stem = checkpoint.stem
     paths = {"onnx": out / f"{stem}.onnx", "torchscript": out / f"{stem}.torchscript.pt"}
-    model_description = identifier.info.to_json()
+    model_section = identifier.info.to_json()
     exporters = {"onnx": partial(export_onnx, metadata={CHECKPOINT_METADATA: identifier.info.checkpoint_sha256,
-                                                        DESCRIPTION_METADATA: description_sha256(model_description)}),
+                                                        DESCRIPTION_METADATA: description_sha256(model_section)}),
                  "torchscript": export_torchscript}
 
-    info_path = export_info_path(paths["onnx"])
+    description_path = export_info_path(paths["onnx"])
     runners: dict[str, Runner] = {"pytorch": identifier.backend}
     try:
         # The files replace an earlier export together, once every check has run: an export stopped
@@ -179,19 +179,20 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
             reference = identifier.backend(batch)
             checks = {"check_images": CHECK_IMAGES, "traced_batch": TRACE_BATCH, "tolerance": TOLERANCE,
                       "opset": OPSET, "files": {name: paths[name].name for name in formats},
-                      "description": info_path.name,
+                      "description": description_path.name,
                       "max_abs_diff": {name: max_differences(reference, runners[name](batch)) for name in formats},
                       "latency_ms_per_image": {name: median_latency_ms(runner, batch[:1], runs)
                                                for name, runner in runners.items()},
                       "latency": f"CPU, batch 1, median of {runs} runs, {torch.get_num_threads()} threads",
                       "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
             stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
-            info = {"format_version": EXPORT_FORMAT_VERSION, "model": model_description,
-                    "preprocessing": preprocessing(identifier.info.config.data.image_size),
-                    "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
+            description = {"format_version": EXPORT_FORMAT_VERSION, "model": model_section,
+                           "preprocessing": preprocessing(identifier.info.config.data.image_size),
+                           "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
             if "onnx" in formats:  # the staged file holds the bytes that replace the .onnx
-                info["onnx_sha256"] = file_sha256(runners["onnx"].path)
-            atomic.write_text(stage(info_path), json.dumps(info, indent=2) + "\n")  # last: it describes the rest
+                description["onnx_sha256"] = file_sha256(runners["onnx"].path)
+            # Last: it describes the rest.
+            atomic.write_text(stage(description_path), json.dumps(description, indent=2) + "\n")
     except OSError as exc:  # a file where the folder should be, no permission, a full disk
         raise InferenceError(f"--out {out}: cannot write the export ({exc})") from None
     return checks
