@@ -52,6 +52,8 @@ NAMES = (
 SUPERSAMPLE = 2  # shapes are drawn at twice the output size and box-filtered down, for smooth edges
 MIN_SIZE, MAX_SIZE = 16, 2048  # --size; at 100,000 the drawing took 23 GB before the OOM killer came
 MAX_IMAGES = 1_000_000  # --individuals x --images
+CALIBRATE_DEFAULTS = {"individuals": 10, "images": 40, "size": 64, "epochs": 10}
+CALIBRATE_MAX_GIB = 8
 _CIRCLE = np.stack([np.cos(np.linspace(0, 2 * np.pi, 33)[:-1]),
                     np.sin(np.linspace(0, 2 * np.pi, 33)[:-1])], axis=1)
 
@@ -550,6 +552,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 p.error(f"--calibrate needs --{flag} of at least 2")
         if args.epochs is not None and args.epochs < 1:
             p.error("--epochs must be at least 1")
+        for flag, default in CALIBRATE_DEFAULTS.items():
+            setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
+        gib = args.individuals * args.images * 3 * args.size**2 * 4 / 2**30  # the float32 tensor it trains from
+        if gib > CALIBRATE_MAX_GIB:  # 100000 individuals passed the check above and filled the memory
+            p.error(f"--calibrate holds its images in memory: {args.individuals:,} x {args.images:,} at {args.size} "
+                    f"px take {gib:,.1f} GiB, more than {CALIBRATE_MAX_GIB}; use fewer or smaller images")
         return
     if args.epochs is not None:
         p.error("--epochs goes with --calibrate (writing stand-ins trains nothing)")
@@ -573,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     _check_args(p, args)
     if args.calibrate:
-        calibrate(args.individuals or 10, args.images or 40, args.size or 64, args.seed, args.epochs or 10)
+        calibrate(args.individuals, args.images, args.size, args.seed, args.epochs)
         return 0
     size, start = args.size or 128, time.perf_counter()
     try:

@@ -206,6 +206,9 @@ def test_learnable_but_not_trivial():
     (["--calibrate", "--epochs", "0"], "--epochs must be at least 1"),
     (["--calibrate", "--size", "-5"], "--size must be from 16 to 2048"),   # was a traceback from Pillow
     (["--calibrate", "--size", "0"], "--size must be from 16 to 2048"),    # was silently the default, 64
+    # float32 in memory (100,000 individuals filled it: only the x1,000,000 check applied)
+    (["--calibrate", "--individuals", "20000", "--images", "10", "--size", "96"], "--calibrate holds its images in "
+     "memory: 20,000 x 10 at 96 px take 20.6 GiB, more than 8; use fewer or smaller images"),
     (["--out", "x", "--individuals", "1", "--images", "3"], "--individuals must be at least 2"),
 ])
 def test_bad_seed_and_calibration_sizes_exit_2(argv, message, capsys):
