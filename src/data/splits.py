@@ -99,8 +99,9 @@ def choose_unknown(individuals: Sequence[str], count: int, seed: int = 0) -> lis
     """
     names = sorted(set(individuals))
     if count < 2 or count > len(names) - 2:
+        possible = f" (or 2 to {len(names) - 2})" if len(names) >= 4 else ""
         raise SplitError(f"cannot hold out {count} of {len(names)} individuals for the open-set split: "
-                         f"need at least 2 held out and 2 known (0 skips the open-set split)")
+                         f"need at least 2 held out and 2 known; --open-set-individuals 0 skips it{possible}")
     return sorted(random.Random(f"{seed}/open-set").sample(names, count))
 
 
