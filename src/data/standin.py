@@ -417,8 +417,8 @@ def generate_from_annotations(out: Path, annotations: Path, size: int, seed: int
     """One image per line of the real annotation files, their metadata copied; returns image count.
 
     The copied keypoints refer to the real crops, not to the drawn face: real crop sizes are not known.
+    The annotation files are read in full first, so that a wrong or malformed one writes nothing.
     """
-    _mark(out)
     jobs, texts = [], {}
     for source, folder, filename in CVJENA_SOURCES:
         src = annotations / filename
@@ -432,6 +432,7 @@ def generate_from_annotations(out: Path, annotations: Path, size: int, seed: int
             lines.append(line)
             jobs.append(ImageJob(_source_dir(out, folder) / path, name, f"{source}/{path}", size, seed))
         texts[folder, filename] = lines
+    _mark(out)
     _run_jobs(jobs, workers)
     for (folder, filename), lines in texts.items():
         atomic.write_text(_source_dir(out, folder) / filename, "".join(lines))

@@ -141,6 +141,8 @@ def test_bad_annotation_input_is_one_line_and_exit_2(tmp_path, capsys, content, 
     assert standin.main(["--out", str(tmp_path / "raw"), "--from-annotations", str(folder)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    # Nothing written: the stand-in marker used to be, and `prepare --download` then refused the folder.
+    assert not (tmp_path / "raw").exists()
 
 
 @pytest.mark.parametrize("argv", [
