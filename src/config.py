@@ -5,6 +5,7 @@ whose message is one line naming the key, which the command-line entry points pr
 """
 from __future__ import annotations
 
+import difflib
 import math
 import unicodedata
 from pathlib import Path
@@ -249,13 +250,22 @@ def config_from_dict(raw: dict, name: str | None = None) -> Config:
     return config
 
 
+def _config_suggestion(path: Path) -> str:
+    """' (did you mean X?)' for the closest config file beside `path` or in configs/: a missing config is
+    most often a typo, a left-out folder or extension (`train_chimp_min10`, `.yml`)."""
+    folders = {path.parent, Path("configs")}
+    by_name = {p.name: p for folder in folders if folder.is_dir() for p in sorted(folder.glob("*.y*ml"))}
+    close = difflib.get_close_matches(path.name, by_name, n=1, cutoff=0.8)
+    return f" (did you mean {by_name[close[0]]}?)" if close else ""
+
+
 def load_config(path: str | Path) -> Config:
     """Parse and validate a YAML config. Raises ConfigError (one line) on any problem."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a config file (e.g. configs/train_chimp_min10.yaml)")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" if not path.exists() else
+        raise ConfigError(f"config file not found: {path}{_config_suggestion(path)}" if not path.exists() else
                           f"{path}: not a regular file (a pipe or a device, as `<(...)` gives); the run is named "
                           "after its config file: save the config as a file")
     raw = parse_yaml(read_utf8(path, ConfigError), path, ConfigError)

@@ -58,9 +58,23 @@ def test_unparseable_yaml_and_missing_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match=r"not found: .*absent.yaml$"):  # nothing close: no suggestion
+        load_config(tmp_path / "absent.yaml")
     if Path("/dev/null").exists():  # `--config <(...)` is a pipe: it was "config file not found"
         with pytest.raises(ConfigError, match=r"^/dev/null: not a regular file \(a pipe or a device"):
             load_config("/dev/null")
+
+
+@pytest.mark.parametrize("given", ["configs/train_chimp_min10.yml", "train_chimp_min10", "configs/train_chimp_min1"])
+def test_a_missing_config_names_the_closest_one(tmp_path, monkeypatch, given):
+    """A typo, a left-out folder or extension: the line said only "config file not found"."""
+    (tmp_path / "configs").mkdir()
+    for name in ("train_chimp_min10.yaml", "demo_standin.yaml"):
+        (tmp_path / "configs" / name).write_text("trainer: {}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^config file not found: {given} "
+                                          r"\(did you mean configs/train_chimp_min10.yaml\?\)$"):
+        load_config(given)
 
 
 @pytest.mark.parametrize("content, message", [
