@@ -227,11 +227,20 @@ def _resumable(section: type[_Section], prefix: str = "") -> frozenset[str]:
 RESUMABLE_CHANGES = _resumable(Config)
 
 
+def _key_suggestion(loc: tuple) -> str:
+    """' (did you mean 'trainer.max_epochs'?)' for a misspelt key: the closest key of its section."""
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        section = section.model_fields[part].annotation
+    close = difflib.get_close_matches(str(loc[-1]), section.model_fields, n=1, cutoff=0.8)
+    return f" (did you mean '{'.'.join(map(str, (*loc[:-1], close[0])))}'?)" if close else ""
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
+        return f"unknown key '{key}'{_key_suggestion(first['loc'])}"
     got = repr(first.get("input"))
     return f"'{key}': {first['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
 

@@ -112,7 +112,9 @@ def test_every_shipped_training_config_validates(path):
     ("trainer:\n  lr: 0.1\n  lr: 0.2\n", "bad.yaml:3: not valid YAML ('lr' is given twice)"),
     ("", "empty config"),
     ("# all commented out\n", "empty config"),
-    ("trainer:\n  max_epoch: 3\n", "trainer.max_epoch"),
+    # A misspelt key names the key meant (it said only "unknown key").
+    ("trainer:\n  max_epoch: 3\n", "unknown key 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"),
+    ("trainr: {}\n", "unknown key 'trainr' (did you mean 'trainer'?)"),
     ("trainer:\n  lr: fast\n", "trainer.lr"),
     ("model:\n  head: softmax\n", "model.head"),
     ("trainer:\n  device: tpu\n", "trainer.device"),
