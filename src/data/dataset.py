@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from src.data.annotations import RELEASE_FOLDER
 from src.data.decode import decode_for_cache
 from src.data.io import ImageLoadError
 from src.data.lists import ListFormatError, Row, name_problem, read_list
@@ -55,6 +56,12 @@ class PreparedData:
             # `--data-root data/x/annotations`: the message below suggested preparing into it.
             raise DatasetError(f"{root} is the annotations folder of a prepared dataset: give the dataset's own "
                                f"folder, {root.parent} (the --out-dir of prepare)")
+        if not path.is_file() and ((root / RELEASE_FOLDER).is_dir() or root.name == RELEASE_FOLDER):
+            # `data.root: data/x/raw`: the message below suggested preparing into the raw folder.
+            prepared = [p for p in root.parents if (p / "annotations" / "prepared.json").is_file()]
+            fix = (f"give the prepared one, {prepared[0]} (the --out-dir of prepare)" if prepared else
+                   f"prepare it (`python -m src.data.prepare --raw-dir {root} --out-dir <folder>`) and give <folder>")
+            raise DatasetError(f"{root} is a raw folder (the --raw-dir of prepare), not a prepared dataset: {fix}")
         if not path.is_file():
             # E.g. evaluate run from another folder on a checkpoint whose config says `data/...`.
             relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"

@@ -191,6 +191,24 @@ def test_an_image_listed_twice_is_warned_about_and_under_two_names_refused(root,
         data.split("train")
 
 
+def test_the_raw_folder_given_as_the_root_names_the_prepared_one(tmp_path):
+    """`data.root: data/x/raw` or `evaluate --data-root data/x/raw`: the error said to run prepare with
+    `--out-dir data/x/raw`, which would put a prepared dataset inside the raw release."""
+    raw = tmp_path / "x" / "raw"
+    (raw / "datasets_cropped_chimpanzee_faces").mkdir(parents=True)
+    with pytest.raises(DatasetError) as exc:
+        PreparedData.load(raw)
+    assert str(exc.value) == (f"{raw} is a raw folder (the --raw-dir of prepare), not a prepared dataset: prepare "
+                              f"it (`python -m src.data.prepare --raw-dir {raw} --out-dir <folder>`) and give <folder>")
+    (tmp_path / "x" / "annotations").mkdir()
+    (tmp_path / "x" / "annotations" / "prepared.json").write_text("{}")
+    for given in (raw, raw / "datasets_cropped_chimpanzee_faces"):
+        with pytest.raises(DatasetError) as exc:
+            PreparedData.load(given)
+        assert str(exc.value) == (f"{given} is a raw folder (the --raw-dir of prepare), not a prepared dataset: "
+                                  f"give the prepared one, {tmp_path / 'x'} (the --out-dir of prepare)")
+
+
 def test_the_annotations_folder_given_as_the_root_names_its_parent(root):
     """`evaluate --data-root data/x/annotations` (or `gallery enroll --from-split`): the error said to
     run prepare with `--out-dir data/x/annotations`, which would nest a second dataset inside the first."""
