@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import numbers
 import signal
@@ -143,6 +144,21 @@ def out_of_memory(exc: MemoryError) -> str:
     """The one line for the machine running out of memory (decoding an image too large for it, too
     many workers): a shortage, not bad input, yet a traceback helps no one either."""
     return f"error: {first_line(exc) if str(exc) else 'out of memory'}"
+
+
+# What the commands import. The README writes them `python -m ...`; run with a Python outside .venv they
+# ended in a traceback about a missing module.
+COMMAND_PACKAGES = ("numpy", "PIL", "pydantic", "torch", "torchvision", "yaml")
+
+
+def exit_without_the_packages() -> None:
+    """Exit with one line and code 2 when this Python lacks a package of COMMAND_PACKAGES."""
+    missing = [name for name in COMMAND_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: {sys.executable} lacks the project's packages ({', '.join(missing)}): run the command with "
+              ".venv/bin/python, or `source .venv/bin/activate` first (`bash scripts/setup.sh` creates .venv)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def first_line(exc: BaseException) -> str:

@@ -22,6 +22,17 @@ COMMANDS = ["src.data.prepare", "src.data.standin", "src.evaluation.evaluate", "
             "src.bench.gallery_study"]
 
 
+@pytest.mark.parametrize("module", [*COMMANDS, "src.training.train"])
+def test_a_python_without_the_packages_says_which_python_to_use(module):
+    """`python -m ...` with the system Python instead of .venv's (-S: no site-packages) ended in a
+    traceback, `ModuleNotFoundError: No module named 'torch'` (or 'PIL', 'yaml', ...)."""
+    result = subprocess.run([sys.executable, "-S", "-m", module, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {sys.executable} lacks the project's packages (numpy, PIL, ")
+    assert result.stderr.endswith("run the command with .venv/bin/python, or `source .venv/bin/activate` first "
+                                  "(`bash scripts/setup.sh` creates .venv)\n")
+
+
 @pytest.mark.parametrize("stop, code, line", [(KeyboardInterrupt, INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)"),
                                                (Terminated, TERMINATED_EXIT, "error: stopped by SIGTERM")])
 @pytest.mark.parametrize("module", COMMANDS)
