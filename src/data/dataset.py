@@ -96,6 +96,10 @@ class PreparedData:
             if name not in written:
                 more = "" if open_set else f" (and, with the open-set lists, {', '.join(UNKNOWN_SPLITS)})"
                 raise DatasetError(f"no split {name!r}: prepare writes {', '.join(written)}{more}")
+            if open_set and not folder.is_dir():  # said "split file not found; run prepare", which had run
+                raise DatasetError(f"{self.root} was prepared without an open-set split (--open-set-individuals 0), "
+                                   "which data.open_set: true needs: prepare it again with --open-set-individuals K "
+                                   "(at least 2), or set data.open_set: false")
             raise DatasetError(f"{path}: split file not found; {_RERUN}")
         try:
             rows = read_list(path)

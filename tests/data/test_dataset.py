@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,15 @@ def test_an_image_listed_twice_is_warned_about_and_under_two_names_refused(root,
     train.write_text(train.read_text() + f"{rel} Someone_else\n")
     with pytest.raises(DatasetError, match=rf"{rel} is listed as '{name}' and as 'Someone_else': an image shows one"):
         data.split("train")
+
+
+def test_open_set_lists_of_a_dataset_prepared_without_them_name_the_option(root):
+    """data.open_set: true on data prepared with --open-set-individuals 0 said "split file not found;
+    run prepare", as if prepare had not run."""
+    shutil.rmtree(root / "annotations" / "open_set")
+    with pytest.raises(DatasetError, match=rf"^{root} was prepared without an open-set split "
+                                           r"\(--open-set-individuals 0\), which data.open_set: true needs: "):
+        PreparedData.load(root).split("train", open_set=True)
 
 
 def test_the_raw_folder_given_as_the_root_names_the_prepared_one(tmp_path):
