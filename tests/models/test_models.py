@@ -103,3 +103,26 @@ def test_weights_that_are_not_dense_tensors_are_a_model_error(tmp_path, unusual)
 def test_the_configured_dropout_reaches_the_neck():
     model = create_model(ModelConfig(backbone="resnet18", pretrained=False, dropout=0.3), 4)
     assert model.neck[0].p == 0.3
+
+
+def test_arcface_head_uses_the_configured_margin_and_scale_even_at_a_class_centre():
+    """An embedding on its class centre has cosine 1 (a little more in float32, hence the clamp): its
+    logit is the scale, its loss logit scale * cos(margin), for a margin and scale that are not the defaults."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="resnet18", embedding_dim=16, arcface_margin=0.3, arcface_scale=16.0)
+    head = create_model(config, 50).head
+    centres = head.weight.detach().clone()
+    logits, loss_logits = head(centres, torch.arange(50))
+    assert torch.allclose(logits.diagonal(), torch.full((50,), 16.0), atol=1e-4)
+    # acos is steep at 1: a cosine rounded to 1 - 1e-7 in float32 is an angle of 5e-4, hence the tolerance
+    assert torch.allclose(loss_logits.diagonal(), torch.full((50,), 16.0 * math.cos(0.3)), atol=0.01)
+
+
+def test_the_models_forward_puts_the_arcface_margin_on_the_target_class():
+    """Training calls the model, not the head: the labels must reach the head, or the margin is lost."""
+    model = create_model(ModelConfig(backbone="resnet18", embedding_dim=16), 5).eval()
+    labels = torch.arange(4)
+    _, logits, loss_logits = model(torch.randn(4, 3, 32, 32), labels)
+    target = F.one_hot(labels, 5).bool()
+    assert (loss_logits[target] < logits[target]).all() and torch.equal(loss_logits[~target], logits[~target])
+

@@ -11,9 +11,10 @@ def unit(rows) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def test_arcface_scores_are_the_cosines_its_logits_scale():
-    logits = np.array([[15.0, -30.0, 3.0]])
-    scores = classifier_scores(logits, ModelConfig(head="arcface", arcface_scale=30.0))
+@pytest.mark.parametrize("scale", [30.0, 64.0])
+def test_arcface_scores_are_the_cosines_its_logits_scale(scale):
+    logits = np.array([[0.5, -1.0, 0.1]]) * scale
+    scores = classifier_scores(logits, ModelConfig(head="arcface", arcface_scale=scale))
     assert np.allclose(scores, [[0.5, -1.0, 0.1]])
 
 
