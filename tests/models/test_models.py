@@ -48,9 +48,11 @@ def test_model_outputs(head):
     assert torch.allclose(normalised, torch.nn.functional.normalize(embeddings, dim=1))
 
 
-def test_pretrained_from_a_local_file(tmp_path):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state dict", "under a state_dict key"])
+def test_pretrained_from_a_local_file(tmp_path, wrapped):
     reference = torchvision.models.resnet18(weights=None)
-    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    state = reference.state_dict()
+    torch.save({"state_dict": state} if wrapped else state, tmp_path / "r18.pth")
     model = create_model(ModelConfig(backbone="resnet18", pretrained=tmp_path / "r18.pth"), 4)
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
 
@@ -126,3 +128,12 @@ def test_the_models_forward_puts_the_arcface_margin_on_the_target_class():
     target = F.one_hot(labels, 5).bool()
     assert (loss_logits[target] < logits[target]).all() and torch.equal(loss_logits[~target], logits[~target])
 
+
+def test_pretrained_file_missing_weights_is_a_model_error_naming_them(tmp_path):
+    """Loading the rest would leave the missing layers at their random initialisation without a word."""
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    del state["layer4.1.bn2.weight"]
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match="1 missing, 0 unexpected, 0 of another shape"):
+        create_model(ModelConfig(backbone="resnet18", pretrained=path), 4)
