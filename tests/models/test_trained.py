@@ -1,0 +1,52 @@
+"""Reading a training checkpoint back (`src.models.trained`): what must be refused, and what must not be fetched."""
+import pytest
+import torch
+
+from src.config import Config, ModelConfig
+from src.models import backbones
+from src.models.factory import create_model
+from src.models.trained import FORMAT_VERSION, load_checkpoint, load_trained
+from src.safe_load import CheckpointError
+
+CLASSES = ["Alex", "Bambari", "Corrie"]
+
+
+def save_checkpoint(path, model_config: ModelConfig, **changes):
+    """A checkpoint as training writes it, of a small model with random weights."""
+    model = create_model(model_config.model_copy(update={"pretrained": False}), len(CLASSES))
+    checkpoint = {"format_version": FORMAT_VERSION, "model_state": model.state_dict(), "epoch": 1,
+                  "config": Config(model=model_config).to_dict(), "classes": CLASSES, **changes}
+    torch.save(checkpoint, path)
+    return model
+
+
+def test_a_model_trained_from_imagenet_weights_loads_without_fetching_them(tmp_path, monkeypatch):
+    """The guide's three configs set model.pretrained: true; the checkpoint's weights replace ImageNet's,
+    so evaluation and inference must run offline."""
+    def offline(name):
+        raise backbones.ModelError("model.pretrained: cannot get torchvision's ImageNet weights (offline)")
+
+    monkeypatch.setattr(backbones, "_imagenet_weights", offline)
+    saved = save_checkpoint(tmp_path / "x_best.pt", ModelConfig(pretrained=True, embedding_dim=16))
+    loaded = load_trained(tmp_path / "x_best.pt", torch.device("cpu")).model
+    assert torch.equal(loaded.head.weight, saved.head.weight)
+
+
+def test_a_checkpoint_missing_weights_is_refused(tmp_path):
+    """Loading the rest would leave the missing weights at their random initialisation."""
+    model = create_model(ModelConfig(embedding_dim=16), len(CLASSES))
+    state = model.state_dict()
+    del state["neck.2.weight"]
+    save_checkpoint(tmp_path / "x_best.pt", ModelConfig(embedding_dim=16), model_state=state)
+    with pytest.raises(CheckpointError, match=r"weights do not fit the model its config describes \(.*neck\.2\.weight"):
+        load_trained(tmp_path / "x_best.pt", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"format_version": FORMAT_VERSION + 1}, f"checkpoint format {FORMAT_VERSION + 1} is newer than this code"),
+    ({"epoch": True}, "malformed epoch: bool"),
+])
+def test_a_checkpoint_of_a_newer_format_or_a_malformed_field_is_refused(tmp_path, changes, message):
+    save_checkpoint(tmp_path / "x_best.pt", ModelConfig(embedding_dim=16), **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "x_best.pt")
