@@ -220,12 +220,13 @@ class BatchAugment:
         return torch.addcmul(constants.shift.view(1, 3, 1, 1), pixels, constants.scale.view(1, 3, 1, 1))
 
     def _device_constants(self, device: torch.device) -> Constants:
-        """The colour constants on `device`, copied there once."""
+        """The colour constants on `device`, copied there once. Traced by torch.compile, they are built
+        in the graph instead (inductor folds them into its kernels): a cache that the compiled function
+        filled was a guard that failed at its second call, which compiled it again."""
+        if torch.compiler.is_compiling():
+            return _colour_constants(device)
         if device not in self._constants:
-            mean = torch.tensor(IMAGENET_MEAN, device=device)
-            std = torch.tensor(IMAGENET_STD, device=device)
-            self._constants[device] = Constants(torch.tensor(GRAY_WEIGHTS, device=device), 1 / std, 1 / (255 * std),
-                                                -mean / std)
+            self._constants[device] = _colour_constants(device)
         return self._constants[device]
 
     def _colour_matrix(self, image_mean: torch.Tensor,
@@ -344,6 +345,12 @@ def _fused(batch_u8: torch.Tensor, grid: torch.Tensor, matrix: torch.Tensor, off
                  + weights[:, 2] * sampled[2])
         planes.append((value.clamp(low, high) * kept).to(dtype))
     return torch.stack(planes, dim=-1).permute(0, 3, 1, 2)
+
+
+def _colour_constants(device: torch.device) -> Constants:
+    mean = torch.tensor(IMAGENET_MEAN, device=device)
+    std = torch.tensor(IMAGENET_STD, device=device)
+    return Constants(torch.tensor(GRAY_WEIGHTS, device=device), 1 / std, 1 / (255 * std), -mean / std)
 
 
 def _mean_colour(batch_u8: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from torch._dynamo.testing import CompileCounter
 
 from src.config import AugmentConfig
 from src.data import augment
@@ -397,3 +398,19 @@ def test_the_output_memory_format_is_the_one_asked_for():
                         (nhwc.eval(batch), nchw.eval(batch))]:
         assert plain.is_contiguous() and not plain.is_contiguous(memory_format=torch.channels_last)
         assert fast.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, plain)
+
+
+def test_compiled_augmentation_compiles_once_per_shape():
+    """The colour constants were cached on the instance at the first call, inside the compiled function:
+    Dynamo guarded on the empty cache, so the second call of the same shape compiled everything again
+    (on a GPU, a second compilation of the training augmentation and of validation's)."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    aug = BatchAugment(AugmentConfig(), 32)
+    train = torch.compile(aug.apply_uniform, dynamic=False, backend=counter)
+    evaluate = torch.compile(aug.eval, dynamic=False, backend=counter)
+    batch = _batch(4, 37)
+    for step in range(3):
+        train(batch, aug.draw(4, _generator(step), "cpu"))
+        evaluate(batch)
+    assert counter.frame_count == 2
