@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6,
                         help="epochs of our loop; the first (compile, warm-up) is not timed (default 6)")
     parser.add_argument("--naive-epochs", type=int, default=2,
-                        help="epochs of the naive loop; the first (workers starting) is not timed unless alone (default 2)")
+                        help="epochs of the naive loop; the first (workers starting) is not timed unless alone "
+                             "(default 2)")
     parser.add_argument("--individuals", type=int, default=87, help="stand-in individuals (default 87)")
     parser.add_argument("--images", type=int, default=82,
                         help="per individual (default 82: 87 x 82 ~ the 7,150 of min10)")
@@ -340,6 +341,46 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def measure(arch: str, mode: str, naive: float | None, data_root: Path, work: Path, args,
+            train_images: int) -> dict:
+    """Ours and the ceiling for one model and compile mode, against `naive`: prints their lines (and,
+    with --profile, a profiled epoch) and returns the JSON line's entry."""
+    windows, steps_per_window = (5, 10) if args.device == "cuda" else (5, 1)
+    ours = ours_throughput(arch, mode, data_root, work, args, train_images)
+    ceiling, spread = ceiling_throughput(arch, mode, data_root, work, args, windows, steps_per_window)
+    label = f"{arch} ({mode})" if len(args.compile_mode) > 1 else arch
+    naive_text = f"naive {naive:8.1f} img/s | " if naive else ""
+    print(f"{label:>9}: {naive_text}ours {ours.img_s:8.1f} img/s | ceiling {ceiling:8.1f} img/s | "
+          f"ours/ceiling {ours.img_s / ceiling:.1%}"
+          + (f" | ours/naive {ours.img_s / naive:.2f}x" if naive else ""), flush=True)
+    # Where ours loses to the ceiling: the training steps themselves, validation, or the rest.
+    print(f"{label:>9}: ours without validation {ours.steps_img_s:8.1f} img/s "
+          f"({ours.steps_img_s / ceiling:.1%} of the ceiling); validation {ours.val_share:.1%} of "
+          f"each epoch, checkpoint snapshot and the rest {ours.rest_share:.1%} (the snapshot "
+          f"alone {ours.snapshot_share:.1%})", flush=True)
+    compiled = sum(ours.compile_s.values())
+    compiling = (f", torch.compile {compiled:.1f} s of it: " + ", ".join(
+        f"{part} {seconds:.1f} s" for part, seconds in ours.compile_s.items())) if compiled else ""
+    print(f"{label:>9}: {args.epochs} epochs of ours took {ours.wall_s:.1f} s in all (compilation, "
+          f"cache and checkpoints included{compiling}); epochs (s): "
+          + " ".join(f"{seconds:.3f}" for seconds in ours.epoch_seconds), flush=True)
+    note = unsteady_note(spread, ours.img_s / ceiling, windows)
+    if note:
+        print(f"{label:>9}: {note}", flush=True)
+    if args.profile:
+        profile_steps(arch, mode, data_root, work, args)
+    return {"arch": arch, "compile_mode": mode if args.compile else None,
+            "device": device_name(args.device), "size": args.size,
+            "naive_img_s": naive and round(naive, 1), "ours_img_s": round(ours.img_s, 1),
+            "ceiling_img_s": round(ceiling, 1), "ceiling_spread": round(spread, 3),
+            "ours_vs_ceiling": round(ours.img_s / ceiling, 3),
+            "ours_vs_naive": naive and round(ours.img_s / naive, 2), "ours_epochs": args.epochs,
+            "ours_steps_img_s": round(ours.steps_img_s, 1), "ours_val_share": round(ours.val_share, 3),
+            "ours_snapshot_share": round(ours.snapshot_share, 3), "ours_rest_share": round(ours.rest_share, 3),
+            "ours_wall_s": round(ours.wall_s, 1), "ours_compile_s": round(compiled, 1),
+            "final_val_top1": round(ours.final_val_top1, 4)}
+
+
 @command_main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -357,48 +398,13 @@ def main(argv=None) -> int:
         print(f"device: {device_name(args.device)}; torch {torch.__version__}; {args.size} px, batch "
               f"{args.batch_size}, compile={args.compile}", flush=True)
         results = []
-        windows, steps_per_window = (5, 10) if args.device == "cuda" else (5, 1)
         for arch in args.arch:
             naive = naive_throughput(arch, data_root, args)
-            for mode in args.compile_mode:
-                ours = ours_throughput(arch, mode, data_root, work, args, train_images)
-                ceiling, spread = ceiling_throughput(arch, mode, data_root, work, args, windows, steps_per_window)
-                results.append({
-                    "arch": arch, "compile_mode": mode if args.compile else None,
-                    "device": device_name(args.device), "size": args.size,
-                    "naive_img_s": naive and round(naive, 1), "ours_img_s": round(ours.img_s, 1),
-                    "ceiling_img_s": round(ceiling, 1), "ceiling_spread": round(spread, 3),
-                    "ours_vs_ceiling": round(ours.img_s / ceiling, 3),
-                    "ours_vs_naive": naive and round(ours.img_s / naive, 2), "ours_epochs": args.epochs,
-                    "ours_steps_img_s": round(ours.steps_img_s, 1), "ours_val_share": round(ours.val_share, 3),
-                    "ours_snapshot_share": round(ours.snapshot_share, 3), "ours_rest_share": round(ours.rest_share, 3),
-                    "ours_wall_s": round(ours.wall_s, 1), "ours_compile_s": round(sum(ours.compile_s.values()), 1),
-                    "final_val_top1": round(ours.final_val_top1, 4)})
-                label = f"{arch} ({mode})" if len(args.compile_mode) > 1 else arch
-                naive_text = f"naive {naive:8.1f} img/s | " if naive else ""
-                print(f"{label:>9}: {naive_text}ours {ours.img_s:8.1f} img/s | ceiling {ceiling:8.1f} img/s | "
-                      f"ours/ceiling {ours.img_s / ceiling:.1%}"
-                      + (f" | ours/naive {ours.img_s / naive:.2f}x" if naive else ""), flush=True)
-                # Where ours loses to the ceiling: the training steps themselves, validation, or the rest.
-                print(f"{label:>9}: ours without validation {ours.steps_img_s:8.1f} img/s "
-                      f"({ours.steps_img_s / ceiling:.1%} of the ceiling); validation {ours.val_share:.1%} of "
-                      f"each epoch, checkpoint snapshot and the rest {ours.rest_share:.1%} (the snapshot "
-                      f"alone {ours.snapshot_share:.1%})", flush=True)
-                compiled = sum(ours.compile_s.values())
-                compiling = (f", torch.compile {compiled:.1f} s of it: " + ", ".join(
-                    f"{part} {seconds:.1f} s" for part, seconds in ours.compile_s.items())) if compiled else ""
-                print(f"{label:>9}: {args.epochs} epochs of ours took {ours.wall_s:.1f} s in all (compilation, "
-                      f"cache and checkpoints included{compiling}); epochs (s): "
-                      + " ".join(f"{seconds:.3f}" for seconds in ours.epoch_seconds), flush=True)
-                note = unsteady_note(spread, ours.img_s / ceiling, windows)
-                if note:
-                    print(f"{label:>9}: {note}", flush=True)
-                if args.profile:
-                    profile_steps(arch, mode, data_root, work, args)
-            if len(args.compile_mode) > 1:
-                mine = [r for r in results if r["arch"] == arch]
-                best_ours, best_ceiling = max(r["ours_img_s"] for r in mine), max(r["ceiling_img_s"] for r in mine)
+            modes = [measure(arch, mode, naive, data_root, work, args, train_images) for mode in args.compile_mode]
+            if len(modes) > 1:
+                best_ours, best_ceiling = max(r["ours_img_s"] for r in modes), max(r["ceiling_img_s"] for r in modes)
                 print(f"{arch:>9}: best ours / best ceiling over the modes {best_ours / best_ceiling:.1%}", flush=True)
+            results += modes
         print(json.dumps(results))
     return 0
 
