@@ -16,6 +16,7 @@ step and resumed sees exactly the batches an uninterrupted run sees.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -72,12 +73,7 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
         return [order[start + rank * per_rank: start + (rank + 1) * per_rank]
                 for start in range(0, num_images - batch_size + 1, batch_size)]
     mine = torch.arange(num_images)[rank::world_size]
-    return list(mine.tensor_split(evaluation_batches(len(mine), batch_size, world_size))) if len(mine) else []
-
-
-def evaluation_batches(images_of_rank: int, batch_size: int, world_size: int) -> int:
-    """How many batches `batch_plan` cuts one rank's evaluation images into."""
-    return -(-images_of_rank // max(1, batch_size // world_size))
+    return list(mine.tensor_split(math.ceil(len(mine) / max(1, batch_size // world_size)))) if len(mine) else []
 
 
 def pad_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +118,8 @@ class BatchSource:
                           epoch=epoch, rank=self.rank, world_size=self.world_size)
 
     def __len__(self) -> int:
-        """Batches per epoch, as `plan` makes them."""
-        if self.train:
-            return self.num_images // self.batch_size
-        return evaluation_batches(len(range(self.rank, self.num_images, self.world_size)), self.batch_size,
-                                  self.world_size)
+        """Batches per epoch, as `plan` makes them (without a training plan's random permutation)."""
+        return self.num_images // self.batch_size if self.train else len(self.plan(0))
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = self.left_out
@@ -290,7 +283,8 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
     try:
         cached = load_or_build_cache(rows, raw_dir, config.data.cache_folder, cache_size, config.data.workers)
     except OSError as exc:  # images that cannot be read are left out inside; this is the cache folder itself
-        raise ConfigError(f"data.cache_dir: cannot write the image cache in {config.data.cache_folder} ({exc})") from None
+        raise ConfigError(f"data.cache_dir: cannot write the image cache in {config.data.cache_folder} "
+                          f"({exc})") from None
     except WorkerDied as exc:
         raise ConfigError(f"data.workers: building the image cache, {exc}") from None
     kept = np.asarray(cached.kept, dtype=np.int64)
