@@ -16,7 +16,8 @@ the embeddings of every image, each decided by `Identifier.decide` as `predict` 
    of the new individuals;
 3. open set: the gallery holds the training split only, each kind of score is cut at the threshold
    evaluation stored for it (chosen on val + unknown_val); known test photos should be accepted and
-   named correctly, photos of the unknown_test individuals rejected. The classifier (no gallery) is shown for comparison.
+   named correctly, photos of the unknown_test individuals rejected. The classifier (no gallery) is shown for
+   comparison.
 
 Prints markdown tables and writes `<out>/study.json`. Stand-ins are not chimpanzees: the numbers
 compare the rules with each other, they say nothing about accuracy on real faces.
@@ -40,7 +41,7 @@ from src.errors import command_main, command_parser, path_argument
 from src.evaluation.evaluate import evaluate
 from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
-from src.inference.identify import Embedded, Identifier, Threshold, stored_thresholds
+from src.inference.identify import Embedded, Identifier, Prediction, Threshold, stored_thresholds
 from src.models.scoring import MATCH_MODES, SCORE_KINDS
 from src.training.artifacts import RunPaths
 
@@ -115,8 +116,13 @@ def enrolled_into(gallery: Gallery, items: list[Embedded], names: np.ndarray) ->
     return gallery
 
 
-def accuracy(identifier: Identifier, items: list[Embedded], names: np.ndarray) -> float:
-    return float(np.mean([p.label == n for p, n in zip(identifier.decide(items, 1), names)]))
+def accuracy(predictions: list[Prediction], names: np.ndarray) -> float:
+    """The share of `predictions` (`Identifier.decide`'s) that name the right individual."""
+    return float(np.mean([p.label == n for p, n in zip(predictions, names)]))
+
+
+def chosen(items: list[Embedded], mask: np.ndarray) -> list[Embedded]:
+    return [item for item, keep in zip(items, mask) if keep]
 
 
 def split_shots(names: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -137,9 +143,9 @@ def study_new_individuals(base: Identifier, items, names) -> dict:
             for seed in range(DRAWS):
                 enrolled = split_shots(names, shots, seed)
                 gallery = enrolled_into(Gallery.new(base.info.checkpoint_sha256, len(items[0].embedding)),
-                                        [i for i, e in zip(items, enrolled) if e], names[enrolled])
+                                        chosen(items, enrolled), names[enrolled])
                 identifier = Identifier(base.backend, base.info, Threshold(None, "study"), gallery, match)
-                values.append(accuracy(identifier, [i for i, e in zip(items, enrolled) if not e], names[~enrolled]))
+                values.append(accuracy(identifier.decide(chosen(items, ~enrolled), 1), names[~enrolled]))
             result[f"{match}@{shots}"] = float(np.mean(values))
     return result
 
@@ -148,11 +154,10 @@ def study_known_and_new(base: Identifier, train_gallery: Path, new_items, new_na
     enrolled = split_shots(new_names, 5, 0)
     result = {}
     for match in MATCH_MODES:
-        gallery = enrolled_into(Gallery.load(train_gallery), [i for i, e in zip(new_items, enrolled) if e],
-                                new_names[enrolled])
+        gallery = enrolled_into(Gallery.load(train_gallery), chosen(new_items, enrolled), new_names[enrolled])
         identifier = Identifier(base.backend, base.info, Threshold(None, "study"), gallery, match)
-        result[match] = {"known": accuracy(identifier, test_items, test_names),
-                         "new": accuracy(identifier, [i for i, e in zip(new_items, enrolled) if not e], new_names[~enrolled]),
+        result[match] = {"known": accuracy(identifier.decide(test_items, 1), test_names),
+                         "new": accuracy(identifier.decide(chosen(new_items, ~enrolled), 1), new_names[~enrolled]),
                          "individuals": len(gallery.names)}
     return result
 
@@ -169,9 +174,9 @@ def study_open_set(base: Identifier, checkpoint: Path, train_gallery: Path, test
         identifier = Identifier(base.backend, base.info, threshold, gallery, kind if gallery else MATCH_MODES[0])
         known = identifier.decide(test_items, 1)
         unknown = identifier.decide(unknown_items, 1)
-        result[kind] = {"threshold": threshold.value,
-                        "known_accepted_and_right": float(np.mean([p.label == n for p, n in zip(known, test_names)])),
-                        "known_accuracy_without_threshold": float(np.mean([p.names[0] == n for p, n in zip(known, test_names)])),
+        result[kind] = {"threshold": threshold.value, "known_accepted_and_right": accuracy(known, test_names),
+                        "known_accuracy_without_threshold":
+                            float(np.mean([p.names[0] == n for p, n in zip(known, test_names)])),
                         "unknown_rejected": float(np.mean([p.unknown for p in unknown]))}
     return result
 
