@@ -142,9 +142,9 @@ class BatchSource:
         raise NotImplementedError
 
 
-@dataclass
+@dataclass(kw_only=True)  # a field without a default after BatchSource's defaults
 class CachedSource(BatchSource):
-    images: torch.Tensor = None  # N x S x S x 3 uint8, on the device or memory-mapped on the host
+    images: torch.Tensor  # N x S x S x 3 uint8, on the device or memory-mapped on the host
 
     def _pixels(self, plan):
         if not plan:
@@ -200,9 +200,9 @@ def staged_batches(images: torch.Tensor, plan: list[torch.Tensor], device: torch
             yield pixels
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PlainSource(BatchSource):
-    dataset: ImageListDataset = None  # decodes with the cache's own resize, unreadable images -> None
+    dataset: ImageListDataset  # decodes with the cache's own resize, unreadable images -> None
     workers: int = 0
 
     def _pixels(self, plan):
