@@ -256,6 +256,11 @@ def sigterm_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+# Where `trainer.compile` compiles the augmentation too: its compiled form is written for inductor's GPU
+# kernels (`augment._fused`); on the CPU the eager library kernels run.
+COMPILED_AUGMENTATION_DEVICES = ("cuda",)
+
+
 def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, classes: ClassIndex, *,
                  train: bool, device: torch.device, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, pad: bool = False,
@@ -267,11 +272,13 @@ def build_source(config: Config, rows: list[tuple[str, str]], raw_dir: Path, cla
     cache_size = cache_size_for(config.data.image_size)
     memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
     augment = BatchAugment(config.augment, config.data.image_size, dtype, memory_format)
-    if config.trainer.compile and device.type == "cuda":
+    if config.trainer.compile and device.type in COMPILED_AUGMENTATION_DEVICES:
         # Fuses the ~70 small kernels of a batch's augmentation into a few: on a fast GPU their
         # launches cost about as much host time as a resnet18 step.
         augment.apply_uniform = torch.compile(augment.apply_uniform, dynamic=False)
-        augment.eval = torch.compile(augment.eval, dynamic=False)
+        if pad:  # training's validation: one shape. Evaluation's splits, each with batches of its own sizes,
+            # stay eager: a compilation per shape costs seconds, the launches it would save over a split milliseconds.
+            augment.eval = torch.compile(augment.eval, dynamic=False)
     common = dict(augment=augment, train=train, pad=pad,
                   batch_size=config.trainer.batch_size if batch_size is None else batch_size,
                   seed=config.trainer.seed, device=device,

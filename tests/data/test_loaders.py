@@ -6,11 +6,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 from src.config import ConfigError, load_config
 from src.data import cache, loaders
 from src.data.dataset import ClassIndex, DatasetError, PreparedData
-from src.data.loaders import IGNORED, STAGING_SLOTS, BatchSource, batch_plan, build_source, pad_batch, refill, staged_batches
+from src.data.loaders import (IGNORED, STAGING_SLOTS, BatchSource, batch_plan, build_source, pad_batch, refill,
+                              staged_batches)
 from src.parallel import WorkerDied
 from src.training.train import batch_stats
 from tests.conftest import write_config
@@ -325,3 +327,34 @@ def test_batches_from_a_step_are_those_an_uninterrupted_epoch_gives_there(tiny_d
     assert len(whole) > 3 and len(resumed) == len(whole) - 2
     for (images, labels), (resumed_images, resumed_labels) in zip(whole[2:], resumed):
         assert torch.equal(labels, resumed_labels) and torch.equal(images, resumed_images)
+
+
+def test_evaluation_splits_keep_the_augmentation_eager_and_validation_compiles_it_once(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    """With trainer.compile on a GPU (forced onto the CPU here, counted by a compile-counting backend),
+    evaluation's source per split, each with batches of its own sizes, compiled the eval augmentation
+    again for each new batch size (3 times for these 5 splits): now they stay eager. Training's validation,
+    padded to one shape, compiles once. The images are the eager ones either way."""
+    torch._dynamo.reset()
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compile_(function, **options, backend=counter))
+    monkeypatch.setattr(loaders, "COMPILED_AUGMENTATION_DEVICES", ("cpu",))
+    data = PreparedData.load(tiny_data)
+    splits = {name: data.split(name, open_set=True) for name in ("train", "val", "test", "unknown_val", "unknown_test")}
+
+    def batches(compiled, pad=False, names=tuple(splits)):
+        config = load_config(write_config(tmp_path, tiny_data, **{"trainer.compile": compiled}))
+        return {name: list(build_source(config, splits[name], data.raw_dir, ClassIndex.from_rows(splits[name]),
+                                        train=False, device=torch.device("cpu"), batch_size=8, pad=pad).batches(0))
+                for name in names}
+
+    eager, compiled = batches(False), batches(True)
+    assert len({len(labels) for split in eager.values() for _, labels in split}) > 2  # shapes to compile for
+    assert counter.frame_count == 0
+    for name in splits:
+        for (images, labels), (eager_images, eager_labels) in zip(compiled[name], eager[name], strict=True):
+            assert torch.equal(labels, eager_labels) and torch.equal(images, eager_images)
+    padded, padded_eager = batches(True, True, ["val"])["val"], batches(False, True, ["val"])["val"]
+    assert counter.frame_count == 1
+    for (images, labels), (eager_images, eager_labels) in zip(padded, padded_eager, strict=True):
+        assert torch.equal(labels, eager_labels) and torch.equal(images, eager_images)
