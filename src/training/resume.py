@@ -78,8 +78,11 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
     if epoch < 0:
         raise CheckpointError(f"cannot resume from {path}: malformed training state (epoch {epoch})")
     trained_with = checkpoint.get("steps_per_epoch", steps_per_epoch)  # absent from earlier versions' files
+    if not is_whole(trained_with):  # a tensor of several values made the comparison below a traceback
+        raise CheckpointError(f"cannot resume from {path}: malformed training state "
+                              f"(steps per epoch: a {type(trained_with).__name__}, not a whole number)")
     if trained_with != steps_per_epoch:  # the schedule counts steps: it would jump ahead or back
-        raise CheckpointError(f"cannot resume from {path}: it trained {trained_with!r} steps per epoch, the "
+        raise CheckpointError(f"cannot resume from {path}: it trained {trained_with} steps per epoch, the "
                               f"training split now gives {steps_per_epoch} (an image became readable or unreadable "
                               "since, or data.pipeline counts unreadable images differently)")
     problems = []

@@ -534,6 +534,19 @@ def test_a_step_count_of_a_whole_epoch_is_refused():
         check_training_state(state, "x.pt", steps_per_epoch=4)
 
 
+@pytest.mark.parametrize("steps_per_epoch", [torch.tensor([4, 4]), "4"], ids=["tensor", "string"])
+def test_a_steps_per_epoch_that_is_not_a_whole_number_is_a_malformed_state(steps_per_epoch):
+    """A crafted `steps_per_epoch` holding a tensor of several values ended in a RuntimeError traceback
+    ("Boolean value of Tensor ... is ambiguous"); a string was called a different number of steps."""
+    row = {column: 1.0 for column in METRICS_COLUMNS}
+    state = {"epoch": 1, "step": 0, "steps_per_epoch": steps_per_epoch, "history": [{**row, "epoch": 1}],
+             "best_epoch": 1, "best_val_top1": 0.5}
+    with pytest.raises(CheckpointError) as info:
+        check_training_state(state, "x.pt", steps_per_epoch=4)
+    assert str(info.value) == ("cannot resume from x.pt: malformed training state (steps per epoch: a "
+                               f"{type(steps_per_epoch).__name__}, not a whole number)")
+
+
 def _minimal(epoch):
     return {"format_version": 1, "model_state": {}, "epoch": epoch, "config": {"name": "run"}, "classes": ["a"]}
 
