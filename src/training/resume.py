@@ -167,13 +167,13 @@ def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path 
     return path, checkpoint
 
 
-def progress(checkpoint: dict) -> tuple:
+def epoch_and_step(checkpoint: dict) -> tuple:
     """(epochs done, steps into the next): how far a checkpoint's run had come."""
     return checkpoint.get("epoch", 0), checkpoint.get("step", 0)
 
 
 def describe_progress(checkpoint: dict) -> str:
-    epoch, step = progress(checkpoint)
+    epoch, step = epoch_and_step(checkpoint)
     return f"epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")
 
 
@@ -187,10 +187,12 @@ def check_not_going_back(path: Path, checkpoint: dict, paths: RunPaths) -> None:
         last = safe_torch_load(paths.last, mmap=True)
     except CheckpointError:  # a damaged file: nothing a resume could continue from
         return
-    numbers = (*progress(last), *progress(checkpoint)) if isinstance(last, dict) else (None,)
-    if not all(is_whole(number) for number in numbers):
+    if not isinstance(last, dict):
+        return  # not a checkpoint either
+    came_to, resumes_at = epoch_and_step(last), epoch_and_step(checkpoint)
+    if not all(is_whole(number) for number in (*came_to, *resumes_at)):
         return  # a damaged file; check_training_state names a malformed `checkpoint`
-    if progress(last) > progress(checkpoint):
+    if came_to > resumes_at:
         raise CheckpointError(f"cannot resume from {path} ({describe_progress(checkpoint)}): it would replace "
                               f"{paths.last}, which has come further ({describe_progress(last)}); resume that "
                               f"one (--resume auto), or move it away first to go back to "

@@ -608,6 +608,14 @@ def test_the_last_file_a_resume_would_replace_is_read_without_its_weights(tmp_pa
     assert loads == [(paths.last, True)]  # memory-mapped: no tensor is read
 
 
+@pytest.mark.parametrize("last", [[3, 0], {**_minimal(3), "step": "x"}], ids=["not a dict", "malformed step"])
+def test_a_last_file_that_is_no_usable_checkpoint_does_not_block_a_resume(tmp_path, last):
+    """Only a `_last.pt` whose progress can be read and compared refuses going back to an older file."""
+    paths = RunPaths(tmp_path, "run")
+    torch.save(last, paths.last)
+    check_not_going_back(tmp_path / "run_best.pt", _minimal(1), paths)  # no CheckpointError
+
+
 def test_a_resume_checkpoint_with_a_malformed_step_is_refused_in_one_line(tiny_run, tmp_path, capsys):
     """A hand-edited step (`"x"`) in a checkpoint of the same epoch as the run's `_last.pt` ended in a
     TypeError traceback when the two were compared."""
