@@ -185,13 +185,15 @@ class Config(_Section):
     @field_validator("name")
     @classmethod
     def _file_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         # The name becomes part of file names inside output_dir: a separator or '..' would write elsewhere,
         # and a control character (a newline) would make names no listing or message shows as they are.
-        if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\")
-                                  or any(unicodedata.category(c) == "Cc" for c in value)):
+        if (not value.strip() or value in (".", "..")
+                or any(c in "/\\" or unicodedata.category(c) == "Cc" for c in value)):
             raise PydanticCustomError("run_name", "must be usable as a file name: not empty, no '/', '\\', "
                                       "'..' or control characters")
-        if value is not None and len(value.encode()) > MAX_NAME_BYTES:
+        if len(value.encode()) > MAX_NAME_BYTES:
             # Found only when the first checkpoint was written, an epoch into the run.
             raise PydanticCustomError("run_name", f"is {len(value.encode())} bytes long; at most {MAX_NAME_BYTES}: "
                                       "file names hold 255 bytes, and the run's longest file adds 36 "

@@ -107,6 +107,7 @@ def test_every_shipped_training_config_validates(path):
     (f"name: {'a' * 201}\n", "'name': is 201 bytes long; at most 200: file names hold 255 bytes"),
     ("name: ''\n", "'name': must be usable as a file name"),
     ("name: \"a\\nb\"\n", "'name': must be usable as a file name"),
+    *[(f"name: '{name}'\n", "'name': must be usable as a file name") for name in ("a\\b", ".", "..", "  ")],
     ("model:\n  embedding_dim: 2000000000\n", "'model.embedding_dim': Input should be less than or equal to 8192"),
     ("trainer:\n  lr: 0.1\ntrainer:\n  max_epochs: 3\n", "bad.yaml:3: not valid YAML ('trainer' is given twice)"),
     ("trainer:\n  lr: 0.1\n  lr: 0.2\n", "bad.yaml:3: not valid YAML ('lr' is given twice)"),
