@@ -21,7 +21,7 @@ from src.errors import first_line, is_whole, state_dict_problem
 from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.models.trained import CheckpointError, load_checkpoint
-from src.safe_load import safe_torch_load
+from src.safe_load import safe_torch_load, unusual_layout
 
 if TYPE_CHECKING:  # train.py imports this module
     from src.training.train import Runtime
@@ -75,6 +75,7 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
     or hand-edited file): training from it would run epochs that do not exist, or write a CSV it
     cannot hold, and fail only after an epoch of work."""
     epoch, step, history = checkpoint["epoch"], checkpoint.get("step", 0), checkpoint["history"]
+    partial = checkpoint.get("partial")  # the epoch's sums so far when it stopped mid-epoch
     if epoch < 0:
         raise CheckpointError(f"cannot resume from {path}: malformed training state (epoch {epoch})")
     trained_with = checkpoint.get("steps_per_epoch", steps_per_epoch)  # absent from earlier versions' files
@@ -88,7 +89,8 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
     problems = []
     if not is_whole(step) or not 0 <= step < steps_per_epoch:
         problems.append(f"step {step!r} (an epoch has {steps_per_epoch})")
-    elif step and not (isinstance(checkpoint.get("partial"), torch.Tensor) and checkpoint["partial"].shape == (4,)):
+    elif step and not (isinstance(partial, torch.Tensor) and partial.shape == (4,) and unusual_layout(partial) is None):
+        # weights_only also loads meta and sparse tensors: training failed with a traceback adding to them
         problems.append("no sums for the partial epoch")
     rows_ok = isinstance(history, list) and all(
         isinstance(row, dict) and all(isinstance(row.get(column), Real) for column in METRICS_COLUMNS)

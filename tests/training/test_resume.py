@@ -547,6 +547,19 @@ def test_a_steps_per_epoch_that_is_not_a_whole_number_is_a_malformed_state(steps
                                f"{type(steps_per_epoch).__name__}, not a whole number)")
 
 
+@pytest.mark.parametrize("partial", [torch.zeros(4, device="meta"), torch.zeros(4).to_sparse()], ids=["meta", "sparse"])
+def test_partial_epoch_sums_without_dense_data_are_a_malformed_state(partial):
+    """weights_only loads meta and sparse tensors: a crafted mid-epoch checkpoint holding one as the
+    epoch's sums passed the check, then training ended in a traceback ("Cannot copy out of meta tensor";
+    "add(sparse, dense) is not supported")."""
+    row = {column: 1.0 for column in METRICS_COLUMNS}
+    state = {"epoch": 1, "step": 2, "partial": partial, "steps_per_epoch": 4, "history": [{**row, "epoch": 1}],
+             "best_epoch": 1, "best_val_top1": 0.5}
+    check_training_state({**state, "partial": torch.zeros(4, dtype=torch.float64)}, "x.pt", steps_per_epoch=4)
+    with pytest.raises(CheckpointError, match=r"malformed training state \(no sums for the partial epoch\)"):
+        check_training_state(state, "x.pt", steps_per_epoch=4)
+
+
 def _minimal(epoch):
     return {"format_version": 1, "model_state": {}, "epoch": epoch, "config": {"name": "run"}, "classes": ["a"]}
 
