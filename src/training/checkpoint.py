@@ -208,8 +208,8 @@ class CheckpointSaver:
             self.pending_best, self.last_write = None, time.monotonic()
 
     def write_pending_best(self) -> int | None:
-        """Before a run ends on a non-finite loss or on missing validation images: the newest good
-        state held in memory (a best epoch not yet written) becomes both best and last, so the stop
+        """Before a run ends on an error (`train.pending_best_written_on_failure` lists them): the newest
+        good state held in memory (a best epoch not yet written) becomes both best and last, so the stop
         loses none of the epochs before. Returns that epoch, or None when nothing was pending. Waits
         for the writes."""
         epoch = None

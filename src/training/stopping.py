@@ -27,7 +27,8 @@ class TrainingStopped(Exception):
 
 class StopRequest:
     """Once installed, SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and
-    saves. A second signal ends the process at once (a user pressing Ctrl-C twice means it)."""
+    saves. In a single process a second signal ends it at once (a user pressing Ctrl-C twice means
+    it); under torchrun a second one is ignored (`install`)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
