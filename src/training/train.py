@@ -333,10 +333,7 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
         loss = F.cross_entropy(loss_logits, labels, label_smoothing=config.trainer.label_smoothing)
         sums.add(runtime.batch_stats(loss.detach(), logits.detach(), labels))
         if (step + 1) % check_every == 0 and not sums.finite(runtime):
-            raise TrainingStopped(
-                f"non-finite loss in epoch {epoch} near step {step + 1}; stopped without saving this "
-                f"epoch (the last good checkpoint is kept). Try a lower trainer.lr or trainer.amp_dtype: bf16",
-                exit_code=3)
+            raise non_finite_loss(f"epoch {epoch} near step {step + 1}", " or trainer.amp_dtype: bf16")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.trainer.grad_clip_norm:
@@ -351,10 +348,14 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
         if stop.requested(step, runtime):
             break
     bar.close()
-    if not sums.finite(runtime):
-        raise TrainingStopped(f"non-finite loss in epoch {epoch}; stopped without saving this epoch "
-                              "(the last good checkpoint is kept). Try a lower trainer.lr", exit_code=3)
+    if not sums.finite(runtime):  # the steps since the last check
+        raise non_finite_loss(f"epoch {epoch}", "")
     return sums
+
+
+def non_finite_loss(where: str, other_remedy: str) -> TrainingStopped:
+    return TrainingStopped(f"non-finite loss in {where}; stopped without saving this epoch (the last good "
+                           f"checkpoint is kept). Try a lower trainer.lr{other_remedy}", exit_code=3)
 
 
 @torch.no_grad()

@@ -296,6 +296,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp
     assert last.read_bytes() == good
 
 
+def test_non_finite_loss_messages_say_where_it_was_found(tiny_data, tmp_path, monkeypatch):
+    """A step's check (every step on the CPU) names the step; the check after the epoch's last step,
+    which covers the steps since the last check (on CUDA they come every 50), names the epoch."""
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}))
+    real_cross_entropy = train_module.F.cross_entropy
+    monkeypatch.setattr(train_module.F, "cross_entropy",
+                        lambda *args, **kwargs: real_cross_entropy(*args, **kwargs) * float("nan"))
+    with pytest.raises(TrainingStopped) as info:
+        run(config)
+    assert (str(info.value), info.value.exit_code) == (
+        "non-finite loss in epoch 1 near step 1; stopped without saving this epoch (the last good checkpoint "
+        "is kept). Try a lower trainer.lr or trainer.amp_dtype: bf16", 3)
+
+    real_progress, real_finite, bar_closed = train_module._progress, train_module.EpochSums.finite, []
+
+    def progress_telling_its_close(*args):
+        bar = real_progress(*args)
+        close = bar.close
+        bar.close = lambda: bar_closed.append(True) or close()
+        return bar
+
+    monkeypatch.setattr(train_module, "_progress", progress_telling_its_close)
+    monkeypatch.setattr(train_module.EpochSums, "finite",  # no step's check sees it, as between two on CUDA
+                        lambda sums, runtime: not bar_closed or real_finite(sums, runtime))
+    with pytest.raises(TrainingStopped) as info:
+        run(config)
+    assert (str(info.value), info.value.exit_code) == (
+        "non-finite loss in epoch 1; stopped without saving this epoch (the last good checkpoint is kept). "
+        "Try a lower trainer.lr", 3)
+    assert not (tmp_path / "artifacts" / "tiny_last.pt").exists()
+
+
 def test_non_finite_loss_writes_the_best_epoch_held_in_memory(tiny_data, tmp_path, monkeypatch):
     """With checkpoints throttled, epochs 1-2 live only in memory when epoch 3 turns non-finite: the
     best of them is written (as best and last, with its CSV) instead of being lost."""
