@@ -3,6 +3,7 @@ a checkpoint (`starting_state`), and refusing changes a resume may not make (`ch
 the keys it may change: `src.config.RESUMABLE_CHANGES`)."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -55,6 +56,10 @@ RESUME_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "rng", "bes
 def check_resume_compatible(checkpoint: dict, config: Config, classes: ClassIndex, fingerprint: str,
                             path: Path) -> None:
     """Raise CheckpointError listing every incompatible difference."""
+    try:  # Config.to_dict stored plain JSON values: a tensor (a crafted file) made the comparison a traceback
+        json.dumps(checkpoint["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: its stored config is malformed ({exc})") from None
     old, new = flatten(checkpoint["config"]), flatten(config.to_dict())
     differences = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
                    if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]

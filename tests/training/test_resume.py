@@ -556,6 +556,19 @@ def test_a_resume_with_fewer_epochs_than_already_trained_is_refused(tmp_path):
         check_resume_compatible(checkpoint, config, classes, "f", tmp_path / "x.pt")
 
 
+def test_a_stored_config_holding_a_tensor_is_refused_in_one_line(tmp_path):
+    """weights_only loads tensors anywhere: a crafted config value of several numbers made the comparison
+    with the run's config a RuntimeError traceback ("Boolean value of Tensor ... is ambiguous")."""
+    config = Config()
+    stored = config.to_dict()
+    stored["trainer"]["lr"] = torch.tensor([0.1, 0.2])
+    checkpoint = {"config": stored, "classes": ["a", "b"], "data_fingerprint": "f", "epoch": 1}
+    with pytest.raises(CheckpointError) as info:
+        check_resume_compatible(checkpoint, config, ClassIndex(["a", "b"]), "f", tmp_path / "x.pt")
+    assert str(info.value) == (f"cannot resume from {tmp_path / 'x.pt'}: its stored config is malformed "
+                               "(Object of type Tensor is not JSON serializable)")
+
+
 def test_a_step_count_of_a_whole_epoch_is_refused():
     """r3: step must be < steps_per_epoch (a whole epoch is `epoch + 1, step 0`); only 99 was tried."""
     row = {column: 1.0 for column in METRICS_COLUMNS}
