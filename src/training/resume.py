@@ -225,8 +225,12 @@ def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state
         state.best_val_top1, state.best_epoch = -1.0, 0
         return
     if source.resolve() != paths.best.resolve():
-        with atomic.atomic_destination(paths.best) as temporary:
-            shutil.copyfile(source, temporary)
+        try:
+            with atomic.atomic_destination(paths.best) as temporary:
+                shutil.copyfile(source, temporary)
+        except OSError as exc:  # a full disk, say: the command's other file errors are one line too
+            raise CheckpointError(f"cannot resume from {resume_path}: could not copy its best epoch ({source}) "
+                                  f"to {paths.best} ({exc.strerror or exc})") from None
     runtime.print(f"note: {paths.best} is epoch {state.best_epoch}, the best so far, from {source}")
 
 

@@ -1,6 +1,7 @@
 """Resume and faults: kill -9, SIGTERM, bad checkpoints, incompatible configs, non-finite losses."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -501,6 +502,25 @@ def test_a_run_continued_under_another_name_and_folder_has_its_own_best(tiny_run
         assert f"is epoch 1, the best so far, from {old / tiny_run['best'].name}" in out
     else:
         assert expected > trained["epoch"] and f"epoch {trained['best_epoch']}, the best of" in out
+
+
+def test_a_best_epoch_that_cannot_be_copied_to_the_new_files_refuses_the_resume_in_one_line(tiny_run, tmp_path,
+                                                                                             capsys, monkeypatch):
+    """Resuming under another name copies the run's best epoch to the new `_best.pt`; a full disk there
+    ended the command with an OSError traceback. Now one line and exit 2; the new folder gets no file."""
+    import src.training.resume
+
+    def disk_full(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+
+    monkeypatch.setattr(src.training.resume.shutil, "copyfile", disk_full)
+    config = write_config(tmp_path, tiny_run["data_root"], name="longer",
+                          **{"trainer.max_epochs": 4, "trainer.output_dir": str(tmp_path / "new")})
+    assert train_module.main(["--config", str(config), "--resume", str(tiny_run["last"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume from {tiny_run['last']}: could not copy its best epoch"), err
+    assert "No space left on device" in err and err.count("\n") == 1, err
+    assert not [path for path in (tmp_path / "new").glob("*") if path.name != ".longer.lock"]
 
 
 def test_a_new_run_stopped_before_its_first_epoch_says_whose_best_is_left(tiny_run, tmp_path, monkeypatch):
