@@ -155,7 +155,7 @@ def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, r
                         partial=checkpoint.get("partial") if runtime.dist.is_main else None,
                         best_val_top1=checkpoint["best_val_top1"], best_epoch=checkpoint["best_epoch"],
                         history=list(checkpoint["history"]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or crafted training state
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # a damaged or crafted state
         raise CheckpointError(f"cannot resume from {path}: malformed training state "
                               f"({type(exc).__name__}: {first_line(exc)})") from None
 

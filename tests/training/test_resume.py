@@ -564,6 +564,21 @@ def test_restoring_the_rng_state_replays_every_generator():
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 
 
+def test_a_crafted_rng_state_is_a_malformed_training_state():
+    """numpy's generator state is stored as a tensor (weights_only); a crafted file holding a number
+    there ended the resume with an AttributeError traceback ('int' object has no attribute 'numpy')."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    rng = rng_state()
+    checkpoint = {"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                  "scheduler_state": scheduler.state_dict(), "scaler_state": {}, "epoch": 1, "best_val_top1": 0.5,
+                  "best_epoch": 1, "history": [], "rng": {**rng, "numpy": {**rng["numpy"], "keys": 5}}}
+    runtime = SimpleNamespace(dist=SimpleNamespace(is_main=True))
+    with pytest.raises(CheckpointError, match=r"^cannot resume from x.pt: malformed training state \(AttributeError: "):
+        restore(checkpoint, "x.pt", model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), runtime)
+
+
 def test_a_resume_with_fewer_epochs_than_already_trained_is_refused(tmp_path):
     """r1: no test lowers max_epochs below the checkpoint's epochs (only raising or keeping it)."""
     config = Config()
