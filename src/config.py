@@ -273,9 +273,13 @@ def _config_suggestion(path: Path) -> str:
 def load_config(path: str | Path) -> Config:
     """Parse and validate a YAML config. Raises ConfigError (one line) on any problem."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        folder, regular_file = path.is_dir(), path.is_file()
+    except OSError as exc:  # raised, not False, for a name over 255 bytes or a folder this user cannot search
+        raise ConfigError(f"{path}: not a usable config path ({exc.strerror or exc})") from None
+    if folder:
         raise ConfigError(f"{path}: a folder, not a config file (e.g. configs/train_chimp_min10.yaml)")
-    if not path.is_file():
+    if not regular_file:
         raise ConfigError(f"config file not found: {path}{_config_suggestion(path)}" if not path.exists() else
                           f"{path}: not a regular file (a pipe or a device, as `<(...)` gives); the run is named "
                           "after its config file: save the config as a file")

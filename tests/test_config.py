@@ -65,6 +65,12 @@ def test_unparseable_yaml_and_missing_file(tmp_path):
             load_config("/dev/null")
 
 
+def test_a_config_path_the_system_cannot_look_up_is_one_line():
+    """A name over 255 bytes (or a folder this user cannot search): `Path.is_dir` raised a traceback."""
+    with pytest.raises(ConfigError, match=r"^a{300}\.yaml: not a usable config path \(File name too long\)$"):
+        load_config("a" * 300 + ".yaml")
+
+
 @pytest.mark.parametrize("given", ["configs/train_chimp_min10.yml", "train_chimp_min10", "configs/train_chimp_min1"])
 def test_a_missing_config_names_the_closest_one(tmp_path, monkeypatch, given):
     """A typo, a left-out folder or extension: the line said only "config file not found"."""
