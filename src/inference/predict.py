@@ -27,6 +27,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,7 +129,9 @@ def build_identifier(args: argparse.Namespace) -> Identifier:
 
 def run(identifier: Identifier, files: list[Path], args: argparse.Namespace) -> list[Result]:
     """Every file's Prediction or Skipped, in order; a progress bar for folders on a terminal."""
-    show = sys.stderr.isatty() and any(Path(p).is_dir() for p in args.inputs)
+    # os.path.isdir, not Path.is_dir: it answers False where the system refuses the lookup (a name over
+    # 255 bytes), an input collect_images has already skipped.
+    show = sys.stderr.isatty() and any(os.path.isdir(p) for p in args.inputs)
     with progress_bar(len(files), "identify", show, unit="img") as bar:
         return list(identifier.predict(files, args.top_k, args.batch_size, progress=bar.update))
 

@@ -163,6 +163,15 @@ def test_an_output_in_a_folder_that_cannot_be_searched_exits_2_in_one_line(learn
     assert err.startswith(f"error: --output {locked / 'out.csv'}: cannot write it ([Errno 13] Permission denied"), err
 
 
+def test_a_path_too_long_to_look_up_is_skipped_on_a_terminal_too(learned, unseen, monkeypatch, capsys):
+    """On a terminal, the progress bar's check for folders among the inputs raised OSError for a name over
+    255 bytes: a traceback, where the same input in a log or a pipe is skipped as not a usable path."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    too_long = "a" * 300 + ".png"
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(next(iter(unseen.values()))[0]), too_long]) == 1
+    assert f"skipped {too_long}: not a usable path (File name too long)" in capsys.readouterr().err
+
+
 def test_an_image_above_pillows_own_limit_is_skipped_as_too_large(learned, tmp_path, capsys):
     png_header_only(tmp_path / "huge.png", 20_000, 20_000)  # 400 Mpx: Pillow refuses it when opening
     assert predict.main(["--checkpoint", str(learned.checkpoint), str(tmp_path / "huge.png")]) == 1
