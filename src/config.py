@@ -14,6 +14,7 @@ from typing import ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from src.errors import folder_or_file
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -273,10 +274,7 @@ def _config_suggestion(path: Path) -> str:
 def load_config(path: str | Path) -> Config:
     """Parse and validate a YAML config. Raises ConfigError (one line) on any problem."""
     path = Path(path)
-    try:
-        folder, regular_file = path.is_dir(), path.is_file()
-    except OSError as exc:  # raised, not False, for a name over 255 bytes or a folder this user cannot search
-        raise ConfigError(f"{path}: not a usable config path ({exc.strerror or exc})") from None
+    folder, regular_file = folder_or_file(path, ConfigError, "config")
     if folder:
         raise ConfigError(f"{path}: a folder, not a config file (e.g. configs/train_chimp_min10.yaml)")
     if not regular_file:

@@ -211,6 +211,16 @@ def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:
     return problem if len(problem) <= limit else problem[:limit - 3] + "..."
 
 
+def folder_or_file(path: Path, error: type[Exception], what: str) -> tuple[bool, bool]:
+    """(`path` is a folder, `path` is a regular file); `error`, one line naming the `what` path, where
+    the system refuses the lookup: Path.is_dir and is_file raise OSError then, rather than answer
+    False (a name over 255 bytes, a folder this user cannot search)."""
+    try:
+        return path.is_dir(), path.is_file()
+    except OSError as exc:
+        raise error(f"{path}: not a usable {what} path ({exc.strerror or exc})") from None
+
+
 def missing(path: str | Path, folder: bool) -> str:
     """Why `path` is not the folder (or regular file) asked for: `not found`, or what stands there
     instead, for messages such as `raw folder x is a file, not a folder`."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from src.errors import first_line, missing
+from src.errors import first_line, folder_or_file, missing
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch's file format (and numpy's .npz)
@@ -36,9 +36,10 @@ def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False)
     tensors are memory-mapped from the file, not read, until used (for a caller that needs only the
     other fields of a checkpoint of a few hundred MB)."""
     path = Path(path)
-    if path.is_dir():
+    folder, regular_file = folder_or_file(path, CheckpointError, "checkpoint")
+    if folder:
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
-    if not path.is_file():
+    if not regular_file:
         raise CheckpointError(f"{path}: checkpoint file {missing(path, folder=False)}")  # a FIFO: not found, before
     if path.stat().st_size == 0:  # e.g. a copy that was interrupted
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")

@@ -81,6 +81,14 @@ def unit_values(report: dict):
         yield from (report["open_set"][k] for k in ("auroc", "baks", "baus", "balanced_mean"))
 
 
+def test_a_checkpoint_path_the_system_cannot_look_up_is_one_line(capsys):
+    """A name over 255 bytes (or a folder this user cannot search): Path.is_dir raised in safe_torch_load,
+    a traceback here and in training's --resume (inference caught the OSError itself)."""
+    too_long = "a" * 300 + ".pt"
+    assert run_main(capsys, "--checkpoint", too_long) == (
+        2, [f"error: {too_long}: not a usable checkpoint path (File name too long)"])
+
+
 def test_report_keys_and_value_ranges(closed_report, tiny_run):
     out, result = closed_report
     report = json.loads((out / "report.json").read_text())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import os
 import shutil
@@ -374,5 +373,6 @@ def test_a_model_or_gallery_path_the_file_system_refuses_exits_2_in_one_line(tmp
     assert command(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1, err
-    assert err.startswith(f"error: [Errno {errno.ENAMETOOLONG}] File name too long: "), err
+    # a checkpoint's lookup is refused by safe_torch_load itself, the other paths' by the OSError caught
+    assert err.startswith("error: ") and "File name too long" in err, err
     assert list(tmp_path.iterdir()) == []  # nothing made: no lock file, no export folder
