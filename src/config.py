@@ -265,7 +265,7 @@ def config_from_dict(raw: dict, name: str | None = None) -> Config:
 def _config_suggestion(path: Path) -> str:
     """' (did you mean X?)' for the closest config file beside `path` or in configs/: a missing config is
     most often a typo, a left-out folder or extension (`train_chimp_min10`, `.yml`)."""
-    folders = {path.parent, Path("configs")}
+    folders = dict.fromkeys((Path("configs"), path.parent))  # in order: a file beside `path` wins a name
     by_name = {p.name: p for folder in folders if folder.is_dir() for p in sorted(folder.glob("*.y*ml"))}
     close = difflib.get_close_matches(path.name, by_name, n=1, cutoff=0.8)
     return f" (did you mean {by_name[close[0]]}?)" if close else ""

@@ -1,4 +1,7 @@
 """The config schema: the guide's keys, defaults, and one-line errors naming the key."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_args
 
@@ -10,6 +13,7 @@ from src.models.heads import HEADS
 from src.models.scoring import HEAD_SCORES, MATCH_MODES, MATCHES
 from src.training import train
 from src.training.train import OPTIMIZERS
+from tests.conftest import REPO
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE_CONFIGS = {
@@ -81,6 +85,20 @@ def test_a_missing_config_names_the_closest_one(tmp_path, monkeypatch, given):
     with pytest.raises(ConfigError, match=rf"^config file not found: {given} "
                                           r"\(did you mean configs/train_chimp_min10.yaml\?\)$"):
         load_config(given)
+
+
+def test_a_config_beside_the_missing_one_is_suggested_before_one_in_configs(tmp_path):
+    """The two folders were a set, whose order follows the string hash: with the same name in both, the
+    suggestion changed from run to run (PYTHONHASHSEED=1 named configs/ over the file beside it)."""
+    for folder in ("configs", "other"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "demo.yaml").write_text("trainer: {}\n")
+    probe = ("from src.config import load_config\n"
+             "try:\n    load_config('other/demo.yml')\nexcept ValueError as exc:\n    print(exc)")
+    for seed in range(4):
+        result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": str(REPO)}, timeout=60)
+        assert result.stdout == "config file not found: other/demo.yml (did you mean other/demo.yaml?)\n", result
 
 
 @pytest.mark.parametrize("content, message", [
