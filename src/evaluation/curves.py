@@ -18,6 +18,7 @@ import numpy as np
 
 from src.errors import capped, command_main, command_parser, missing, path_argument, show_warnings
 from src.evaluation.plots import plot_training_curves
+from src.tables import print_stdout
 from src.training.artifacts import METRICS_COLUMNS
 
 METRICS_SUFFIX = "_metrics.csv"
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"error: cannot write {out} ({exc})", file=sys.stderr)
         return 2
-    print(out)
+    print_stdout(str(out))
     return 0
 
 

@@ -47,7 +47,7 @@ from src.models.backbones import ModelError
 from src.models.scoring import SCORE_KINDS, classifier_scores, gallery_scores
 from src.models.trained import CheckpointError, TrainedModel, load_trained
 from src.safe_load import file_sha256
-from src.tables import progress_bar
+from src.tables import print_stdout, progress_bar
 from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths, threshold_sidecar_path
 
@@ -542,14 +542,15 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     closed, retrieval = report["closed_set"], report["retrieval"]
-    print(f"{args.split}: top1={closed['top1']:.4f} top5={closed['top5']:.4f} "
-          f"balanced={closed['balanced_accuracy']:.4f} 1-NN={retrieval['one_nn_accuracy']:.4f} "
-          f"mAP@R={retrieval['map_at_r']:.4f}")
+    print_stdout(f"{args.split}: top1={closed['top1']:.4f} top5={closed['top5']:.4f} "
+                 f"balanced={closed['balanced_accuracy']:.4f} 1-NN={retrieval['one_nn_accuracy']:.4f} "
+                 f"mAP@R={retrieval['map_at_r']:.4f}")
     open_set = report["open_set"]
     if open_set["evaluated"]:
-        print(f"{args.split} + unknown_{args.split}: AUROC={open_set['auroc']:.4f} BAKS={open_set['baks']:.4f} "
-              f"BAUS={open_set['baus']:.4f} (threshold {open_set['threshold']:.6f}, chosen on val + unknown_val)")
-    print(f"report: {out / 'report.md'}")
+        print_stdout(f"{args.split} + unknown_{args.split}: AUROC={open_set['auroc']:.4f} "
+                     f"BAKS={open_set['baks']:.4f} BAUS={open_set['baus']:.4f} "
+                     f"(threshold {open_set['threshold']:.6f}, chosen on val + unknown_val)")
+    print_stdout(f"report: {out / 'report.md'}")
     return 0
 
 

@@ -19,6 +19,18 @@ def test_curves_of_a_finished_run(tiny_run, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line_after_the_png(tiny_run, tmp_path):
+    """`curves ... > out.txt` on a full disk: printing the PNG's path was an OSError traceback."""
+    out = tmp_path / "curves.png"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.evaluation.curves", str(tiny_run["metrics"]), "--out",
+                                 str(out)], cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: cannot write the results to stdout (No space left on device)\n"
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_run_in_progress_plots_its_finished_epochs(tmp_path, caplog):
     csv = tmp_path / "demo_metrics.csv"
     csv.write_text(f"{HEADER}\n1,0.001,4.0,0.1,0.3,3.9,0.1,0.3\n2,0.0009,3.5,0.2,0.5,3.6,0.2,0.4\n3,0.0008,3.1\n\n")

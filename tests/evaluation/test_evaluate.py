@@ -69,6 +69,18 @@ def closed_report(checkpoint, tmp_path_factory) -> tuple[Path, subprocess.Comple
     return out, result
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line_after_the_report(checkpoint, tmp_path):
+    """`evaluate ... > summary.txt` on a full disk: printing the summary was an OSError traceback."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.evaluation.evaluate", "--checkpoint", str(checkpoint),
+                                 "--out", str(tmp_path / "eval"), "--device", "cpu"],
+                                cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=240)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == "error: cannot write the results to stdout (No space left on device)"
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["closed_set"]["top1"] >= 0
+
+
 def unit_values(report: dict):
     """Every number that must lie in [0, 1]: the metrics of every section."""
     closed, retrieval = report["closed_set"], report["retrieval"]
