@@ -37,6 +37,7 @@ from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAME
                                   STANDIN_MARKER, AnnotationError, parse_cvjena_line)
 from src.errors import command_main, command_parser, path_argument
 from src.parallel import WorkerDied, map_in_processes
+from src.tables import print_stdout
 from src.textfiles import read_utf8
 
 IMAGE_FOLDER = "face_images"
@@ -493,8 +494,8 @@ def calibrate(individuals: int, images: int, size: int, seed: int, epochs: int) 
     model.fc = torch.nn.Linear(model.fc.in_features, individuals)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     start, accuracy = time.perf_counter(), 0.0
-    print(f"calibrate: {individuals} individuals x {images} images at {size} px, "
-          f"{len(y_train)} train / {len(y_val)} val, chance {1 / individuals:.1%}")
+    print_stdout(f"calibrate: {individuals} individuals x {images} images at {size} px, "
+                 f"{len(y_train)} train / {len(y_val)} val, chance {1 / individuals:.1%}")
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(y_train))
@@ -509,8 +510,8 @@ def calibrate(individuals: int, images: int, size: int, seed: int, epochs: int) 
         model.eval()
         with torch.no_grad():
             accuracy = (model(x_val).argmax(1) == y_val).float().mean().item()
-        print(f"epoch {epoch}: last loss {loss.item():.3f}  val acc {accuracy:.1%}  "
-              f"{time.perf_counter() - start:.0f} s")
+        print_stdout(f"epoch {epoch}: last loss {loss.item():.3f}  val acc {accuracy:.1%}  "
+                     f"{time.perf_counter() - start:.0f} s")
     return accuracy
 
 
@@ -593,8 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StandinError, AnnotationError, OSError, WorkerDied) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2  # a one-line error exits 2, as in every command of the project
-    print(f"wrote {count} stand-in images (synthetic, not chimpanzees) under {args.out / RELEASE_FOLDER} "
-          f"in {time.perf_counter() - start:.1f} s with {args.workers} worker(s)")
+    print_stdout(f"wrote {count} stand-in images (synthetic, not chimpanzees) under {args.out / RELEASE_FOLDER} "
+                 f"in {time.perf_counter() - start:.1f} s with {args.workers} worker(s)")
     return 0
 
 

@@ -51,7 +51,7 @@ from src.inference.identify import (CHECKPOINT_METADATA, DESCRIPTION_METADATA, E
                                     OUTPUT_NAMES, USAGE_ERRORS, Identifier, InferenceError, OnnxBackend, PhotoBytes,
                                     description_sha256, export_info_path, stored_thresholds)
 from src.safe_load import file_sha256
-from src.tables import format_rows
+from src.tables import format_rows, print_stdout
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -231,14 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USAGE_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_checks(checks))
+    print_stdout(format_checks(checks))
     failed = out_of_tolerance(checks)
     if failed:  # the first one; the table above shows them all
         name, output, diff = failed[0]
         print(f"error: the {name} export's {output} differ from PyTorch's by {diff:.2e} (> {TOLERANCE:g}); "
               "do not use it", file=sys.stderr)
         return 1
-    print(f"wrote {', '.join([*checks['files'].values(), checks['description']])} into {args.out}")
+    print_stdout(f"wrote {', '.join([*checks['files'].values(), checks['description']])} into {args.out}")
     return 0
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 
 from src.data import standin
 from src.data.annotations import holds_standins, read_cvjena
+from tests.conftest import REPO
 
 SHARED_RAW = Path(__file__).resolve().parents[3] / "shared" / "chimpanzee_faces" / "annotations" / "raw"
 CURRENT_EXCERPT = SHARED_RAW.parent / "format-current-release-excerpt.txt"
@@ -247,3 +250,15 @@ def test_a_full_disk_names_the_image_it_could_not_write(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert err.startswith("error: [Errno 28] No space left on device: '") and ".png'" in err and err.count("\n") == 1
     assert not list((tmp_path / "raw").rglob("*.png"))  # no half-written image passes for a stand-in
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line_after_the_images(tmp_path):
+    """`standin ... > log.txt` on a full disk: the closing summary was an OSError traceback."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.data.standin", "--out", str(tmp_path), "--individuals", "2",
+                                 "--images", "2", "--size", "16", "--workers", "1"],
+                                cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: cannot write the results to stdout (No space left on device)\n"
+    assert len(read_cvjena(tmp_path)) == 4

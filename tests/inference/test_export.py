@@ -5,7 +5,10 @@ import errno
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from src.inference import export, predict
 from src.inference.gallery import Gallery
 from src.inference.identify import Identifier, InferenceError
 from src.training.artifacts import threshold_sidecar_path
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,18 @@ def test_a_full_disk_during_the_torchscript_write_exits_2_in_one_line(learned, t
     err = capsys.readouterr().err
     assert err == f"error: --out {out}: cannot write the export ([Errno 28] No space left on device)\n"
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line_after_the_export(learned, tmp_path):
+    """`export ... > log.txt` on a full disk: the table of checks was an OSError traceback."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.inference.export", "--checkpoint", str(learned.checkpoint),
+                                 "--out", str(tmp_path), "--format", "torchscript", "--runs", "1"],
+                                cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=240)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == "error: cannot write the results to stdout (No space left on device)"
+    assert (tmp_path / "learned_best.torchscript.pt").is_file() and (tmp_path / "learned_best.json").is_file()
 
 
 def test_export_from_python_takes_str_paths_and_checks_its_arguments(learned, tmp_path):
