@@ -22,7 +22,7 @@ from src.data.decode import decode_for_cache
 from src.data.io import ImageLoadError
 from src.data.lists import ListFormatError, Row, name_problem, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
-from src.errors import is_whole
+from src.errors import folder_or_file, is_whole
 from src.textfiles import read_json
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
@@ -52,17 +52,18 @@ class PreparedData:
         """Read `<root>/annotations/prepared.json`; a relative raw_dir is taken relative to root."""
         root = Path(root)
         path = root / "annotations" / "prepared.json"
-        if not path.is_file() and (root / "prepared.json").is_file():
+        prepared = folder_or_file(path, DatasetError, "prepared dataset")[1]
+        if not prepared and (root / "prepared.json").is_file():
             # `--data-root data/x/annotations`: the message below suggested preparing into it.
             raise DatasetError(f"{root} is the annotations folder of a prepared dataset: give the dataset's own "
                                f"folder, {root.parent} (the --out-dir of prepare)")
-        if not path.is_file() and ((root / RELEASE_FOLDER).is_dir() or root.name == RELEASE_FOLDER):
+        if not prepared and ((root / RELEASE_FOLDER).is_dir() or root.name == RELEASE_FOLDER):
             # `data.root: data/x/raw`: the message below suggested preparing into the raw folder.
             prepared = [p for p in root.parents if (p / "annotations" / "prepared.json").is_file()]
             fix = (f"give the prepared one, {prepared[0]} (the --out-dir of prepare)" if prepared else
                    f"prepare it (`python -m src.data.prepare --raw-dir {root} --out-dir <folder>`) and give <folder>")
             raise DatasetError(f"{root} is a raw folder (the --raw-dir of prepare), not a prepared dataset: {fix}")
-        if not path.is_file():
+        if not prepared:
             # E.g. evaluate run from another folder on a checkpoint whose config says `data/...`.
             relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"
             raise DatasetError(f"{path} not found{relative}: {_RERUN} (e.g. --out-dir {root})")

@@ -91,6 +91,15 @@ def test_a_relative_root_that_is_not_there_names_the_working_folder(tmp_path, mo
     assert "working folder" not in str(absolute.value)
 
 
+def test_a_root_the_system_cannot_look_up_is_one_line(tmp_path):
+    """`data.root` or `--data-root` with a name over 255 bytes (or in a folder this user cannot search):
+    Path.is_file raised, a traceback in training and evaluation."""
+    root = tmp_path / ("a" * 300)
+    with pytest.raises(DatasetError, match=r"annotations/prepared\.json: not a usable prepared dataset path "
+                                           r"\(File name too long\)$"):
+        PreparedData.load(root)
+
+
 def test_missing_split_file_names_the_file(root):
     data = PreparedData.load(root)
     with pytest.raises(DatasetError, match=r"val\.txt: split file not found"):
