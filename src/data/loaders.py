@@ -211,12 +211,19 @@ class PlainSource(BatchSource):
                             worker_init_fn=leave_sigterm_to_the_main_process)
         with sigterm_held():  # the workers start here, and inherit the held SIGTERM
             batches = iter(loader)
-        for pixels, labels, skipped in batches:
-            self.skipped += skipped
-            if self.train and skipped:
-                pixels, labels = refill(pixels, labels, skipped)
-            if len(labels):
-                yield pixels.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        try:
+            for pixels, labels, skipped in batches:
+                self.skipped += skipped
+                if self.train and skipped:
+                    pixels, labels = refill(pixels, labels, skipped)
+                if len(labels):
+                    yield pixels.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        finally:
+            # Stopped now, not when the iterator is collected: a worker's exception re-raised here (a
+            # MemoryError) holds it in a reference cycle until after exit's join of the workers, which
+            # ignore SIGTERM (`leave_sigterm_to_the_main_process`), so the command hung after its error.
+            if self.workers:
+                batches._shutdown_workers()
 
 
 def refill(pixels: torch.Tensor, labels: torch.Tensor, missing: int) -> tuple[torch.Tensor, torch.Tensor]:

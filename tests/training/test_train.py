@@ -495,6 +495,19 @@ def test_running_out_of_memory_mid_run_is_one_line_and_keeps_the_epochs_held_in_
     assert f"wrote epoch 1 (the best so far) to {artifacts / 'tiny_best.pt'}" in result.stdout
 
 
+def test_running_out_of_memory_in_a_dataloader_worker_ends_the_command(tiny_data, tmp_path):
+    """The plain pipeline's workers ignore SIGTERM; a MemoryError re-raised from one kept the DataLoader
+    iterator alive until exit, whose join of the workers then waited forever, after the error line."""
+    config = write_config(tmp_path, tiny_data, **{"data.pipeline": "plain", "data.workers": 2})
+    probe = ("import sys\nfrom src.data import dataset\n"
+             "def short(*args, **kwargs):\n    raise MemoryError('x.png: out of memory while decoding')\n"
+             "dataset.decode_for_cache = short\nfrom src.training.train import main\n"
+             f"sys.exit(main(['--config', {str(config)!r}]))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: Caught MemoryError in DataLoader worker process")
+
+
 def test_an_image_the_cache_leaves_out_is_a_warning_line(tiny_data, tmp_path):
     """Before, training printed the cache's warning bare, and evaluation as `WARNING: ...`."""
     data = tmp_path / "data"
