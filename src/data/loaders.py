@@ -222,6 +222,7 @@ class PlainSource(BatchSource):
             # Stopped now, not when the iterator is collected: a worker's exception re-raised here (a
             # MemoryError) holds it in a reference cycle until after exit's join of the workers, which
             # ignore SIGTERM (`leave_sigterm_to_the_main_process`), so the command hung after its error.
+            # torch has no public call for this (its iterator's __del__ makes the same one).
             if self.workers:
                 batches._shutdown_workers()
 
