@@ -122,3 +122,18 @@ def test_individuals_of_the_same_size_are_shuffled_differently():
     positions = {name: tuple(sorted(int(p.split("/")[1][:3]) for p, n in test if n == name))
                  for name in "ABCDE"}
     assert len(set(positions.values())) > 1, positions
+
+
+def test_the_open_set_choice_is_the_same_on_every_run():
+    """Pinned: drawn from the names in a set's order (which PYTHONHASHSEED changes from one process to
+    the next), the held-out individuals would differ from run to run while every in-process check of
+    determinism still passed."""
+    assert choose_unknown(list(SIZES), 5, seed=0) == ["Ind05", "Ind07", "Mbeli", "Victor", "Wendy"]
+
+
+def test_the_unknown_halves_do_not_depend_on_the_order_the_names_are_given_in():
+    """`unknown_val` is the alphabetically first half whatever order the held-out names come in."""
+    closed = stratified_split(_rows(SIZES), seed=0)
+    unknown = ["Wendy", "Victor", "Mbeli", "Ind07", "Ind05"]
+    assert open_set_split(closed, unknown) == open_set_split(closed, sorted(unknown))
+    assert {n for _, n in open_set_split(closed, unknown)["unknown_val"]} == {"Ind05", "Ind07"}
