@@ -23,7 +23,7 @@ from src.data import standin
 from src.data.dataset import PreparedData
 from src.data.lists import read_list
 from src.data.prepare import PrepareError, apply_labels_fix, main, prepare
-from src.data.splits import SplitError
+from src.data.splits import SplitError, choose_unknown, stratified_split
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_RAW = REPO.parent / "shared" / "chimpanzee_faces" / "annotations" / "raw"
@@ -586,3 +586,19 @@ def test_stand_in_images_are_said_to_be_so_and_recorded(tmp_path, caplog):
         result = prepare(tmp_path / "raw", tmp_path / "out", open_set_individuals=0)
     assert result.prepared["standins"] is True and PreparedData.load(tmp_path / "out").standins
     assert "synthetic images drawn by src.data.standin, not chimpanzees" in caplog.text
+
+
+def test_fractions_and_seed_reach_the_split_lists_and_the_open_set(tmp_path):
+    """Mutation testing: prepare splitting 70/15/15 whatever --fractions said, or drawing the held-out
+    individuals with seed 0 whatever --seed said, passed every test."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    assert main(["--raw-dir", str(raw), "--out-dir", str(tmp_path / "out"), "--seed", "1", "--fractions", "0.5",
+                 "0.25", "0.25", "--open-set-individuals", "2", "--workers", "2"]) == 0
+    ann = tmp_path / "out" / "annotations"
+    kept = read_list(ann / "annotations_merged_min10.txt")
+    expected = stratified_split(kept, (0.5, 0.25, 0.25), seed=1)
+    assert {split: read_list(ann / f"{split}.txt") for split in expected} == expected
+    unknown = (ann / "open_set" / "unknown_ids.txt").read_text().split()
+    assert unknown == choose_unknown([name for _, name in kept], 2, seed=1) != choose_unknown(
+        [name for _, name in kept], 2, seed=0)
+    assert json.loads((ann / "prepared.json").read_text())["fractions"] == [0.5, 0.25, 0.25]
