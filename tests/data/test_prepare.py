@@ -564,6 +564,9 @@ def test_the_report_counts_exclusions_per_source(tmp_path):
     result = prepare(raw, tmp_path / "out", **_quiet())
     counts = result.report["counts"]
     assert (counts["CTai"]["excluded"], counts["CZoo"]["excluded"], counts["all"]["excluded"]) == (1, 0, 1)
+    # Tita keeps 10 usable images; Freddy (2) and Zita (9) are usable but below min10.
+    assert (counts["CTai"]["usable_images"], counts["CTai"]["kept_images"], counts["CTai"]["kept_individuals"]) == (
+        61, 50, 4)
 
 
 def test_a_reader_that_stops_early_ends_the_progress_lines_quietly(tmp_path):
@@ -602,3 +605,15 @@ def test_fractions_and_seed_reach_the_split_lists_and_the_open_set(tmp_path):
     assert unknown == choose_unknown([name for _, name in kept], 2, seed=1) != choose_unknown(
         [name for _, name in kept], 2, seed=0)
     assert json.loads((ann / "prepared.json").read_text())["fractions"] == [0.5, 0.25, 0.25]
+
+
+def test_an_image_listed_twice_has_one_split_in_the_metadata(tmp_path):
+    """The excluded second line of a repeated image shares the kept one's path: metadata.csv must not
+    give it the kept one's split too (a count of the split column would hold the image twice)."""
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3})
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{n}/{i}.png {n}\n" for n in ("Kofi", "Lome") for i in range(3)) + "Kofi/0.png Kofi\n")
+    result = prepare(root, tmp_path / "out", list_file=listing, min_images=3, open_set_individuals=0)
+    with (result.annotations_dir / "metadata.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["path"] == "Kofi/0.png"]
+    assert [(r["excluded"].split(":")[0], r["split"] != "") for r in rows] == [("", True), ("listed twice", False)]
