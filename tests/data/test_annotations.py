@@ -404,3 +404,16 @@ def test_a_keypoint_with_one_infinite_coordinate_is_not_visible():
             "LeftEye 3 4 MouthCenter 5 6 LeftEarlobe Inf 8 RightEarlobe 9 10")
     keypoints = parse_cvjena_line(line, "f:1")["keypoints"]
     assert keypoints[0] is None and keypoints[3] is None and keypoints[1] == (3, 4)
+
+
+def test_an_exclusion_matches_the_alias_target_and_either_unicode_form(tmp_path):
+    """Excluding 'Fredy' must drop the 'Freddy' images an alias renames to it too (they would come back
+    under the excluded name), and a name excluded in decomposed form (as macOS gives a folder name)
+    must drop the composed one; both passed every test when broken."""
+    fix_file = tmp_path / "fix.txt"
+    fix_file.write_text(f"Freddy -> Fredy\nexclude-name Fredy\nexclude-name {DECOMPOSED}\n", encoding="utf-8")
+    kept, excluded, unused = LabelsFix.load(fix_file).apply(_records("Freddy", "Fredy", COMPOSED, "Kofi"))
+    assert [r.individual for r in kept] == ["Kofi"] and unused == []
+    assert [(r.path, reason) for r, reason in excluded] == [
+        ("img1.png", "name Fredy excluded"), ("img2.png", "name Fredy excluded"),
+        ("img3.png", f"name {COMPOSED} excluded")]
