@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from src.data.dataset import ClassIndex, DatasetError, ImageListDataset, PreparedData, collate_skip_none
+from src.data.dataset import (ClassIndex, DatasetError, ImageListDataset, PreparedData, collate_skip_none,
+                              data_fingerprint)
 from src.data.decode import decode_for_cache
 from src.data.lists import write_list
 
@@ -235,3 +236,20 @@ def test_the_annotations_folder_given_as_the_root_names_its_parent(root):
         PreparedData.load(root / "annotations")
     assert str(exc.value) == (f"{root / 'annotations'} is the annotations folder of a prepared dataset: give the "
                               f"dataset's own folder, {root} (the --out-dir of prepare)")
+
+
+def test_class_order_is_code_point_order_whatever_the_case():
+    """Class ids are positions in this order: a case-insensitive (or locale) sort would give 'bako'
+    and 'Chiku' other ids than a model trained with code-point order, and passed every test."""
+    rows = [("b.png", "bako"), ("c.png", "Chiku"), ("a.png", "Abeni")]
+    assert ClassIndex.from_rows(rows).names == ("Abeni", "Chiku", "bako")
+
+
+def test_data_fingerprint_follows_images_labels_and_class_order_not_row_order():
+    """Resume and evaluate refuse data whose fingerprint differs; neither the row order nor the class
+    order was checked by any test."""
+    classes = ClassIndex.from_rows(ROWS)
+    fingerprint = data_fingerprint(ROWS, classes)
+    assert data_fingerprint(list(reversed(ROWS)), classes) == fingerprint  # the same data, listed otherwise
+    assert data_fingerprint(ROWS, ClassIndex(["Bako", "Abeni", "Chiku"])) != fingerprint  # ids renumbered
+    assert data_fingerprint([(ROWS[0][0], "Chiku"), *ROWS[1:]], classes) != fingerprint  # one image relabelled
