@@ -250,3 +250,13 @@ def test_a_placeholder_name_gets_no_sex_or_age_flags():
     flags = label_quality(records)
     assert [f["name"] for f in flags["placeholder_names"]] == ["Adult"]
     assert flags["sex_inconsistent"] == [] and flags["age_inconsistent"] == []
+
+
+def test_the_same_bytes_in_another_shape_are_not_a_duplicate(tmp_path):
+    """The digest covers the size: a 4x8 and an 8x4 crop holding the same bytes (two uniform crops,
+    say) are two images, not a duplicate to exclude; hashing the bytes alone passed every test."""
+    pixels = _pixels(1, 8)[:4]
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    Image.fromarray(pixels.reshape(8, 4, 3)).save(tmp_path / "tall.png")
+    exclusions, checks = check_images([_record("wide.png"), _record("tall.png")], tmp_path, workers=1)
+    assert exclusions == [] and checks["wide.png"].size == (8, 4) and checks["tall.png"].size == (4, 8)
