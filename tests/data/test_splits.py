@@ -137,3 +137,12 @@ def test_the_unknown_halves_do_not_depend_on_the_order_the_names_are_given_in():
     unknown = ["Wendy", "Victor", "Mbeli", "Ind07", "Ind05"]
     assert open_set_split(closed, unknown) == open_set_split(closed, sorted(unknown))
     assert {n for _, n in open_set_split(closed, unknown)["unknown_val"]} == {"Ind05", "Ind07"}
+
+
+def test_stratified_split_uses_the_fractions_given():
+    """Splitting with the default 70/15/15 whatever fractions were given passed every test (prepare's
+    own test compares with this function, so it cannot see the mistake here)."""
+    splits = stratified_split(_rows({"Kofi": 20, "Lome": 10}), (0.5, 0.25, 0.25), seed=0)
+    counts = {split: Counter(name for _, name in rows) for split, rows in splits.items()}
+    assert [tuple(counts[s][name] for s in ("train", "val", "test")) for name in ("Kofi", "Lome")] == [
+        (10, 5, 5), (5, 3, 2)]
