@@ -491,6 +491,9 @@ def test_a_rerun_with_another_min_images_removes_the_earlier_min_lists(tmp_path)
     prepare(raw, tmp_path / "out", **_quiet())
     assert {p.name for p in ann.glob("*_min*.txt")} == {"annotations_merged_min10.txt", "kept_ids_min10.txt",
                                                        "kept_ids_min5_mine.txt"}
+    prepare(raw, tmp_path / "out", **_quiet(min_images=5))  # and back: a two-digit N is removed too
+    assert {p.name for p in ann.glob("*_min*.txt")} == {"annotations_merged_min5.txt", "kept_ids_min5.txt",
+                                                       "kept_ids_min5_mine.txt"}
 
 
 def test_two_runs_into_one_out_dir_do_not_mix_their_files(tmp_path, monkeypatch, caplog):
