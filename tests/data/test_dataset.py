@@ -127,6 +127,8 @@ def test_class_index_is_sorted_stable_and_round_trips():
     assert ClassIndex.from_list(classes.to_list()) == classes
     saved_order = ClassIndex.from_list(["Chiku", "Abeni"])  # a checkpoint's order is kept, not re-sorted
     assert saved_order.index("Chiku") == 0 and saved_order != ClassIndex(["Abeni", "Chiku"])
+    with pytest.raises(DatasetError, match="'Abeni' appears twice"):  # a damaged checkpoint: ids would shift
+        ClassIndex.from_list(["Abeni", "Bako", "Abeni"])
     assert "Bako" in classes and "Zuri" not in classes
     with pytest.raises(DatasetError, match="'Zuri' is not one of the 3 classes"):
         classes.index("Zuri")
