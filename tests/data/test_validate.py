@@ -260,3 +260,14 @@ def test_the_same_bytes_in_another_shape_are_not_a_duplicate(tmp_path):
     Image.fromarray(pixels.reshape(8, 4, 3)).save(tmp_path / "tall.png")
     exclusions, checks = check_images([_record("wide.png"), _record("tall.png")], tmp_path, workers=1)
     assert exclusions == [] and checks["wide.png"].size == (8, 4) and checks["tall.png"].size == (4, 8)
+
+
+def test_paths_that_differ_only_in_case_are_two_images(tmp_path):
+    """On a case-sensitive disk 'A.png' and 'a.png' are two files: comparing paths without case would
+    exclude one as "listed twice" (on a case-insensitive disk the pixel check finds the one file)."""
+    _save(tmp_path / "A.png", 1)
+    if (tmp_path / "a.png").exists():
+        pytest.skip("case-insensitive file system")
+    _save(tmp_path / "a.png", 2)
+    exclusions, _ = check_images([_record("A.png"), _record("a.png")], tmp_path, workers=1)
+    assert exclusions == []
