@@ -1,6 +1,7 @@
 """The README and the docs/ pages link to each other's sections: every relative link must name a file
 that exists and, with `#anchor`, a heading that the file has (GitHub's anchors), and every code fence
-must close (an open one swallows the rest of the page)."""
+must close (an open one swallows the rest of the page). Error lines and limits the pages quote are
+the ones the code prints and enforces."""
 from __future__ import annotations
 
 import re
@@ -60,3 +61,43 @@ def test_links_name_existing_files_and_headings(page):
             elif anchor and (destination.suffix != ".md" or anchor not in anchors(destination)):
                 broken.append(f"{number}: {target} (no such heading)")
     assert not broken, f"{page.name}: " + "; ".join(broken)
+
+
+def flat_text(path: Path) -> str:
+    """The page with its line breaks and runs of spaces as single spaces: a quoted line may be wrapped."""
+    return re.sub(r"\s+", " ", path.read_text(encoding="utf-8"))
+
+
+def test_quoted_config_errors_are_the_ones_the_code_prints(monkeypatch):
+    from src.config import ConfigError, config_from_dict, load_config
+
+    with pytest.raises(ConfigError) as unknown_key:
+        config_from_dict({"trainer": {"max_epoch": 3}})
+    monkeypatch.chdir(REPO)  # the suggestion searches configs/ in the working folder
+    with pytest.raises(ConfigError) as missing_config:
+        load_config("configs/train_chimp_min10.yml")
+    for page in (REPO / "README.md", REPO / "docs" / "TRAINING.md"):
+        assert f"error: {unknown_key.value}" in flat_text(page), page.name
+    assert f"`error: {missing_config.value}`" in flat_text(REPO / "docs" / "TRAINING.md")
+
+
+def test_quoted_torchrun_gpu_refusal_is_the_one_the_code_prints(monkeypatch):
+    from src.config import ConfigError
+    from src.training import distributed
+
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError) as refusal:  # before any process group or CUDA call
+        distributed.init_distributed("cuda")
+    quoted = re.search(r"`\[rank 3\] error: (torchrun: [^`]*?)\.\.\.`", flat_text(REPO / "docs" / "TRAINING.md"))
+    assert quoted and str(refusal.value).startswith(quoted.group(1))
+
+
+def test_standin_limits_quoted_in_the_docs_are_the_code_s():
+    from src.data.standin import CALIBRATE_MAX_GIB, MAX_SIZE, MIN_SIZE
+
+    standin = flat_text(REPO / "docs" / "STANDIN.md")
+    assert f"refuses a set that would take more than {CALIBRATE_MAX_GIB} GiB" in standin
+    assert f"`--size S` | nominal side in pixels, {MIN_SIZE} to {MAX_SIZE} (default 128" in standin
+    assert f"`--size S` ({MIN_SIZE} to {MAX_SIZE}, default 128)" in flat_text(REPO / "README.md")
