@@ -53,9 +53,15 @@ def print_stdout(text: str) -> None:
     try:
         print(text, flush=True)
     except OSError as exc:
-        drop_stdout()
-        if not isinstance(exc, BrokenPipeError):
-            STDOUT_FAILURES.append(f"cannot write the results to stdout ({exc.strerror or exc})")
+        stdout_failed(exc)
+
+
+def stdout_failed(exc: OSError) -> None:
+    """After a write to stdout failed: what follows is dropped, and a failure other than a closed pipe
+    is recorded for `errors.command_main` to end the command with."""
+    drop_stdout()
+    if not isinstance(exc, BrokenPipeError):
+        STDOUT_FAILURES.append(f"cannot write the results to stdout ({exc.strerror or exc})")
 
 
 def drop_stdout() -> None:

@@ -45,7 +45,7 @@ from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, Split
                              choose_unknown, open_set_split, split_counts, stratified_split)
 from src.data.validate import LABELS_FIX, Exclusion, ImageCheck, build_report, check_images, write_report
 from src.errors import command_main, command_parser, missing, path_argument
-from src.tables import drop_stdout
+from src.tables import stdout_failed
 
 DEFAULT_RAW_DIR = Path("data/chimpanzee_faces/raw")
 DEFAULT_OUT_DIR = DataConfig.model_fields["root"].default  # where training looks by default
@@ -438,12 +438,14 @@ def _run(args: argparse.Namespace) -> PrepareResult:
 
 
 class _StdoutLines(logging.StreamHandler):
-    """A reader that stops early (`prepare ... | head -1`) closes the pipe: the run goes on and its
-    lines are dropped, where logging reported each one in a 20-line "--- Logging error ---"."""
+    """A stdout that cannot be written (a reader that stops early, `prepare ... | head -1`, or a full
+    disk) drops the lines that follow, as `tables.print_stdout` does, where logging reported each one
+    in a 20-line "--- Logging error ---": the run goes on, and a full disk ends it with one line."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], BrokenPipeError):
-            drop_stdout()
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            stdout_failed(exc)
         else:
             super().handleError(record)
 

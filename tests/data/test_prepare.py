@@ -585,6 +585,20 @@ def test_a_reader_that_stops_early_ends_the_progress_lines_quietly(tmp_path):
     assert (tmp_path / "out" / "annotations" / "prepared.json").is_file()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line_after_the_dataset(tmp_path):
+    """`prepare ... > out.txt` on a full disk: every progress line was a 20-line "--- Logging error ---",
+    and the command still exited 0."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "src.data.prepare", "--raw-dir", str(raw), "--out-dir",
+                                 str(tmp_path / "out"), "--open-set-individuals", "2"],
+                                cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: cannot write the results to stdout (No space left on device)\n"
+    assert (tmp_path / "out" / "annotations" / "prepared.json").is_file()
+
+
 def test_stand_in_images_are_said_to_be_so_and_recorded(tmp_path, caplog):
     """Stand-ins carry the release's layout and real names: nothing else tells them from the release."""
     standin.generate_small(tmp_path / "raw", individuals=3, images=10, size=32, seed=0, workers=1)
