@@ -149,15 +149,16 @@ def test_every_shipped_training_config_validates(path):
     # YAML 1.1 would read 1:20 as 80 (base 60).
     ("trainer:\n  max_epochs: 1:20\n", "'trainer.max_epochs': Input should be a valid integer, unable to parse string "
      "as an integer (got '1:20')"),
-    ("trainer:\n  max_epochs: 3\n  warmup_epochs: 5\n", "'trainer.warmup_epochs': must be at most trainer.max_epochs (3)"),
+    ("trainer:\n  max_epochs: 3\n  warmup_epochs: 5\n",
+     "'trainer.warmup_epochs': must be at most trainer.max_epochs (3)"),
     # Path("") is the current folder: the run wrote its checkpoints (or its image cache) there.
     *[(f"{section}:\n  {key}: ''\n", f"'{section}.{key}': an empty path (it would mean the current folder)")
       for section, key in (("trainer", "output_dir"), ("data", "cache_dir"), ("data", "root"),
                            ("model", "pretrained"))],
     # A long value is quoted in part: the line stays a line.
     (f"trainer:\n  progress: [{', '.join(['verbose'] * 500)}]\n",
-     "'trainer.progress': Input should be 'auto', 'always' or 'never' (got ['verbose', 'verbose', 'verbose', 'verbose', "
-     "'verbose', 'verbose', 'verbose',...)"),
+     "'trainer.progress': Input should be 'auto', 'always' or 'never' (got ['verbose', 'verbose', 'verbose', "
+     "'verbose', 'verbose', 'verbose', 'verbose',...)"),
 ])
 def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

@@ -33,8 +33,9 @@ def test_a_python_without_the_packages_says_which_python_to_use(module):
                                   "(`bash scripts/setup.sh` creates .venv)\n")
 
 
-@pytest.mark.parametrize("stop, code, line", [(KeyboardInterrupt, INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)"),
-                                               (Terminated, TERMINATED_EXIT, "error: stopped by SIGTERM")])
+@pytest.mark.parametrize("stop, code, line", [
+    (KeyboardInterrupt, INTERRUPTED_EXIT, "error: stopped by Ctrl-C (SIGINT)"),
+    (Terminated, TERMINATED_EXIT, "error: stopped by SIGTERM")])
 @pytest.mark.parametrize("module", COMMANDS)
 def test_ctrl_c_and_sigterm_give_one_line_and_their_exit_codes(module, stop, code, line, monkeypatch, capsys):
     def interrupted(*_args, **_kwargs):

@@ -17,7 +17,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
 
-HOLD = "import sys, time; from src.locks import exclusive\nwith exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+HOLD = ("import sys, time; from src.locks import exclusive\n"
+        "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
 
 
 def test_a_second_process_is_refused_until_the_first_lets_go(tmp_path):

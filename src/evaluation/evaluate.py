@@ -410,7 +410,8 @@ def write_outputs(report: dict, matrix: np.ndarray, names: list[str], metrics_cs
         report = rounded(report)
         if report["threshold"]["sidecar"] is not None:
             write_threshold_sidecar(report["threshold"], checkpoint_sha256, stage(report["threshold"]["sidecar"]))
-        atomic.write_text(stage(out / "report.json"), json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        atomic.write_text(stage(out / "report.json"),
+                          json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
         atomic.write_text(stage(out / "report.md"), render_markdown(report))
     if report["figures"]["training_curves"] is None:
         (out / "training_curves.png").unlink(missing_ok=True)

@@ -136,10 +136,12 @@ class Gallery:
             (embeddings.ndim == 2 and embeddings.dtype.kind == "f"
              and not np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-3),
              "embeddings must be rows of length 1"),
-            (labels.shape != embeddings.shape[:1] or labels.dtype.kind not in "iu", "labels must be one integer per embedding"),
+            (labels.shape != embeddings.shape[:1] or labels.dtype.kind not in "iu",
+             "labels must be one integer per embedding"),
             (sources.shape != labels.shape or sources.dtype.kind != "U", "sources must be one string per embedding"),
             (digests.shape != labels.shape or digests.dtype.kind != "U", "digests must be one string per embedding"),
-            (not np.array_equal(np.unique(labels), np.arange(names.size)), "every individual needs an embedding, and labels must index names"),
+            (not np.array_equal(np.unique(labels), np.arange(names.size)),
+             "every individual needs an embedding, and labels must index names"),
         ]
         for failed, message in problems:
             if failed:

@@ -249,7 +249,8 @@ def test_an_unreadable_image_is_counted_every_epoch_and_batches_keep_their_size(
     data = PreparedData.load(config.data.root)
     rows = data.split("train")
     rows[0] = ("gone/missing.png", rows[0][1])  # deleted after prepare
-    source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True, device=torch.device("cpu"))
+    source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=True,
+                          device=torch.device("cpu"))
     for epoch in (1, 2):
         sizes = [len(labels) for _, labels in source.batches(epoch)]
         # The cache leaves the image out (one image fewer to batch); the plain pipeline refills its slot.

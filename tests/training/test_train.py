@@ -264,7 +264,8 @@ def test_an_individual_without_a_readable_training_image_is_warned_about(tiny_da
     (lambda data, tmp: ({}, _val_list(data, tmp, lambda lines: [])), "the val split of"),
     (lambda data, tmp: ({}, _val_list(data, tmp, lambda lines: ["gone/" + line for line in lines])),
      "images of the val split could be read under"),
-    (lambda data, tmp: ({"data.pipeline": "plain"}, _val_list(data, tmp, lambda lines: ["gone/" + line for line in lines])),
+    (lambda data, tmp: ({"data.pipeline": "plain"},
+                        _val_list(data, tmp, lambda lines: ["gone/" + line for line in lines])),
      "images of the val split could be read under"),
     (lambda data, tmp: ({}, tmp / "no_such_root"), "annotations/prepared.json not found"),
 ])
@@ -330,7 +331,8 @@ def test_output_dir_that_is_or_is_under_a_file_exits_2_in_one_line(tiny_data, tm
     config_path = write_config(tmp_path, tiny_data, **{"trainer.output_dir": str(output_dir)})
     assert train_main(["--config", str(config_path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: trainer.output_dir: cannot write in {output_dir} ({tmp_path / 'taken'}: a file, not a folder)\n"
+    assert err == (f"error: trainer.output_dir: cannot write in {output_dir} "
+                   f"({tmp_path / 'taken'}: a file, not a folder)\n")
     assert (tmp_path / "taken").read_text() == "a file where the outputs should go"
 
 
