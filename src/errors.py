@@ -95,8 +95,8 @@ _RUNNING = threading.local()
 def command_main(main: Callable[..., int]) -> Callable[..., int]:
     """A command's `main` that Ctrl-C or SIGTERM ends with one line and INTERRUPTED_EXIT or
     TERMINATED_EXIT, and that ends with one line and exit code 2 when its results could not be
-    written to stdout or memory ran out, instead of a traceback (training has its own, which first saves a checkpoint
-    once training is under way)."""
+    written to stdout or memory ran out, instead of a traceback (training has its own, which first
+    saves a checkpoint once training is under way)."""
     @functools.wraps(main)
     def main_with_one_line_stops(*args, **kwargs) -> int:
         if getattr(_RUNNING, "command", False):
