@@ -318,3 +318,26 @@ def test_every_metric_matches_a_brute_force_loop_on_tied_scores():
         best_similarity, unknown = rng.integers(0, 4, 10) / 3, np.arange(10) < int(rng.integers(1, 10))
         pairs = [(u > k) + 0.5 * (u == k) for u in 1 - best_similarity[unknown] for k in 1 - best_similarity[~unknown]]
         assert metrics.unknown_auroc(best_similarity, unknown) == pytest.approx(np.mean(pairs))
+
+
+def test_a_threshold_is_never_stored_within_score_noise_of_a_score():
+    """The 6-decimal midpoint of 0.4999999 and 0.5000009 is 0.5, 1e-7 above the lower score: a float32
+    recomputation of that score may reach 0.5 and be accepted, so no threshold separates the two."""
+    assert metrics.separating(0.4, 0.5) == 0.45
+    assert metrics.separating(0.4999999, 0.5000009) is None
+
+
+def test_a_reject_all_open_set_threshold_keeps_a_margin_above_the_highest_score():
+    """The only known image is misidentified and scores below the unknown one: rejecting everything is
+    best, and the unknown image at the top must stay rejected once stored and recomputed."""
+    threshold = metrics.choose_open_set_threshold(np.array([0]), np.array([False]), np.array([0.2]),
+                                                  np.array([7]), np.array([0.6]))
+    assert threshold == pytest.approx(0.6 + metrics.OUTER_MARGIN)
+    for recomputed in (np.float64(0.6), np.float32(0.6), 0.6 + 1e-7):
+        assert recomputed < rounded(threshold)
+
+
+def test_keep_fraction_threshold_stays_outer_margin_below_the_lowest_kept_score():
+    """1.5e-5 apart: halfway (0.500008) is closer to the kept score than OUTER_MARGIN; 0.500005 is not."""
+    scores = np.r_[0.5, 0.500015, np.linspace(0.6, 0.9, 18)]
+    assert metrics.keep_fraction_threshold(scores, keep=0.95) == pytest.approx(0.500015 - metrics.OUTER_MARGIN)
