@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from src.config import load_config
+from src.config import Config, load_config
 from src.data.dataset import ClassIndex, PreparedData, data_fingerprint
 from src.evaluation import evaluate
 from src.evaluation.evaluate import EmbeddedSplit, data_warnings, open_set_section, threshold_section
 from src.evaluation.report import render_markdown, rounded, trained_for
 from src.inference.gallery import Gallery
-from src.inference.identify import Identifier
+from src.inference.identify import Embedded, Identifier, ModelInfo, Threshold
 from src.models.factory import IdentificationModel, create_model
 from src.models.scoring import SCORE_KINDS
 from src.training.artifacts import threshold_sidecar_path
@@ -669,3 +669,43 @@ def test_a_threshold_file_that_cannot_be_written_leaves_the_earlier_report(check
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert not threshold_sidecar_path(alone).exists()
+
+
+def test_open_set_thresholds_give_no_credit_for_a_misidentified_known_image():
+    """Known A is right at 0.9, known B is taken for someone else at 0.6; unknowns score 0.7 and 0.5.
+    Keeping B's wrong answer is worth nothing, so the threshold rejects both unknowns (0.8), where
+    counting B as right would pick 0.55."""
+    embedded = {"val": _embedded_split(["A", "B"]), "unknown_val": _embedded_split(["X", "Y"])}
+
+    def scorer(split: EmbeddedSplit):
+        if split.names[0] == "A":
+            return np.array(["A", "C"]), np.array([0.9, 0.6])
+        return np.array(["A", "A"]), np.array([0.7, 0.5])
+
+    section = threshold_section(embedded, True, {"nearest": scorer}, None)
+    assert section["thresholds"]["nearest"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("kind", SCORE_KINDS)
+def test_thresholds_are_chosen_on_the_score_inference_decides_with(kind):
+    """`best_scores` (what evaluation thresholds) must be each photo's top-1 name and score as
+    `Identifier.decide` gives them, for the classifier and for both gallery match modes."""
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    names = ["Bako", "Abeni", "Zuri"]
+    train = EmbeddedSplit([(f"t{i}.png", names[i % 3]) for i in range(9)], unit(rng.normal(size=(9, 4))),
+                          np.zeros((9, 3), np.float32), 0)
+    query = EmbeddedSplit([(f"q{i}.png", names[i % 3]) for i in range(6)], unit(rng.normal(size=(6, 4))),
+                          rng.normal(scale=10, size=(6, 3)).astype(np.float32), 0)
+    config = Config.model_validate({"model": {"embedding_dim": 4}, "data": {"image_size": 32}})
+    classes = ClassIndex(names)  # a class order other than sorted, as a checkpoint may store
+    gallery = Gallery.new("0" * 64, 4)
+    for name in names:  # enrolled in another order than sorted: columns follow gallery.names
+        gallery.add(name, train.embeddings[train.names == name], list(train.names[train.names == name]))
+    identifier = Identifier(None, ModelInfo(classes.names, config, "0" * 64), Threshold(None, "test"),
+                            None if kind == "classifier" else gallery, "nearest" if kind == "classifier" else kind)
+    predicted, scores = evaluate.best_scores(query, train, kind, classes, config.model)
+    decided = identifier.decide([Embedded(s, e, l) for s, e, l in zip(query.names, query.embeddings, query.logits)], 1)
+    assert list(predicted) == [p.names[0] for p in decided]
+    np.testing.assert_allclose(scores, [p.scores[0] for p in decided], rtol=0, atol=1e-6)
+    assert len(set(predicted)) > 1 and (np.abs(scores) <= 1).all()
