@@ -123,7 +123,7 @@ def test_identify_raises_for_an_unreadable_image(learned, tmp_path):
         Identifier.from_checkpoint(learned.checkpoint).identify(tmp_path / "notes.txt")
 
 
-def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, tmp_path):
+def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, enrolled, tmp_path):
     checkpoint = shutil.copy(learned.checkpoint, tmp_path / "model.pt")
     identifier = Identifier.from_checkpoint(checkpoint)
     assert identifier.threshold.value is None and "no stored threshold" in identifier.describe()
@@ -137,6 +137,9 @@ def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, 
     thresholds = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
     assert thresholds.for_kind("nearest").value == 0.9  # a gallery's own scale gets its own threshold
     assert thresholds.for_kind("prototype").value is None and "none for prototype" in thresholds.for_kind("prototype").origin
+    for match, expected in (("nearest", 0.9), ("prototype", None)):  # with a gallery: its match mode's threshold
+        with_gallery = Identifier.from_checkpoint(checkpoint, gallery=Gallery.load(enrolled), match=match)
+        assert with_gallery.threshold.value == expected
     image = next(iter(unseen.values()))[0]
     [prediction] = stored.identify(image)  # softmax scores never reach 1.00001
     assert prediction.unknown and prediction.label == REJECTED_NAME and prediction.names
@@ -262,6 +265,27 @@ def test_the_chosen_match_mode_decides_the_prediction(match, expected):
     [prediction] = identifier.decide([Embedded("q", _unit(0).astype(np.float32), np.zeros(2, np.float32))], top_k=2)
     assert prediction.label == expected
     np.testing.assert_allclose(prediction.scores, np.sort(gallery.scores(_unit(0)[None], match)[0])[::-1])
+
+
+@pytest.mark.parametrize("match", MATCH_MODES)
+def test_gallery_columns_keep_their_names_and_a_score_on_the_threshold_is_accepted(match):
+    """Enrolled out of alphabetical order (Zuri first), a photo of Zuri is named Zuri; its best score
+    equal to the threshold is not "below" it, the next float up is."""
+    gallery = Gallery.new("0" * 64, 2)
+    gallery.add("Zuri", _unit(0)[None], ["z1"])
+    gallery.add("Abeni", _unit(60)[None], ["a1"])
+    config = Config.model_validate({"model": {"embedding_dim": 2}, "data": {"image_size": 32}})
+    query = [Embedded("q", _unit(5).astype(np.float32), np.zeros(2, np.float32))]
+    best = float(gallery.scores(query[0].embedding[None], match).max())
+
+    def decide(threshold):
+        identifier = Identifier(None, ModelInfo(("x", "y"), config, "0" * 64), Threshold(threshold, "test"),
+                                gallery, match)
+        return identifier.decide(query, top_k=5)[0]
+
+    on_threshold = decide(best)
+    assert on_threshold.names == ("Zuri", "Abeni") and on_threshold.label == "Zuri" and not on_threshold.unknown
+    assert decide(float(np.nextafter(best, 2.0))).unknown
 
 
 def test_a_threshold_copied_from_a_report_is_accepted_and_one_far_outside_the_scores_is_not():
