@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from src.data.io import MAX_PIXELS
+from src.data.lists import REJECTED_NAME
 from src.inference import export, gallery, predict
 from tests.conftest import REPO, main_in_process
 
@@ -291,15 +292,20 @@ def test_csv_and_json_outputs_carry_the_best_score_and_the_unknown_flag(learned,
         out = tmp_path / f"out{suffix}"
         predict.main(["--checkpoint", str(learned.checkpoint), *photos, "--top-k", "3", "--threshold", threshold,
                       "--output", str(out)])
+        table = capsys.readouterr().out.splitlines()[1:]  # an unknown photo's prediction says so, not its best match
+        assert [line.split()[1] == "unknown" for line in table] == [unknown] * 3
         if suffix == ".csv":
             with open(out, newline="") as handle:
                 rows = list(csv.DictReader(handle))
             assert [row["unknown"] for row in rows] == [str(unknown)] * 3
+            assert [row["prediction"] for row in rows] == [REJECTED_NAME if unknown else row["name_1"] for row in rows]
             assert all(row["score"] == row["score_1"] and float(row["score_1"]) >= float(row["score_3"])
                        for row in rows)
         else:
             results = json.loads(out.read_text())["results"]
             assert [r["unknown"] for r in results] == [unknown] * 3
+            assert [r["prediction"] for r in results] == [REJECTED_NAME if unknown else r["top_k"][0]["name"]
+                                                          for r in results]
             assert all(r["score"] == r["top_k"][0]["score"] == max(t["score"] for t in r["top_k"]) for r in results)
 
 
