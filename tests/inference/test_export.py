@@ -280,6 +280,12 @@ def test_the_thresholds_evaluation_stored_travel_with_the_export(learned, tmp_pa
     info = json.loads((tmp_path / "out" / "learned_best.json").read_text())
     assert info["thresholds"]["values"] == thresholds
     assert Identifier.from_onnx(tmp_path / "out" / "learned_best.onnx").threshold.value == 0.25
+    info = Identifier.embedder(checkpoint).info  # with a gallery, the match mode's own threshold
+    gallery = Gallery.new(info.checkpoint_sha256, info.config.model.embedding_dim)
+    gallery.add("Zuri", np.ones((1, info.config.model.embedding_dim)), ["z1.png"])
+    for match in ("nearest", "prototype"):
+        onnx = Identifier.from_onnx(tmp_path / "out" / "learned_best.onnx", gallery=gallery, match=match)
+        assert onnx.threshold.value == thresholds[match]
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(errno.ENOSPC, "No space left on device")])
