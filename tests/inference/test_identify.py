@@ -111,6 +111,9 @@ def test_identify_takes_a_path_a_pil_image_or_a_list(learned, unseen):
     [by_path] = identifier.identify(path, top_k=2)
     with Image.open(path) as image:
         [by_image] = identifier.identify(image.copy(), top_k=2)
+        # named by their place in the input, also in the batches after the first
+        in_batches = identifier.identify([image.copy()] * 3, top_k=1, batch_size=2)
+    assert [p.source for p in in_batches] == ["<image 0>", "<image 1>", "<image 2>"]
     assert by_image.names == by_path.names
     assert np.allclose(by_image.scores, by_path.scores, atol=1e-6)
     assert by_image.source == "<image 0>" and by_path.source == str(path)
