@@ -108,7 +108,8 @@ def test_out_replaces_only_a_png(tiny_run, tmp_path, capsys):
     not_a_png = tmp_path / "notes.png"
     not_a_png.write_text("my notes")
     assert curves.main([str(metrics), "--out", str(not_a_png)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --out {not_a_png}: exists and is not a PNG; refusing to replace it"
+    assert capsys.readouterr().err.strip() == (f"error: --out {not_a_png}: exists and is not a PNG; "
+                                               "refusing to replace it")
     assert checkpoint.read_bytes() == b"PK\x03\x04 a checkpoint" and not_a_png.read_text() == "my notes"
     assert metrics.read_bytes() == tiny_run["metrics"].read_bytes()
     assert curves.main([str(metrics), "--out", str(tmp_path / "c.png")]) == 0  # a new PNG, then its update

@@ -167,7 +167,8 @@ def test_stored_thresholds_keep_95_percent_of_the_correct_val_predictions_at_inf
     data = PreparedData.load(tiny_run["data_root"])
     embedder = Identifier.embedder(checkpoint)
     train = data.split("train")
-    embedded = [item.embedding for batch in embedder.embed([data.raw_dir / path for path, _ in train]) for item in batch]
+    embedded = [item.embedding for batch in embedder.embed([data.raw_dir / path for path, _ in train])
+                for item in batch]
     gallery = Gallery.new(embedder.info.checkpoint_sha256, len(embedded[0]))
     for name in sorted({name for _, name in train}):
         rows = [i for i, (_, row_name) in enumerate(train) if row_name == name]
@@ -303,7 +304,8 @@ def test_evaluated_images_that_are_also_training_images_are_reported(checkpoint,
     (annotations / "train.txt").write_text((annotations / "train.txt").read_text() + "".join(leaked))
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
     assert code == 0
-    expected = f"warning: 2 of the {len((annotations / 'test.txt').read_text().splitlines())} images of the test split are also in the train split"
+    images = len((annotations / 'test.txt').read_text().splitlines())
+    expected = f"warning: 2 of the {images} images of the test split are also in the train split"
     assert any(line.startswith(expected) for line in err), err
 
 
@@ -425,7 +427,8 @@ def test_outputs_that_are_not_finite_fail_in_one_line(checkpoint, tmp_path, caps
 def test_an_out_path_below_a_file_fails_before_evaluating(checkpoint, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--out", tmp_path / "a_file" / "run")
-    assert code == 2 and err == [f"error: --out {tmp_path / 'a_file' / 'run'}: {tmp_path / 'a_file'} is a file, not a folder"]
+    assert code == 2
+    assert err == [f"error: --out {tmp_path / 'a_file' / 'run'}: {tmp_path / 'a_file'} is a file, not a folder"]
 
 
 def test_an_out_path_in_a_folder_that_cannot_be_searched_fails_in_one_line(checkpoint, tmp_path, capsys,

@@ -369,7 +369,8 @@ def test_the_exported_recipe_alone_gives_predicts_embeddings(exported, unseen):
             image = ImageOps.exif_transpose(image).convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) / 2, (image.height - side) / 2
-        square = image.resize((recipe["resize"],) * 2, Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+        square = image.resize((recipe["resize"],) * 2, Image.Resampling.BICUBIC,
+                              box=(left, top, left + side, top + side))
         start, end = recipe["crop_offset"], recipe["crop_offset"] + recipe["crop"]
         pixels = np.asarray(square, dtype=np.float32)[start:end, start:end] / 255
         inputs.append(((pixels - recipe["mean"]) / recipe["std"]).transpose(2, 0, 1))

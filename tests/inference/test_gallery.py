@@ -57,7 +57,8 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
 
     assert gallery_cli.main(["list", "--gallery", str(gallery)]) == 0
     listing = capsys.readouterr().out
-    assert "2 individuals, 6 images" in listing and Identifier.from_checkpoint(learned.checkpoint).info.checkpoint_sha256 in listing
+    assert "2 individuals, 6 images" in listing
+    assert Identifier.from_checkpoint(learned.checkpoint).info.checkpoint_sha256 in listing
     assert gallery_cli.main(["remove", "--gallery", str(gallery), first]) == 0
     loaded = Gallery.load(gallery)
     assert loaded.counts() == {second: 1} and loaded.labels.tolist() == [0]
@@ -271,7 +272,8 @@ def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learne
     ({"embeddings": np.zeros((1, 64), np.float32)}, "corrupt gallery: embeddings must be rows of length 1"),
     ({"embeddings": np.ones(64, np.float32)}, "corrupt gallery: embeddings must be a 2-D float array"),
     ({"checkpoint_sha256": np.array([1, 2])}, "corrupt gallery: checkpoint_sha256 must be one string"),
-    ({"embeddings": np.eye(1, 8, dtype=np.float32)}, "corrupt gallery: its embeddings have 8 dimensions, the model's 64"),
+    ({"embeddings": np.eye(1, 8, dtype=np.float32)},
+     "corrupt gallery: its embeddings have 8 dimensions, the model's 64"),
     # Names that enroll refuses: `unknown` would print a confident match as if it were a rejection.
     ({"names": np.array(["unknown"])}, "corrupt gallery: individual name 'unknown' is what inference calls a rejected"),
     ({"names": np.array([""])}, "corrupt gallery: individual name '' must be a non-empty string"),
@@ -286,7 +288,8 @@ def test_damaged_galleries_of_the_right_checkpoint_exit_2_in_one_line(learned, u
               "sources": np.array(["zuri.png"]), **changes}
     np.savez(tmp_path / "g.npz", **arrays)
     photo = next(iter(unseen.values()))[0]
-    assert predict.main(["--checkpoint", str(learned.checkpoint), "--gallery", str(tmp_path / "g.npz"), str(photo)]) == 2
+    assert predict.main(["--checkpoint", str(learned.checkpoint), "--gallery", str(tmp_path / "g.npz"),
+                         str(photo)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
@@ -436,8 +439,9 @@ def test_list_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
     for i in range(300):
         gallery.add(f"chimp{i}", np.array([[1.0, 0.0]]), [f"{i}.png"])
     gallery.save(tmp_path / "g.npz")
-    process = subprocess.Popen([sys.executable, "-m", "src.inference.gallery", "list", "--gallery", str(tmp_path / "g.npz")],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "src.inference.gallery", "list", "--gallery",
+                                str(tmp_path / "g.npz")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     process.stdout.close()  # before the listing: the interpreter takes a second to start
     err = process.stderr.read()
     assert process.wait(timeout=120) == 0 and "Traceback" not in err, err

@@ -139,7 +139,8 @@ def test_threshold_from_the_evaluation_sidecar_then_overridden(learned, unseen, 
     assert stored.threshold.value == 1.00001 and "test rule" in stored.describe()
     thresholds = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
     assert thresholds.for_kind("nearest").value == 0.9  # a gallery's own scale gets its own threshold
-    assert thresholds.for_kind("prototype").value is None and "none for prototype" in thresholds.for_kind("prototype").origin
+    prototype = thresholds.for_kind("prototype")
+    assert prototype.value is None and "none for prototype" in prototype.origin
     for match, expected in (("nearest", 0.9), ("prototype", None)):  # with a gallery: its match mode's threshold
         with_gallery = Identifier.from_checkpoint(checkpoint, gallery=Gallery.load(enrolled), match=match)
         assert with_gallery.threshold.value == expected
