@@ -143,10 +143,12 @@ def uncaught_ctrl_c_says_one_line() -> None:
 def out_of_memory(exc: MemoryError) -> str:
     """The one line for the machine running out of memory (decoding an image too large for it, too
     many workers): a shortage, not bad input, yet a traceback helps no one either. A DataLoader worker's
-    error comes with the worker's traceback as its message; its last line names the image."""
+    error comes with the worker's traceback as its message; its last line names the image, or is a bare
+    `MemoryError` (Python's own, from an allocation)."""
     lines = str(exc).strip().splitlines()
     if lines and lines[0].startswith("Caught MemoryError in DataLoader worker"):
-        return f"error: {lines[-1].removeprefix('MemoryError: ')}"
+        worker_said = lines[-1].removeprefix("MemoryError").removeprefix(": ")
+        return f"error: {worker_said or 'out of memory'}"
     return f"error: {first_line(exc) if lines else 'out of memory'}"
 
 

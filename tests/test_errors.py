@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.bench.data import prepared_standin
-from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, command_main, command_parser
+from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, command_main, command_parser, out_of_memory
 from tests.conftest import REPO
 
 # Every command but training, which saves a checkpoint first (tests/training).
@@ -164,3 +165,24 @@ def test_a_commands_help_describes_it_by_the_docstrings_whole_first_paragraph():
     parser = command_parser("src.x", "Measure nearest-neighbour against prototype\nmatching, and more.\n\n"
                                             "    python -m src.x --out o\n")
     assert parser.description == "Measure nearest-neighbour against prototype matching, and more."
+
+
+class _ShortOfMemory(torch.utils.data.Dataset):
+    def __init__(self, shortage: MemoryError):
+        self.shortage = shortage
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise self.shortage
+
+
+@pytest.mark.parametrize("shortage, line", [(MemoryError("x.png: out of memory while decoding"),
+                                              "error: x.png: out of memory while decoding"),
+                                             (MemoryError(), "error: out of memory")])
+def test_running_out_of_memory_in_a_dataloader_worker_names_the_shortage(shortage, line):
+    """A bare MemoryError in a worker (Python's own, from an allocation) came out as `error: MemoryError`."""
+    with pytest.raises(MemoryError) as raised:
+        next(iter(torch.utils.data.DataLoader(_ShortOfMemory(shortage), num_workers=1)))
+    assert out_of_memory(raised.value) == line
