@@ -119,9 +119,9 @@ def command_main(main: Callable[..., int]) -> Callable[..., int]:
             return TERMINATED_EXIT
         finally:
             _RUNNING.command = False
-        if STDOUT_FAILURES:
+        if STDOUT_FAILURES and code != 2:  # a 2 has said what went wrong in a line of its own
             print(f"error: {STDOUT_FAILURES[0]}", file=sys.stderr)
-            return max(code, 2)
+            return 2
         return code
     return main_with_one_line_stops
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from src.bench.data import prepared_standin
-from src.errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, command_main, command_parser, out_of_memory
+from src.errors import (INTERRUPTED_EXIT, STDOUT_FAILURES, TERMINATED_EXIT, Terminated, command_main, command_parser,
+                        out_of_memory)
 from tests.conftest import REPO
 
 # Every command but training, which saves a checkpoint first (tests/training).
@@ -186,3 +187,18 @@ def test_running_out_of_memory_in_a_dataloader_worker_names_the_shortage(shortag
     with pytest.raises(MemoryError) as raised:
         next(iter(torch.utils.data.DataLoader(_ShortOfMemory(shortage), num_workers=1)))
     assert out_of_memory(raised.value) == line
+
+
+@pytest.mark.parametrize("code, lines", [(0, ["error: cannot write the results to stdout (No space left on device)"]),
+                                         (2, ["error: bad input"])])
+def test_a_stdout_failure_is_said_once_and_only_where_no_error_was(code, lines, capsys):
+    """A command that failed with its own line (exit 2) on a full stdout said a second `error:` line."""
+    @command_main
+    def command() -> int:
+        STDOUT_FAILURES.append("cannot write the results to stdout (No space left on device)")  # as print_stdout
+        if code:
+            print("error: bad input", file=sys.stderr)
+        return code
+
+    assert command() == 2
+    assert capsys.readouterr().err.splitlines() == lines
