@@ -36,6 +36,25 @@ class DatasetError(Exception):
     """A problem with the prepared dataset, in one line that says what to do about it."""
 
 
+
+def _not_prepared(root: Path, path: Path) -> str:
+    """Why `root` holds no prepared dataset (`path`, its prepared.json, is missing), naming the folder
+    to give where the user gave a folder near one."""
+    if (root / "prepared.json").is_file():
+        # `--data-root data/x/annotations`: the last message suggested preparing into it.
+        return (f"{root} is the annotations folder of a prepared dataset: give the dataset's own folder, "
+                f"{root.parent} (the --out-dir of prepare)")
+    if (root / RELEASE_FOLDER).is_dir() or root.name == RELEASE_FOLDER:
+        # `data.root: data/x/raw`: the last message suggested preparing into the raw folder.
+        above = [p for p in root.parents if (p / "annotations" / "prepared.json").is_file()]
+        fix = (f"give the prepared one, {above[0]} (the --out-dir of prepare)" if above else
+               f"prepare it (`python -m src.data.prepare --raw-dir {root} --out-dir <folder>`) and give <folder>")
+        return f"{root} is a raw folder (the --raw-dir of prepare), not a prepared dataset: {fix}"
+    # E.g. evaluate run from another folder on a checkpoint whose config says `data/...`.
+    relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"
+    return f"{path} not found{relative}: {_RERUN} (e.g. --out-dir {root})"
+
+
 @dataclass(frozen=True)
 class PreparedData:
     """The output of `prepare` under `root`: where the images are and which split lists exist."""
@@ -52,21 +71,8 @@ class PreparedData:
         """Read `<root>/annotations/prepared.json`; a relative raw_dir is taken relative to root."""
         root = Path(root)
         path = root / "annotations" / "prepared.json"
-        prepared = folder_or_file(path, DatasetError, "prepared dataset")[1]
-        if not prepared and (root / "prepared.json").is_file():
-            # `--data-root data/x/annotations`: the message below suggested preparing into it.
-            raise DatasetError(f"{root} is the annotations folder of a prepared dataset: give the dataset's own "
-                               f"folder, {root.parent} (the --out-dir of prepare)")
-        if not prepared and ((root / RELEASE_FOLDER).is_dir() or root.name == RELEASE_FOLDER):
-            # `data.root: data/x/raw`: the message below suggested preparing into the raw folder.
-            prepared = [p for p in root.parents if (p / "annotations" / "prepared.json").is_file()]
-            fix = (f"give the prepared one, {prepared[0]} (the --out-dir of prepare)" if prepared else
-                   f"prepare it (`python -m src.data.prepare --raw-dir {root} --out-dir <folder>`) and give <folder>")
-            raise DatasetError(f"{root} is a raw folder (the --raw-dir of prepare), not a prepared dataset: {fix}")
-        if not prepared:
-            # E.g. evaluate run from another folder on a checkpoint whose config says `data/...`.
-            relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"
-            raise DatasetError(f"{path} not found{relative}: {_RERUN} (e.g. --out-dir {root})")
+        if not folder_or_file(path, DatasetError, "prepared dataset")[1]:
+            raise DatasetError(_not_prepared(root, path))
         try:
             meta = read_json(path, DatasetError)
         except DatasetError as exc:
