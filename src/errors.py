@@ -224,7 +224,13 @@ def folder_or_file(path: Path, error: type[Exception], what: str) -> tuple[bool,
     try:
         return path.is_dir(), path.is_file()
     except OSError as exc:
-        raise error(f"{path}: not a usable {what} path ({exc.strerror or exc})") from None
+        raise error(f"{path}: {unusable_path(exc, what)}") from None
+
+
+def unusable_path(exc: OSError, what: str = "") -> str:
+    """Why a path the system refused to look up (`folder_or_file`) cannot be used: `not a usable
+    <what> path (File name too long)`."""
+    return f"not a usable {what + ' ' if what else ''}path ({exc.strerror or exc})"
 
 
 def missing(path: str | Path, folder: bool) -> str:

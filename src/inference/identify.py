@@ -42,8 +42,8 @@ from src.data.decode import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb, file_problem
 from src.data.lists import REJECTED_NAME
 from src.devices import pick_device, reproducible_arithmetic
-from src.errors import first_line, missing, positive_int
-from src.inference.inputs import Skipped, unusable_path
+from src.errors import first_line, missing, positive_int, unusable_path
+from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError, file_sha256
 from src.tables import counted

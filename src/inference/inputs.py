@@ -13,7 +13,7 @@ from pathlib import Path
 
 from src.data.io import IMAGE_EXTENSIONS, file_problem, files_under
 from src.data.lists import INVISIBLE_OR_DIRECTION
-from src.errors import capped
+from src.errors import capped, unusable_path
 from src.tables import counted
 
 
@@ -36,13 +36,6 @@ def printable(path: str | Path) -> str:
     return "".join(char.encode("unicode_escape").decode("ascii")
                    if unicodedata.category(char) == "Cc" or char in INVISIBLE_OR_DIRECTION else char
                    for char in text)
-
-
-def unusable_path(exc: OSError) -> str:
-    """Why a path the system refuses to look up is skipped: `Path.is_dir` and `is_file` raise, rather
-    than answer False, for a name longer than the file system allows (255 bytes) or a folder this user
-    cannot search."""
-    return f"not a usable path ({exc.strerror or exc})"
 
 
 @dataclass(frozen=True)
