@@ -38,7 +38,7 @@ from src.parallel import WorkerDied
 log = logging.getLogger(__name__)
 
 
-def _seed(*parts: int) -> int:
+def mixed_seed(*parts: int) -> int:
     """A 63-bit seed from several integers (SplitMix-style mixing keeps nearby tuples unrelated).
 
     Written out rather than numpy's SeedSequence: a few integer operations per training step, and
@@ -67,7 +67,7 @@ def batch_plan(num_images: int, batch_size: int, *, train: bool, seed: int, epoc
     whose sizes differ by one at most (a source with `pad` pads the smaller ones by a row).
     """
     if train:
-        generator = torch.Generator().manual_seed(_seed(seed, epoch))
+        generator = torch.Generator().manual_seed(mixed_seed(seed, epoch))
         order = torch.randperm(num_images, generator=generator)
         per_rank = batch_size // world_size
         return [order[start + rank * per_rank: start + (rank + 1) * per_rank]
@@ -129,7 +129,7 @@ class BatchSource:
             if self.train:
                 # Draw for the whole global batch and keep this rank's slice: a sample's
                 # augmentation does not depend on the number of processes.
-                generator = torch.Generator(self.device).manual_seed(_seed(self.seed, epoch, step))
+                generator = torch.Generator(self.device).manual_seed(mixed_seed(self.seed, epoch, step))
                 uniform = self.augment.draw(self.batch_size, generator, self.device)
                 start = self.rank * (self.batch_size // self.world_size)
                 yield self.augment.apply_uniform(pixels, uniform[start:start + len(pixels)]), labels

@@ -128,7 +128,8 @@ def rng_state() -> dict:
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     # One state per GPU the saving process saw; a run resumed on fewer GPUs (or on the CPU) restores
-    # those it has. Only dropout draws from these: batches and augmentation have their own seeds.
+    # those it has. Training's own draws (batches, augmentation, dropout) are seeded per step; these
+    # states are what other code drawing from the global generators continues from.
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)

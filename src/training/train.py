@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
-from src.data.loaders import IGNORED, BatchSource, build_source
+from src.data.loaders import IGNORED, BatchSource, build_source, mixed_seed
 from src.errors import (INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, capped, command_parser, first_line,
                         out_of_memory, path_argument, show_warnings, sigterm_raises)
 from src.models.backbones import ModelError
@@ -326,6 +326,9 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
     check_every = NONFINITE_CHECK_EVERY if runtime.device.type == "cuda" else 1
     bar = _progress(len(source), start, config, runtime, f"epoch {epoch}")
     for step, (images, labels) in enumerate(source.batches(epoch, start), start):
+        # Dropout draws from torch's global generators. Seeded per step and rank: with one seed for the
+        # run, every torchrun rank drew the same masks; and a resumed run draws those it would have.
+        torch.manual_seed(mixed_seed(config.trainer.seed, epoch, step, runtime.dist.rank))
         with runtime.autocast():
             # logits: the class scores, which the top-1/top-5 rank; loss_logits: the same with the
             # head's margin at each image's label (ArcFace; a linear head has none): what the loss trains.

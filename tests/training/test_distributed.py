@@ -293,3 +293,49 @@ def test_processes_that_resume_from_different_checkpoints_are_refused(tiny_data,
     assert result.returncode != 0
     assert "cannot resume: the 2 processes found different checkpoints" in result.stderr, result.stderr
     assert "[Epoch 2/2]" not in result.stdout
+
+
+RECORD_DROPOUT_MASKS = """
+import os, sys
+from pathlib import Path
+import torch
+from src.training import train
+build = train.build_model_and_optimizer
+drawn = []  # per training step: (which inputs of the neck's dropout were non-zero, which outputs are)
+def recording(*args, **kwargs):
+    built = build(*args, **kwargs)
+    built[0].neck[0].register_forward_hook(
+        lambda module, inputs, output: drawn.append((inputs[0] != 0, output != 0)) if module.training else None)
+    return built
+train.build_model_and_optimizer = recording
+code = train.main()
+torch.save(drawn, Path(sys.argv[-1]).parent / f"masks_{os.environ['RANK']}.pt")
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def recorded_two_process_run(tiny_data, tmp_path_factory):
+    """One epoch under `torchrun --nproc_per_node 2` with `model.dropout: 0.5`, each rank recording
+    what its dropout kept at every step: the result and the folder of its config and recordings."""
+    directory = tmp_path_factory.mktemp("recorded")
+    script = directory / "record_dropout_masks.py"
+    script.write_text(RECORD_DROPOUT_MASKS)
+    config_path = write_config(directory, tiny_data, **{"trainer.max_epochs": 1, "model.dropout": 0.5})
+    result = subprocess.run([*TORCHRUN, "2", str(script), "--config", str(config_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=240,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return result, directory
+
+
+def test_each_process_draws_its_own_dropout_masks(recorded_two_process_run):
+    """Every rank seeded its generators alike, so with `model.dropout > 0` all drew the same masks,
+    each for other images. Compared where both ranks' inputs are non-zero (a zero stays zero)."""
+    result, directory = recorded_two_process_run
+    assert result.returncode == 0, result.stderr
+    rank_0, rank_1 = (torch.load(directory / f"masks_{rank}.pt") for rank in (0, 1))
+    assert len(rank_0) == len(rank_1) == 4  # 66 training images, global batch 16
+    for (inputs_0, kept_0), (inputs_1, kept_1) in zip(rank_0, rank_1):
+        both = inputs_0 & inputs_1
+        assert both.sum() > 100 and 0.3 < kept_0[inputs_0].float().mean() < 0.7
+        assert not torch.equal(kept_0[both], kept_1[both])
