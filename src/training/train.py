@@ -462,7 +462,7 @@ def fit(config: Config, data: PreparedData, runtime: Runtime, paths: RunPaths, r
             # line count too: the epochs' seconds add up to the run's wall time after set-up.
             row = epoch_row(epoch, sums.lr, train, val, seconds=now - previous_row_at,
                             train_seconds=validation_started - started, val_seconds=now - validation_started,
-                            skipped_images=train_source.skipped + val_source.skipped)
+                            skipped_images=skipped_images((train_source, val_source), runtime))
             previous_row_at = now
             improved = state.record_epoch(row)
             report_epoch(row, max_epochs, runtime)
@@ -505,6 +505,13 @@ def validate(runner, model, optimizer, source: BatchSource, data: PreparedData, 
     if val["images"] == 0:  # the plain pipeline finds unreadable images only when it reads them
         raise no_validation_images(source.num_images, data, config)
     return val, early_weights
+
+
+def skipped_images(sources: tuple[BatchSource, ...], runtime: Runtime) -> int:
+    """The epoch's unreadable images on all ranks: each rank finds those of its own share as it decodes
+    them (plain pipeline); those left out of the cache are every rank's `left_out`, counted once."""
+    found = torch.tensor(sum(source.skipped - source.left_out for source in sources), device=runtime.device)
+    return int(dist_utils.all_reduce_sum(found, runtime.dist).item()) + sum(source.left_out for source in sources)
 
 
 def epoch_row(epoch: int, lr: float, train: dict, val: dict, *, seconds: float, train_seconds: float,

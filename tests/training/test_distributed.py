@@ -314,14 +314,27 @@ sys.exit(code)
 """
 
 
+# Validation images whose files are deleted: all in rank 1's share (ranks take every other image).
+DELETED_VAL_LINES = (1, 3, 5)
+
+
 @pytest.fixture(scope="module")
 def recorded_two_process_run(tiny_data, tmp_path_factory):
     """One epoch under `torchrun --nproc_per_node 2` with `model.dropout: 0.5`, each rank recording
-    what its dropout kept at every step: the result and the folder of its config and recordings."""
+    what its dropout kept at every step, on the plain pipeline with DELETED_VAL_LINES' images gone:
+    the result and the folder of its config and recordings."""
     directory = tmp_path_factory.mktemp("recorded")
+    data = directory / "data"
+    shutil.copytree(tiny_data, data)
+    prepared = data / "annotations" / "prepared.json"
+    prepared.write_text(prepared.read_text().replace(str(tiny_data), str(data)))
+    val_lines = (data / "annotations" / "val.txt").read_text().splitlines()
+    for line in DELETED_VAL_LINES:
+        (data / "raw" / val_lines[line].split()[0]).unlink()
     script = directory / "record_dropout_masks.py"
     script.write_text(RECORD_DROPOUT_MASKS)
-    config_path = write_config(directory, tiny_data, **{"trainer.max_epochs": 1, "model.dropout": 0.5})
+    config_path = write_config(directory, data, **{"trainer.max_epochs": 1, "model.dropout": 0.5,
+                                                   "data.pipeline": "plain"})
     result = subprocess.run([*TORCHRUN, "2", str(script), "--config", str(config_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=240,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
@@ -339,3 +352,10 @@ def test_each_process_draws_its_own_dropout_masks(recorded_two_process_run):
         both = inputs_0 & inputs_1
         assert both.sum() > 100 and 0.3 < kept_0[inputs_0].float().mean() < 0.7
         assert not torch.equal(kept_0[both], kept_1[both])
+
+
+def test_unreadable_images_are_counted_on_every_rank(recorded_two_process_run):
+    """The epoch's warning counted rank 0's unreadable images only: here none, all being rank 1's."""
+    result, _ = recorded_two_process_run
+    assert result.returncode == 0, result.stderr
+    assert f"  warning: {len(DELETED_VAL_LINES)} unreadable images skipped this epoch\n" in result.stdout
