@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from src.config import load_config
+from src.data.dataset import PreparedData
+from src.data.loaders import build_source
+from src.models.trained import load_trained
+from src.training.distributed import DistInfo
+from src.training.train import Runtime, evaluate, run
 from src.training.train import main as train_main
-from src.training.train import run
 from tests.conftest import REPO, main_in_process, write_config
 from tests.test_locks import HOLD as HOLD_LOCK
 
@@ -120,6 +124,24 @@ def test_uneven_validation_shards_do_not_hang(two_process_run):
     result, _ = two_process_run  # run with a timeout: a hang fails it
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("[Epoch 1/1]") == 1
+
+
+def test_validation_figures_are_those_of_one_process_on_the_saved_weights(two_process_run):
+    """17 validation images split between 2 ranks (9 and 8, padded to one batch size): the epoch's
+    val figures count every image once, so they are one process's on the checkpoint's weights, up to
+    the rounding of other batch sizes (the 5% of test_metrics_match_a_single_process_run is training's)."""
+    result, directory = two_process_run
+    assert result.returncode == 0, result.stderr
+    trained = load_trained(directory / "artifacts" / "tiny_last.pt", torch.device("cpu"))
+    data = PreparedData.load(trained.config.data.root)
+    val = build_source(trained.config, data.split("val"), data.raw_dir, trained.classes, train=False, pad=True,
+                       device=trained.device)
+    runtime = Runtime(trained.device, DistInfo(), amp_dtype=None)
+    one = evaluate(trained.model, trained.model, val, trained.config, runtime).means(runtime)
+    [row] = trained.checkpoint["history"]
+    assert one["images"] == 17
+    assert (row["val_top1"], row["val_top5"]) == (one["top1"], one["top5"])
+    assert row["val_loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
