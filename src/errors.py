@@ -213,8 +213,18 @@ def state_dict_problem(exc: RuntimeError, limit: int = 200) -> str:
     """The first problem `load_state_dict` names, shortened: its message starts with a header that
     names none ("Error(s) in loading state_dict for ...:"), then one line per problem."""
     lines = [line.strip() for line in str(exc).splitlines()]
-    problem = next((line for line in lines[1:] if line), first_line(exc))
-    return problem if len(problem) <= limit else problem[:limit - 3] + "..."
+    return clipped(next((line for line in lines[1:] if line), first_line(exc)), limit)
+
+
+def clipped(text: str, limit: int = 120) -> str:
+    """`text`, cut to `limit` characters with "..." where longer: a value read from a file in a
+    one-line message (a crafted checkpoint's 1 MB string made a 1 MB line)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def clipped_repr(value) -> str:
+    """`repr(value)`, clipped (`clipped`)."""
+    return clipped(repr(value))
 
 
 def folder_or_file(path: Path, error: type[Exception], what: str) -> tuple[bool, bool]:

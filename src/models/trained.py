@@ -15,7 +15,7 @@ import torch
 
 from src.config import Config, ConfigError, config_from_dict
 from src.data.dataset import ClassIndex, DatasetError
-from src.errors import state_dict_problem
+from src.errors import clipped, clipped_repr, state_dict_problem
 from src.models.factory import IdentificationModel, create_model
 from src.safe_load import CheckpointError, file_sha256, safe_torch_load, unusual_layout
 
@@ -49,14 +49,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         key, value = odd
         what = type(value).__name__ if not isinstance(value, torch.Tensor) else \
             f"{unusual_layout(value) or value.dtype} tensor"
-        problem = (f"the key {key!r} is a {type(key).__name__}, not a string" if not isinstance(key, str)
-                   else f"{key!r} is a {what}")
+        problem = (f"the key {clipped_repr(key)} is a {type(key).__name__}, not a string"
+                   if not isinstance(key, str) else f"{clipped_repr(key)} is a {what}")
         raise CheckpointError(f"{path}: not a checkpoint of this project (model_state: {problem}; weights are "
                               "floating-point tensors under string names)")
     broken = next((key for key, value in state["model_state"].items()
                    if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
     if broken is not None:  # training stops before saving such weights: a damaged or diverged file
-        raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first: {broken}); "
+        raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first: {clipped(broken)}); "
                               "not a usable checkpoint")
     return state
 

@@ -18,7 +18,7 @@ import torch
 from src import atomic
 from src.config import RESUMABLE_CHANGES, Config, flatten
 from src.data.dataset import ClassIndex
-from src.errors import first_line, is_whole, state_dict_problem
+from src.errors import clipped, clipped_repr, first_line, is_whole, state_dict_problem
 from src.training import distributed as dist_utils
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.models.trained import CheckpointError, load_checkpoint
@@ -61,7 +61,8 @@ def check_resume_compatible(checkpoint: dict, config: Config, classes: ClassInde
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot resume from {path}: its stored config is malformed ({exc})") from None
     old, new = flatten(checkpoint["config"]), flatten(config.to_dict())
-    differences = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+    differences = [f"{clipped(key)}: {clipped_repr(old.get(key))} -> {clipped_repr(new.get(key))}"
+                   for key in sorted(old.keys() | new.keys())
                    if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
     if list(checkpoint["classes"]) != list(classes.names):
         differences.append("the individuals (class list) differ")
@@ -93,7 +94,7 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
                               "since, or data.pipeline counts unreadable images differently)")
     problems = []
     if not is_whole(step) or not 0 <= step < steps_per_epoch:
-        problems.append(f"step {step!r} (an epoch has {steps_per_epoch})")
+        problems.append(f"step {clipped_repr(step)} (an epoch has {steps_per_epoch})")
     elif step and not (isinstance(partial, torch.Tensor) and partial.shape == (4,) and unusual_layout(partial) is None):
         # weights_only also loads meta and sparse tensors: training failed with a traceback adding to them
         problems.append("no sums for the partial epoch")
@@ -104,10 +105,10 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
         problems.append(f"the metrics history does not hold one row for each of the {epoch} epochs")
     best_epoch = checkpoint["best_epoch"]
     if not is_whole(best_epoch) or not 0 <= best_epoch <= epoch:
-        problems.append(f"best epoch {best_epoch!r}")
+        problems.append(f"best epoch {clipped_repr(best_epoch)}")
     best_val_top1 = checkpoint["best_val_top1"]
     if not isinstance(best_val_top1, Real) or not math.isfinite(best_val_top1):
-        problems.append(f"best val top-1 {best_val_top1!r}")  # a NaN best would never be beaten
+        problems.append(f"best val top-1 {clipped_repr(best_val_top1)}")  # a NaN best would never be beaten
     if problems:
         raise CheckpointError(f"cannot resume from {path}: malformed training state ({'; '.join(problems)})")
 
@@ -158,7 +159,7 @@ def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, r
                         history=list(checkpoint["history"]))
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # a damaged or crafted state
         raise CheckpointError(f"cannot resume from {path}: malformed training state "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+                              f"({type(exc).__name__}: {clipped(first_line(exc))})") from None
 
 
 def read_resume_checkpoint(argument: str | None, paths: RunPaths) -> tuple[Path | None, dict | None]:

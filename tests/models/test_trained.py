@@ -50,3 +50,15 @@ def test_a_checkpoint_of_a_newer_format_or_a_malformed_field_is_refused(tmp_path
     save_checkpoint(tmp_path / "x_best.pt", ModelConfig(embedding_dim=16), **changes)
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path / "x_best.pt")
+
+
+@pytest.mark.parametrize("weight", [torch.zeros(2, dtype=torch.int8), torch.tensor([float("nan")])],
+                         ids=["int8", "nan"])
+def test_a_long_weight_name_of_a_crafted_checkpoint_is_clipped_in_its_error(tmp_path, weight):
+    """The name was repeated whole: a 1 MB name made a 1 MB "one-line" error."""
+    model = create_model(ModelConfig(embedding_dim=16), len(CLASSES))
+    save_checkpoint(tmp_path / "x_best.pt", ModelConfig(embedding_dim=16),
+                    model_state={**model.state_dict(), "w" * 10**6: weight})
+    with pytest.raises(CheckpointError, match="not a|NaN") as info:
+        load_checkpoint(tmp_path / "x_best.pt")
+    assert len(str(info.value)) < 500 and "www..." in str(info.value)

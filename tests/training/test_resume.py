@@ -721,3 +721,41 @@ def test_a_resume_checkpoint_with_a_malformed_step_is_refused_in_one_line(tiny_r
     assert train_module.main(["--config", str(config), "--resume", str(edited)]) == 2
     assert capsys.readouterr().err == (f"error: cannot resume from {edited}: malformed training state "
                                        "(step 'x' (an epoch has 4))\n")
+
+
+LONG = "x" * 10**6  # a crafted checkpoint's string field: its repr made the one-line error 1 MB long
+
+
+def test_long_values_of_a_crafted_training_state_are_clipped_in_its_error():
+    row = {column: 1.0 for column in METRICS_COLUMNS}
+    state = {"epoch": 1, "step": LONG, "steps_per_epoch": 4, "history": [{**row, "epoch": 1}],
+             "best_epoch": LONG, "best_val_top1": LONG}
+    with pytest.raises(CheckpointError) as info:
+        check_training_state(state, "x.pt", steps_per_epoch=4)
+    assert len(str(info.value)) < 500 and f"step '{'x' * 20}" in str(info.value) and "..." in str(info.value)
+
+
+def test_a_long_value_of_a_crafted_stored_config_is_clipped_in_the_differences(tmp_path):
+    config = Config()
+    stored = config.to_dict()
+    stored["model"]["backbone"] = LONG
+    stored[LONG] = 1  # a key of no section
+    checkpoint = {"config": stored, "classes": ["a", "b"], "data_fingerprint": "f", "epoch": 1}
+    with pytest.raises(CheckpointError) as info:
+        check_resume_compatible(checkpoint, config, ClassIndex(["a", "b"]), "f", tmp_path / "x.pt")
+    assert len(str(info.value)) < 500 and "model.backbone: 'xxx" in str(info.value)
+
+
+def test_a_long_value_in_a_crafted_rng_state_is_clipped_in_its_error():
+    """random.setstate repeats the version it was given in its ValueError."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    rng = rng_state()
+    checkpoint = {"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                  "scheduler_state": scheduler.state_dict(), "scaler_state": {}, "epoch": 1, "best_val_top1": 0.5,
+                  "best_epoch": 1, "history": [], "rng": {**rng, "python": (LONG, *rng["python"][1:])}}
+    runtime = SimpleNamespace(dist=SimpleNamespace(is_main=True))
+    with pytest.raises(CheckpointError, match=r"malformed training state \(ValueError: ") as info:
+        restore(checkpoint, "x.pt", model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), runtime)
+    assert len(str(info.value)) < 500
