@@ -98,6 +98,8 @@ def check_training_state(checkpoint: dict, path: Path, steps_per_epoch: int) -> 
     elif step and not (isinstance(partial, torch.Tensor) and partial.shape == (4,) and unusual_layout(partial) is None):
         # weights_only also loads meta and sparse tensors: training failed with a traceback adding to them
         problems.append("no sums for the partial epoch")
+    elif step and not bool(torch.isfinite(partial).all()):  # training would blame its first step's loss
+        problems.append("the partial epoch's sums hold NaN or infinite values")
     rows_ok = isinstance(history, list) and all(
         isinstance(row, dict) and all(isinstance(row.get(column), Real) for column in METRICS_COLUMNS)
         for row in history)

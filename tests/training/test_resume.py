@@ -759,3 +759,15 @@ def test_a_long_value_in_a_crafted_rng_state_is_clipped_in_its_error():
     with pytest.raises(CheckpointError, match=r"malformed training state \(ValueError: ") as info:
         restore(checkpoint, "x.pt", model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), runtime)
     assert len(str(info.value)) < 500
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_partial_epoch_sums_that_are_not_finite_are_a_malformed_state(bad):
+    """A crafted mid-epoch checkpoint with NaN in its sums was resumed, and training stopped at its first
+    step with "non-finite loss ... Try a lower trainer.lr", blaming the run instead of the file."""
+    row = {column: 1.0 for column in METRICS_COLUMNS}
+    state = {"epoch": 1, "step": 2, "partial": torch.tensor([bad, 1.0, 2.0, 16.0], dtype=torch.float64),
+             "steps_per_epoch": 4, "history": [{**row, "epoch": 1}], "best_epoch": 1, "best_val_top1": 0.5}
+    with pytest.raises(CheckpointError, match=r"malformed training state \(the partial epoch's sums hold NaN"):
+        check_training_state(state, "x.pt", steps_per_epoch=4)
+    check_training_state({**state, "step": 0}, "x.pt", steps_per_epoch=4)  # at an epoch's start they are unused
