@@ -49,7 +49,8 @@ def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            # torch maps only its zip format: a file of the legacy one (torch < 1.6) is read whole as before
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
         message = str(exc)
@@ -98,14 +99,18 @@ def holds_torch_pickle(member_names: list[str]) -> bool:
     return any(name.rpartition("/")[2] == TORCH_PICKLE for name in member_names)
 
 
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+
+
 def _compressed_torch_zip(path: Path) -> bool:
     """Whether `path` is torch's zip layout with a compressed member that torch.load reads: torch.save
     stores each as it is, torch.load inflates a compressed one whole before reading it. (torch.jit.save
     compresses its `code/`, which torch.load never reads.)"""
     try:
-        with path.open("rb") as handle:
-            if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
-                return False
+        if not _is_zip(path):
+            return False
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except Exception:  # unreadable or damaged: torch.load says which

@@ -242,7 +242,7 @@ def saved_epoch(path: Path) -> int | None:
     """The epoch a checkpoint file holds, or None when it is damaged: a best file that cannot be
     brought along is chosen afresh, as a missing one is, not a reason to refuse the resume."""
     try:
-        return load_checkpoint(path)["epoch"]
+        return load_checkpoint(path, mmap=True)["epoch"]
     except CheckpointError:
         return None
 

@@ -62,3 +62,36 @@ def test_a_long_weight_name_of_a_crafted_checkpoint_is_clipped_in_its_error(tmp_
     with pytest.raises(CheckpointError, match="not a|NaN") as info:
         load_checkpoint(tmp_path / "x_best.pt")
     assert len(str(info.value)) < 500 and "www..." in str(info.value)
+
+
+def test_evaluation_and_inference_read_a_checkpoint_without_its_optimizer_state(tmp_path, monkeypatch):
+    """load_trained read the whole file into memory and kept it (a resnet50 with AdamW: ~300 MB, two
+    thirds of it optimizer state that neither evaluation nor inference uses); memory-mapped, only the
+    weights are read."""
+    import src.safe_load
+
+    saved = save_checkpoint(tmp_path / "x_best.pt", ModelConfig(embedding_dim=16), optimizer_state={"m": torch.ones(8)})
+    loads = []
+    torch_load = torch.load
+    monkeypatch.setattr(src.safe_load.torch, "load", lambda path, **kwargs: loads.append(kwargs.get("mmap"))
+                        or torch_load(path, **kwargs))
+    loaded = load_trained(tmp_path / "x_best.pt", torch.device("cpu")).model
+    assert loads == [True] and torch.equal(loaded.head.weight, saved.head.weight)
+
+
+class Crafted:
+    """An object a safe load must refuse (unpickling a class can run code)."""
+
+
+def test_a_checkpoint_of_torchs_legacy_format_is_read_whole_and_still_checked(tmp_path):
+    """torch can map only its zip format: files of the older one (torch < 1.6) load as before, and a
+    crafted one is still refused as unsafe (not "damaged", from torch's complaint about mmap)."""
+    model = create_model(ModelConfig(embedding_dim=16), len(CLASSES))
+    checkpoint = {"format_version": FORMAT_VERSION, "model_state": model.state_dict(), "epoch": 1,
+                  "config": Config(model=ModelConfig(embedding_dim=16)).to_dict(), "classes": CLASSES}
+    torch.save(checkpoint, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    loaded = load_trained(tmp_path / "legacy.pt", torch.device("cpu")).model
+    assert torch.equal(loaded.head.weight, model.head.weight)
+    torch.save({**checkpoint, "x": Crafted()}, tmp_path / "crafted.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+        load_checkpoint(tmp_path / "crafted.pt", mmap=True)

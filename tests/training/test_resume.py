@@ -771,3 +771,19 @@ def test_partial_epoch_sums_that_are_not_finite_are_a_malformed_state(bad):
     with pytest.raises(CheckpointError, match=r"malformed training state \(the partial epoch's sums hold NaN"):
         check_training_state(state, "x.pt", steps_per_epoch=4)
     check_training_state({**state, "step": 0}, "x.pt", steps_per_epoch=4)  # at an epoch's start they are unused
+
+
+def test_the_best_file_a_resume_brings_along_is_read_without_its_optimizer_state(tmp_path, monkeypatch):
+    """Its epoch and sound weights are what count; it loaded the whole file (~300 MB for resnet50 with AdamW)."""
+    import src.safe_load
+
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({**_minimal(2), "optimizer_state": {"m": torch.ones(1000)}}, old / "run_best.pt")
+    loads = []
+    torch_load = torch.load
+    monkeypatch.setattr(src.safe_load.torch, "load", lambda path, **kwargs: loads.append((path, kwargs.get("mmap")))
+                        or torch_load(path, **kwargs))
+    state, paths = RunState(epoch=3, best_epoch=2, best_val_top1=0.7), RunPaths(tmp_path / "new", "longer")
+    bring_best_along(_minimal(3), old / "run_last.pt", paths, state, SimpleNamespace(print=lambda *args: None))
+    assert loads == [(old / "run_best.pt", True)] and paths.best.read_bytes() == (old / "run_best.pt").read_bytes()
