@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from src.data.io import ImageLoadError, load_rgb, read_image_bytes
+from src.data.io import ImageLoadError, load_rgb, out_of_memory_while_decoding, read_image_bytes
 
 # Part of the cache key (with Pillow's version, whose decoders and resampling change between
 # releases): change this string whenever decode_for_cache changes its output.
@@ -32,9 +32,15 @@ def decode_for_cache(path: str | Path, cache_size: int, data: bytes | None = Non
 
     The plain pipeline calls it too, in its DataLoader workers every epoch (`ImageListDataset`), so
     both pipelines see the same pixels. `data`: the file's bytes, if read already (`load_rgb`).
-    Raises ImageLoadError.
+    Raises ImageLoadError, or MemoryError naming the image.
     """
-    return square_resize(load_rgb(path, data=data), cache_size)
+    image = load_rgb(path, data=data)
+    try:
+        return square_resize(image, cache_size)
+    except MemoryError:
+        # numpy's own kind (_ArrayMemoryError, from np.array) takes a shape and a dtype: a DataLoader worker's
+        # copy of it could not be rebuilt in the main process, which got a RuntimeError and a traceback.
+        raise out_of_memory_while_decoding(path) from None
 
 
 def square_resize(image: Image.Image, cache_size: int) -> np.ndarray:

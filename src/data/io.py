@@ -82,12 +82,12 @@ def as_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "<in-me
     try:
         return _to_rgb(_upright(image))
     except MemoryError:
-        raise _out_of_memory(name) from None
+        raise out_of_memory_while_decoding(name) from None
     except Exception as exc:  # Pillow raises other types too (SyntaxError for an EXIF block it cannot parse)
         raise ImageLoadError(name, f"cannot be converted to RGB ({exc})") from None
 
 
-def _out_of_memory(name: str | Path) -> MemoryError:
+def out_of_memory_while_decoding(name: str | Path) -> MemoryError:
     """The machine's shortage, not the image's fault: no ImageLoadError, which would leave the image
     out (and the cache remember it so) where the run should stop, or try again with more memory."""
     return MemoryError(f"{name}: out of memory while decoding")
@@ -167,7 +167,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None 
     except ImageLoadError:
         raise
     except MemoryError:
-        raise _out_of_memory(path) from None
+        raise out_of_memory_while_decoding(path) from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image in a known format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own check, in open()

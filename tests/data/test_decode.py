@@ -61,3 +61,26 @@ def test_decoded_pixels_change_only_with_the_cache_key(tmp_path):
                     f"{digest.hexdigest()}")
     assert digest.hexdigest() == DECODED_DIGESTS[key], \
         "decode_for_cache gives other pixels under the same cache key: change DECODE_SETTINGS, then record the digest"
+
+
+def test_numpy_running_out_of_memory_in_a_dataloader_worker_is_one_line_naming_the_image(tmp_path, monkeypatch):
+    """numpy's MemoryError (_ArrayMemoryError, raised when np.array cannot allocate) takes a shape and a
+    dtype: torch could not rebuild it in the main process and raised a RuntimeError instead, a traceback
+    (exit 1) where the commands say `error: ... out of memory` (exit 2)."""
+    import torch
+    from numpy._core._exceptions import _ArrayMemoryError
+
+    from src.data import decode
+    from src.data.dataset import ClassIndex, ImageListDataset
+    from src.errors import out_of_memory
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+
+    def no_memory(image, cache_size):
+        raise _ArrayMemoryError((cache_size, cache_size, 3), np.dtype(np.uint8))
+
+    monkeypatch.setattr(decode, "square_resize", no_memory)
+    dataset = ImageListDataset([("a.png", "Abeni")], tmp_path, ClassIndex(["Abeni"]), cache_size=12)
+    with pytest.raises(MemoryError) as raised:
+        next(iter(torch.utils.data.DataLoader(dataset, num_workers=1)))
+    assert out_of_memory(raised.value) == f"error: {tmp_path / 'a.png'}: out of memory while decoding"
