@@ -462,8 +462,8 @@ def embed_jobs(identifier: Identifier, todo: Iterable[NewPhoto]
     while batch := list(itertools.islice(photos, DEFAULT_BATCH_SIZE)):
         results = itertools.chain.from_iterable(identifier.embed([image for image, _, _, _ in batch]))
         for (_, key, name, digest), item in zip(batch, results):
-            if isinstance(item, Embedded):
-                enrolled[name].append((item.embedding, key, digest))
+            if isinstance(item, Embedded):  # under the name as `Gallery.add` stores it, for the counts after
+                enrolled[canonical_name(name)].append((item.embedding, key, digest))
             else:
                 skipped.append(item)
     return enrolled, skipped

@@ -88,6 +88,20 @@ def test_remove_takes_a_name_in_either_unicode_form(learned, unseen, tmp_path, c
     assert Gallery.load(gallery).counts() == {}
 
 
+def test_enroll_takes_a_name_in_either_unicode_form(learned, unseen, tmp_path, capsys):
+    """A decomposed --name (a macOS folder name pasted in) enrolls under the composed one and reports
+    it; it was a KeyError traceback and exit 1, after the gallery was saved."""
+    gallery = tmp_path / "g.npz"
+    photos = next(iter(unseen.values()))
+    composed = unicodedata.normalize("NFC", "Zoé")
+    assert enroll(gallery, learned.checkpoint, unicodedata.normalize("NFD", composed), photos[0]) == 0
+    assert enroll(gallery, learned.checkpoint, unicodedata.normalize("NFD", composed), photos[1]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{composed}: +1 image (new individual, 1 now)"
+    assert out[2] == f"{composed}: +1 image (1 before, 2 now)"
+    assert Gallery.load(gallery).counts() == {composed: 2}
+
+
 def test_enroll_needs_no_threshold_file(learned, unseen, tmp_path, capsys):
     """Enrolling only embeds photos: a damaged threshold file of evaluation (which predictions would
     refuse) does not stop it."""
