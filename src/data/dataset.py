@@ -92,6 +92,10 @@ class PreparedData:
         return cls(root=root, raw_dir=root / meta["raw_dir"], min_images=meta["min_images"], seed=meta["seed"],
                    num_classes=meta["num_classes"], standins=meta.get("standins") is True)
 
+    def has_open_set(self) -> bool:
+        """Whether prepare wrote the open-set lists (not with `--open-set-individuals 0`)."""
+        return (self.root / "annotations" / "open_set").is_dir()
+
     def split(self, name: str, open_set: bool = False) -> list[Row]:
         """Rows of `annotations/<name>.txt`, or of `annotations/open_set/<name>.txt` when open_set."""
         if not name or "/" in name or "\\" in name or name.startswith("."):
@@ -103,7 +107,7 @@ class PreparedData:
             if name not in written:
                 more = "" if open_set else f" (and, with the open-set lists, {', '.join(UNKNOWN_SPLITS)})"
                 raise DatasetError(f"no split {name!r}: prepare writes {', '.join(written)}{more}")
-            if open_set and not folder.is_dir():  # said "split file not found; run prepare", which had run
+            if open_set and not self.has_open_set():  # said "split file not found; run prepare", which had run
                 raise DatasetError(f"{self.root} was prepared without an open-set split (--open-set-individuals 0), "
                                    "which data.open_set: true needs: prepare it again with --open-set-individuals K "
                                    "(at least 2), or set data.open_set: false")

@@ -56,10 +56,15 @@ log = logging.getLogger(__name__)
 REPORT_VERSION = 1
 DEFAULT_BATCH_SIZE = 64  # images per forward pass
 SPLITS = ("val", "test")
+HEURISTIC_THRESHOLDS = "The thresholds below are a heuristic chosen on the closed val split."
 CLOSED_MODEL_NOTE = (
     "Not evaluated: this model was trained on the closed set, so every individual of the open-set 'unknown' "
     "lists was in its training data. An honest open-set evaluation needs a model trained with "
-    "`data.open_set: true`. The thresholds below are a heuristic chosen on the closed val split.")
+    f"`data.open_set: true`. {HEURISTIC_THRESHOLDS}")
+NO_OPEN_SET_NOTE = (
+    "Not evaluated: the data were prepared without an open-set split (`--open-set-individuals 0`). To measure "
+    "how well a model rejects individuals it never saw, prepare again with `--open-set-individuals K` (at least "
+    f"2, leaving at least 2 known) and train with `data.open_set: true`. {HEURISTIC_THRESHOLDS}")
 
 
 class EvaluationError(ValueError):
@@ -498,7 +503,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     scorers = {kind: partial(best_scores, gallery=embedded["train"], kind=kind, classes=run.classes,
                              model=config.model) for kind in SCORE_KINDS}
     open_section = (open_set_section(embedded, split, scorers["nearest"]) if open_set
-                    else {"evaluated": False, "note": CLOSED_MODEL_NOTE})
+                    else {"evaluated": False, "note": CLOSED_MODEL_NOTE if data.has_open_set() else NO_OPEN_SET_NOTE})
     sidecar, trained_here = threshold_sidecar_path(checkpoint), trained_on(splits, run)
     writable = os.access(sidecar.parent, os.W_OK)
     warnings = data_warnings(splits, split, trained_here, sidecar, writable)

@@ -279,6 +279,18 @@ def test_a_changed_train_split_is_reported_and_leaves_the_stored_thresholds(chec
     assert "Not stored for inference" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_data_prepared_without_an_open_set_split_says_so(checkpoint, data_copy, tmp_path, capsys):
+    """Own photos of fewer than 12 individuals are prepared with --open-set-individuals 0. The note said
+    that the open-set 'unknown' lists (there are none) were in the training data, and pointed to
+    `data.open_set: true`, which such data refuses."""
+    shutil.rmtree(data_copy / "annotations" / "open_set")
+    code, _ = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
+    assert code == 0
+    note = json.loads((tmp_path / "out" / "report.json").read_text())["open_set"]["note"]
+    assert "prepared without an open-set split" in note and "'unknown' lists" not in note
+    assert note in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_a_checkpoint_in_a_read_only_folder_is_evaluated_with_a_warning(checkpoint, tiny_data, tmp_path, capsys,
                                                                          monkeypatch):
     """A model folder shared read-only: the threshold file cannot be written beside the checkpoint.
