@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, default_collate
 
 from src.data.annotations import RELEASE_FOLDER
 from src.data.decode import decode_for_cache
-from src.data.io import ImageLoadError
+from src.data.io import IMAGE_EXTENSIONS, ImageLoadError
 from src.data.lists import ListFormatError, Row, name_problem, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
 from src.errors import folder_or_file, is_whole
@@ -50,9 +50,23 @@ def _not_prepared(root: Path, path: Path) -> str:
         fix = (f"give the prepared one, {above[0]} (the --out-dir of prepare)" if above else
                f"prepare it (`python -m src.data.prepare --raw-dir {root} --out-dir <folder>`) and give <folder>")
         return f"{root} is a raw folder (the --raw-dir of prepare), not a prepared dataset: {fix}"
+    if _holds_individual_folders(root):
+        # `data.root: photos`: the last message suggested `--out-dir photos`, which prepare --folder refuses.
+        return (f"{root} is a folder of photos (the --folder of prepare), not a prepared dataset: prepare it "
+                f"(`python -m src.data.prepare --folder {root} --out-dir <folder>`, a folder outside it) and "
+                "give <folder>")
     # E.g. evaluate run from another folder on a checkpoint whose config says `data/...`.
     relative = "" if root.is_absolute() else f" (a relative root is read from the working folder, {Path.cwd()})"
     return f"{path} not found{relative}: {_RERUN} (e.g. --out-dir {root})"
+
+
+def _holds_individual_folders(root: Path) -> bool:
+    """Whether `root` looks like the input of prepare --folder: a sub-folder holding an image."""
+    try:
+        return any(sub.is_dir() and any(path.suffix.lower() in IMAGE_EXTENSIONS for path in sub.iterdir())
+                   for sub in root.iterdir())
+    except OSError:  # missing, not a folder, or not readable: the generic message says what to do
+        return False
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,19 @@ def test_the_raw_folder_given_as_the_root_names_the_prepared_one(tmp_path):
                                   f"give the prepared one, {tmp_path / 'x'} (the --out-dir of prepare)")
 
 
+def test_a_folder_of_own_photos_given_as_the_root_says_to_prepare_it(tmp_path):
+    """`data.root: photos` (the --folder of prepare): the error said to prepare with `--out-dir photos`,
+    which prepare --folder refuses (the output must lie outside the photos)."""
+    photos = tmp_path / "photos"
+    (photos / "Zoë").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(photos / "Zoë" / "IMG_0001.JPG")
+    with pytest.raises(DatasetError) as exc:
+        PreparedData.load(photos)
+    assert str(exc.value) == (f"{photos} is a folder of photos (the --folder of prepare), not a prepared dataset: "
+                              f"prepare it (`python -m src.data.prepare --folder {photos} --out-dir <folder>`, a "
+                              f"folder outside it) and give <folder>")
+
+
 def test_the_annotations_folder_given_as_the_root_names_its_parent(root):
     """`evaluate --data-root data/x/annotations` (or `gallery enroll --from-split`): the error said to
     run prepare with `--out-dir data/x/annotations`, which would nest a second dataset inside the first."""
