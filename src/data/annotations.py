@@ -258,7 +258,7 @@ def read_folder(root: str | Path) -> list[Record]:
     root = Path(root)
     if not root.is_dir():
         raise AnnotationError(f"{root} is not a folder" if root.exists() else f"folder {root} not found")
-    records = []
+    records, unknown_formats = [], []
     for entry in sorted(root.iterdir()):
         if _hidden(entry.name):
             continue
@@ -272,16 +272,26 @@ def read_folder(root: str | Path) -> list[Record]:
             if entry.name[0] == "#" or entry.name[0].isspace():  # a list line starting so would not read back
                 raise AnnotationError(f"{entry}: a folder name starting with {entry.name[0]!r} cannot go into "
                                       f"the list files (read back as a comment or another path); rename it")
-            records += _read_individual_folder(root, entry)
+            images, others = _read_individual_folder(root, entry)
+            records += images
+            unknown_formats += others
+    if unknown_formats:  # all named at once: a camera's sidecars (.xmp, RAW beside JPEG) come by the hundred
+        first, count = unknown_formats[0], len(unknown_formats)
+        suffixes = " ".join(sorted({path.suffix or "(no extension)" for path in unknown_formats}))
+        in_all = f" ({count} such files in all: {suffixes})" if count > 1 else ""
+        raise AnnotationError(f"{first}: unknown image format {first.suffix or '(no extension)'!r}{in_all}; "
+                              f"supported: {' '.join(IMAGE_EXTENSIONS)}; move such files out of {root}, or name "
+                              f"the images in a --list file")
     if not records:
         raise AnnotationError(f"empty folder {root}: no images in {root}/<individual>/ sub-folders")
     return records
 
 
-def _read_individual_folder(root: Path, folder: Path) -> list[Record]:
-    """Every file under `folder` (`files_under`: linked sub-folders followed, each real folder once). A
-    broken link is kept, so that it is reported as a missing file, not dropped."""
-    records = []
+def _read_individual_folder(root: Path, folder: Path) -> tuple[list[Record], list[Path]]:
+    """Every image under `folder` (`files_under`: linked sub-folders followed, each real folder once),
+    and the files of other formats. A broken link is kept, so that it is reported as a missing file,
+    not dropped."""
+    records, unknown_formats = [], []
     for path in sorted(files_under(folder, _hidden)):
         rel = path.relative_to(root).as_posix()
         try:
@@ -291,10 +301,10 @@ def _read_individual_folder(root: Path, folder: Path) -> list[Record]:
             raise AnnotationError(f"{root}/{shown}: a file or folder name that is not UTF-8 (written in another "
                                   f"encoding, e.g. unpacked from an old archive); rename it") from None
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise AnnotationError(f"{path}: unknown image format {path.suffix or '(no extension)'!r}; "
-                                  f"supported: {' '.join(IMAGE_EXTENSIONS)}")
+            unknown_formats.append(path)
+            continue
         records.append(Record(path=rel, individual=folder.name, source="folder", origin=rel))
-    return records
+    return records, unknown_formats
 
 
 def _hidden(name: str) -> bool:

@@ -8,6 +8,7 @@ import pytest
 
 from src.data.annotations import (AnnotationError, LabelsFix, Record, check_names,
                                   parse_annotation_file, parse_cvjena_line, read_cvjena, read_folder, read_list_file)
+from src.data.io import IMAGE_EXTENSIONS
 from src.data.prepare import count_summary, filter_min_images, make_splits
 from src.data.splits import DEFAULT_FRACTIONS
 
@@ -308,6 +309,19 @@ def test_folder_layout_errors(tmp_path, files, message):
     (tmp_path / "Empty").mkdir()
     with pytest.raises(AnnotationError, match=message):
         read_folder(tmp_path)
+
+
+def test_files_of_unknown_formats_are_counted_in_one_error_that_says_what_to_do(tmp_path):
+    """A camera or photo manager writes a file beside every photo (.xmp, a RAW file beside the JPEG):
+    the error named the first alone, so each run stopped at the next, and gave no way out."""
+    for rel in ("Kofi/a.jpg", "Kofi/a.NEF", "Kofi/a.xmp", "Lome/b.jpg", "Lome/2019/b.xmp"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    with pytest.raises(AnnotationError) as exc:
+        read_folder(tmp_path)
+    assert str(exc.value) == (f"{tmp_path / 'Kofi' / 'a.NEF'}: unknown image format '.NEF' (3 such files in all: "
+                              f".NEF .xmp); supported: {' '.join(IMAGE_EXTENSIONS)}; move such files out of "
+                              f"{tmp_path}, or name the images in a --list file")
 
 
 def _records(*names: str) -> list[Record]:
