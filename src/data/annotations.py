@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -237,9 +238,22 @@ def read_list_file(list_file: str | Path) -> list[Record]:
         if Path(name).suffix.lower() in IMAGE_EXTENSIONS:  # 'a b.png' read as path 'a', name 'b.png'
             raise AnnotationError(f"{where}: expected '<path> <individual>', got {f'{rel} {name}'!r}: "
                                   f"the individual is missing")
+        full_name = _name_with_whitespace(rel, name)
+        if full_name is not None:  # it said "unknown image format '.png Mr'"
+            raise AnnotationError(f"{where}: individual name {full_name!r} contains whitespace (the name is the "
+                                  f"last word of a line); rename it (e.g. {underscored(full_name)!r})")
         records.append(Record(path=_relative_image_path(rel, "", where), individual=name, source=source,
                               origin=where))
     return records
+
+
+def _name_with_whitespace(rel: str, name: str) -> str | None:
+    """The whole name when a list line is an image path, then a name of several words: 'Mr Bean/a.png
+    Mr Bean' splits into the path 'Mr Bean/a.png Mr' and the name 'Bean'."""
+    if Path(rel).suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    ends = [gap for gap in re.finditer(r"\s+", rel) if Path(rel[:gap.start()]).suffix.lower() in IMAGE_EXTENSIONS]
+    return f"{rel[ends[-1].end():]} {name}" if ends else None
 
 
 # Files a file manager or OS leaves in photo folders; anything else that is not an image is refused.

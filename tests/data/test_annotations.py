@@ -228,6 +228,14 @@ def test_list_file(tmp_path):
     f.write_text("photos/a.jpg Kofi\nphotos/b c.png\n")
     with pytest.raises(AnnotationError, match=r"mine.txt:2: .*'photos/b c.png': the individual is missing"):
         read_list_file(f)
+    # A name of several words: it said "unknown image format '.png Mr'" for 'Mr Bean/a b.png Mr Bean'.
+    for line, name, mended in (("Mr Bean/a b.png Mr Bean", "Mr Bean", "Mr_Bean"),
+                               ("Mr Big Bean/c.JPG\tMr  Big Bean", "Mr  Big Bean", "Mr_Big_Bean")):
+        f.write_text(f"{line}\n")
+        with pytest.raises(AnnotationError) as exc:
+            read_list_file(f)
+        assert str(exc.value) == (f"{f}:1: individual name {name!r} contains whitespace (the name is the last "
+                                  f"word of a line); rename it (e.g. {mended!r})")
     f.write_text("\n")
     with pytest.raises(AnnotationError, match="no images listed"):
         read_list_file(f)
