@@ -532,6 +532,11 @@ def enroll(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     after = gallery.counts()
     for name in enrolled:
+        same_letters = [known for known in before if known != name and known.casefold() == name.casefold()]
+        if same_letters and name not in before:  # a typo would split one animal's photos in two, unnoticed
+            print(f"warning: {name!r} is a new individual beside {same_letters[0]!r} (names are case-sensitive); "
+                  f"if they are one animal: gallery remove {name}, then enroll its photos as {same_letters[0]}",
+                  file=sys.stderr)
         status = f"{before[name]} before" if name in before else "new individual"
         print_stdout(f"{name}: +{counted(after[name] - before.get(name, 0), 'image')} ({status}, {after[name]} now)")
     print_stdout(f"{args.gallery}: {summary(after)}"

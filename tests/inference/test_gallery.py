@@ -102,6 +102,20 @@ def test_enroll_takes_a_name_in_either_unicode_form(learned, unseen, tmp_path, c
     assert Gallery.load(gallery).counts() == {composed: 2}
 
 
+def test_a_new_name_that_differs_from_an_enrolled_one_only_in_case_is_warned_about(learned, unseen, tmp_path,
+                                                                                     capsys):
+    """`--name fifi` beside an enrolled 'Fifi' made a second individual without a word."""
+    gallery = tmp_path / "g.npz"
+    photos = next(iter(unseen.values()))
+    assert enroll(gallery, learned.checkpoint, "Fifi", photos[0]) == 0
+    assert enroll(gallery, learned.checkpoint, "Fifi", photos[1]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert enroll(gallery, learned.checkpoint, "fifi", photos[2]) == 0
+    assert capsys.readouterr().err == ("warning: 'fifi' is a new individual beside 'Fifi' (names are case-sensitive); "
+                                       "if they are one animal: gallery remove fifi, then enroll its photos as Fifi\n")
+    assert Gallery.load(gallery).counts() == {"Fifi": 2, "fifi": 1}
+
+
 def test_enroll_needs_no_threshold_file(learned, unseen, tmp_path, capsys):
     """Enrolling only embeds photos: a damaged threshold file of evaluation (which predictions would
     refuse) does not stop it."""
