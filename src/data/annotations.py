@@ -281,7 +281,8 @@ def read_folder(root: str | Path) -> list[Record]:
                                   f"target, or remove the link")
         if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
             raise AnnotationError(f"{entry}: image directly under {root}; expected "
-                                  f"{root}/<individual>/<image> (is --folder one individual's folder?)")
+                                  f"{root}/<individual>/<image> (is --folder one individual's folder?); photos "
+                                  f"of several individuals in one folder are read from a --list file")
         if entry.is_dir():
             if entry.name[0] == "#" or entry.name[0].isspace():  # a list line starting so would not read back
                 raise AnnotationError(f"{entry}: a folder name starting with {entry.name[0]!r} cannot go into "

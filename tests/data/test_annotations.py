@@ -332,6 +332,16 @@ def test_files_of_unknown_formats_are_counted_in_one_error_that_says_what_to_do(
                               f"{tmp_path}, or name the images in a --list file")
 
 
+def test_a_flat_folder_of_photos_is_pointed_to_a_list_file(tmp_path):
+    """Photos of several individuals in one folder ('Zoe_001.jpg', ...) cannot be read as folders; the
+    error said so without naming the way that reads them."""
+    (tmp_path / "Zoe_001.jpg").write_bytes(b"x")
+    with pytest.raises(AnnotationError) as exc:
+        read_folder(tmp_path)
+    assert str(exc.value).endswith("(is --folder one individual's folder?); photos of several individuals in one "
+                                   "folder are read from a --list file")
+
+
 def _records(*names: str) -> list[Record]:
     return [Record(f"img{i}.png", name, "CTai", f"f:{i}") for i, name in enumerate(names, 1)]
 
