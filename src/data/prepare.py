@@ -313,6 +313,7 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     exclusions = fix_exclusions + problems
     _log_exclusions(exclusions)
     log.info("usable     %s", describe(usable))
+    _log_left_out(fixed, usable, min_images)
 
     annotations_dir = Path(out_dir) / "annotations"
     kept_individuals = len({r.individual for r in kept})
@@ -359,6 +360,21 @@ def _log_exclusions(exclusions: Sequence[Exclusion]) -> None:
     by_category = Counter(e.category for e in exclusions)
     detail = ", ".join(f"{n:,} {category}" for category, n in by_category.most_common())
     log.info("excluded   %s image(s)%s", f"{len(exclusions):,}", f": {detail}" if detail else "")
+
+
+LEFT_OUT_SHOWN = 10  # names on the console; the report lists every one
+
+
+def _log_left_out(fixed: Sequence[Record], usable: Sequence[Record], min_images: int) -> None:
+    """Name the individuals below --min-images: the model will not know them, so a photo of one is
+    given another individual's name (or `unknown`), which a count alone does not make plain."""
+    counts = Counter(r.individual for r in usable)
+    below = sorted(name for name in {r.individual for r in fixed} if counts[name] < min_images)
+    if below:
+        shown = ", ".join(f"{name} {counts[name]}" for name in below[:LEFT_OUT_SHOWN])
+        more = f", {len(below) - LEFT_OUT_SHOWN:,} more" if len(below) > LEFT_OUT_SHOWN else ""
+        log.info("left out   %s individual(s) below %d usable images, which training will not see: %s%s",
+                 f"{len(below):,}", min_images, shown, more)
 
 
 def _log_splits(prepared: dict) -> None:

@@ -283,6 +283,17 @@ def _folder(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
+def test_the_individuals_below_min_images_are_named_on_the_console(tmp_path, caplog):
+    """Only counts were shown: that Tiny (2 photos) will never be named by the model was in the report
+    alone. Problem images count against an individual too (Pia: 3 files, 1 unreadable)."""
+    root = _folder(tmp_path / "photos", {"Kofi": 3, "Lome": 3, "Pia": 3, "Tiny": 2})
+    (root / "Pia" / "0.png").write_bytes(b"")
+    caplog.set_level("INFO", logger="src.data.prepare")
+    prepare(folder=root, out_dir=tmp_path / "out", min_images=3, open_set_individuals=0)
+    assert ("left out   2 individual(s) below 3 usable images, which training will not see: Pia 2, Tiny 2"
+            in caplog.text)
+
+
 @pytest.mark.parametrize("out_dir", [".", "data"])
 def test_an_out_dir_inside_the_folder_of_photos_is_refused(tmp_path, out_dir):
     """Before, it worked once; the next run read annotations/ as an individual and failed on '.txt'."""
