@@ -47,7 +47,8 @@ def read_numbered_list(path: str | Path) -> list[tuple[int, str, str]]:
         if "\0" in line:  # no file name holds one; every later open() would fail with a traceback
             raise ListFormatError(f"{path}:{lineno}: a NUL character in {line!r}")
         if len(parts) != 2:
-            raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>', got {line!r}")
+            comma = " (separated by whitespace, not a comma: a CSV file's lines do not read)" if "," in line else ""
+            raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>'{comma}, got {line!r}")
         rows.append((lineno, parts[0], parts[1]))
     return rows
 

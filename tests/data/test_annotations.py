@@ -221,6 +221,11 @@ def test_list_file(tmp_path):
     f.write_text("photos/a.jpg Kofi\nphotos/b.jpg\n")
     with pytest.raises(AnnotationError, match=r"mine.txt:2: expected '<path> <individual>'"):
         read_list_file(f)
+    f.write_text("path,individual\nphotos/a.jpg,Kofi\n")  # saved as CSV from a spreadsheet
+    with pytest.raises(AnnotationError) as exc:
+        read_list_file(f)
+    assert str(exc.value) == (f"{f}:1: expected '<path> <individual>' (separated by whitespace, not a comma: a CSV "
+                              "file's lines do not read), got 'path,individual'")
     f.write_text("photos/a.jpg Kofi\n\nphotos/a.doc Kofi\n")
     with pytest.raises(AnnotationError, match=r"mine.txt:3: unknown image format '.doc'"):
         read_list_file(f)
