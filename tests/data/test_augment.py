@@ -58,11 +58,13 @@ def test_train_is_deterministic_given_the_generator_seed():
     assert not torch.allclose(first, aug.train(batch, _generator(2)))
 
 
-def test_output_dtype_is_float32_under_autocast():
+def test_output_under_autocast_is_the_float32_output():
+    """Autocast is off inside: in bf16 the colour arithmetic (the mean luma's matmul) would change the values."""
     aug = BatchAugment(AugmentConfig(), 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = aug.train(_batch(4, 37), _generator(0))
     assert out.dtype == torch.float32
+    assert torch.equal(out, aug.train(_batch(4, 37), _generator(0)))
 
 
 def test_without_augmentation_train_is_a_plain_bilinear_resize():
@@ -156,6 +158,11 @@ def test_crop_scale_and_aspect_stay_in_range():
     # The crop rectangle (before rotation) lies inside the image.
     assert torch.all(theta[:, 0, 2].abs() + width <= 1 + 1e-5)
     assert torch.all(theta[:, 1, 2].abs() + height <= 1 + 1e-5)
+    # The shift uses all the room the crop leaves, both ways on both axes (a halved range would not).
+    for centre, side in ((theta[:, 0, 2], width), (theta[:, 1, 2], height)):
+        room = 1 - side
+        shift = centre[room > 0.1] / room[room > 0.1]
+        assert shift.min() < -0.98 and shift.max() > 0.98
     assert params.angle.abs().max() <= math.radians(10) + 1e-6
 
 
@@ -260,6 +267,10 @@ def test_erasing_rate_and_rectangle_area_match_config():
     assert area.min() >= 0.02 - 1e-6 and area.max() <= 0.2 + 1e-6
     assert top.min() >= 0 and (top + height).max() <= 1 + 1e-6
     assert left.min() >= 0 and (left + width).max() <= 1 + 1e-6
+    # The whole 2-20% range is drawn, and the rectangle may lie anywhere in the image.
+    assert area.min() < 0.03 and area.max() > 0.18
+    for offset, room in ((top, 1 - height), (left, 1 - width)):
+        assert (offset / room).min() < 0.05 and (offset / room).max() > 0.95
     # ...and each erased region is that rectangle, up to one pixel of rounding per side.
     for i in torch.nonzero(params.erase).flatten().tolist():
         rows, cols = erased[i].any(dim=1), erased[i].any(dim=0)
@@ -281,6 +292,16 @@ def test_eval_is_the_torchvision_centre_crop_and_resize(input_size):
     # Same interpolation kernel (identity when side == image_size), so only float32 rounding
     # differs: 1e-4 after normalisation is 0.006 grey levels, far below one level (0.017).
     torch.testing.assert_close(out, _normalise(reference / 255), atol=1e-4, rtol=0)
+
+
+def test_normalisation_is_imagenets_rgb_mean_and_std():
+    """What the pretrained backbones were trained on, written out rather than imported from the module:
+    a changed or reordered constant changes every input the model sees."""
+    aug = BatchAugment(AugmentConfig(**NO_AUGMENT), 16)
+    batch = torch.tensor([0, 128, 255], dtype=torch.uint8).expand(1, 18, 18, 3)
+    expected = torch.tensor([(0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (1 - 0.406) / 0.225])
+    for out in (aug.eval(batch), aug.train(batch, _generator(0))):
+        torch.testing.assert_close(out[0], expected[:, None, None].expand(3, 16, 16), atol=1e-5, rtol=0)
 
 
 def test_rejects_batches_that_are_not_uint8_nhwc():
