@@ -64,6 +64,7 @@ def _assert_matches_fresh_decode(cached, raw, rows, cache_size=CACHE_SIZE):
 def test_cache_size_adds_the_imagenet_margin():
     assert cache_size_for(224) == 256
     assert cache_size_for(112) == 128
+    assert cache_size_for(32) == 37 and cache_size_for(48) == 55  # 36.57 and 54.86: rounded, not truncated
 
 
 def test_decode_for_cache_takes_the_centre_square(tmp_path):
@@ -143,6 +144,28 @@ def test_an_image_edited_while_the_cache_is_built_is_keyed_by_the_bytes_decoded(
     assert not _build(dataset).built
     edited.write_bytes(original)
     _assert_matches_fresh_decode(_build(dataset), raw, rows)
+
+
+def test_an_image_edited_between_its_read_and_its_decoding_is_keyed_by_the_bytes_decoded(dataset, monkeypatch):
+    """The worker decodes the bytes it hashed, not the file read a second time: an edit in between would
+    store the edited pixels under the original bytes' key, and the original, put back, be served them."""
+    raw, _, rows = dataset
+    edited = raw / rows[2][0]
+    original, read = edited.read_bytes(), decode.read_image_bytes
+
+    def read_then_edit(path):
+        data = read(path)
+        if path == edited:
+            _write_png(edited, seed=99, size=(32, 32))
+        return data
+
+    monkeypatch.setattr(decode, "read_image_bytes", read_then_edit)
+    _build(dataset)
+    monkeypatch.setattr(decode, "read_image_bytes", read)
+    edited.write_bytes(original)
+    again = _build(dataset)
+    assert not again.built
+    _assert_matches_fresh_decode(again, raw, rows)
 
 
 def test_two_datasets_of_the_same_layout_share_a_cache_folder(dataset, tmp_path):
