@@ -229,6 +229,15 @@ def test_padded_evaluation_batches_have_one_size_and_the_same_images(tiny_data, 
         assert padded_images.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_come_in_the_dtype_asked_for(tiny_data, tmp_path, train):
+    """Training under bf16 autocast asks for bf16 images: the model's first layer would cast them anyway."""
+    config, data, rows = _rows_and_config(tiny_data, tmp_path, "val")
+    source = build_source(config, rows, data.raw_dir, ClassIndex.from_rows(rows), train=train,
+                          device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert {images.dtype for images, _ in source.batches(1)} == {torch.bfloat16}
+
+
 def test_batches_follow_trainer_channels_last(tiny_data, tmp_path):
     data = PreparedData.load(tiny_data)
     rows = data.split("val")[:11]  # two padded batches of 8
@@ -355,7 +364,9 @@ def test_evaluation_splits_keep_the_augmentation_eager_and_validation_compiles_i
     for name in splits:
         for (images, labels), (eager_images, eager_labels) in zip(compiled[name], eager[name], strict=True):
             assert torch.equal(labels, eager_labels) and torch.equal(images, eager_images)
-    padded, padded_eager = batches(True, True, ["val"])["val"], batches(False, True, ["val"])["val"]
+    padded_eager = batches(False, True, ["val"])["val"]
+    assert counter.frame_count == 0  # trainer.compile off: validation stays eager too
+    padded = batches(True, True, ["val"])["val"]
     assert counter.frame_count == 1
     for (images, labels), (eager_images, eager_labels) in zip(padded, padded_eager, strict=True):
         assert torch.equal(labels, eager_labels) and torch.equal(images, eager_images)
