@@ -55,12 +55,17 @@ def _format(column: str, value) -> str:
     return f"{value:.4f}"
 
 
-def write_metrics_csv(path: Path, history: list[dict]) -> None:
-    """Rewrite the whole CSV from the run's history (kept in every checkpoint), atomically: after a
-    resume the file holds each epoch exactly once, whatever happened to the previous file."""
+def metrics_csv_text(history: list[dict]) -> str:
+    """The metrics CSV of the run's `history`: a header and one row per epoch."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(METRICS_COLUMNS)
     for row in history:
         writer.writerow([_format(column, row[column]) for column in METRICS_COLUMNS])
-    atomic.write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """Rewrite the whole CSV from the run's history (kept in every checkpoint), atomically: after a
+    resume the file holds each epoch exactly once, whatever happened to the previous file."""
+    atomic.write_text(path, metrics_csv_text(history))

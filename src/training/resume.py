@@ -20,7 +20,7 @@ from src.config import RESUMABLE_CHANGES, Config, flatten
 from src.data.dataset import ClassIndex
 from src.errors import clipped, clipped_repr, first_line, is_whole, state_dict_problem
 from src.training import distributed as dist_utils
-from src.training.artifacts import METRICS_COLUMNS, RunPaths
+from src.training.artifacts import METRICS_COLUMNS, RunPaths, metrics_csv_text, write_metrics_csv
 from src.models.trained import CheckpointError, load_checkpoint
 from src.safe_load import safe_torch_load, unusual_layout
 
@@ -259,6 +259,8 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
                               f"checkpoints (this one: {resume_path or 'none'}, {state.epoch} epochs done); "
                               f"every machine must see the same {resume_path or paths.last} "
                               "(trainer.output_dir on shared storage)")
+    if checkpoint is not None and runtime.dist.is_main and resume_path.resolve() == paths.last.resolve():
+        mend_metrics_csv(paths, state, runtime)
     if checkpoint is not None and state.epoch == config.trainer.max_epochs:
         runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
                       "(raise trainer.max_epochs to train longer)")
@@ -276,3 +278,25 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
         runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
                       f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")
     return state
+
+
+def mend_metrics_csv(paths: RunPaths, state: RunState, runtime: Runtime) -> None:
+    """A save writes `_last.pt`, then the CSV: a run killed in between (kill -9), or whose CSV write
+    failed (a full disk), left a CSV an epoch behind, which nothing rewrote when that epoch was the run's
+    last (a resume trains nothing). Resuming its `_last.pt`, a CSV that differs from that checkpoint's
+    history is rewritten from it now."""
+    expected = metrics_csv_text(state.history)
+    try:
+        if paths.metrics.read_text(encoding="utf-8") == expected:
+            return
+    except FileNotFoundError:  # deleted by hand: the next save writes it (a finished run's resume writes nothing)
+        return
+    except (OSError, ValueError):  # unreadable or not UTF-8: damaged, rewritten like a stale one
+        pass
+    try:
+        write_metrics_csv(paths.metrics, state.history)
+    except OSError as exc:
+        raise CheckpointError(f"cannot resume: could not rewrite {paths.metrics} from the checkpoint's history "
+                              f"({exc.strerror or exc})") from None
+    runtime.print(f"note: rewrote {paths.metrics} from the history of the checkpoint resumed ({state.epoch} "
+                  "epochs): it did not match (a run killed, or stopped by a full disk, while saving)")

@@ -229,6 +229,21 @@ def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path, capsys, capl
     assert not (tmp_path / "artifacts" / "tiny_metrics.csv").exists()  # nothing rewritten
 
 
+def test_a_csv_an_epoch_behind_the_last_checkpoint_is_rewritten_on_resume(tiny_run, tmp_path, capsys, caplog):
+    # What a kill -9 between the final epoch's `_last.pt` and its CSV leaves: the resume trains nothing,
+    # so no later save would ever add that epoch's row.
+    config_path = write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 3})
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    shutil.copy2(tiny_run["last"], artifacts / "tiny_last.pt")
+    complete = tiny_run["metrics"].read_text()
+    (artifacts / "tiny_metrics.csv").write_text("".join(complete.splitlines(keepends=True)[:-1]))
+    result = train_in_process(capsys, caplog, config_path, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert f"note: rewrote {artifacts / 'tiny_metrics.csv'}" in result.stdout
+    assert (artifacts / "tiny_metrics.csv").read_text() == complete
+
+
 def test_a_second_run_into_the_same_outputs_is_refused(tiny_data, tmp_path, capsys, caplog):
     config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})
     with exclusive(tmp_path / "artifacts" / ".tiny.lock"):  # as a run in progress holds it
