@@ -111,7 +111,17 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     a power cut: nothing ran to clean up) and returns them. Only while no other process can be writing
     `path` (one holding its lock), whose temporary file this would remove."""
     path = _through_link(Path(path))
-    leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}{TEMPORARY_INFIX}*"))
+    return _removed(path.parent.glob(f".{glob.escape(path.name)}{TEMPORARY_INFIX}*"))
+
+
+def remove_leftovers_in(folder: str | Path) -> list[Path]:
+    """`remove_leftovers` for every file in `folder`, for a command that holds a lock over all it writes
+    there (prepare's annotations): the files a killed run was writing need not be the ones it writes now."""
+    return _removed(Path(folder).glob(f".*{TEMPORARY_INFIX}[0-9]*"))
+
+
+def _removed(leftovers: Iterator[Path]) -> list[Path]:
+    leftovers = sorted(leftovers)
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     return leftovers

@@ -87,6 +87,16 @@ def test_leftovers_are_only_the_temporary_files_of_that_path(tmp_path):
     assert all(path.exists() for path in others) and not mine.exists()
 
 
+def test_leftovers_in_a_folder_are_the_temporary_files_of_any_of_its_files(tmp_path):
+    mine = [tmp_path / ".metadata.csv.tmp-42", tmp_path / ".train.txt.tmp-7"]
+    others = [tmp_path / ".prepare.lock", tmp_path / ".notes.tmp-old", tmp_path / "train.txt"]
+    for path in [*mine, *others]:
+        path.write_text("partial")
+    assert atomic.remove_leftovers_in(tmp_path) == sorted(mine)
+    assert all(path.exists() for path in others) and not any(path.exists() for path in mine)
+    assert atomic.remove_leftovers_in(tmp_path / "missing") == []
+
+
 def test_files_replaced_together_all_or_none(tmp_path):
     old = {"model.onnx": b"old model", "model.json": b"describes the old model"}
     for name, data in old.items():

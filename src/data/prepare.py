@@ -349,6 +349,9 @@ def _writing_alone(annotations_dir: Path) -> Iterator[None]:
     """Hold `annotations/.prepare.lock` for the block, saying so when another run holds it first."""
     say = partial(log.warning, "waiting    for another prepare writing into %s ...", annotations_dir)
     with locks.exclusive(annotations_dir / ".prepare.lock", on_wait=say):
+        for folder in (annotations_dir, annotations_dir / "open_set"):
+            for leftover in atomic.remove_leftovers_in(folder):
+                log.info("removed    %s, a partial write of a prepare that was killed", leftover)
         yield
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -533,6 +534,37 @@ def test_two_runs_into_one_out_dir_do_not_mix_their_files(tmp_path, monkeypatch,
     for name in ("train.txt", "val.txt", "test.txt", "open_set/unknown_ids.txt", "metadata.csv"):
         assert (out / name).read_text() == (expected / name).read_text(), name
     assert f"waiting    for another prepare writing into {out} ..." in caplog.text
+
+
+KILLED_BEFORE_RENAMING = """
+import os, signal, sys
+from src import atomic
+from src.data.prepare import main
+rename = atomic._take_place_of
+def killed_at(tmp, path):
+    if path.name == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(tmp, path)
+atomic._take_place_of = killed_at
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("killed_writing", ["metadata.csv", "unknown_ids.txt"])
+def test_a_rerun_removes_what_a_killed_prepare_was_writing(tmp_path, caplog, killed_writing):
+    """kill -9 while a file was written left its temporary file (`.metadata.csv.tmp-<pid>`) in annotations/
+    for good: no later run removed it."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RENAMING, killed_writing, "--raw-dir", str(raw),
+                             "--out-dir", str(out), "--open-set-individuals", "2"], cwd=REPO, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    leftovers = list(out.rglob(f".{killed_writing}.tmp-*"))
+    assert leftovers and not (out / "annotations" / "prepared.json").exists()
+    caplog.set_level("INFO", logger="src.data.prepare")
+    prepare(raw, out, **_quiet())
+    assert not list(out.rglob("*.tmp-*")) and (out / "annotations" / "prepared.json").is_file()
+    assert f"removed    {leftovers[0]}, a partial write of a prepare that was killed" in caplog.text
 
 
 def test_open_set_columns_and_counts_match_the_lists(tmp_path):
