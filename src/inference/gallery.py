@@ -499,6 +499,9 @@ def changing(path: Path) -> Iterator[None]:
             stack.enter_context(locks.exclusive(path.with_name(f".{path.name}.lock"), on_wait=say))
         except OSError as exc:  # its folder cannot be written: neither can the gallery
             raise unwritable(path, exc) from None
+        for leftover in atomic.remove_leftovers(path):
+            print(f"note: removed {leftover}, a partial write of a gallery command that was killed",
+                  file=sys.stderr, flush=True)
         yield
 
 

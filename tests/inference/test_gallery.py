@@ -262,6 +262,23 @@ def test_a_failed_save_leaves_the_previous_gallery_intact(tmp_path, monkeypatch)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.npz"]
 
 
+@pytest.mark.parametrize("command", ["enroll", "remove"])
+def test_a_gallery_command_removes_what_a_killed_one_was_writing(learned, unseen, tmp_path, capsys, command):
+    """kill -9 while a gallery was written left `.g.npz.tmp-<pid>` beside it, as large as the gallery, for good."""
+    gallery = tmp_path / "g.npz"
+    (first, photos), (second, more) = list(unseen.items())[:2]
+    assert enroll(gallery, learned.checkpoint, first, photos[0]) == 0
+    killed_write = tmp_path / ".g.npz.tmp-4194304"  # a pid no process has now
+    killed_write.write_bytes(gallery.read_bytes()[:100])
+    if command == "enroll":
+        assert enroll(gallery, learned.checkpoint, second, more[0]) == 0
+    else:
+        assert gallery_cli.main(["remove", "--gallery", str(gallery), first]) == 0
+    said = capsys.readouterr().err
+    assert f"note: removed {killed_write}, a partial write of a gallery command that was killed" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".g.npz.lock", "g.npz"]
+
+
 def test_two_commands_changing_one_gallery_take_turns(learned, unseen, tmp_path, capsys):
     """Before, two enrolls at once each read the gallery and wrote back their own change: the later
     write dropped the earlier's individual, and both said they had enrolled."""
