@@ -31,6 +31,7 @@ import hashlib
 import io
 import itertools
 import math
+import os
 import re
 import sys
 import zipfile
@@ -494,9 +495,12 @@ def changing(path: Path) -> Iterator[None]:
     def say() -> None:
         print(f"waiting for another gallery command to finish with {path} ...", file=sys.stderr, flush=True)
 
+    # Beside the file written, a symbolic link's target (`atomic`): commands given two links to one
+    # gallery, or a link and the file, take turns too.
+    written = Path(os.path.realpath(path))
     with ExitStack() as stack:
         try:
-            stack.enter_context(locks.exclusive(path.with_name(f".{path.name}.lock"), on_wait=say))
+            stack.enter_context(locks.exclusive(written.with_name(f".{written.name}.lock"), on_wait=say))
         except OSError as exc:  # its folder cannot be written: neither can the gallery
             raise unwritable(path, exc) from None
         for leftover in atomic.remove_leftovers(path):

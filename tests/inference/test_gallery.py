@@ -279,10 +279,16 @@ def test_a_gallery_command_removes_what_a_killed_one_was_writing(learned, unseen
     assert sorted(p.name for p in tmp_path.iterdir()) == [".g.npz.lock", "g.npz"]
 
 
-def test_two_commands_changing_one_gallery_take_turns(learned, unseen, tmp_path, capsys):
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_two_commands_changing_one_gallery_take_turns(learned, unseen, tmp_path, capsys, through_a_link):
     """Before, two enrolls at once each read the gallery and wrote back their own change: the later
-    write dropped the earlier's individual, and both said they had enrolled."""
+    write dropped the earlier's individual, and both said they had enrolled. A command given a symbolic
+    link to the gallery locked beside the link, so it did not wait for one given the gallery itself."""
     gallery = tmp_path / "g.npz"
+    if through_a_link:
+        (tmp_path / "elsewhere").mkdir()
+        gallery = tmp_path / "elsewhere" / "link.npz"
+        gallery.symlink_to(tmp_path / "g.npz")
     (first, first_photos), (second, second_photos) = list(unseen.items())[:2]
     assert enroll(tmp_path / "other.npz", learned.checkpoint, first, first_photos[0]) == 0
     capsys.readouterr()
@@ -296,10 +302,10 @@ def test_two_commands_changing_one_gallery_take_turns(learned, unseen, tmp_path,
             time.sleep(0.05)
             said += capsys.readouterr().err
         assert f"waiting for another gallery command to finish with {gallery}" in said and not results
-        shutil.copyfile(tmp_path / "other.npz", gallery)  # that command's write
+        shutil.copyfile(tmp_path / "other.npz", tmp_path / "g.npz")  # that command's write
     worker.join(timeout=120)
     assert results == [0]
-    assert Gallery.load(gallery).counts() == {first: 1, second: 1}
+    assert Gallery.load(tmp_path / "g.npz").counts() == {first: 1, second: 1}
 
 
 def test_enrolling_into_a_path_that_cannot_be_written_exits_2_in_one_line(learned, unseen, tmp_path, capsys):
