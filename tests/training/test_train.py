@@ -607,6 +607,14 @@ def test_biases_and_norm_weights_are_not_weight_decayed(tiny_data, tmp_path):
         assert (id(parameter) in decayed) == (parameter.ndim > 1), name
 
 
+def test_adamw_takes_its_fused_step_on_the_cpu_too(tiny_data, tmp_path):
+    """torch's default AdamW step on the CPU loops over the parameter tensors: 60 ms a step for
+    resnet18 on one thread, where the fused one takes 8 ms."""
+    config = load_config(write_config(tmp_path, tiny_data))
+    _, optimizer, _, _ = build_model_and_optimizer(config, TINY_INDIVIDUALS, make_runtime(config), 4)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+
+
 def test_sgd_uses_the_configured_momentum(tiny_data, tmp_path):
     config = load_config(write_config(tmp_path, tiny_data, **{"trainer.optimizer": "sgd", "trainer.momentum": 0.8}))
     _, optimizer, _, _ = build_model_and_optimizer(config, TINY_INDIVIDUALS, make_runtime(config), 4)
