@@ -70,6 +70,15 @@ def test_confusion_and_per_individual_table():
                         "most_confused_with": "c", "confused_count": 2}
     assert table[1]["most_confused_with"] is None and table[1]["accuracy"] == 1.0
     assert table[2]["most_confused_with"] == "a" and table[2]["accuracy"] == 0.0
+    # a tie between wrong predictions goes to the lower class id
+    tied = metrics.per_individual(np.array([[1, 0, 2, 2], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), list("abcd"))
+    assert (tied[0]["most_confused_with"], tied[0]["confused_count"]) == ("c", 2)
+
+
+def test_top5_counts_a_label_ranked_fifth():
+    scores = np.array([[0.5, 0.9, 0.8, 0.7, 0.6, 0.0]])  # the true individual, 0, ranks fifth of six
+    assert metrics.classification_metrics(np.array([0]), scores)["top5"] == 1.0
+    assert metrics.classification_metrics(np.array([5]), scores)["top5"] == 0.0
 
 
 def ranked_similarity(gallery_order_labels: list[int]) -> np.ndarray:
@@ -324,6 +333,7 @@ def test_a_threshold_is_never_stored_within_score_noise_of_a_score():
     """The 6-decimal midpoint of 0.4999999 and 0.5000009 is 0.5, 1e-7 above the lower score: a float32
     recomputation of that score may reach 0.5 and be accepted, so no threshold separates the two."""
     assert metrics.separating(0.4, 0.5) == 0.45
+    assert metrics.separating(0.3, 0.300004) == 0.300002  # stored with 6 decimals: 5 would give 0.3, on a score
     assert metrics.separating(0.4999999, 0.5000009) is None
 
 
