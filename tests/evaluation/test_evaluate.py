@@ -19,7 +19,7 @@ from src.config import Config, load_config
 from src.data.dataset import ClassIndex, PreparedData, data_fingerprint
 from src.evaluation import evaluate
 from src.evaluation.evaluate import EmbeddedSplit, data_warnings, open_set_section, threshold_section
-from src.evaluation.report import render_markdown, rounded, trained_for
+from src.evaluation.report import confusion_csv, render_markdown, rounded, trained_for
 from src.inference.gallery import Gallery
 from src.inference.identify import Embedded, Identifier, ModelInfo, Threshold
 from src.models.factory import IdentificationModel, create_model
@@ -117,7 +117,9 @@ def test_report_keys_and_value_ranges(closed_report, tiny_run):
     assert sum(row["num_images"] for row in report["by_source"].values()) == len(test_rows)
     assert report["open_set"]["evaluated"] is False and "data.open_set: true" in report["open_set"]["note"]
     assert report["warnings"] == []
-    assert result.stdout.splitlines()[-1] == f"report: {out / 'report.md'}"
+    assert result.stdout.splitlines() == [
+        f"test: top1={closed['top1']:.4f} top5={closed['top5']:.4f} balanced={closed['balanced_accuracy']:.4f} "
+        f"1-NN={retrieval['one_nn_accuracy']:.4f} mAP@R={retrieval['map_at_r']:.4f}", f"report: {out / 'report.md'}"]
     assert "\r" not in result.stderr  # no progress bar outside a terminal
 
 
@@ -506,10 +508,45 @@ def test_markdown_lists_the_lowest_accuracy_first_and_the_cmc_ranks_it_names():
     assert "| 0.1100 | 0.5500 | 1.0000 |" in markdown  # ranks 1, 5 and 10
 
 
-def _embedded_split(names: list[str]) -> EmbeddedSplit:
-    """A split whose embeddings do not matter: the scorers below score it by its names."""
+def test_markdown_puts_each_number_in_its_column():
+    report = _report([], [0.21, 0.22, 0.23, 0.24, 0.25, 0.26, 0.27, 0.28, 0.29, 0.30])
+    report["closed_set"].update(top1=0.11, top5=0.12, balanced_accuracy=0.13, macro_f1=0.14)
+    report["retrieval"]["map_at_r"] = 0.31
+    report["by_source"] = {"CZoo": {"num_images": 3, "top1": 0.41, "top5": 0.42, "balanced_accuracy": 0.43,
+                                    "macro_f1": 0.44, "one_nn_accuracy": 0.45, "map_at_r": 0.46}}
+    report["open_set"] = {"evaluated": True, "threshold_chosen_on": ["val", "unknown_val"],
+                          "measured_on": ["test", "unknown_test"], "known_images": 3, "known_individuals": 2,
+                          "unknown_images": 4, "unknown_individuals": 1, "auroc": 0.51, "baks": 0.52, "baus": 0.53,
+                          "balanced_mean": 0.525, "threshold": 0.54}
+    report["threshold"]["thresholds"] = {"classifier": 0.61, "nearest": 0.62, "prototype": 0.63}
+    lines = render_markdown(report).splitlines()
+    for row in ("| 0.1100 | 0.1200 | 0.1300 | 0.1400 |",
+                "| CZoo | 3 | 0.4100 | 0.4200 | 0.4300 | 0.4400 | 0.4500 | 0.4600 |",
+                "| 0.2100 | 0.3100 | 0.2100 | 0.2500 | 0.3000 |", "| 0.5100 | 0.5200 | 0.5300 | 0.5250 | 0.5400 |",
+                "| the classifier (predict without --gallery) | 0.6100 |",
+                "| a gallery, most similar photo (--match nearest) | 0.6200 |",
+                "| a gallery, prototypes (--match prototype) | 0.6300 |"):
+        assert row in lines, row
+    assert "evaluated: 3 images; gallery (train): 9 images" in lines[3]
+
+
+def test_confusion_csv_rows_are_the_true_individuals():
+    assert confusion_csv(np.array([[1, 2], [0, 3]]), ["A", "B"]) == "true \\ predicted,A,B\nA,1,2\nB,0,3\n"
+
+
+def _embedded_split(names: list[str], scores=None) -> EmbeddedSplit:
+    """A split whose embeddings do not matter: the scorers below score it by its names, or by `scores`,
+    kept in the first embedding column (`_score_by_first_column`)."""
+    embeddings = np.zeros((len(names), 2), np.float32)
+    if scores is not None:
+        embeddings[:, 0] = scores
     return EmbeddedSplit([(f"{name}/{i}.png", name) for i, name in enumerate(names)],
-                         np.zeros((len(names), 2), np.float32), np.zeros((len(names), 2), np.float32), 0)
+                         embeddings, np.zeros((len(names), 2), np.float32), 0)
+
+
+def _score_by_first_column(split: EmbeddedSplit):
+    """Every image identified right, with the score `_embedded_split` stored for it."""
+    return split.names.copy(), split.embeddings[:, 0].astype(np.float64)
 
 
 def test_open_set_section_counts_unknowns_below_the_threshold_as_rejected():
@@ -525,6 +562,46 @@ def test_open_set_section_counts_unknowns_below_the_threshold_as_rejected():
     assert 0.1 < section["threshold"] < 0.9
     assert (section["baks"], section["baus"], section["balanced_mean"]) == (1.0, 1.0, 1.0)
     assert section["validation"] == {"baks": 1.0, "baus": 1.0}
+
+
+def test_open_set_figures_are_the_test_sides_at_the_threshold_chosen_on_val():
+    """Val separates perfectly (known 0.9, unknown 0.1: threshold 0.5); on test, known A's second image
+    (0.4) is rejected and unknown Z (0.6) accepted. Every figure must be the test side's."""
+    embedded = {"val": _embedded_split(["A", "A", "B", "B"], [0.9] * 4),
+                "unknown_val": _embedded_split(["X", "X"], [0.1, 0.1]),
+                "test": _embedded_split(["A", "A"], [0.9, 0.4]),
+                "unknown_test": _embedded_split(["Z", "W"], [0.6, 0.1])}
+    section = open_set_section(embedded, "test", _score_by_first_column)
+    assert section["threshold"] == 0.5
+    assert (section["baks"], section["baus"], section["balanced_mean"]) == (0.5, 0.5, 0.5)
+    assert section["auroc"] == 0.75  # unknown-vs-known pairs ordered right: (Z, A1), (W, A1), (W, A2), not (Z, A2)
+    assert section["validation"] == {"baks": 1.0, "baus": 1.0}
+    assert (section["known_images"], section["known_individuals"]) == (2, 1)
+    assert (section["unknown_images"], section["unknown_individuals"]) == (2, 2)
+
+
+def _unit_split(rows: list[tuple[str, str]], embeddings: list, logits: list) -> EmbeddedSplit:
+    return EmbeddedSplit(rows, np.array(embeddings, np.float32), np.array(logits, np.float32), 0)
+
+
+def test_closed_set_retrieval_and_source_sections_by_hand():
+    """Gallery: A at (1, 0), B at (0, 1). Queries: a.png (CZoo, A) right by both the classifier and 1-NN;
+    b.png (CTai, A) wrong by both; c.png (CTai, B) right by both."""
+    classes = ClassIndex(["A", "B"])
+    gallery = _unit_split([("g1.png", "A"), ("g2.png", "B")], [[1, 0], [0, 1]], [[0, 0], [0, 0]])
+    query = _unit_split([("a.png", "A"), ("b.png", "A"), ("c.png", "B")], [[1, 0], [0, 1], [0, 1]],
+                        [[2, 0], [0, 2], [0, 2]])
+    closed, matrix = evaluate.closed_set_section(query, classes)
+    assert matrix.tolist() == [[1, 1], [0, 1]] and closed["top1"] == pytest.approx(2 / 3)
+    retrieval = evaluate.retrieval_section(query, gallery)
+    assert retrieval["one_nn_accuracy"] == retrieval["map_at_r"] == pytest.approx(2 / 3)  # not 1: the query
+    assert retrieval["gallery_images"] == 2                                              # is not in the gallery
+    sources = {"a.png": "CZoo", "b.png": "CTai", "c.png": "CTai"}
+    by_source = evaluate.by_source_section(query, gallery, classes, sources)
+    keys = ("num_images", "top1", "one_nn_accuracy", "map_at_r")
+    assert set(by_source) == {"CZoo", "CTai"}
+    assert [by_source["CZoo"][key] for key in keys] == [1, 1.0, 1.0, 1.0]
+    assert [by_source["CTai"][key] for key in keys] == [2, 0.5, 0.5, 0.5]
 
 
 def test_closed_set_thresholds_are_chosen_on_the_correct_val_predictions_only():
