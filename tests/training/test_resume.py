@@ -106,6 +106,32 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninter
     assert_same_run(tmp_path / "artifacts", uninterrupted)
 
 
+@pytest.mark.parametrize("stop_at_step", [1, 6], ids=["epoch 1 step 1", "epoch 2 step 2"])
+def test_a_run_stopped_mid_epoch_resumes_to_match_an_uninterrupted_run(tiny_data, tmp_path, uninterrupted,
+                                                                      monkeypatch, stop_at_step):
+    """The SIGTERM test's signal lands wherever the run happens to be (often between epochs): restarting
+    the stopped epoch from its first step, or dropping its sums so far, passed it. Here the stop comes
+    at a known step, also in the first epoch (no epoch done, no best epoch yet)."""
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": EPOCHS}))
+    steps = []
+
+    def stop_once(self, step, runtime):
+        steps.append(step)
+        if len(steps) == stop_at_step:
+            self.signal_name = "SIGTERM"
+        return len(steps) == stop_at_step
+
+    with monkeypatch.context() as patched:
+        patched.setattr(StopRequest, "requested", stop_once)
+        with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM in epoch \d after step"):
+            run(config)
+    saved = load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")
+    steps_per_epoch = saved["steps_per_epoch"]
+    assert (saved["epoch"], saved["step"]) == divmod(stop_at_step, steps_per_epoch)
+    assert run(config, resume="auto").epoch == EPOCHS
+    assert_same_run(tmp_path / "artifacts", uninterrupted)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes in /proc")
 def test_sigterm_to_every_process_of_a_plain_pipeline_run_stops_it_saved(tiny_data, tmp_path):
     """A batch scheduler signals the whole job: DataLoader workers killed by it made torch raise in
