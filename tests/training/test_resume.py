@@ -705,6 +705,19 @@ def test_a_best_file_of_another_epoch_is_not_brought_along(tmp_path, best_file):
     assert "is not beside it" in said[0]
 
 
+def test_a_mid_epoch_checkpoint_is_not_brought_along_as_its_best_epoch(tmp_path):
+    """Stopped in epoch 4 after epoch 3 was the best: the checkpoint holds epoch 3 plus some steps of
+    epoch 4, not epoch 3's weights; the new `_best.pt` is the old run's `_best.pt`."""
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({**_minimal(3), "step": 2}, old / "run_last.pt")
+    torch.save({**_minimal(3), "model_state": {"w": torch.ones(1)}}, old / "run_best.pt")
+    state = RunState(epoch=3, step=2, best_epoch=3, best_val_top1=0.7)
+    paths = RunPaths(tmp_path / "new", "longer")
+    bring_best_along({**_minimal(3), "step": 2}, old / "run_last.pt", paths, state, SimpleNamespace(print=print))
+    assert paths.best.read_bytes() == (old / "run_best.pt").read_bytes() and state.best_epoch == 3
+
+
 def test_resuming_the_best_file_would_not_replace_a_last_file_that_came_further(tiny_run, tmp_path, capsys):
     """`--resume artifacts/<name>_best.pt` by mistake (tab completion): the run went on from the best
     epoch and replaced `_last.pt` and the CSV, losing every later epoch without a word."""
