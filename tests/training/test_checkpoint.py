@@ -2,6 +2,7 @@
 import errno
 import os
 import pickle
+import time
 import warnings
 import zipfile
 from types import SimpleNamespace
@@ -10,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from src.config import Config
+from src.data.dataset import ClassIndex
 from src.training import checkpoint, train
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.safe_load import CheckpointError, safe_torch_load
 from src.training.checkpoint import CheckpointSaver, CheckpointWriter, atomic_save, snapshot
+from src.training.resume import RunState
 from tests.conftest import write_config
 
 
@@ -250,6 +254,49 @@ def test_saver_writes_a_pending_best_as_best_and_last_and_only_on_rank_0(tmp_pat
     other_rank.save(lambda _: _state(1), improved=True, force=True)
     other_rank.wait()
     assert not (tmp_path / "rank1").exists()
+
+
+def test_a_write_starts_only_once_the_previous_one_has_ended(tmp_path, monkeypatch):
+    """Two writes in flight at once would share the temporary file of `_last.pt` (one per process)."""
+    events = []
+    real_save = checkpoint.atomic_save
+
+    def slow_save(obj, path):
+        events.append(f"start {obj['epoch']}")
+        time.sleep(0.3)
+        real_save(obj, path)
+        events.append(f"end {obj['epoch']}")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", slow_save)
+    writer = CheckpointWriter()
+    writer.save([(snapshot({"epoch": 1}), tmp_path / "x_last.pt")])
+    writer.save([(snapshot({"epoch": 2}), tmp_path / "x_last.pt")])
+    writer.wait()
+    assert events == ["start 1", "end 1", "start 2", "end 2"]
+
+
+def test_the_checkpoint_interval_runs_from_the_last_write(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    paths = RunPaths(tmp_path, "x")
+    saver = CheckpointSaver(paths, interval_s=60, enabled=True)
+    clock[0] += 61
+    saver.save(lambda _: _state(1), improved=False, force=False)  # due
+    clock[0] += 30
+    saver.save(lambda _: _state(2), improved=False, force=False)  # 30 s after that write: not due
+    saver.wait()
+    assert torch.load(paths.last)["epoch"] == 1
+
+
+def test_a_checkpoint_holds_the_gradient_scalers_state():
+    """fp16's loss scale, learnt over the run, is resumed rather than started again at 65536."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    saved = train.checkpoint_dict(model, optimizer, scheduler, scaler, RunState(), Config(), ClassIndex(["a", "b"]),
+                                  "f", 4)
+    assert saved["scaler_state"]["scale"] == 1024.0
 
 
 def test_weights_copied_earlier_are_saved_with_the_rest_of_the_checkpoint(tmp_path):
