@@ -43,3 +43,11 @@ def test_exit_codes_follow_the_signal():
         stop.signal_name = name
         stopped = stop.stopped("after epoch 1", Path("x_last.pt"))
         assert stopped.exit_code == code and stopped.resumable and name in str(stopped)
+
+
+def test_a_signal_keeps_its_exit_code_when_the_output_is_lost_after_it():
+    """SIGTERM, then stdout closed: the stop is still the signal's (143), not SIGPIPE's (141)."""
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    stop.request("SIGPIPE", "stdout could not be written")
+    assert stop.stopped("after epoch 1", Path("x_last.pt")).exit_code == 143
