@@ -1,6 +1,11 @@
 """The guide's contract in `src.training.artifacts`: the epoch line, the metrics CSV, the file names."""
+import errno
+import os
 from pathlib import Path
 
+import pytest
+
+from src import atomic
 from src.training.artifacts import RunPaths, epoch_line, threshold_sidecar_path, write_metrics_csv
 
 # The guide's two example epochs (docs: the user's model-training guide, section 3); every value differs,
@@ -40,3 +45,18 @@ def test_artifact_names_are_the_guides_and_the_sidecar_follows_the_checkpoints_f
     assert [paths.best.name, paths.last.name, paths.metrics.name] == [
         "train_chimp_min10_best.pt", "train_chimp_min10_last.pt", "train_chimp_min10_metrics.csv"]
     assert threshold_sidecar_path(paths.best) == Path("artifacts/train_chimp_min10_best.pt.threshold.json")
+
+
+def test_a_failed_csv_write_keeps_the_previous_csv(tmp_path, monkeypatch):
+    """The CSV is rewritten whole at every save: a write that fails (a full disk) must not leave half of one."""
+    path = tmp_path / "x_metrics.csv"
+    write_metrics_csv(path, GUIDE_ROWS[:1])
+    before = path.read_text()
+
+    def no_room(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.os, "fsync", no_room)
+    with pytest.raises(OSError):
+        write_metrics_csv(path, GUIDE_ROWS)
+    assert path.read_text() == before
