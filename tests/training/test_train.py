@@ -25,6 +25,7 @@ from src.training import distributed as dist_utils
 from src.training import train as train_module
 from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.models.trained import load_checkpoint
+from src.training.resume import RunState
 from src.training.train import (batch_stats, build_model_and_optimizer, make_runtime, run, seed_everything,
                                 wrap_for_training)
 from src.training.train import main as train_main
@@ -597,6 +598,11 @@ def test_the_best_epoch_is_the_first_of_equal_val_top1(tiny_data, tmp_path, monk
     state = run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})))
     assert state.best_epoch == 1
     assert load_checkpoint(tmp_path / "artifacts" / "tiny_best.pt")["epoch"] == 1
+
+
+def test_an_epoch_with_val_top1_0_is_the_first_best():
+    """A run whose every epoch scores 0 (a hard start) still has a `_best.pt`: its first epoch."""
+    assert RunState().record_epoch({"epoch": 1, "val_top1": 0.0})
 
 
 def test_biases_and_norm_weights_are_not_weight_decayed(tiny_data, tmp_path):
