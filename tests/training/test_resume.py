@@ -108,7 +108,7 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninter
 
 @pytest.mark.parametrize("stop_at_step", [1, 6], ids=["epoch 1 step 1", "epoch 2 step 2"])
 def test_a_run_stopped_mid_epoch_resumes_to_match_an_uninterrupted_run(tiny_data, tmp_path, uninterrupted,
-                                                                      monkeypatch, stop_at_step):
+                                                                      monkeypatch, capsys, stop_at_step):
     """The SIGTERM test's signal lands wherever the run happens to be (often between epochs): restarting
     the stopped epoch from its first step, or dropping its sums so far, passed it. Here the stop comes
     at a known step, also in the first epoch (no epoch done, no best epoch yet)."""
@@ -128,8 +128,11 @@ def test_a_run_stopped_mid_epoch_resumes_to_match_an_uninterrupted_run(tiny_data
     saved = load_checkpoint(tmp_path / "artifacts" / "tiny_last.pt")
     steps_per_epoch = saved["steps_per_epoch"]
     assert (saved["epoch"], saved["step"]) == divmod(stop_at_step, steps_per_epoch)
+    capsys.readouterr()
     assert run(config, resume="auto").epoch == EPOCHS
     assert_same_run(tmp_path / "artifacts", uninterrupted)
+    out = capsys.readouterr().out  # resuming its own _last.pt with the same config: nothing to note
+    assert "note: trainer.max_epochs" not in out and "the best so far" not in out
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes in /proc")
@@ -251,7 +254,7 @@ def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path, capsys, capl
     result = train_in_process(capsys, caplog, config_path, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "has finished all 3 epochs: nothing to train" in result.stdout
-    assert "[Epoch" not in result.stdout and "resumed" not in result.stdout
+    assert "[Epoch" not in result.stdout and "resumed" not in result.stdout and "done:" not in result.stdout
     assert not (tmp_path / "artifacts" / "tiny_metrics.csv").exists()  # nothing rewritten
 
 
@@ -753,6 +756,14 @@ def test_the_last_file_a_resume_would_replace_is_read_without_its_weights(tmp_pa
     with pytest.raises(CheckpointError, match=r"\(epoch 1\): it would replace .*run_last.pt, which has come further"):
         check_not_going_back(older, _minimal(1), paths)
     assert loads == [(paths.last, True)]  # memory-mapped: no tensor is read
+
+
+def test_a_last_file_stopped_mid_epoch_has_come_further_than_its_epochs_start(tmp_path):
+    """Going back by a few steps of a stopped epoch loses them too."""
+    paths = RunPaths(tmp_path, "run")
+    torch.save({**_minimal(3), "step": 2}, paths.last)
+    with pytest.raises(CheckpointError, match=r"\(epoch 3\): it would replace .*\(epoch 3, step 2 of epoch 4\)"):
+        check_not_going_back(tmp_path / "run_copy.pt", _minimal(3), paths)
 
 
 @pytest.mark.parametrize("last", [[3, 0], {**_minimal(3), "step": "x"}], ids=["not a dict", "malformed step"])
