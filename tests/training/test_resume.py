@@ -135,6 +135,37 @@ def test_a_run_stopped_mid_epoch_resumes_to_match_an_uninterrupted_run(tiny_data
     assert "note: trainer.max_epochs" not in out and "the best so far" not in out
 
 
+def test_a_stop_after_an_epoch_that_is_not_the_best_saves_that_epoch(tiny_data, tmp_path, monkeypatch):
+    """With writes throttled, the stop's forced save writes the epoch it stopped after; the best
+    epoch held in memory alone would have put `_last.pt` and the CSV back to that epoch."""
+    real_evaluate = train_module.evaluate
+
+    def tied(*args, **kwargs):  # every epoch scores the same: epoch 1 stays the best
+        sums = real_evaluate(*args, **kwargs)
+        sums.totals[1] = sums.totals[3] / 2
+        return sums
+
+    agreements = []
+
+    def stop_after_epoch_2(self, runtime):
+        agreements.append(runtime)
+        if len(agreements) == 2:
+            self.signal_name = "SIGTERM"
+        return len(agreements) == 2
+
+    monkeypatch.setattr(train_module, "evaluate", tied)
+    monkeypatch.setattr(StopRequest, "requested", lambda self, step, runtime: False)
+    monkeypatch.setattr(StopRequest, "agreed", stop_after_epoch_2)  # called once per epoch, after it
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3,
+                                                              "trainer.checkpoint_interval_s": 3600}))
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 2"):
+        run(config)
+    artifacts = tmp_path / "artifacts"
+    assert load_checkpoint(artifacts / "tiny_last.pt")["epoch"] == 2
+    assert load_checkpoint(artifacts / "tiny_best.pt")["epoch"] == 1
+    assert len((artifacts / "tiny_metrics.csv").read_text().splitlines()) == 1 + 2
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes in /proc")
 def test_sigterm_to_every_process_of_a_plain_pipeline_run_stops_it_saved(tiny_data, tmp_path):
     """A batch scheduler signals the whole job: DataLoader workers killed by it made torch raise in
