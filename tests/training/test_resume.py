@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -639,19 +640,23 @@ def test_restoring_the_rng_state_replays_every_generator():
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 
 
-def test_a_crafted_rng_state_is_a_malformed_training_state():
-    """numpy's generator state is stored as a tensor (weights_only); a crafted file holding a number
-    there ended the resume with an AttributeError traceback ('int' object has no attribute 'numpy')."""
+def _restore_with_rng(crafted: Callable[[dict], dict]) -> None:
+    """`restore` of a small sound checkpoint whose rng state is `crafted(rng_state())`."""
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    rng = rng_state()
     checkpoint = {"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                   "scheduler_state": scheduler.state_dict(), "scaler_state": {}, "epoch": 1, "best_val_top1": 0.5,
-                  "best_epoch": 1, "history": [], "rng": {**rng, "numpy": {**rng["numpy"], "keys": 5}}}
+                  "best_epoch": 1, "history": [], "rng": crafted(rng_state())}
     runtime = SimpleNamespace(dist=SimpleNamespace(is_main=True))
+    restore(checkpoint, "x.pt", model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), runtime)
+
+
+def test_a_crafted_rng_state_is_a_malformed_training_state():
+    """numpy's generator state is stored as a tensor (weights_only); a crafted file holding a number
+    there ended the resume with an AttributeError traceback ('int' object has no attribute 'numpy')."""
     with pytest.raises(CheckpointError, match=r"^cannot resume from x.pt: malformed training state \(AttributeError: "):
-        restore(checkpoint, "x.pt", model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), runtime)
+        _restore_with_rng(lambda rng: {**rng, "numpy": {**rng["numpy"], "keys": 5}})
 
 
 def test_a_resume_with_fewer_epochs_than_already_trained_is_refused(tmp_path):
@@ -844,16 +849,8 @@ def test_a_long_value_of_a_crafted_stored_config_is_clipped_in_the_differences(t
 
 def test_a_long_value_in_a_crafted_rng_state_is_clipped_in_its_error():
     """random.setstate repeats the version it was given in its ValueError."""
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    rng = rng_state()
-    checkpoint = {"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                  "scheduler_state": scheduler.state_dict(), "scaler_state": {}, "epoch": 1, "best_val_top1": 0.5,
-                  "best_epoch": 1, "history": [], "rng": {**rng, "python": (LONG, *rng["python"][1:])}}
-    runtime = SimpleNamespace(dist=SimpleNamespace(is_main=True))
     with pytest.raises(CheckpointError, match=r"malformed training state \(ValueError: ") as info:
-        restore(checkpoint, "x.pt", model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), runtime)
+        _restore_with_rng(lambda rng: {**rng, "python": (LONG, *rng["python"][1:])})
     assert len(str(info.value)) < 500
 
 
