@@ -26,7 +26,7 @@ TEMPORARY_INFIX = ".tmp-"
 def atomic_destination(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write; on success it replaces `path` durably, on
     an exception it is removed and `path` is untouched."""
-    path = _through_link(Path(path))
+    path = through_link(Path(path))
     make_folder(path.parent)
     tmp = _temporary(path)
     try:
@@ -53,7 +53,7 @@ def replaced_together() -> Iterator[Callable[[str | Path], Path]]:
     staged: dict[Path, Path] = {}
 
     def stage(path: str | Path) -> Path:
-        path = _through_link(Path(path))
+        path = through_link(Path(path))
         staged[path] = _temporary(path)
         return staged[path]
 
@@ -81,7 +81,7 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
 
 
-def _through_link(path: Path) -> Path:
+def through_link(path: Path) -> Path:
     """The file a symbolic link at `path` points to, which a write replaces, as `open(path, "w")` would:
     renaming over the link itself left the file it points to (a shared gallery, say) as it was."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path  # realpath: a link loop is no error
@@ -110,7 +110,7 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     """Removes the temporary files of writes to `path` that were killed before their rename (kill -9,
     a power cut: nothing ran to clean up) and returns them. Only while no other process can be writing
     `path` (one holding its lock), whose temporary file this would remove."""
-    path = _through_link(Path(path))
+    path = through_link(Path(path))
     return _removed(path.parent.glob(f".{glob.escape(path.name)}{TEMPORARY_INFIX}*"))
 
 

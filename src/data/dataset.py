@@ -36,7 +36,6 @@ class DatasetError(Exception):
     """A problem with the prepared dataset, in one line that says what to do about it."""
 
 
-
 def _not_prepared(root: Path, path: Path) -> str:
     """Why `root` holds no prepared dataset (`path`, its prepared.json, is missing), naming the folder
     to give where the user gave a folder near one."""

@@ -31,7 +31,6 @@ import hashlib
 import io
 import itertools
 import math
-import os
 import re
 import sys
 import zipfile
@@ -495,9 +494,9 @@ def changing(path: Path) -> Iterator[None]:
     def say() -> None:
         print(f"waiting for another gallery command to finish with {path} ...", file=sys.stderr, flush=True)
 
-    # Beside the file written, a symbolic link's target (`atomic`): commands given two links to one
-    # gallery, or a link and the file, take turns too.
-    written = Path(os.path.realpath(path))
+    # Beside the file written, a symbolic link's target: commands given two links to one gallery, or a
+    # link and the file, take turns too.
+    written = atomic.through_link(path)
     with ExitStack() as stack:
         try:
             stack.enter_context(locks.exclusive(written.with_name(f".{written.name}.lock"), on_wait=say))

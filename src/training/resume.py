@@ -259,7 +259,9 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
                               f"checkpoints (this one: {resume_path or 'none'}, {state.epoch} epochs done); "
                               f"every machine must see the same {resume_path or paths.last} "
                               "(trainer.output_dir on shared storage)")
-    if checkpoint is not None and runtime.dist.is_main and resume_path.resolve() == paths.last.resolve():
+    # Continuing this run's own `_last.pt`, not a checkpoint taken on under other files.
+    own_last = checkpoint is not None and resume_path.resolve() == paths.last.resolve()
+    if own_last and runtime.dist.is_main:
         mend_metrics_csv(paths, state, runtime)
     if checkpoint is not None and state.epoch == config.trainer.max_epochs:
         runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
@@ -272,7 +274,7 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
             change = "it rises again: a warm restart" if now > planned else "it falls faster"
             runtime.print(f"note: trainer.max_epochs {planned} -> {now}: from here the learning rate follows the "
                           f"cosine of a {now}-epoch run ({change})")
-        if runtime.dist.is_main and resume_path.resolve() != paths.last.resolve():
+        if runtime.dist.is_main and not own_last:
             bring_best_along(checkpoint, resume_path, paths, state, runtime)
     elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
         runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
