@@ -20,6 +20,7 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -320,6 +321,31 @@ def _read_individual_folder(root: Path, folder: Path) -> tuple[list[Record], lis
             continue
         records.append(Record(path=rel, individual=folder.name, source="folder", origin=rel))
     return records, unknown_formats
+
+
+def sites_as_individuals(root: Path, records: Sequence[Record]) -> str | None:
+    """A one-line warning when `read_folder`'s `root` looks like `root/<site>/<individual>/<image>`,
+    whose images it labels with the site's name, else None. Suspected when no top-level folder holds
+    an image directly, each holds two or more folders of images, and no such folder name recurs under
+    another top-level folder: the years or dates of `Kofi/2019/` do recur, individuals (each at one
+    site) do not. Names alone cannot tell an individual's own session folders from individuals, so
+    this warns rather than refuses a layout the folder input documents."""
+    inner: dict[str, set[str]] = {}
+    for record in records:
+        top, *below = record.path.split("/")
+        if len(below) < 2:  # an image directly in a top-level folder: an individual's folder
+            return None
+        inner.setdefault(top, set()).add(below[0])
+    recurring = Counter(name for names in inner.values() for name in names)
+    if any(len(names) < 2 for names in inner.values()) or max(recurring.values()) > 1:
+        return None
+    site = min(inner)
+    names = sorted(inner[site])
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{root / site} holds no image directly, only {len(names)} folders of images ({shown}), and none of "
+            f"their names recurs under another top-level folder as years or dates do: if they are individuals "
+            f"(a <site>/<individual>/ layout), all its images are labelled {site!r}; give --folder {root / site} "
+            f"(one prepare per site) or name the images with a --list file")
 
 
 def _hidden(name: str) -> bool:

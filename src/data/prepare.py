@@ -37,7 +37,8 @@ from pathlib import Path
 from src import atomic, locks
 from src.config import DataConfig
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
-                                  holds_standins, read_cvjena, read_folder, read_list_file)
+                                  holds_standins, read_cvjena, read_folder, read_list_file,
+                                  sites_as_individuals)
 from src.data.dataset import FORMAT_VERSION
 from src.data.download import DEFAULT_URL, DownloadError, absent_images, fetch_release
 from src.data.lists import Row, canonical_name, write_list
@@ -289,6 +290,9 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
     fix = LabelsFix.load(labels_fix) if isinstance(labels_fix, (str, Path)) else labels_fix
     raw, input_kind, parsed = read_input(_path(raw_dir), _path(folder), _path(list_file))
     log.info("input      %s: %s", input_kind, raw)
+    nested = sites_as_individuals(raw, parsed) if input_kind == "folder" else None
+    if nested:
+        log.warning("warning    %s", nested)
     standins = input_kind == "cvjena" and holds_standins(raw)
     if standins:
         log.warning("stand-in   these are synthetic images drawn by src.data.standin, not chimpanzees "

@@ -295,6 +295,29 @@ def test_the_individuals_below_min_images_are_named_on_the_console(tmp_path, cap
             in caplog.text)
 
 
+SITES = {"Tai/Kofi": 2, "Tai/Zuri": 2, "Tai/Ama": 2, "Tai/Lome": 2, "Zoo/Fredy": 2, "Zoo/Pia": 2}
+
+
+@pytest.mark.parametrize("layout", [{"Kofi/2019": 2, "Kofi/2020": 2, "Zuri/2019": 2, "Zuri/2021": 2},
+                                    {"Kofi/a": 2, "Kofi/b": 2, "Zuri": 2, "Zuri/c": 2},
+                                    {"Kofi/a": 2, "Kofi/b": 2, "Zuri/c": 4}, {"Kofi": 4, "Zuri": 4}])
+def test_a_folder_of_sites_is_warned_about_and_year_folders_are_not(tmp_path, caplog, layout):
+    """photos/<site>/<individual>/ was read silently as a few individuals named after the sites. Not so
+    an individual's years (they recur), loose images in it, or a single sub-folder."""
+    caplog.set_level("INFO", logger="src.data.prepare")
+    sites = _folder(tmp_path / "sites", SITES)
+    result = prepare(folder=sites, out_dir=tmp_path / "out", min_images=3, open_set_individuals=0)
+    assert result.prepared["num_classes"] == 2  # still read as documented: the warning says what happened
+    assert (f"warning    {sites / 'Tai'} holds no image directly, only 4 folders of images (Ama, Kofi, Lome, ...), "
+            "and none of their names recurs under another top-level folder as years or dates do: if they are "
+            "individuals (a <site>/<individual>/ layout), all its images are labelled 'Tai'; give --folder "
+            f"{sites / 'Tai'} (one prepare per site) or name the images with a --list file") in caplog.text
+    caplog.clear()
+    prepare(folder=_folder(tmp_path / "photos", layout), out_dir=tmp_path / "out", min_images=3,
+            open_set_individuals=0)
+    assert "holds no image directly" not in caplog.text and "individuals (folder 8)" in caplog.text
+
+
 @pytest.mark.parametrize("out_dir", [".", "data"])
 def test_an_out_dir_inside_the_folder_of_photos_is_refused(tmp_path, out_dir):
     """Before, it worked once; the next run read annotations/ as an individual and failed on '.txt'."""
