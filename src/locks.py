@@ -1,4 +1,5 @@
-"""Advisory file locks (POSIX `flock`): one process at a time over a shared output.
+"""Advisory file locks (POSIX `flock`): one process at a time over a shared output (`exclusive`),
+or readers of it all at once, while no writer holds it (`shared`).
 
 The kernel releases a lock when its process ends, even by `kill -9` (a child forked while it is held
 does not keep it), so a lock file left behind is harmless and never needs cleaning up. Windows has no
@@ -49,19 +50,60 @@ def exclusive(path: str | Path, *, wait: bool = True,
         yield False
         return
     path = Path(path)
-    while True:
+
+    def open_lock_file():
         atomic.make_folder(path.parent)
-        handle = open(path, "a")
+        return open(path, "a")
+
+    with _locked(path, open_lock_file, fcntl.LOCK_EX, wait, on_wait) as real:
+        yield real
+
+
+@contextmanager
+def shared(path: str | Path, *, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Hold a shared lock on `path` for the block: readers hold it together, and wait while a writer
+    holds `exclusive`. Yields whether the lock is real. A reader may not be able to write there (a
+    read-only copy of the data), so the file is opened for reading when it cannot be created, and no
+    folder is made; where there is no lock file to open, no writer has used one: no lock."""
+    if fcntl is None:
+        yield False
+        return
+    path = Path(path)
+
+    def open_lock_file():
+        try:
+            return open(path, "a")
+        except FileNotFoundError:  # no folder: nothing there to read either
+            return None
+        except OSError:  # not writable here
+            try:
+                return open(path, "r")
+            except OSError:
+                return None
+
+    with _locked(path, open_lock_file, fcntl.LOCK_SH, True, on_wait) as real:
+        yield real
+
+
+@contextmanager
+def _locked(path: Path, open_lock_file: Callable, operation: int, wait: bool,
+            on_wait: Callable[[], None] | None) -> Iterator[bool]:
+    """Lock the file `open_lock_file` opens (None: no lock) with `operation` for the block."""
+    while True:
+        handle = open_lock_file()
+        if handle is None:
+            yield False
+            return
         try:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, operation | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not wait:
                     raise LockHeld(f"{path} is held by another process") from None
                 if on_wait is not None:
                     on_wait()
                     on_wait = None
-                fcntl.flock(handle, fcntl.LOCK_EX)
+                fcntl.flock(handle, operation)
             if _names(handle, path):
                 break
         except BaseException:  # LockHeld; Ctrl-C while waiting, say

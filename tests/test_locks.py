@@ -12,7 +12,7 @@ import time
 import pytest
 
 from src import locks
-from src.locks import LockHeld, exclusive
+from src.locks import LockHeld, exclusive, shared
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
@@ -81,6 +81,49 @@ def test_a_lock_file_replaced_while_waiting_is_locked_afresh(tmp_path, monkeypat
     finally:
         release.set()
         thread.join(10)
+
+
+def test_shared_locks_are_held_together_and_wait_for_an_exclusive_one(tmp_path):
+    lock = tmp_path / ".lock"
+    with shared(lock) as first, shared(lock) as second:
+        assert first and second
+        with pytest.raises(LockHeld):
+            with exclusive(lock, wait=False):
+                pass
+    reading, waited = threading.Event(), []
+
+    def reader():
+        with shared(lock, on_wait=lambda: waited.append(True)):
+            reading.set()
+
+    with exclusive(lock):
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert not reading.wait(0.3)
+    assert reading.wait(10) and waited == [True]
+    thread.join(10)
+
+
+def test_a_shared_lock_needs_no_write_access_and_makes_no_folder(tmp_path, monkeypatch):
+    """Readers of a read-only copy of a prepared dataset (a cluster's data mount) lock the file prepare
+    left there; with no file or no folder there is nothing to lock, and nothing is created."""
+    lock = tmp_path / ".lock"
+    lock.touch()
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+"):
+            raise OSError(30, "Read-only file system", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(locks, "open", read_only, raising=False)
+    with shared(lock) as real, open(lock) as other:
+        assert real
+        with pytest.raises(BlockingIOError):
+            locks.fcntl.flock(other, locks.fcntl.LOCK_EX | locks.fcntl.LOCK_NB)
+    for missing in (tmp_path / ".other.lock", tmp_path / "none" / ".lock"):
+        with shared(missing) as real:
+            assert not real
+        assert not missing.exists() and not (tmp_path / "none").exists()
 
 
 # The child says so once fork has returned in it, that is after the fork handlers ran there: 'held' alone

@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from src import locks
 from src.data.annotations import RELEASE_FOLDER
 from src.data.decode import decode_for_cache
 from src.data.io import IMAGE_EXTENSIONS, ImageLoadError
@@ -26,6 +28,7 @@ from src.errors import folder_or_file, is_whole
 from src.textfiles import read_json
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
+PREPARE_LOCK = ".prepare.lock"  # in annotations/: prepare writes under it (exclusive), readers read (shared)
 _REQUIRED_KEYS = ("raw_dir", "min_images", "seed", "num_classes", "format_version")
 _RERUN = "run `python -m src.data.prepare` to (re)create it"
 
@@ -68,6 +71,37 @@ def _holds_individual_folders(root: Path) -> bool:
         return False
 
 
+def _read_prepared(root: Path) -> dict:
+    """`<root>/annotations/prepared.json`, checked; DatasetError saying what to do when it is unusable."""
+    path = root / "annotations" / "prepared.json"
+    if not folder_or_file(path, DatasetError, "prepared dataset")[1]:
+        raise DatasetError(_not_prepared(root, path))
+    try:
+        meta = read_json(path, DatasetError)
+    except DatasetError as exc:
+        raise DatasetError(f"{exc}; {_RERUN}") from None
+    missing = [key for key in _REQUIRED_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise DatasetError(f"{path}: missing {', '.join(missing)}; {_RERUN}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format_version {meta['format_version']!r}, this code reads "
+                           f"{FORMAT_VERSION}; {_RERUN}")
+    wrong = [key for key in _REQUIRED_KEYS[1:] if not is_whole(meta[key])]
+    if not isinstance(meta["raw_dir"], str) or "\0" in meta["raw_dir"]:  # no path holds a NUL
+        wrong.insert(0, "raw_dir")
+    if wrong:
+        raise DatasetError(f"{path}: a value has the wrong type ("
+                           + ", ".join(f"{key}: {meta[key]!r}"[:80] for key in wrong) + f"); {_RERUN}")
+    return meta
+
+
+def _reading(root: Path):
+    """The prepare lock of `root`, shared: `prepare` writes its files under it, exclusive."""
+    annotations = root / "annotations"
+    return locks.shared(annotations / PREPARE_LOCK,
+                        on_wait=partial(log.warning, "waiting for a prepare writing into %s ...", annotations))
+
+
 @dataclass(frozen=True)
 class PreparedData:
     """The output of `prepare` under `root`: where the images are and which split lists exist."""
@@ -78,39 +112,43 @@ class PreparedData:
     seed: int
     num_classes: int
     standins: bool = False  # synthetic images of src.data.standin (prepared.json's `standins`)
+    prepared: dict = field(default_factory=dict, compare=False, repr=False)  # prepared.json as loaded
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
         """Read `<root>/annotations/prepared.json`; a relative raw_dir is taken relative to root."""
         root = Path(root)
-        path = root / "annotations" / "prepared.json"
-        if not folder_or_file(path, DatasetError, "prepared dataset")[1]:
-            raise DatasetError(_not_prepared(root, path))
-        try:
-            meta = read_json(path, DatasetError)
-        except DatasetError as exc:
-            raise DatasetError(f"{exc}; {_RERUN}") from None
-        missing = [key for key in _REQUIRED_KEYS if not isinstance(meta, dict) or key not in meta]
-        if missing:
-            raise DatasetError(f"{path}: missing {', '.join(missing)}; {_RERUN}")
-        if meta["format_version"] != FORMAT_VERSION:
-            raise DatasetError(f"{path}: format_version {meta['format_version']!r}, this code reads "
-                               f"{FORMAT_VERSION}; {_RERUN}")
-        wrong = [key for key in _REQUIRED_KEYS[1:] if not is_whole(meta[key])]
-        if not isinstance(meta["raw_dir"], str) or "\0" in meta["raw_dir"]:  # no path holds a NUL
-            wrong.insert(0, "raw_dir")
-        if wrong:
-            raise DatasetError(f"{path}: a value has the wrong type ("
-                               + ", ".join(f"{key}: {meta[key]!r}"[:80] for key in wrong) + f"); {_RERUN}")
+        with _reading(root):
+            meta = _read_prepared(root)
         return cls(root=root, raw_dir=root / meta["raw_dir"], min_images=meta["min_images"], seed=meta["seed"],
-                   num_classes=meta["num_classes"], standins=meta.get("standins") is True)
+                   num_classes=meta["num_classes"], standins=meta.get("standins") is True, prepared=meta)
 
     def has_open_set(self) -> bool:
         """Whether prepare wrote the open-set lists (not with `--open-set-individuals 0`)."""
         return (self.root / "annotations" / "open_set").is_dir()
 
+    def splits(self, names: Sequence[str], open_set: bool = False) -> dict[str, list[Row]]:
+        """The rows of each named split (`split`), read together while no prepare writes into `root` (its
+        lock, shared), so that all are of one prepare: one running into the same folder wrote train.txt,
+        then val.txt, ..., and a reader in between got a new train list with an old val list, whose
+        images overlap. A prepare that ran since `load` is refused, its lists being of another dataset
+        than the prepared.json loaded (raw_dir, num_classes)."""
+        with _reading(self.root):
+            path = self.root / "annotations" / "prepared.json"
+            try:
+                current = read_json(path, DatasetError)
+            except DatasetError:  # removed: a prepare that failed or was killed since
+                current = None
+            if current != self.prepared:
+                raise DatasetError(f"{path} changed since this command read it (a prepare into {self.root} ran "
+                                   "meanwhile): run the command again once prepare has finished")
+            return {name: self._read_split(name, open_set) for name in names}
+
     def split(self, name: str, open_set: bool = False) -> list[Row]:
         """Rows of `annotations/<name>.txt`, or of `annotations/open_set/<name>.txt` when open_set."""
+        return self.splits([name], open_set)[name]
+
+    def _read_split(self, name: str, open_set: bool) -> list[Row]:
         if not name or "/" in name or "\\" in name or name.startswith("."):
             raise DatasetError(f"split name {name!r} must be a plain name such as 'train'")
         folder = self.root / "annotations" / ("open_set" if open_set else "")

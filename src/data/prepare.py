@@ -39,7 +39,7 @@ from src.config import DataConfig
 from src.data.annotations import (KEYPOINT_NAMES, AnnotationError, LabelsFix, Record, check_names,
                                   holds_standins, read_cvjena, read_folder, read_list_file,
                                   sites_as_individuals)
-from src.data.dataset import FORMAT_VERSION
+from src.data.dataset import FORMAT_VERSION, PREPARE_LOCK
 from src.data.download import DEFAULT_URL, DownloadError, absent_images, fetch_release
 from src.data.lists import Row, canonical_name, write_list
 from src.data.splits import (DEFAULT_FRACTIONS, MIN_IMAGES_PER_INDIVIDUAL, SplitError,
@@ -350,9 +350,10 @@ def prepare(raw_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT
 
 @contextmanager
 def _writing_alone(annotations_dir: Path) -> Iterator[None]:
-    """Hold `annotations/.prepare.lock` for the block, saying so when another run holds it first."""
+    """Hold `annotations/.prepare.lock` for the block, saying so when another run holds it first; training,
+    evaluation and inference read the lists under it, shared (`PreparedData`)."""
     say = partial(log.warning, "waiting    for another prepare writing into %s ...", annotations_dir)
-    with locks.exclusive(annotations_dir / ".prepare.lock", on_wait=say):
+    with locks.exclusive(annotations_dir / PREPARE_LOCK, on_wait=say):
         for folder in (annotations_dir, annotations_dir / "open_set"):
             for leftover in atomic.remove_leftovers_in(folder):
                 log.info("removed    %s, a partial write of a prepare that was killed", leftover)

@@ -151,7 +151,7 @@ def read_splits(data: PreparedData, split: str, open_set: bool) -> dict[str, lis
     names = ["train", "val", split]
     if open_set:
         names += ["unknown_val", f"unknown_{split}"]
-    return {name: data.split(name, open_set=open_set) for name in dict.fromkeys(names)}
+    return data.splits(list(dict.fromkeys(names)), open_set=open_set)
 
 
 def check_individuals(splits: dict[str, list[tuple[str, str]]], classes: ClassIndex) -> None:

@@ -201,8 +201,8 @@ def load_data(config: Config, data: PreparedData,
     if data.standins:
         runtime.print(f"note: {config.data.root} holds stand-in images (synthetic, not chimpanzees): its numbers "
                       "say nothing about chimpanzees")
-    train_rows = data.split("train", open_set=config.data.open_set)
-    val_rows = data.split("val", open_set=config.data.open_set)
+    lists = data.splits(["train", "val"], open_set=config.data.open_set)  # of one prepare
+    train_rows, val_rows = lists["train"], lists["val"]
     classes = ClassIndex.from_rows(train_rows)
     if len(classes) != config.data.num_classes:
         raise ConfigError(f"data.num_classes: config says {config.data.num_classes} but the prepared "

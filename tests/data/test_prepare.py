@@ -21,7 +21,7 @@ from PIL import Image
 from src.data.annotations import AnnotationError, LabelsFix, Record
 from src.data import prepare as prepare_module
 from src.data import standin
-from src.data.dataset import PreparedData
+from src.data.dataset import DatasetError, PreparedData
 from src.data.lists import read_list
 from src.data.prepare import PrepareError, apply_labels_fix, main, prepare
 from src.data.splits import SplitError, choose_unknown, stratified_split
@@ -557,6 +557,54 @@ def test_two_runs_into_one_out_dir_do_not_mix_their_files(tmp_path, monkeypatch,
     for name in ("train.txt", "val.txt", "test.txt", "open_set/unknown_ids.txt", "metadata.csv"):
         assert (out / name).read_text() == (expected / name).read_text(), name
     assert f"waiting    for another prepare writing into {out} ..." in caplog.text
+
+
+def test_a_reader_gets_the_lists_of_one_prepare(tmp_path, monkeypatch, caplog):
+    """A prepare writing into the folder a training run read prepared.json from wrote train.txt, then
+    val.txt, ...: the run got the new train list beside the old val list, images in both. Now a reader
+    waits for the prepare; one that loaded the dataset before it is refused, a new one reads its lists."""
+    raw = make_release(tmp_path / "raw", CZOO, CTAI)
+    out = tmp_path / "out"
+    prepare(raw, tmp_path / "seed1", **_quiet(seed=1))
+    prepare(raw, out, **_quiet(seed=0))
+    loaded_before = PreparedData.load(out)
+    write_list, midway, go = prepare_module.write_list, threading.Event(), threading.Event()
+
+    def pausing_after_train_txt(path, rows):
+        write_list(path, rows)
+        if path == out / "annotations" / "train.txt":
+            midway.set()
+            go.wait(30)
+
+    monkeypatch.setattr(prepare_module, "write_list", pausing_after_train_txt)
+    second = threading.Thread(target=prepare, args=(raw, out), kwargs=_quiet(seed=1))
+    second.start()
+    assert midway.wait(60)
+    read = {}
+
+    def reader(name, data):
+        try:
+            data = data()
+            read[name] = {split: data.split(split) for split in ("train", "val")}
+        except DatasetError as exc:
+            read[name] = str(exc)
+
+    readers = [threading.Thread(target=reader, args=("before", lambda: loaded_before)),
+               threading.Thread(target=reader, args=("new", lambda: PreparedData.load(out)))]
+    for thread in readers:
+        thread.start()
+    deadline = time.monotonic() + 10  # until both wait for the prepare (unlocked, they had read meanwhile)
+    while caplog.text.count("waiting for a prepare writing into") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.set()
+    for thread in (second, *readers):
+        thread.join(60)
+    assert read["before"] == (f"{out / 'annotations' / 'prepared.json'} changed since this command read it (a "
+                              f"prepare into {out} ran meanwhile): run the command again once prepare has finished")
+    train, val = read["new"]["train"], read["new"]["val"]
+    assert not {path for path, _ in train} & {path for path, _ in val}
+    assert (train, val) == tuple(read_list(tmp_path / "seed1" / "annotations" / f"{s}.txt") for s in ("train", "val"))
+    assert caplog.text.count(f"waiting for a prepare writing into {out / 'annotations'} ...") == 2
 
 
 KILLED_BEFORE_RENAMING = """
