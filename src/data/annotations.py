@@ -337,7 +337,7 @@ def sites_as_individuals(root: Path, records: Sequence[Record]) -> str | None:
             return None
         inner.setdefault(top, set()).add(below[0])
     recurring = Counter(name for names in inner.values() for name in names)
-    if any(len(names) < 2 for names in inner.values()) or max(recurring.values()) > 1:
+    if not inner or any(len(names) < 2 for names in inner.values()) or max(recurring.values()) > 1:
         return None
     site = min(inner)
     names = sorted(inner[site])

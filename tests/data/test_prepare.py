@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data.annotations import AnnotationError, LabelsFix, Record
+from src.data.annotations import AnnotationError, LabelsFix, Record, sites_as_individuals
 from src.data import prepare as prepare_module
 from src.data import standin
 from src.data.dataset import DatasetError, PreparedData
@@ -316,6 +316,7 @@ def test_a_folder_of_sites_is_warned_about_and_year_folders_are_not(tmp_path, ca
     prepare(folder=_folder(tmp_path / "photos", layout), out_dir=tmp_path / "out", min_images=3,
             open_set_individuals=0)
     assert "holds no image directly" not in caplog.text and "individuals (folder 8)" in caplog.text
+    assert sites_as_individuals(sites, []) is None  # no image at all: prepare's own error says so
 
 
 @pytest.mark.parametrize("out_dir", [".", "data"])
