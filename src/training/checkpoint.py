@@ -203,8 +203,7 @@ class CheckpointSaver:
         if improved:
             self.pending_best = current
         if due:
-            best = [(self.pending_best, self.paths.best)] if self.pending_best is not None else []
-            self._write(best + [(current, self.paths.last)])
+            self._write(current)
             self.pending_best, self.last_write = None, time.monotonic()
 
     def write_pending_best(self) -> int | None:
@@ -215,14 +214,24 @@ class CheckpointSaver:
         epoch = None
         if self.pending_best is not None:
             epoch = self.pending_best.tree["epoch"]
-            self._write([(self.pending_best, self.paths.best), (self.pending_best, self.paths.last)])
+            self._write(self.pending_best)
         self.wait()
         return epoch
 
     def wait(self) -> None:
         self.writer.wait()
 
-    def _write(self, items: list[tuple[Snapshot, Path]]) -> None:
-        """Write `(snapshot, path)` pairs in the background, then the CSV of the last one's history."""
-        history = items[-1][0].tree["history"]
+    def _write(self, current: Snapshot) -> None:
+        """Write `current` as `_last.pt` and the best epoch held in memory as `_best.pt`, in the background,
+        then the CSV of `current`'s history. Each file is atomic, the pair is not: so that a run killed
+        between two files (kill -9, a full disk) never leaves a `_best.pt` newer than `_last.pt` (the best
+        epoch of a trajectory the resume no longer follows, written over the best epoch `_last.pt` names),
+        `_best.pt` is written after `_last.pt` holds that epoch; a best epoch older than `current` is
+        first written as `_last.pt` (one write more). A resume then finds the best epoch of its `_last.pt`
+        in `_best.pt` or in `_last.pt` itself (`resume.mend_best_file`)."""
+        best = self.pending_best
+        items = [] if best is None else [(best, self.paths.last), (best, self.paths.best)]
+        if current is not best:
+            items.append((current, self.paths.last))
+        history = current.tree["history"]
         self.writer.save(items, after=lambda: write_metrics_csv(self.paths.metrics, history))

@@ -229,13 +229,36 @@ def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state
         state.best_val_top1, state.best_epoch = -1.0, 0
         return
     if source.resolve() != paths.best.resolve():
-        try:
-            with atomic.atomic_destination(paths.best) as temporary:
-                shutil.copyfile(source, temporary)
-        except OSError as exc:  # a full disk, say: the command's other file errors are one line too
-            raise CheckpointError(f"cannot resume from {resume_path}: could not copy its best epoch ({source}) "
-                                  f"to {paths.best} ({exc.strerror or exc})") from None
+        copy_best_epoch(source, resume_path, paths)
     runtime.print(f"note: {paths.best} is epoch {state.best_epoch}, the best so far, from {source}")
+
+
+def copy_best_epoch(source: Path, resume_path: Path, paths: RunPaths) -> None:
+    """Copy `source`, the best epoch of the checkpoint resumed, to the run's `_best.pt`, atomically."""
+    try:
+        with atomic.atomic_destination(paths.best) as temporary:
+            shutil.copyfile(source, temporary)
+    except OSError as exc:  # a full disk, say: the command's other file errors are one line too
+        raise CheckpointError(f"cannot resume from {resume_path}: could not copy its best epoch ({source}) "
+                              f"to {paths.best} ({exc.strerror or exc})") from None
+
+
+def epoch_of_this_run(path: Path, history: list[dict]) -> int | None:
+    """The epoch `path` holds when it is an epoch's end in the run whose metrics history is `history`
+    (its own history is the start of that one), else None: missing, damaged, stopped mid-epoch, another
+    run's (an earlier run of the same name: its rows differ, in their seconds at least), or an epoch
+    past `history`'s end."""
+    try:
+        saved = load_checkpoint(path, mmap=True)
+    except CheckpointError:
+        return None
+    epoch, step, its_history = saved["epoch"], saved.get("step", 0), saved.get("history")
+    if not (is_whole(step) and step == 0 and 1 <= epoch <= len(history) and isinstance(its_history, list)
+            and len(its_history) == epoch):
+        return None
+    # Compared as text: a NaN (a validation loss that overflowed) equals itself, and the tensors a crafted
+    # file may hold compare without raising. Floats are written exactly, so their text is equal when they are.
+    return epoch if repr(its_history) == repr(history[:epoch]) else None
 
 
 def saved_epoch(path: Path) -> int | None:
@@ -263,6 +286,7 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
     own_last = checkpoint is not None and resume_path.resolve() == paths.last.resolve()
     if own_last and runtime.dist.is_main:
         mend_metrics_csv(paths, state, runtime)
+        mend_best_file(paths, state, runtime)
     if checkpoint is not None and state.epoch == config.trainer.max_epochs:
         runtime.print(f"{resume_path} has finished all {state.epoch} epochs: nothing to train "
                       "(raise trainer.max_epochs to train longer)")
@@ -302,3 +326,32 @@ def mend_metrics_csv(paths: RunPaths, state: RunState, runtime: Runtime) -> None
                               f"({exc.strerror or exc})") from None
     runtime.print(f"note: rewrote {paths.metrics} from the history of the checkpoint resumed ({state.epoch} "
                   "epochs): it did not match (a run killed, or stopped by a full disk, while saving)")
+
+
+def mend_best_file(paths: RunPaths, state: RunState, runtime: Runtime) -> None:
+    """A save writes `_last.pt`, then `_best.pt` (`CheckpointSaver._write`): a run killed in between, or
+    whose `_best.pt` write failed (a full disk), left `_last.pt` holding its best epoch and `_best.pt` an
+    older one, or an earlier run's. Resuming that `_last.pt`, it is copied to `_best.pt`. A `_best.pt`
+    that is not the epoch `_last.pt` names otherwise (removed or replaced by hand, or left by a version
+    that wrote `_best.pt` first) is not kept as if it were: an epoch of this run's history becomes the
+    best so far; anything else, and the best is chosen afresh among the epochs trained from here."""
+    if state.best_epoch == 0:  # no best epoch yet: a `_best.pt` there is not this run's (a stop says so)
+        return
+    held = epoch_of_this_run(paths.best, state.history)
+    if held == state.best_epoch:
+        return
+    if state.best_epoch == state.epoch and state.step == 0:  # `_last.pt` is that epoch
+        copy_best_epoch(paths.last, paths.last, paths)
+        runtime.print(f"note: {paths.best} is epoch {state.best_epoch}, the best so far, copied from {paths.last}: "
+                      f"{paths.best.name} did not hold it (a run stopped between writing the two, by kill -9 or a "
+                      "full disk, or a file removed)")
+        return
+    named = state.best_epoch
+    if held is not None:
+        state.best_epoch, state.best_val_top1 = held, state.history[held - 1]["val_top1"]
+        runtime.print(f"note: {paths.best} holds epoch {held}, not epoch {named}, the best that {paths.last} names; "
+                      f"epoch {held} (val top1={state.best_val_top1:.4f}) is the best so far")
+    else:
+        state.best_val_top1, state.best_epoch = -1.0, 0
+        runtime.print(f"note: epoch {named}, the best that {paths.last} names, is not in {paths.best} (missing, "
+                      f"damaged or another run's); {paths.best} will be the best of the epochs trained from here")

@@ -256,6 +256,31 @@ def test_saver_writes_a_pending_best_as_best_and_last_and_only_on_rank_0(tmp_pat
     assert not (tmp_path / "rank1").exists()
 
 
+@pytest.mark.parametrize("saves, written", [
+    ([(1, True, True)], [("x_last.pt", 1), ("x_best.pt", 1)]),
+    ([(1, True, False), (2, False, True)], [("x_last.pt", 1), ("x_best.pt", 1), ("x_last.pt", 2)]),
+    ([(1, True, False), "failure"], [("x_last.pt", 1), ("x_best.pt", 1)]),
+], ids=["a new best", "a best held in memory, then a later epoch", "a best held in memory, then a failure"])
+def test_a_save_writes_the_best_epoch_as_last_before_best(tmp_path, monkeypatch, saves, written):
+    """Each file is atomic, a save of two is not. `_best.pt` was written first: a run killed before its
+    `_last.pt` (kill -9; a full disk also ends the writes there) left a `_best.pt` of an epoch `_last.pt` had
+    not reached, written over the best epoch that `_last.pt` names. Now `_last.pt` holds the best epoch before
+    `_best.pt` is written, so after any write a resume finds it in one of the two (`resume.mend_best_file`)."""
+    writes = []
+    real_save = checkpoint.atomic_save
+    monkeypatch.setattr(checkpoint, "atomic_save",
+                        lambda obj, path: writes.append((path.name, obj["epoch"])) or real_save(obj, path))
+    saver = CheckpointSaver(RunPaths(tmp_path, "x"), interval_s=3600, enabled=True)
+    for save in saves:
+        if save == "failure":  # a non-finite loss, say: `train.pending_best_written_on_failure`
+            saver.write_pending_best()
+        else:
+            epoch, improved, force = save
+            saver.save(lambda _, epoch=epoch: _state(epoch), improved=improved, force=force)
+    saver.wait()
+    assert writes == written
+
+
 def test_a_write_starts_only_once_the_previous_one_has_ended(tmp_path, monkeypatch):
     """Two writes in flight at once would share the temporary file of `_last.pt` (one per process)."""
     events = []

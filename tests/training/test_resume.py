@@ -26,7 +26,7 @@ from src.training.artifacts import METRICS_COLUMNS, RunPaths
 from src.models.trained import CheckpointError, load_checkpoint
 from src.training.checkpoint import atomic_save
 from src.training.resume import (RunState, bring_best_along, check_not_going_back, check_resume_compatible,
-                                 check_training_state, restore, restore_rng, rng_state)
+                                 check_training_state, mend_best_file, restore, restore_rng, rng_state)
 from src.training.stopping import StopRequest, TrainingStopped
 from src.training.train import run
 from tests.conftest import REPO, main_in_process, write_config
@@ -91,6 +91,57 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, un
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     assert_same_run(tmp_path / "artifacts", uninterrupted)
+
+
+def with_scores(scores: dict[int, float]) -> Callable:
+    """`RunState.record_epoch` with epoch e's val top-1 set to `scores[e]` (which tiny epoch scores best
+    otherwise depends on the libraries' arithmetic)."""
+    record_epoch = RunState.record_epoch
+
+    def scored(self, row):
+        return record_epoch(self, {**row, "val_top1": scores[row["epoch"]]})
+    return scored
+
+
+KILLED_RUN_SCORES = {1: 0.5, 2: 0.6, 3: 0.55}
+# `python -c` this with the train command's arguments: a run scoring KILLED_RUN_SCORES, killed (SIGKILL: nothing
+# of it runs after) as soon as the first checkpoint file of epoch 2, a new best, is written: between the two.
+KILLED_BETWEEN_TWO_FILES = """
+import os, signal, sys
+from src.training import checkpoint, train
+from tests.training.test_resume import KILLED_RUN_SCORES, RunState, with_scores
+
+real_save = checkpoint.atomic_save
+
+def save_then_die(obj, path):
+    real_save(obj, path)
+    if obj["epoch"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.atomic_save = save_then_die
+RunState.record_epoch = with_scores(KILLED_RUN_SCORES)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_between_a_saves_two_files_then_resume_keeps_a_best_file_of_the_run(tiny_data, tmp_path, capsys,
+                                                                                  caplog, monkeypatch):
+    """`_best.pt` was written first: killed before `_last.pt`, the run left `_best.pt` at epoch 2 and `_last.pt`
+    at epoch 1, naming epoch 1 its best, whose weights `_best.pt` had replaced. The resume trained epoch 2
+    again; where it scored lower (on a GPU, not bit-identical to the first time; here its score is set so),
+    the run ended saying its best was epoch 1, with `_best.pt` an epoch 2 of which the CSV knows nothing.
+    Now `_last.pt` is written first, and the resume copies it, epoch 2, to `_best.pt`."""
+    config_path = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 3})
+    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_TWO_FILES, "--config", str(config_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    monkeypatch.setattr(RunState, "record_epoch", with_scores({1: 0.5, 2: 0.4, 3: 0.45}))
+    result = train_in_process(capsys, caplog, config_path, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    artifacts = tmp_path / "artifacts"
+    best, last = load_checkpoint(artifacts / "tiny_best.pt"), load_checkpoint(artifacts / "tiny_last.pt")
+    assert best["epoch"] == last["best_epoch"] == 2 and best["history"] == last["history"][:2]
+    assert f"note: {artifacts / 'tiny_best.pt'} is epoch 2, the best so far, copied from" in result.stdout
 
 
 def test_sigterm_saves_mid_epoch_and_resume_matches(tiny_data, tmp_path, uninterrupted, capsys, caplog):
@@ -755,6 +806,50 @@ def test_a_mid_epoch_checkpoint_is_not_brought_along_as_its_best_epoch(tmp_path)
     paths = RunPaths(tmp_path / "new", "longer")
     bring_best_along({**_minimal(3), "step": 2}, old / "run_last.pt", paths, state, SimpleNamespace(print=print))
     assert paths.best.read_bytes() == (old / "run_best.pt").read_bytes() and state.best_epoch == 3
+
+
+def _history(epochs: int, seconds: float = 1.0) -> list[dict]:
+    """A run's metrics rows; `seconds` tells two runs of one config apart, as the rows' real times do."""
+    return [{**{column: 0.0 for column in METRICS_COLUMNS}, "epoch": epoch, "val_top1": epoch / 10, "seconds": seconds}
+            for epoch in range(1, epochs + 1)]
+
+
+@pytest.mark.parametrize("last, best_file, expected, note", [
+    # (epoch, step, best epoch) of `_last.pt`; (epoch, seconds) of `_best.pt`, seconds 1.0 being this run's
+    ((2, 0, 2), (1, 1.0), "copied", "is epoch 2, the best so far, copied from"),  # killed between the two
+    ((1, 0, 1), (1, 2.0), "copied", "is epoch 1, the best so far, copied from"),  # over an earlier run's
+    ((3, 0, 2), (1, 1.0), (1, 0.1), "holds epoch 1, not epoch 2, the best that"),
+    ((2, 1, 2), (1, 1.0), (1, 0.1), "holds epoch 1, not epoch 2"),  # mid-epoch: not epoch 2's weights
+    ((3, 0, 2), None, (0, -1.0), "is not in"),
+    ((2, 0, 1), (3, 1.0), (0, -1.0), "is not in"),  # past `_last.pt`: written first by an earlier version
+    ((3, 0, 2), (2, 1.0), (2, 0.2), None),
+    ((0, 1, 0), (2, 2.0), (0, -1.0), None),  # no best epoch yet: `_best.pt` is still the earlier run's
+], ids=["the best is _last.pt", "an earlier run's best of that epoch", "an older best of the run",
+        "mid-epoch", "no best file", "a best file of an epoch not reached", "the best file matches",
+        "no best epoch yet"])
+def test_resuming_a_last_file_whose_best_epoch_is_not_in_the_best_file(tmp_path, last, best_file, expected, note):
+    """A run killed between a save's two files (`_last.pt` is written first) names, in `_last.pt`, a best
+    epoch that `_best.pt` does not hold: `_last.pt` itself is copied to `_best.pt` when it is that epoch;
+    otherwise an epoch of the run that `_best.pt` holds becomes the best so far, or the best is chosen afresh."""
+    paths = RunPaths(tmp_path, "run")
+    epoch, step, best_epoch = last
+    history = _history(epoch)
+    torch.save({**_minimal(epoch), "step": step, "history": history, "best_epoch": best_epoch}, paths.last)
+    if best_file is not None:
+        held, seconds = best_file
+        torch.save({**_minimal(held), "history": _history(held, seconds), "best_epoch": held}, paths.best)
+    before = paths.best.read_bytes() if paths.best.exists() else None
+    state = RunState(epoch=epoch, step=step, best_epoch=best_epoch, history=history,
+                     best_val_top1=best_epoch / 10 if best_epoch else -1.0)
+    said = []
+    mend_best_file(paths, state, SimpleNamespace(print=said.append))
+    if expected == "copied":
+        assert paths.best.read_bytes() == paths.last.read_bytes()
+        assert (state.best_epoch, state.best_val_top1) == (best_epoch, best_epoch / 10)
+    else:
+        assert (paths.best.read_bytes() if paths.best.exists() else None) == before
+        assert (state.best_epoch, state.best_val_top1) == expected
+    assert said == [] if note is None else (len(said) == 1 and note in said[0]), said
 
 
 def test_resuming_the_best_file_would_not_replace_a_last_file_that_came_further(tiny_run, tmp_path, capsys):
