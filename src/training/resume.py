@@ -220,12 +220,12 @@ def bring_best_along(checkpoint: dict, resume_path: Path, paths: RunPaths, state
     old_best = RunPaths(resume_path.parent, checkpoint["config"].get("name")).best
     if state.best_epoch == state.epoch and state.step == 0:  # the checkpoint itself is that epoch
         source = resume_path
-    elif old_best.is_file() and saved_epoch(old_best) == state.best_epoch:
+    elif old_best.is_file() and epoch_of_this_run(old_best, state.history) == state.best_epoch:
         source = old_best
     else:
         runtime.print(f"note: epoch {state.best_epoch}, the best of {resume_path}, is not beside it in "
-                      f"{old_best.name} (missing, damaged or of another epoch); {paths.best} will be the best "
-                      "of the epochs trained from here")
+                      f"{old_best.name} (missing, damaged, of another epoch or another run's); {paths.best} will "
+                      "be the best of the epochs trained from here")
         state.best_val_top1, state.best_epoch = -1.0, 0
         return
     if source.resolve() != paths.best.resolve():
@@ -247,7 +247,7 @@ def epoch_of_this_run(path: Path, history: list[dict]) -> int | None:
     """The epoch `path` holds when it is an epoch's end in the run whose metrics history is `history`
     (its own history is the start of that one), else None: missing, damaged, stopped mid-epoch, another
     run's (an earlier run of the same name: its rows differ, in their seconds at least), or an epoch
-    past `history`'s end."""
+    past `history`'s end. None is no reason to refuse a resume: the best is then chosen afresh."""
     try:
         saved = load_checkpoint(path, mmap=True)
     except CheckpointError:
@@ -259,15 +259,6 @@ def epoch_of_this_run(path: Path, history: list[dict]) -> int | None:
     # Compared as text: a NaN (a validation loss that overflowed) equals itself, and the tensors a crafted
     # file may hold compare without raising. Floats are written exactly, so their text is equal when they are.
     return epoch if repr(its_history) == repr(history[:epoch]) else None
-
-
-def saved_epoch(path: Path) -> int | None:
-    """The epoch a checkpoint file holds, or None when it is damaged: a best file that cannot be
-    brought along is chosen afresh, as a missing one is, not a reason to refuse the resume."""
-    try:
-        return load_checkpoint(path, mmap=True)["epoch"]
-    except CheckpointError:
-        return None
 
 
 def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: RunPaths, trained: tuple,

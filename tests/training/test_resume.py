@@ -775,6 +775,12 @@ def _minimal(epoch):
     return {"format_version": 1, "model_state": {}, "epoch": epoch, "config": {"name": "run"}, "classes": ["a"]}
 
 
+def _history(epochs: int, seconds: float = 1.0) -> list[dict]:
+    """A run's metrics rows; `seconds` tells two runs of one config apart, as the rows' real times do."""
+    return [{**{column: 0.0 for column in METRICS_COLUMNS}, "epoch": epoch, "val_top1": epoch / 10, "seconds": seconds}
+            for epoch in range(1, epochs + 1)]
+
+
 @pytest.mark.parametrize("best_file", [_minimal(1), b"PK\x03\x04 cut off"], ids=["another epoch", "damaged"])
 def test_a_best_file_of_another_epoch_is_not_brought_along(tmp_path, best_file):
     """r4: the test of a run continued under another name only has a best file of the right epoch or
@@ -795,23 +801,33 @@ def test_a_best_file_of_another_epoch_is_not_brought_along(tmp_path, best_file):
     assert "is not beside it" in said[0]
 
 
+def test_another_runs_best_file_of_the_same_epoch_is_not_brought_along(tmp_path):
+    """Only the epoch number was compared: beside the checkpoint, an earlier run's `_best.pt` of that
+    epoch number (a run of the same name started again, which had not replaced it yet) became the new
+    run's `_best.pt`, as if it were this run's best epoch. Its history tells them apart."""
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({**_minimal(3), "history": _history(3)}, old / "run_last.pt")
+    torch.save({**_minimal(2), "history": _history(2, seconds=2.0)}, old / "run_best.pt")
+    state = RunState(epoch=3, best_epoch=2, best_val_top1=0.2, history=_history(3))
+    paths = RunPaths(tmp_path / "new", "longer")
+    said = []
+    bring_best_along(_minimal(3), old / "run_last.pt", paths, state, SimpleNamespace(print=said.append))
+    assert not paths.best.exists() and (state.best_epoch, state.best_val_top1) == (0, -1.0)
+    assert "is not beside it" in said[0] and "another run's" in said[0]
+
+
 def test_a_mid_epoch_checkpoint_is_not_brought_along_as_its_best_epoch(tmp_path):
     """Stopped in epoch 4 after epoch 3 was the best: the checkpoint holds epoch 3 plus some steps of
     epoch 4, not epoch 3's weights; the new `_best.pt` is the old run's `_best.pt`."""
     old = tmp_path / "old"
     old.mkdir()
-    torch.save({**_minimal(3), "step": 2}, old / "run_last.pt")
-    torch.save({**_minimal(3), "model_state": {"w": torch.ones(1)}}, old / "run_best.pt")
-    state = RunState(epoch=3, step=2, best_epoch=3, best_val_top1=0.7)
+    torch.save({**_minimal(3), "step": 2, "history": _history(3)}, old / "run_last.pt")
+    torch.save({**_minimal(3), "model_state": {"w": torch.ones(1)}, "history": _history(3)}, old / "run_best.pt")
+    state = RunState(epoch=3, step=2, best_epoch=3, best_val_top1=0.7, history=_history(3))
     paths = RunPaths(tmp_path / "new", "longer")
     bring_best_along({**_minimal(3), "step": 2}, old / "run_last.pt", paths, state, SimpleNamespace(print=print))
     assert paths.best.read_bytes() == (old / "run_best.pt").read_bytes() and state.best_epoch == 3
-
-
-def _history(epochs: int, seconds: float = 1.0) -> list[dict]:
-    """A run's metrics rows; `seconds` tells two runs of one config apart, as the rows' real times do."""
-    return [{**{column: 0.0 for column in METRICS_COLUMNS}, "epoch": epoch, "val_top1": epoch / 10, "seconds": seconds}
-            for epoch in range(1, epochs + 1)]
 
 
 @pytest.mark.parametrize("last, best_file, expected, note", [
@@ -967,11 +983,12 @@ def test_the_best_file_a_resume_brings_along_is_read_without_its_optimizer_state
 
     old = tmp_path / "old"
     old.mkdir()
-    torch.save({**_minimal(2), "optimizer_state": {"m": torch.ones(1000)}}, old / "run_best.pt")
+    torch.save({**_minimal(2), "optimizer_state": {"m": torch.ones(1000)}, "history": _history(2)}, old / "run_best.pt")
     loads = []
     torch_load = torch.load
     monkeypatch.setattr(src.safe_load.torch, "load", lambda path, **kwargs: loads.append((path, kwargs.get("mmap")))
                         or torch_load(path, **kwargs))
-    state, paths = RunState(epoch=3, best_epoch=2, best_val_top1=0.7), RunPaths(tmp_path / "new", "longer")
+    state = RunState(epoch=3, best_epoch=2, best_val_top1=0.7, history=_history(3))
+    paths = RunPaths(tmp_path / "new", "longer")
     bring_best_along(_minimal(3), old / "run_last.pt", paths, state, SimpleNamespace(print=lambda *args: None))
     assert loads == [(old / "run_best.pt", True)] and paths.best.read_bytes() == (old / "run_best.pt").read_bytes()
