@@ -7,6 +7,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from src import atomic
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5")
@@ -51,7 +53,9 @@ def _format(column: str, value) -> str:
     if column == "epoch":
         return str(int(value))
     if column == "lr":
-        return f"{value:.6g}"
+        # 6 significant digits (a warm-up's rates are not round), in plain decimals as in the guide's
+        # CSV: `:g` wrote the cosine's end, every rate below 1e-4, as 4e-06.
+        return np.format_float_positional(value, precision=6, fractional=False, trim="-")
     return f"{value:.4f}"
 
 

@@ -40,6 +40,14 @@ def test_metrics_csv_keeps_a_warm_up_learning_rate(tmp_path):
     assert path.read_text().splitlines()[1].split(",")[1] == "0.000133333"
 
 
+def test_metrics_csv_writes_a_small_learning_rate_in_plain_decimals(tmp_path):
+    """The cosine's end, every rate below 1e-4 (the baseline config's last 16 of 50 epochs), was written
+    as 4.00007e-06: the guide's CSV has plain decimals in every column."""
+    path = tmp_path / "x_metrics.csv"
+    write_metrics_csv(path, [{**GUIDE_ROWS[0], "lr": 4.00007e-06}])
+    assert path.read_text().splitlines()[1].split(",")[1] == "0.00000400007"
+
+
 def test_artifact_names_are_the_guides_and_the_sidecar_follows_the_checkpoints_full_name():
     paths = RunPaths(Path("artifacts"), "train_chimp_min10")
     assert [paths.best.name, paths.last.name, paths.metrics.name] == [
