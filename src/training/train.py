@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
+if __name__ == "__main__" and not __package__:
+    # Run as a file, `python src/training/train.py` (the guide calls train.py the training script), the
+    # `src` imports below fail: go on as the guide's command, `python -m src.training.train`, instead.
+    _repository = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (_repository, os.environ.get("PYTHONPATH"))))
+    os.execv(sys.executable, [sys.executable, "-m", "src.training.train", *sys.argv[1:]])
+
 import numpy as np
 import torch
 import torch.nn.functional as F

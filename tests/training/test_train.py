@@ -59,6 +59,20 @@ def test_cli_prints_the_guides_epoch_line_and_writes_the_artifacts(tiny_data, tm
     assert header == "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5"
 
 
+def test_the_training_script_run_as_a_file_is_the_guides_command(tiny_data, tmp_path):
+    """The guide calls src/training/train.py the training script: `python src/training/train.py --config ...`
+    ended in a traceback (No module named 'src') instead of training."""
+    script = subprocess.run([sys.executable, "src/training/train.py", "--config",
+                             str(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}))],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert script.returncode == 0, script.stderr
+    assert [EPOCH_LINE.match(line).groups() for line in script.stdout.splitlines() if line.startswith("[Epoch")] \
+        == [("1", "1")]
+    elsewhere = subprocess.run([sys.executable, str(REPO / "src/training/train.py"), "--config", "absent.yaml"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (elsewhere.returncode, elsewhere.stderr) == (2, "error: config file not found: absent.yaml\n")
+
+
 def test_metrics_rows_best_checkpoint_and_contents(tiny_run):
     rows = read_rows(tiny_run["metrics"])
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
