@@ -101,3 +101,21 @@ def test_standin_limits_quoted_in_the_docs_are_the_code_s():
     assert f"refuses a set that would take more than {CALIBRATE_MAX_GIB} GiB" in standin
     assert f"`--size S` | nominal side in pixels, {MIN_SIZE} to {MAX_SIZE} (default 128" in standin
     assert f"`--size S` ({MIN_SIZE} to {MAX_SIZE}, default 128)" in flat_text(REPO / "README.md")
+
+
+def test_quoted_first_learning_rates_are_the_configs():
+    """docs/TRAINING.md quotes the epoch line's first rates of the 200-epoch and the baseline config on
+    the min10 set (5,007 training images): each epoch shows the rate of its last step."""
+    from src.config import load_config
+    from src.training.train import lr_lambda
+
+    def first_rates(config_name: str, epochs: int) -> str:
+        config = load_config(REPO / "configs" / f"{config_name}.yaml")
+        steps = 5007 // config.trainer.batch_size
+        factor = lr_lambda(config, steps)
+        return ", ".join(f"lr={config.trainer.lr * factor(epoch * steps - 1):.5f}" for epoch in range(1, epochs + 1))
+
+    assert first_rates("train_chimp_min10_resnet50_arc_full", 3) == "lr=0.00016, lr=0.00032, lr=0.00048"
+    assert first_rates("train_chimp_min10", 2) == "lr=0.00020, lr=0.00040"
+    text = flat_text(REPO / "docs" / "TRAINING.md")
+    assert "show `lr=0.00016`, `0.00032`, `0.00048`" in text and "shows `lr=0.00020`, then `0.00040`" in text
