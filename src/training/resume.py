@@ -152,6 +152,10 @@ def restore(checkpoint: dict, path: Path, model, optimizer, scheduler, scaler, r
     try:
         optimizer.load_state_dict(checkpoint["optimizer_state"])
         scheduler.load_state_dict(checkpoint["scheduler_state"])
+        # The stored rate is the checkpoint's schedule's next one; a raised trainer.max_epochs redraws the
+        # schedule from this step on, the first step included (it ran at the finished run's floor).
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         if checkpoint["scaler_state"]:  # empty from a run without fp16 (bf16, fp32): a new scaler starts
             scaler.load_state_dict(checkpoint["scaler_state"])
         restore_rng(checkpoint["rng"])

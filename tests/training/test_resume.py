@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from src.config import Config, load_config
 from src.data.dataset import ClassIndex, data_fingerprint
@@ -289,6 +290,24 @@ def test_extending_a_finished_run(tiny_data, tmp_path, capsys, caplog):
             "(it rises again: a warm restart)") in result.stdout
     csv_lines = (tmp_path / "artifacts" / "tiny_metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in csv_lines] == ["epoch", "1", "2"]
+
+
+def test_an_extended_run_steps_at_the_rates_of_a_run_of_the_new_length(tiny_data, tmp_path):
+    """The optimizer's stored rate is the old schedule's next one: the first step after raising
+    trainer.max_epochs ran at the finished run's floor (trainer.lr x min_lr_ratio), not the new schedule's rate."""
+    rates = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"]))
+    try:
+        run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})))
+        rates.clear()
+        run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})), resume="auto")
+        extended = list(rates)
+        rates.clear()
+        run(load_config(write_config(tmp_path, tiny_data, name="straight", **{"trainer.max_epochs": 2})))
+    finally:
+        hook.remove()
+    assert extended == rates[len(rates) - len(extended):]
 
 
 def test_a_resume_needs_no_pretrained_weights(tiny_data, tmp_path):
