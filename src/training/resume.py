@@ -290,9 +290,12 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
                       + (f", step {state.step}" if state.step else ""))
         planned, now = flatten(checkpoint["config"]).get("trainer.max_epochs"), config.trainer.max_epochs
         if planned is not None and planned != now and config.trainer.schedule == "cosine":
-            change = "it rises again: a warm restart" if now > planned else "it falls faster"
+            # Told by the rates, not the lengths: a run extended while still warming up keeps its rate.
+            then, rate = checkpoint["optimizer_state"]["param_groups"][0]["lr"], trained[1].param_groups[0]["lr"]
+            change = ("it rises again: a warm restart" if rate > then else "it falls faster" if rate < then
+                      else "the same at this step")
             runtime.print(f"note: trainer.max_epochs {planned} -> {now}: from here the learning rate follows the "
-                          f"cosine of a {now}-epoch run ({change})")
+                          f"cosine of a {now}-epoch run (lr {then:.5f} -> {rate:.5f}: {change})")
         if runtime.dist.is_main and not own_last:
             bring_best_along(checkpoint, resume_path, paths, state, runtime)
     elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace

@@ -280,14 +280,19 @@ def test_a_run_whose_output_is_on_a_full_disk_stops_saved_unless_finished(tiny_d
             f"--config {config_path} --resume auto"]
 
 
-def test_extending_a_finished_run(tiny_data, tmp_path, capsys, caplog):
-    run(load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1})))
-    extended = write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 2})
+@pytest.mark.parametrize("warmup_epochs, epochs, change", [
+    (0, 1, "lr 0.00002 -> 0.00101: it rises again: a warm restart"),
+    (1, 1, "lr 0.00200 -> 0.00200: the same at this step")])  # warm-up just over: the cosine's top either way
+def test_extending_a_finished_run(tiny_data, tmp_path, capsys, caplog, warmup_epochs, epochs, change):
+    settings = {"trainer.warmup_epochs": warmup_epochs}
+    run(load_config(write_config(tmp_path, tiny_data, **settings, **{"trainer.max_epochs": epochs})))
+    extended = write_config(tmp_path, tiny_data, **settings, **{"trainer.max_epochs": epochs + 1})
     result = train_in_process(capsys, caplog, extended, "--resume", "auto")
     assert result.returncode == 0, result.stderr
-    assert [line[:11] for line in result.stdout.splitlines() if line.startswith("[Epoch")] == ["[Epoch 2/2]"]
-    assert ("note: trainer.max_epochs 1 -> 2: from here the learning rate follows the cosine of a 2-epoch run "
-            "(it rises again: a warm restart)") in result.stdout
+    assert [line[:11] for line in result.stdout.splitlines() if line.startswith("[Epoch")] == [
+        f"[Epoch {epochs + 1}/{epochs + 1}]"]
+    assert (f"note: trainer.max_epochs {epochs} -> {epochs + 1}: from here the learning rate follows the cosine of a "
+            f"{epochs + 1}-epoch run ({change})") in result.stdout
     csv_lines = (tmp_path / "artifacts" / "tiny_metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in csv_lines] == ["epoch", "1", "2"]
 
