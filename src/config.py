@@ -14,7 +14,7 @@ from typing import ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from src.errors import folder_or_file
+from src.errors import clipped, folder_or_file
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -241,11 +241,10 @@ def _key_suggestion(loc: tuple) -> str:
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    key = clipped(".".join(str(part) for part in first["loc"]) or "<root>")
     if first["type"] == "extra_forbidden":
         return f"unknown key '{key}'{_key_suggestion(first['loc'])}"
-    got = repr(first.get("input"))
-    return f"'{key}': {first['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
+    return f"'{key}': {first['msg']} (got {clipped(repr(first.get('input')), 80)})"
 
 
 def config_from_dict(raw: dict, name: str | None = None) -> Config:

@@ -24,7 +24,7 @@ from src.data.decode import decode_for_cache
 from src.data.io import IMAGE_EXTENSIONS, ImageLoadError
 from src.data.lists import ListFormatError, Row, name_problem, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
-from src.errors import folder_or_file, is_whole
+from src.errors import clipped_repr, folder_or_file, is_whole
 from src.textfiles import read_json
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
@@ -202,10 +202,10 @@ class ClassIndex:
         for name in names:
             problem = name_problem(name)
             if problem is not None:
-                raise DatasetError(f"class name {name!r} {problem}")
+                raise DatasetError(f"class name {clipped_repr(name)} {problem}")
         if len(set(names)) != len(names):
             duplicate = next(n for i, n in enumerate(names) if n in names[:i])
-            raise DatasetError(f"class name {duplicate!r} appears twice")
+            raise DatasetError(f"class name {clipped_repr(duplicate)} appears twice")
         self._names = names
         self._ids = {name: i for i, name in enumerate(names)}
 

@@ -47,7 +47,7 @@ from src.data.dataset import DatasetError, PreparedData
 from src.data import lists
 from src.data.io import file_problem
 from src.data.lists import canonical_name
-from src.errors import capped, command_main, command_parser, missing, path_argument
+from src.errors import capped, clipped_repr, command_main, command_parser, missing, path_argument
 from src.inference.identify import DEFAULT_BATCH_SIZE, USAGE_ERRORS, Embedded, Identifier, PhotoBytes
 from src.inference.inputs import Inputs, Skipped, collect_images, printable
 from src.models.scoring import gallery_scores
@@ -73,8 +73,8 @@ def name_refusal(name) -> str | None:
     if problem is None:
         return None
     fixed = lists.underscored(name) if isinstance(name, str) else ""
-    suggestion = f" (e.g. {fixed!r})" if fixed != name and lists.name_problem(fixed) is None else ""
-    return f"individual name {name!r} {problem}{suggestion}"
+    suggestion = f" (e.g. {clipped_repr(fixed)})" if fixed != name and lists.name_problem(fixed) is None else ""
+    return f"individual name {clipped_repr(name)} {problem}{suggestion}"
 
 
 def check_name(name: str) -> None:

@@ -42,7 +42,7 @@ from src.data.decode import cache_size_for, decode_for_cache, square_resize
 from src.data.io import ImageLoadError, as_rgb, file_problem
 from src.data.lists import REJECTED_NAME
 from src.devices import pick_device, reproducible_arithmetic
-from src.errors import first_line, missing, positive_int, unusable_path
+from src.errors import clipped, clipped_repr, first_line, missing, positive_int, unusable_path
 from src.inference.inputs import Skipped
 from src.models.scoring import MATCH_MODES, classifier_scores
 from src.safe_load import CheckpointError, file_sha256
@@ -69,6 +69,9 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)
 # Every score is a cosine similarity or a probability: -1..1, and evaluation's "reject all" and
 # "accept all" values lie 1e-5 beyond.
 THRESHOLD_LIMIT = 1.0 + 1e-5
+# The most of a threshold origin read from an export's JSON that messages quote: the longest written
+# is "stored in <file name, up to 255>: <method, clipped to 120>".
+ORIGIN_SHOWN = 400
 # What reading a damaged or hand-edited JSON file and its fields raises (a list where a mapping was,
 # a missing key, a number too large for a float, nesting too deep for the parser).
 MALFORMED_JSON = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
@@ -167,7 +170,7 @@ class ModelInfo:
             raise ValueError(str(exc)) from None
         checkpoint_sha256 = raw["checkpoint_sha256"]
         if not isinstance(checkpoint_sha256, str):
-            raise TypeError(f"checkpoint_sha256 is {checkpoint_sha256!r}, not a string")
+            raise TypeError(f"checkpoint_sha256 is {clipped_repr(checkpoint_sha256)}, not a string")
         return cls(classes, config_from_dict(raw["config"]), checkpoint_sha256)
 
 
@@ -229,11 +232,12 @@ def read_export_info(onnx_path: Path) -> ExportDescription:
     try:
         raw = json.loads(read_utf8(path, ValueError))
         if raw.get("format_version") != EXPORT_FORMAT_VERSION:
-            raise InferenceError(f"{path}: export format {raw.get('format_version')!r}, this code "
+            raise InferenceError(f"{path}: export format {clipped_repr(raw.get('format_version'))}, this code "
                                  f"reads {EXPORT_FORMAT_VERSION}; export again")
         thresholds = raw["thresholds"]
         return ExportDescription(ModelInfo.from_json(raw["model"]),
-                                 StoredThresholds(threshold_values(thresholds["values"]), str(thresholds["origin"])),
+                                 StoredThresholds(threshold_values(thresholds["values"]),
+                                                  clipped(str(thresholds["origin"]), ORIGIN_SHOWN)),
                                  description_sha256(raw["model"]), raw.get("onnx_sha256"))
     except MALFORMED_JSON as exc:
         raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
@@ -245,7 +249,7 @@ def threshold_values(raw: dict) -> dict[str, float | None]:
     values = {}
     for kind, value in raw.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"the {kind} threshold is {value!r}, not a number")
+            raise TypeError(f"the {clipped(str(kind))} threshold is {clipped_repr(value)}, not a number")
         values[str(kind)] = None if value is None else float(value)
     return values
 
@@ -264,7 +268,7 @@ def stored_thresholds(checkpoint: Path, checkpoint_sha256: str) -> StoredThresho
     try:
         raw = json.loads(read_utf8(path, ValueError))
         values = threshold_values(raw["thresholds"])
-        method = str(raw.get("method", "method not recorded"))
+        method = clipped(str(raw.get("method", "method not recorded")))
     except MALFORMED_JSON as exc:
         raise InferenceError(f"{path}: not a valid threshold file ({type(exc).__name__}: {exc}); "
                              "re-run evaluation or pass --threshold") from None

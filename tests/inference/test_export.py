@@ -252,6 +252,52 @@ def test_a_hand_edited_threshold_in_the_export_json_exits_2_in_one_line(exported
     assert err == f"error: {tmp_path / 'learned_best.json'}: not a valid export description ({problem})\n", err
 
 
+HUGE = "x" * 10_000_000  # a crafted JSON value: was quoted whole, a 10 MB error line
+
+
+def _set_format_version(info):
+    info["format_version"] = HUGE
+
+
+def _set_threshold(info):
+    info["thresholds"]["values"]["classifier"] = HUGE
+
+
+def _add_threshold_kind(info):
+    info["thresholds"]["values"][HUGE] = "0.5"
+
+
+def _set_checkpoint_sha256(info):
+    info["model"]["checkpoint_sha256"] = [HUGE]
+
+
+def _set_class_name(info):
+    info["model"]["classes"][0] = f"a {HUGE}"
+
+
+def _add_config_key(info):
+    info["model"]["config"]["model"][HUGE] = 1
+
+
+def _set_origin_and_threshold(info):  # the origin heads the message about a threshold out of range
+    info["thresholds"]["origin"] = HUGE
+    info["thresholds"]["values"]["classifier"] = 5
+
+
+@pytest.mark.parametrize("edit", [_set_format_version, _set_threshold, _add_threshold_kind, _set_checkpoint_sha256,
+                                  _set_class_name, _add_config_key, _set_origin_and_threshold])
+def test_a_huge_value_in_the_export_json_is_clipped_in_the_error_line(exported, unseen, tmp_path, capsys, edit):
+    out, info = exported
+    shutil.copy(out / "learned_best.onnx", tmp_path)
+    edited = json.loads(json.dumps(info))
+    edit(edited)
+    (tmp_path / "learned_best.json").write_text(json.dumps(edited))
+    assert predict.main(["--onnx", str(tmp_path / "learned_best.onnx"), str(next(iter(unseen.values()))[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "xxx..." in err, err[:300]
+    assert len(err) < len(str(tmp_path)) + 600, err[:300]
+
+
 def test_an_onnx_graph_without_the_outputs_predict_reads_exits_2_in_one_line(exported, tmp_path, capsys):
     import onnx
 

@@ -176,6 +176,13 @@ def test_a_threshold_for_other_weights_is_ignored_and_a_broken_one_refused(learn
                                              r"the scores; re-run evaluation or pass --threshold$"):
         Identifier.from_checkpoint(checkpoint)
     assert Identifier.from_checkpoint(checkpoint, threshold=0.5).threshold.value == 0.5
+    # Crafted 10 MB values were quoted whole, in a 10 MB line.
+    for thresholds, method in [({"classifier": "x" * 10_000_000}, "m"), ({"x" * 10_000_000: "0.5"}, "m"),
+                               ({"classifier": 5}, "x" * 10_000_000)]:
+        sidecar.write_text(json.dumps({"thresholds": thresholds, "method": method, "checkpoint_sha256": sha256}))
+        with pytest.raises(InferenceError, match=r"xxx\.\.\.") as exc:
+            Identifier.from_checkpoint(checkpoint)
+        assert len(str(exc.value)) < len(str(sidecar)) + 400, str(exc.value)[:300]
     # edited and saved on Windows (a BOM)
     sidecar.write_bytes(b"\xef\xbb\xbf" + json.dumps({"thresholds": {"classifier": 0.5}, "method": "m",
                                                       "checkpoint_sha256": sha256}).encode())
