@@ -11,7 +11,8 @@ Writes into `--out`, named after the checkpoint:
   description. `predict --onnx` runs it with ONNX Runtime alone, after checking both against the JSON below.
 - `<stem>.torchscript.pt`: the same module traced (`torch.jit.load`, no project code needed).
 - `<stem>.json`: the class names, the training config (preprocessing, head), the checkpoint's sha256
-  (galleries are tied to it), the threshold evaluation stored (export again after re-evaluating), the
+  (galleries are tied to it), the thresholds evaluation stored and the checkpoint's path (`predict --onnx`
+  notes when evaluation has since stored others beside it: export again after re-evaluating), the
   .onnx file's sha256 (`predict --onnx` refuses a damaged copy), the preprocessing spelled out (to
   run the .onnx file without this project), and the checks below.
 
@@ -188,7 +189,10 @@ def export(checkpoint: str | Path, out: str | Path, formats: Sequence[str] = FOR
             stored = stored_thresholds(checkpoint, identifier.info.checkpoint_sha256)
             description = {"format_version": EXPORT_FORMAT_VERSION, "model": model_section,
                            "preprocessing": preprocessing(identifier.info.config.data.image_size),
-                           "thresholds": {"values": stored.values, "origin": stored.origin}, "checks": checks}
+                           "thresholds": {"values": stored.values, "origin": stored.origin,
+                                          # where predict --onnx looks for a later evaluation's thresholds
+                                          "checkpoint": str(checkpoint.absolute())},
+                           "checks": checks}
             if "onnx" in formats:  # the staged file holds the bytes that replace the .onnx
                 description["onnx_sha256"] = file_sha256(runners["onnx"].path)
             # Last: it describes the rest.

@@ -212,12 +212,32 @@ def score_kind(gallery: Gallery | None, match: str) -> str:
 class ExportDescription:
     """What `export` writes beside an ONNX file: the model info, the stored thresholds, and what
     `OnnxBackend` checks the file against (`onnx_sha256` is None after a `--format torchscript`
-    export, which does not write the .onnx file)."""
+    export, which does not write the .onnx file). `checkpoint`: the file exported, whose threshold
+    file the thresholds were read from (None in an export that did not record it)."""
 
     info: ModelInfo
     thresholds: StoredThresholds
     description_sha256: str
     onnx_sha256: str | None
+    checkpoint: Path | None
+
+    def threshold_for(self, kind: str) -> Threshold:
+        """The threshold stored at export time, with a note in its origin where evaluation has stored
+        another for these weights since, beside the checkpoint (if it is still there): the export keeps
+        its copy, and used it without a word, while the checkpoint rejected photos by the new one."""
+        chosen = self.thresholds.for_kind(kind)
+        if self.checkpoint is None:
+            return chosen
+        try:
+            now = stored_thresholds(self.checkpoint, self.info.checkpoint_sha256)
+        except (InferenceError, OSError):  # a damaged or unreachable file there does not stop the export
+            return chosen
+        value = now.values.get(kind)
+        if not now.values or value == self.thresholds.values.get(kind):  # none for these weights, or the same
+            return chosen
+        shown = "none" if value is None else f"{value:.6g}"
+        return Threshold(chosen.value, f"{chosen.origin}; note: evaluation has since stored the {kind} threshold "
+                                       f"{shown} in {threshold_sidecar_path(self.checkpoint)}: export again to use it")
 
 
 def read_export_info(onnx_path: Path) -> ExportDescription:
@@ -235,10 +255,14 @@ def read_export_info(onnx_path: Path) -> ExportDescription:
             raise InferenceError(f"{path}: export format {clipped_repr(raw.get('format_version'))}, this code "
                                  f"reads {EXPORT_FORMAT_VERSION}; export again")
         thresholds = raw["thresholds"]
+        checkpoint = thresholds.get("checkpoint")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise TypeError(f"the thresholds' checkpoint is {clipped_repr(checkpoint)}, not a path")
         return ExportDescription(ModelInfo.from_json(raw["model"]),
                                  StoredThresholds(threshold_values(thresholds["values"]),
                                                   clipped(str(thresholds["origin"]), ORIGIN_SHOWN)),
-                                 description_sha256(raw["model"]), raw.get("onnx_sha256"))
+                                 description_sha256(raw["model"]), raw.get("onnx_sha256"),
+                                 None if checkpoint is None else Path(checkpoint))
     except MALFORMED_JSON as exc:
         raise InferenceError(f"{path}: not a valid export description ({type(exc).__name__}: {exc})") from None
 
@@ -502,7 +526,7 @@ class Identifier:
         """An exported model; classes, preprocessing and threshold come from the JSON beside it."""
         exported = read_export_info(Path(path))
         info, json_path = exported.info, export_info_path(path)
-        chosen = (exported.thresholds.for_kind(score_kind(gallery, match)) if threshold is None
+        chosen = (exported.threshold_for(score_kind(gallery, match)) if threshold is None
                   else given_threshold(threshold))
         backend = OnnxBackend(Path(path), device)
         backend.check_exported_from(info.checkpoint_sha256, json_path)

@@ -334,6 +334,40 @@ def test_the_thresholds_evaluation_stored_travel_with_the_export(learned, tmp_pa
         assert onnx.threshold.value == thresholds[match]
 
 
+def test_predict_onnx_notes_thresholds_evaluation_stored_after_the_export(learned, unseen, tmp_path, capsys):
+    """The export keeps the thresholds of export time; re-evaluating the checkpoint afterwards changed
+    what the checkpoint rejected while the export went on with the old threshold without a word."""
+    checkpoint = tmp_path / "learned_best.pt"
+    shutil.copyfile(learned.checkpoint, checkpoint)
+    sidecar = threshold_sidecar_path(checkpoint)
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    def evaluate(thresholds, weights=sha256):
+        sidecar.write_text(json.dumps({"thresholds": thresholds, "method": "m", "checkpoint_sha256": weights}))
+
+    evaluate({"classifier": 0.25, "nearest": 0.5, "prototype": 0.45})
+    export.export(checkpoint, tmp_path / "out", ["onnx"], runs=1)
+    onnx = tmp_path / "out" / "learned_best.onnx"
+    assert "note" not in Identifier.from_onnx(onnx).describe()
+    evaluate({"classifier": 0.25, "nearest": 0.6, "prototype": 0.45})  # re-evaluated: only nearest moved
+    assert "note" not in Identifier.from_onnx(onnx).describe()
+    gallery = Gallery.new(sha256, Identifier.embedder(checkpoint).info.config.model.embedding_dim)
+    gallery.add("Zuri", np.ones((1, gallery.embeddings.shape[1])), ["z1.png"])
+    nearest = Identifier.from_onnx(onnx, gallery=gallery, match="nearest")
+    assert nearest.threshold.value == 0.5  # still the export's own, as documented
+    assert nearest.threshold.origin.endswith(f"; note: evaluation has since stored the nearest threshold 0.6 in "
+                                             f"{sidecar}: export again to use it")
+    evaluate({"classifier": 0.3, "nearest": 0.6, "prototype": 0.45})
+    assert predict.main(["--onnx", str(onnx), str(next(iter(unseen.values()))[0])]) == 0
+    assert "unknown below 0.25 (stored in learned_best.pt.threshold.json: m; note: evaluation has since stored the " \
+           f"classifier threshold 0.3 in {sidecar}: export again to use it)" in capsys.readouterr().err
+    assert "note" not in Identifier.from_onnx(onnx, threshold=0.1).describe()  # --threshold overrides both
+    evaluate({"classifier": 0.3}, weights="0" * 64)  # for other weights (training replaced the checkpoint)
+    assert "note" not in Identifier.from_onnx(onnx).describe()
+    sidecar.write_text("{damaged")  # says nothing about the export's own copy
+    assert Identifier.from_onnx(onnx).threshold.value == 0.25
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(errno.ENOSPC, "No space left on device")])
 def test_an_export_stopped_midway_leaves_the_earlier_export_whole(exported, tiny_run, unseen, tmp_path, capsys,
                                                                    monkeypatch, stop):
