@@ -43,14 +43,15 @@ def safe_torch_load(path: str | Path, map_location="cpu", *, mmap: bool = False)
         raise CheckpointError(f"{path}: checkpoint file {missing(path, folder=False)}")  # a FIFO: not found, before
     if path.stat().st_size == 0:  # e.g. a copy that was interrupted
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
-    if _compressed_torch_zip(path):
+    zipped = _is_zip(path)
+    if zipped and _compressed_torch_zip(path):
         raise CheckpointError(f"{path}: not a file torch.save wrote: its zip members are compressed, and loading "
                               "would inflate each in memory whole (a zip bomb of 2 MB took 2 GB)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
             # torch maps only its zip format: a file of the legacy one (torch < 1.6) is read whole as before
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global" or "unsupported GLOBAL", depending on the version and the class.
         message = str(exc)
@@ -100,17 +101,19 @@ def holds_torch_pickle(member_names: list[str]) -> bool:
 
 
 def _is_zip(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    """Whether `path` starts as a zip does; False for a file that cannot be read (torch.load says why)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    except OSError:
+        return False
 
 
 def _compressed_torch_zip(path: Path) -> bool:
-    """Whether `path` is torch's zip layout with a compressed member that torch.load reads: torch.save
-    stores each as it is, torch.load inflates a compressed one whole before reading it. (torch.jit.save
-    compresses its `code/`, which torch.load never reads.)"""
+    """Whether `path`, a zip (`_is_zip`), is torch's layout with a compressed member that torch.load
+    reads: torch.save stores each as it is, torch.load inflates a compressed one whole before reading
+    it. (torch.jit.save compresses its `code/`, which torch.load never reads.)"""
     try:
-        if not _is_zip(path):
-            return False
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except Exception:  # unreadable or damaged: torch.load says which

@@ -79,6 +79,18 @@ def test_evaluation_and_inference_read_a_checkpoint_without_its_optimizer_state(
     assert loads == [True] and torch.equal(loaded.head.weight, saved.head.weight)
 
 
+def test_a_checkpoint_is_checked_for_the_zip_format_once(tmp_path, monkeypatch):
+    """safe_torch_load opened the file to read its first bytes twice: for the zip-bomb guard and for mmap."""
+    import src.safe_load
+
+    save_checkpoint(tmp_path / "x_best.pt", ModelConfig(embedding_dim=16))
+    checked = []
+    is_zip = src.safe_load._is_zip
+    monkeypatch.setattr(src.safe_load, "_is_zip", lambda path: checked.append(path) or is_zip(path))
+    assert load_trained(tmp_path / "x_best.pt", torch.device("cpu")).classes.names == tuple(CLASSES)
+    assert checked == [tmp_path / "x_best.pt"]
+
+
 class Crafted:
     """An object a safe load must refuse (unpickling a class can run code)."""
 
