@@ -15,6 +15,12 @@ import torch
 import torch.distributed as dist
 
 from src.config import ConfigError
+from src.errors import clipped, first_line
+
+# How long set-up waits for every process to join, and a collective for a peer, before failing: a
+# peer that died mid-collective, or one that never started, becomes an error instead of a long hang
+# (torchrun also tears the group down as soon as one worker exits non-zero).
+TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,9 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                     int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
+    if not 0 <= info.rank < info.world_size or info.local_rank < 0:  # a process that would wait for the timeout
+        raise ConfigError(f"RANK {info.rank}, WORLD_SIZE {info.world_size} and LOCAL_RANK {info.local_rank}: "
+                          "RANK must be 0 to WORLD_SIZE - 1 and LOCAL_RANK at least 0; launch with torchrun")
     if device_type == "cuda":
         gpus = torch.cuda.device_count()
         if info.local_rank >= gpus:  # torch.cuda.set_device would raise `invalid device ordinal`
@@ -57,9 +66,15 @@ def init_distributed(device_type: str) -> DistInfo:
         raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} "
                           f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, or unset "
                           "RANK and WORLD_SIZE to train in one process")
-    # A short timeout turns a peer that died mid-collective into an error instead of a long hang;
-    # torchrun also tears the group down as soon as one worker exits non-zero.
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as exc:  # torch's DistError kinds, or a MASTER_PORT that is no number
+        address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise ConfigError(f"torchrun: rank {info.rank} of {info.world_size} could not set up the {backend} process "
+                          f"group at {clipped(address)} ({clipped(first_line(exc), 200)}): check MASTER_ADDR and "
+                          "MASTER_PORT (a port free on rank 0's machine) and that all WORLD_SIZE processes "
+                          "started") from None
     return info
 
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import csv
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from src.config import load_config
 from src.data.dataset import PreparedData
 from src.data.loaders import build_source
 from src.models.trained import load_trained
+from src.training import distributed as dist_utils
 from src.training.distributed import DistInfo
 from src.training.train import Runtime, evaluate, run
 from src.training.train import main as train_main
@@ -223,6 +226,34 @@ def test_more_processes_than_gpus_give_one_line(tiny_data, tmp_path, monkeypatch
     assert result.stderr.strip().splitlines() == [
         "[rank 3] error: torchrun: this process has LOCAL_RANK 3 but sees 2 CUDA GPU(s): start at most "
         "one process per GPU (--nproc_per_node 2 or fewer)"]
+
+
+@pytest.mark.parametrize("rank, world_size, port_in_use, message", [
+    # rank 0 cannot listen at MASTER_PORT (another job holds it): was torch's traceback, some 25 lines
+    (0, 1, True, "error: torchrun: rank 0 of 1 could not set up the gloo process group at 127.0.0.1:{port} "
+                 "(The server socket has failed to listen on any local network address."),
+    # WORLD_SIZE says 2, one process came (a world size mismatch): the same traceback after the timeout
+    (0, 2, False, "error: torchrun: rank 0 of 2 could not set up the gloo process group at 127.0.0.1:{port} "
+                  "(Timed out after "),
+    # a rank no process group has: waited for the whole timeout, then the traceback
+    (2, 2, False, "[rank 2] error: RANK 2, WORLD_SIZE 2 and LOCAL_RANK 0: RANK must be 0 to WORLD_SIZE - 1"),
+], ids=["port-in-use", "world-size-mismatch", "rank-out-of-range"])
+def test_a_process_group_that_cannot_be_set_up_gives_one_line(tiny_data, tmp_path, monkeypatch, capsys, caplog,
+                                                              rank, world_size, port_in_use, message):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        if not port_in_use:
+            held.close()
+        for name, value in {"RANK": rank, "WORLD_SIZE": world_size, "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": port}.items():
+            monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(dist_utils, "TIMEOUT", timedelta(seconds=1))
+        result = main_in_process(train_main, ["--config", str(write_config(tmp_path, tiny_data))], capsys, caplog)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(message.format(port=port)), line
 
 
 SIGNAL_RANK_1_AFTER_EPOCH_1 = """
