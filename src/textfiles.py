@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from src.errors import clipped_repr
+
 
 def read_utf8(path: Path, error: type[Exception]) -> str:
     """The text of `path`, without the byte-order mark some Windows editors write first (it would be
@@ -82,7 +84,8 @@ class _UniqueKeys:
             if not isinstance(key, (str, int, float)):
                 continue  # e.g. a list as a key: the loader reports it as unhashable
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"{clipped_repr(key)} is given twice",
+                                                        key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 

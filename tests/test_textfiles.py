@@ -21,6 +21,19 @@ def test_yaml_keys_given_twice_are_refused_at_their_line(tmp_path):
     assert parse_yaml("base: &b {lr: 1}\nrun:\n  <<: *b\n  lr: 2\n", path, InputError)["run"] == {"lr": 2}
 
 
+def test_huge_values_in_yaml_and_list_files_are_clipped_in_errors(tmp_path):
+    """A crafted 1 MB key or line was quoted whole, in a 1 MB error line."""
+    key = "x" * 1_000_000
+    with pytest.raises(InputError, match=r"xxx\.\.\. is given twice") as exc:
+        parse_yaml(f'? "{key}"\n: 1\n? "{key}"\n: 2\n', tmp_path / "c.yaml", InputError)
+    assert len(str(exc.value)) < len(str(tmp_path)) + 400, str(exc.value)[:300]
+    path = tmp_path / "train.txt"
+    path.write_text(key + "\n")
+    with pytest.raises(ListFormatError, match=r"got 'xxx.*\.\.\.$") as exc:
+        read_list(path)
+    assert len(str(exc.value)) < len(str(tmp_path)) + 400, str(exc.value)[:300]
+
+
 def test_yaml_scalars_stay_strings_when_asked():
     text = "names: [No, null, 007, 1e3]\n"
     assert parse_yaml(text, "f.yaml", InputError) == {"names": [False, None, 7, 1000.0]}

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from src.data.io import IMAGE_EXTENSIONS, files_under
 from src.data.lists import ListFormatError, canonical_name, name_problem, read_numbered_list, underscored
-from src.errors import missing
+from src.errors import clipped_repr, missing
 from src.textfiles import parse_yaml, read_utf8
 
 
@@ -93,7 +93,7 @@ def parse_cvjena_line(line: str, where: str) -> dict:
     values = _group_by_key(tokens[1:], where)
     absent = [k for k in (*SINGLE_FIELDS, *KEYPOINT_NAMES) if k not in values]
     if absent:
-        raise AnnotationError(f"{where}: missing field(s) {', '.join(absent)} in {line.strip()!r}")
+        raise AnnotationError(f"{where}: missing field(s) {', '.join(absent)} in {clipped_repr(line.strip())}")
     for key in SINGLE_FIELDS[1:]:
         if len(values[key]) != 1:
             raise AnnotationError(f"{where}: {key} needs one value, got {values[key]}")
@@ -112,7 +112,7 @@ def _group_by_key(tokens: list[str], where: str) -> dict[str, list[str]]:
     known = {*SINGLE_FIELDS, *KEYPOINT_NAMES, *FIELD_SPELLINGS}
     if not tokens or tokens[0] not in known:
         raise AnnotationError(f"{where}: expected '<image> Name <name> Age ...', got "
-                              f"{' '.join(tokens[:3])!r}")
+                              f"{clipped_repr(' '.join(tokens[:3]))}")
     values: dict[str, list[str]] = {}
     current = ""
     for token in tokens:
@@ -132,7 +132,7 @@ def _parse_age(text: str, where: str) -> float | None:
     try:
         age = float(text)
     except ValueError:
-        raise AnnotationError(f"{where}: Age {text!r} is not a number or NaN") from None
+        raise AnnotationError(f"{where}: Age {clipped_repr(text)} is not a number or NaN") from None
     return age if math.isfinite(age) else None
 
 
@@ -215,10 +215,10 @@ def _relative_image_path(text: str, prefix: str, where: str) -> str:
     """Validated `prefix/text` in POSIX form; refuses absolute paths and non-image extensions."""
     rel = PurePosixPath(text.replace("\\", "/"))
     if rel.is_absolute() or (rel.parts and rel.parts[0].endswith(":")):
-        raise AnnotationError(f"{where}: image path {text!r} must be relative")
+        raise AnnotationError(f"{where}: image path {clipped_repr(text)} must be relative")
     if rel.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise AnnotationError(f"{where}: unknown image format {rel.suffix or '(no extension)'!r} in "
-                              f"{text!r}; supported: {' '.join(IMAGE_EXTENSIONS)}")
+        raise AnnotationError(f"{where}: unknown image format {clipped_repr(rel.suffix or '(no extension)')} in "
+                              f"{clipped_repr(text)}; supported: {' '.join(IMAGE_EXTENSIONS)}")
     return (PurePosixPath(prefix) / rel).as_posix()  # an empty prefix is '.', which joins to `rel` alone
 
 
@@ -237,12 +237,13 @@ def read_list_file(list_file: str | Path) -> list[Record]:
     for lineno, rel, name in rows:
         where = f"{list_file}:{lineno}"
         if Path(name).suffix.lower() in IMAGE_EXTENSIONS:  # 'a b.png' read as path 'a', name 'b.png'
-            raise AnnotationError(f"{where}: expected '<path> <individual>', got {f'{rel} {name}'!r}: "
+            raise AnnotationError(f"{where}: expected '<path> <individual>', got {clipped_repr(f'{rel} {name}')}: "
                                   f"the individual is missing")
         full_name = _name_with_whitespace(rel, name)
         if full_name is not None:  # it said "unknown image format '.png Mr'"
-            raise AnnotationError(f"{where}: individual name {full_name!r} contains whitespace (the name is the "
-                                  f"last word of a line); rename it (e.g. {underscored(full_name)!r})")
+            raise AnnotationError(f"{where}: individual name {clipped_repr(full_name)} contains whitespace (the "
+                                  "name is the last word of a line); rename it "
+                                  f"(e.g. {clipped_repr(underscored(full_name))})")
         records.append(Record(path=_relative_image_path(rel, "", where), individual=name, source=source,
                               origin=where))
     return records
@@ -376,19 +377,19 @@ def check_names(records: list[Record], spaces_to_underscores: bool) -> list[Reco
             how = (f"('{name} -> Unnamed_1') or drop it ('exclude-name {name}')" if name.isprintable() else
                    f"(in a YAML file: aliases: {{{json.dumps(name)}: Unnamed_1}}) or drop it "
                    f"(exclude_names: [{json.dumps(name)}])")
-            raise AnnotationError(f"{record.origin}: individual name {name!r} {left}; rename it in "
+            raise AnnotationError(f"{record.origin}: individual name {clipped_repr(name)} {left}; rename it in "
                                   f"--labels-fix {how}")
         if not spaces_to_underscores:
             raise AnnotationError(
-                f"{record.origin}: individual name {name!r} contains whitespace; rename it "
-                f"(e.g. {fixed!r}), alias it in --labels-fix, or pass --spaces-to-underscores")
+                f"{record.origin}: individual name {clipped_repr(name)} contains whitespace; rename it "
+                f"(e.g. {clipped_repr(fixed)}), alias it in --labels-fix, or pass --spaces-to-underscores")
         renamed[name] = fixed
     existing = {r.individual for r in records} - set(renamed)
     targets = Counter(renamed.values())
     clashes = sorted(old for old, new in renamed.items() if new in existing or targets[new] > 1)
     if clashes:
-        raise AnnotationError(f"--spaces-to-underscores would merge {clashes[0]!r} into an existing "
-                              f"individual {renamed[clashes[0]]!r}; rename one of them")
+        raise AnnotationError(f"--spaces-to-underscores would merge {clipped_repr(clashes[0])} into an existing "
+                              f"individual {clipped_repr(renamed[clashes[0]])}; rename one of them")
     return [dataclasses.replace(r, individual=renamed.get(r.individual, r.individual)) for r in records]
 
 
@@ -402,8 +403,9 @@ def _canonical_aliases(aliases: dict[str, str], path: Path) -> dict[str, str]:
         key, target = canonical_name(old), canonical_name(new)
         written, earlier = canonical.get(key, (old, target))
         if earlier != target:
-            raise AnnotationError(f"{path}: aliases {written!r} and {old!r} are one name in different Unicode "
-                                  f"forms, mapped to {earlier!r} and {target!r}; keep one")
+            raise AnnotationError(f"{path}: aliases {clipped_repr(written)} and {clipped_repr(old)} are one name in "
+                                  f"different Unicode forms, mapped to {clipped_repr(earlier)} and "
+                                  f"{clipped_repr(target)}; keep one")
         canonical[key] = (old, target)
     return {key: target for key, (_, target) in canonical.items()}
 
@@ -465,8 +467,8 @@ class LabelsFix:
             if "->" in line:
                 old, _, new = (part.strip() for part in line.partition("->"))
                 if fix.aliases.get(old, new) != new:
-                    raise AnnotationError(f"{path}:{lineno}: {old!r} already has the alias "
-                                          f"{fix.aliases[old]!r}; keep one")
+                    raise AnnotationError(f"{path}:{lineno}: {clipped_repr(old)} already has the alias "
+                                          f"{clipped_repr(fix.aliases[old])}; keep one")
                 fix.aliases[old] = new
             elif keyword == "exclude-name" and rest:
                 fix.exclude_names.add(rest)
@@ -474,21 +476,22 @@ class LabelsFix:
                 fix.exclude_images.add(rest)
             else:
                 raise AnnotationError(f"{path}:{lineno}: expected 'Old -> New', 'exclude-name <name>' "
-                                      f"or 'exclude-image <path>', got {line!r}")
+                                      f"or 'exclude-image <path>', got {clipped_repr(line)}")
         return fix
 
     def _check(self, path: Path) -> None:
         for old, new in self.aliases.items():
+            alias = f"{clipped_repr(old)} -> {clipped_repr(new)}"
             if not old:
-                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the old name is empty")
+                raise AnnotationError(f"{path}: alias {alias}: the old name is empty")
             problem = name_problem(new)
             if problem is not None:
-                raise AnnotationError(f"{path}: alias {old!r} -> {new!r}: the new name {problem}")
+                raise AnnotationError(f"{path}: alias {alias}: the new name {problem}")
             if new == old:  # else the chain test below would report 'Abeni' -> 'Abeni' -> 'Abeni'
-                raise AnnotationError(f"{path}: alias {old!r} -> {new!r} renames nothing; drop it")
+                raise AnnotationError(f"{path}: alias {alias} renames nothing; drop it")
             if new in self.aliases:
-                raise AnnotationError(f"{path}: alias chain {old!r} -> {new!r} -> "
-                                      f"{self.aliases[new]!r}; point {old!r} at the final name")
+                raise AnnotationError(f"{path}: alias chain {alias} -> {clipped_repr(self.aliases[new])}; "
+                                      f"point {clipped_repr(old)} at the final name")
 
     def apply(self, records: list[Record]) -> tuple[list[Record], list[tuple[Record, str]], list[str]]:
         """(kept records with aliases applied, (excluded record, reason) pairs, unused entries).

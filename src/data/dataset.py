@@ -84,7 +84,7 @@ def _read_prepared(root: Path) -> dict:
     if missing:
         raise DatasetError(f"{path}: missing {', '.join(missing)}; {_RERUN}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format_version {meta['format_version']!r}, this code reads "
+        raise DatasetError(f"{path}: format_version {clipped_repr(meta['format_version'])}, this code reads "
                            f"{FORMAT_VERSION}; {_RERUN}")
     wrong = [key for key in _REQUIRED_KEYS[1:] if not is_whole(meta[key])]
     if not isinstance(meta["raw_dir"], str) or "\0" in meta["raw_dir"]:  # no path holds a NUL
@@ -180,8 +180,9 @@ def check_repeats(rows: list[Row], path: Path) -> None:
     for rel, name in rows:
         if rel in labels:
             if labels[rel] != name:
-                raise DatasetError(f"{path}: {rel} is listed as {labels[rel]!r} and as {name!r}: an image shows one "
-                                   "individual (re-run prepare, or edit the list)")
+                raise DatasetError(f"{path}: {rel} is listed as {clipped_repr(labels[rel])} and as "
+                                   f"{clipped_repr(name)}: an image shows one individual (re-run prepare, or edit "
+                                   "the list)")
             repeated.append(rel)
         labels[rel] = name
     if repeated:
@@ -230,7 +231,7 @@ class ClassIndex:
         try:
             return self._ids[name]
         except KeyError:
-            raise DatasetError(f"individual {name!r} is not one of the {len(self)} classes") from None
+            raise DatasetError(f"individual {clipped_repr(name)} is not one of the {len(self)} classes") from None
 
     def __len__(self) -> int:
         return len(self._names)

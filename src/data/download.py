@@ -26,6 +26,7 @@ from urllib.request import Request, urlopen
 
 from src import atomic
 from src.data.annotations import STANDIN_MARKER, AnnotationError, Record, holds_standins, read_cvjena
+from src.errors import clipped_repr
 
 DEFAULT_URL = "https://github.com/cvjena/chimpanzee_faces/archive/refs/heads/master.zip"
 TERMS = ("C-Zoo/C-Tai (Freytag et al., GCPR 2016): non-commercial use only (research, education), "
@@ -195,7 +196,7 @@ def extract(archive: Path, raw_dir: Path) -> None:
         for member in members:
             parts = PurePosixPath(member.filename).parts[strip:]
             if member.filename.startswith("/") or ".." in parts:
-                raise DownloadError(f"{archive}: unsafe path {member.filename!r} in the archive")
+                raise DownloadError(f"{archive}: unsafe path {clipped_repr(member.filename)} in the archive")
             target = raw_dir.joinpath(*parts)
             atomic.make_folder(target.parent)
             # Written beside and renamed when whole: a run stopped mid-file (Ctrl-C, kill, a full disk) leaves

@@ -9,7 +9,7 @@ import unicodedata
 from pathlib import Path
 
 from src import atomic
-from src.errors import missing
+from src.errors import clipped_repr, missing
 from src.textfiles import read_utf8
 
 Row = tuple[str, str]  # (path relative to the raw folder, individual): one line of a list
@@ -45,10 +45,11 @@ def read_numbered_list(path: str | Path) -> list[tuple[int, str, str]]:
             continue
         parts = line.rsplit(maxsplit=1)
         if "\0" in line:  # no file name holds one; every later open() would fail with a traceback
-            raise ListFormatError(f"{path}:{lineno}: a NUL character in {line!r}")
+            raise ListFormatError(f"{path}:{lineno}: a NUL character in {clipped_repr(line)}")
         if len(parts) != 2:
             comma = " (separated by whitespace, not a comma: a CSV file's lines do not read)" if "," in line else ""
-            raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>'{comma}, got {line!r}")
+            raise ListFormatError(f"{path}:{lineno}: expected '<path> <individual>'{comma}, "
+                                  f"got {clipped_repr(line)}")
         rows.append((lineno, parts[0], parts[1]))
     return rows
 
@@ -101,6 +102,6 @@ def write_list(path: str | Path, rows) -> None:
     lines = []
     for rel, name in rows:
         if not is_list_name(name):
-            raise ListFormatError(f"individual name {name!r} is empty or contains whitespace")
+            raise ListFormatError(f"individual name {clipped_repr(name)} is empty or contains whitespace")
         lines.append(f"{rel} {name}\n")
     atomic.write_text(path, "".join(lines))

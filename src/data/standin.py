@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from src import atomic
 from src.data.annotations import (CVJENA_SOURCES, FIELD_SPELLINGS, KEYPOINT_NAMES, RELEASE_FOLDER,
                                   STANDIN_MARKER, AnnotationError, parse_cvjena_line)
-from src.errors import command_main, command_parser, path_argument
+from src.errors import clipped_repr, command_main, command_parser, path_argument
 from src.parallel import WorkerDied, map_in_processes
 from src.tables import print_stdout
 from src.textfiles import read_utf8
@@ -394,7 +394,7 @@ def to_older_format(line: str, where: str) -> tuple[str, str, str]:
         tokens = tokens[1:]
     path = fields["path"]
     if not path.startswith(f"{IMAGE_FOLDER}/") or ".." in path.split("/") or not path.endswith(".png"):
-        raise StandinError(f"{where}: image path {path!r} is not {IMAGE_FOLDER}/<file>.png")
+        raise StandinError(f"{where}: image path {clipped_repr(path)} is not {IMAGE_FOLDER}/<file>.png")
     return " ".join(FIELD_SPELLINGS.get(t, t) for t in tokens) + " \n", path, fields["name"]
 
 

@@ -106,6 +106,21 @@ def test_malformed_lines_name_file_and_line(line, message):
         parse_cvjena_line(line, "f:7")
 
 
+def test_huge_values_in_annotation_and_labels_fix_files_are_clipped_in_errors(tmp_path):
+    """A crafted 1 MB value was quoted whole (an Age, a name, an alias), in a 1 MB error line."""
+    huge = "x" * 1_000_000
+    with pytest.raises(AnnotationError, match=r"Age 'xxx.*\.\.\. is not a number") as exc:
+        parse_cvjena_line(_line(age=huge), "f:7")
+    assert len(str(exc.value)) < 600, str(exc.value)[:300]
+    with pytest.raises(AnnotationError, match=r"individual name 'Mr xxx.*\.\.\. contains whitespace") as exc:
+        check_names([Record("a.png", f"Mr {huge}", "CZoo", "f:1")], spaces_to_underscores=False)
+    assert len(str(exc.value)) < 600, str(exc.value)[:300]
+    (tmp_path / "fix.txt").write_text(f"{huge} -> {huge}\n")
+    with pytest.raises(AnnotationError, match=r"alias 'xxx.*\.\.\. renames nothing") as exc:
+        LabelsFix.load(tmp_path / "fix.txt")
+    assert len(str(exc.value)) < len(str(tmp_path)) + 400, str(exc.value)[:300]
+
+
 def test_malformed_line_in_file_names_its_line_number(tmp_path):
     f = tmp_path / "annotations_czoo.txt"
     f.write_text(_line() + "\n\n" + _line(age="x") + "\n")
