@@ -92,11 +92,27 @@ STDOUT_FAILURES: list[str] = []
 _RUNNING = threading.local()
 
 
+def option_errors_returned(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's `main(argv)` that returns the exit status of an option error or `--help` (2 or 0,
+    a ParserExit from its CommandParser) as it returns every other status: called from Python
+    (`gallery.main([...])` in a notebook or a loop) a mistyped option must not end the caller's
+    program. `sys.exit(main())` exits with the same status as before."""
+    @functools.wraps(main)
+    def returning_the_status(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ParserExit as exc:
+            return exc.code
+    return returning_the_status
+
+
 def command_main(main: Callable[..., int]) -> Callable[..., int]:
     """A command's `main` that Ctrl-C or SIGTERM ends with one line and INTERRUPTED_EXIT or
     TERMINATED_EXIT, and that ends with one line and exit code 2 when its results could not be
     written to stdout or memory ran out, instead of a traceback (training has its own, which first
-    saves a checkpoint once training is under way)."""
+    saves a checkpoint once training is under way). Option errors are returned (`option_errors_returned`)."""
+    main = option_errors_returned(main)
+
     @functools.wraps(main)
     def main_with_one_line_stops(*args, **kwargs) -> int:
         if getattr(_RUNNING, "command", False):
@@ -187,12 +203,24 @@ def positive_int(name: str, value, error: type[Exception]) -> int:
     return int(value)
 
 
+class ParserExit(SystemExit):
+    """How a CommandParser ends a command: an option error (2) or `--help` (0). A SystemExit, as
+    argparse's own, which `option_errors_returned` turns into the status `main` returns (a command's
+    own `raise SystemExit(...)` is not one, and passes)."""
+
+
 class CommandParser(argparse.ArgumentParser):
     """A command's argument parser whose errors are one line, as the command's own are: argparse
     prints its usage block (3-5 lines) before `error: ...`; `--help` still shows it all."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        try:
+            super().exit(status, message)  # prints the message, then raises SystemExit
+        except SystemExit:
+            raise ParserExit(status) from None
 
 
 def command_parser(module: str, description: str) -> CommandParser:

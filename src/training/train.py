@@ -35,7 +35,7 @@ from src.config import Config, ConfigError, config_from_dict, load_config
 from src.data.dataset import ClassIndex, DatasetError, PreparedData, data_fingerprint
 from src.data.loaders import IGNORED, BatchSource, build_source, mixed_seed
 from src.errors import (INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, capped, command_parser, first_line,
-                        out_of_memory, path_argument, show_warnings, sigterm_raises)
+                        option_errors_returned, out_of_memory, path_argument, show_warnings, sigterm_raises)
 from src.models.backbones import ModelError
 from src.models.factory import create_model
 from src.models.trained import FORMAT_VERSION, CheckpointError
@@ -554,6 +554,7 @@ def _report(message: str, all_ranks_agree: bool) -> None:
             pass
 
 
+@option_errors_returned
 def main(argv=None) -> int:
     args = parse_args(argv)
     show_warnings()

@@ -105,18 +105,15 @@ def test_compile_seconds_count_the_lazily_compiled_backward():
     (["--epochs", "1"], "--epochs must be at least 2"),
 ])
 def test_bad_options_are_refused_before_any_data_is_made(tmp_path, capsys, option, message):
-    with pytest.raises(SystemExit) as exited:
-        train_speed.main(["--device", "cpu", "--work-dir", str(tmp_path), *option])
-    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert train_speed.main(["--device", "cpu", "--work-dir", str(tmp_path), *option]) == 2
+    assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
 def test_cuda_without_a_gpu_is_refused_before_any_data_is_made(tmp_path, capsys, monkeypatch):
     """Before, the stand-in data were made, then a RuntimeError traceback ("Found no NVIDIA driver")."""
     monkeypatch.setattr(train_speed.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exited:
-        train_speed.main(["--device", "cuda", "--work-dir", str(tmp_path)])
-    assert exited.value.code == 2
+    assert train_speed.main(["--device", "cuda", "--work-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda requested but no CUDA GPU is available; use --device cpu")
     assert err.count("\n") == 1

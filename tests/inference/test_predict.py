@@ -118,9 +118,7 @@ def test_unusable_models_and_galleries_exit_2(learned, tmp_path, capsys, argv, n
 @pytest.mark.parametrize("argv", [["--output", "out.txt"], ["--top-k", "0"], ["--batch-size", "0"], [],
                                   ["--match", "nearest"]])  # --match without --gallery would be ignored
 def test_bad_options_exit_2(learned, argv):
-    with pytest.raises(SystemExit) as stop:
-        predict.main(["--checkpoint", str(learned.checkpoint), "x.png", *argv][: None if argv else 2])
-    assert stop.value.code == 2
+    assert predict.main(["--checkpoint", str(learned.checkpoint), "x.png", *argv][: None if argv else 2]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
@@ -143,10 +141,9 @@ def test_an_output_that_cannot_be_written_exits_2_in_one_line_before_any_work(le
     (tmp_path / "a_file").write_text("not a folder")
     photo = next(iter(unseen.values()))[0]
     for output in (tmp_path / "a_file" / "out.csv", tmp_path / "a_file" / "sub" / "out.json"):
-        with pytest.raises(SystemExit) as stop:
-            predict.main(["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(output)])
+        code = predict.main(["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(output)])
         out, err = capsys.readouterr()
-        assert stop.value.code == 2 and out == "" and err.count("\n") == 1, err
+        assert code == 2 and out == "" and err.count("\n") == 1, err
         assert err.startswith(f"error: --output {output}: cannot write it ([Errno 20] a file, not a folder: "
                               f"'{tmp_path / 'a_file'}')"), err
 
@@ -155,11 +152,10 @@ def test_an_output_in_a_folder_that_cannot_be_searched_exits_2_in_one_line(learn
                                                                           unsearchable):
     """Path.exists raised PermissionError: a traceback."""
     locked = unsearchable(tmp_path / "locked")
-    with pytest.raises(SystemExit) as stop:
-        predict.main(["--checkpoint", str(learned.checkpoint), str(next(iter(unseen.values()))[0]),
-                      "--output", str(locked / "out.csv")])
+    code = predict.main(["--checkpoint", str(learned.checkpoint), str(next(iter(unseen.values()))[0]),
+                         "--output", str(locked / "out.csv")])
     out, err = capsys.readouterr()
-    assert stop.value.code == 2 and out == "" and err.count("\n") == 1, err
+    assert code == 2 and out == "" and err.count("\n") == 1, err
     assert err.startswith(f"error: --output {locked / 'out.csv'}: cannot write it ([Errno 13] Permission denied"), err
 
 
@@ -355,9 +351,9 @@ def test_an_earlier_result_is_replaced_and_a_folder_refused(learned, unseen, tmp
         assert predict.main([*argv, "--top-k", "2"]) == 0  # a result of predict: replaced
         assert out.read_bytes() != first
     (tmp_path / "folder.csv").mkdir()
-    with pytest.raises(SystemExit) as stop:
-        predict.main(["--checkpoint", str(learned.checkpoint), str(photo), "--output", str(tmp_path / "folder.csv")])
-    assert stop.value.code == 2 and "is a folder" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(learned.checkpoint), str(photo), "--output",
+                         str(tmp_path / "folder.csv")]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 TOO_LONG = "x" * 300  # a file name longer than the file system allows (255 bytes)
