@@ -413,10 +413,10 @@ def checkpoint_dict(model, optimizer, scheduler, scaler, state: RunState, config
 def run(config: Config | dict, resume: str | None = None) -> RunState:
     """Train as configured (a Config, or a dict of sections as in a YAML file); returns the final
     state. Raises ConfigError, DatasetError, ModelError, CheckpointError or TrainingStopped."""
-    if isinstance(config, dict):
-        config = config_from_dict(config)
-    elif config.name is None:  # built in Python: no file to name the run after
-        config = config.model_copy(update={"name": "run"})
+    # A Config is validated again as a whole, as a dict is: a key set in Python is checked alone
+    # (max_epochs lowered below warmup_epochs passed) and `model_copy(update=...)` checks nothing.
+    # Unnamed (built in Python, no file to name the run after), it is named `run`.
+    config = config_from_dict(config.model_dump() if isinstance(config, Config) else config)
     runtime = make_runtime(config)
     data = PreparedData.load(config.data.root)  # before claiming outputs: a wrong data.root creates no folder
     paths = RunPaths(config.trainer.output_dir, config.name)

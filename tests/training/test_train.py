@@ -414,6 +414,22 @@ def test_python_api_takes_a_dict_and_names_an_unnamed_run(tiny_data, tmp_path, c
         in capsys.readouterr().out
 
 
+def test_python_api_validates_a_changed_config_as_a_whole_before_any_work(tiny_data, tmp_path):
+    """A key set in Python is validated alone: max_epochs lowered below warmup_epochs trained with a
+    rate that never reached trainer.lr. model_copy(update=...) validates nothing: an unknown backbone
+    surfaced from the model code; and anything but a Config or a dict was an AttributeError."""
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.warmup_epochs": 2}))
+    config.trainer.max_epochs = 1
+    with pytest.raises(ConfigError, match=r"^'trainer\.warmup_epochs': must be at most trainer\.max_epochs \(1\)"):
+        run(config)
+    renamed = config.model_copy(update={"model": config.model.model_copy(update={"backbone": "resnet19"})})
+    with pytest.raises(ConfigError, match=r"^'model\.backbone': Input should be 'resnet18', "):
+        run(renamed)
+    with pytest.raises(ConfigError, match=r"^'<root>': Input should be a valid dictionary or instance of Config"):
+        run(None)
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_partial_writes_of_a_killed_run_are_removed_at_the_next_start(tiny_data, tmp_path, capsys):
     """kill -9 during a checkpoint write leaves its temporary file (hundreds of MB for a resnet50);
     the next run of that name, holding the lock, removes it. Another run's files are not its own."""
