@@ -208,11 +208,15 @@ def preprocessing(image_size: int) -> dict:
     NumPy alone and gets predict's embeddings)."""
     cache_size = cache_size_for(image_size)
     offset = round((cache_size - image_size) / 2)
-    return {"recipe": f"decode to RGB, turned upright by its EXIF orientation; take the centre square (side: the "
-                      f"shorter side, offset (longer - shorter) / 2, not rounded); resize it to {cache_size} x "
-                      f"{cache_size} with PIL's bicubic filter (antialiased); keep pixels {offset} to "
-                      f"{offset + image_size - 1} in each direction ({image_size} x {image_size}); divide by 255, "
-                      "subtract mean and divide by std per channel; stack as float32 N x 3 x H x W (RGB)",
+    return {"recipe": f"decode to RGB, turned upright by its EXIF orientation; resize its centre square to "
+                      f"{cache_size} x {cache_size} with PIL's bicubic filter (antialiased) in one call, "
+                      f"image.resize(({cache_size}, {cache_size}), Image.Resampling.BICUBIC, "
+                      "box=(left, top, left + side, top + side)), where side is the shorter side, left = "
+                      "(width - side) / 2 and top = (height - side) / 2, not rounded (cropping the square first "
+                      "gives other pixels along its edges: the filter reads beyond the box); keep pixels "
+                      f"{offset} to {offset + image_size - 1} in each direction ({image_size} x {image_size}); "
+                      "divide by 255, subtract mean and divide by std per channel; stack as float32 "
+                      "N x 3 x H x W (RGB)",
             "resize": cache_size, "crop": image_size, "crop_offset": offset,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 

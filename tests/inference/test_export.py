@@ -436,7 +436,9 @@ def test_a_damaged_onnx_file_that_still_loads_exits_2_in_one_line(exported, unse
 
 def test_the_exported_recipe_alone_gives_predicts_embeddings(exported, unseen):
     """Someone running the .onnx file without this project follows the JSON's `preprocessing` with
-    PIL and NumPy, and gets the embeddings predict --onnx computes."""
+    PIL and NumPy, and gets the embeddings predict --onnx computes. The recipe names the one resize
+    call that does it: "take the centre square; resize it", followed as crop then resize, gave other
+    pixels along the square's edges (PIL's filter reads beyond a resize box)."""
     import onnxruntime
     from PIL import Image, ImageOps
 
@@ -459,4 +461,5 @@ def test_the_exported_recipe_alone_gives_predicts_embeddings(exported, unseen):
     expected = [item.embedding for batch in Identifier.from_onnx(out / "learned_best.onnx").embed(photos)
                 for item in batch]
     assert recipe["crop"] == info["model"]["config"]["data"]["image_size"]
+    assert "Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))" in recipe["recipe"]
     assert np.abs(embeddings - np.stack(expected)).max() < 1e-5
