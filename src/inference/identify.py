@@ -306,7 +306,15 @@ def given_threshold(value: float) -> Threshold:
     """A threshold given by the user. Every score is a cosine similarity or a probability, so one
     outside -1..1 would reject every photo, or accept every one, and is refused; but for evaluation's
     own "reject all" and "accept all" values, which lie 1e-5 outside the scores (a copy of one from a
-    report is accepted)."""
+    report is accepted). From the Python API a number of any type (NumPy's, a 0-d tensor) is taken as a
+    float; a string or a bool is refused by name (math.isfinite raised a TypeError naming nothing, and
+    True was taken for 1.0)."""
+    try:
+        if isinstance(value, (bool, str, bytes)):  # float() would take "0.5", and True for 1.0
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InferenceError(f"--threshold {value!r} is not a number") from None
     if not math.isfinite(value):
         raise InferenceError(f"--threshold {value} is not a finite number")
     if abs(value) > THRESHOLD_LIMIT:

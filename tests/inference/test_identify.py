@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -305,6 +306,10 @@ def test_a_threshold_copied_from_a_report_is_accepted_and_one_far_outside_the_sc
     for value in (1.5, -1.01, 50.0):  # 50: a percentage
         with pytest.raises(InferenceError, match="outside -1..1"):
             given_threshold(value)
+    for value in ("0.5", True, [0.5]):  # from the Python API: a TypeError naming nothing, and True taken for 1.0
+        with pytest.raises(InferenceError, match=rf"^--threshold {re.escape(repr(value))} is not a number$"):
+            given_threshold(value)
+    assert [type(given_threshold(value).value) for value in (np.float32(0.5), torch.tensor(0.5), 1)] == [float] * 3
 
 
 def test_the_model_runs_with_the_arithmetic_evaluation_chose_thresholds_with(training_arithmetic):
