@@ -346,7 +346,8 @@ class Preprocess:
             raise ImageLoadError(image, unusable_path(exc)) from None
         if folder:
             raise ImageLoadError(image, "a folder, not an image (the Python API takes image files; "
-                                        "`src.inference.inputs.collect_images` lists a folder's files)")
+                                        "`collect_images([folder]).files`, from src.inference.inputs, lists "
+                                        "a folder's)")
         if problem is not None:
             raise ImageLoadError(image, problem)
         return decode_for_cache(image, self.cache_size)

@@ -24,7 +24,7 @@ from src.inference import gallery as gallery_cli
 from src.inference.gallery import Gallery
 from src.inference.identify import (DEFAULT_MATCH, Embedded, Identifier, InferenceError, ModelInfo, Threshold,
                                      TorchBackend, given_threshold, stored_thresholds)
-from src.inference.inputs import Skipped
+from src.inference.inputs import Skipped, collect_images
 from src.models.scoring import MATCH_MODES
 from tests.conftest import arithmetic_flags
 from tests.inference.conftest import UNSEEN_START, render_individuals
@@ -220,8 +220,9 @@ def test_the_python_api_takes_any_iterable_and_refuses_bad_arguments_in_one_line
             identifier.identify([path, path], **options)
     with pytest.raises(InferenceError, match="batch_size"):
         identifier.predict([path], batch_size=0)  # at the call, not at the first next()
-    with pytest.raises(ImageLoadError, match="a folder, not an image"):
-        identifier.identify(folder)
+    with pytest.raises(ImageLoadError, match=r"a folder, not an image .*`collect_images\(\[folder\]\)\.files`"):
+        identifier.identify(folder)  # the way it names works (collect_images gives an Inputs, not a list)
+    assert len(identifier.identify(collect_images([folder]).files, top_k=1)) == expected
     with pytest.raises(TypeError, match="got one bytes"):
         identifier.identify(str(path).encode())
     with pytest.raises(TypeError, match="image 1: expected a path"):
