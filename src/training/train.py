@@ -346,7 +346,7 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
         loss = F.cross_entropy(loss_logits, labels, label_smoothing=config.trainer.label_smoothing)
         sums.add(runtime.batch_stats(loss.detach(), logits.detach(), labels))
         if (step + 1) % check_every == 0 and not sums.finite(runtime):
-            raise non_finite_loss(f"epoch {epoch} near step {step + 1}", " or trainer.amp_dtype: bf16")
+            raise non_finite_loss(f"epoch {epoch} near step {step + 1}", runtime)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.trainer.grad_clip_norm:
@@ -362,11 +362,13 @@ def train_one_epoch(runner, model, source: BatchSource, optimizer, scheduler, sc
             break
     bar.close()
     if not sums.finite(runtime):  # the steps since the last check
-        raise non_finite_loss(f"epoch {epoch}", "")
+        raise non_finite_loss(f"epoch {epoch}", runtime)
     return sums
 
 
-def non_finite_loss(where: str, other_remedy: str) -> TrainingStopped:
+def non_finite_loss(where: str, runtime: Runtime) -> TrainingStopped:
+    # fp16's narrow range overflows where bf16's does not; in bf16 or fp32 (the CPU) only the rate helps.
+    other_remedy = " or trainer.amp_dtype: bf16" if runtime.amp_dtype == torch.float16 else ""
     return TrainingStopped(f"non-finite loss in {where}; stopped without saving this epoch (the last good "
                            f"checkpoint is kept). Try a lower trainer.lr{other_remedy}", exit_code=3)
 

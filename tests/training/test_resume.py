@@ -450,7 +450,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp
 
 def test_non_finite_loss_messages_say_where_it_was_found(tiny_data, tmp_path, monkeypatch):
     """A step's check (every step on the CPU) names the step; the check after the epoch's last step,
-    which covers the steps since the last check (on CUDA they come every 50), names the epoch."""
+    which covers the steps since the last check (on CUDA they come every 50), names the epoch. Either
+    suggests trainer.amp_dtype: bf16 only for a run in fp16: the CPU's fp32 run was told to try it."""
     config = load_config(write_config(tmp_path, tiny_data, **{"trainer.max_epochs": 1}))
     real_cross_entropy = train_module.F.cross_entropy
     monkeypatch.setattr(train_module.F, "cross_entropy",
@@ -459,7 +460,9 @@ def test_non_finite_loss_messages_say_where_it_was_found(tiny_data, tmp_path, mo
         run(config)
     assert (str(info.value), info.value.exit_code) == (
         "non-finite loss in epoch 1 near step 1; stopped without saving this epoch (the last good checkpoint "
-        "is kept). Try a lower trainer.lr or trainer.amp_dtype: bf16", 3)
+        "is kept). Try a lower trainer.lr", 3)
+    fp16 = SimpleNamespace(amp_dtype=torch.float16)
+    assert str(train_module.non_finite_loss("epoch 2", fp16)).endswith("lower trainer.lr or trainer.amp_dtype: bf16")
 
     real_progress, real_finite, bar_closed = train_module._progress, train_module.EpochSums.finite, []
 
