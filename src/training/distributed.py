@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from src.config import ConfigError
-from src.errors import clipped, first_line
+from src.errors import clipped, clipped_repr, first_line
 
 # How long set-up waits for every process to join, and a collective for a peer, before failing: a
 # peer that died mid-collective, or one that never started, becomes an error instead of a long hang
@@ -39,11 +39,21 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def whole_number_from_environment(name: str, default: str) -> int:
+    """The environment variable `name` (`default` where unset) as torchrun sets it: a whole number."""
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:  # set by something other than torchrun
+        raise ConfigError(f"{name} is {clipped_repr(text)}, not a whole number: launch with torchrun, or unset "
+                          "RANK and WORLD_SIZE to train in one process") from None
+
+
 def init_distributed(device_type: str) -> DistInfo:
     if not launched_by_torchrun():
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                    int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
+    info = DistInfo(*(whole_number_from_environment(name, "0") for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")),
+                    enabled=True)
     if not 0 <= info.rank < info.world_size or info.local_rank < 0:  # a process that would wait for the timeout
         raise ConfigError(f"RANK {info.rank}, WORLD_SIZE {info.world_size} and LOCAL_RANK {info.local_rank}: "
                           "RANK must be 0 to WORLD_SIZE - 1 and LOCAL_RANK at least 0; launch with torchrun")

@@ -545,7 +545,10 @@ def report_epoch(row: dict, max_epochs: int, runtime: Runtime) -> None:
 def _report(message: str, all_ranks_agree: bool) -> None:
     """Print an error line. Under torchrun: rank 0 alone for what every rank agreed on (a stop),
     else every rank, tagged with its own, since an error of one process must never go unsaid."""
-    rank = int(os.environ.get("RANK", "0"))
+    try:
+        rank = dist_utils.whole_number_from_environment("RANK", "0")
+    except ConfigError:  # the error being reported is init_distributed's, naming RANK
+        rank = 0
     if rank == 0 or not all_ranks_agree:
         # One write of the whole line: print() writes the text and its newline separately, and
         # lines of ranks failing at the same moment ran into each other.

@@ -256,6 +256,24 @@ def test_a_process_group_that_cannot_be_set_up_gives_one_line(tiny_data, tmp_pat
     assert line.startswith(message.format(port=port)), line
 
 
+
+@pytest.mark.parametrize("variables, message", [
+    # was a ValueError traceback from init_distributed; the error's report parsed RANK again
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "error: RANK is 'x', not a whole number"),
+    ({"RANK": "1", "WORLD_SIZE": "2.5"}, "[rank 1] error: WORLD_SIZE is '2.5', not a whole number"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "y" * 300}, "[rank 1] error: LOCAL_RANK is 'yyyy"),
+], ids=["rank", "world-size", "local-rank-clipped"])
+def test_rank_variables_that_are_not_whole_numbers_give_one_line(tiny_data, tmp_path, monkeypatch, capsys, caplog,
+                                                                 variables, message):
+    for name, value in {"LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **variables}.items():
+        monkeypatch.setenv(name, value)
+    result = main_in_process(train_main, ["--config", str(write_config(tmp_path, tiny_data))], capsys, caplog)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(message) and line.endswith(
+        ", not a whole number: launch with torchrun, or unset RANK and WORLD_SIZE to train in one process"), line
+    assert len(line) < 250, line
+
 SIGNAL_RANK_1_AFTER_EPOCH_1 = """
 import os, signal, sys
 from src.training import train
