@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.config import ModelConfig
+from src.errors import clipped_repr
 from src.models.backbones import ModelError, create_backbone
 from src.models.heads import HEADS
 
@@ -39,6 +40,10 @@ class IdentificationModel(nn.Module):
 
 
 def create_model(config: ModelConfig, num_classes: int) -> IdentificationModel:
+    # Checked here, not by torch: 0 built a head without classes, other values failed deep inside it.
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ModelError(f"num_classes {clipped_repr(num_classes)}: the number of individuals must be a whole "
+                         "number, at least 1")
     if config.head not in HEADS:
         raise ModelError(f"model.head: unknown head {config.head!r}; known: {', '.join(HEADS)}")
     backbone, feature_dim = create_backbone(config.backbone, config.pretrained)

@@ -48,6 +48,16 @@ def test_model_outputs(head):
     assert torch.allclose(normalised, torch.nn.functional.normalize(embeddings, dim=1))
 
 
+@pytest.mark.parametrize("head", ["arcface", "linear"])
+@pytest.mark.parametrize("num_classes", [0, -3, True, "5", 2.0, None])
+def test_a_number_of_classes_that_is_not_a_positive_whole_number_is_a_model_error(head, num_classes):
+    """0 built a model without classes; the others raised torch's TypeError or RuntimeError."""
+    with pytest.raises(ModelError) as refused:
+        create_model(ModelConfig(backbone="resnet18", head=head, pretrained=False), num_classes)
+    assert str(refused.value) == (f"num_classes {num_classes!r}: the number of individuals must be a whole number, "
+                                  "at least 1")
+
+
 @pytest.mark.parametrize("wrapped", [False, True], ids=["state dict", "under a state_dict key"])
 def test_pretrained_from_a_local_file(tmp_path, wrapped):
     reference = torchvision.models.resnet18(weights=None)
