@@ -7,9 +7,11 @@ their meaning when the lists change) and loads the images (`ImageListDataset`).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +27,7 @@ from src.data.io import IMAGE_EXTENSIONS, ImageLoadError
 from src.data.lists import ListFormatError, Row, name_problem, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
 from src.errors import clipped_repr, folder_or_file, is_whole
-from src.textfiles import read_json
+from src.textfiles import read_json, read_utf8
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
 PREPARE_LOCK = ".prepare.lock"  # in annotations/: prepare writes under it (exclusive), readers read (shared)
@@ -133,6 +135,20 @@ class PreparedData:
         then val.txt, ..., and a reader in between got a new train list with an old val list, whose
         images overlap. A prepare that ran since `load` is refused, its lists being of another dataset
         than the prepared.json loaded (raw_dir, num_classes)."""
+        with self._as_loaded():
+            return {name: self._read_split(name, open_set) for name in names}
+
+    def splits_and_sources(self, names: Sequence[str], open_set: bool = False
+                           ) -> tuple[dict[str, list[Row]], dict[str, str]]:
+        """`splits`, and image path -> source (CZoo, CTai, ...) from `annotations/metadata.csv` (empty
+        when absent), read under the same hold: read later, a prepare in between left the metadata of
+        other images, and images of the lists came out of source `unknown`."""
+        with self._as_loaded():
+            return {name: self._read_split(name, open_set) for name in names}, self._read_sources()
+
+    @contextmanager
+    def _as_loaded(self) -> Iterator[None]:
+        """Hold the prepare lock of `root`, shared, for the block, refusing a prepare that ran since `load`."""
         with _reading(self.root):
             path = self.root / "annotations" / "prepared.json"
             try:
@@ -142,7 +158,18 @@ class PreparedData:
             if current != self.prepared:
                 raise DatasetError(f"{path} changed since this command read it (a prepare into {self.root} ran "
                                    "meanwhile): run the command again once prepare has finished")
-            return {name: self._read_split(name, open_set) for name in names}
+            yield
+
+    def _read_sources(self) -> dict[str, str]:
+        path = self.root / "annotations" / "metadata.csv"
+        if not path.is_file():
+            return {}
+        reader = csv.DictReader(read_utf8(path, DatasetError).splitlines())
+        missing = [column for column in ("path", "source") if column not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"{path}: not the metadata.csv prepare writes (no column {', '.join(missing)}); "
+                               "re-run prepare")
+        return {row["path"]: row["source"] or "unknown" for row in reader}
 
     def split(self, name: str, open_set: bool = False) -> list[Row]:
         """Rows of `annotations/<name>.txt`, or of `annotations/open_set/<name>.txt` when open_set."""

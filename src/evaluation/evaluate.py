@@ -18,7 +18,6 @@ never rewritten. Same inputs give the same report.json (floats rounded to 6 deci
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -48,7 +47,6 @@ from src.models.scoring import SCORE_KINDS, classifier_scores, gallery_scores
 from src.models.trained import CheckpointError, TrainedModel, load_trained
 from src.safe_load import file_sha256
 from src.tables import print_stdout, progress_bar
-from src.textfiles import read_utf8
 from src.training.artifacts import RunPaths, threshold_sidecar_path
 
 log = logging.getLogger(__name__)
@@ -142,8 +140,9 @@ def evaluation_config(config: Config, data_root: Path | None, cache_dir: Path | 
     return config
 
 
-def read_splits(data: PreparedData, split: str, open_set: bool) -> dict[str, list[tuple[str, str]]]:
-    """The lists the evaluation needs, keyed by how the report names them.
+def read_splits(data: PreparedData, split: str, open_set: bool
+                ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
+    """The lists the evaluation needs, keyed by how the report names them, and each image's source.
 
     Closed set: `train` (gallery), `val` (threshold), the evaluated split. Open set: the same over the
     known individuals, plus `unknown_val` (threshold) and `unknown_<split>` (measured).
@@ -151,7 +150,7 @@ def read_splits(data: PreparedData, split: str, open_set: bool) -> dict[str, lis
     names = ["train", "val", split]
     if open_set:
         names += ["unknown_val", f"unknown_{split}"]
-    return data.splits(list(dict.fromkeys(names)), open_set=open_set)
+    return data.splits_and_sources(list(dict.fromkeys(names)), open_set=open_set)
 
 
 def check_individuals(splits: dict[str, list[tuple[str, str]]], classes: ClassIndex) -> None:
@@ -167,19 +166,6 @@ def check_individuals(splits: dict[str, list[tuple[str, str]]], classes: ClassIn
             what = "seen in training" if name.startswith("unknown_") else "unknown to the checkpoint"
             raise EvaluationError(f"split '{name}' has {len(wrong)} individuals {what} (e.g. "
                                   f"{', '.join(wrong[:3])}): checkpoint and prepared dataset do not match")
-
-
-def read_sources(root: Path) -> dict[str, str]:
-    """Image path -> source (CZoo, CTai, ...) from `annotations/metadata.csv`; empty when absent."""
-    path = Path(root) / "annotations" / "metadata.csv"
-    if not path.is_file():
-        return {}
-    reader = csv.DictReader(read_utf8(path, EvaluationError).splitlines())
-    missing = [column for column in ("path", "source") if column not in (reader.fieldnames or [])]
-    if missing:
-        raise EvaluationError(f"{path}: not the metadata.csv prepare writes (no column {', '.join(missing)}); "
-                              "re-run prepare")
-    return {row["path"]: row["source"] or "unknown" for row in reader}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +479,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
     config = evaluation_config(run.config, data_root, cache_dir)
     open_set, root = config.data.open_set, config.data.root
     data = PreparedData.load(root)
-    splits = read_splits(data, split, open_set)
+    splits, sources = read_splits(data, split, open_set)
     check_individuals(splits, run.classes)
     embedded = {name: embed_split(run, config, rows, data.raw_dir, batch_size, f"split '{name}'")
                 for name, rows in splits.items()}
@@ -521,7 +507,7 @@ def _evaluate(checkpoint: Path, out: Path, split: str, data_root: Path | None, c
                  "skipped": {name: e.skipped for name, e in embedded.items()}},
         "closed_set": closed,
         "retrieval": retrieval_section(embedded[split], embedded["train"]),
-        "by_source": by_source_section(embedded[split], embedded["train"], run.classes, read_sources(root)),
+        "by_source": by_source_section(embedded[split], embedded["train"], run.classes, sources),
         "open_set": open_section,
         "threshold": threshold_section(embedded, open_set, scorers, sidecar if trained_here and writable else None),
         "warnings": warnings,

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from src import locks
 from src.config import Config, load_config
-from src.data.dataset import ClassIndex, PreparedData, data_fingerprint
+from src.data.dataset import PREPARE_LOCK, ClassIndex, PreparedData, data_fingerprint
 from src.evaluation import evaluate
 from src.evaluation.evaluate import EmbeddedSplit, data_warnings, open_set_section, threshold_section
 from src.evaluation.report import confusion_csv, render_markdown, rounded, trained_for
@@ -338,6 +339,22 @@ def test_a_metadata_file_saved_with_a_bom_is_read(checkpoint, data_copy, tmp_pat
     """E.g. metadata.csv opened and saved again by a spreadsheet: the sources still come out of it."""
     metadata = data_copy / "annotations" / "metadata.csv"
     metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "out" / "report.json").read_text())["by_source"]) == {"CZoo", "CTai"}
+
+
+def test_the_sources_are_read_with_the_lists(checkpoint, data_copy, tmp_path, capsys, monkeypatch):
+    """metadata.csv was read after embedding every image, outside the prepare lock the lists are read
+    under: a prepare of other images into the folder meanwhile left the evaluated ones of source `unknown`."""
+    embed = evaluate.embed_split
+
+    def prepare_meanwhile(*args, **kwargs):
+        with locks.exclusive(data_copy / "annotations" / PREPARE_LOCK):
+            (data_copy / "annotations" / "metadata.csv").write_text("path,source\nface_images/other.png,CZoo\n")
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "embed_split", prepare_meanwhile)
     code, err = run_main(capsys, "--checkpoint", checkpoint, "--data-root", data_copy, "--out", tmp_path / "out")
     assert code == 0, err
     assert set(json.loads((tmp_path / "out" / "report.json").read_text())["by_source"]) == {"CZoo", "CTai"}
