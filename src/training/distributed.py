@@ -126,6 +126,15 @@ def same_on_all_ranks(values: list[float], info: DistInfo, device: torch.device)
     return both[:len(values)] == [-v for v in both[len(values):]]
 
 
+def from_rank_0(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Rank 0's `values`, on every rank (float64: a Python float or an epoch number comes back exactly)."""
+    if not info.enabled:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics): what the checkpoint holds."""
     if info.enabled:

@@ -301,6 +301,11 @@ def starting_state(checkpoint: dict | None, resume_path: Path | None, paths: Run
     elif paths.last.is_file():  # the guide's command starts from scratch; say what it will replace
         runtime.print(f"note: starting a new run, which replaces the earlier run's {paths.last}, {paths.best.name} "
                       f"and {paths.metrics.name}; to continue that run instead, resume it (--resume auto)")
+    # Rank 0 alone mends or brings along the best epoch (it alone writes the files), which may change it:
+    # every rank takes rank 0's, so that all return the same state and compare the next epochs with one best.
+    best_epoch, state.best_val_top1 = dist_utils.from_rank_0([state.best_epoch, state.best_val_top1], runtime.dist,
+                                                             runtime.device)
+    state.best_epoch = int(best_epoch)
     return state
 
 

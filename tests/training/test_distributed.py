@@ -15,7 +15,7 @@ import torch
 from src.config import load_config
 from src.data.dataset import PreparedData
 from src.data.loaders import build_source
-from src.models.trained import load_trained
+from src.models.trained import load_checkpoint, load_trained
 from src.training import distributed as dist_utils
 from src.training.distributed import DistInfo
 from src.training.train import Runtime, evaluate, run
@@ -190,6 +190,33 @@ def test_run_twice_in_one_torchrun_worker_resumes_on_every_rank(tiny_data, tmp_p
     assert "resumed from" in result.stdout and result.stdout.count("[Epoch 2/2]") == 1
     assert [row["epoch"] for row in metrics(tmp_path / "artifacts" / "tiny_metrics.csv")] == [1.0, 2.0]
 
+
+RUN_AND_SAY_THE_BEST = """
+import os, sys
+from src.config import load_config
+from src.training.train import run
+state = run(load_config(sys.argv[1]), resume="auto")
+print(f"rank {os.environ['RANK']}: best epoch {state.best_epoch}, val top1 {state.best_val_top1}", flush=True)
+"""
+
+
+def test_every_rank_takes_the_best_epoch_rank_0_mended(tiny_run, tmp_path):
+    """Resuming a `_last.pt` whose best epoch (2) is not in `_best.pt` (none): rank 0 alone looks at the
+    files and chooses the best afresh, rank 1 kept epoch 2, so `run()` returned another state on each
+    rank and the ranks compared the next epochs with different bests. The run is finished: nothing trains."""
+    script = tmp_path / "run_and_say_the_best.py"
+    script.write_text(RUN_AND_SAY_THE_BEST)
+    last = load_checkpoint(tiny_run["last"])
+    (tmp_path / "artifacts").mkdir()
+    torch.save({**last, "best_epoch": 2, "best_val_top1": last["history"][1]["val_top1"]},
+               tmp_path / "artifacts" / "tiny_last.pt")
+    config_path = write_config(tmp_path, tiny_run["data_root"], **{"trainer.max_epochs": 3})
+    result = subprocess.run([*TORCHRUN, "2", str(script), str(config_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=240, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "is not in" in result.stdout, result.stdout  # rank 0's note: the best is chosen afresh
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0: best epoch 0, val top1 -1.0", "rank 1: best epoch 0, val top1 -1.0"]
 
 def test_rank_variables_without_torchrun_give_one_line(tiny_data, tmp_path, monkeypatch, capsys, caplog):
     """RANK and WORLD_SIZE left in the environment by something other than torchrun (no
