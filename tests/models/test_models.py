@@ -26,6 +26,8 @@ def test_arcface_head_matches_pytorch_metric_learning():
     logits, loss_logits = head(embeddings, labels)
     assert torch.allclose(F.cross_entropy(loss_logits, labels), reference(embeddings, labels), atol=1e-5)
     assert torch.allclose(logits, reference.get_logits(embeddings), atol=1e-4)
+    # Without labels (prediction, evaluation, inference) the head gives those same margin-free logits.
+    assert all(torch.equal(unlabelled, logits) for unlabelled in head(embeddings))
 
 
 def test_arcface_margin_lowers_only_the_target_logit():
