@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -228,16 +229,19 @@ def _remove_meta(data_path, meta_path):
     meta_path.unlink()
 
 
-@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _garble_meta, _wrong_shape_meta,
-                                    _remove_meta])
-def test_corrupt_cache_is_detected_and_rebuilt(dataset, damage, caplog):
+@pytest.mark.parametrize("damage, reason", [
+    (_flip_bytes, "checksum mismatch"), (_truncate, r"data file has \d+ bytes, expected \d+"),
+    (_garble_meta, "unreadable metadata .JSONDecodeError"), (_wrong_shape_meta, "shape .* does not match"),
+    (_remove_meta, "unreadable metadata .FileNotFoundError")],
+    ids=["flipped byte", "truncated", "garbled metadata", "wrong shape", "no metadata"])
+def test_corrupt_cache_is_detected_and_rebuilt(dataset, damage, reason, caplog):
     first = _build(dataset)
     damage(first.path, first.path.with_suffix(".json"))
     del first  # release the memory map before the file is replaced
     with caplog.at_level(logging.WARNING, logger="src.data.cache"):
         second = _build(dataset)
     assert second.built
-    assert "corrupt" in caplog.text
+    assert re.search(rf"is corrupt \({reason}", caplog.text), caplog.text  # the warning names what is wrong
     _assert_matches_fresh_decode(second, dataset[0], dataset[2])
     assert not _build(dataset).built
 
