@@ -380,19 +380,21 @@ def test_list_input(tmp_path):
     assert result.prepared["num_classes"] == 2
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"min_images": 2}, "--min-images 2: at least 3"),
-    ({"open_set_individuals": 1}, "--open-set-individuals 1: use 0"),
-    ({"fractions": (0.8, 0.2, 0.2)}, "summing to 1"),
+# The class matters: main gives PrepareError and SplitError one line; a plain ValueError would be a traceback.
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"min_images": 2}, PrepareError, "--min-images 2: at least 3"),
+    ({"open_set_individuals": 1}, PrepareError, "--open-set-individuals 1: use 0"),
+    ({"fractions": (0.8, 0.2, 0.2)}, SplitError, "summing to 1"),
     # The line names the option that fixes it (it said "0 skips the open-set split", naming no option).
-    ({"open_set_individuals": 10},
+    ({"open_set_individuals": 10}, SplitError,
      r"cannot hold out 10 of 6 individuals.*; --open-set-individuals 0 skips it \(or 2 to 4\)$"),
     # Was "cannot hold out 10 of 0 individuals for the open-set split", which hid the cause.
-    ({"min_images": 500}, "^0 individual.s. with at least 500 usable images; identification needs 2 or more"),
+    ({"min_images": 500}, PrepareError,
+     "^0 individual.s. with at least 500 usable images; identification needs 2 or more"),
 ])
-def test_bad_parameters(tmp_path, kwargs, message):
+def test_bad_parameters(tmp_path, kwargs, error, message):
     raw = make_release(tmp_path / "raw", CZOO, CTAI)
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(error, match=message):
         prepare(raw, tmp_path / "out", **kwargs)
 
 
