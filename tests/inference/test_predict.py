@@ -115,10 +115,16 @@ def test_unusable_models_and_galleries_exit_2(learned, tmp_path, capsys, argv, n
     assert needle in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--output", "out.txt"], ["--top-k", "0"], ["--batch-size", "0"], [],
-                                  ["--match", "nearest"]])  # --match without --gallery would be ignored
-def test_bad_options_exit_2(learned, argv):
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "out.txt"], "--output must end in .csv or .json, not 'out.txt'"),
+    (["--top-k", "0"], "--top-k and --batch-size must be at least 1"),
+    (["--batch-size", "0"], "--top-k and --batch-size must be at least 1"),
+    ([], "the following arguments are required: inputs"),
+    (["--match", "nearest"], "--match chooses how a gallery is matched; it needs --gallery"),  # else ignored
+])
+def test_bad_options_exit_2(learned, capsys, argv, message):
     assert predict.main(["--checkpoint", str(learned.checkpoint), "x.png", *argv][: None if argv else 2]) == 2
+    assert capsys.readouterr().err == f"error: {message} (see python -m src.inference.predict --help)\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
