@@ -62,6 +62,9 @@ def test_enroll_list_remove(learned, unseen, tmp_path, capsys):
     assert gallery_cli.main(["remove", "--gallery", str(gallery), first]) == 0
     loaded = Gallery.load(gallery)
     assert loaded.counts() == {second: 1} and loaded.labels.tolist() == [0]
+    # what is left of each photo's record is its own: a copy of it is still known, one of a removed photo is not
+    kept = Path(second_photos[0]).resolve()
+    assert loaded.photos() == {hashlib.sha256(kept.read_bytes()).hexdigest(): (second, str(kept))}
     assert gallery_cli.main(["list", "--gallery", str(gallery)]) == 0
     removed, listed = capsys.readouterr().out.splitlines()[:2]
     assert removed == f"removed {first} (5 images)" and listed.startswith(f"{gallery}: 1 individual, 1 image; ")
