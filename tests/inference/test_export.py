@@ -161,6 +161,22 @@ def test_a_nan_difference_from_pytorch_fails_the_export(exported, monkeypatch, c
     assert err == f"error: the {fmt} export's {output} differ from PyTorch's by nan (> 0.0001); do not use it\n", err
 
 
+def test_an_export_whose_outputs_drift_from_pytorch_fails(learned, tmp_path, monkeypatch, capsys):
+    """The check compares each exported file's own outputs with PyTorch's (near 0 above could as well
+    be PyTorch's against themselves)."""
+    real_export = export.export_torchscript
+
+    def drifting(*args, **kwargs):
+        runner = real_export(*args, **kwargs)
+        return lambda images: tuple(output + 0.01 for output in runner(images))
+
+    monkeypatch.setattr(export, "export_torchscript", drifting)
+    argv = ["--checkpoint", str(learned.checkpoint), "--out", str(tmp_path), "--format", "torchscript", "--runs", "1"]
+    assert export.main(argv) == 1
+    assert capsys.readouterr().err == ("error: the torchscript export's embeddings differ from PyTorch's by 1.00e-02 "
+                                       "(> 0.0001); do not use it\n")
+
+
 def edit_classes(model: dict) -> None:
     model["classes"] = model["classes"][:-1]
 
