@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import threading
 import zipfile
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from src.data import standin
-from src.data.download import DownloadError, download, fetch_release
+from src.data.download import DownloadError, download, extract, fetch_release
 from src.data.prepare import main
 
 TOP = "chimpanzee_faces-master/datasets_cropped_chimpanzee_faces"
@@ -209,6 +210,18 @@ def test_corrupt_archive_is_deleted(tmp_path, serve):
     with pytest.raises(DownloadError, match="corrupt"):
         download(server.url, tmp_path / "release.zip", wait_s=0)
     assert not (tmp_path / "release.zip").exists() and not (tmp_path / "release.zip.part").exists()
+
+
+@pytest.mark.parametrize("unsafe", ["{tmp}/outside.txt", "top/../../outside.txt"], ids=["absolute", "dot-dot"])
+def test_an_archive_member_outside_the_raw_dir_is_refused(tmp_path, unsafe):
+    """A crafted archive must not write beside the raw folder ("zip slip")."""
+    member = unsafe.format(tmp=tmp_path)
+    with zipfile.ZipFile(tmp_path / "release.zip", "w") as zf:
+        zf.writestr(member, b"x")
+        zf.writestr("top/a.txt", b"y")
+    with pytest.raises(DownloadError, match=re.escape(f"unsafe path '{member}' in the archive")):
+        extract(tmp_path / "release.zip", tmp_path / "raw")
+    assert not (tmp_path / "outside.txt").exists()
 
 
 def test_http_errors(tmp_path, serve):
