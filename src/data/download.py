@@ -3,8 +3,9 @@
 The release is the zip archive of the public repository `cvjena/chimpanzee_faces`, fetched over
 HTTPS with urllib (no extra dependency). A download that is interrupted, within a run (retried) or by
 killing the process (rerun), resumes from `<raw-dir>.zip.part` with an HTTP Range request; a server
-that ignores Range makes it start over, which is slower but still correct. The archive's own CRCs are
-checked before extracting, and after extracting every image the two annotation files list must exist.
+that ignores Range (or answers with another range) makes it start over, which is slower but still
+correct. The archive's own CRCs are checked before extracting, and after extracting every image the
+two annotation files list must exist.
 
 Terms of the data: non-commercial use (research, education), citing Freytag et al., "Chimpanzee Faces
 in the Wild: Log-Euclidean CNNs for Predicting Identities and Attributes of Primates", GCPR 2016.
@@ -118,7 +119,11 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
     except (OSError, http.client.HTTPException) as exc:
         raise _Interrupted(str(exc) or type(exc).__name__) from None
     with response:
-        start, total = _resume_point(response, have)
+        try:
+            start, total = _resume_point(response, have)
+        except _Interrupted:  # the part kept, each attempt would ask for the same range, never starting over
+            part.unlink()
+            raise
         if have and start == 0:
             log.info("the server ignored the range request; starting over")
         elif have:

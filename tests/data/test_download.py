@@ -53,9 +53,10 @@ def release_zip(images_per_source: int = 4, leave_out: str | None = None) -> byt
 
 class Server:
     """Serves one payload at /release.zip. `drop_after` bytes: the first response stops there and
-    closes the connection; `ranges=False`: Range headers are ignored (200 with the whole file)."""
+    closes the connection; `ranges=False`: Range headers are ignored (200 with the whole file);
+    `ranges="from 0"`: a Range request is answered 206 with the whole file, from byte 0."""
 
-    def __init__(self, payload: bytes, drop_after: int | None = None, ranges: bool = True, status: int = 200):
+    def __init__(self, payload: bytes, drop_after: int | None = None, ranges: bool | str = True, status: int = 200):
         self.payload, self.drop_after, self.ranges, self.status = payload, drop_after, ranges, status
         self.requests: list[str | None] = []  # the Range header of each request
         server = self
@@ -78,7 +79,7 @@ class Server:
         total, start = len(self.payload), 0
         asked = handler.headers.get("Range")
         if asked and self.ranges:
-            start = int(asked.removeprefix("bytes=").split("-")[0])
+            start = 0 if self.ranges == "from 0" else int(asked.removeprefix("bytes=").split("-")[0])
             if start >= total:
                 handler.send_response(416)
                 handler.send_header("Content-Range", f"bytes */{total}")
@@ -145,6 +146,17 @@ def test_server_without_range_support_starts_over(tmp_path, serve):
     server = serve(payload, drop_after=4000, ranges=False)
     download(server.url, tmp_path / "release.zip", wait_s=0)
     assert server.requests == [None, "bytes=4000-"]
+    assert (tmp_path / "release.zip").read_bytes() == payload
+
+
+def test_a_range_answered_from_another_offset_starts_over(tmp_path, serve):
+    """The body was appended to the part as if it began where the part ends (a corrupt archive); then
+    the part was kept, so every attempt asked for the same range, "starting over" never."""
+    payload = release_zip()
+    server = serve(payload, ranges="from 0")
+    (tmp_path / "release.zip.part").write_bytes(payload[:3000])
+    download(server.url, tmp_path / "release.zip", wait_s=0)
+    assert server.requests == ["bytes=3000-", None]
     assert (tmp_path / "release.zip").read_bytes() == payload
 
 
