@@ -155,6 +155,21 @@ def test_every_shipped_training_config_validates(path):
     *[(f"{section}:\n  {key}: ''\n", f"'{section}.{key}': an empty path (it would mean the current folder)")
       for section, key in (("trainer", "output_dir"), ("data", "cache_dir"), ("data", "root"),
                            ("model", "pretrained"))],
+    # Every numeric bound, at a value just outside it (dropping one from the config passed before).
+    *[(f"{key.split('.')[0]}:\n  {key.split('.')[1]}: {value}\n", f"'{key}': Input should be")
+      for key, value in (("data.num_classes", 1), ("data.image_size", 31), ("data.image_size", 1025),
+                         ("data.workers", -1), ("augment.crop_scale_min", 0), ("augment.crop_scale_min", 1.01),
+                         ("augment.hflip", -0.1), ("augment.hflip", 1.01), ("augment.color_jitter", -0.1),
+                         ("augment.color_jitter", 1.01), ("augment.rotation_degrees", -1),
+                         ("augment.rotation_degrees", 181), ("augment.random_erasing", -0.1),
+                         ("augment.random_erasing", 1.01), ("model.embedding_dim", 0),
+                         ("model.arcface_margin", -0.1), ("model.arcface_margin", 1.5708), ("model.arcface_scale", 0),
+                         ("model.dropout", -0.1), ("model.dropout", 1), ("trainer.max_epochs", 0), ("trainer.lr", 0),
+                         ("trainer.weight_decay", -0.1), ("trainer.momentum", -0.1), ("trainer.momentum", 1),
+                         ("trainer.warmup_epochs", -1), ("trainer.min_lr_ratio", -0.1), ("trainer.min_lr_ratio", 1.01),
+                         ("trainer.label_smoothing", -0.1), ("trainer.label_smoothing", 1),
+                         ("trainer.grad_clip_norm", 0), ("trainer.seed", -2**63 - 1), ("trainer.seed", 2**64),
+                         ("trainer.checkpoint_interval_s", -1))],
     # A long value is quoted in part: the line stays a line.
     (f"trainer:\n  progress: [{', '.join(['verbose'] * 500)}]\n",
      "'trainer.progress': Input should be 'auto', 'always' or 'never' (got ['verbose', 'verbose', 'verbose', "
