@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from src.config import Config, load_config
+from src.config import RESUMABLE_CHANGES, Config, flatten, load_config
 from src.data.dataset import ClassIndex, data_fingerprint
 from src.locks import exclusive
 from src.training import train as train_module
@@ -621,9 +621,27 @@ def test_a_checkpoint_with_impossible_progress_is_refused_before_training(tiny_r
 
 def test_keys_a_resume_may_change_are_keys_of_the_config():
     """A key renamed in src/config.py but not in its section's RESUMABLE would silently become one that must match."""
-    from src.config import RESUMABLE_CHANGES, Config, flatten
-
     assert RESUMABLE_CHANGES <= set(flatten(Config().to_dict()))
+    # exactly those docs/TRAINING.md lists: a key added to a RESUMABLE would let a resume change it unseen
+    assert RESUMABLE_CHANGES == {*(f"trainer.{key}" for key in (
+        "max_epochs", "device", "amp", "amp_dtype", "compile", "compile_mode", "progress", "deterministic",
+        "output_dir", "checkpoint_interval_s")), *(f"data.{key}" for key in (
+            "pipeline", "cache_dir", "cache_on_device", "workers", "root")), "name"}
+
+
+def test_a_resume_refuses_a_change_of_every_other_key(tmp_path):
+    """Each key outside RESUMABLE_CHANGES, of every section (augment's too), is named as a difference."""
+    config = Config()
+    stored = config.to_dict()
+    fixed = sorted(set(flatten(stored)) - RESUMABLE_CHANGES)
+    for key in fixed:
+        *section, name = key.split(".")
+        (stored[section[0]] if section else stored)[name] = "changed"
+    checkpoint = {"config": stored, "classes": ["a", "b"], "data_fingerprint": "f", "epoch": 1}
+    with pytest.raises(CheckpointError) as info:
+        check_resume_compatible(checkpoint, config, ClassIndex(["a", "b"]), "f", tmp_path / "x.pt")
+    assert [key for key in fixed if f"{key}: 'changed' -> " not in str(info.value)] == []
+    assert {key.split(".")[0] for key in fixed} >= {"data", "augment", "model", "trainer"}
 
 
 @pytest.mark.parametrize("old_best_kept", [True, False])
