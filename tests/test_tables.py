@@ -7,6 +7,7 @@ from src.tables import counted, display_width, format_rows
 def test_wide_characters_take_two_cells_and_combining_accents_none():
     assert display_width("Kofi") == 4
     assert display_width("アイ") == 4  # Ai, of Kyoto's Primate Research Institute
+    assert display_width("\uff2b\uff4f\uff46\uff49") == 8  # full-width "Kofi", as a CJK keyboard types it
     assert display_width("Zoe\u0301") == display_width("Zo\u00e9") == 3
 
 
