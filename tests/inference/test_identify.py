@@ -106,7 +106,7 @@ def test_held_out_individuals_are_rejected_as_unknown(learned, strangers, tmp_pa
         (threshold, strangers_rejected, known_rejected)
 
 
-def test_identify_takes_a_path_a_pil_image_or_a_list(learned, unseen):
+def test_identify_takes_a_path_a_pil_image_or_a_list(learned, unseen, tmp_path):
     identifier = Identifier.from_checkpoint(learned.checkpoint)
     path = next(iter(unseen.values()))[0]
     [by_path] = identifier.identify(path, top_k=2)
@@ -114,6 +114,12 @@ def test_identify_takes_a_path_a_pil_image_or_a_list(learned, unseen):
         [by_image] = identifier.identify(image.copy(), top_k=2)
         # named by their place in the input, also in the batches after the first
         in_batches = identifier.identify([image.copy()] * 3, top_k=1, batch_size=2)
+        # an image with transparency is decoded in memory as from its file (see data/io.as_rgb)
+        translucent = image.convert("RGBA")
+        translucent.putalpha(Image.linear_gradient("L").resize(image.size))
+        translucent.save(tmp_path / "translucent.png")
+        [in_memory, from_file] = identifier.identify([translucent, tmp_path / "translucent.png"])
+        assert np.allclose(in_memory.scores, from_file.scores, atol=1e-6)
     assert [p.source for p in in_batches] == ["<image 0>", "<image 1>", "<image 2>"]
     assert by_image.names == by_path.names
     assert np.allclose(by_image.scores, by_path.scores, atol=1e-6)
