@@ -588,10 +588,11 @@ def test_the_epochs_lr_is_the_rate_its_last_step_used(tiny_run):
 
 
 def test_top5_counts_a_label_ranked_second_and_top1_does_not():
-    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, 2.0, 3.0, -1.0], [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
-    labels = torch.tensor([2, 1])  # ranked 2nd in row 0; 7th (outside the top 5) in row 1
+    ranked = [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # class c ranks 8 - c, but for class 0 (first)
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, 2.0, 3.0, -1.0], ranked, ranked, ranked])
+    labels = torch.tensor([2, 3, 2, 1])  # ranked 2nd in row 0; 5th, 6th and 7th in the rows after
     loss = torch.tensor(0.5)
-    assert batch_stats(loss, logits, labels).tolist() == [1.0, 0.0, 1.0, 2.0]
+    assert batch_stats(loss, logits, labels).tolist() == [2.0, 0.0, 2.0, 4.0]
 
 
 def test_the_csv_row_holds_the_epochs_own_train_and_val_figures(tiny_data, tmp_path, monkeypatch):
