@@ -140,9 +140,11 @@ class TrainerConfig(_Section):
     compile_mode: CompileMode = "default"
     """torch.compile's `mode` for the model when `compile` is on. `reduce-overhead` replays each
     step's kernels as CUDA graphs, which removes most of the host's per-step launch work (what
-    limits small models on fast GPUs); single process only here. Measured on an H100: resnet18 trains
-    at 12,505 img/s with it against 9,181 with `default`, in one run (docs/PERFORMANCE.md,
-    "Measured speed")."""
+    limits small models on fast GPUs); under torchrun, whose DDP hooks do not mix with CUDA graphs, the
+    same without them (`default`; `max-autotune-no-cudagraphs` for `max-autotune`), with a note.
+    Measured on an H100: resnet18 trains at 12,505 img/s with it against 9,181 with `default`, in one
+    run; on an H200 the guide's 200-epoch resnet50 run took 278.9 s with it and 314.2 s with `default`
+    (docs/PERFORMANCE.md, "Measured speed")."""
     sync_batchnorm: bool = False
     """Under torchrun: convert BatchNorm layers to SyncBatchNorm."""
     seed: int = Field(0, ge=-(2**63), lt=2**64)

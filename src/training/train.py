@@ -59,8 +59,10 @@ SNAPSHOT_DURING_VALIDATION = {"cuda"}
 # Non-finite losses are detected on the device and checked every this many steps: one host sync per
 # 50 steps costs nothing measurable, while a sync every step would stall the GPU queue.
 NONFINITE_CHECK_EVERY = 50
-# torch.compile modes that capture CUDA graphs.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# torch.compile modes that capture CUDA graphs -> the same without them. CUDA graphs and DDP's gradient
+# hooks are a combination PyTorch's tracker lists open bugs for (e.g. pytorch/pytorch#128218, #139207):
+# under torchrun the mode without graphs runs instead, so that one config serves one GPU and several.
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,6 +80,7 @@ class Runtime:
     amp_dtype: torch.dtype | None  # None: fp32
     batch_stats: Callable = batch_stats
     output_lost: OSError | None = None  # why stdout could not be written; `fit` then stops, saved
+    compile_mode: str = "default"  # trainer.compile_mode, or its form without CUDA graphs under torchrun
 
     def autocast(self):
         """Mixed precision as configured (fp32 when amp_dtype is None)."""
@@ -162,11 +165,6 @@ def make_runtime(config: Config) -> Runtime:
     if batch // info.world_size < 2:
         raise ConfigError(f"trainer.batch_size: {batch} gives each of the {info.world_size} processes "
                           f"{batch // info.world_size} image a step; BatchNorm needs at least 2")
-    if info.enabled and config.trainer.compile and config.trainer.compile_mode in CUDA_GRAPH_MODES:
-        # CUDA graphs and DDP's gradient hooks are a combination PyTorch's tracker lists open bugs for
-        # (e.g. pytorch/pytorch#128218, #139207); refuse it rather than hang or crash mid-run.
-        raise ConfigError(f"trainer.compile_mode: '{config.trainer.compile_mode}' uses CUDA graphs, which "
-                          "this project runs in a single process only; use 'default' under torchrun")
     if config.trainer.sync_batchnorm and info.enabled and device.type != "cuda":
         raise ConfigError("trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only; set it to false on the CPU")
     # TF32 for what autocast leaves in fp32 (and for fp32 runs): on Ampere and later GPUs several
@@ -181,10 +179,16 @@ def make_runtime(config: Config) -> Runtime:
     if config.trainer.compile and device.type == "cuda":
         # A dozen small metric kernels per step become one (launches are what cost on a GPU).
         stats = torch.compile(batch_stats, dynamic=False)
-    runtime = Runtime(device, info, amp_dtype, stats)
+    compile_mode = config.trainer.compile_mode
+    if info.enabled and config.trainer.compile and compile_mode in WITHOUT_CUDA_GRAPHS:
+        compile_mode = WITHOUT_CUDA_GRAPHS[compile_mode]
+    runtime = Runtime(device, info, amp_dtype, stats, compile_mode=compile_mode)
     if info.enabled:
         runtime.print(f"torchrun: {info.world_size} process(es), {torch.distributed.get_backend()}, global batch "
                       f"{config.trainer.batch_size} ({config.trainer.batch_size // info.world_size} per process)")
+    if compile_mode != config.trainer.compile_mode:
+        runtime.print(f"note: trainer.compile_mode '{config.trainer.compile_mode}' captures CUDA graphs, which this "
+                      f"project uses in a single process only: compiling in '{compile_mode}' mode under torchrun")
     if config.trainer.amp and device.type == "cpu":
         runtime.print("note: trainer.amp applies to CUDA only; training in fp32 on the CPU")
     return runtime
@@ -304,7 +308,7 @@ def wrap_for_training(model: torch.nn.Module, config: Config, runtime: Runtime):
     dynamic=False: training batches have one shape, and validation batches another (the source pads
     them to one size, `BatchSource.pad`), so no kernel needs to be shape-generic.
     """
-    compile_ = (partial(torch.compile, dynamic=False, mode=config.trainer.compile_mode)
+    compile_ = (partial(torch.compile, dynamic=False, mode=runtime.compile_mode)
                 if config.trainer.compile else (lambda module: module))
     if not runtime.dist.enabled:
         runner = compile_(model)

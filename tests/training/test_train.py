@@ -237,12 +237,24 @@ def test_compile_mode_reaches_torch_compile(tiny_data, tmp_path, monkeypatch):
     assert seen == [{"dynamic": False, "mode": "reduce-overhead"}]
 
 
-def test_cuda_graph_modes_are_refused_under_torchrun(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode, under_torchrun", [("reduce-overhead", "default"),
+                                                  ("max-autotune", "max-autotune-no-cudagraphs")])
+def test_cuda_graph_modes_compile_without_graphs_under_torchrun(tiny_data, tmp_path, monkeypatch, capsys, mode,
+                                                                under_torchrun):
+    """The resnet50 configs ask for CUDA graphs, which DDP's hooks do not mix with: under torchrun the same
+    config compiles without them (a note says so) instead of being refused."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: seen.append(options) or module)
     monkeypatch.setattr(dist_utils, "init_distributed", lambda device: dist_utils.DistInfo(enabled=True))
-    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.compile": True,
-                                                              "trainer.compile_mode": "reduce-overhead"}))
-    with pytest.raises(ConfigError, match="trainer.compile_mode: 'reduce-overhead' .* single process"):
-        make_runtime(config)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    config = load_config(write_config(tmp_path, tiny_data, **{"trainer.compile": True, "trainer.compile_mode": mode}))
+    runtime = make_runtime(config)
+    model, _, _, _ = build_model_and_optimizer(config, TINY_INDIVIDUALS, runtime, steps_per_epoch=1)
+    monkeypatch.setattr(train_module, "DistributedDataParallel", lambda module, device_ids: module)
+    wrap_for_training(model, config, runtime)
+    assert seen == [{"dynamic": False, "mode": under_torchrun}] * 2  # DDP's runner and evaluation's
+    assert (f"note: trainer.compile_mode '{mode}' captures CUDA graphs, which this project uses in a single process "
+            f"only: compiling in '{under_torchrun}' mode under torchrun") in capsys.readouterr().out
 
 
 def _moved_raw_dir(tiny_data, tmp_path):
