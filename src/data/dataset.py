@@ -26,7 +26,7 @@ from src.data.decode import decode_for_cache
 from src.data.io import IMAGE_EXTENSIONS, ImageLoadError
 from src.data.lists import ListFormatError, Row, name_problem, read_list
 from src.data.splits import SPLITS, UNKNOWN_SPLITS
-from src.errors import clipped_repr, folder_or_file, is_whole
+from src.errors import clipped, clipped_repr, folder_or_file, is_whole
 from src.textfiles import read_json, read_utf8
 
 FORMAT_VERSION = 1  # of prepared.json: written by src/data/prepare.py, read here
@@ -93,7 +93,7 @@ def _read_prepared(root: Path) -> dict:
         wrong.insert(0, "raw_dir")
     if wrong:
         raise DatasetError(f"{path}: a value has the wrong type ("
-                           + ", ".join(f"{key}: {meta[key]!r}"[:80] for key in wrong) + f"); {_RERUN}")
+                           + ", ".join(clipped(f"{key}: {meta[key]!r}", 80) for key in wrong) + f"); {_RERUN}")
     return meta
 
 

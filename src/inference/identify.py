@@ -314,7 +314,7 @@ def given_threshold(value: float) -> Threshold:
             raise TypeError
         value = float(value)
     except (TypeError, ValueError):
-        raise InferenceError(f"--threshold {value!r} is not a number") from None
+        raise InferenceError(f"--threshold {clipped_repr(value)} is not a number") from None
     if not math.isfinite(value):
         raise InferenceError(f"--threshold {value} is not a finite number")
     if abs(value) > THRESHOLD_LIMIT:
